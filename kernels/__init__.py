@@ -1,0 +1,1 @@
+"""Triton kernels of fastkd, shipped as ``fastkd.kernels`` (source folder: top-level kernels/)."""
