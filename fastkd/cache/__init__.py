@@ -1,0 +1,1 @@
+"""Offline teacher-logit cache (being built)."""
