@@ -1,0 +1,1 @@
+"""fastkd benchmark suite (pytest-benchmark tests plus ``benchmarks/run.py``); not installed."""

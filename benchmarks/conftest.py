@@ -1,0 +1,71 @@
+"""pytest-benchmark wiring: ``--preset`` picks the cases, the environment goes into the JSON.
+
+Run through ``python benchmarks/run.py --preset quick`` (which also writes the tables and plots),
+or directly: ``python -m pytest benchmarks --preset quick --benchmark-json out.json``.
+"""
+import os
+from functools import lru_cache
+
+import pytest
+import torch
+
+from benchmarks.env import capture_environment, peak_bandwidth_gbps
+from benchmarks.presets import PRESETS, get_preset
+from benchmarks.providers import make_inputs, reference_loss_and_grad
+
+_ENVIRONMENT = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastkd benchmarks")
+    group.addoption("--preset", default=os.environ.get("FASTKD_BENCH_PRESET", "quick"),
+                    choices=sorted(PRESETS), help="benchmark preset (default: quick)")
+    group.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    choices=("cpu", "cuda"), help="device for the loss and cache benchmarks")
+
+
+def pytest_generate_tests(metafunc):
+    if "loss_case" in metafunc.fixturenames:
+        preset = get_preset(metafunc.config.getoption("--preset"))
+        pairs = [(case, provider) for case in preset.loss_cases for provider in preset.providers]
+        metafunc.parametrize(("loss_case", "provider"), pairs,
+                             ids=[f"{case.id}-{provider}" for case, provider in pairs])
+
+
+@pytest.fixture(scope="session")
+def preset(pytestconfig):
+    return get_preset(pytestconfig.getoption("--preset"))
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig):
+    name = pytestconfig.getoption("--bench-device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--bench-device cuda given but torch sees no CUDA device", returncode=2)
+    return name
+
+
+@pytest.fixture(scope="session")
+def environment(pytestconfig, device):
+    env = capture_environment(measure_cpu_bandwidth=True)
+    env["bench_device"] = device
+    env["peak_bandwidth_gbps"] = peak_bandwidth_gbps(device, env)
+    pytestconfig.stash[_ENVIRONMENT] = env
+    return env
+
+
+@pytest.fixture(scope="session")
+def case_data(device):
+    """``case_data(case) -> (student, teacher, labels, reference)``, kept for the latest case only
+    (the providers of one case run back to back), so large inputs are made and checked once."""
+    @lru_cache(maxsize=1)
+    def build(case):
+        student, teacher, labels = make_inputs(case, device)
+        return student, teacher, labels, reference_loss_and_grad(case, student, teacher, labels)
+    yield build
+    build.cache_clear()
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["fastkd"] = {"preset": config.getoption("--preset"),
+                             "environment": config.stash.get(_ENVIRONMENT, None)}

@@ -1,0 +1,93 @@
+"""Benchmark presets: ``quick`` (CPU, a few minutes on 2 cores) and ``full`` (GPU).
+
+A preset lists the loss cases, the providers, the timing budget per case, which cases get a
+peak-memory measurement, and the cache workload sizes.
+"""
+from dataclasses import dataclass, field
+from typing import Tuple
+
+from benchmarks.providers import PROVIDERS, LossCase
+
+# The CPU fallback target from the issue: 2048 x 32000 fp32, forward+backward.
+CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target")
+
+
+@dataclass(frozen=True)
+class CacheWorkload:
+    device: str = "cpu"
+    # write: a torchvision resnet18 teacher on CIFAR-shaped random images
+    write_images: int = 1024
+    write_classes: int = 100
+    write_batch: int = 128
+    write_rounds: int = 3
+    # read: a synthetic cache of read_rows x read_vocab fp16 logits, read back from the page cache
+    read_rows: int = 4096
+    read_vocab: int = 32000
+    read_batch: int = 256
+    read_rounds: int = 5
+    # train: small CNN student, cached vs online resnet18 teacher
+    train_images: int = 1024
+    train_classes: int = 100
+    train_batch: int = 64
+    train_steps: int = 8
+    train_rounds: int = 3
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    loss_cases: Tuple[LossCase, ...]
+    providers: Tuple[str, ...] = PROVIDERS
+    budget_s: float = 1.5          # timed seconds per (case, provider)
+    min_rounds: int = 3
+    max_rounds: int = 50
+    memory_case_ids: Tuple[str, ...] = ()   # case ids whose peak extra memory is measured
+    measure_memory_all: bool = False        # or every case (cheap on CUDA)
+    cache: CacheWorkload = field(default_factory=CacheWorkload)
+
+    def measures_memory(self, case: LossCase) -> bool:
+        return self.measure_memory_all or case.id in self.memory_case_ids
+
+
+def _quick() -> Preset:
+    sweep_rows = 512
+    cases = [CPU_TARGET]
+    for vocab in (10, 1000, 32000, 128256):
+        for mode in ("fwd", "fwd+bwd"):
+            cases.append(LossCase(sweep_rows, vocab, "fp32", "fp32", mode))
+    for vocab in (1000, 32000):
+        cases.append(LossCase(sweep_rows, vocab, "bf16", "bf16", "fwd+bwd"))
+    cases.append(LossCase(sweep_rows, 32000, "bf16", "fp16", "fwd+bwd"))
+    memory = (CPU_TARGET.id, LossCase(sweep_rows, 128256).id,
+              LossCase(sweep_rows, 32000, "bf16", "bf16").id)
+    return Preset("quick", tuple(cases), budget_s=1.5, min_rounds=3, max_rounds=100,
+                  memory_case_ids=memory)
+
+
+def _full() -> Preset:
+    cases = []
+    max_elements = 4096 * 262144  # keeps the eager baseline's fp32 temporaries within 80 GB
+    for student_dtype, teacher_dtype in (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp16")):
+        for vocab in (10, 1000, 32000, 128256, 262144):
+            if teacher_dtype == "fp16" and vocab < 32000:
+                continue
+            for rows in (4096, 16384):
+                if rows * vocab > max_elements:
+                    continue
+                for mode in ("fwd", "fwd+bwd"):
+                    cases.append(LossCase(rows, vocab, student_dtype, teacher_dtype, mode))
+    return Preset("full", tuple(cases), budget_s=1.0, min_rounds=10, max_rounds=200,
+                  measure_memory_all=True,
+                  cache=CacheWorkload(device="cuda", write_images=16384, write_classes=1000,
+                                      write_batch=512, read_rows=16384, read_vocab=32000,
+                                      read_batch=512, train_images=8192, train_batch=256,
+                                      train_steps=20))
+
+
+PRESETS = {"quick": _quick, "full": _full}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return PRESETS[name]()

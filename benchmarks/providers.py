@@ -1,0 +1,251 @@
+"""Loss benchmark cases, the providers being compared, their byte counts and a correctness check.
+
+Providers (each a factory returning ``loss_fn(student_logits, teacher_logits, labels) -> loss``):
+
+- ``fastkd``: ``fastkd.kd_loss`` with ``backend="auto"`` (Triton on CUDA, fallback on CPU).
+- ``eager``: the textbook composition
+  ``sw * T^2 * kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, "batchmean")
+  + hw * cross_entropy(s, y)``.
+- ``compile``: ``torch.compile`` of that composition (static shapes, compiled once per case).
+- ``liger``: the same composition with Liger-Kernel's KL-div and cross-entropy (CUDA only).
+
+Byte count (the bandwidth floor, see design-notes): with ``s``/``t`` the student/teacher element
+sizes, forward+backward moves ``N * V * (s + t + s)`` bytes (read both logits once, write the
+gradient once) and forward-only moves ``N * V * (s + t)``.
+"""
+import importlib.util
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.env import REPO_ROOT
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODES = ("fwd", "fwd+bwd")
+PROVIDERS = ("fastkd", "eager", "compile", "liger")
+SOFT_WEIGHT = HARD_WEIGHT = 0.5
+
+# Correctness check against the float64 reference, per student dtype: |loss - ref| / |ref| and
+# max |grad - ref_grad| / max |ref_grad|. fp32: accumulation-order error only. bf16/fp16: the
+# gradient is stored with an 8-bit (bf16) mantissa and the eager baselines round log-probs to it.
+TOLERANCES = {"fp32": {"loss": 1e-4, "grad": 1e-4},
+              "bf16": {"loss": 2e-2, "grad": 2e-2},
+              "fp16": {"loss": 1e-2, "grad": 1e-2}}
+
+
+@dataclass(frozen=True)
+class LossCase:
+    """One benchmark shape: ``(rows, vocab)`` logits in the given dtypes, timed in ``mode``."""
+    rows: int
+    vocab: int
+    student_dtype: str = "fp32"
+    teacher_dtype: str = "fp32"
+    mode: str = "fwd+bwd"
+    group: str = "sweep"
+    temperature: float = 2.0
+
+    def __post_init__(self):
+        if self.rows < 1 or self.vocab < 1:
+            raise ValueError(f"rows and vocab must be >= 1, got {self.rows} x {self.vocab}")
+        for name in ("student_dtype", "teacher_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    @property
+    def dtypes(self) -> str:
+        if self.student_dtype == self.teacher_dtype:
+            return self.student_dtype
+        return f"{self.student_dtype}/{self.teacher_dtype}-teacher"
+
+    @property
+    def id(self) -> str:
+        return f"{self.group}-{self.rows}x{self.vocab}-{self.dtypes}-{self.mode}"
+
+    @property
+    def logits_bytes(self) -> int:
+        """Size of one student-logits-sized buffer (the unit of "extra peak memory")."""
+        return self.rows * self.vocab * DTYPES[self.student_dtype].itemsize
+
+    @property
+    def bytes_moved(self) -> int:
+        """The byte-count floor: N*V*(s + t) forward, N*V*(s + t + s) forward+backward."""
+        student = DTYPES[self.student_dtype].itemsize
+        teacher = DTYPES[self.teacher_dtype].itemsize
+        per_element = student + teacher + (student if self.mode == "fwd+bwd" else 0)
+        return self.rows * self.vocab * per_element
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "dtypes": self.dtypes, "id": self.id}
+
+
+def make_inputs(case: LossCase, device: str, seed: int = 0):
+    """Random ``(student, teacher, labels)``; the student requires grad in fwd+bwd mode."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.rows, case.vocab)
+    student = (2 * torch.randn(shape, generator=generator)).to(device, DTYPES[case.student_dtype])
+    teacher = (2 * torch.randn(shape, generator=generator)).to(device, DTYPES[case.teacher_dtype])
+    labels = torch.randint(0, case.vocab, (case.rows,), generator=generator).to(device)
+    student.requires_grad_(case.mode == "fwd+bwd")
+    return student, teacher, labels
+
+
+# ----------------------------------------------------------------------------- providers
+def textbook_composition(student_logits, teacher_logits, labels, temperature):
+    """The hand-written eager KD loss (Hinton et al. 2015) that fastkd replaces."""
+    teacher_logits = teacher_logits.to(student_logits.dtype)
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                    F.log_softmax(teacher_logits / temperature, dim=-1),
+                    log_target=True, reduction="batchmean") * temperature ** 2
+    hard = F.cross_entropy(student_logits, labels)
+    return SOFT_WEIGHT * soft + HARD_WEIGHT * hard
+
+
+def _configure_dynamo():
+    """Room for one static compilation per benchmark case (dynamo's default limit is 8)."""
+    import torch._dynamo
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+
+
+def liger_unavailable_reason(device: str) -> Optional[str]:
+    """Why the Liger provider cannot run here, or None when it can."""
+    if device != "cuda":
+        return "Liger-Kernel is Triton-only and needs a CUDA device"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not importable (pip install liger-kernel)"
+    return None
+
+
+def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor") -> Callable:
+    """``loss_fn(student, teacher, labels)`` for provider ``name`` at ``case.temperature``."""
+    temperature = case.temperature
+    if name == "fastkd":
+        import fastkd
+
+        def fastkd_loss(student, teacher, labels):
+            return fastkd.kd_loss(student, teacher, labels, temperature=temperature,
+                                  soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT, backend="auto")
+        return fastkd_loss
+    if name == "eager":
+        return lambda student, teacher, labels: textbook_composition(
+            student, teacher, labels, temperature)
+    if name == "compile":
+        _configure_dynamo()
+        # A fresh function object per case, static shapes: one compilation, never a dynamic kernel.
+        def composition(student, teacher, labels):
+            return textbook_composition(student, teacher, labels, temperature)
+        return torch.compile(composition, dynamic=False, backend=compile_backend)
+    if name == "liger":
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+        kl_div = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        cross_entropy = LigerCrossEntropyLoss()
+
+        def liger_composition(student, teacher, labels):
+            teacher = teacher.to(student.dtype)
+            soft = kl_div(F.log_softmax(student / temperature, dim=-1),
+                          F.log_softmax(teacher / temperature, dim=-1)) * temperature ** 2
+            return SOFT_WEIGHT * soft + HARD_WEIGHT * cross_entropy(student, labels)
+        return liger_composition
+    raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(loss_fn: Callable, student, teacher, labels, mode: str) -> Callable:
+    """One timed call: the loss (``fwd``, under no_grad) or loss + backward, then a device sync."""
+    device = student.device.type
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                loss = loss_fn(student, teacher, labels)
+            synchronize(device)
+            return loss
+    else:
+        def step():
+            loss = loss_fn(student, teacher, labels)
+            loss.backward()
+            synchronize(device)
+            return loss
+    return step
+
+
+def rounds_for(seconds_per_call: float, budget_s: float, min_rounds: int, max_rounds: int) -> int:
+    """How many timed rounds fit the per-case time budget, clamped to [min_rounds, max_rounds]."""
+    return int(min(max_rounds, max(min_rounds, budget_s // max(seconds_per_call, 1e-9))))
+
+
+def time_once(step: Callable) -> float:
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- metrics
+def throughput_metrics(case: LossCase, median_s: float, peak_gbps: float) -> dict:
+    """rows/s, achieved GB/s by the byte-count floor, and % of the device's peak bandwidth."""
+    achieved_gbps = case.bytes_moved / median_s / 1e9
+    return {"rows_per_s": case.rows / median_s, "bytes_moved": case.bytes_moved,
+            "achieved_gbps": achieved_gbps, "peak_gbps": peak_gbps,
+            "pct_of_peak": 100.0 * achieved_gbps / peak_gbps}
+
+
+# ----------------------------------------------------------------------------- correctness
+@lru_cache(maxsize=1)
+def _reference_module():
+    """tests/reference.py (the float64 reference every backend is checked against)."""
+    spec = importlib.util.spec_from_file_location("fastkd_float64_reference",
+                                                  REPO_ROOT / "tests" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def reference_loss_and_grad(case: LossCase, student, teacher, labels, *, chunk_elements=2**22):
+    """float64 reference ``(loss, grad)`` for ``batchmean``, computed a block of rows at a time
+    (rows are independent) so memory stays bounded; grad is float32 (None in ``fwd`` mode)."""
+    reference_row_losses = _reference_module().reference_row_losses
+    chunk_rows = max(1, chunk_elements // case.vocab)
+    total = 0.0
+    grad = torch.empty(student.shape, dtype=torch.float32, device=student.device) \
+        if case.mode == "fwd+bwd" else None
+    for start in range(0, case.rows, chunk_rows):
+        block = slice(start, start + chunk_rows)
+        student_block = student[block].detach().double().requires_grad_(grad is not None)
+        with torch.set_grad_enabled(grad is not None):
+            row_loss, _ = reference_row_losses(
+                student_block, teacher[block], labels[block], temperature=case.temperature,
+                soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT)
+            total += row_loss.sum().item()
+            if grad is not None:
+                (block_grad,) = torch.autograd.grad(row_loss.sum() / case.rows, student_block)
+                grad[block] = block_grad.float()
+    return total / case.rows, grad
+
+
+def check_against_reference(case: LossCase, loss, grad, reference) -> dict:
+    """Relative loss error and max gradient error (relative to max |ref grad|) vs tolerance."""
+    ref_loss, ref_grad = reference
+    tolerance = TOLERANCES[case.student_dtype]
+    loss = float(loss.detach())
+    loss_error = abs(loss - ref_loss) / max(abs(ref_loss), 1e-12)
+    result = {"loss": loss, "ref_loss": ref_loss, "loss_rel_error": loss_error,
+              "tolerance": tolerance, "ok": loss_error <= tolerance["loss"]}
+    if ref_grad is not None:
+        if grad is None:
+            return {**result, "ok": False, "problem": "no gradient reached the student logits"}
+        scale = ref_grad.abs().max().item()
+        grad_error = (grad.float() - ref_grad).abs().max().item() / max(scale, 1e-30)
+        result["grad_rel_error"] = grad_error
+        result["ok"] = result["ok"] and grad_error <= tolerance["grad"]
+    return result

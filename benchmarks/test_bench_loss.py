@@ -1,0 +1,46 @@
+"""Loss benchmarks: every (case, provider) of the preset, forward or forward+backward.
+
+Each test: check the provider's loss and gradient against the float64 reference (the warm-up
+call, which also compiles), time ``rounds`` calls with pytest-benchmark (each ends with a device
+sync; clearing ``student.grad`` is untimed), then record rows/s, GB/s, % of peak and, where the
+preset asks, the peak extra memory in ``benchmark.extra_info``.
+"""
+import pytest
+
+from benchmarks.memory import cpu_peak_extra, cuda_peak_extra, memory_metrics
+from benchmarks.providers import (check_against_reference, liger_unavailable_reason, make_provider,
+                                  make_step, rounds_for, throughput_metrics, time_once)
+
+
+def test_loss(benchmark, loss_case, provider, preset, device, environment, case_data):
+    if provider == "liger" and liger_unavailable_reason(device):
+        pytest.skip(f"liger: {liger_unavailable_reason(device)}")
+    student, teacher, labels, reference = case_data(loss_case)
+    step = make_step(make_provider(provider, loss_case), student, teacher, labels, loss_case.mode)
+
+    def clear_grad():
+        student.grad = None
+
+    loss = step()  # warm-up (compilation happens here) and the correctness check
+    check = check_against_reference(loss_case, loss, student.grad, reference)
+    clear_grad()
+    seconds_per_call = time_once(step)
+    clear_grad()
+    rounds = rounds_for(seconds_per_call, preset.budget_s, preset.min_rounds, preset.max_rounds)
+
+    benchmark.group = f"loss {loss_case.group} {loss_case.dtypes} {loss_case.mode}"
+    benchmark.pedantic(step, teardown=clear_grad, rounds=rounds)
+    median_s = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        kind="loss", provider=provider, case=loss_case.as_dict(), check=check,
+        **throughput_metrics(loss_case, median_s, environment["peak_bandwidth_gbps"]))
+
+    if preset.measures_memory(loss_case):
+        if device == "cuda":
+            extra = cuda_peak_extra(step, student)
+            clear_grad()
+        else:
+            extra = cpu_peak_extra(provider, loss_case)
+        benchmark.extra_info.update(memory_metrics(extra, loss_case))
+
+    assert check["ok"], f"{provider} disagrees with the float64 reference on {loss_case.id}: {check}"
