@@ -1,0 +1,347 @@
+"""``fastkd demo``: the whole product on real data in about half a minute on a laptop CPU.
+
+1. Train a small CNN teacher (:class:`fastkd.models.DigitsTeacherCNN`) on the training split of
+   scikit-learn's bundled digits (1797 8x8 images; fixed, stratified 75/25 split; no download).
+2. Cache its logits over the training split with the real ``fastkd cache`` command (teacher
+   spec ``fastkd.models:DigitsTeacherCNN`` + the saved checkpoint, fp16 shards).
+3. Train a tiny student (:class:`fastkd.models.DigitsStudentCNN`) that sees the labels of only
+   ``--label-fraction`` of the training images, twice with the same seed and batches:
+   from scratch (cross-entropy on the labelled images) and distilled from the cache
+   (``fastkd.kd_loss`` soft term on every image + the same cross-entropy).
+4. Time ``fastkd.kd_loss`` against the textbook eager composition, forward + backward.
+5. Print a table of held-out accuracies, cache size and loss throughput.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import fastkd
+from fastkd import models
+
+__all__ = ["add_parser", "run_demo", "fit", "accuracy", "textbook_kd_loss", "loss_throughput",
+           "LabelledSubset"]
+
+TEACHER_SPEC = "fastkd.models:DigitsTeacherCNN"
+DATASET_SPEC = "fastkd.models:digits_train_dataset"
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- data
+class LabelledSubset(torch.utils.data.Dataset):
+    """Items of ``dataset`` (``(input, label, *rest)``) with the label replaced by
+    ``ignore_index`` outside ``labelled`` (a bool mask over the dataset); ``positions`` picks
+    which dataset indices are visible (all by default)."""
+
+    def __init__(self, dataset, labelled: torch.Tensor, positions: Optional[List[int]] = None,
+                 ignore_index: int = IGNORE_INDEX):
+        self.dataset, self.labelled, self.ignore_index = dataset, labelled, ignore_index
+        self.positions = list(range(len(dataset))) if positions is None else list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        position = self.positions[index]
+        inputs, label, *rest = self.dataset[position]
+        label = torch.as_tensor(label if self.labelled[position] else self.ignore_index)
+        return (inputs, label, *rest)
+
+
+def label_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
+    """Bool mask with ``round(fraction * num_items)`` (at least 1) seeded random True entries."""
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, round(fraction * num_items))
+    mask = torch.zeros(num_items, dtype=torch.bool)
+    mask[torch.randperm(num_items, generator=generator)[:count]] = True
+    return mask
+
+
+def seeded_loader(dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled loader whose order depends only on ``seed`` (same batches for every run)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- training
+def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over labelled rows (``ignore_index`` rows skipped; 0 if none)."""
+    kept = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX,
+                           reduction="sum") / kept
+
+
+def fit(model: nn.Module, loader, loss_fn: Callable, *, epochs: int, lr: float,
+        device: torch.device, teacher: Optional[nn.Module] = None, progress: bool = True,
+        desc: str = "train") -> List[float]:
+    """Adam training loop; returns the loss of every step.
+
+    ``loader`` yields ``(inputs, labels)`` or ``(inputs, labels, teacher_logits)`` (cached);
+    without cached logits and with a ``teacher`` given, the teacher runs online (``eval``,
+    ``no_grad``). ``loss_fn(student_logits, labels, teacher_logits_or_None) -> scalar``.
+    """
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    step_losses = []
+    with tqdm(total=epochs * len(loader), desc=desc, unit="step", disable=not progress,
+              leave=False, dynamic_ncols=True) as bar:
+        for _ in range(epochs):
+            model.train()
+            for inputs, labels, *cached in loader:
+                inputs, labels = inputs.to(device), labels.to(device)
+                teacher_logits = cached[0].to(device) if cached else None
+                if teacher_logits is None and teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher.eval()(inputs)
+                loss = loss_fn(model(inputs), labels, teacher_logits)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step_losses.append(loss.item())
+                bar.set_postfix(loss=f"{step_losses[-1]:.3f}", refresh=False)
+                bar.update()
+    return step_losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` over ``(input, label)`` items of ``dataset``."""
+    model.eval()
+    correct = 0
+    for inputs, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        correct += (model(inputs.to(device)).argmax(-1).cpu() == labels).sum().item()
+    return correct / len(dataset)
+
+
+def distillation_loss(temperature: float, hard_weight: float) -> Callable:
+    """``T^2 KL(p_t || p_s)`` on every row (fused ``kd_loss``) + ``hard_weight`` * CE on labelled rows."""
+    def loss_fn(student_logits, labels, teacher_logits):
+        soft = fastkd.kd_loss(student_logits, teacher_logits, None, temperature=temperature,
+                              soft_weight=1.0, hard_weight=0.0)
+        return soft + hard_weight * hard_label_loss(student_logits, labels)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- loss throughput
+def textbook_kd_loss(student_logits, teacher_logits, labels, temperature=4.0, soft_weight=0.5,
+                     hard_weight=0.5):
+    """The usual eager composition: ``soft_weight * T^2 * KL(p_t || p_s) + hard_weight * CE``."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    soft = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+    return (soft_weight * temperature ** 2 * soft
+            + hard_weight * F.cross_entropy(student_logits, labels))
+
+
+def loss_throughput(loss_fn: Callable, rows: int, vocab: int, device: torch.device,
+                    repeats: int = 3, dtype=torch.float32) -> float:
+    """Best-of-``repeats`` seconds for one forward + backward of ``loss_fn`` at ``(rows, vocab)``."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    student = torch.randn(rows, vocab, generator=generator).to(device, dtype).requires_grad_()
+    teacher = torch.randn(rows, vocab, generator=generator).to(device, dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=generator).to(device)
+
+    def step():
+        student.grad = None
+        loss_fn(student, teacher, labels).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step()  # warm-up (kernel compilation, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ----------------------------------------------------------------------------- the demo
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    return torch.device(name)
+
+
+def _directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """Deterministic kernels for the demo's duration (restores the caller's setting)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def cache_teacher_logits(teacher: nn.Module, out_dir: str, device: torch.device,
+                         quiet: bool) -> str:
+    """Save the teacher's weights and run the real ``fastkd cache`` command on the train split."""
+    from fastkd.cli import main as fastkd_main
+    checkpoint = os.path.join(out_dir, "teacher.pt")
+    torch.save(teacher.state_dict(), checkpoint)
+    cache_dir = os.path.join(out_dir, "teacher-logits")
+    argv = ["cache", "--teacher", TEACHER_SPEC, "--teacher-checkpoint", checkpoint,
+            "--dataset", DATASET_SPEC, "--out", cache_dir, "--device", device.type,
+            "--dtype", "fp16", "--overwrite"] + (["--quiet"] if quiet else [])
+    status = fastkd_main(argv)
+    if status != 0:
+        raise RuntimeError(f"`fastkd {' '.join(argv)}` failed with exit code {status}")
+    return cache_dir
+
+
+def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] = None,
+             label_fraction: float = 0.1, temperature: float = 4.0, hard_weight: float = 0.5,
+             seed: int = 0, quick: bool = False, progress: bool = True,
+             bench_shape=None) -> dict:
+    """Run the demo; returns the figures printed in the table (accuracies in [0, 1])."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    device = _resolve_device(device)
+    out_dir = out_dir or tempfile.mkdtemp(prefix="fastkd-demo-")
+    os.makedirs(out_dir, exist_ok=True)
+    train_set, held_out = models.digits_train_dataset(), models.digits_held_out_dataset()
+    positions = list(range(len(train_set)))
+    if quick:  # seconds-long smoke mode: a quarter of the training images, tiny benchmark
+        positions = positions[: len(train_set) // 4]
+    results = {"out_dir": out_dir, "device": str(device), "train_size": len(positions),
+               "held_out_size": len(held_out)}
+    started = time.perf_counter()
+    with _deterministic():
+        # 1. teacher, all labels of the training split
+        torch.manual_seed(seed)
+        teacher = models.DigitsTeacherCNN()
+        all_labelled = torch.ones(len(train_set), dtype=torch.bool)
+        fit(teacher, seeded_loader(LabelledSubset(train_set, all_labelled, positions), 64, seed),
+            lambda logits, labels, _: hard_label_loss(logits, labels), epochs=epochs, lr=3e-3,
+            device=device, progress=progress, desc="teacher")
+        results["teacher_accuracy"] = accuracy(teacher, held_out, device)
+
+        # 2. cache the teacher's logits with `fastkd cache`
+        cache_dir = cache_teacher_logits(teacher.cpu(), out_dir, device, quiet=not progress)
+        cache = fastkd.LogitCache(cache_dir)
+        results["cache_bytes"] = _directory_bytes(cache_dir)
+        results["cache_rows"] = len(cache)
+
+        # 3. the same student twice: scratch vs distilled from the cache
+        labelled = label_mask(len(train_set), label_fraction, seed)
+        results["labelled"] = int(labelled[positions].sum())
+        student_loss = distillation_loss(temperature, hard_weight)
+        runs = {
+            "scratch": (LabelledSubset(train_set, labelled, positions),
+                        lambda logits, labels, _: hard_label_loss(logits, labels)),
+            "distilled": (LabelledSubset(fastkd.CachedDataset(train_set, cache), labelled,
+                                         positions), student_loss),
+        }
+        for name, (dataset, loss_fn) in runs.items():
+            torch.manual_seed(seed + 1)
+            student = models.DigitsStudentCNN()
+            fit(student, seeded_loader(dataset, 64, seed + 1), loss_fn, epochs=epochs, lr=1e-2,
+                device=device, progress=progress, desc=f"student ({name})")
+            results[f"{name}_accuracy"] = accuracy(student, held_out, device)
+        results["student_parameters"] = _parameter_count(student)
+        results["teacher_parameters"] = _parameter_count(teacher)
+
+    # 4. loss throughput, fused vs textbook (forward + backward, fp32)
+    if bench_shape is None:
+        bench_shape = (128, 1024) if quick else ((8192, 32000) if device.type == "cuda"
+                                                 else (1024, 8192))
+    rows, vocab = bench_shape
+
+    def fused(student, teacher_logits, labels):
+        return fastkd.kd_loss(student, teacher_logits, labels, temperature=4.0)
+
+    results["bench_shape"] = (rows, vocab)
+    results["fused_seconds"] = loss_throughput(fused, rows, vocab, device)
+    results["textbook_seconds"] = loss_throughput(textbook_kd_loss, rows, vocab, device)
+    results["wall_seconds"] = time.perf_counter() - started
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The demo's report as aligned plain text."""
+    rows, vocab = results["bench_shape"]
+
+    def rate(seconds):
+        return f"{seconds * 1e3:8.1f} ms  {rows / seconds:>12,.0f} rows/s"
+
+    lines = [
+        f"fastkd demo: scikit-learn digits, {results['train_size']} training / "
+        f"{results['held_out_size']} held-out images, device {results['device']}",
+        f"(students see the labels of {results['labelled']} of the {results['train_size']} "
+        "training images; the teacher saw all of them)",
+        "",
+        f"  {'model':<42}{'params':>9}  held-out accuracy",
+        f"  {'teacher CNN':<42}{results['teacher_parameters']:>9,}  "
+        f"{results['teacher_accuracy']:.1%}",
+        f"  {'student, from scratch (labels only)':<42}{results['student_parameters']:>9,}  "
+        f"{results['scratch_accuracy']:.1%}",
+        f"  {'student, distilled from the logit cache':<42}{results['student_parameters']:>9,}  "
+        f"{results['distilled_accuracy']:.1%}",
+        "",
+        f"  teacher-logit cache: {results['cache_rows']} rows, {results['cache_bytes'] / 1024:.1f} KiB "
+        "on disk",
+        f"  loss forward+backward, fp32 {rows} x {vocab}:",
+        f"    fastkd.kd_loss (fused)   {rate(results['fused_seconds'])}",
+        f"    textbook eager           {rate(results['textbook_seconds'])}",
+        f"    speed-up                 {results['textbook_seconds'] / results['fused_seconds']:.2f}x",
+        "",
+        f"  outputs in {results['out_dir']}; total {results['wall_seconds']:.1f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _command(args: argparse.Namespace) -> int:
+    try:
+        results = run_demo(epochs=args.epochs, device=args.device, out_dir=args.out,
+                           label_fraction=args.label_fraction, seed=args.seed, quick=args.quick,
+                           progress=not args.quiet)
+    except ValueError as error:
+        print(f"fastkd demo: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fastkd demo`` on the CLI's sub-parsers."""
+    parser = subparsers.add_parser(
+        "demo", help="train a digits teacher, cache its logits, distil a student, report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where models and the loss run (default: auto = cuda if present)")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="training epochs for the teacher and for each student (default 20)")
+    parser.add_argument("--out", default=None,
+                        help="directory for the teacher checkpoint and logit cache "
+                             "(default: a new temporary directory)")
+    parser.add_argument("--label-fraction", type=float, default=0.1,
+                        help="fraction of training images whose labels the students see "
+                             "(default 0.1; 1.0 = plain supervised vs Hinton KD)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: a quarter of the training images, tiny benchmark")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_command)
+    return parser
