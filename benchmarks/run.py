@@ -1,0 +1,98 @@
+"""Run a benchmark preset and write its results under ``benchmarks/results/<device>/``.
+
+    python benchmarks/run.py --preset quick          # CPU, a few minutes
+    python benchmarks/run.py --preset full           # GPU
+    python benchmarks/run.py --render results/x/pytest-benchmark.json   # tables/plots only
+
+Runs the pytest-benchmark suite in ``benchmarks/`` (a subprocess), keeps its raw JSON as
+``pytest-benchmark.json``, and writes ``results.json``, ``results.md`` and the PNG plots.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.env import REPO_ROOT, device_slug  # noqa: E402
+from benchmarks.presets import PRESETS  # noqa: E402
+from benchmarks.report import write_results  # noqa: E402
+
+RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
+
+
+def run_suite(preset: str, json_path: Path, only: str = "all", keyword: str = None,
+              device: str = None) -> int:
+    """pytest on benchmarks/ with the preset; returns pytest's exit code."""
+    files = {"all": ["benchmarks"], "loss": ["benchmarks/test_bench_loss.py"],
+             "cache": ["benchmarks/test_bench_cache.py"]}[only]
+    command = [sys.executable, "-m", "pytest", *files, "-p", "no:cacheprovider", "-q",
+               f"--preset={preset}", f"--benchmark-json={json_path}",
+               "--benchmark-disable-gc", "--benchmark-sort=name",
+               "--benchmark-columns=median,iqr,min,max,rounds"]
+    if keyword:
+        command += ["-k", keyword]
+    if device:
+        command += [f"--bench-device={device}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
+
+
+def render(pytest_json_path: Path, out_dir: Path = None) -> dict:
+    data = json.loads(Path(pytest_json_path).read_text())
+    env = (data.get("fastkd") or {}).get("environment")
+    if env is None:
+        raise SystemExit(f"{pytest_json_path}: no benchmark ran (no fastkd environment in the JSON)")
+    out_dir = Path(out_dir) if out_dir else RESULTS_ROOT / device_slug(env)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "pytest-benchmark.json"
+    if Path(pytest_json_path).resolve() != raw.resolve():
+        raw.write_text(json.dumps(data, indent=1))
+    written = write_results(data, out_dir)
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    return written
+
+
+def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        description="Run the fastkd benchmark suite and write JSON, markdown and plots.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                        help="quick: CPU, a few minutes; full: GPU sweep (default: quick)")
+    parser.add_argument("--only", choices=("all", "loss", "cache"), default="all",
+                        help="run only the loss or only the cache benchmarks")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="benchmark device (default: cuda when available)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--render", type=Path, metavar="PYTEST_JSON",
+                        help="skip running; rebuild tables and plots from a pytest-benchmark JSON")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.render:
+        render(args.render, args.out)
+        return 0
+    with tempfile.TemporaryDirectory() as scratch:
+        json_path = Path(scratch) / "pytest-benchmark.json"
+        code = run_suite(args.preset, json_path, args.only, args.keyword, args.device)
+        if not json_path.exists():
+            print(f"pytest wrote no benchmark JSON (exit code {code})", file=sys.stderr)
+            return code or 1
+        render(json_path, args.out)
+    if code != 0:
+        print(f"pytest exit code {code}: some benchmark failed or disagreed with the reference; "
+              "see above (failed cases are missing or marked in results.md)", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))

@@ -1,0 +1,115 @@
+"""Cache benchmarks: write overhead against the teacher's forward, read throughput from the page
+cache, and training steps/s with cached vs online teacher logits (workloads in cache_workloads)."""
+import statistics
+
+import pytest
+
+from benchmarks import cache_workloads as work
+
+
+def _cache_api_missing():
+    try:
+        from fastkd.cache import CachedDataset, LogitCache, write_cache  # noqa: F401
+    except ImportError as error:
+        return f"fastkd.cache API not importable: {error}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_cache_api_missing() is not None,
+                                reason=str(_cache_api_missing()))
+
+
+def _record(benchmark, metric, workload, **figures):
+    benchmark.extra_info.update(kind="cache", metric=metric, workload=workload, **figures)
+
+
+@pytest.fixture(scope="module")
+def config(preset, environment):
+    return preset.cache
+
+
+@pytest.fixture(scope="module")
+def read_cache(config, device, tmp_path_factory):
+    return work.synthetic_logit_cache(tmp_path_factory.mktemp("read_cache"), config.read_rows,
+                                      config.read_vocab, device)
+
+
+def test_cache_write(benchmark, config, device, tmp_path):
+    """Overhead % = median(write_cache pass) / median(bare teacher forward pass) - 1; a bare pass
+    runs in every round's untimed setup, so both see the same machine load."""
+    dataset = work.image_dataset(config.write_images, config.write_classes)
+    teacher = work.resnet_teacher(config.write_classes, device)
+    work.teacher_forward_pass(teacher, dataset, config.write_batch, device)  # warm-up
+    bare_seconds = []
+
+    def time_bare_forward():
+        bare_seconds.append(work.teacher_forward_pass(teacher, dataset, config.write_batch, device))
+
+    benchmark.group = "cache write"
+    benchmark.pedantic(lambda: work.write_cache_pass(teacher, dataset, tmp_path / "cache",
+                                                     config.write_batch, device),
+                       setup=time_bare_forward, rounds=config.write_rounds)
+    median_s = benchmark.stats.stats.median
+    teacher_s = statistics.median(bare_seconds)
+    written = work.cache_bytes(tmp_path / "cache")
+    _record(benchmark, "write",
+            f"resnet18 teacher, {config.write_images} CIFAR-shaped images, V={config.write_classes}, "
+            f"batch {config.write_batch}, fp16",
+            teacher_forward_s=teacher_s, overhead_pct=100.0 * (median_s / teacher_s - 1.0),
+            rows_per_s=config.write_images / median_s, mb_per_s=written / median_s / 1e6,
+            bytes_written=written)
+
+
+@pytest.mark.parametrize("pattern", ["sequential", "gather"])
+def test_cache_read(benchmark, config, read_cache, pattern):
+    """GB/s = bytes of logits delivered per pass over the whole cache / median pass time."""
+    staging = work._staging_buffer(read_cache, config.read_batch)
+    read_pass = work.read_sequential_pass if pattern == "sequential" else work.read_gather_pass
+    read_pass(read_cache, config.read_batch, staging)  # warm-up: pages into the page cache
+    benchmark.group = "cache read"
+    bytes_read = benchmark.pedantic(read_pass, args=(read_cache, config.read_batch, staging),
+                                    rounds=config.read_rounds)
+    median_s = benchmark.stats.stats.median
+    _record(benchmark, f"read_{pattern}",
+            f"{config.read_rows} x {config.read_vocab} {staging.dtype} cache, batch {config.read_batch}"
+            f", {'slices cache[i:i+B]' if pattern == 'sequential' else 'cache.gather(random indices)'}",
+            gbps=bytes_read / median_s / 1e9, rows_per_s=config.read_rows / median_s,
+            bytes_read=bytes_read)
+
+
+@pytest.fixture(scope="module")
+def train_setup(config, device, tmp_path_factory):
+    """Teacher, data and the teacher's cache for the training comparison (written untimed)."""
+    from fastkd.cache import CachedDataset, LogitCache
+    dataset = work.image_dataset(config.train_images, config.train_classes, seed=1)
+    teacher = work.resnet_teacher(config.train_classes, device)
+    cache_dir = tmp_path_factory.mktemp("train_cache")
+    work.write_cache_pass(teacher, dataset, cache_dir, config.write_batch, device)
+    return teacher, dataset, CachedDataset(dataset, LogitCache(cache_dir))
+
+
+@pytest.mark.parametrize("teacher_source", ["cached", "online"])
+def test_cache_train(benchmark, config, device, train_setup, teacher_source):
+    """Steps/s of the small CNN student: teacher logits from the cache vs the teacher run online."""
+    import torch
+    teacher, dataset, cached_dataset = train_setup
+    torch.manual_seed(0)
+    student = work.SmallStudentCNN(config.train_classes).to(device)
+    step = work.make_train_step(student, device)
+    if teacher_source == "cached":
+        def run():
+            work.train_cached(step, cached_dataset, config.train_batch, config.train_steps, device)
+    else:
+        def run():
+            work.train_online(step, teacher, dataset, config.train_batch, config.train_steps, device)
+    run()  # warm-up
+    benchmark.group = "cache train"
+    benchmark.pedantic(run, rounds=config.train_rounds)
+    median_s = benchmark.stats.stats.median
+    figures = {"steps_per_s": config.train_steps / median_s}
+    if teacher_source == "online":
+        figures["teacher_to_student_cost"] = work.teacher_to_student_cost(
+            teacher, step, dataset, config.train_batch, device)
+    _record(benchmark, f"train_{teacher_source}",
+            f"small CNN student, resnet18 teacher ({teacher_source}), batch {config.train_batch}, "
+            f"{config.train_steps} steps, V={config.train_classes}", **figures)
