@@ -139,6 +139,8 @@ def capture_environment(measure_cpu_bandwidth: bool = True) -> dict:
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # other processes' load while the benchmark ran (a shared machine makes timings noisy)
+        "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,

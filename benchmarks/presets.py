@@ -1,4 +1,5 @@
-"""Benchmark presets: ``quick`` (CPU, a few minutes on 2 cores) and ``full`` (GPU).
+"""Benchmark presets: ``quick`` (CPU, a few minutes on 2 cores), ``full`` (GPU), and ``smoke``
+(seconds; used by tests/test_benchmarks_smoke.py to exercise every path, not a result).
 
 A preset lists the loss cases, the providers, the timing budget per case, which cases get a
 peak-memory measurement, and the cache workload sizes.
@@ -43,6 +44,7 @@ class Preset:
     max_rounds: int = 50
     memory_case_ids: Tuple[str, ...] = ()   # case ids whose peak extra memory is measured
     measure_memory_all: bool = False        # or every case (cheap on CUDA)
+    compile_backend: str = "inductor"       # torch.compile backend of the "compile" provider
     cache: CacheWorkload = field(default_factory=CacheWorkload)
 
     def measures_memory(self, case: LossCase) -> bool:
@@ -84,7 +86,19 @@ def _full() -> Preset:
                                       train_steps=20))
 
 
-PRESETS = {"quick": _quick, "full": _full}
+def _smoke() -> Preset:
+    memory_case = LossCase(256, 8192, "fp32", "fp32", "fwd+bwd")
+    cases = (LossCase(64, 100, "fp32", "fp32", "fwd"), LossCase(64, 100, "bf16", "fp16", "fwd+bwd"),
+             memory_case)
+    return Preset("smoke", cases, budget_s=0.02, min_rounds=2, max_rounds=3,
+                  memory_case_ids=(memory_case.id,), compile_backend="aot_eager",
+                  cache=CacheWorkload(write_images=64, write_classes=10, write_batch=32,
+                                      write_rounds=1, read_rows=256, read_vocab=1000, read_batch=64,
+                                      read_rounds=1, train_images=128, train_classes=10,
+                                      train_batch=32, train_steps=2, train_rounds=1))
+
+
+PRESETS = {"quick": _quick, "full": _full, "smoke": _smoke}
 
 
 def get_preset(name: str) -> Preset:

@@ -180,7 +180,8 @@ def environment_lines(env: dict) -> str:
     lines = [f"- when: {env['timestamp_utc']}; git {env['git']['commit']}"
              f"{' (uncommitted changes present)' if env['git']['dirty'] else ''}",
              f"- CPU: {env['cpu_model']}, {env['cpu_count']} logical CPUs, torch threads "
-             f"{env['torch_threads']}",
+             f"{env['torch_threads']}; load average (1/5/15 min) when the run started: "
+             f"{env.get('load_average_1_5_15_min')}",
              f"- versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
              f"fastkd {env['fastkd']}, liger-kernel {env['liger_kernel']}"]
     if gpu:

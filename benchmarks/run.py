@@ -64,7 +64,7 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     parser = parser or argparse.ArgumentParser(
         description="Run the fastkd benchmark suite and write JSON, markdown and plots.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: CPU, a few minutes; full: GPU sweep (default: quick)")
+                        help="quick: CPU, a few minutes; full: GPU sweep; smoke: seconds, for the tests only (default: quick)")
     parser.add_argument("--only", choices=("all", "loss", "cache"), default="all",
                         help="run only the loss or only the cache benchmarks")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")

@@ -16,7 +16,8 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
     if provider == "liger" and liger_unavailable_reason(device):
         pytest.skip(f"liger: {liger_unavailable_reason(device)}")
     student, teacher, labels, reference = case_data(loss_case)
-    step = make_step(make_provider(provider, loss_case), student, teacher, labels, loss_case.mode)
+    loss_fn = make_provider(provider, loss_case, compile_backend=preset.compile_backend)
+    step = make_step(loss_fn, student, teacher, labels, loss_case.mode)
 
     def clear_grad():
         student.grad = None
@@ -40,7 +41,7 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
             extra = cuda_peak_extra(step, student)
             clear_grad()
         else:
-            extra = cpu_peak_extra(provider, loss_case)
+            extra = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
         benchmark.extra_info.update(memory_metrics(extra, loss_case))
 
     assert check["ok"], f"{provider} disagrees with the float64 reference on {loss_case.id}: {check}"
