@@ -1,0 +1,140 @@
+"""``fastkd cache``, ``fastkd verify`` and ``fastkd info`` (registered by fastkd/cli.py).
+
+``fastkd cache`` also runs under ``torchrun``: with ``WORLD_SIZE > 1`` in the environment it
+joins the process group (gloo on CPU, nccl on CUDA) and each rank caches its share.
+"""
+import os
+import sys
+
+from fastkd.cache import manifest as fmt
+
+
+def add_parser(subparsers) -> None:
+    cache = subparsers.add_parser(
+        "cache", help="run a teacher once over a dataset and cache its logits as fp16 shards",
+        description="Run TEACHER over DATASET once and write its outputs to OUT as memory-mapped "
+                    "shards with a manifest. Re-running the same command resumes an interrupted "
+                    "run.")
+    cache.add_argument("--teacher", required=True, metavar="SPEC",
+                       help="package.module:attr (nn.Module or callable returning one) or "
+                            "torchvision:<model_name>")
+    cache.add_argument("--dataset", required=True, metavar="SPEC",
+                       help="package.module:attr (map-style dataset or callable returning one), "
+                            "'digits', or torchvision:<DatasetClass> (with --data-root)")
+    cache.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    cache.add_argument("--teacher-checkpoint", metavar="PATH",
+                       help="state dict to load into the teacher (torch.load weights_only=True)")
+    cache.add_argument("--data-root", metavar="DIR", help="root of a torchvision dataset")
+    cache.add_argument("--data-split", default="train",
+                       help="split of a torchvision dataset (default: train)")
+    cache.add_argument("--batch-size", type=int, default=256)
+    cache.add_argument("--num-workers", type=int, default=0)
+    cache.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    cache.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
+    cache.add_argument("--shard-size-mb", type=float, default=256.0)
+    cache.add_argument("--top-k", type=int, metavar="K",
+                       help="store only the K largest logits per row (+ indices and log-sum-exp)")
+    cache.add_argument("--clamp", action="store_true",
+                       help="clamp values beyond the dtype's range instead of failing (the count "
+                            "is recorded in the manifest; NaN always fails)")
+    cache.add_argument("--overwrite", action="store_true",
+                       help="replace an existing cache made with other settings")
+    cache.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    cache.set_defaults(func=run_cache)
+
+    verify = subparsers.add_parser("verify", help="check every cache file against its checksum")
+    verify.add_argument("dir", metavar="DIR")
+    verify.set_defaults(func=run_verify)
+
+    info = subparsers.add_parser("info", help="summarize a cache directory")
+    info.add_argument("dir", metavar="DIR")
+    info.set_defaults(func=run_info)
+
+
+def _fail(message: str) -> int:
+    print(f"fastkd: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _device_for_rank(device: str, local_rank: int) -> str:
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def run_cache(args) -> int:
+    import torch
+    from fastkd.cache.specs import resolve_dataset, resolve_teacher
+    from fastkd.cache.writer import write_cache
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device_for_rank(args.device, local_rank)
+    distributed = world_size > 1
+    if distributed:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        teacher = resolve_teacher(args.teacher, args.teacher_checkpoint)
+        dataset = resolve_dataset(args.dataset, args.data_root, args.data_split)
+        manifest = write_cache(
+            teacher, dataset, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+            device=device, dtype=args.dtype, shard_size_mb=args.shard_size_mb, top_k=args.top_k,
+            overwrite=args.overwrite, clamp=args.clamp, progress=not args.quiet,
+            teacher_spec=args.teacher, dataset_spec=args.dataset)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        return _fail(str(error))
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(summary(args.out, manifest))
+    return 0
+
+
+def run_verify(args) -> int:
+    from fastkd.cache.reader import LogitCache
+    try:
+        cache = LogitCache(args.dir)
+        cache.verify()
+    except fmt.CacheError as error:
+        return _fail(str(error))
+    files = len(fmt.manifest_files(cache.manifest))
+    print(f"ok: {args.dir}: {files} files match their sha256 ({len(cache)} samples, "
+          f"{cache.num_rows} rows)")
+    return 0
+
+
+def summary(directory: str, manifest: dict) -> str:
+    """Human-readable description of a cache."""
+    entries = fmt.manifest_files(manifest)
+    total = sum(entry["bytes"] for entry in entries)
+    layout = "dense" if manifest["layout"] == "dense" else f"top-{manifest['top_k']}"
+    fingerprint = manifest["dataset"]["fingerprint"]
+    lines = [
+        f"cache      {directory}  ({manifest['status']}, {manifest['format']} "
+        f"v{manifest['format_version']}, fastkd {manifest['fastkd_version']})",
+        f"created    {manifest['created']}",
+        f"teacher    {manifest['teacher']['spec'] or manifest['teacher']['class']}  "
+        f"(weights sha256 {manifest['teacher']['fingerprint'][:16]}...)",
+        f"dataset    {manifest['dataset']['spec'] or manifest['dataset']['class']}  "
+        f"({fingerprint['length']} items, sha256 {fingerprint['sha256'][:16]}...)",
+        f"rows       {manifest.get('num_samples')} samples, {manifest.get('num_rows')} rows "
+        f"({'variable' if manifest['rows_per_sample'] == 'variable' else 'one'} per sample)",
+        f"layout     {layout}, V={manifest['num_classes']}, {manifest['dtype']}, labels: "
+        f"{manifest['labels_per'] or 'none'}, clamped values: {manifest.get('clamped_values', 0)}",
+        f"storage    {len(manifest['shards'])} shards, {len(entries)} files, "
+        f"{total / 2 ** 20:.2f} MiB",
+    ]
+    return "\n".join(lines)
+
+
+def run_info(args) -> int:
+    try:
+        manifest = fmt.read_manifest(args.dir)
+    except fmt.CacheError as error:
+        return _fail(str(error))
+    print(summary(args.dir, manifest))
+    return 0

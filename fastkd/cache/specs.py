@@ -1,0 +1,167 @@
+"""Teacher and dataset SPEC strings, and the fingerprints that tie a cache to both.
+
+Teacher SPEC: ``package.module:attr`` (an ``nn.Module`` or a callable returning one; the current
+directory is importable) or ``torchvision:<model_name>`` (built without weights; load them with
+``--teacher-checkpoint``). Dataset SPEC: ``package.module:attr`` (a map-style dataset or a
+callable returning one), ``digits`` (scikit-learn's bundled digits) or
+``torchvision:<DatasetClass>`` read from ``--data-root`` (never downloaded).
+"""
+import hashlib
+import importlib
+import inspect
+import os
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+FINGERPRINT_SAMPLES = 16
+FINGERPRINT_SEED = 0
+
+
+def _import_attr(spec: str, option: str):
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise ValueError(f"{option} {spec!r}: expected 'package.module:attr'")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"{option} {spec!r}: cannot import module {module_name!r} "
+                         f"({error})") from None
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"{option} {spec!r}: module {module_name!r} has no attribute "
+                             f"{attr_path!r}")
+        target = getattr(target, part)
+    return target
+
+
+def resolve_teacher(spec: str, checkpoint: Optional[str] = None) -> nn.Module:
+    """Build the teacher named by ``spec`` and load ``checkpoint`` (a state dict) into it."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--teacher must be a non-empty SPEC string, got {spec!r}")
+    if spec.startswith("torchvision:"):
+        import torchvision
+        name = spec.split(":", 1)[1]
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"--teacher {spec!r}: torchvision has no model {name!r}")
+        teacher = torchvision.models.get_model(name, weights=None)
+    else:
+        target = _import_attr(spec, "--teacher")
+        teacher = target if isinstance(target, nn.Module) else (
+            target() if callable(target) else target)
+        if not isinstance(teacher, nn.Module):
+            raise TypeError(f"--teacher {spec!r}: expected an nn.Module or a callable returning "
+                            f"one, got {type(teacher).__name__}")
+    if checkpoint is not None:
+        if not os.path.isfile(checkpoint):
+            raise ValueError(f"--teacher-checkpoint {checkpoint}: no such file")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"--teacher-checkpoint {checkpoint}: expected a state dict, got "
+                            f"{type(state).__name__}")
+        try:
+            teacher.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"--teacher-checkpoint {checkpoint} does not fit {spec}: "
+                             f"{error}") from None
+    return teacher
+
+
+def _torchvision_dataset(name: str, data_root: Optional[str], split: str):
+    import torchvision
+    from torchvision.transforms import ToTensor
+    cls = getattr(torchvision.datasets, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
+        raise ValueError(f"--dataset torchvision:{name}: torchvision.datasets has no dataset "
+                         f"class {name!r}")
+    if data_root is None:
+        raise ValueError(f"--dataset torchvision:{name} needs --data-root (the directory that "
+                         f"holds the downloaded data; fastkd never downloads)")
+    parameters = inspect.signature(cls).parameters
+    kwargs = {"transform": ToTensor()}
+    if "download" in parameters:
+        kwargs["download"] = False
+    if "train" in parameters:
+        kwargs["train"] = split == "train"
+    elif "split" in parameters:
+        kwargs["split"] = split
+    try:
+        return cls(data_root, **kwargs)
+    except (RuntimeError, FileNotFoundError, OSError) as error:
+        raise FileNotFoundError(
+            f"--dataset torchvision:{name}: not found under --data-root "
+            f"{os.path.abspath(data_root)} ({error}); fastkd never downloads, place the data "
+            f"there first") from None
+
+
+def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "train"):
+    """Build the map-style dataset named by ``spec``."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"--dataset must be a non-empty SPEC string, got {spec!r}")
+    if spec == "digits":
+        from fastkd.models import digits_dataset
+        dataset = digits_dataset()
+    elif spec.startswith("torchvision:"):
+        dataset = _torchvision_dataset(spec.split(":", 1)[1], data_root, split)
+    else:
+        target = _import_attr(spec, "--dataset")
+        dataset = target if hasattr(target, "__getitem__") else (
+            target() if callable(target) else target)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"--dataset {spec!r}: expected a map-style dataset (with __len__ and "
+                        f"__getitem__) or a callable returning one, got {type(dataset).__name__}")
+    return dataset
+
+
+# ----------------------------------------------------------------------------- fingerprints
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """sha256 over the state dict: names, dtypes, shapes and bytes of every tensor."""
+    digest = hashlib.sha256(type(teacher).__name__.encode())
+    for name, tensor in teacher.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    """Hash an item's content: tensors, arrays, numbers, strings, images, nested containers."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().contiguous()
+        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"A{value.dtype.str}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            digest.update(f"K{key}".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"L{len(value)}".encode())
+        for element in value:
+            _feed(digest, element)
+    elif isinstance(value, (bool, int, float, str, bytes, type(None), np.generic)):
+        digest.update(repr(value).encode())
+    elif hasattr(value, "__array__") or hasattr(value, "getdata"):  # e.g. PIL images
+        _feed(digest, np.asarray(value))
+    else:
+        digest.update(type(value).__name__.encode())
+
+
+def dataset_fingerprint(dataset) -> dict:
+    """``{"length", "sha256"}``: the length plus sha256 of a fixed, seeded sample of items."""
+    length = len(dataset)
+    count = min(FINGERPRINT_SAMPLES, length)
+    indices = sorted(np.random.default_rng(FINGERPRINT_SEED).choice(length, count, replace=False)
+                     .tolist()) if length else []
+    digest = hashlib.sha256(str(length).encode())
+    for index in indices:
+        digest.update(f"#{index}".encode())
+        _feed(digest, dataset[index])
+    return {"length": length, "sha256": digest.hexdigest(), "sampled_indices": indices}

@@ -1,0 +1,529 @@
+"""Run a teacher once over a dataset and write its outputs as a shard cache (format: manifest.py).
+
+Pipeline: DataLoader workers load and group items -> the teacher runs (eval, inference mode) ->
+rows are checked (NaN/inf, dtype range), converted and cut into shards -> a background writer
+thread writes each shard (temp file, fsync, rename, checksum while writing) and then records it
+in the manifest, so the teacher never waits for the disk. Killed at any moment, the same call
+resumes after the last recorded shard and produces the same bytes: batches restart at the same
+dataset positions and shard boundaries depend only on shard size, classes, dtype and layout.
+
+Under ``torchrun`` (or any initialized ``torch.distributed``) rank ``r`` of ``W`` caches the
+contiguous samples ``[r*N//W, (r+1)*N//W)`` into its own shards; after a barrier rank 0 merges
+them into one manifest that reads exactly like a single-process cache.
+"""
+import datetime
+import os
+import queue
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastkd.cache import manifest as fmt
+from fastkd.cache.specs import dataset_fingerprint, teacher_fingerprint
+
+# manifest fields that must agree for a re-run to resume instead of refusing
+IDENTITY_FIELDS = ("teacher", "dataset", "dtype", "layout", "top_k", "shard_size_mb",
+                   "batch_size", "world_size", "clamp")
+QUEUE_DEPTH = 2
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available (use 'cpu' or 'auto')")
+    return device
+
+
+def default_output_fn(output) -> torch.Tensor:
+    """The teacher's logits: the tensor itself, ``output.logits``, or the first tuple element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"teacher returned {type(output).__name__}; pass output_fn to pick the "
+                    f"tensor to cache")
+
+
+# ----------------------------------------------------------------------------- loading
+def _split_item(item):
+    """``(model input, label or None)`` of a dataset item: input, (input, label, ...) or dict."""
+    if isinstance(item, dict):
+        label = item.get("labels", item.get("label"))
+        return {key: value for key, value in item.items() if key not in ("labels", "label")}, label
+    if isinstance(item, (tuple, list)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+def _shape_key(model_input):
+    if isinstance(model_input, dict):
+        return tuple((key, tuple(torch.as_tensor(value).shape))
+                     for key, value in sorted(model_input.items()))
+    return tuple(torch.as_tensor(model_input).shape)
+
+
+def collate_groups(items):
+    """Collate a batch into groups of equal input shape (variable-length items run unpadded,
+    so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``."""
+    groups = {}
+    for position, item in enumerate(items):
+        model_input, label = _split_item(item)
+        groups.setdefault(_shape_key(model_input), []).append((position, model_input, label))
+    collated = []
+    for members in groups.values():
+        positions = [position for position, _, _ in members]
+        inputs = [model_input for _, model_input, _ in members]
+        if isinstance(inputs[0], dict):
+            stacked = {key: torch.stack([torch.as_tensor(x[key]) for x in inputs])
+                       for key in inputs[0]}
+        else:
+            stacked = torch.stack([torch.as_tensor(x) for x in inputs])
+        labels = [label for _, _, label in members]
+        if any(label is None for label in labels):
+            labels = None
+        else:
+            labels = [torch.as_tensor(label).reshape(-1).long() for label in labels]
+        collated.append((positions, stacked, labels))
+    return collated
+
+
+# ----------------------------------------------------------------------------- conversion
+def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return values.to(torch.float16 if dtype == "fp16" else torch.float32).numpy()
+
+
+class _RowConverter:
+    """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values."""
+
+    def __init__(self, layout: str, dtype: str, top_k: Optional[int], clamp: bool):
+        self.layout, self.dtype, self.top_k, self.clamp = layout, dtype, top_k, clamp
+        self.limit = fmt.DTYPE_MAX[dtype]
+
+    def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
+        """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped count)``; ``row_samples[r]``
+        is the dataset index of row ``r`` (for error messages)."""
+        nonfinite = ~torch.isfinite(rows)
+        if self.layout == "topk":
+            if self.top_k > rows.shape[1]:
+                raise ValueError(f"top_k={self.top_k} exceeds the teacher's {rows.shape[1]} "
+                                 f"classes")
+            self._refuse(nonfinite, row_samples, "NaN/inf")
+            values, indices = torch.topk(rows, self.top_k, dim=-1)
+            values, clamped = self._range(values, row_samples)
+            return {"values": _to_storage(values, self.dtype),
+                    "indices": indices.to(torch.int32).numpy(),
+                    "lse": torch.logsumexp(rows, dim=-1).numpy()}, clamped
+        if self.clamp:
+            self._refuse(torch.isnan(rows), row_samples, "NaN")
+        else:
+            self._refuse(nonfinite, row_samples, "NaN/inf")
+        rows, clamped = self._range(rows, row_samples)
+        return {"logits": _to_storage(rows, self.dtype)}, clamped
+
+    def _range(self, values: torch.Tensor, row_samples: np.ndarray):
+        out_of_range = values.abs() > self.limit
+        count = int(out_of_range.sum())
+        if count and not self.clamp:
+            self._refuse(out_of_range, row_samples,
+                         f"values beyond the {self.dtype} range (|x| > {self.limit:g}); pass "
+                         f"--clamp (clamp=True) to clamp them or use a wider --dtype")
+        return (values.clamp(-self.limit, self.limit) if count else values), count
+
+    @staticmethod
+    def _refuse(bad: torch.Tensor, row_samples: np.ndarray, what: str) -> None:
+        if bool(bad.any()):
+            row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"teacher output for dataset sample {int(row_samples[row])} "
+                             f"contains {what}")
+
+
+# ----------------------------------------------------------------------------- shard writing
+class _ShardWriter:
+    """Background thread that writes shards and records each one in the progress manifest."""
+
+    def __init__(self, out_dir: str, manifest: dict, manifest_name: str):
+        self.out_dir, self.manifest, self.manifest_name = out_dir, manifest, manifest_name
+        self.queue = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="fastkd-cache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, shard: dict) -> None:
+        while True:
+            if self.error is not None:
+                raise RuntimeError(f"cache writer failed: {self.error}") from self.error
+            try:
+                self.queue.put(shard, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finish the queued shards (or stop after an error) and re-raise a writer error."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"cache writer failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while True:
+            shard = self.queue.get()
+            if shard is None or self.error is not None:
+                return
+            try:
+                self._write(shard)
+            except BaseException as error:  # reported to the main thread by put/close
+                self.error = error
+
+    def _write(self, shard: dict) -> None:
+        arrays = shard.pop("arrays")
+        shard["files"] = {name: fmt.write_npy_atomic(
+            self.out_dir, fmt.shard_file_name(shard["rank"], shard["index"], name), array)
+            for name, array in arrays.items()}
+        fmt.fsync_directory(self.out_dir)
+        self.manifest["shards"].append(shard)
+        fmt.write_manifest(self.out_dir, self.manifest, self.manifest_name)
+
+
+class _ShardCutter:
+    """Accumulates per-sample rows and cuts shards of whole samples at fixed row counts."""
+
+    def __init__(self, emit: Callable[[dict], None], rank: int, next_index: int,
+                 sample_start: int, row_start: int):
+        self.emit, self.rank, self.index = emit, rank, next_index
+        self.sample_start, self.row_start = sample_start, row_start
+        self.rows_per_shard, self.variable, self.labels_per = None, False, None  # set per batch
+        self.pending = []  # [(arrays, lengths, labels, clamped)] per batch, in dataset order
+        self.pending_lengths = []
+
+    def add(self, arrays: dict, lengths: np.ndarray, labels, clamped: int) -> None:
+        self.pending.append((arrays, lengths, labels, clamped))
+        self.pending_lengths.append(lengths)
+        lengths_all = np.concatenate(self.pending_lengths)
+        while len(lengths_all):
+            full = np.nonzero(np.cumsum(lengths_all) >= self.rows_per_shard)[0]
+            if not len(full):
+                return
+            self._cut(int(full[0]) + 1)
+            lengths_all = np.concatenate(self.pending_lengths) if self.pending_lengths else \
+                lengths_all[:0]
+
+    def finish(self) -> None:
+        if self.pending_lengths and sum(len(x) for x in self.pending_lengths):
+            self._cut(int(sum(len(x) for x in self.pending_lengths)))
+
+    def _cut(self, num_samples: int) -> None:
+        arrays = {name: np.concatenate([batch[0][name] for batch in self.pending])
+                  for name in self.pending[0][0]}
+        lengths = np.concatenate([batch[1] for batch in self.pending])
+        labels = (None if self.pending[0][2] is None else
+                  np.concatenate([batch[2] for batch in self.pending]))
+        clamped = sum(batch[3] for batch in self.pending)
+        num_rows = int(lengths[:num_samples].sum())
+        shard_arrays = {name: array[:num_rows] for name, array in arrays.items()}
+        rest = {name: array[num_rows:] for name, array in arrays.items()}
+        if labels is not None:
+            cut = num_samples if self.labels_per == "sample" else num_rows
+            shard_arrays["labels"], labels = labels[:cut], labels[cut:]
+        if self.variable:
+            shard_arrays["lengths"] = lengths[:num_samples].astype(fmt.LENGTH_DTYPE)
+        self.emit({"index": self.index, "rank": self.rank,
+                   "sample_start": self.sample_start,
+                   "sample_stop": self.sample_start + num_samples,
+                   "row_start": self.row_start, "row_stop": self.row_start + num_rows,
+                   "clamped": clamped, "arrays": shard_arrays})
+        self.index += 1
+        self.sample_start += num_samples
+        self.row_start += num_rows
+        remaining = lengths[num_samples:]
+        self.pending = [(rest, remaining, labels, 0)] if len(remaining) else []
+        self.pending_lengths = [remaining] if len(remaining) else []
+
+
+# ----------------------------------------------------------------------------- main entry
+def _distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k):
+    for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (name == "batch_size"):
+            raise ValueError(f"{name} must be an int >= {int(name == 'batch_size')}, got {value!r}")
+    if dtype not in fmt.STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got {dtype!r}")
+    if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, (int, float)) or \
+            not shard_size_mb > 0:
+        raise ValueError(f"shard_size_mb must be a positive number, got {shard_size_mb!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None (dense) or an int >= 1, got {top_k!r}")
+
+
+def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
+                       dist) -> Optional[dict]:
+    """Refuse, clear or resume. Returns the finished manifest when there is nothing to do."""
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        names = os.listdir(out_dir)
+        if overwrite:
+            for name in names:
+                if fmt.is_cache_file(name):
+                    os.remove(os.path.join(out_dir, name))
+        elif any(not fmt.is_cache_file(name) for name in names) and \
+                fmt.MANIFEST_NAME not in names:
+            raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part of a "
+                                 f"fastkd cache; choose an empty directory or pass --overwrite")
+    if dist is not None:
+        dist.barrier()
+    for name in (fmt.MANIFEST_NAME, fmt.progress_manifest_name(rank, world_size)):
+        if not os.path.exists(os.path.join(out_dir, name)):
+            continue
+        existing = fmt.read_manifest(out_dir, name)
+        differing = [key for key in IDENTITY_FIELDS if existing.get(key) != config[key]]
+        if differing:
+            details = "; ".join(f"{key}: cache has {existing.get(key)!r}, asked {config[key]!r}"
+                                for key in differing)
+            raise fmt.CacheError(f"{out_dir} holds a cache made with different settings "
+                                 f"({details}); pass --overwrite (overwrite=True) to replace it")
+        if existing["status"] == "complete":
+            problems = fmt.check_sizes(out_dir, fmt.manifest_files(existing))
+            if problems:
+                raise fmt.CacheError(f"{out_dir} is complete but damaged: {'; '.join(problems)}; "
+                                     f"pass --overwrite to rebuild it")
+            return existing
+    return None
+
+
+def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
+                num_workers: int = 0, device="cpu", dtype: str = "fp16",
+                shard_size_mb: float = 256, top_k: Optional[int] = None,
+                overwrite: bool = False, clamp: bool = False, progress: bool = True,
+                teacher_spec: Optional[str] = None, dataset_spec: Optional[str] = None,
+                output_fn: Optional[Callable] = None) -> dict:
+    """Cache ``output_fn(teacher(inputs))`` for every item of ``dataset`` into ``out_dir``.
+
+    Teacher outputs must be ``(B, V)`` (one row per sample) or ``(B, L, V)`` (``L`` rows per
+    sample, stored row-concatenated with offsets). ``top_k=None`` stores dense rows in ``dtype``;
+    ``top_k=k`` stores per row the k largest values, their int32 indices and the fp32 log-sum-exp.
+    Any ``(B, D)`` tensor works (e.g. features via ``fastkd.features.TeacherFeatures``).
+    Returns the manifest (a dict). Resumes an interrupted run with the same settings.
+    """
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
+    _validate(batch_size, num_workers, dtype, shard_size_mb, top_k)
+    out_dir = os.fspath(out_dir)
+    output_fn = output_fn or default_output_fn
+    device = resolve_device(device)
+    dist, rank, world_size = _distributed()
+    layout = "dense" if top_k is None else "topk"
+
+    from fastkd import __version__
+    config = {
+        "teacher": {"spec": teacher_spec, "class": type(teacher).__name__,
+                    "fingerprint": teacher_fingerprint(teacher)},
+        "dataset": {"spec": dataset_spec, "class": type(dataset).__name__,
+                    "fingerprint": dataset_fingerprint(dataset)},
+        "dtype": dtype, "layout": layout, "top_k": top_k, "shard_size_mb": shard_size_mb,
+        "batch_size": batch_size, "world_size": world_size, "clamp": clamp,
+    }
+    finished = _prepare_directory(out_dir, config, overwrite, rank, world_size, dist)
+    if finished is not None:
+        return finished
+
+    progress_name = fmt.progress_manifest_name(rank, world_size)
+    progress_path = os.path.join(out_dir, progress_name)
+    num_samples = len(dataset)
+    rank_start = rank * num_samples // world_size
+    rank_stop = (rank + 1) * num_samples // world_size
+    if os.path.exists(progress_path):
+        state = fmt.read_manifest(out_dir, progress_name)
+        problems = fmt.check_sizes(out_dir, fmt.manifest_files(state))
+        if problems:
+            raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
+                                 f"--overwrite to start again")
+    else:
+        state = dict(config, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
+                     fastkd_version=__version__, created=_now(), status="incomplete",
+                     rank=rank, sample_range=[rank_start, rank_stop], num_classes=None,
+                     rows_per_sample=None, labels_per=None, rows_per_shard=None, shards=[])
+    for name in os.listdir(out_dir):  # leftovers of a killed run
+        if name.endswith(fmt.TMP_SUFFIX) and (world_size == 1 or
+                                              name.startswith(f"shard-{rank:03d}-")):
+            os.remove(os.path.join(out_dir, name))
+
+    last = state["shards"][-1] if state["shards"] else None
+    resume_at = last["sample_stop"] if last else rank_start
+    if resume_at < rank_stop:
+        _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_size,
+                     num_workers, output_fn, layout, dtype, top_k, clamp, shard_size_mb,
+                     rank, rank_start, rank_stop, resume_at, progress and rank == 0)
+    if dist is not None:
+        dist.barrier()
+    if rank == 0:
+        manifest = _finalize(out_dir, world_size, num_samples)
+    if dist is not None:
+        dist.barrier()
+    return manifest if rank == 0 else fmt.read_manifest(out_dir)
+
+
+def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_size,
+                 num_workers, output_fn, layout, dtype, top_k, clamp, shard_size_mb, rank,
+                 rank_start, rank_stop, resume_at, show_progress):
+    from tqdm.auto import tqdm
+    # batches restart where an uninterrupted run put them, so the teacher sees identical batches
+    batch_start = rank_start + (resume_at - rank_start) // batch_size * batch_size
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(batch_start, rank_stop)), batch_size=batch_size,
+        shuffle=False, num_workers=num_workers, collate_fn=collate_groups,
+        pin_memory=device.type == "cuda")
+    teacher = teacher.to(device).eval()
+    converter = _RowConverter(layout, dtype, top_k, clamp)
+    writer = _ShardWriter(out_dir, state, progress_name)
+    last = state["shards"][-1] if state["shards"] else None
+    cutter = _ShardCutter(writer.put, rank, next_index=len(state["shards"]),
+                          sample_start=resume_at, row_start=last["row_stop"] if last else 0)
+    bar = tqdm(total=rank_stop - rank_start, initial=resume_at - rank_start, unit="sample",
+               disable=not show_progress, desc="fastkd cache", dynamic_ncols=True)
+    rows_done, bytes_done = 0, 0
+    try:
+        sample = batch_start
+        for groups in loader:
+            batch_len = sum(len(positions) for positions, _, _ in groups)
+            keep_from = max(0, resume_at - sample)  # samples already cached (resume only)
+            batch = _run_batch(teacher, groups, batch_len, sample, keep_from, device, output_fn,
+                               converter)
+            sample += batch_len
+            if batch is None:
+                continue
+            _record_or_check_shape(state, batch, layout, dtype, top_k, shard_size_mb)
+            cutter.rows_per_shard = state["rows_per_shard"]
+            cutter.variable = state["rows_per_sample"] == "variable"
+            cutter.labels_per = state["labels_per"]
+            cutter.add(batch["arrays"], batch["lengths"], batch["labels"], batch["clamped"])
+            rows_done += int(batch["lengths"].sum())
+            bytes_done += sum(array.nbytes for array in batch["arrays"].values())
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix_str(f"{rows_done / elapsed:,.0f} rows/s, "
+                                f"{bytes_done / elapsed / 2 ** 20:,.1f} MB/s", refresh=False)
+            bar.update(batch_len - keep_from)
+        cutter.finish()
+    finally:
+        bar.close()
+        writer.close()
+
+
+def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,
+               converter) -> Optional[dict]:
+    """Teacher over one batch -> ``{arrays, lengths, labels, clamped, variable, num_classes}``
+    for the samples from ``keep_from`` on, in dataset order (None if there are none)."""
+    pieces = [None] * batch_len
+    with torch.inference_mode():
+        for positions, inputs, labels in groups:
+            if isinstance(inputs, dict):
+                output = teacher(**{key: value.to(device, non_blocking=True)
+                                    for key, value in inputs.items()})
+            else:
+                output = teacher(inputs.to(device, non_blocking=True))
+            output = output_fn(output)
+            if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3) or \
+                    not output.is_floating_point():
+                raise ValueError(f"teacher output must be a floating (B, V) or (B, L, V) tensor, "
+                                 f"got {getattr(output, 'shape', type(output).__name__)}; pass "
+                                 f"output_fn or wrap the teacher (fastkd.features.TeacherFeatures)")
+            output = output.float().cpu()
+            for slot, position in enumerate(positions):
+                pieces[position] = (output[slot], None if labels is None else labels[slot])
+    pieces = pieces[keep_from:]
+    if not pieces:
+        return None
+    variable = pieces[0][0].dim() == 2
+    rows = torch.cat([piece.reshape(-1, piece.shape[-1]) for piece, _ in pieces])
+    lengths = np.array([piece.shape[0] if variable else 1 for piece, _ in pieces], np.int64)
+    first = first_sample + keep_from
+    arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(pieces)), lengths))
+    labels = None
+    if pieces[0][1] is not None:
+        labels = torch.cat([label for _, label in pieces]).numpy().astype(fmt.LABEL_DTYPE)
+    return {"arrays": arrays, "lengths": lengths, "labels": labels, "clamped": clamped,
+            "variable": variable, "num_classes": rows.shape[1]}
+
+
+def _record_or_check_shape(state, batch, layout, dtype, top_k, shard_size_mb) -> None:
+    """Record classes, rows per sample and label kind from the first batch; check the rest."""
+    lengths, labels = batch["lengths"], batch["labels"]
+    if labels is None:
+        labels_per = None
+    elif len(labels) == len(lengths):
+        labels_per = "sample"
+    elif len(labels) == int(lengths.sum()):
+        labels_per = "row"
+    else:
+        raise ValueError("dataset labels must be one per sample or one per teacher output row")
+    found = {"num_classes": batch["num_classes"],
+             "rows_per_sample": "variable" if batch["variable"] else 1, "labels_per": labels_per}
+    if state["num_classes"] is None:
+        state.update(found)
+        state["rows_per_shard"] = fmt.rows_per_shard(shard_size_mb, layout, dtype,
+                                                     found["num_classes"], top_k)
+        return
+    for key, value in found.items():
+        if state[key] != value:
+            raise ValueError(f"teacher outputs/dataset items changed {key} from {state[key]!r} "
+                             f"to {value!r} partway through the dataset")
+
+
+def _finalize(out_dir: str, world_size: int, num_samples: int) -> dict:
+    """Merge the ranks' shard lists into manifest.json (status complete) with offsets/labels."""
+    parts = [fmt.read_manifest(out_dir, fmt.progress_manifest_name(rank, world_size))
+             for rank in range(world_size)]
+    manifest = {key: value for key, value in parts[0].items()
+                if key not in ("rank", "sample_range", "manifest_sha256")}
+    described = [part for part in parts if part["num_classes"] is not None]
+    for key in ("num_classes", "rows_per_sample", "labels_per", "rows_per_shard"):
+        values = {part[key] for part in described}
+        if len(values) > 1:
+            raise fmt.CacheError(f"ranks disagree on {key}: {sorted(map(str, values))}")
+        manifest[key] = values.pop() if values else None
+    shards, row = [], 0
+    for part in parts:
+        for shard in part["shards"]:
+            rows = shard["row_stop"] - shard["row_start"]
+            shards.append(dict(shard, row_start=row, row_stop=row + rows))
+            row += rows
+    manifest.update(shards=shards, num_samples=num_samples, num_rows=row,
+                    clamped_values=sum(shard["clamped"] for shard in shards),
+                    status="complete", offsets=None, labels=None)
+    fmt.check_structure(manifest, out_dir)
+    if manifest["rows_per_sample"] == "variable":
+        lengths = [fmt.load_array(out_dir, shard["files"]["lengths"]) for shard in shards]
+        offsets = np.zeros(num_samples + 1, fmt.LENGTH_DTYPE)
+        np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+        manifest["offsets"] = fmt.write_npy_atomic(out_dir, fmt.OFFSETS_NAME, offsets)
+    if manifest["labels_per"] is not None:
+        labels = np.concatenate([fmt.load_array(out_dir, shard["files"]["labels"])
+                                 for shard in shards])
+        manifest["labels"] = fmt.write_npy_atomic(out_dir, fmt.LABELS_NAME, labels)
+    fmt.fsync_directory(out_dir)
+    fmt.write_manifest(out_dir, manifest)
+    if world_size > 1:
+        for rank in range(world_size):
+            os.remove(os.path.join(out_dir, fmt.progress_manifest_name(rank, world_size)))
+    return fmt.read_manifest(out_dir)
