@@ -26,7 +26,7 @@ RESULTS_ROOT = REPO_ROOT / "benchmarks" / "results"
 
 
 def run_suite(preset: str, json_path: Path, only: str = "all", keyword: str = None,
-              device: str = None) -> int:
+              device: str = None, threads: int = None) -> int:
     """pytest on benchmarks/ with the preset; returns pytest's exit code."""
     files = {"all": ["benchmarks"], "loss": ["benchmarks/test_bench_loss.py"],
              "cache": ["benchmarks/test_bench_cache.py"]}[only]
@@ -40,6 +40,8 @@ def run_suite(preset: str, json_path: Path, only: str = "all", keyword: str = No
         command += [f"--bench-device={device}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads, here and in subprocesses
     print("+", " ".join(command), flush=True)
     return subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
 
@@ -70,6 +72,8 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="benchmark device (default: cuda when available)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for torch (OMP_NUM_THREADS; default: torch's default)")
     parser.add_argument("--out", type=Path,
                         help="results folder (default: benchmarks/results/<device>)")
     parser.add_argument("--render", type=Path, metavar="PYTEST_JSON",
@@ -83,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         json_path = Path(scratch) / "pytest-benchmark.json"
-        code = run_suite(args.preset, json_path, args.only, args.keyword, args.device)
+        code = run_suite(args.preset, json_path, args.only, args.keyword, args.device,
+                         args.threads)
         if not json_path.exists():
             print(f"pytest wrote no benchmark JSON (exit code {code})", file=sys.stderr)
             return code or 1
