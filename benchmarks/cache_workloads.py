@@ -3,8 +3,10 @@
 - write: ``fastkd.cache.write_cache`` of a torchvision resnet18 teacher against the teacher's bare
   forward pass over the same loader (the overhead of caching is the difference).
 - read: a synthetic ``rows x vocab`` fp16 cache read back from the page cache by sequential slices
-  and by random batch gathers; every batch is copied into a preallocated buffer (as a training loop
-  stages a batch before the host-to-device copy), so lazily mapped pages are really read.
+  and by random batch gathers, each pass delivering every row once as a batch in memory.
+  ``cache.gather`` returns a copy; ``cache[i:j]`` is a zero-copy view of the memory map, so it is
+  copied into a preallocated staging buffer (as a training loop stages a batch before the
+  host-to-device copy): otherwise no page would be read at all.
 - train: a small CNN student distilled with ``fastkd.kd_loss`` from cached logits vs from the
   resnet18 teacher run online each step.
 Random inputs: throughput does not depend on what the pixels are.
@@ -92,7 +94,8 @@ def synthetic_logit_cache(out_dir: Path, rows: int, vocab: int, device: str = "c
     return LogitCache(out_dir)
 
 
-def _staging_buffer(cache, batch_size: int) -> torch.Tensor:
+def staging_buffer(cache, batch_size: int) -> torch.Tensor:
+    """A preallocated ``(batch_size, V)`` buffer of the cache's dtype."""
     first = torch.as_tensor(cache[0:1])
     return torch.empty((batch_size,) + tuple(first.shape[1:]), dtype=first.dtype)
 
@@ -107,13 +110,13 @@ def read_sequential_pass(cache, batch_size: int, staging: torch.Tensor) -> int:
     return total
 
 
-def read_gather_pass(cache, batch_size: int, staging: torch.Tensor, seed: int = 0) -> int:
-    """Read every row once in random batches via ``cache.gather``; returns the bytes read."""
+def read_gather_pass(cache, batch_size: int, seed: int = 0) -> int:
+    """Read every row once in random batches via ``cache.gather`` (which copies); returns the
+    bytes read."""
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(seed))
     total = 0
     for indices in order.split(batch_size):
         batch = torch.as_tensor(cache.gather(indices))
-        staging[:batch.shape[0]].copy_(batch)
         total += batch.numel() * batch.element_size()
     return total
 

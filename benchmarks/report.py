@@ -168,9 +168,9 @@ def cache_table(records) -> str:
     for r in (r for r in records if r.get("kind") == "cache"):
         metric = r["metric"]
         if metric == "write":
-            figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.1f} MB/s; teacher alone "
+            figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.3g} MB/s; teacher alone "
                        f"{_ms(r['teacher_forward_s'])} ms, with cache write {_ms(r['median_s'])} ms: "
-                       f"+{r['overhead_pct']:.1f}%")
+                       f"{r['overhead_pct']:+.1f}%")
         elif metric.startswith("read"):
             figures = f"{r['gbps']:.2f} GB/s ({_number(r['rows_per_s'])} rows/s)"
         else:
@@ -214,8 +214,9 @@ def markdown(records, env: dict, preset: str, goals: list, plots=()) -> str:
              "student/teacher element sizes. GB/s = bytes / median time. Extra memory is the peak "
              "during one warm call minus the inputs, in student-logits-sized buffers "
              "(the gradient counts). Loss = 0.5 * T^2 * KL(p_t || p_s) + 0.5 * CE, T = 2.",
-             "", "## Goals", "", goals_table(goals), "",
-             "## Loss", "", loss_table(records), ""]
+             "", "## Goals", "", goals_table(goals), ""]
+    if loss_records(records):
+        parts += ["## Loss", "", loss_table(records), ""]
     if any(r.get("kind") == "cache" for r in records):
         parts += ["## Cache", "", cache_table(records), ""]
     for plot in plots:
