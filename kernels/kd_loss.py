@@ -101,6 +101,7 @@ def _kd_loss_kernel(
     SOFTMAX_DIVERGENCE: tl.constexpr,  # DIVERGENCE is forward_kl, reverse_kl or jsd
     LOAD_TEACHER: tl.constexpr,    # some term reads the teacher
     HARD: tl.constexpr,            # hard CE term present (hard_weight > 0 and some label)
+    CE_SHARES_SOFTMAX: tl.constexpr,  # T == 1 and a softmax divergence: q is p_s, no extra exp
     HAS_LABELS: tl.constexpr,      # labels tensor given (ignore_index applies)
     TEACHER_LABELS: tl.constexpr,  # hard label = first argmax of the teacher row
     WRITE_GRAD: tl.constexpr,
@@ -138,12 +139,13 @@ def _kd_loss_kernel(
             z_t = z_s
             if LOAD_TEACHER:
                 z_t = _load_row_block(teacher_row, cols, mask)
-            if TEACHER_LABELS:
-                block_best = tl.max(z_t, axis=0)
-                block_best_idx = tl.argmax(z_t, axis=0)
-                is_better = block_best > best_t   # strict: an earlier block wins ties
-                best_idx = tl.where(is_better, start + block_best_idx, best_idx)
-                best_t = tl.where(is_better, block_best, best_t)
+                if TEACHER_LABELS:   # one reduction gives the block's max and its first index
+                    block_max_t, block_argmax_t = tl.max(z_t, axis=0, return_indices=True)
+                    is_better = block_max_t > best_t   # strict: an earlier block wins ties
+                    best_idx = tl.where(is_better, start + block_argmax_t, best_idx)
+                    best_t = tl.where(is_better, block_max_t, best_t)
+                else:
+                    block_max_t = tl.max(z_t, axis=0)
             if DIVERGENCE == 4:
                 diff = tl.where(mask, z_s - z_t, 0.0)
                 sum_sq += tl.sum(diff * diff, axis=0)
@@ -152,11 +154,11 @@ def _kd_loss_kernel(
                 shift_s = _safe_max(new_max_s)
                 # old-to-new max step in units of 1/T (<= 0; -inf when nothing was seen yet)
                 step_s = (max_s - shift_s) * inv_temperature
-                if HARD:
+                if HARD and not CE_SHARES_SOFTMAX:
                     sum_exp_ce = (sum_exp_ce * tl.exp(max_s - shift_s)
                                   + tl.sum(tl.exp(z_s - shift_s), axis=0))
                 if SOFTMAX_DIVERGENCE:
-                    new_max_t = tl.maximum(max_t, tl.max(z_t, axis=0))
+                    new_max_t = tl.maximum(max_t, block_max_t)
                     shift_t = _safe_max(new_max_t)
                     step_t = (max_t - shift_t) * inv_temperature
                     scaled_s = (z_s - shift_s) * inv_temperature
@@ -217,7 +219,10 @@ def _kd_loss_kernel(
         if DIVERGENCE == 4:
             row_loss += soft_weight * sum_sq / num_classes
         if HARD:
-            log_sum_ce = tl.log(sum_exp_ce)
+            if CE_SHARES_SOFTMAX:
+                log_sum_ce = log_sum_s
+            else:
+                log_sum_ce = tl.log(sum_exp_ce)
             if TEACHER_LABELS:
                 label = best_idx
             # read before the gradient pass may overwrite the row (in-place)
@@ -254,7 +259,10 @@ def _kd_loss_kernel(
                 if DIVERGENCE == 4:
                     grad += (grad_scale * soft_weight * 2.0 / num_classes) * (z_s - z_t)
                 if HARD:
-                    q = tl.exp(z_s - shift_s - log_sum_ce)
+                    if CE_SHARES_SOFTMAX:
+                        q = p_s
+                    else:
+                        q = tl.exp(z_s - shift_s - log_sum_ce)
                     grad += hard_scale * tl.where(cols == label, q - 1.0, q)
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
@@ -325,6 +333,7 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
         SOFTMAX_DIVERGENCE=code in (_FORWARD_KL, _REVERSE_KL, _JSD),
         LOAD_TEACHER=code != _NONE or teacher_labels,
         HARD=hard,
+        CE_SHARES_SOFTMAX=hard and code in (_FORWARD_KL, _REVERSE_KL, _JSD) and temperature == 1.0,
         HAS_LABELS=labels is not None,
         TEACHER_LABELS=teacher_labels,
         WRITE_GRAD=grad is not None,

@@ -401,9 +401,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from fastkd.kernels import kd_loss
 
-    divergence, hard, has_labels, teacher_labels, student, teacher = sys.argv[1:]
+    divergence, hard, has_labels, teacher_labels, shared, student, teacher = sys.argv[1:]
     divergence = int(divergence)
-    hard, has_labels, teacher_labels = (flag == "1" for flag in (hard, has_labels, teacher_labels))
+    hard, has_labels, teacher_labels, shared = (
+        flag == "1" for flag in (hard, has_labels, teacher_labels, shared))
     signature = dict(
         student_ptr="*" + student, teacher_ptr="*" + teacher, labels_ptr="*i64",
         grad_ptr="*" + student, row_loss_ptr="*fp32", student_row_stride="i64",
@@ -412,7 +413,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
         grad_scale="fp32")
     constants = dict(
         DIVERGENCE=divergence, SOFTMAX_DIVERGENCE=divergence in (1, 2, 3),
-        LOAD_TEACHER=divergence != 0 or teacher_labels, HARD=hard, HAS_LABELS=has_labels,
+        LOAD_TEACHER=divergence != 0 or teacher_labels, HARD=hard, CE_SHARES_SOFTMAX=shared, HAS_LABELS=has_labels,
         TEACHER_LABELS=teacher_labels, WRITE_GRAD=True, BLOCK_V=kd_loss.MAX_BLOCK_V)
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(kd_loss._kd_loss_kernel, signature, constexprs=constants)
@@ -422,12 +423,12 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("flags", [
-    # divergence, hard, has_labels, teacher_labels, student dtype, teacher dtype
-    ("1", "1", "1", "0", "fp32", "fp32"),
-    ("2", "1", "0", "1", "bf16", "fp16"),
-    ("3", "1", "0", "1", "fp16", "bf16"),
-    ("4", "0", "1", "0", "bf16", "bf16"),
-    ("0", "1", "1", "0", "fp32", "fp16"),
+    # divergence, hard, has_labels, teacher_labels, CE_SHARES_SOFTMAX, student, teacher dtype
+    ("1", "1", "1", "0", "1", "fp32", "fp32"),
+    ("2", "1", "0", "1", "0", "bf16", "fp16"),
+    ("3", "1", "0", "1", "1", "fp16", "bf16"),
+    ("4", "0", "1", "0", "0", "bf16", "bf16"),
+    ("0", "1", "1", "0", "0", "fp32", "fp16"),
 ])
 def test_compiles_for_sm90_without_interpreter(flags, tmp_path):
     pytest.importorskip("triton.backends.nvidia")
