@@ -67,5 +67,7 @@ def case_data(device):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    output_json["fastkd"] = {"preset": config.getoption("--preset"),
-                             "environment": config.stash.get(_ENVIRONMENT, None)}
+    environment = config.stash.get(_ENVIRONMENT, None)
+    if environment is not None and hasattr(os, "getloadavg"):
+        environment["load_average_at_end_1_5_15_min"] = list(os.getloadavg())
+    output_json["fastkd"] = {"preset": config.getoption("--preset"), "environment": environment}

@@ -165,8 +165,8 @@ def _liger_version():
 
 
 def device_slug(env: dict) -> str:
-    """Folder name under ``benchmarks/results/``: the GPU's name, else ``cpu-<model>``."""
-    name = env["gpu"].get("name") if env.get("gpu") else None
+    """Folder name under ``benchmarks/results/``: the GPU's name, else ``cpu-<model>-<n>-threads``."""
+    name = env["gpu"].get("name") if env.get("gpu") and env.get("bench_device") != "cpu" else None
     if not name:
-        name = f"cpu-{env['cpu_model']}"
+        name = f"cpu-{env['cpu_model']}-{env['torch_threads']}-threads"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")

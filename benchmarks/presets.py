@@ -17,9 +17,9 @@ CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target"
 class CacheWorkload:
     device: str = "cpu"
     # write: a torchvision resnet18 teacher on CIFAR-shaped random images
-    write_images: int = 1024
+    write_images: int = 512
     write_classes: int = 100
-    write_batch: int = 128
+    write_batch: int = 64
     write_rounds: int = 3
     # read: a synthetic cache of read_rows x read_vocab fp16 logits, read back from the page cache
     read_rows: int = 4096
@@ -27,9 +27,9 @@ class CacheWorkload:
     read_batch: int = 256
     read_rounds: int = 5
     # train: small CNN student, cached vs online resnet18 teacher
-    train_images: int = 1024
+    train_images: int = 256
     train_classes: int = 100
-    train_batch: int = 64
+    train_batch: int = 32
     train_steps: int = 8
     train_rounds: int = 3
 

@@ -186,13 +186,18 @@ def goals_table(goals) -> str:
                   [[g["goal"], g["target"], g["measured"], g["status"], g["detail"]] for g in goals])
 
 
+def _load(values):
+    return "/".join(f"{value:.1f}" for value in values) if values else "?"
+
+
 def environment_lines(env: dict) -> str:
     gpu = env.get("gpu") or {}
     lines = [f"- when: {env['timestamp_utc']}; git {env['git']['commit']}"
              f"{' (uncommitted changes present)' if env['git']['dirty'] else ''}",
              f"- CPU: {env['cpu_model']}, {env['cpu_count']} logical CPUs, torch threads "
-             f"{env['torch_threads']}; load average (1/5/15 min) when the run started: "
-             f"{env.get('load_average_1_5_15_min')}",
+             f"{env['torch_threads']}; load average (1/5/15 min) at the start "
+             f"{_load(env.get('load_average_1_5_15_min'))}, at the end "
+             f"{_load(env.get('load_average_at_end_1_5_15_min'))}",
              f"- versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
              f"fastkd {env['fastkd']}, liger-kernel {env['liger_kernel']}"]
     if gpu:
