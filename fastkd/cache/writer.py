@@ -396,6 +396,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
         pin_memory=device.type == "cuda")
     teacher = teacher.to(device).eval()
     converter = _RowConverter(layout, dtype, top_k, clamp)
+    batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     writer = _ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
     cutter = _ShardCutter(writer.put, rank, next_index=len(state["shards"]),
@@ -405,7 +406,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
     rows_done, bytes_done = 0, 0
     try:
         sample = batch_start
-        for groups in loader:
+        for groups in batches:
             batch_len = sum(len(positions) for positions, _, _ in groups)
             keep_from = max(0, resume_at - sample)  # samples already cached (resume only)
             batch = _run_batch(teacher, groups, batch_len, sample, keep_from, device, output_fn,

@@ -1,0 +1,119 @@
+"""Small real teachers and datasets for the cache tests, importable by SPEC string
+(``cache_helpers:digits_teacher``) when a test runs ``fastkd`` with tests/ as current directory.
+
+Environment knobs (read by the teachers at forward time, so they work in subprocesses):
+``FASTKD_TEST_SLEEP`` seconds to sleep per teacher forward (to make a run slow enough to kill).
+"""
+import os
+import time
+
+import torch
+from torch import nn
+
+from fastkd.models import TinyCausalLM, digits_dataset
+
+TOKEN_VOCAB = 40
+
+
+class DigitsMLP(nn.Module):
+    """``(N, 1, 8, 8) -> (N, 10)`` logits: a two-layer MLP on the 64 pixels."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        sleep = float(os.environ.get("FASTKD_TEST_SLEEP", "0"))
+        if sleep:
+            time.sleep(sleep)
+        return self.net(images)
+
+
+def digits_teacher() -> DigitsMLP:
+    """An untrained, seeded teacher (the same weights every call)."""
+    torch.manual_seed(0)
+    return DigitsMLP()
+
+
+def trained_digits_teacher(steps: int = 60) -> DigitsMLP:
+    """A real (briefly trained, ~95% train accuracy) digits teacher; deterministic and < 1 s."""
+    teacher = digits_teacher()
+    images, labels = digits_dataset().tensors
+    optimizer = torch.optim.Adam(teacher.parameters(), lr=2e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(teacher(images), labels).backward()
+        optimizer.step()
+    return teacher.eval()
+
+
+class IndexedImages(torch.utils.data.Dataset):
+    """``n`` items ``(image (1, 8, 8) whose pixels all equal its index, index)``."""
+
+    def __init__(self, n: int = 100):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        return torch.full((1, 8, 8), float(index)), index
+
+
+class NaNAtIndex(nn.Module):
+    """Returns NaN logits for the :class:`IndexedImages` item ``bad_index``, else finite ones."""
+
+    def __init__(self, bad_index: int = 37, scale: float = 1.0):
+        super().__init__()
+        self.bad_index, self.scale = bad_index, scale
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.scale * self.linear(images.flatten(1) / 100)
+        bad = images.flatten(1)[:, 0] == self.bad_index
+        return torch.where(bad[:, None], torch.full_like(logits, float("nan")), logits)
+
+
+def nan_teacher() -> NaNAtIndex:
+    torch.manual_seed(0)
+    return NaNAtIndex()
+
+
+def indexed_images() -> IndexedImages:
+    return IndexedImages(100)
+
+
+class HugeLogits(nn.Module):
+    """Logits beyond the fp16 range (|x| up to ~1e5) on every row."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-1e5, 1e5, 10)
+        return ramp.expand(images.shape[0], 10) + images.flatten(1)[:, :1]
+
+
+class TokenSequences(torch.utils.data.Dataset):
+    """``n`` variable-length token items ``{"token_ids": (L_i,), "labels": (L_i,)}`` with
+    ``L_i`` in [3, 12]; labels are the next token (last one ignored with -100)."""
+
+    def __init__(self, n: int = 24, vocab: int = TOKEN_VOCAB, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        lengths = torch.randint(3, 13, (n,), generator=generator).tolist()
+        self.items = []
+        for length in lengths:
+            tokens = torch.randint(0, vocab, (length,), generator=generator)
+            labels = torch.cat([tokens[1:], torch.tensor([-100])])
+            self.items.append({"token_ids": tokens, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def tiny_lm() -> TinyCausalLM:
+    torch.manual_seed(0)
+    return TinyCausalLM(TOKEN_VOCAB, dim=16, num_layers=1, num_heads=2, max_len=16).eval()

@@ -1,0 +1,426 @@
+"""Teacher-logit cache: end to end on the digits data, layouts, reading, errors, corruption.
+
+Tolerances: fp16 storage rounds each logit to 11 significant bits, so cached vs teacher rows
+are compared with rtol 2**-10 (one fp16 ulp) and atol 1e-4 (batch-size-dependent float32
+reductions); bf16 with rtol 2**-7; fp32 and exact-byte facts (top-k indices, labels, offsets)
+exactly; the fp32 log-sum-exp against float32 ``torch.logsumexp`` with rtol 1e-6.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import cache_helpers
+import fastkd
+from fastkd.cache import CacheError, CachedDataset, LogitCache, collate_padded, write_cache
+from fastkd.cache import manifest as fmt
+from fastkd.cache.specs import resolve_dataset, resolve_teacher, teacher_fingerprint
+from fastkd.cli import main as fastkd_main
+from fastkd.models import digits_dataset
+
+FP16 = dict(rtol=2 ** -10, atol=1e-4)
+SMALL_SHARDS_MB = 300 * 20 / 2 ** 20  # 300 fp16 rows of V=10 per shard -> 6 shards for digits
+
+
+def teacher_outputs(teacher, inputs):
+    with torch.inference_mode():
+        return teacher(inputs).float()
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    """The digits data cached by the real CLI from a trained teacher checkpoint."""
+    root = tmp_path_factory.mktemp("digits")
+    teacher = cache_helpers.trained_digits_teacher()
+    checkpoint = root / "teacher.pt"
+    torch.save(teacher.state_dict(), checkpoint)
+    out = root / "cache"
+    status = fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher",
+                          "--teacher-checkpoint", str(checkpoint), "--dataset", "digits",
+                          "--out", str(out), "--batch-size", "256", "--device", "cpu",
+                          "--shard-size-mb", str(SMALL_SHARDS_MB), "--quiet"])
+    assert status == 0
+    return out, teacher
+
+
+def test_cli_cache_matches_teacher(digits_cache, capsys):
+    out, teacher = digits_cache
+    images, labels = digits_dataset().tensors
+    expected = teacher_outputs(teacher, images)
+    cache = fastkd.LogitCache(out)
+    manifest = cache.manifest
+    assert (len(cache), cache.num_rows, cache.num_classes) == (1797, 1797, 10)
+    assert manifest["dtype"] == "fp16" and manifest["layout"] == "dense"
+    assert len(manifest["shards"]) == 6 and manifest["rows_per_shard"] == 300
+    assert manifest["teacher"]["fingerprint"] == teacher_fingerprint(teacher)
+    assert manifest["dataset"]["fingerprint"]["length"] == 1797
+    assert manifest["dataset"]["spec"] == "digits"
+    stored = cache[0:len(cache)]
+    assert stored.dtype == torch.float16 and stored.shape == (1797, 10)
+    torch.testing.assert_close(stored.float(), expected, **FP16)
+    assert torch.equal(cache.labels, labels)
+    # the teacher is real: its cached argmax agrees with the labels on most digits
+    assert (stored.float().argmax(1) == labels).float().mean() > 0.9
+    assert fastkd_main(["verify", str(out)]) == 0
+    assert "ok:" in capsys.readouterr().out
+    assert fastkd_main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "1797 samples" in info and "V=10" in info and "6 shards" in info
+
+
+def test_shards_are_plain_npy(digits_cache):
+    out, _ = digits_cache
+    manifest = fmt.read_manifest(str(out))
+    for shard in manifest["shards"]:
+        entry = shard["files"]["logits"]
+        array = np.load(out / entry["file"], mmap_mode="r", allow_pickle=False)
+        assert array.dtype == np.float16
+        assert array.shape == (shard["row_stop"] - shard["row_start"], 10)
+        assert os.path.getsize(out / entry["file"]) == entry["bytes"]
+    labels = np.load(out / manifest["labels"]["file"], allow_pickle=False)
+    assert labels.shape == (1797,)
+
+
+def test_indexing_slicing_gather(digits_cache):
+    cache = LogitCache(digits_cache[0])
+    everything = cache[:]
+    assert torch.equal(cache[5], everything[5]) and torch.equal(cache[-1], everything[-1])
+    assert torch.equal(cache[torch.tensor(7)], everything[7])
+    # a slice inside one shard shares memory with the map; across shards it is concatenated
+    assert cache[10:20].data_ptr() == cache[10].data_ptr()
+    assert torch.equal(cache[290:310], everything[290:310])
+    assert torch.equal(cache[3:1500:7], everything[3:1500:7])
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0))[:200]
+    assert torch.equal(cache.gather(order), everything[order])
+    assert torch.equal(cache.gather([-1, 0]), everything[[-1, 0]])
+    assert cache.gather([]).shape == (0, 10)
+    with pytest.raises(IndexError):
+        cache[1797]
+    with pytest.raises(IndexError):
+        cache.gather([0, 1797])
+    with pytest.raises(TypeError, match="index"):
+        cache["3"]
+    with pytest.raises(TypeError, match="indices"):
+        cache.gather([0.5])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_and_distributed_sampler(digits_cache, context):
+    cache = LogitCache(digits_cache[0])
+    cache[0]  # maps opened in the parent must not leak into the workers
+    dataset = CachedDataset(digits_dataset(), cache)
+    sampler = torch.utils.data.distributed.DistributedSampler(dataset, num_replicas=2, rank=1,
+                                                              shuffle=True, seed=3)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, sampler=sampler, num_workers=2,
+                                         multiprocessing_context=context,
+                                         pin_memory=torch.cuda.is_available())
+    images, labels, logits = (torch.cat(parts) for parts in zip(*loader))
+    indices = list(sampler)
+    all_images, all_labels = digits_dataset().tensors
+    assert torch.equal(images, all_images[indices]) and torch.equal(labels, all_labels[indices])
+    assert torch.equal(logits.cpu(), cache.gather(indices))
+
+
+def test_cached_dataset_refuses_other_data(digits_cache):
+    cache = LogitCache(digits_cache[0])
+    dataset = digits_dataset()
+    with pytest.raises(ValueError, match="1000 items but the cache"):
+        CachedDataset(torch.utils.data.Subset(dataset, range(1000)), cache)
+    reversed_order = torch.utils.data.Subset(dataset, list(range(1796, -1, -1)))
+    with pytest.raises(ValueError, match="fingerprint differs"):
+        CachedDataset(reversed_order, cache)
+    assert len(CachedDataset(reversed_order, cache, check_fingerprint=False)) == 1797
+
+
+# ----------------------------------------------------------------------------- damage
+@pytest.fixture
+def damaged_copy(digits_cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_cache[0], copy)
+    return copy, fmt.read_manifest(str(copy))
+
+
+def test_flipped_byte_fails_verify_naming_the_shard(damaged_copy, capsys):
+    copy, manifest = damaged_copy
+    name = manifest["shards"][2]["files"]["logits"]["file"]
+    with open(copy / name, "r+b") as handle:
+        handle.seek(-7, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-7, os.SEEK_END)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    cache = LogitCache(copy)  # same size: opening succeeds, checksums find it
+    with pytest.raises(CacheError, match=name.replace(".", r"\.") + ": sha256 differs"):
+        cache.verify()
+    assert fastkd_main(["verify", str(copy)]) == 1
+    assert name in capsys.readouterr().err
+
+
+def test_truncated_or_missing_shard_fails_on_open(damaged_copy):
+    copy, manifest = damaged_copy
+    truncated = manifest["shards"][1]["files"]["logits"]["file"]
+    os.truncate(copy / truncated, os.path.getsize(copy / truncated) - 20)
+    with pytest.raises(CacheError, match=truncated.replace(".", r"\.") + ".*truncated"):
+        LogitCache(copy)
+    missing = manifest["shards"][4]["files"]["logits"]["file"]
+    os.remove(copy / missing)
+    with pytest.raises(CacheError, match=missing.replace(".", r"\.") + ": missing"):
+        LogitCache(copy)
+
+
+def test_edited_manifest_is_detected(damaged_copy, capsys):
+    copy, manifest = damaged_copy
+    path = copy / fmt.MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["num_rows"] = 1796
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CacheError, match="modified after it was written"):
+        LogitCache(copy)
+    assert fastkd_main(["info", str(copy)]) == 1
+    assert "manifest.json" in capsys.readouterr().err
+    # edits that re-sign the manifest still have to agree with the files
+    moved = json.loads(json.dumps(manifest))
+    moved["shards"][3]["row_start"] += 1
+    fmt.write_manifest(str(copy), moved)
+    with pytest.raises(CacheError, match="starts at sample"):
+        LogitCache(copy)
+    resized = json.loads(json.dumps(manifest))
+    entry = resized["shards"][0]["files"]["logits"]
+    entry["bytes"] += 2
+    fmt.write_manifest(str(copy), resized)
+    with pytest.raises(CacheError, match=entry["file"].replace(".", r"\.") + ".*manifest says"):
+        LogitCache(copy)
+    resigned = json.loads(json.dumps(manifest))
+    resigned["shards"][5]["files"]["logits"]["sha256"] = "0" * 64
+    fmt.write_manifest(str(copy), resigned)
+    with pytest.raises(CacheError, match="sha256 differs"):
+        LogitCache(copy).verify()
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "no_colon"], "expected 'package.module:attr'"),
+    (["--teacher", "no_such_module_xyz:Model"], "cannot import module 'no_such_module_xyz'"),
+    (["--teacher", "cache_helpers:missing"], "has no attribute 'missing'"),
+    (["--teacher", "cache_helpers:TOKEN_VOCAB"], "expected an nn.Module"),
+    (["--teacher", "torchvision:not_a_model"], "torchvision has no model"),
+    (["--dataset", "cache_helpers:nope"], "has no attribute 'nope'"),
+    (["--dataset", "cache_helpers:TOKEN_VOCAB"], "expected a map-style dataset"),
+    (["--dataset", "torchvision:CIFAR10"], "needs --data-root"),
+    (["--dataset", "torchvision:NoSuchSet", "--data-root", "."], "has no dataset class"),
+])
+def test_bad_specs_fail_with_a_clear_message(tmp_path, capsys, argv, message):
+    options = dict(zip(argv[::2], argv[1::2]))
+    full = ["cache", "--teacher", options.pop("--teacher", "cache_helpers:digits_teacher"),
+            "--dataset", options.pop("--dataset", "digits"), "--out", str(tmp_path / "c"),
+            "--quiet"] + [part for item in options.items() for part in item]
+    assert fastkd_main(full) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_root_says_where_it_looked(tmp_path):
+    root = tmp_path / "no-cifar-here"
+    root.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"not found under --data-root {root}"):
+        resolve_dataset("torchvision:CIFAR10", str(root))
+
+
+def test_torchvision_teacher_and_checkpoint(tmp_path):
+    teacher = resolve_teacher("torchvision:resnet18")
+    assert isinstance(teacher, nn.Module)
+    checkpoint = tmp_path / "wrong.pt"
+    torch.save(cache_helpers.digits_teacher().state_dict(), checkpoint)
+    with pytest.raises(ValueError, match="does not fit torchvision:resnet18"):
+        resolve_teacher("torchvision:resnet18", str(checkpoint))
+    with pytest.raises(ValueError, match="no such file"):
+        resolve_teacher("cache_helpers:digits_teacher", str(tmp_path / "absent.pt"))
+
+
+def test_mismatched_rerun_refuses_unless_overwrite(tmp_path):
+    data = torch.utils.data.Subset(digits_dataset(), range(200))
+    out = tmp_path / "c"
+    first = write_cache(cache_helpers.digits_teacher(), data, out, progress=False)
+    again = write_cache(cache_helpers.digits_teacher(), data, out, progress=False)
+    assert again == first  # same settings, finished: nothing to do
+    with pytest.raises(CacheError, match="dtype: cache has 'fp16', asked 'fp32'"):
+        write_cache(cache_helpers.digits_teacher(), data, out, dtype="fp32", progress=False)
+    with pytest.raises(CacheError, match="layout"):
+        write_cache(cache_helpers.digits_teacher(), data, out, top_k=3, progress=False)
+    other_teacher = cache_helpers.DigitsMLP()
+    with pytest.raises(CacheError, match="teacher"):
+        write_cache(other_teacher, data, out, progress=False)
+    other_data = torch.utils.data.Subset(digits_dataset(), range(1, 201))
+    with pytest.raises(CacheError, match="dataset"):
+        write_cache(cache_helpers.digits_teacher(), other_data, out, progress=False)
+    replaced = write_cache(cache_helpers.digits_teacher(), data, out, dtype="fp32",
+                           overwrite=True, progress=False)
+    assert replaced["dtype"] == "fp32" and LogitCache(out)[0].dtype == torch.float32
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not part of a fastkd cache"):
+        write_cache(cache_helpers.digits_teacher(), data, foreign, progress=False)
+
+
+def test_bad_arguments(tmp_path):
+    data = cache_helpers.indexed_images()
+    teacher = cache_helpers.digits_teacher()
+    for kwargs, message in [({"dtype": "fp8"}, "dtype must be one of"),
+                            ({"batch_size": 0}, "batch_size must be"),
+                            ({"shard_size_mb": 0}, "shard_size_mb must be"),
+                            ({"top_k": 0}, "top_k must be"),
+                            ({"top_k": 11}, "top_k=11 exceeds the teacher's 10 classes")]:
+        with pytest.raises(ValueError, match=message):
+            write_cache(teacher, data, tmp_path / "c", overwrite=True, progress=False, **kwargs)
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        write_cache(lambda x: x, data, tmp_path / "c")
+
+
+def test_nan_teacher_names_the_sample(tmp_path, capsys):
+    with pytest.raises(ValueError, match="dataset sample 37 contains NaN"):
+        write_cache(cache_helpers.nan_teacher(), cache_helpers.indexed_images(), tmp_path / "c",
+                    batch_size=16, progress=False)
+    assert fastkd_main(["cache", "--teacher", "cache_helpers:nan_teacher", "--dataset",
+                        "cache_helpers:indexed_images", "--out", str(tmp_path / "d"),
+                        "--clamp", "--quiet"]) == 1
+    assert "dataset sample 37 contains NaN" in capsys.readouterr().err
+
+
+def test_fp16_overflow_fails_or_clamps(tmp_path):
+    data = cache_helpers.indexed_images()
+    with pytest.raises(ValueError, match=r"sample 0 contains values beyond the fp16 range.*--clamp"):
+        write_cache(cache_helpers.HugeLogits(), data, tmp_path / "a", progress=False)
+    manifest = write_cache(cache_helpers.HugeLogits(), data, tmp_path / "b", clamp=True,
+                           progress=False)
+    raw = teacher_outputs(cache_helpers.HugeLogits(), torch.stack([x for x, _ in
+                                                                   (data[i] for i in range(100))]))
+    assert manifest["clamped_values"] == int((raw.abs() > 65504).sum()) > 0
+    stored = LogitCache(tmp_path / "b")[:].float()
+    torch.testing.assert_close(stored, raw.clamp(-65504, 65504), **FP16)
+    wide = write_cache(cache_helpers.HugeLogits(), data, tmp_path / "c", dtype="fp32",
+                       progress=False)
+    assert wide["clamped_values"] == 0
+    assert torch.equal(LogitCache(tmp_path / "c")[:], raw)
+
+
+# ----------------------------------------------------------------------------- layouts
+def test_bf16_and_fp32_storage(tmp_path):
+    data = torch.utils.data.Subset(digits_dataset(), range(300))
+    teacher = cache_helpers.digits_teacher()
+    expected = teacher_outputs(teacher, digits_dataset().tensors[0][:300])
+    write_cache(teacher, data, tmp_path / "bf16", dtype="bf16", progress=False)
+    bf16 = LogitCache(tmp_path / "bf16")
+    assert bf16[0].dtype == torch.bfloat16
+    torch.testing.assert_close(bf16[:].float(), expected, rtol=2 ** -7, atol=1e-4)
+    write_cache(teacher, data, tmp_path / "fp32", dtype="fp32", batch_size=300, progress=False)
+    assert torch.equal(LogitCache(tmp_path / "fp32")[:], expected)
+
+
+def test_topk_layout(tmp_path):
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 100))
+    data = torch.utils.data.Subset(digits_dataset(), range(500))
+    expected = teacher_outputs(teacher, digits_dataset().tensors[0][:500])
+    manifest = write_cache(teacher, data, tmp_path / "c", top_k=8, batch_size=500,
+                           shard_size_mb=100 * (8 * 2 + 8 * 4 + 4) / 2 ** 20, progress=False)
+    assert manifest["layout"] == "topk" and manifest["top_k"] == 8
+    assert manifest["num_classes"] == 100 and len(manifest["shards"]) == 5
+    cache = LogitCache(tmp_path / "c")
+    top = cache[:]
+    want_values, want_indices = torch.topk(expected, 8, dim=-1)
+    assert top.indices.dtype == torch.int32 and torch.equal(top.indices.long(), want_indices)
+    assert top.values.dtype == torch.float16
+    torch.testing.assert_close(top.values.float(), want_values, **FP16)
+    assert top.lse.dtype == torch.float32
+    torch.testing.assert_close(top.lse, torch.logsumexp(expected, -1), rtol=1e-6, atol=1e-6)
+    one = cache[123]
+    assert one.values.shape == (8,) and torch.equal(one.indices.long(), want_indices[123])
+    gathered = cache.gather([499, 2])
+    assert torch.equal(gathered.indices.long(), want_indices[[499, 2]])
+    # exactly known tail mass: probabilities of the top-k plus the rest sum to 1
+    tail = 1 - torch.exp(top.values.float() - top.lse[:, None]).sum(-1)
+    assert bool((tail >= -1e-3).all()) and bool((tail < 1).all())
+    item = CachedDataset(data, cache)[7]
+    assert isinstance(item[2], fastkd.cache.TopKLogits) and item[1] == digits_dataset()[7][1]
+    cache.verify()
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_variable_length_tokens(tmp_path, top_k):
+    data = cache_helpers.TokenSequences()
+    teacher = cache_helpers.tiny_lm()
+    manifest = write_cache(teacher, data, tmp_path / "c", batch_size=8, dtype="fp32",
+                           top_k=top_k, shard_size_mb=40 * 160 / 2 ** 20, progress=False)
+    lengths = [len(item["token_ids"]) for item in data.items]
+    assert manifest["rows_per_sample"] == "variable" and manifest["labels_per"] == "row"
+    assert manifest["num_rows"] == sum(lengths) and manifest["num_classes"] == cache_helpers.TOKEN_VOCAB
+    cache = LogitCache(tmp_path / "c")
+    assert torch.equal(cache.offsets, torch.tensor([0] + np.cumsum(lengths).tolist()))
+    assert torch.equal(cache.labels, torch.cat([item["labels"] for item in data.items]))
+    for index in (0, 5, len(data) - 1):
+        expected = teacher_outputs(teacher, data[index]["token_ids"][None])[0]
+        if top_k is None:
+            torch.testing.assert_close(cache[index], expected, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(cache[index].indices.long(), torch.topk(expected, top_k).indices)
+    assert len(cache[2:6]) == 4 and len(cache.gather([3, 1])) == 2
+    # a dataset item -> (inputs, per-token labels, rows); collate pads labels with ignore_index
+    batch = [CachedDataset(data, cache)[i] for i in range(4)]
+    inputs, labels, teacher_rows = collate_padded(batch)
+    longest = max(lengths[:4])
+    assert inputs["token_ids"].shape == (4, longest) and labels.shape == (4, longest)
+    for row, length in enumerate(lengths[:4]):
+        assert bool((labels[row, length:] == -100).all())
+        assert torch.equal(labels[row, :length], data[row]["labels"])
+        assert torch.equal(inputs["token_ids"][row, :length], data[row]["token_ids"])
+    rows = teacher_rows.values if top_k else teacher_rows
+    assert rows.shape[:2] == (4, longest)
+
+
+def test_feature_cache(tmp_path):
+    from fastkd.features import TeacherFeatures
+    from fastkd.models import DigitsTeacherCNN
+    torch.manual_seed(0)
+    cnn = DigitsTeacherCNN().eval()
+    data = torch.utils.data.Subset(digits_dataset(), range(64))
+    manifest = write_cache(TeacherFeatures(cnn, "conv2"), data, tmp_path / "f", dtype="fp32",
+                           batch_size=64, progress=False)
+    features = LogitCache(tmp_path / "f")[:]
+    assert features.shape == (64, manifest["num_classes"]) == (64, 64 * 4 * 4)
+    with torch.inference_mode():
+        expected = TeacherFeatures(cnn, "conv2")(digits_dataset().tensors[0][:64])
+    torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- training
+def _train_student(batches, steps_teacher, seed=0):
+    torch.manual_seed(seed)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    for images, labels, indices in batches:
+        teacher_logits = steps_teacher(images, indices)
+        loss = fastkd.kd_loss(student(images), teacher_logits, labels, temperature=2.0,
+                              backend="torch")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.cat([parameter.detach().reshape(-1) for parameter in student.parameters()])
+
+
+def test_cached_logits_reproduce_online_distillation(digits_cache):
+    out, teacher = digits_cache
+    cache = LogitCache(out)
+    images, labels = digits_dataset().tensors
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    batches = [(images[idx], labels[idx], idx) for idx in order[:640].split(64)]
+    online = _train_student(batches, lambda x, _: teacher_outputs(teacher, x))
+    online_fp16 = _train_student(batches, lambda x, _: teacher_outputs(teacher, x).half())
+    cached = _train_student(batches, lambda _, idx: cache.gather(idx))
+    # cached == online with the teacher rounded to fp16 (up to batch-size-dependent float32
+    # last bits in the teacher, which can flip an fp16 rounding); online differs only by that
+    torch.testing.assert_close(cached, online_fp16, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(cached, online)
+    torch.testing.assert_close(cached, online, rtol=1e-2, atol=1e-3)
