@@ -132,11 +132,12 @@ class CifarStudentCNN(nn.Module):
 
 # ----------------------------------------------------------------------------- tiny language model
 class TinyCausalLM(nn.Module):
-    """A tiny causal transformer LM: token ids ``(B, L)`` -> next-token logits ``(B, L, V)``.
+    """A tiny causal transformer LM: ``input_ids`` ``(B, L)`` -> next-token logits ``(B, L, V)``.
 
     Embedding + learned positions, ``num_layers`` pre-norm ``nn.TransformerEncoderLayer`` blocks
     under a causal mask, a final LayerNorm (``norm``, useful as a feature layer) and a linear head.
-    Padding positions (``padding_mask`` True) are masked as keys.
+    Right padding needs no mask (causal attention never looks ahead); ``padding_mask`` (True at
+    padding) masks keys for other layouts.
     """
 
     def __init__(self, vocab_size: int, dim: int = 64, num_layers: int = 2, num_heads: int = 4,
@@ -151,15 +152,15 @@ class TinyCausalLM(nn.Module):
         self.head = nn.Linear(dim, vocab_size)
         self.max_len = max_len
 
-    def forward(self, token_ids: torch.Tensor, padding_mask: torch.Tensor = None) -> torch.Tensor:
-        length = token_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, padding_mask: torch.Tensor = None) -> torch.Tensor:
+        length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
-        causal = torch.triu(torch.full((length, length), float("-inf"), device=token_ids.device), 1)
-        hidden = self.embed(token_ids) + self.positions[:length]
+        causal = torch.triu(torch.full((length, length), float("-inf"), device=input_ids.device), 1)
+        hidden = self.embed(input_ids) + self.positions[:length]
         key_padding = None
         if padding_mask is not None:  # float mask like `causal`, so PyTorch does not warn
-            key_padding = torch.zeros(padding_mask.shape, device=token_ids.device)
+            key_padding = torch.zeros(padding_mask.shape, device=input_ids.device)
             key_padding = key_padding.masked_fill(padding_mask, float("-inf"))
         hidden = self.blocks(hidden, mask=causal, src_key_padding_mask=key_padding)
         return self.head(self.norm(hidden))
