@@ -1,0 +1,115 @@
+"""Cache runs in real processes: SIGKILL mid-run and resume (byte-identical result), and
+``torchrun --nproc-per-node 2`` on the gloo backend (reads exactly like a single process).
+
+Byte comparison: every shard, labels and offsets file must be identical. manifest.json must be
+identical except ``created`` (the wall-clock time of the first run) and ``manifest_sha256``
+(its checksum, which covers ``created``); those two fields are dropped before comparing.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd.cache import CacheError, LogitCache, write_cache
+from fastkd.cache import manifest as fmt
+
+import cache_helpers
+
+TESTS_DIR = Path(__file__).parent
+ROWS_PER_SHARD = 100
+SHARD_MB = str(ROWS_PER_SHARD * 10 * 2 / 2 ** 20)  # V=10 fp16 rows
+TIME_DIFFERING_FIELDS = ("created", "manifest_sha256")
+
+
+def cache_argv(out, *extra):
+    # batches of 64 do not line up with shards of 100 rows, so resume must restart mid-batch
+    return [sys.executable, "-m", "fastkd", "cache", "--teacher", "cache_helpers:digits_teacher",
+            "--dataset", "digits", "--out", str(out), "--batch-size", "64",
+            "--shard-size-mb", SHARD_MB, "--device", "cpu", "--quiet", *extra]
+
+
+def run(argv, **env):
+    # tests/ is the current directory, so the teacher SPEC imports from it
+    result = subprocess.run(argv, cwd=TESTS_DIR, env={**os.environ, **env}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def comparable_manifest(directory):
+    manifest = fmt.read_manifest(str(directory))
+    return {key: value for key, value in manifest.items() if key not in TIME_DIFFERING_FIELDS}
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run(cache_argv(reference))
+
+    process = subprocess.Popen(cache_argv(resumed), cwd=TESTS_DIR,
+                               env={**os.environ, "FASTKD_TEST_SLEEP": "0.1"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest_path = resumed / fmt.MANIFEST_NAME
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if manifest_path.exists() and len(fmt.read_manifest(str(resumed))["shards"]) >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    killed = fmt.read_manifest(str(resumed))
+    assert killed["status"] == "incomplete" and 2 <= len(killed["shards"]) < 17
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache(resumed)
+    first_shard = resumed / killed["shards"][0]["files"]["logits"]["file"]
+    first_inode = first_shard.stat().st_ino
+
+    run(cache_argv(resumed))
+    assert first_shard.stat().st_ino == first_inode  # resumed after it, not rewritten
+    assert not list(resumed.glob("*" + fmt.TMP_SUFFIX))
+    names = sorted(path.name for path in reference.iterdir())
+    assert names == sorted(path.name for path in resumed.iterdir())
+    assert len(names) == 2 * 18 + 2  # 18 shards x (logits, labels), labels.npy, manifest.json
+    for name in names:
+        if name != fmt.MANIFEST_NAME:
+            assert (reference / name).read_bytes() == (resumed / name).read_bytes(), name
+    assert comparable_manifest(reference) == comparable_manifest(resumed)
+    LogitCache(resumed).verify()
+
+
+def test_failure_midway_leaves_a_resumable_incomplete_cache(tmp_path):
+    data, out = cache_helpers.indexed_images(), tmp_path / "c"
+    with pytest.raises(ValueError, match="sample 37"):
+        write_cache(cache_helpers.nan_teacher(), data, out, batch_size=8,
+                    shard_size_mb=16 * 20 / 2 ** 20, progress=False)
+    partial = fmt.read_manifest(str(out))
+    assert partial["status"] == "incomplete"
+    assert [shard["sample_stop"] for shard in partial["shards"]] == [16, 32]
+    with pytest.raises(CacheError, match="incomplete"):
+        LogitCache(out)
+
+
+def test_torchrun_two_ranks_reads_like_one_process(tmp_path):
+    single, ranked = tmp_path / "single", tmp_path / "ranked"
+    # 1797 // 2 = 898 = 2 * 449: with batches of 449 both runs feed the teacher the same batches
+    common = ["--teacher", "cache_helpers:digits_teacher", "--dataset", "digits",
+              "--batch-size", "449", "--shard-size-mb", SHARD_MB, "--device", "cpu", "--quiet"]
+    run([sys.executable, "-m", "fastkd", "cache", "--out", str(single), *common])
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "fastkd", "cache", "--out", str(ranked), *common], OMP_NUM_THREADS="1")
+    one, two = LogitCache(single), LogitCache(ranked)
+    assert {shard["rank"] for shard in two.manifest["shards"]} == {0, 1}
+    assert two.manifest["world_size"] == 2
+    assert not list(ranked.glob("manifest.rank*"))
+    assert (len(two), two.num_rows, two.num_classes) == (len(one), one.num_rows, one.num_classes)
+    assert torch.equal(two[:], one[:]) and torch.equal(two.labels, one.labels)
+    order = torch.randperm(len(one), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(two.gather(order), one.gather(order))
+    two.verify()
