@@ -370,6 +370,13 @@ def test_streaming_blocks_with_moving_maxima(divergence, beta, kernel_device):
     assert torch.equal(row_loss_only, row_loss)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_empty_batch(reduction, kernel_device):
+    student, teacher = make_logits((0, 16))
+    check_against_reference(student, teacher, torch.zeros(0, dtype=torch.long), kernel_device,
+                            reduction=reduction)
+
+
 def test_block_settings():
     assert block_settings(1) == (1, 1)
     assert block_settings(1000) == (1024, 2)
