@@ -1,0 +1,274 @@
+"""PyTorch fallback of the fused KD loss: chunked rows, gradient produced during the forward pass.
+
+Follows ``fastkd.loss._BACKEND_CONTRACT``. Rows are processed in chunks whose fp32 work buffers
+(a few of them, reused across chunks) stay in the CPU's L2 cache; every op writes into those
+buffers (``out=`` and in-place ops), so the only logits-sized tensor is the caller's ``grad``.
+
+Per row, with ``d = z - max(z)`` (so ``u - max(u) = d / T`` since ``T > 0``), ``e = exp(d / T)``,
+``S = sum_v e`` and ``log p = d / T - log S``::
+
+    forward_kl  T^2 KL(p_t||p_s) = T^2 [<e_t, d_t - d_s> / (T S_t) - log S_t + log S_s]
+                grad = T (p_s - p_t)
+    reverse_kl  T^2 KL(p_s||p_t) = T^2 [<e_s, d_s - d_t> / (T S_s) - log S_s + log S_t]
+                grad = p_s (d_s - d_t - T (log S_s - log S_t + KL))
+    jsd         m = beta p_t + (1 - beta) p_s; J = beta KL(p_t||m) + (1 - beta) KL(p_s||m)
+                grad = T (1 - beta) p_s (log(p_s/m) - KL(p_s||m))
+    mse         mean_v (z_s - z_t)^2;  grad = 2 (z_s - z_t) / V
+    hard CE     log S1 - d_s[y] with S1 = sum_v exp(d_s);  grad = exp(d_s) / S1 - onehot(y)
+
+Row sums of products (``<a, b>``) are batched dot products, not temporaries. When an integer
+``T`` (or ``1 / T``) relates the two student exponentials, one is a few multiplies of the other
+(``exp(d) = exp(d / T) ** T``) instead of a second ``exp``.
+
+``-inf`` logits: the fast path lets ``0 * -inf`` produce NaN; a chunk whose divergence came out
+NaN is recomputed with those ``p == 0`` terms masked to 0 (NaN inputs stay NaN).
+"""
+import math
+from typing import Optional
+
+import torch
+
+__all__ = ["kd_forward_torch", "CHUNK_BYTES"]
+
+# Target size of one fp32 work buffer on CPU. Up to ~5 are live per chunk, so ~1.3 MB in all:
+# inside a 2 MB L2, and large enough (>= 64k elements) for torch's intra-op threads to split.
+CHUNK_BYTES = 256 * 1024
+# Off the CPU (backend="torch" on a GPU) there is no cache to fit; big chunks keep launches few.
+CHUNK_BYTES_DEVICE = 64 * 1024 * 1024
+# Largest integer power computed by repeated multiplication instead of a second exp.
+_MAX_INT_POWER = 4
+
+
+def _row_dot(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """sum_v left * right for (C, V) inputs -> (C, 1) (a fused multiply-sum, no bmm: on CPU a
+    batched (C,1,V)x(C,V,1) matmul is several times slower)."""
+    return torch.linalg.vecdot(left, right).unsqueeze(1)
+
+
+def _integer_ratio(value: float) -> Optional[int]:
+    """value if it is an integer in [2, _MAX_INT_POWER], else None."""
+    rounded = round(value)
+    if 2 <= rounded <= _MAX_INT_POWER and value == rounded:
+        return int(rounded)
+    return None
+
+
+def _power_into(base: torch.Tensor, exponent: int, out: torch.Tensor) -> torch.Tensor:
+    """out = base ** exponent for a small integer exponent (2, 3 or 4), by multiplication."""
+    torch.mul(base, base, out=out)
+    if exponent == 3:
+        out.mul_(base)
+    elif exponent == 4:
+        out.mul_(out)
+    return out
+
+
+def _mask_where_zero(values: torch.Tensor, weights: torch.Tensor) -> None:
+    """values[weights == 0] = 0, so that <weights, values> has 0 * log 0 = 0 (guarded path)."""
+    values.masked_fill_(weights == 0, 0.0)
+
+
+class _Workspace:
+    """Chunk-sized fp32 buffers, allocated on first use and reused for every chunk."""
+
+    def __init__(self, rows: int, num_classes: int, device: torch.device):
+        self.shape = (rows, num_classes)
+        self.device = device
+        self.buffers = {}
+
+    def get(self, name: str, rows: int) -> torch.Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
+        return self.buffers[name][:rows]
+
+
+class _Options:
+    def __init__(self, temperature, soft_weight, hard_weight, divergence, beta, grad_scale,
+                 has_hard):
+        self.temperature = temperature
+        self.inv_temperature = 1.0 / temperature
+        self.soft_weight = soft_weight
+        self.hard_weight = hard_weight
+        self.divergence = divergence
+        self.beta = beta
+        self.grad_scale = grad_scale
+        self.soft = soft_weight > 0
+        self.hard = has_hard and hard_weight > 0
+
+
+def _student_exponentials(shifted_s, opts, work):
+    """(exp(d_s / T) or None, exp(d_s) or None) for the soft and hard terms; may share storage."""
+    rows = shifted_s.shape[0]
+    soft_kl = opts.soft and opts.divergence != "mse"
+    if not opts.hard:
+        return torch.mul(shifted_s, opts.inv_temperature, out=work.get("exp_s", rows)).exp_(), None
+    exp_hard = work.get("exp_hard", rows)
+    if not soft_kl:
+        return None, torch.exp(shifted_s, out=exp_hard)
+    if opts.temperature == 1.0:
+        torch.exp(shifted_s, out=exp_hard)
+        return exp_hard, exp_hard
+    exp_s = work.get("exp_s", rows)
+    torch.mul(shifted_s, opts.inv_temperature, out=exp_s).exp_()
+    power = _integer_ratio(opts.temperature)
+    if power is not None:  # exp(d) = exp(d / T) ** T
+        return exp_s, _power_into(exp_s, power, exp_hard)
+    torch.exp(shifted_s, out=exp_hard)
+    return exp_s, exp_hard
+
+
+def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
+    """Divergence per row (C,) (before T^2 and the weight) and a callable that writes
+    ``scale * d(soft_term)/dz_s`` into an (C, V) fp32 ``out`` (scale: (C, 1) or float)."""
+    rows, num_classes = student.shape
+    temp, inv_temp, beta = opts.temperature, opts.inv_temperature, opts.beta
+    if opts.divergence == "mse":
+        diff = work.get("diff", rows).copy_(student).sub_(teacher)  # fp32 arithmetic
+        div = _row_dot(diff, diff).view(-1) / num_classes
+
+        def write_grad(out, scale):
+            torch.mul(diff, scale * (2.0 / num_classes), out=out)
+        return div, write_grad
+
+    max_t = teacher.amax(1, keepdim=True).float()
+    shifted_t = torch.sub(teacher, max_t, out=work.get("shifted_t", rows))
+    exp_t = torch.mul(shifted_t, inv_temp, out=work.get("exp_t", rows)).exp_()
+    sum_s = exp_s.sum(1, keepdim=True)
+    sum_t = exp_t.sum(1, keepdim=True)
+    log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
+
+    if opts.divergence == "forward_kl":
+        if guard:
+            zero_teacher = exp_t == 0
+            shifted_t.masked_fill_(zero_teacher, 0.0)
+            shifted_s.masked_fill_(zero_teacher, 0.0)
+        cross = _row_dot(exp_t, shifted_t) - _row_dot(exp_t, shifted_s)
+        div = cross * inv_temp / sum_t - log_sum_t + log_sum_s
+
+        def write_grad(out, scale):
+            torch.mul(exp_s, scale * temp / sum_s, out=out)
+            out.addcmul_(exp_t, -scale * temp / sum_t)
+        return div.view(-1), write_grad
+
+    if opts.divergence == "reverse_kl":
+        diff = torch.sub(shifted_s, shifted_t, out=shifted_t)  # d_s - d_t
+        if guard:
+            _mask_where_zero(diff, exp_s)
+        div = _row_dot(exp_s, diff) * inv_temp / sum_s - log_sum_s + log_sum_t
+
+        def write_grad(out, scale):
+            torch.add(diff, -temp * (log_sum_s - log_sum_t + div), out=out)
+            out.mul_(exp_s).mul_(scale / sum_s)
+        return div.view(-1), write_grad
+
+    # jsd, 0 < beta < 1: log(p/m) = (d - T log m) / T - log S
+    mixture = torch.mul(exp_t, beta / sum_t, out=work.get("mixture", rows))
+    log_mixture = mixture.addcmul_(exp_s, (1.0 - beta) / sum_s).log_()
+    ratio_s = shifted_s.sub_(log_mixture, alpha=temp)
+    ratio_t = shifted_t.sub_(log_mixture, alpha=temp)
+    if guard:
+        _mask_where_zero(ratio_s, exp_s)
+        _mask_where_zero(ratio_t, exp_t)
+    kl_s_m = _row_dot(exp_s, ratio_s) * inv_temp / sum_s - log_sum_s
+    kl_t_m = _row_dot(exp_t, ratio_t) * inv_temp / sum_t - log_sum_t
+    div = beta * kl_t_m + (1.0 - beta) * kl_s_m
+
+    def write_grad(out, scale):
+        torch.add(ratio_s, -temp * (log_sum_s + kl_s_m), out=out)
+        out.mul_(exp_s).mul_(scale * (1.0 - beta) / sum_s)
+    return div.view(-1), write_grad
+
+
+def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=False):
+    """Row losses (C,) float32 of one chunk; fills ``grad`` (C, V) when it is not None."""
+    rows = student.shape[0]
+    need_student_shift = opts.hard or (opts.soft and opts.divergence != "mse")
+    shifted_s = exp_s = exp_hard = None
+    if need_student_shift:
+        max_s = student.amax(1, keepdim=True).float()
+        shifted_s = torch.sub(student, max_s, out=work.get("shifted_s", rows))
+        exp_s, exp_hard = _student_exponentials(shifted_s, opts, work)
+
+    row_loss = torch.zeros(rows, dtype=torch.float32, device=student.device)
+    if opts.hard:
+        sum_hard = exp_hard.sum(1, keepdim=True)
+        target_shifted = shifted_s.gather(1, targets.unsqueeze(1))  # before shifted_s is reused
+        row_loss += opts.hard_weight * (sum_hard.log() - target_shifted).view(-1)
+    if opts.soft:
+        div, write_soft_grad = _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard)
+        if not guard and opts.divergence != "mse" and bool(torch.isnan(div).any()):
+            # 0 * -inf somewhere (p == 0 entries): redo with those terms masked out.
+            return _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=True)
+        if opts.divergence != "mse":
+            div = div.clamp_min(0.0) * (opts.temperature ** 2)  # >= 0 up to rounding
+        row_loss += opts.soft_weight * div
+    if keep is not None:
+        row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
+
+    if grad is not None:
+        # The student chunk has been read in full; grad may alias it from here on.
+        out = grad if grad.dtype == torch.float32 else work.get("grad", rows)
+        if opts.soft:
+            write_soft_grad(out, opts.grad_scale * opts.soft_weight)
+        if opts.hard:
+            hard_scale = opts.grad_scale * opts.hard_weight
+            if opts.soft:
+                out.addcmul_(exp_hard, hard_scale / sum_hard)
+            else:
+                torch.mul(exp_hard, hard_scale / sum_hard, out=out)
+            out.scatter_add_(1, targets.unsqueeze(1),
+                             torch.full((rows, 1), -hard_scale, device=out.device))
+        if not (opts.soft or opts.hard):
+            out.zero_()
+        if keep is not None:
+            out.masked_fill_(~keep.unsqueeze(1), 0.0)
+        if out is not grad:
+            grad.copy_(out)
+    return row_loss
+
+
+def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
+                     soft_weight: float, hard_weight: float, divergence: str, beta: float,
+                     ignore_index: int, grad_scale: float,
+                     grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row losses ``(N,)`` float32 of ``(N, V)`` logits; fills ``grad`` (see the contract in
+    ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits`` when it is given."""
+    num_rows, num_classes = student_logits.shape
+    device = student_logits.device
+    row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    if num_rows == 0:
+        return row_loss
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    opts = _Options(float(temperature), float(soft_weight), float(hard_weight), divergence,
+                    float(beta), float(grad_scale), labels is not None or teacher_labels)
+    chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
+    chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
+    work = _Workspace(chunk_rows, num_classes, device)
+
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        student = student_logits[start:stop]
+        teacher = teacher_logits[start:stop]
+        grad_chunk = grad[start:stop] if grad is not None else None
+        targets = keep = None
+        if labels is not None:
+            chunk_labels = labels[start:stop]
+            keep = chunk_labels != ignore_index
+            if not bool(keep.any()):  # nothing kept: loss 0 (already), gradient 0
+                if grad_chunk is not None:
+                    grad_chunk.zero_()
+                continue
+            if bool(keep.all()):
+                keep = None
+                targets = chunk_labels
+            else:
+                targets = torch.where(keep, chunk_labels, torch.zeros_like(chunk_labels))
+        elif teacher_labels:
+            targets = teacher.argmax(1)  # first index of the maximum
+        row_loss[start:stop] = _process_chunk(student, teacher, targets, keep, grad_chunk,
+                                              opts, work)
+    return row_loss
