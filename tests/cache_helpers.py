@@ -95,7 +95,7 @@ class HugeLogits(nn.Module):
 
 
 class TokenSequences(torch.utils.data.Dataset):
-    """``n`` variable-length token items ``{"token_ids": (L_i,), "labels": (L_i,)}`` with
+    """``n`` variable-length token items ``{"input_ids": (L_i,), "labels": (L_i,)}`` with
     ``L_i`` in [3, 12]; labels are the next token (last one ignored with -100)."""
 
     def __init__(self, n: int = 24, vocab: int = TOKEN_VOCAB, seed: int = 0):
@@ -105,7 +105,7 @@ class TokenSequences(torch.utils.data.Dataset):
         for length in lengths:
             tokens = torch.randint(0, vocab, (length,), generator=generator)
             labels = torch.cat([tokens[1:], torch.tensor([-100])])
-            self.items.append({"token_ids": tokens, "labels": labels})
+            self.items.append({"input_ids": tokens, "labels": labels})
 
     def __len__(self) -> int:
         return len(self.items)

@@ -354,14 +354,14 @@ def test_variable_length_tokens(tmp_path, top_k):
     teacher = cache_helpers.tiny_lm()
     manifest = write_cache(teacher, data, tmp_path / "c", batch_size=8, dtype="fp32",
                            top_k=top_k, shard_size_mb=40 * 160 / 2 ** 20, progress=False)
-    lengths = [len(item["token_ids"]) for item in data.items]
+    lengths = [len(item["input_ids"]) for item in data.items]
     assert manifest["rows_per_sample"] == "variable" and manifest["labels_per"] == "row"
     assert manifest["num_rows"] == sum(lengths) and manifest["num_classes"] == cache_helpers.TOKEN_VOCAB
     cache = LogitCache(tmp_path / "c")
     assert torch.equal(cache.offsets, torch.tensor([0] + np.cumsum(lengths).tolist()))
     assert torch.equal(cache.labels, torch.cat([item["labels"] for item in data.items]))
     for index in (0, 5, len(data) - 1):
-        expected = teacher_outputs(teacher, data[index]["token_ids"][None])[0]
+        expected = teacher_outputs(teacher, data[index]["input_ids"][None])[0]
         if top_k is None:
             torch.testing.assert_close(cache[index], expected, rtol=1e-5, atol=1e-5)
         else:
@@ -371,11 +371,11 @@ def test_variable_length_tokens(tmp_path, top_k):
     batch = [CachedDataset(data, cache)[i] for i in range(4)]
     inputs, labels, teacher_rows = collate_padded(batch)
     longest = max(lengths[:4])
-    assert inputs["token_ids"].shape == (4, longest) and labels.shape == (4, longest)
+    assert inputs["input_ids"].shape == (4, longest) and labels.shape == (4, longest)
     for row, length in enumerate(lengths[:4]):
         assert bool((labels[row, length:] == -100).all())
         assert torch.equal(labels[row, :length], data[row]["labels"])
-        assert torch.equal(inputs["token_ids"][row, :length], data[row]["token_ids"])
+        assert torch.equal(inputs["input_ids"][row, :length], data[row]["input_ids"])
     rows = teacher_rows.values if top_k else teacher_rows
     assert rows.shape[:2] == (4, longest)
 

@@ -66,6 +66,12 @@ def progress_manifest_name(rank: int, world_size: int) -> str:
     return MANIFEST_NAME if world_size == 1 else f"manifest.rank{rank}-of-{world_size}.json"
 
 
+def other_world_progress_files(names: Iterable[str], world_size: int) -> List[str]:
+    """Progress manifests left by a run with a different number of processes."""
+    return [name for name in names if name.startswith("manifest.rank") and
+            name.endswith(".json") and not name.endswith(f"-of-{world_size}.json")]
+
+
 def row_arrays(layout: str, dtype: str, num_classes: int, top_k: Optional[int]) -> Dict[str, tuple]:
     """``{array name: (numpy dtype, per-row shape)}`` of the teacher arrays of a layout."""
     if layout == "dense":

@@ -96,9 +96,10 @@ def collate_groups(items):
 
 # ----------------------------------------------------------------------------- conversion
 def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast on the teacher's device, then copy the (smaller) result to host memory."""
     if dtype == "bf16":
-        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return values.to(torch.float16 if dtype == "fp16" else torch.float32).numpy()
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return values.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
 
 
 class _RowConverter:
@@ -120,8 +121,8 @@ class _RowConverter:
             values, indices = torch.topk(rows, self.top_k, dim=-1)
             values, clamped = self._range(values, row_samples)
             return {"values": _to_storage(values, self.dtype),
-                    "indices": indices.to(torch.int32).numpy(),
-                    "lse": torch.logsumexp(rows, dim=-1).numpy()}, clamped
+                    "indices": indices.to(torch.int32).cpu().numpy(),
+                    "lse": torch.logsumexp(rows, dim=-1).cpu().numpy()}, clamped
         if self.clamp:
             self._refuse(torch.isnan(rows), row_samples, "NaN")
         else:
@@ -291,6 +292,11 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
                                  f"fastkd cache; choose an empty directory or pass --overwrite")
     if dist is not None:
         dist.barrier()
+    stale = fmt.other_world_progress_files(os.listdir(out_dir), world_size)
+    if stale:
+        raise fmt.CacheError(f"{out_dir} holds a partial cache from a run with another number of "
+                             f"processes ({stale[0]}); pass --overwrite (overwrite=True) to "
+                             f"replace it")
     for name in (fmt.MANIFEST_NAME, fmt.progress_manifest_name(rank, world_size)):
         if not os.path.exists(os.path.join(out_dir, name)):
             continue
@@ -434,8 +440,9 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,
                converter) -> Optional[dict]:
     """Teacher over one batch -> ``{arrays, lengths, labels, clamped, variable, num_classes}``
-    for the samples from ``keep_from`` on, in dataset order (None if there are none)."""
-    pieces = [None] * batch_len
+    for the samples from ``keep_from`` on, in dataset order (None if there are none).
+    Checks, top-k, log-sum-exp and the dtype cast run on the teacher's device."""
+    outputs = []
     with torch.inference_mode():
         for positions, inputs, labels in groups:
             if isinstance(inputs, dict):
@@ -449,20 +456,32 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
                 raise ValueError(f"teacher output must be a floating (B, V) or (B, L, V) tensor, "
                                  f"got {getattr(output, 'shape', type(output).__name__)}; pass "
                                  f"output_fn or wrap the teacher (fastkd.features.TeacherFeatures)")
-            output = output.float().cpu()
-            for slot, position in enumerate(positions):
-                pieces[position] = (output[slot], None if labels is None else labels[slot])
-    pieces = pieces[keep_from:]
-    if not pieces:
-        return None
-    variable = pieces[0][0].dim() == 2
-    rows = torch.cat([piece.reshape(-1, piece.shape[-1]) for piece, _ in pieces])
-    lengths = np.array([piece.shape[0] if variable else 1 for piece, _ in pieces], np.int64)
-    first = first_sample + keep_from
-    arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(pieces)), lengths))
+            outputs.append((positions, output.float(), labels))
+        if len(outputs) == 1:  # one input shape: samples already in dataset order
+            per_sample = list(zip(outputs[0][1][keep_from:], (outputs[0][2] or [None] * batch_len)
+                                  [keep_from:]))
+        else:
+            per_sample = [None] * batch_len
+            for positions, output, labels in outputs:
+                for slot, position in enumerate(positions):
+                    per_sample[position] = (output[slot], None if labels is None else labels[slot])
+            per_sample = per_sample[keep_from:]
+        if not per_sample:
+            return None
+        variable = outputs[0][1].dim() == 3
+        if len(outputs) == 1:
+            rows = outputs[0][1][keep_from:]
+            rows = rows.reshape(-1, rows.shape[-1])
+        else:
+            rows = torch.cat([output.reshape(-1, output.shape[-1]) for output, _ in per_sample])
+        lengths = np.array([output.shape[0] if variable else 1 for output, _ in per_sample],
+                           np.int64)
+        first = first_sample + keep_from
+        arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(per_sample)),
+                                                    lengths))
     labels = None
-    if pieces[0][1] is not None:
-        labels = torch.cat([label for _, label in pieces]).numpy().astype(fmt.LABEL_DTYPE)
+    if per_sample[0][1] is not None:
+        labels = torch.cat([label for _, label in per_sample]).numpy().astype(fmt.LABEL_DTYPE)
     return {"arrays": arrays, "lengths": lengths, "labels": labels, "clamped": clamped,
             "variable": variable, "num_classes": rows.shape[1]}
 
