@@ -23,6 +23,11 @@ def _record(benchmark, metric, workload, **figures):
     benchmark.extra_info.update(kind="cache", metric=metric, workload=workload, **figures)
 
 
+def _timed(benchmark) -> bool:
+    """False under --benchmark-disable (each workload then ran once, untimed)."""
+    return benchmark.enabled
+
+
 @pytest.fixture(scope="module")
 def config(preset, environment):
     return preset.cache
@@ -49,6 +54,8 @@ def test_cache_write(benchmark, config, device, tmp_path):
     benchmark.pedantic(lambda: work.write_cache_pass(teacher, dataset, tmp_path / "cache",
                                                      config.write_batch, device),
                        setup=time_bare_forward, rounds=config.write_rounds)
+    if not _timed(benchmark):
+        return
     median_s = benchmark.stats.stats.median
     teacher_s = statistics.median(bare_seconds)
     written = work.cache_bytes(tmp_path / "cache")
@@ -73,6 +80,8 @@ def test_cache_read(benchmark, config, read_cache, pattern):
     read_pass(*args)  # warm-up: every page into the page cache
     benchmark.group = "cache read"
     bytes_read = benchmark.pedantic(read_pass, args=args, rounds=config.read_rounds)
+    if not _timed(benchmark):
+        return
     median_s = benchmark.stats.stats.median
     _record(benchmark, f"read_{pattern}",
             f"{config.read_rows} x {config.read_vocab} {staging.dtype} cache, batch {config.read_batch}"
@@ -109,6 +118,8 @@ def test_cache_train(benchmark, config, device, train_setup, teacher_source):
     run()  # warm-up
     benchmark.group = "cache train"
     benchmark.pedantic(run, rounds=config.train_rounds)
+    if not _timed(benchmark):
+        return
     median_s = benchmark.stats.stats.median
     figures = {"steps_per_s": config.train_steps / median_s}
     if teacher_source == "online":

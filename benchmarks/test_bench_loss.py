@@ -22,6 +22,7 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
     def clear_grad():
         student.grad = None
 
+    clear_grad()  # inputs are shared by a case's providers
     loss = step()  # warm-up (compilation happens here) and the correctness check
     check = check_against_reference(loss_case, loss, student.grad, reference)
     clear_grad()
@@ -31,12 +32,15 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
 
     benchmark.group = f"loss {loss_case.group} {loss_case.dtypes} {loss_case.mode}"
     benchmark.pedantic(step, teardown=clear_grad, rounds=rounds)
-    median_s = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        kind="loss", provider=provider, case=loss_case.as_dict(), check=check,
-        **throughput_metrics(loss_case, median_s, environment["peak_bandwidth_gbps"]))
+    clear_grad()
+    if benchmark.enabled:  # (not under --benchmark-disable)
+        benchmark.extra_info.update(
+            kind="loss", provider=provider, case=loss_case.as_dict(), check=check,
+            **throughput_metrics(loss_case, benchmark.stats.stats.median,
+                                 environment["peak_bandwidth_gbps"]))
+    assert check["ok"], f"{provider} disagrees with the float64 reference on {loss_case.id}: {check}"
 
-    if preset.measures_memory(loss_case):
+    if benchmark.enabled and preset.measures_memory(loss_case, provider):
         if device == "cuda":
             extra = cuda_peak_extra(step, student)
             clear_grad()
@@ -44,4 +48,3 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
             extra = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
         benchmark.extra_info.update(memory_metrics(extra, loss_case))
 
-    assert check["ok"], f"{provider} disagrees with the float64 reference on {loss_case.id}: {check}"
