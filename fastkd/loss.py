@@ -74,6 +74,20 @@ def _check_logits(name: str, tensor) -> None:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(tensor.shape)}")
 
 
+def _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                   reduction, backend) -> None:
+    """The scalar options shared by kd_loss and KDLoss."""
+    _check_number("temperature", temperature, positive=True)
+    _check_number("soft_weight", soft_weight, nonnegative=True)
+    _check_number("hard_weight", hard_weight, nonnegative=True)
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_number("beta", beta, low=0.0, high=1.0)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("backend", backend, BACKENDS)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -128,15 +142,8 @@ def _validate(student_logits, teacher_logits, labels, temperature, soft_weight, 
         if labels.device != student_logits.device:
             raise ValueError(
                 f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    _check_number("temperature", temperature, positive=True)
-    _check_number("soft_weight", soft_weight, nonnegative=True)
-    _check_number("hard_weight", hard_weight, nonnegative=True)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_number("beta", beta, low=0.0, high=1.0)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("backend", backend, BACKENDS)
+    _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                   reduction, backend)
 
 
 def _check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -341,13 +348,8 @@ class KDLoss(torch.nn.Module):
                  ignore_index: int = -100, reduction: str = "batchmean", backend: str = "auto",
                  grad_inplace: bool = False):
         super().__init__()
-        _check_number("temperature", temperature, positive=True)
-        _check_number("soft_weight", soft_weight, nonnegative=True)
-        _check_number("hard_weight", hard_weight, nonnegative=True)
-        _check_choice("divergence", divergence, DIVERGENCES)
-        _check_number("beta", beta, low=0.0, high=1.0)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        _check_choice("backend", backend, BACKENDS)
+        _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                       reduction, backend)
         self.options = dict(temperature=temperature, soft_weight=soft_weight,
                             hard_weight=hard_weight, divergence=divergence, beta=beta,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
