@@ -87,9 +87,16 @@ def indexed_images() -> IndexedImages:
 
 
 class HugeLogits(nn.Module):
-    """Logits beyond the fp16 range (|x| up to ~1e5) on every row."""
+    """Logits beyond the fp16 range (|x| up to ~1e5) on every row. With ``fail_at``, raises
+    once it sees the :class:`IndexedImages` item ``fail_at`` (a crash; not part of the weights)."""
+
+    def __init__(self, fail_at=None):
+        super().__init__()
+        self.fail_at = fail_at
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fail_at is not None and bool((images.flatten(1)[:, 0] == self.fail_at).any()):
+            raise RuntimeError(f"simulated crash at item {self.fail_at}")
         ramp = torch.linspace(-1e5, 1e5, 10)
         return ramp.expand(images.shape[0], 10) + images.flatten(1)[:, :1]
 

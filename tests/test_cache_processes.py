@@ -113,3 +113,21 @@ def test_torchrun_two_ranks_reads_like_one_process(tmp_path):
     order = torch.randperm(len(one), generator=torch.Generator().manual_seed(0))
     assert torch.equal(two.gather(order), one.gather(order))
     two.verify()
+
+
+def test_resume_after_a_crash_with_clamping_is_byte_identical(tmp_path):
+    """In-process crash (an exception) partway; per-shard clamp counts must not double count."""
+    data, shard_mb = cache_helpers.indexed_images(), 16 * 20 / 2 ** 20
+    settings = dict(batch_size=12, shard_size_mb=shard_mb, clamp=True, progress=False)
+    write_cache(cache_helpers.HugeLogits(), data, tmp_path / "reference", **settings)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        write_cache(cache_helpers.HugeLogits(fail_at=57), data, tmp_path / "resumed", **settings)
+    assert len(fmt.read_manifest(str(tmp_path / "resumed"))["shards"]) == 3  # 48 of 57 items
+    write_cache(cache_helpers.HugeLogits(), data, tmp_path / "resumed", **settings)
+    reference, resumed = comparable_manifest(tmp_path / "reference"), \
+        comparable_manifest(tmp_path / "resumed")
+    assert resumed == reference
+    assert reference["clamped_values"] == 100 * 4  # ±77778 and ±1e5 in every row
+    for entry in fmt.manifest_files(reference):
+        assert (tmp_path / "reference" / entry["file"]).read_bytes() == \
+            (tmp_path / "resumed" / entry["file"]).read_bytes()

@@ -110,8 +110,8 @@ class _RowConverter:
         self.limit = fmt.DTYPE_MAX[dtype]
 
     def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
-        """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped count)``; ``row_samples[r]``
-        is the dataset index of row ``r`` (for error messages)."""
+        """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
+        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages)."""
         nonfinite = ~torch.isfinite(rows)
         if self.layout == "topk":
             if self.top_k > rows.shape[1]:
@@ -131,13 +131,16 @@ class _RowConverter:
         return {"logits": _to_storage(rows, self.dtype)}, clamped
 
     def _range(self, values: torch.Tensor, row_samples: np.ndarray):
+        """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row."""
         out_of_range = values.abs() > self.limit
-        count = int(out_of_range.sum())
-        if count and not self.clamp:
+        if not bool(out_of_range.any()):
+            return values, np.zeros(values.shape[0], np.int64)
+        if not self.clamp:
             self._refuse(out_of_range, row_samples,
                          f"values beyond the {self.dtype} range (|x| > {self.limit:g}); pass "
                          f"--clamp (clamp=True) to clamp them or use a wider --dtype")
-        return (values.clamp(-self.limit, self.limit) if count else values), count
+        return (values.clamp(-self.limit, self.limit),
+                out_of_range.sum(dim=1).cpu().numpy().astype(np.int64))
 
     @staticmethod
     def _refuse(bad: torch.Tensor, row_samples: np.ndarray, what: str) -> None:
@@ -204,10 +207,10 @@ class _ShardCutter:
         self.emit, self.rank, self.index = emit, rank, next_index
         self.sample_start, self.row_start = sample_start, row_start
         self.rows_per_shard, self.variable, self.labels_per = None, False, None  # set per batch
-        self.pending = []  # [(arrays, lengths, labels, clamped)] per batch, in dataset order
+        self.pending = []  # [(arrays, lengths, labels, clamped per row)] per batch, in order
         self.pending_lengths = []
 
-    def add(self, arrays: dict, lengths: np.ndarray, labels, clamped: int) -> None:
+    def add(self, arrays: dict, lengths: np.ndarray, labels, clamped: np.ndarray) -> None:
         self.pending.append((arrays, lengths, labels, clamped))
         self.pending_lengths.append(lengths)
         lengths_all = np.concatenate(self.pending_lengths)
@@ -229,7 +232,7 @@ class _ShardCutter:
         lengths = np.concatenate([batch[1] for batch in self.pending])
         labels = (None if self.pending[0][2] is None else
                   np.concatenate([batch[2] for batch in self.pending]))
-        clamped = sum(batch[3] for batch in self.pending)
+        clamped = np.concatenate([batch[3] for batch in self.pending])
         num_rows = int(lengths[:num_samples].sum())
         shard_arrays = {name: array[:num_rows] for name, array in arrays.items()}
         rest = {name: array[num_rows:] for name, array in arrays.items()}
@@ -242,12 +245,12 @@ class _ShardCutter:
                    "sample_start": self.sample_start,
                    "sample_stop": self.sample_start + num_samples,
                    "row_start": self.row_start, "row_stop": self.row_start + num_rows,
-                   "clamped": clamped, "arrays": shard_arrays})
+                   "clamped": int(clamped[:num_rows].sum()), "arrays": shard_arrays})
         self.index += 1
         self.sample_start += num_samples
         self.row_start += num_rows
         remaining = lengths[num_samples:]
-        self.pending = [(rest, remaining, labels, 0)] if len(remaining) else []
+        self.pending = [(rest, remaining, labels, clamped[num_rows:])] if len(remaining) else []
         self.pending_lengths = [remaining] if len(remaining) else []
 
 
