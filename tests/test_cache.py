@@ -315,7 +315,8 @@ def test_bf16_and_fp32_storage(tmp_path):
     bf16 = LogitCache(tmp_path / "bf16")
     assert bf16[0].dtype == torch.bfloat16
     torch.testing.assert_close(bf16[:].float(), expected, rtol=2 ** -7, atol=1e-4)
-    write_cache(teacher, data, tmp_path / "fp32", dtype="fp32", batch_size=300, progress=False)
+    write_cache(teacher, data, tmp_path / "fp32", dtype="fp32", batch_size=300, num_workers=2,
+                progress=False)
     assert torch.equal(LogitCache(tmp_path / "fp32")[:], expected)
 
 

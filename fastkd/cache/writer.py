@@ -432,7 +432,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
             bytes_done += sum(array.nbytes for array in batch["arrays"].values())
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix_str(f"{rows_done / elapsed:,.0f} rows/s, "
-                                f"{bytes_done / elapsed / 2 ** 20:,.1f} MB/s", refresh=False)
+                                f"{bytes_done / elapsed / 2 ** 20:,.2f} MB/s", refresh=False)
             bar.update(batch_len - keep_from)
         cutter.finish()
     finally:
