@@ -381,9 +381,8 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else rank_start
     if resume_at < rank_stop:
-        _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_size,
-                     num_workers, output_fn, layout, dtype, top_k, clamp, shard_size_mb,
-                     rank, rank_start, rank_stop, resume_at, progress and rank == 0)
+        _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
+                     output_fn, rank, (resume_at, rank_stop), progress and rank == 0)
     if dist is not None:
         dist.barrier()
     if rank == 0:
@@ -393,10 +392,13 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     return manifest if rank == 0 else fmt.read_manifest(out_dir)
 
 
-def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_size,
-                 num_workers, output_fn, layout, dtype, top_k, clamp, shard_size_mb, rank,
-                 rank_start, rank_stop, resume_at, show_progress):
+def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
+                 output_fn, rank, sample_range, show_progress):
+    """Cache samples ``[resume_at, rank_stop)`` (``sample_range``) with the settings in
+    ``state`` (the progress manifest), appending finished shards to it."""
     from tqdm.auto import tqdm
+    resume_at, rank_stop = sample_range
+    rank_start, batch_size = state["sample_range"][0], state["batch_size"]
     # batches restart where an uninterrupted run put them, so the teacher sees identical batches
     batch_start = rank_start + (resume_at - rank_start) // batch_size * batch_size
     loader = torch.utils.data.DataLoader(
@@ -404,7 +406,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
         shuffle=False, num_workers=num_workers, collate_fn=collate_groups,
         pin_memory=device.type == "cuda")
     teacher = teacher.to(device).eval()
-    converter = _RowConverter(layout, dtype, top_k, clamp)
+    converter = _RowConverter(state["layout"], state["dtype"], state["top_k"], state["clamp"])
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     writer = _ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
@@ -423,7 +425,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, batch_
             sample += batch_len
             if batch is None:
                 continue
-            _record_or_check_shape(state, batch, layout, dtype, top_k, shard_size_mb)
+            _record_or_check_shape(state, batch)
             cutter.rows_per_shard = state["rows_per_shard"]
             cutter.variable = state["rows_per_sample"] == "variable"
             cutter.labels_per = state["labels_per"]
@@ -489,7 +491,7 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
             "variable": variable, "num_classes": rows.shape[1]}
 
 
-def _record_or_check_shape(state, batch, layout, dtype, top_k, shard_size_mb) -> None:
+def _record_or_check_shape(state: dict, batch: dict) -> None:
     """Record classes, rows per sample and label kind from the first batch; check the rest."""
     lengths, labels = batch["lengths"], batch["labels"]
     if labels is None:
@@ -504,8 +506,9 @@ def _record_or_check_shape(state, batch, layout, dtype, top_k, shard_size_mb) ->
              "rows_per_sample": "variable" if batch["variable"] else 1, "labels_per": labels_per}
     if state["num_classes"] is None:
         state.update(found)
-        state["rows_per_shard"] = fmt.rows_per_shard(shard_size_mb, layout, dtype,
-                                                     found["num_classes"], top_k)
+        state["rows_per_shard"] = fmt.rows_per_shard(state["shard_size_mb"], state["layout"],
+                                                     state["dtype"], found["num_classes"],
+                                                     state["top_k"])
         return
     for key, value in found.items():
         if state[key] != value:
