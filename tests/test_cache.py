@@ -425,3 +425,23 @@ def test_cached_logits_reproduce_online_distillation(digits_cache):
     torch.testing.assert_close(cached, online_fp16, rtol=1e-5, atol=1e-6)
     assert not torch.equal(cached, online)
     torch.testing.assert_close(cached, online, rtol=1e-2, atol=1e-3)
+
+
+def test_torchvision_dataset_from_data_root(tmp_path):
+    """A torchvision dataset class read from --data-root (ImageFolder of PNGs made here)."""
+    from PIL import Image
+    generator = np.random.default_rng(0)
+    for class_name in ("cats", "dogs"):
+        (tmp_path / "images" / class_name).mkdir(parents=True)
+        for number in range(3):
+            pixels = generator.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / class_name / f"{number}.png")
+    dataset = resolve_dataset("torchvision:ImageFolder", str(tmp_path / "images"))
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+    write_cache(teacher, dataset, tmp_path / "c", dtype="fp32", progress=False,
+                dataset_spec="torchvision:ImageFolder")
+    cache = LogitCache(tmp_path / "c")
+    images = torch.stack([dataset[i][0] for i in range(6)])
+    assert torch.equal(cache.labels, torch.tensor([0, 0, 0, 1, 1, 1]))
+    torch.testing.assert_close(cache[:], teacher_outputs(teacher, images), rtol=1e-6, atol=1e-6)
