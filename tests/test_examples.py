@@ -136,3 +136,20 @@ def test_lm_cache_rows_per_token_and_padded_collate(lm, tmp_path):
         assert torch.equal(labels[row, :length], item["labels"])
         assert (labels[row, length:] == lm.IGNORE_INDEX).all()
         assert torch.equal(input_ids[row, :length], item["input_ids"])
+
+
+def test_methods_doc_snippets_run(tmp_path, monkeypatch):
+    """Every ```python block of docs/methods.md, top to bottom in one namespace."""
+    import re
+    doc = os.path.join(os.path.dirname(EXAMPLES), "docs", "methods.md")
+    with open(doc) as handle:
+        blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
+    assert len(blocks) >= 8
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for number, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"docs/methods.md block {number}", "exec"), namespace)
+        except Exception as error:  # pragma: no cover - the message names the block
+            raise AssertionError(f"docs/methods.md python block {number} failed: {error!r}\n"
+                                 f"{block}") from error
