@@ -42,14 +42,15 @@ def resnet_teacher(num_classes: int, device: str) -> nn.Module:
 
 
 class SmallStudentCNN(nn.Module):
-    """Two 3x3 conv blocks and a linear head: ``(B, 3, 32, 32) -> (B, num_classes)``."""
+    """Two 3x3 conv blocks (8 and 16 channels) and a linear head: ``(B, 3, 32, 32) -> (B, classes)``.
+    """
 
     def __init__(self, num_classes: int):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.head = nn.Linear(32 * 8 * 8, num_classes)
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = nn.Linear(16 * 8 * 8, num_classes)
 
     def forward(self, images):
         return self.head(self.features(images).flatten(1))

@@ -68,7 +68,11 @@ def gpu_info(device_index: int = 0) -> dict:
     try:
         handle = _nvml_handle(pynvml, device_index)
 
-        def query(key, function, *args, scale=1.0):
+        def query(key, function_name, *args, scale=1.0):
+            function = getattr(pynvml, function_name, None)
+            if function is None:  # older nvidia-ml-py
+                info[key] = f"unavailable (pynvml has no {function_name})"
+                return
             try:
                 value = function(handle, *args)
                 info[key] = value * scale if scale != 1.0 else value
@@ -77,13 +81,13 @@ def gpu_info(device_index: int = 0) -> dict:
 
         driver = pynvml.nvmlSystemGetDriverVersion()
         info["driver"] = driver.decode() if isinstance(driver, bytes) else driver
-        query("memory_bytes", lambda h: pynvml.nvmlDeviceGetMemoryInfo(h).total)
-        query("sm_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_SM)
-        query("sm_clock_now_mhz", pynvml.nvmlDeviceGetClockInfo, pynvml.NVML_CLOCK_SM)
-        query("mem_clock_max_mhz", pynvml.nvmlDeviceGetMaxClockInfo, pynvml.NVML_CLOCK_MEM)
-        query("memory_bus_width_bits", pynvml.nvmlDeviceGetMemoryBusWidth)
-        query("power_limit_w", pynvml.nvmlDeviceGetPowerManagementLimit, scale=1e-3)
-        query("temperature_c", pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
+        info["memory_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+        query("sm_clock_max_mhz", "nvmlDeviceGetMaxClockInfo", pynvml.NVML_CLOCK_SM)
+        query("sm_clock_now_mhz", "nvmlDeviceGetClockInfo", pynvml.NVML_CLOCK_SM)
+        query("mem_clock_max_mhz", "nvmlDeviceGetMaxClockInfo", pynvml.NVML_CLOCK_MEM)
+        query("memory_bus_width_bits", "nvmlDeviceGetMemoryBusWidth")
+        query("power_limit_w", "nvmlDeviceGetPowerManagementLimit", scale=1e-3)
+        query("temperature_c", "nvmlDeviceGetTemperature", pynvml.NVML_TEMPERATURE_GPU)
         clock, width = info.get("mem_clock_max_mhz"), info.get("memory_bus_width_bits")
         if isinstance(clock, (int, float)) and isinstance(width, (int, float)):
             info["peak_bandwidth_gbps"] = clock * 1e6 * width / 8 * 2 / 1e9
@@ -92,33 +96,40 @@ def gpu_info(device_index: int = 0) -> dict:
     return info
 
 
-def measure_copy_bandwidth(megabytes: int = 256, repeats: int = 5) -> dict:
-    """CPU memory bandwidth from ``dst.copy_(src)`` of ``megabytes`` MB: (read + write) bytes / time.
+def measure_copy_bandwidth(megabytes: int = 256, repeats: int = 5, device: str = "cpu") -> dict:
+    """Memory bandwidth from ``dst.copy_(src)`` of ``megabytes`` MB: (read + write) bytes / time.
 
     The best of ``repeats`` is the peak estimate (other processes only ever slow a copy down).
     """
-    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch of dst's pages is not part of the measurement
     seconds = []
     for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     moved = 2 * src.numel() * src.element_size()
-    return {"method": f"torch copy_ of {megabytes} MB fp32, (read+write) bytes / time, best of {repeats}",
+    return {"method": f"torch copy_ of {megabytes} MB fp32 on {device}, (read+write) bytes / time, "
+                      f"best of {repeats}",
             "peak_bandwidth_gbps": moved / min(seconds) / 1e9,
             "median_bandwidth_gbps": moved / sorted(seconds)[len(seconds) // 2] / 1e9,
             "threads": torch.get_num_threads()}
 
 
 def peak_bandwidth_gbps(device: str, env: dict) -> float:
-    """The "% of peak" denominator for ``device`` from a captured environment."""
+    """The "% of peak" denominator for ``device`` from a captured environment: NVML's figure on
+    CUDA (a measured device copy when NVML cannot say), the measured copy bandwidth on CPU."""
     if device == "cuda":
         value = env.get("gpu", {}).get("peak_bandwidth_gbps")
-        if not isinstance(value, (int, float)):
-            raise RuntimeError("NVML gave no memory clock/bus width; cannot state % of peak")
-        return float(value)
+        if isinstance(value, (int, float)):
+            return float(value)
+        env["cuda_copy_bandwidth"] = measure_copy_bandwidth(1024, device="cuda")
+        return float(env["cuda_copy_bandwidth"]["peak_bandwidth_gbps"])
     return float(env["cpu_copy_bandwidth"]["peak_bandwidth_gbps"])
 
 

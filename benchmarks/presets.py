@@ -16,10 +16,11 @@ CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target"
 @dataclass(frozen=True)
 class CacheWorkload:
     device: str = "cpu"
-    # write: a torchvision resnet18 teacher on CIFAR-shaped random images
-    write_images: int = 512
+    # write: a torchvision resnet18 teacher on CIFAR-shaped random images; enough images that the
+    # writer's fixed costs (teacher fingerprint, fsync, manifest) are amortised as in real use
+    write_images: int = 4096
     write_classes: int = 100
-    write_batch: int = 64
+    write_batch: int = 128
     write_rounds: int = 3
     # read: a synthetic cache of read_rows x read_vocab fp16 logits, read back from the page cache
     read_rows: int = 4096

@@ -206,8 +206,12 @@ def environment_lines(env: dict) -> str:
     if bandwidth:
         lines.append(f"- CPU copy bandwidth: {bandwidth['peak_bandwidth_gbps']:.1f} GB/s peak, "
                      f"{bandwidth['median_bandwidth_gbps']:.1f} GB/s median ({bandwidth['method']})")
-    lines.append(f"- % of peak uses {env['peak_bandwidth_gbps']:.1f} GB/s "
-                 f"({'NVML memory clock x bus width x 2' if env['bench_device'] == 'cuda' else 'the CPU copy bandwidth above'})")
+    if env["bench_device"] == "cuda":
+        source = ("a measured device copy (NVML gave no clock/bus width)"
+                  if env.get("cuda_copy_bandwidth") else "NVML max memory clock x bus width x 2")
+    else:
+        source = "the CPU copy bandwidth above"
+    lines.append(f"- % of peak uses {env['peak_bandwidth_gbps']:.1f} GB/s ({source})")
     return "\n".join(lines)
 
 
@@ -244,13 +248,16 @@ def plot_sweeps(records, out_dir: Path) -> list:
         case = r["case"]
         if case["group"] == "sweep":
             panels[(case["dtypes"], case["mode"], case["rows"])][r["provider"]].append(r)
+    # a panel needs at least two vocabulary sizes to draw a line; single points are in the table
+    panels = {key: lines for key, lines in panels.items()
+              if len({r["case"]["vocab"] for rs in lines.values() for r in rs}) >= 2}
     if not panels:
         return []
     written = []
     for metric, ylabel, filename in (("median_s", "median time (ms)", "time_vs_V.png"),
                                      ("achieved_gbps", "achieved GB/s (byte-count floor)",
                                       "gbps_vs_V.png")):
-        keys = sorted(panels)
+        keys = sorted(panels, key=lambda key: (key[0] != "fp32", key[1] != "fwd+bwd", key))
         columns = min(3, len(keys))
         rows = math.ceil(len(keys) / columns)
         figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False)
