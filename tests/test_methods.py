@@ -103,17 +103,19 @@ def test_cached_distillation_reproduces_online(digits_teacher, digits_cache, lab
     for cached_param, rounded_param in zip(cached_student.parameters(),
                                            rounded_student.parameters()):
         torch.testing.assert_close(cached_param, rounded_param, rtol=1e-3, atol=1e-4)
-    # cached vs fp32 online: the first step differs by the fp16 rounding of the targets alone
-    # (|d loss| <= soft_weight * T * sum|d u_t| ... well under 1e-3 here); later steps drift a
-    # little as the parameters diverge through Adam, still within 2% over 44 steps.
-    assert abs(cached_losses[0] - online_losses[0]) <= 1e-3 * abs(online_losses[0]) + 1e-4
+    # cached vs fp32 online: the targets differ by at most 2^-11 relative (fp16 rounding), so
+    # the first step's loss moves by ~1e-4 relative at most (measured 5e-5 for "kd", 1e-5 for
+    # "teacher"); later steps drift a little as the weights diverge through Adam (measured max
+    # 1e-4 relative over the 44 steps). Bounds: 5x and 20x the measurements.
+    assert abs(cached_losses[0] - online_losses[0]) <= 5e-4 * abs(online_losses[0])
     relative = (cached_losses - online_losses).abs() / online_losses.abs().clamp(min=1e-2)
-    assert relative.max() < 2e-2, relative.max()
+    assert relative.max() < 2e-3, relative.max()
 
 
 def test_distilled_student_accuracy_on_held_out_split(tmp_path):
     """The demo's setting (students see 10% of the labels). Measured with these seeds on CPU:
-    teacher 98.7%, scratch student 88.2%, distilled student 94.7% (of 450 held-out images)."""
+    teacher 96.9%, scratch student 88.2%, distilled student 94.4% (of 450 held-out images).
+    (With all labels the gain vanishes, 94.2% vs 94.4%, so it is not asserted there.)"""
     results = demo.run_demo(epochs=20, device="cpu", out_dir=str(tmp_path), progress=False,
                             bench_shape=(8, 16))
     assert results["teacher_accuracy"] >= 0.95
