@@ -158,7 +158,7 @@ def train_online(student_step, teacher: nn.Module, dataset, batch_size: int, ste
 
 
 def teacher_to_student_cost(teacher, student_step, dataset, batch_size: int, device: str,
-                            repeats: int = 3) -> float:
+                            repeats: int = 5) -> float:
     """Median teacher forward time / median student step time on one batch."""
     images, labels = next(iter(DataLoader(dataset, batch_size=batch_size)))
     images = images.to(device)

@@ -15,13 +15,13 @@ CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target"
 
 @dataclass(frozen=True)
 class CacheWorkload:
-    device: str = "cpu"
+    """Sizes of the cache workloads (they run on the benchmark device, ``--bench-device``)."""
     # write: a torchvision resnet18 teacher on CIFAR-shaped random images; enough images that the
     # writer's fixed costs (teacher fingerprint, fsync, manifest) are amortised as in real use
     write_images: int = 4096
     write_classes: int = 100
     write_batch: int = 128
-    write_rounds: int = 3
+    write_rounds: int = 5
     # read: a synthetic cache of read_rows x read_vocab fp16 logits, read back from the page cache
     read_rows: int = 4096
     read_vocab: int = 32000
@@ -83,7 +83,7 @@ def _full() -> Preset:
                     cases.append(LossCase(rows, vocab, student_dtype, teacher_dtype, mode))
     return Preset("full", tuple(cases), budget_s=1.0, min_rounds=10, max_rounds=200,
                   measure_memory_all=True,
-                  cache=CacheWorkload(device="cuda", write_images=16384, write_classes=1000,
+                  cache=CacheWorkload(write_images=16384, write_classes=1000,
                                       write_batch=512, read_rows=16384, read_vocab=32000,
                                       read_batch=512, train_images=8192, train_batch=256,
                                       train_steps=20))
