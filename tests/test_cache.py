@@ -445,3 +445,21 @@ def test_torchvision_dataset_from_data_root(tmp_path):
     images = torch.stack([dataset[i][0] for i in range(6)])
     assert torch.equal(cache.labels, torch.tensor([0, 0, 0, 1, 1, 1]))
     torch.testing.assert_close(cache[:], teacher_outputs(teacher, images), rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_input_shapes_with_one_row_each(tmp_path):
+    """Items of different shapes (run in equal-shape groups) still give one row per sample."""
+    sizes = [8, 6, 8, 4, 6, 8, 4]
+    images = [torch.rand(1, size, size, generator=torch.Generator().manual_seed(size + i))
+              for i, size in enumerate(sizes)]
+    data = [(image, i % 3) for i, image in enumerate(images)]
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    manifest = write_cache(teacher, data, tmp_path / "c", batch_size=4, dtype="fp32",
+                           progress=False)
+    assert manifest["rows_per_sample"] == 1 and manifest["num_rows"] == len(sizes)
+    cache = LogitCache(tmp_path / "c")
+    for index, image in enumerate(images):
+        torch.testing.assert_close(cache[index], teacher_outputs(teacher, image[None])[0],
+                                   rtol=1e-6, atol=1e-6)
+    assert cache.labels.tolist() == [i % 3 for i in range(len(sizes))]

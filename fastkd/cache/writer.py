@@ -111,23 +111,29 @@ class _RowConverter:
 
     def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
         """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
-        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages)."""
-        nonfinite = ~torch.isfinite(rows)
+        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages).
+
+        One ``aminmax`` pass decides the common case (all finite and in range: NaN and inf
+        propagate into it); only a failing batch is searched for the offending sample."""
+        low, high = (float(bound) for bound in torch.aminmax(rows))
+        finite = np.isfinite(low) and np.isfinite(high)
+        if not finite:
+            self._refuse(torch.isnan(rows), row_samples, "NaN")
+            if self.layout == "topk" or not self.clamp:
+                self._refuse(~torch.isfinite(rows), row_samples, "NaN/inf")
         if self.layout == "topk":
             if self.top_k > rows.shape[1]:
                 raise ValueError(f"top_k={self.top_k} exceeds the teacher's {rows.shape[1]} "
                                  f"classes")
-            self._refuse(nonfinite, row_samples, "NaN/inf")
             values, indices = torch.topk(rows, self.top_k, dim=-1)
             values, clamped = self._range(values, row_samples)
             return {"values": _to_storage(values, self.dtype),
                     "indices": indices.to(torch.int32).cpu().numpy(),
                     "lse": torch.logsumexp(rows, dim=-1).cpu().numpy()}, clamped
-        if self.clamp:
-            self._refuse(torch.isnan(rows), row_samples, "NaN")
+        if finite and -self.limit <= low and high <= self.limit:
+            clamped = np.zeros(rows.shape[0], np.int64)
         else:
-            self._refuse(nonfinite, row_samples, "NaN/inf")
-        rows, clamped = self._range(rows, row_samples)
+            rows, clamped = self._range(rows, row_samples)
         return {"logits": _to_storage(rows, self.dtype)}, clamped
 
     def _range(self, values: torch.Tensor, row_samples: np.ndarray):
@@ -462,31 +468,30 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
                                  f"got {getattr(output, 'shape', type(output).__name__)}; pass "
                                  f"output_fn or wrap the teacher (fastkd.features.TeacherFeatures)")
             outputs.append((positions, output.float(), labels))
-        if len(outputs) == 1:  # one input shape: samples already in dataset order
-            per_sample = list(zip(outputs[0][1][keep_from:], (outputs[0][2] or [None] * batch_len)
-                                  [keep_from:]))
-        else:
-            per_sample = [None] * batch_len
-            for positions, output, labels in outputs:
-                for slot, position in enumerate(positions):
-                    per_sample[position] = (output[slot], None if labels is None else labels[slot])
-            per_sample = per_sample[keep_from:]
-        if not per_sample:
-            return None
         variable = outputs[0][1].dim() == 3
-        if len(outputs) == 1:
-            rows = outputs[0][1][keep_from:]
-            rows = rows.reshape(-1, rows.shape[-1])
-        else:
-            rows = torch.cat([output.reshape(-1, output.shape[-1]) for output, _ in per_sample])
-        lengths = np.array([output.shape[0] if variable else 1 for output, _ in per_sample],
-                           np.int64)
+        if len(outputs) == 1:  # one input shape: samples already in dataset order
+            _, output, labels = outputs[0]
+            output, labels = output[keep_from:], labels and labels[keep_from:]
+            rows = output.reshape(-1, output.shape[-1])
+            lengths = np.full(output.shape[0], output.shape[1] if variable else 1, np.int64)
+        else:  # variable-length items: put the groups' samples back in dataset order
+            per_sample = [None] * batch_len
+            for positions, output, group_labels in outputs:
+                for slot, position in enumerate(positions):
+                    per_sample[position] = (output[slot].reshape(-1, output.shape[-1]),
+                                            group_labels and group_labels[slot])
+            outputs_in_order, labels = zip(*per_sample[keep_from:]) if keep_from < batch_len \
+                else ((), None)
+            rows = torch.cat(outputs_in_order) if outputs_in_order else None
+            lengths = np.array([output.shape[0] for output in outputs_in_order], np.int64)
+            labels = None if not labels or labels[0] is None else labels
+        if not len(lengths):
+            return None
         first = first_sample + keep_from
-        arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(per_sample)),
+        arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(lengths)),
                                                     lengths))
-    labels = None
-    if per_sample[0][1] is not None:
-        labels = torch.cat([label for _, label in per_sample]).numpy().astype(fmt.LABEL_DTYPE)
+    if labels is not None:
+        labels = torch.cat(list(labels)).numpy().astype(fmt.LABEL_DTYPE)
     return {"arrays": arrays, "lengths": lengths, "labels": labels, "clamped": clamped,
             "variable": variable, "num_classes": rows.shape[1]}
 
