@@ -463,3 +463,24 @@ def test_mixed_input_shapes_with_one_row_each(tmp_path):
         torch.testing.assert_close(cache[index], teacher_outputs(teacher, image[None])[0],
                                    rtol=1e-6, atol=1e-6)
     assert cache.labels.tolist() == [i % 3 for i in range(len(sizes))]
+
+
+def test_info_on_an_incomplete_cache(tmp_path, capsys):
+    with pytest.raises(ValueError, match="sample 37"):
+        write_cache(cache_helpers.nan_teacher(), cache_helpers.indexed_images(), tmp_path / "c",
+                    batch_size=8, shard_size_mb=16 * 20 / 2 ** 20, progress=False)
+    assert fastkd_main(["info", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "32 of 100 samples cached so far" in out
+    assert fastkd_main(["verify", str(tmp_path / "c")]) == 1
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_teacher_spec_imports_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "my_local_teacher.py").write_text(
+        "import torch\nteacher = torch.nn.Linear(64, 3)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path
+                                     if p not in ("", str(tmp_path))])
+    teacher = resolve_teacher("my_local_teacher:teacher")
+    assert isinstance(teacher, nn.Linear) and teacher.out_features == 3

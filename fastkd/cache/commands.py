@@ -121,14 +121,24 @@ def summary(directory: str, manifest: dict) -> str:
         f"(weights sha256 {manifest['teacher']['fingerprint'][:16]}...)",
         f"dataset    {manifest['dataset']['spec'] or manifest['dataset']['class']}  "
         f"({fingerprint['length']} items, sha256 {fingerprint['sha256'][:16]}...)",
-        f"rows       {manifest.get('num_samples')} samples, {manifest.get('num_rows')} rows "
-        f"({'variable' if manifest['rows_per_sample'] == 'variable' else 'one'} per sample)",
+        _rows_line(manifest),
         f"layout     {layout}, V={manifest['num_classes']}, {manifest['dtype']}, labels: "
         f"{manifest['labels_per'] or 'none'}, clamped values: {manifest.get('clamped_values', 0)}",
         f"storage    {len(manifest['shards'])} shards, {len(entries)} files, "
         f"{total / 2 ** 20:.2f} MiB",
     ]
     return "\n".join(lines)
+
+
+def _rows_line(manifest: dict) -> str:
+    per_sample = "variable" if manifest["rows_per_sample"] == "variable" else "one"
+    if manifest["status"] == "complete":
+        return (f"rows       {manifest['num_samples']} samples, {manifest['num_rows']} rows "
+                f"({per_sample} per sample)")
+    shards = manifest["shards"]
+    done = shards[-1]["sample_stop"] - manifest["sample_range"][0] if shards else 0
+    return (f"rows       {done} of {manifest['dataset']['fingerprint']['length']} samples cached "
+            f"so far; re-run the same `fastkd cache` command to resume")
 
 
 def run_info(args) -> int:
