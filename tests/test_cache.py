@@ -484,3 +484,12 @@ def test_teacher_spec_imports_from_the_current_directory(tmp_path, monkeypatch):
                                      if p not in ("", str(tmp_path))])
     teacher = resolve_teacher("my_local_teacher:teacher")
     assert isinstance(teacher, nn.Linear) and teacher.out_features == 3
+
+
+def test_spec_forms_resolve():
+    """Module attributes that are instances, factory functions or classes all work."""
+    assert len(resolve_dataset("cache_helpers:IndexedImages")) == 100  # a Dataset class
+    assert len(resolve_dataset("cache_helpers:indexed_images")) == 100  # a factory
+    assert len(resolve_dataset("digits")) == 1797
+    assert isinstance(resolve_teacher("cache_helpers:DigitsMLP"), cache_helpers.DigitsMLP)
+    assert isinstance(resolve_teacher("fastkd.models:DigitsTeacherCNN"), nn.Module)

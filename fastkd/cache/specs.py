@@ -110,8 +110,8 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
         dataset = _torchvision_dataset(spec.split(":", 1)[1], data_root, split)
     else:
         target = _import_attr(spec, "--dataset")
-        dataset = target if hasattr(target, "__getitem__") else (
-            target() if callable(target) else target)
+        is_instance = hasattr(target, "__getitem__") and not inspect.isclass(target)
+        dataset = target if is_instance or not callable(target) else target()
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"--dataset {spec!r}: expected a map-style dataset (with __len__ and "
                         f"__getitem__) or a callable returning one, got {type(dataset).__name__}")
