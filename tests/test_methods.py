@@ -64,7 +64,8 @@ def _student_losses(loader_dataset, teacher=None, steps_epochs=2, labels="kd"):
     student = models.DigitsStudentCNN()
     if labels == "teacher":
         def loss_fn(logits, _labels, teacher_logits):
-            return fastkd.kd_loss(logits, teacher_logits, "teacher", temperature=2.0)
+            return fastkd.kd_loss(logits, teacher_logits, "teacher", soft_weight=0.0,
+                                  hard_weight=1.0)
     else:
         def loss_fn(logits, labels_, teacher_logits):
             return fastkd.kd_loss(logits, teacher_logits, labels_, temperature=4.0)
@@ -104,9 +105,10 @@ def test_cached_distillation_reproduces_online(digits_teacher, digits_cache, lab
                                            rounded_student.parameters()):
         torch.testing.assert_close(cached_param, rounded_param, rtol=1e-3, atol=1e-4)
     # cached vs fp32 online: the targets differ by at most 2^-11 relative (fp16 rounding), so
-    # the first step's loss moves by ~1e-4 relative at most (measured 5e-5 for "kd", 1e-5 for
-    # "teacher"); later steps drift a little as the weights diverge through Adam (measured max
-    # 1e-4 relative over the 44 steps). Bounds: 5x and 20x the measurements.
+    # the first step's loss moves by ~1e-4 relative at most (measured 5e-5 for "kd"; 0 for
+    # "teacher", whose argmax targets the rounding does not change here); later steps drift a
+    # little as the weights diverge through Adam (measured max 1e-4 relative over the 44
+    # steps). Bounds: about 10x and 20x the measurements.
     assert abs(cached_losses[0] - online_losses[0]) <= 5e-4 * abs(online_losses[0])
     relative = (cached_losses - online_losses).abs() / online_losses.abs().clamp(min=1e-2)
     assert relative.max() < 2e-3, relative.max()
@@ -126,7 +128,8 @@ def test_distilled_student_accuracy_on_held_out_split(tmp_path):
 
 def test_teacher_argmax_distillation_trains_from_cache(digits_cache):
     """Hard pseudo-labels (labels="teacher"): no ground-truth label is used, yet the student
-    learns the task (measured: 93% held-out after 6 epochs)."""
+    learns the task (measured: 92.9% held-out after 6 epochs from a 97.1% teacher; mean loss
+    of the first 10 steps 2.26, of the last 10 0.26)."""
     train_set = models.digits_train_dataset()
     losses, student = _student_losses(fastkd.CachedDataset(train_set, digits_cache),
                                       steps_epochs=6, labels="teacher")
