@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 import fastkd
 from fastkd import models
 
-__all__ = ["add_parser", "run_demo", "fit", "accuracy", "textbook_kd_loss", "loss_throughput",
-           "LabelledSubset"]
+__all__ = ["add_parser", "run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
+           "loss_throughput", "LabelledSubset", "label_mask", "seeded_loader",
+           "reproducible_cpu"]
 
 TEACHER_SPEC = "fastkd.models:DigitsTeacherCNN"
 DATASET_SPEC = "fastkd.models:digits_train_dataset"
