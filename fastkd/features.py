@@ -182,6 +182,11 @@ class FeatureDistillLoss(nn.Module):
             features = {name: value for (who, name), value in self._captured.items() if who == role}
         finally:
             self._captured = None
+        wanted = {pair[0] if role == "student" else pair[1] for pair in self.pairs}
+        missing = sorted(wanted - set(features))
+        if missing:
+            raise ValueError(f"{role} module(s) {missing} did not run in {role}'s forward pass; "
+                             "pick modules on the forward path")
         return output, features
 
     def _build_projectors(self, example_input):

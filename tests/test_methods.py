@@ -204,6 +204,9 @@ def test_feature_loss_errors(digit_batch):
     # (4, 4, 4) vs (96,): different ranks
     with pytest.raises(ValueError, match="ranks differ"):
         FeatureDistillLoss(teacher, student, {"conv": "fc1"}, example_input=inputs)
+    student.unused = nn.Linear(2, 2)  # registered but never called in forward
+    with pytest.raises(ValueError, match=r"student module\(s\) \['unused'\] did not run"):
+        FeatureDistillLoss(teacher, student, {"unused": "conv2"}, example_input=inputs)
     with pytest.raises(TypeError, match="feature_pairs"):
         FeatureDistillLoss(teacher, student, "conv", example_input=inputs)
     with pytest.raises(ValueError, match="lambda_feature"):
