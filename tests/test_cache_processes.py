@@ -131,3 +131,17 @@ def test_resume_after_a_crash_with_clamping_is_byte_identical(tmp_path):
     for entry in fmt.manifest_files(reference):
         assert (tmp_path / "reference" / entry["file"]).read_bytes() == \
             (tmp_path / "resumed" / entry["file"]).read_bytes()
+
+
+def test_torchrun_failure_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 0 meets the NaN at sample 37; rank 1 must not wait forever in a barrier."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "fastkd", "cache", "--teacher", "cache_helpers:nan_teacher", "--dataset",
+         "cache_helpers:indexed_images", "--out", str(tmp_path / "c"), "--batch-size", "10",
+         "--device", "cpu", "--quiet"],
+        cwd=TESTS_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode != 0
+    assert "dataset sample 37 contains NaN" in result.stderr
+    assert "failed on another rank: rank 0: ValueError" in result.stderr

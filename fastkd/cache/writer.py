@@ -288,19 +288,23 @@ def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k):
 def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
                        dist) -> Optional[dict]:
     """Refuse, clear or resume. Returns the finished manifest when there is nothing to do."""
+    failure = None
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        names = os.listdir(out_dir)
-        if overwrite:
-            for name in names:
-                if fmt.is_cache_file(name):
-                    os.remove(os.path.join(out_dir, name))
-        elif any(not fmt.is_cache_file(name) for name in names) and \
-                fmt.MANIFEST_NAME not in names:
-            raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part of a "
-                                 f"fastkd cache; choose an empty directory or pass --overwrite")
-    if dist is not None:
-        dist.barrier()
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            names = os.listdir(out_dir)
+            if overwrite:
+                for name in names:
+                    if fmt.is_cache_file(name):
+                        os.remove(os.path.join(out_dir, name))
+            elif any(not fmt.is_cache_file(name) for name in names) and \
+                    fmt.MANIFEST_NAME not in names:
+                raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part "
+                                     f"of a fastkd cache; choose an empty directory or pass "
+                                     f"--overwrite")
+        except Exception as error:
+            failure = error
+    _agree(dist, rank, failure)
     stale = fmt.other_world_progress_files(os.listdir(out_dir), world_size)
     if stale:
         raise fmt.CacheError(f"{out_dir} holds a partial cache from a run with another number of "
@@ -386,16 +390,34 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
 
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else rank_start
-    if resume_at < rank_stop:
-        _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
-                     output_fn, rank, (resume_at, rank_stop), progress and rank == 0)
-    if dist is not None:
-        dist.barrier()
-    if rank == 0:
-        manifest = _finalize(out_dir, world_size, num_samples)
-    if dist is not None:
-        dist.barrier()
+    failure = None
+    try:
+        if resume_at < rank_stop:
+            _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
+                         output_fn, rank, (resume_at, rank_stop), progress and rank == 0)
+    except Exception as error:
+        failure = error
+    _agree(dist, rank, failure)
+    try:
+        manifest = _finalize(out_dir, world_size, num_samples) if rank == 0 else None
+    except Exception as error:
+        failure = error
+    _agree(dist, rank, failure)
     return manifest if rank == 0 else fmt.read_manifest(out_dir)
+
+
+def _agree(dist, rank: int, failure: Optional[BaseException]) -> None:
+    """Re-raise ``failure``; under torch.distributed every rank first learns whether any rank
+    failed (instead of hanging in a barrier), and the others raise naming it."""
+    if dist is not None:
+        messages = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, None if failure is None else
+                               f"rank {rank}: {type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if dist is not None and any(messages):
+        raise fmt.CacheError("fastkd cache failed on another rank: " +
+                           "; ".join(message for message in messages if message))
 
 
 def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
