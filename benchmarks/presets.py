@@ -47,6 +47,16 @@ class Preset:
     measure_memory_all: bool = False        # or every case (cheap on CUDA)
     memory_providers: Tuple[str, ...] = PROVIDERS  # providers whose memory is measured
     compile_backend: str = "inductor"       # torch.compile backend of the "compile" provider
+    # cases of the goal's own group get more rounds (their medians decide met / missed)
+    goal_group: str = "cpu-target"
+    goal_budget_s: float = 8.0
+    goal_min_rounds: int = 7
+
+    def rounds_policy(self, case: LossCase):
+        """(time budget in seconds, min rounds, max rounds) for one (case, provider)."""
+        if case.group == self.goal_group:
+            return self.goal_budget_s, self.goal_min_rounds, self.max_rounds
+        return self.budget_s, self.min_rounds, self.max_rounds
     cache: CacheWorkload = field(default_factory=CacheWorkload)
 
     def measures_memory(self, case: LossCase, provider: str) -> bool:

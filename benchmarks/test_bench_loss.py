@@ -28,7 +28,7 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
     clear_grad()
     seconds_per_call = time_once(step)
     clear_grad()
-    rounds = rounds_for(seconds_per_call, preset.budget_s, preset.min_rounds, preset.max_rounds)
+    rounds = rounds_for(seconds_per_call, *preset.rounds_policy(loss_case))
 
     benchmark.group = f"loss {loss_case.group} {loss_case.dtypes} {loss_case.mode}"
     benchmark.pedantic(step, teardown=clear_grad, rounds=rounds)
