@@ -3,7 +3,8 @@
 Tolerances: fp16 storage rounds each logit to 11 significant bits, so cached vs teacher rows
 are compared with rtol 2**-10 (one fp16 ulp) and atol 1e-4 (batch-size-dependent float32
 reductions); bf16 with rtol 2**-7; fp32 and exact-byte facts (top-k indices, labels, offsets)
-exactly; the fp32 log-sum-exp against float32 ``torch.logsumexp`` with rtol 1e-6.
+exactly; the fp32 log-sum-exp against float32 ``torch.logsumexp`` with rtol 1e-6; top-k
+log-probabilities with atol 2e-3 (fp16 rounding of logits below 4 in magnitude).
 """
 import json
 import os
@@ -344,6 +345,14 @@ def test_topk_layout(tmp_path):
     # exactly known tail mass: probabilities of the top-k plus the rest sum to 1
     tail = 1 - torch.exp(top.values.float() - top.lse[:, None]).sum(-1)
     assert bool((tail >= -1e-3).all()) and bool((tail < 1).all())
+    # dense log-probabilities: exact at the kept classes, a distribution over all 100
+    log_probs = top.log_probs(100)
+    want_log_probs = torch.log_softmax(expected, -1)
+    torch.testing.assert_close(log_probs.gather(-1, want_indices),
+                               want_log_probs.gather(-1, want_indices), rtol=0, atol=2e-3)
+    torch.testing.assert_close(log_probs.exp().sum(-1), torch.ones(500), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="smaller than top-k"):
+        top.log_probs(5)
     item = CachedDataset(data, cache)[7]
     assert isinstance(item[2], fastkd.cache.TopKLogits) and item[1] == digits_dataset()[7][1]
     cache.verify()

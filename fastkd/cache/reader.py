@@ -26,6 +26,20 @@ class TopKLogits(NamedTuple):
     indices: torch.Tensor
     lse: torch.Tensor
 
+    def log_probs(self, num_classes: int) -> torch.Tensor:
+        """Dense ``(..., V)`` float32 teacher log-probabilities: ``values - lse`` at the kept
+        indices (exact up to the stored dtype) and the tail mass ``1 - sum exp(values - lse)``
+        spread evenly over the other ``V - k`` classes (a floor of 1e-12 when it rounds to 0)."""
+        kept = self.values.float() - self.lse.float().unsqueeze(-1)
+        k = kept.shape[-1]
+        if num_classes < k:
+            raise ValueError(f"num_classes={num_classes} is smaller than top-k={k}")
+        out = kept.new_empty(kept.shape[:-1] + (num_classes,))
+        if num_classes > k:
+            tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
+            out.copy_((tail / (num_classes - k)).log().expand_as(out))
+        return out.scatter_(-1, self.indices.long(), kept)
+
 
 def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
     tensor = torch.from_numpy(array)
