@@ -330,7 +330,7 @@ def _command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"fastkd demo: error: {error}", file=sys.stderr)
         return 2
-    print(format_table(results))
+    print("\n" + format_table(results))
     return 0
 
 
