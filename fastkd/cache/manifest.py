@@ -213,20 +213,22 @@ def check_structure(manifest: dict, where: str) -> None:
                          f"says {manifest['num_samples']} / {manifest['num_rows']}")
 
 
+def _size_problem(directory: str, entry: dict) -> Optional[str]:
+    path = os.path.join(directory, entry["file"])
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return f"{path}: missing"
+    if size != entry["bytes"]:
+        return (f"{path}: {size} bytes on disk, manifest says {entry['bytes']} "
+                f"({'truncated' if size < entry['bytes'] else 'grown'})")
+    return None
+
+
 def check_sizes(directory: str, entries: Iterable[dict]) -> List[str]:
     """Problems (one line each, naming the file) with missing or wrongly sized files."""
-    problems = []
-    for entry in entries:
-        path = os.path.join(directory, entry["file"])
-        try:
-            size = os.path.getsize(path)
-        except OSError:
-            problems.append(f"{path}: missing")
-            continue
-        if size != entry["bytes"]:
-            problems.append(f"{path}: {size} bytes on disk, manifest says {entry['bytes']} "
-                            f"({'truncated' if size < entry['bytes'] else 'grown'})")
-    return problems
+    return [problem for problem in (_size_problem(directory, entry) for entry in entries)
+            if problem]
 
 
 def file_sha256(path: str) -> str:
@@ -237,19 +239,16 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def check_checksums(directory: str, entries: Iterable[dict], progress=None) -> List[str]:
-    """Problems with files whose sha256 differs from the manifest's (sizes checked first)."""
-    entries = list(entries)
-    problems = check_sizes(directory, entries)
-    broken = {line.split(":")[0] for line in problems}
+def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:
+    """Problems with missing, wrongly sized or altered files (sha256 differs from the manifest)."""
+    problems = []
     for entry in entries:
         path = os.path.join(directory, entry["file"])
-        if path in broken:
-            continue
-        if file_sha256(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (file altered or corrupt)")
-        if progress is not None:
-            progress(entry)
+        problem = _size_problem(directory, entry)
+        if problem is None and file_sha256(path) != entry["sha256"]:
+            problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
+        if problem:
+            problems.append(problem)
     return problems
 
 

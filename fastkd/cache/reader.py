@@ -133,9 +133,9 @@ class LogitCache:
         offsets = self._extra("offsets")
         return None if offsets is None else torch.from_numpy(offsets)
 
-    def verify(self, progress=None) -> None:
+    def verify(self) -> None:
         """Check every file's sha256 against the manifest; raises CacheError naming the files."""
-        problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest), progress)
+        problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest))
         if problems:
             raise fmt.CacheError("cache verification failed: " + "; ".join(problems))
 
