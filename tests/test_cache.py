@@ -194,6 +194,11 @@ def test_edited_manifest_is_detected(damaged_copy, capsys):
     fmt.write_manifest(str(copy), resized)
     with pytest.raises(CacheError, match=entry["file"].replace(".", r"\.") + ".*manifest says"):
         LogitCache(copy)
+    dropped = json.loads(json.dumps(manifest))
+    del dropped["shards"][2]["files"]["labels"]
+    fmt.write_manifest(str(copy), dropped)
+    with pytest.raises(CacheError, match="shard 2 lists arrays"):
+        LogitCache(copy)
     resigned = json.loads(json.dumps(manifest))
     resigned["shards"][5]["files"]["logits"]["sha256"] = "0" * 64
     fmt.write_manifest(str(copy), resigned)

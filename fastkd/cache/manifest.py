@@ -191,8 +191,15 @@ def manifest_files(manifest: dict) -> List[dict]:
 
 def check_structure(manifest: dict, where: str) -> None:
     """Row/sample ranges contiguous and adding up; shapes agree with ranges."""
+    expected_arrays = set(row_arrays(manifest["layout"], manifest["dtype"],
+                                     manifest["num_classes"] or 0, manifest["top_k"]))
+    expected_arrays |= {"labels"} if manifest["labels_per"] else set()
+    expected_arrays |= {"lengths"} if manifest["rows_per_sample"] == "variable" else set()
     sample, row = 0, 0
-    for shard in manifest["shards"]:
+    for number, shard in enumerate(manifest["shards"]):
+        if set(shard["files"]) != expected_arrays:
+            raise CacheError(f"{where}: shard {number} lists arrays {sorted(shard['files'])}; "
+                             f"expected {sorted(expected_arrays)}")
         name = next(iter(shard["files"].values()))["file"]
         if shard["sample_start"] != sample or shard["row_start"] != row:
             raise CacheError(f"{where}: shard {name} starts at sample {shard['sample_start']}, "
