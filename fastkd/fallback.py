@@ -122,7 +122,8 @@ def _student_exponentials(shifted_s, opts, work):
 
 def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
     """Divergence per row (C,) (before T^2 and the weight) and a callable that writes
-    ``scale * d(soft_term)/dz_s`` into an (C, V) fp32 ``out`` (scale: (C, 1) or float)."""
+    ``scale * d(soft_term)/dz_s`` into ``out`` (C, V) with a single final write (it may reuse the
+    work buffers in place, so it is called once, last)."""
     rows, num_classes = student.shape
     temp, inv_temp, beta = opts.temperature, opts.inv_temperature, opts.beta
     if opts.divergence == "mse":
@@ -147,8 +148,8 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
         div = _row_dot(exp_t, diff, work) * inv_temp / sum_t - log_sum_t + log_sum_s
 
         def write_grad(out, scale):
-            torch.mul(exp_s, scale * temp / sum_s, out=out)
-            out.addcmul_(exp_t, -scale * temp / sum_t)
+            exp_t.mul_(-scale * temp / sum_t)
+            torch.addcmul(exp_t, exp_s, scale * temp / sum_s, out=out)
         return div.view(-1), write_grad
 
     if opts.divergence == "reverse_kl":
@@ -158,8 +159,9 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
         div = _row_dot(exp_s, diff, work) * inv_temp / sum_s - log_sum_s + log_sum_t
 
         def write_grad(out, scale):
-            torch.add(diff, -temp * (log_sum_s - log_sum_t + div), out=out)
-            out.mul_(exp_s).mul_(scale / sum_s)
+            coef = scale / sum_s
+            torch.addcmul(-temp * (log_sum_s - log_sum_t + div) * coef, diff, coef, out=diff)
+            torch.mul(diff, exp_s, out=out)
         return div.view(-1), write_grad
 
     # jsd, 0 < beta < 1: log(p/m) = (d - T log m) / T - log S
@@ -175,8 +177,9 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
     div = beta * kl_t_m + (1.0 - beta) * kl_s_m
 
     def write_grad(out, scale):
-        torch.add(ratio_s, -temp * (log_sum_s + kl_s_m), out=out)
-        out.mul_(exp_s).mul_(scale * (1.0 - beta) / sum_s)
+        coef = scale * (1.0 - beta) / sum_s
+        torch.addcmul(-temp * (log_sum_s + kl_s_m) * coef, ratio_s, coef, out=ratio_s)
+        torch.mul(ratio_s, exp_s, out=out)
     return div.view(-1), write_grad
 
 
@@ -207,24 +210,27 @@ def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=Fals
         row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
 
     if grad is not None:
-        # The student chunk has been read in full; grad may alias it from here on.
-        out = grad if grad.dtype == torch.float32 else work.get("grad", rows)
-        if opts.soft:
-            write_soft_grad(out, opts.grad_scale * opts.soft_weight)
+        # The student chunk has been read in full; grad may alias it from here on. Everything
+        # is summed in fp32 work buffers and ``grad`` is written once (rounded once).
+        soft_scale = opts.grad_scale * opts.soft_weight
         if opts.hard:
             hard_scale = opts.grad_scale * opts.hard_weight
+            minus_one_hot = torch.full((rows, 1), -hard_scale, device=grad.device)
             if opts.soft:
-                out.addcmul_(exp_hard, hard_scale / sum_hard)
+                soft_grad = work.get("soft_grad", rows)
+                write_soft_grad(soft_grad, soft_scale)
+                soft_grad.scatter_add_(1, targets.unsqueeze(1), minus_one_hot)
+                torch.addcmul(soft_grad, exp_hard, hard_scale / sum_hard, out=grad)
             else:
-                torch.mul(exp_hard, hard_scale / sum_hard, out=out)
-            out.scatter_add_(1, targets.unsqueeze(1),
-                             torch.full((rows, 1), -hard_scale, device=out.device))
-        if not (opts.soft or opts.hard):
-            out.zero_()
+                exp_hard.mul_(hard_scale / sum_hard)
+                exp_hard.scatter_add_(1, targets.unsqueeze(1), minus_one_hot)
+                grad.copy_(exp_hard)
+        elif opts.soft:
+            write_soft_grad(grad, soft_scale)
+        else:
+            grad.zero_()
         if keep is not None:
-            out.masked_fill_(~keep.unsqueeze(1), 0.0)
-        if out is not grad:
-            grad.copy_(out)
+            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
     return row_loss
 
 
