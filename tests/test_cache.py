@@ -402,12 +402,20 @@ def test_feature_cache(tmp_path):
     cnn = DigitsTeacherCNN().eval()
     data = torch.utils.data.Subset(digits_dataset(), range(64))
     manifest = write_cache(TeacherFeatures(cnn, "conv2"), data, tmp_path / "f", dtype="fp32",
-                           batch_size=64, progress=False)
-    features = LogitCache(tmp_path / "f")[:]
+                           batch_size=64, progress=False, layout="features")
+    assert manifest["layout"] == "features"
+    assert {name for shard in manifest["shards"] for name in shard["files"]} >= {"features"}
+    cache = LogitCache(tmp_path / "f")
+    assert "features" in repr(cache)
+    features = cache[:]
     assert features.shape == (64, manifest["num_classes"]) == (64, 64 * 4 * 4)
     with torch.inference_mode():
         expected = TeacherFeatures(cnn, "conv2")(digits_dataset().tensors[0][:64])
     torch.testing.assert_close(features, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        write_cache(cnn, data, tmp_path / "g", layout="sparse", progress=False)
+    with pytest.raises(ValueError, match="topk exactly when top_k is set"):
+        write_cache(cnn, data, tmp_path / "g", layout="features", top_k=3, progress=False)
 
 
 # ----------------------------------------------------------------------------- training

@@ -233,7 +233,7 @@ def test_feature_loss_from_cached_teacher_features(digits_teacher, tmp_path):
     subset = torch.utils.data.Subset(train_set, list(range(64)))
     features_dir, logits_dir = tmp_path / "features", tmp_path / "logits"
     feature_teacher = TeacherFeatures(digits_teacher, "conv2")
-    write_cache(feature_teacher, subset, str(features_dir), progress=False)
+    write_cache(feature_teacher, subset, str(features_dir), progress=False, layout="features")
     feature_teacher.close()
     write_cache(digits_teacher, subset, str(logits_dir), progress=False)
     feature_cache, logit_cache = fastkd.LogitCache(str(features_dir)), fastkd.LogitCache(str(logits_dir))

@@ -111,7 +111,7 @@ def summary(directory: str, manifest: dict) -> str:
     """Human-readable description of a cache."""
     entries = fmt.manifest_files(manifest)
     total = sum(entry["bytes"] for entry in entries)
-    layout = "dense" if manifest["layout"] == "dense" else f"top-{manifest['top_k']}"
+    layout = fmt.describe_layout(manifest)
     fingerprint = manifest["dataset"]["fingerprint"]
     lines = [
         f"cache      {directory}  ({manifest['status']}, {manifest['format']} "

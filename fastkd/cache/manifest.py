@@ -12,6 +12,9 @@ Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k):
 
 - ``dense``: ``logits`` ``(R, V)`` in the cache dtype (bf16 is stored as its uint16 bit pattern,
   because numpy has no bfloat16).
+- ``features``: ``features`` ``(R, D)`` in the cache dtype: intermediate teacher features
+  (e.g. through ``fastkd.features.TeacherFeatures``) for feature distillation; ``num_classes``
+  holds ``D``.
 - ``topk``: ``values`` ``(R, k)`` (cache dtype, largest first), ``indices`` ``(R, k)`` int32 and
   ``lse`` ``(R,)`` float32, the log-sum-exp of the full teacher row.
 
@@ -36,7 +39,9 @@ TMP_SUFFIX = ".tmp"
 STORAGE_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 # largest finite magnitude of each cache dtype (values beyond it would become inf)
 DTYPE_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38, "fp32": 3.4028234663852886e38}
-LAYOUTS = ("dense", "topk")
+LAYOUTS = ("dense", "topk", "features")
+# the one array of the layouts that store whole rows
+DENSE_ARRAY = {"dense": "logits", "features": "features"}
 INDEX_DTYPE = np.dtype("<i4")
 LSE_DTYPE = np.dtype("<f4")
 LABEL_DTYPE = np.dtype("<i8")
@@ -74,12 +79,17 @@ def other_world_progress_files(names: Iterable[str], world_size: int) -> List[st
 
 def row_arrays(layout: str, dtype: str, num_classes: int, top_k: Optional[int]) -> Dict[str, tuple]:
     """``{array name: (numpy dtype, per-row shape)}`` of the teacher arrays of a layout."""
-    if layout == "dense":
-        return {"logits": (STORAGE_DTYPES[dtype], (num_classes,))}
+    if layout in DENSE_ARRAY:
+        return {DENSE_ARRAY[layout]: (STORAGE_DTYPES[dtype], (num_classes,))}
     if layout == "topk":
         return {"values": (STORAGE_DTYPES[dtype], (top_k,)), "indices": (INDEX_DTYPE, (top_k,)),
                 "lse": (LSE_DTYPE, ())}
     raise CacheError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def describe_layout(manifest: dict) -> str:
+    """``dense``, ``features`` or ``top-<k>``: the layout as people read it."""
+    return f"top-{manifest['top_k']}" if manifest["layout"] == "topk" else manifest["layout"]
 
 
 def row_bytes(layout: str, dtype: str, num_classes: int, top_k: Optional[int]) -> int:

@@ -146,7 +146,7 @@ class LogitCache:
             return TopKLogits(_as_tensor(arrays["values"], dtype),
                               _as_tensor(arrays["indices"], None),
                               _as_tensor(arrays["lse"], None))
-        return _as_tensor(arrays["logits"], dtype)
+        return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
 
     def rows(self, start: int, stop: int):
         """Teacher rows ``[start, stop)`` in row order (zero copy inside one shard)."""
@@ -235,7 +235,7 @@ class LogitCache:
 
     def __repr__(self) -> str:
         m = self.manifest
-        layout = "dense" if self.layout == "dense" else f"top-{m['top_k']}"
+        layout = fmt.describe_layout(m)
         return (f"LogitCache({self.path!r}: {len(self)} samples, {self.num_rows} rows, "
                 f"V={m['num_classes']}, {m['dtype']}, {layout}, {len(m['shards'])} shards)")
 

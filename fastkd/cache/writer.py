@@ -134,7 +134,7 @@ class _RowConverter:
             clamped = np.zeros(rows.shape[0], np.int64)
         else:
             rows, clamped = self._range(rows, row_samples)
-        return {"logits": _to_storage(rows, self.dtype)}, clamped
+        return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
 
     def _range(self, values: torch.Tensor, row_samples: np.ndarray):
         """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row."""
@@ -334,13 +334,14 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                 shard_size_mb: float = 256, top_k: Optional[int] = None,
                 overwrite: bool = False, clamp: bool = False, progress: bool = True,
                 teacher_spec: Optional[str] = None, dataset_spec: Optional[str] = None,
-                output_fn: Optional[Callable] = None) -> dict:
+                output_fn: Optional[Callable] = None, layout: Optional[str] = None) -> dict:
     """Cache ``output_fn(teacher(inputs))`` for every item of ``dataset`` into ``out_dir``.
 
     Teacher outputs must be ``(B, V)`` (one row per sample) or ``(B, L, V)`` (``L`` rows per
     sample, stored row-concatenated with offsets). ``top_k=None`` stores dense rows in ``dtype``;
     ``top_k=k`` stores per row the k largest values, their int32 indices and the fp32 log-sum-exp.
-    Any ``(B, D)`` tensor works (e.g. features via ``fastkd.features.TeacherFeatures``).
+    Any ``(B, D)`` tensor works; pass ``layout="features"`` when the rows are intermediate
+    teacher features (e.g. via ``fastkd.features.TeacherFeatures``) so the manifest says so.
     Returns the manifest (a dict). Resumes an interrupted run with the same settings.
     """
     if not isinstance(teacher, nn.Module):
@@ -352,7 +353,11 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     output_fn = output_fn or default_output_fn
     device = resolve_device(device)
     dist, rank, world_size = _distributed()
-    layout = "dense" if top_k is None else "topk"
+    if layout is None:
+        layout = "dense" if top_k is None else "topk"
+    if layout not in fmt.LAYOUTS or (layout == "topk") != (top_k is not None):
+        raise ValueError(f"layout must be one of {fmt.LAYOUTS} (topk exactly when top_k is set); "
+                         f"got layout={layout!r} with top_k={top_k!r}")
 
     from fastkd import __version__
     config = {
