@@ -106,7 +106,8 @@ def cache_teacher(teacher, train_set, args, device):
     if args.method == "feature":
         (teacher_layer,) = FEATURE_PAIRS[args.student].values()
         features = TeacherFeatures(teacher, teacher_layer)
-        write_cache(features, train_set, os.path.join(cache_dir, "features"), **options)
+        write_cache(features, train_set, os.path.join(cache_dir, "features"), layout="features",
+                    **options)
         features.close()
         caches["features"] = fastkd.LogitCache(os.path.join(cache_dir, "features"))
     return caches
