@@ -112,6 +112,10 @@ def _student_exponentials(shifted_s, opts, work):
         torch.exp(shifted_s, out=exp_hard)
         return exp_hard, exp_hard
     exp_s = work.get("exp_s", rows)
+    inverse_power = _integer_ratio(opts.inv_temperature)
+    if inverse_power is not None:  # exp(d / T) = exp(d) ** (1 / T)
+        torch.exp(shifted_s, out=exp_hard)
+        return _power_into(exp_hard, inverse_power, exp_s), exp_hard
     torch.mul(shifted_s, opts.inv_temperature, out=exp_s).exp_()
     power = _integer_ratio(opts.temperature)
     if power is not None:  # exp(d) = exp(d / T) ** T

@@ -99,6 +99,15 @@ def test_matches_reference(divergence, beta, temperature, num_classes, label_kin
                  hard_weight=0.4)
 
 
+@pytest.mark.parametrize("temperature", [0.25, 1 / 3, 0.7, 2.0, 3.0, 5.0])
+def test_temperature_exponential_paths(temperature):
+    """exp(d) from exp(d / T) ** T (T = 2, 3), exp(d / T) from exp(d) ** (1 / T) (T = 1/4, 1/3),
+    and two exps otherwise (0.7, 5)."""
+    student, teacher, labels = make_inputs(5, 400)
+    for divergence in ("forward_kl", "jsd"):
+        run_both(student, teacher, labels, temperature=temperature, divergence=divergence)
+
+
 @pytest.mark.parametrize("soft_weight,hard_weight", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "mse"])
 def test_one_term_only(soft_weight, hard_weight, divergence):
