@@ -1,23 +1,24 @@
 """PyTorch fallback of the fused KD loss: chunked rows, gradient produced during the forward pass.
 
 Follows ``fastkd.loss._BACKEND_CONTRACT``. Rows are processed in chunks whose fp32 work buffers
-(a few of them, reused across chunks) stay in the CPU's L2 cache; every op writes into those
+(a few of them, reused across chunks) stay in the CPU's caches; every op writes into those
 buffers (``out=`` and in-place ops), so the only logits-sized tensor is the caller's ``grad``.
 
-Per row, with ``d = z - max(z)`` (so ``u - max(u) = d / T`` since ``T > 0``), ``e = exp(d / T)``,
-``S = sum_v e`` and ``log p = d / T - log S``::
+Per row, with ``w = (z - max z) / T`` (``max(z / T) = max(z) / T`` since ``T > 0``),
+``e = exp(w)``, ``S = sum_v e`` and ``log p = w - log S``::
 
-    forward_kl  T^2 KL(p_t||p_s) = T^2 [<e_t, d_t - d_s> / (T S_t) - log S_t + log S_s]
+    forward_kl  T^2 KL(p_t||p_s) = T^2 [<e_t, w_t - w_s> / S_t - log S_t + log S_s]
                 grad = T (p_s - p_t)
-    reverse_kl  T^2 KL(p_s||p_t) = T^2 [<e_s, d_s - d_t> / (T S_s) - log S_s + log S_t]
-                grad = p_s (d_s - d_t - T (log S_s - log S_t + KL))
+    reverse_kl  T^2 KL(p_s||p_t) = T^2 [<e_s, w_s - w_t> / S_s - log S_s + log S_t]
+                grad = T p_s (w_s - w_t - log S_s + log S_t - KL)
     jsd         m = beta p_t + (1 - beta) p_s; J = beta KL(p_t||m) + (1 - beta) KL(p_s||m)
-                grad = T (1 - beta) p_s (log(p_s/m) - KL(p_s||m))
+                grad = T (1 - beta) p_s (log(p_s / m) - KL(p_s||m))
     mse         mean_v (z_s - z_t)^2;  grad = 2 (z_s - z_t) / V
-    hard CE     log S1 - d_s[y] with S1 = sum_v exp(d_s);  grad = exp(d_s) / S1 - onehot(y)
+    hard CE     log S1 - (z_s[y] - max z_s) with S1 = sum_v exp(z_s - max z_s)
+                grad = softmax(z_s) - onehot(y)
 
-Row sums of products (``<a, b>``) are batched dot products, not temporaries. When an integer
-``T`` (or ``1 / T``) relates the two student exponentials, one is a few multiplies of the other
+Row sums of products (``<a, b>``) are a multiply into a reused buffer and a row sum. When ``T``
+or ``1 / T`` is a small integer, one student exponential is a few multiplies of the other
 (``exp(d) = exp(d / T) ** T``) instead of a second ``exp``.
 
 ``-inf`` logits: the fast path lets ``0 * -inf`` produce NaN; a chunk whose divergence came out
@@ -99,37 +100,52 @@ class _Options:
         self.hard = has_hard and hard_weight > 0
 
 
-def _student_exponentials(shifted_s, opts, work):
-    """(exp(d_s / T) or None, exp(d_s) or None) for the soft and hard terms; may share storage."""
-    rows = shifted_s.shape[0]
+def _scaled_shift(logits, max_logits, inv_temperature, out):
+    """out = (logits - max) / T in fp32. One pass when 1/T is a power of two (then
+    logits/T - max/T rounds exactly like (logits - max)/T), else a subtraction and a scaling."""
+    if math.frexp(inv_temperature)[0] == 0.5:
+        return torch.add(max_logits * -inv_temperature, logits, alpha=inv_temperature, out=out)
+    return torch.sub(logits, max_logits, out=out).mul_(inv_temperature)
+
+
+def _student_terms(student, opts, work):
+    """(w_s, exp(w_s), exp(d_s), max_s) with d_s = z_s - max z_s and w_s = d_s / T; the
+    exponentials are None when no term needs them and may share storage (T = 1)."""
+    rows = student.shape[0]
+    inv_temp = opts.inv_temperature
     soft_kl = opts.soft and opts.divergence != "mse"
-    if not opts.hard:
-        return torch.mul(shifted_s, opts.inv_temperature, out=work.get("exp_s", rows)).exp_(), None
-    exp_hard = work.get("exp_hard", rows)
-    if not soft_kl:
-        return None, torch.exp(shifted_s, out=exp_hard)
-    if opts.temperature == 1.0:
-        torch.exp(shifted_s, out=exp_hard)
-        return exp_hard, exp_hard
-    exp_s = work.get("exp_s", rows)
-    inverse_power = _integer_ratio(opts.inv_temperature)
-    if inverse_power is not None:  # exp(d / T) = exp(d) ** (1 / T)
-        torch.exp(shifted_s, out=exp_hard)
-        return _power_into(exp_hard, inverse_power, exp_s), exp_hard
-    torch.mul(shifted_s, opts.inv_temperature, out=exp_s).exp_()
+    max_s = student.amax(1, keepdim=True).float()
+    scaled_s = work.get("scaled_s", rows)
+    exp_s = work.get("exp_s", rows) if soft_kl else None
+    exp_hard = work.get("exp_hard", rows) if opts.hard else None
     power = _integer_ratio(opts.temperature)
-    if power is not None:  # exp(d) = exp(d / T) ** T
-        return exp_s, _power_into(exp_s, power, exp_hard)
-    torch.exp(shifted_s, out=exp_hard)
-    return exp_s, exp_hard
+    if not opts.hard or (soft_kl and power is not None):
+        _scaled_shift(student, max_s, inv_temp, scaled_s)
+        torch.exp(scaled_s, out=exp_s)
+        if opts.hard:  # exp(d) = exp(d / T) ** T
+            _power_into(exp_s, power, exp_hard)
+        return scaled_s, exp_s, exp_hard, max_s
+    # exp(d_s) first, then w_s = d_s / T in place
+    torch.exp(torch.sub(student, max_s, out=scaled_s), out=exp_hard)
+    if not soft_kl:
+        return None, None, exp_hard, max_s
+    if opts.temperature == 1.0:
+        return scaled_s, exp_hard, exp_hard, max_s
+    scaled_s.mul_(inv_temp)
+    inverse_power = _integer_ratio(inv_temp)
+    if inverse_power is not None:  # exp(d / T) = exp(d) ** (1 / T)
+        _power_into(exp_hard, inverse_power, exp_s)
+    else:
+        torch.exp(scaled_s, out=exp_s)
+    return scaled_s, exp_s, exp_hard, max_s
 
 
-def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
+def _soft_terms(student, teacher, scaled_s, exp_s, opts, work, guard):
     """Divergence per row (C,) (before T^2 and the weight) and a callable that writes
     ``scale * d(soft_term)/dz_s`` into ``out`` (C, V) with a single final write (it may reuse the
-    work buffers in place, so it is called once, last)."""
+    work buffers in place, so it is called once, last). ``scaled_s`` is w_s = (z_s - max) / T."""
     rows, num_classes = student.shape
-    temp, inv_temp, beta = opts.temperature, opts.inv_temperature, opts.beta
+    temp, beta = opts.temperature, opts.beta
     if opts.divergence == "mse":
         diff = work.get("diff", rows).copy_(student).sub_(teacher)  # fp32 arithmetic
         div = _row_dot(diff, diff, work).view(-1) / num_classes
@@ -139,17 +155,17 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
         return div, write_grad
 
     max_t = teacher.amax(1, keepdim=True).float()
-    shifted_t = torch.sub(teacher, max_t, out=work.get("shifted_t", rows))
-    exp_t = torch.mul(shifted_t, inv_temp, out=work.get("exp_t", rows)).exp_()
+    scaled_t = _scaled_shift(teacher, max_t, opts.inv_temperature, work.get("scaled_t", rows))
+    exp_t = torch.exp(scaled_t, out=work.get("exp_t", rows))
     sum_s = exp_s.sum(1, keepdim=True)
     sum_t = exp_t.sum(1, keepdim=True)
     log_sum_s, log_sum_t = sum_s.log(), sum_t.log()
 
     if opts.divergence == "forward_kl":
-        diff = torch.sub(shifted_t, shifted_s, out=shifted_t)  # d_t - d_s
+        diff = torch.sub(scaled_t, scaled_s, out=scaled_t)  # w_t - w_s
         if guard:
             _mask_where_zero(diff, exp_t)
-        div = _row_dot(exp_t, diff, work) * inv_temp / sum_t - log_sum_t + log_sum_s
+        div = _row_dot(exp_t, diff, work) / sum_t - log_sum_t + log_sum_s
 
         def write_grad(out, scale):
             exp_t.mul_(-scale * temp / sum_t)
@@ -157,32 +173,32 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
         return div.view(-1), write_grad
 
     if opts.divergence == "reverse_kl":
-        diff = torch.sub(shifted_s, shifted_t, out=shifted_t)  # d_s - d_t
+        diff = torch.sub(scaled_s, scaled_t, out=scaled_t)  # w_s - w_t
         if guard:
             _mask_where_zero(diff, exp_s)
-        div = _row_dot(exp_s, diff, work) * inv_temp / sum_s - log_sum_s + log_sum_t
+        div = _row_dot(exp_s, diff, work) / sum_s - log_sum_s + log_sum_t
 
         def write_grad(out, scale):
-            coef = scale / sum_s
-            torch.addcmul(-temp * (log_sum_s - log_sum_t + div) * coef, diff, coef, out=diff)
+            coef = scale * temp / sum_s
+            torch.addcmul(-(log_sum_s - log_sum_t + div) * coef, diff, coef, out=diff)
             torch.mul(diff, exp_s, out=out)
         return div.view(-1), write_grad
 
-    # jsd, 0 < beta < 1: log(p/m) = (d - T log m) / T - log S
+    # jsd, 0 < beta < 1: log(p / m) = w - log m - log S
     mixture = torch.mul(exp_t, beta / sum_t, out=work.get("mixture", rows))
     log_mixture = mixture.addcmul_(exp_s, (1.0 - beta) / sum_s).log_()
-    ratio_s = shifted_s.sub_(log_mixture, alpha=temp)
-    ratio_t = shifted_t.sub_(log_mixture, alpha=temp)
+    ratio_s = scaled_s.sub_(log_mixture)
+    ratio_t = scaled_t.sub_(log_mixture)
     if guard:
         _mask_where_zero(ratio_s, exp_s)
         _mask_where_zero(ratio_t, exp_t)
-    kl_s_m = _row_dot(exp_s, ratio_s, work) * inv_temp / sum_s - log_sum_s
-    kl_t_m = _row_dot(exp_t, ratio_t, work) * inv_temp / sum_t - log_sum_t
+    kl_s_m = _row_dot(exp_s, ratio_s, work) / sum_s - log_sum_s
+    kl_t_m = _row_dot(exp_t, ratio_t, work) / sum_t - log_sum_t
     div = beta * kl_t_m + (1.0 - beta) * kl_s_m
 
     def write_grad(out, scale):
-        coef = scale * (1.0 - beta) / sum_s
-        torch.addcmul(-temp * (log_sum_s + kl_s_m) * coef, ratio_s, coef, out=ratio_s)
+        coef = scale * temp * (1.0 - beta) / sum_s
+        torch.addcmul(-(log_sum_s + kl_s_m) * coef, ratio_s, coef, out=ratio_s)
         torch.mul(ratio_s, exp_s, out=out)
     return div.view(-1), write_grad
 
@@ -190,20 +206,17 @@ def _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard):
 def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=False):
     """Row losses (C,) float32 of one chunk; fills ``grad`` (C, V) when it is not None."""
     rows = student.shape[0]
-    need_student_shift = opts.hard or (opts.soft and opts.divergence != "mse")
-    shifted_s = exp_s = exp_hard = None
-    if need_student_shift:
-        max_s = student.amax(1, keepdim=True).float()
-        shifted_s = torch.sub(student, max_s, out=work.get("shifted_s", rows))
-        exp_s, exp_hard = _student_exponentials(shifted_s, opts, work)
+    scaled_s = exp_s = exp_hard = None
+    if opts.hard or (opts.soft and opts.divergence != "mse"):
+        scaled_s, exp_s, exp_hard, max_s = _student_terms(student, opts, work)
 
     row_loss = torch.zeros(rows, dtype=torch.float32, device=student.device)
     if opts.hard:
         sum_hard = exp_hard.sum(1, keepdim=True)
-        target_shifted = shifted_s.gather(1, targets.unsqueeze(1))  # before shifted_s is reused
+        target_shifted = student.gather(1, targets.unsqueeze(1)).float() - max_s
         row_loss += opts.hard_weight * (sum_hard.log() - target_shifted).view(-1)
     if opts.soft:
-        div, write_soft_grad = _soft_terms(student, teacher, shifted_s, exp_s, opts, work, guard)
+        div, write_soft_grad = _soft_terms(student, teacher, scaled_s, exp_s, opts, work, guard)
         if not guard and opts.divergence != "mse" and bool(torch.isnan(div).any()):
             # 0 * -inf somewhere (p == 0 entries): redo with those terms masked out.
             return _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=True)
