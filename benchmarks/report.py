@@ -41,7 +41,7 @@ def _at_least(name, measured, target, unit="x", detail=""):
                 "status": "not measured", "detail": detail}
     met = measured >= target
     status = "met" if met else f"missed by {target / measured:.2f}x" if unit == "x" \
-        else f"missed by {target - measured:.1f}{unit}"
+        else f"missed by {target - measured:.1f}" + (" percentage points" if unit == "%" else unit)
     return {"goal": name, "target": f">= {target:g}{unit}", "measured": f"{measured:.2f}{unit}",
             "status": status, "detail": detail}
 
@@ -50,7 +50,8 @@ def _at_most(name, measured, target, unit, detail=""):
     if measured is None:
         return {"goal": name, "target": f"<= {target:g}{unit}", "measured": "not measured",
                 "status": "not measured", "detail": detail}
-    status = "met" if measured <= target else f"missed by {measured - target:.2f}{unit}"
+    excess = f"{measured - target:.2f}" + (" percentage points" if unit == "%" else unit)
+    status = "met" if measured <= target else f"missed by {excess}"
     return {"goal": name, "target": f"<= {target:g}{unit}", "measured": f"{measured:.2f}{unit}",
             "status": status, "detail": detail}
 
