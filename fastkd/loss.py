@@ -240,6 +240,10 @@ def _(student_logits, teacher_logits, labels, label_mode, temperature, soft_weig
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.per_row = inputs[10] == "none"
+    # The gradient output is never differentiated; without this autograd would materialize a
+    # logits-sized zeros tensor as its incoming gradient on every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -254,6 +258,8 @@ def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) ->
 
 def _backward(ctx, grad_output, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_output is None:
+        return (None,) * 13
     return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * 12
 
 
