@@ -32,7 +32,7 @@ from torchvision import transforms
 from tqdm.auto import tqdm
 
 import fastkd
-from fastkd.cache import write_cache
+from fastkd.cache import resolve_device, write_cache
 from fastkd.features import FeatureDistillLoss, TeacherFeatures
 from fastkd.models import CifarStudentCNN, load_checkpoint
 
@@ -220,8 +220,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     train_set, test_set = load_data(args)
     teacher = build_teacher(args, train_set, device)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastkd
-from fastkd.cache import collate_padded, write_cache
+from fastkd.cache import collate_padded, resolve_device, write_cache
 from fastkd.models import TinyCausalLM
 
 IGNORE_INDEX = -100
@@ -141,8 +141,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     train_set = MarkovTokens(args.sequences, args.vocab, args.min_len, args.max_len, args.seed)
     held_out = MarkovTokens(max(16, args.sequences // 10), args.vocab, args.min_len,

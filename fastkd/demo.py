@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import fastkd
 from fastkd import models
+from fastkd.cache import resolve_device
 
 __all__ = ["add_parser", "run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
            "loss_throughput", "LabelledSubset", "label_mask", "seeded_loader",
@@ -166,14 +167,6 @@ def loss_throughput(loss_fn: Callable, rows: int, vocab: int, device: torch.devi
 
 
 # ----------------------------------------------------------------------------- the demo
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    return torch.device(name)
-
-
 def _directory_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(path) for name in names)
@@ -227,7 +220,7 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
-    device = _resolve_device(device)
+    device = resolve_device(device)
     out_dir = out_dir or tempfile.mkdtemp(prefix="fastkd-demo-")
     os.makedirs(out_dir, exist_ok=True)
     train_set, held_out = models.digits_train_dataset(), models.digits_held_out_dataset()

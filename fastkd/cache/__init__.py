@@ -7,7 +7,7 @@
 """
 from fastkd.cache.manifest import CacheError
 from fastkd.cache.reader import CachedDataset, LogitCache, TopKLogits, collate_padded
-from fastkd.cache.writer import write_cache
+from fastkd.cache.writer import resolve_device, write_cache
 
-__all__ = ["write_cache", "LogitCache", "CachedDataset", "collate_padded", "TopKLogits",
+__all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded", "TopKLogits",
            "CacheError"]
