@@ -266,10 +266,6 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
         return row_loss
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
     opts = _Options(float(temperature), float(soft_weight), float(hard_weight), divergence,
                     float(beta), float(grad_scale), labels is not None or teacher_labels)
     chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE

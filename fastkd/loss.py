@@ -34,7 +34,8 @@ kd_forward(student_logits, teacher_logits, labels, *, teacher_labels, temperatur
 student_logits, teacher_logits: (N, V) floating tensors, last-dim stride 1 (row stride free),
     dtypes may differ. labels: (N,) int64 contiguous or None. teacher_labels: bool; when True,
     labels is None and the hard label of a row is the first index of its teacher maximum.
-divergence: one of forward_kl, reverse_kl, jsd (0 < beta < 1 here), mse.
+divergence: one of forward_kl, reverse_kl, jsd, mse. jsd arrives with 0 < beta < 1 only:
+    _forward_impl turns beta 0 / 1 into forward_kl / reverse_kl before dispatch.
 Rows whose label == ignore_index get row_loss 0 and a zero gradient row.
 grad: None (no gradient wanted) or an (N, V) tensor of the student's dtype, last-dim stride 1,
     possibly the student tensor itself (in-place); it is filled with grad_scale * d row_loss / dz_s.

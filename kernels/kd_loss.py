@@ -313,9 +313,6 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
     if divergence not in _DIVERGENCE_CODES:
         raise ValueError(f"divergence must be one of {', '.join(_DIVERGENCE_CODES)}; "
                          f"got {divergence!r}")
-    # same convention as fastkd.loss: jsd at beta 0 / 1 is forward / reverse KL
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
 
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:
