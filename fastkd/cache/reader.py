@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache.specs import dataset_fingerprint
+from fastkd.cache.writer import split_item
 
 
 class TopKLogits(NamedTuple):
@@ -88,26 +90,28 @@ class LogitCache:
         state["_maps"], state["_pid"] = None, None
         return state
 
-    def _shard_maps(self, shard_number: int) -> dict:
+    def _process_maps(self) -> dict:
+        """This process's open maps (a new, empty set after a fork)."""
         if self._pid != os.getpid():
             self._maps, self._pid = {}, os.getpid()
-        maps = self._maps.get(shard_number)
-        if maps is None:
+        return self._maps
+
+    def _shard_maps(self, shard_number: int) -> dict:
+        maps = self._process_maps()
+        if shard_number not in maps:
             files = self.manifest["shards"][shard_number]["files"]
-            maps = {name: fmt.load_array(self.path, files[name], mmap_mode="c")
-                    for name in self.arrays}
-            self._maps[shard_number] = maps
-        return maps
+            maps[shard_number] = {name: fmt.load_array(self.path, files[name], mmap_mode="c")
+                                  for name in self.arrays}
+        return maps[shard_number]
 
     def _extra(self, key: str) -> Optional[np.ndarray]:
         entry = self.manifest.get(key)
         if not entry:
             return None
-        if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        if key not in self._maps:
-            self._maps[key] = fmt.load_array(self.path, entry, mmap_mode="c")
-        return self._maps[key]
+        maps = self._process_maps()
+        if key not in maps:
+            maps[key] = fmt.load_array(self.path, entry, mmap_mode="c")
+        return maps[key]
 
     # ------------------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -250,7 +254,6 @@ class CachedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, cache: Union[LogitCache, str], *, check_fingerprint: bool = True,
                  ignore_index: int = -100):
-        from fastkd.cache.specs import dataset_fingerprint
         self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
         if len(dataset) != len(self.cache):
             raise ValueError(f"dataset has {len(dataset)} items but the cache at "
@@ -268,8 +271,7 @@ class CachedDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index):
-        from fastkd.cache.writer import _split_item
-        model_input, label = _split_item(self.dataset[index])
+        model_input, label = split_item(self.dataset[index])
         if label is None:
             labels = self.cache.labels
             if labels is None:

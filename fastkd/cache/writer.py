@@ -52,7 +52,7 @@ def default_output_fn(output) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- loading
-def _split_item(item):
+def split_item(item):
     """``(model input, label or None)`` of a dataset item: input, (input, label, ...) or dict."""
     if isinstance(item, dict):
         label = item.get("labels", item.get("label"))
@@ -74,7 +74,7 @@ def collate_groups(items):
     so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``."""
     groups = {}
     for position, item in enumerate(items):
-        model_input, label = _split_item(item)
+        model_input, label = split_item(item)
         groups.setdefault(_shape_key(model_input), []).append((position, model_input, label))
     collated = []
     for members in groups.values():
@@ -206,31 +206,35 @@ class _ShardWriter:
 
 
 class _ShardCutter:
-    """Accumulates per-sample rows and cuts shards of whole samples at fixed row counts."""
+    """Accumulates per-sample rows and cuts shards of whole samples at fixed row counts.
 
-    def __init__(self, emit: Callable[[dict], None], rank: int, next_index: int,
+    Rows per shard, variable length and label kind are read from ``state`` (the progress
+    manifest), where the first batch records them."""
+
+    def __init__(self, emit: Callable[[dict], None], state: dict, rank: int, next_index: int,
                  sample_start: int, row_start: int):
-        self.emit, self.rank, self.index = emit, rank, next_index
+        self.emit, self.state, self.rank, self.index = emit, state, rank, next_index
         self.sample_start, self.row_start = sample_start, row_start
-        self.rows_per_shard, self.variable, self.labels_per = None, False, None  # set per batch
         self.pending = []  # [(arrays, lengths, labels, clamped per row)] per batch, in order
-        self.pending_lengths = []
+
+    def _pending_lengths(self) -> np.ndarray:
+        return np.concatenate([batch[1] for batch in self.pending]) if self.pending else \
+            np.zeros(0, np.int64)
 
     def add(self, arrays: dict, lengths: np.ndarray, labels, clamped: np.ndarray) -> None:
         self.pending.append((arrays, lengths, labels, clamped))
-        self.pending_lengths.append(lengths)
-        lengths_all = np.concatenate(self.pending_lengths)
+        lengths_all = self._pending_lengths()
         while len(lengths_all):
-            full = np.nonzero(np.cumsum(lengths_all) >= self.rows_per_shard)[0]
+            full = np.nonzero(np.cumsum(lengths_all) >= self.state["rows_per_shard"])[0]
             if not len(full):
                 return
             self._cut(int(full[0]) + 1)
-            lengths_all = np.concatenate(self.pending_lengths) if self.pending_lengths else \
-                lengths_all[:0]
+            lengths_all = self._pending_lengths()
 
     def finish(self) -> None:
-        if self.pending_lengths and sum(len(x) for x in self.pending_lengths):
-            self._cut(int(sum(len(x) for x in self.pending_lengths)))
+        remaining = len(self._pending_lengths())
+        if remaining:
+            self._cut(remaining)
 
     def _cut(self, num_samples: int) -> None:
         arrays = {name: np.concatenate([batch[0][name] for batch in self.pending])
@@ -243,9 +247,9 @@ class _ShardCutter:
         shard_arrays = {name: array[:num_rows] for name, array in arrays.items()}
         rest = {name: array[num_rows:] for name, array in arrays.items()}
         if labels is not None:
-            cut = num_samples if self.labels_per == "sample" else num_rows
+            cut = num_samples if self.state["labels_per"] == "sample" else num_rows
             shard_arrays["labels"], labels = labels[:cut], labels[cut:]
-        if self.variable:
+        if self.state["rows_per_sample"] == "variable":
             shard_arrays["lengths"] = lengths[:num_samples].astype(fmt.LENGTH_DTYPE)
         self.emit({"index": self.index, "rank": self.rank,
                    "sample_start": self.sample_start,
@@ -257,7 +261,6 @@ class _ShardCutter:
         self.row_start += num_rows
         remaining = lengths[num_samples:]
         self.pending = [(rest, remaining, labels, clamped[num_rows:])] if len(remaining) else []
-        self.pending_lengths = [remaining] if len(remaining) else []
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -443,7 +446,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     writer = _ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
-    cutter = _ShardCutter(writer.put, rank, next_index=len(state["shards"]),
+    cutter = _ShardCutter(writer.put, state, rank, next_index=len(state["shards"]),
                           sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=rank_stop - rank_start, initial=resume_at - rank_start, unit="sample",
                disable=not show_progress, desc="fastkd cache", dynamic_ncols=True)
@@ -459,9 +462,6 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
             if batch is None:
                 continue
             _record_or_check_shape(state, batch)
-            cutter.rows_per_shard = state["rows_per_shard"]
-            cutter.variable = state["rows_per_sample"] == "variable"
-            cutter.labels_per = state["labels_per"]
             cutter.add(batch["arrays"], batch["lengths"], batch["labels"], batch["clamped"])
             rows_done += int(batch["lengths"].sum())
             bytes_done += sum(array.nbytes for array in batch["arrays"].values())
