@@ -56,26 +56,24 @@ def _fail(message: str) -> int:
     return 1
 
 
-def _device_for_rank(device: str, local_rank: int) -> str:
-    import torch
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if device == "cuda" else device
-
-
 def run_cache(args) -> int:
     import torch
     from fastkd.cache.specs import resolve_dataset, resolve_teacher
-    from fastkd.cache.writer import write_cache
+    from fastkd.cache.writer import resolve_device, write_cache
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device_for_rank(args.device, local_rank)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        return _fail(str(error))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per torchrun process
     distributed = world_size > 1
     if distributed:
         import torch.distributed as dist
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         teacher = resolve_teacher(args.teacher, args.teacher_checkpoint)
         dataset = resolve_dataset(args.dataset, args.data_root, args.data_split)
