@@ -71,16 +71,3 @@ def reference_kd_loss(student_logits, teacher_logits, labels=None, *, temperatur
         return rows.sum()
     return rows.sum() / keep.sum().clamp(min=1)
 
-
-def textbook_kd_loss(student_logits, teacher_logits, labels, temperature=4.0, soft_weight=0.5,
-                     hard_weight=0.5, ignore_index=-100):
-    """The usual hand-written eager composition (the baseline fastkd replaces)."""
-    import torch.nn.functional as F
-    num_classes = student_logits.shape[-1]
-    student = student_logits.reshape(-1, num_classes)
-    teacher = teacher_logits.reshape(-1, num_classes)
-    soft = F.kl_div(F.log_softmax(student / temperature, dim=-1),
-                    F.log_softmax(teacher / temperature, dim=-1),
-                    log_target=True, reduction="batchmean") * temperature ** 2
-    hard = F.cross_entropy(student, labels.reshape(-1), ignore_index=ignore_index)
-    return soft_weight * soft + hard_weight * hard
