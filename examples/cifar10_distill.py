@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 import fastkd
 from fastkd.cache import resolve_device, write_cache
+from fastkd.demo import accuracy
 from fastkd.features import FeatureDistillLoss, TeacherFeatures
 from fastkd.models import CifarStudentCNN, load_checkpoint
 
@@ -179,15 +180,6 @@ def train(model, train_set, caches, args, device, *, epochs, desc, loss_fn, extr
     return seen / max(elapsed, 1e-9)
 
 
-@torch.no_grad()
-def evaluate(model, dataset, device, batch_size=512):
-    model.eval()
-    correct = 0
-    for images, labels in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        correct += (model(images.to(device)).argmax(-1).cpu() == labels).sum().item()
-    return correct / len(dataset)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,8 +226,8 @@ def main(argv=None) -> dict:
     if extra is not None:
         extra.close()
     results = {"method": args.method, "cached": args.cached,
-               "teacher_accuracy": evaluate(teacher, test_set, device),
-               "student_accuracy": evaluate(student, test_set, device),
+               "teacher_accuracy": accuracy(teacher, test_set, device),
+               "student_accuracy": accuracy(student, test_set, device),
                "images_per_second": images_per_second}
     print(f"method={args.method} cached={args.cached} teacher acc {results['teacher_accuracy']:.1%}"
           f"  student acc {results['student_accuracy']:.1%}"
