@@ -18,12 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.env import synchronize
+
 TEMPERATURE = 2.0
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def image_dataset(num_images: int, num_classes: int, seed: int = 0) -> TensorDataset:

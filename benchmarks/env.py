@@ -20,6 +20,12 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so timings cover all of it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -106,12 +112,10 @@ def measure_copy_bandwidth(megabytes: int = 256, repeats: int = 5, device: str =
     dst.copy_(src)  # first touch of dst's pages is not part of the measurement
     seconds = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
     moved = 2 * src.numel() * src.element_size()
     return {"method": f"torch copy_ of {megabytes} MB fp32 on {device}, (read+write) bytes / time, "

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from benchmarks.env import REPO_ROOT
+from benchmarks.env import REPO_ROOT, synchronize
 from fastkd.demo import textbook_kd_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -157,11 +157,6 @@ def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor
             return SOFT_WEIGHT * soft + HARD_WEIGHT * cross_entropy(student, labels)
         return liger_composition
     raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_step(loss_fn: Callable, student, teacher, labels, mode: str) -> Callable:
