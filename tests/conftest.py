@@ -25,6 +25,15 @@ import torch  # noqa: E402
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(scope="module")
+def reproducible_cpu():
+    """Deterministic kernels, one thread for the whole module: reproducible figures (accuracies,
+    losses per step) and no spin-waiting on a busy CPU."""
+    from fastkd.demo import reproducible_cpu as one_thread_deterministic
+    with one_thread_deterministic():
+        yield
+
+
 @pytest.fixture
 def kernel_device():
     """Device on which backend='triton' runs: CUDA when present, else the interpreter on CPU."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import demo
 from fastkd.models import TinyCausalLM
 from reference import reference_kd_loss
 
@@ -21,10 +20,7 @@ def _load_example(name):
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with demo.reproducible_cpu():
-        yield
+pytestmark = pytest.mark.usefixtures("reproducible_cpu")
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,7 @@ from reference import reference_kd_loss
 FP16_RELATIVE_ROUNDING = 2.0 ** -11
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Deterministic kernels, one thread: reproducible figures and no spin-waiting on a busy CPU."""
-    with demo.reproducible_cpu():
-        yield
+pytestmark = pytest.mark.usefixtures("reproducible_cpu")
 
 
 @pytest.fixture(scope="module")
