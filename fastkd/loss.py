@@ -14,18 +14,15 @@ gradient ever flows into them.
 
 Backends share one contract (see ``_BACKEND_CONTRACT``) and are chosen only in ``_dispatch``.
 """
-import math
 import os
 from typing import Optional, Union
 
 import torch
 
-__all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
+from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, check_label_values, check_labels,
+                           check_logits, check_options)
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
-REDUCTIONS = ("batchmean", "sum", "none")
-BACKENDS = ("auto", "triton", "torch")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+__all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
 
 _BACKEND_CONTRACT = """
 kd_forward(student_logits, teacher_logits, labels, *, teacher_labels, temperature, soft_weight,
@@ -44,53 +41,34 @@ Returns row_loss: (N,) float32. All accumulation in float32.
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False,
-                  low: Optional[float] = None, high: Optional[float] = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    if low is not None and high is not None and not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return value
+def _validate(student_logits, teacher_logits, labels, temperature, soft_weight, hard_weight,
+              divergence, beta, ignore_index, reduction, backend):
+    check_logits("student_logits", student_logits)
+    check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same shape (..., V); got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            "student_logits and teacher_logits must be on the same device; got "
+            f"{student_logits.device} and {teacher_logits.device}")
+    check_labels(labels, student_logits.shape[:-1], student_logits.device)
+    check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                  reduction, backend)
 
 
-def _check_choice(name: str, value, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def _check_logits(name: str, tensor) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
-    if tensor.dim() < 1 or tensor.shape[-1] < 1:
-        raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(tensor.shape)}")
-
-
-def _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                   reduction, backend) -> None:
-    """The scalar options shared by kd_loss and KDLoss."""
-    _check_number("temperature", temperature, positive=True)
-    _check_number("soft_weight", soft_weight, nonnegative=True)
-    _check_number("hard_weight", hard_weight, nonnegative=True)
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_number("beta", beta, low=0.0, high=1.0)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("backend", backend, BACKENDS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
+# ----------------------------------------------------------------------------- backend choice
 def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -106,57 +84,6 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             f"backend='triton' needs CUDA tensors (got tensors on {device}); run with "
             "TRITON_INTERPRET=1 to use Triton's CPU interpreter, or use backend='torch'")
     return "triton"
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _validate(student_logits, teacher_logits, labels, temperature, soft_weight, hard_weight,
-              divergence, beta, ignore_index, reduction, backend):
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            "student_logits and teacher_logits must have the same shape (..., V); got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(
-            "student_logits and teacher_logits must be on the same device; got "
-            f"{student_logits.device} and {teacher_logits.device}")
-    if isinstance(labels, str):
-        if labels != "teacher":
-            raise ValueError(f"labels must be a tensor, None or 'teacher'; got {labels!r}")
-    elif labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor, None or 'teacher'; got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape != student_logits.shape[:-1]:
-            raise ValueError(
-                f"labels must have shape {tuple(student_logits.shape[:-1])} (the leading dims of "
-                f"student_logits), got {tuple(labels.shape)}")
-        if labels.device != student_logits.device:
-            raise ValueError(
-                f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
-    _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                   reduction, backend)
-
-
-def _check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) or equal ignore_index (one reduction and one host sync)."""
-    if labels.numel() == 0:
-        return
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
-    if bool(bad.any()):
-        first = labels[bad].flatten()[0].item()
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            f"found {first}")
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -179,8 +106,7 @@ def _forward_impl(student_2d, teacher_2d, labels_1d, label_mode, temperature, so
     ``grad`` is already scaled for ``grad_output == 1`` (or per row, unscaled, for 'none')."""
     num_rows, num_classes = student_2d.shape
     if label_mode == _LABEL_TENSOR:
-        _check_label_values(labels_1d, num_classes, ignore_index)
-        labels_1d = labels_1d.to(torch.int64).contiguous()
+        labels_1d = check_label_values(labels_1d, num_classes, ignore_index).contiguous()
         kept = int((labels_1d != ignore_index).sum()) if num_rows else 0
     else:
         labels_1d = None
@@ -355,7 +281,7 @@ class KDLoss(torch.nn.Module):
                  ignore_index: int = -100, reduction: str = "batchmean", backend: str = "auto",
                  grad_inplace: bool = False):
         super().__init__()
-        _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+        check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                        reduction, backend)
         self.options = dict(temperature=temperature, soft_weight=soft_weight,
                             hard_weight=hard_weight, divergence=divergence, beta=beta,

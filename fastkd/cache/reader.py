@@ -9,7 +9,7 @@ a slice inside one shard); gathers and cross-shard slices copy. Maps are opened 
 """
 import os
 from bisect import bisect_right
-from typing import List, NamedTuple, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -17,30 +17,7 @@ import torch
 from fastkd.cache import manifest as fmt
 from fastkd.cache.specs import dataset_fingerprint
 from fastkd.cache.writer import split_item
-
-
-class TopKLogits(NamedTuple):
-    """Sparse teacher rows: ``values (..., k)`` largest logits (descending), their ``indices
-    (..., k)`` int32 and ``lse (...,)`` float32 = logsumexp of the full row, so the softmax
-    probability of entry j is ``exp(values[j] - lse)`` and the mass outside the top-k is
-    ``1 - sum_j exp(values[j] - lse)``."""
-    values: torch.Tensor
-    indices: torch.Tensor
-    lse: torch.Tensor
-
-    def log_probs(self, num_classes: int) -> torch.Tensor:
-        """Dense ``(..., V)`` float32 teacher log-probabilities: ``values - lse`` at the kept
-        indices (exact up to the stored dtype) and the tail mass ``1 - sum exp(values - lse)``
-        spread evenly over the other ``V - k`` classes (a floor of 1e-12 when it rounds to 0)."""
-        kept = self.values.float() - self.lse.float().unsqueeze(-1)
-        k = kept.shape[-1]
-        if num_classes < k:
-            raise ValueError(f"num_classes={num_classes} is smaller than top-k={k}")
-        out = kept.new_empty(kept.shape[:-1] + (num_classes,))
-        if num_classes > k:
-            tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
-            out.copy_((tail / (num_classes - k)).log().expand_as(out))
-        return out.scatter_(-1, self.indices.long(), kept)
+from fastkd.targets import TopKLogits
 
 
 def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
