@@ -2,9 +2,9 @@
 __version__ = "0.1.0"
 
 from fastkd.loss import KDLoss, kd_loss  # noqa: E402
-from fastkd.targets import TopKLogits  # noqa: E402
+from fastkd.targets import SampledTargets, TopKLogits  # noqa: E402
 
-__all__ = ["kd_loss", "KDLoss", "TopKLogits", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "TopKLogits", "SampledTargets", "__version__"]
 
 
 def __getattr__(name):

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "check_number",
-           "check_choice", "check_logits", "check_options", "check_labels", "check_label_values"]
+           "check_choice", "check_logits", "check_options", "check_labels", "check_label_values",
+           "TAILS", "check_temperature_value", "check_sparse_target", "check_sparse_values"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -100,3 +101,146 @@ def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"found {first}")
     return labels
+
+
+# ----------------------------------------------------------------------------- sparse targets
+TAILS = ("bucket", "renormalize", "ignore")
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8, torch.int8)
+
+
+def check_temperature_value(name: str, value) -> float:
+    """A target's temperature: a positive finite number, or a tensor whose entries are all the
+    same such number (what ``DataLoader``'s default collate makes of a float field)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a positive number, got a {value.dtype} tensor "
+                             f"of shape {tuple(value.shape)}")
+        first = value.flatten()[0]
+        if bool((value != first).any()):
+            raise ValueError(f"{name} must be one temperature for the whole batch, got "
+                             f"different values {value.unique().tolist()[:4]}")
+        value = float(first)
+    return check_number(name, value, positive=True)
+
+
+def _check_tensor(name: str, tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def _check_integer_ids(name: str, tensor) -> None:
+    _check_tensor(name, tensor)
+    if tensor.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of class ids, got {tensor.dtype}")
+
+
+def check_sparse_target(name: str, target, student_logits: torch.Tensor):
+    """Metadata checks of a ``TopKLogits`` / ``SampledTargets`` against ``student_logits``
+    ``(..., V)``: field types, shapes ``(..., K)`` / lse ``(...)`` with the student's leading
+    dims, K >= 1, same device. Returns the target's temperature as a float (None for sampled
+    targets). No host sync: the values are checked by :func:`check_sparse_values`."""
+    from fastkd.targets import SampledTargets, TopKLogits
+    leading = tuple(student_logits.shape[:-1])
+    device = student_logits.device
+    if isinstance(target, TopKLogits):
+        _check_tensor(f"{name}.values", target.values)
+        if target.values.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.values must be float32, float16 or bfloat16, got "
+                            f"{target.values.dtype}")
+        _check_integer_ids(f"{name}.indices", target.indices)
+        _check_tensor(f"{name}.lse", target.lse)
+        if not target.lse.dtype.is_floating_point:
+            raise TypeError(f"{name}.lse must be a floating tensor, got {target.lse.dtype}")
+        fields = {"values": target.values, "indices": target.indices}
+        extra = {"lse": (target.lse, leading)}
+    elif isinstance(target, SampledTargets):
+        _check_integer_ids(f"{name}.indices", target.indices)
+        _check_tensor(f"{name}.counts", target.counts)
+        if target.counts.dtype.is_complex or target.counts.dtype == torch.bool:
+            raise TypeError(f"{name}.counts must be an integer or float tensor, got "
+                            f"{target.counts.dtype}")
+        fields = {"indices": target.indices, "counts": target.counts}
+        extra = {}
+    else:
+        raise TypeError(f"{name} must be a tensor, TopKLogits or SampledTargets, got "
+                        f"{type(target).__name__}")
+    for field, tensor in fields.items():
+        if tensor.dim() < 1 or tuple(tensor.shape[:-1]) != leading or tensor.shape[-1] < 1:
+            raise ValueError(
+                f"{name}.{field} must have shape (..., K) with the leading dims {leading} of "
+                f"student_logits and K >= 1, got {tuple(tensor.shape)}")
+    shapes = {tuple(tensor.shape) for tensor in fields.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: " + " and ".join(
+            f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
+            + " must have the same shape (..., K)")
+    for field, (tensor, shape) in extra.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}.{field} must have shape {shape} (the leading dims of "
+                             f"student_logits), got {tuple(tensor.shape)}")
+    for field, tensor in {**fields, **{k: v[0] for k, v in extra.items()}}.items():
+        if tensor.device != device:
+            raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
+                             f"got {tensor.device}")
+    if isinstance(target, TopKLogits):
+        return check_temperature_value(f"{name}.temperature", target.temperature)
+    return None
+
+
+def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None, lse=None,
+                        counts=None, keep=None, check_duplicates: bool = True) -> None:
+    """Data checks of sparse targets ``(N, K)`` with one host sync for all of them: ids in
+    ``[0, V)``, no NaN in values / lse, counts >= 0 with a positive sum per row, and (when
+    ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). Rows where
+    ``keep`` ``(N,)`` is False (ignored rows) skip every check but the id range; entries with
+    count 0 are padding and may repeat an id."""
+    if indices.numel() == 0:
+        return
+    ids = indices.to(torch.int64)
+    if keep is not None:
+        keep_rows = keep.unsqueeze(-1)
+        if values is not None:
+            values = torch.where(keep_rows, values, 0)
+        if lse is not None:
+            lse = torch.where(keep, lse, 0)
+        if counts is not None:
+            counts = torch.where(keep_rows, counts, 1)
+    unique_ids = ids
+    if counts is not None:   # padding entries get distinct negative ids, never equal to another
+        padding_ids = -1 - torch.arange(ids.shape[-1], device=ids.device)
+        unique_ids = torch.where(counts > 0, ids, padding_ids)
+    if keep is not None:
+        unique_ids = torch.where(keep.unsqueeze(-1), unique_ids,
+                                 -1 - torch.arange(ids.shape[-1], device=ids.device))
+    problems = [((ids < 0) | (ids >= num_classes)).any()]
+    if values is not None:
+        problems.append(torch.isnan(values).any())
+    else:
+        problems.append(problems[0].new_zeros(()))
+    if lse is not None:
+        problems.append(torch.isnan(lse).any())
+    else:
+        problems.append(problems[0].new_zeros(()))
+    if counts is not None:
+        problems.append((counts < 0).any() | (counts.sum(-1) <= 0).any()
+                        | (~torch.isfinite(counts.double())).any())
+    else:
+        problems.append(problems[0].new_zeros(()))
+    if check_duplicates and ids.shape[-1] > 1:
+        ordered = unique_ids.sort(-1).values
+        problems.append((ordered[..., 1:] == ordered[..., :-1]).any())
+    else:
+        problems.append(problems[0].new_zeros(()))
+    flags = torch.stack(problems).tolist()   # the one host sync
+    if flags[0]:
+        bad = ids[(ids < 0) | (ids >= num_classes)].flatten()[0].item()
+        raise ValueError(f"teacher indices must be class ids in [0, {num_classes}); found {bad}")
+    if flags[1]:
+        raise ValueError("teacher values contain NaN")
+    if flags[2]:
+        raise ValueError("teacher lse contains NaN")
+    if flags[3]:
+        raise ValueError("teacher counts must be finite and >= 0 with a positive sum in every "
+                         "row")
+    if flags[4]:
+        raise ValueError("teacher indices must be unique within each row (found an id twice)")

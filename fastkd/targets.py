@@ -1,32 +1,76 @@
-"""Teacher target types: what a loss can take as its ``teacher`` besides dense logits.
+"""Teacher target types: what a loss can take as its ``teacher_logits`` besides dense logits.
 
-- :class:`TopKLogits`: the K largest teacher logits of each row, their class ids and the full
-  row's log-sum-exp (what top-k caches return).
+- :class:`TopKLogits`: K teacher logits per row (usually the K largest), their class ids and the
+  log-sum-exp of the full tempered row (what top-k caches return). Teacher probability of a kept
+  id at temperature ``T``: ``a_k = exp(values_k / T - lse)``; the mass of every other class
+  together is ``1 - sum_k a_k``.
+- :class:`SampledTargets`: K class ids drawn from the teacher's distribution, stored once each
+  with their counts (what ``--sample`` caches return); the target is ``counts / counts.sum(-1)``.
 
-(The sparse losses over these targets are added by the "Sparse teacher targets" work; this module
-is the one home of every target type: ``TopKLogits``, ``SampledTargets``, ``TeacherHead``.)
+Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student's leading dims,
+``lse`` is ``(...)``. Both are ``NamedTuple`` s, so ``torch.utils.data``'s default collate and
+``torch.compile`` handle them. The loss over them is :func:`fastkd.kd_loss` (see
+``fastkd/sparse_loss.py``); their argument checks live in :mod:`fastkd.checks`.
+
+(This module is the one home of every target type: ``TopKLogits``, ``SampledTargets``,
+``TeacherHead``.)
 """
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 import torch
 
-__all__ = ["TopKLogits"]
+__all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS"]
 
 
 class TopKLogits(NamedTuple):
-    """Sparse teacher rows: ``values (..., k)`` largest logits (descending), their ``indices
-    (..., k)`` int32 and ``lse (...,)`` float32 = logsumexp of the full row, so the softmax
-    probability of entry j is ``exp(values[j] - lse)`` and the mass outside the top-k is
-    ``1 - sum_j exp(values[j] - lse)``."""
+    """Sparse teacher rows.
+
+    Fields:
+        values: ``(..., K)`` raw teacher logits at the kept ids (any float dtype).
+        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
+        lse: ``(...)`` ``logsumexp(z_t / temperature)`` of the *full* teacher row.
+        temperature: the temperature ``lse`` belongs to (a float; a tensor of identical values,
+            as ``DataLoader``'s default collate makes of it, is accepted too). The loss needs
+            it equal to its own temperature, except with ``tail="renormalize"``, which does
+            not use ``lse``.
+
+    At temperature ``T`` the teacher probability of kept entry k is ``exp(values_k / T - lse)``.
+    """
     values: torch.Tensor
     indices: torch.Tensor
     lse: torch.Tensor
+    temperature: Union[float, torch.Tensor] = 1.0
+
+    @classmethod
+    def from_logprobs(cls, logprobs: torch.Tensor, indices: torch.Tensor) -> "TopKLogits":
+        """Targets from a served teacher's log-probabilities (e.g. vLLM's top logprobs):
+        ``values = logprobs`` (already normalized over the full vocabulary), ``lse = 0``,
+        temperature 1."""
+        if not isinstance(logprobs, torch.Tensor):
+            raise TypeError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+        lse = torch.zeros(logprobs.shape[:-1], dtype=torch.float32, device=logprobs.device)
+        return cls(logprobs, indices, lse, 1.0)
+
+    def tensors(self):
+        """``(values, indices, lse)``: the per-row fields (without ``temperature``)."""
+        return self.values, self.indices, self.lse
+
+    def map_tensors(self, fn) -> "TopKLogits":
+        """A copy with ``fn`` applied to each tensor field (e.g. indexing, ``.to(device)``)."""
+        return TopKLogits(*(fn(part) for part in self.tensors()), self.temperature)
 
     def log_probs(self, num_classes: int) -> torch.Tensor:
-        """Dense ``(..., V)`` float32 teacher log-probabilities: ``values - lse`` at the kept
-        indices (exact up to the stored dtype) and the tail mass ``1 - sum exp(values - lse)``
-        spread evenly over the other ``V - k`` classes (a floor of 1e-12 when it rounds to 0)."""
-        kept = self.values.float() - self.lse.float().unsqueeze(-1)
+        """The explicit, slow densifier: a ``(..., V)`` float32 tensor of teacher
+        log-probabilities at ``self.temperature``. ``values / T - lse`` at the kept ids and the
+        rest mass ``1 - sum_k exp(values_k / T - lse)`` spread evenly over the other ``V - K``
+        classes (a floor of 1e-12 when it rounds to 0).
+
+        This builds a full ``(N, V)`` tensor and changes the target (the rest mass is spread
+        evenly); :func:`fastkd.kd_loss` takes the ``TopKLogits`` itself without either.
+        """
+        from fastkd.checks import check_temperature_value
+        temperature = check_temperature_value("TopKLogits.temperature", self.temperature)
+        kept = self.values.float() / temperature - self.lse.float().unsqueeze(-1)
         k = kept.shape[-1]
         if num_classes < k:
             raise ValueError(f"num_classes={num_classes} is smaller than top-k={k}")
@@ -35,3 +79,36 @@ class TopKLogits(NamedTuple):
             tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
             out.copy_((tail / (num_classes - k)).log().expand_as(out))
         return out.scatter_(-1, self.indices.long(), kept)
+
+
+class SampledTargets(NamedTuple):
+    """Teacher rows given as K draws from the (tempered) teacher distribution.
+
+    Fields:
+        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
+        counts: ``(..., K)`` non-negative integer (or float) counts, at least one positive
+            per row (padding entries have count 0 and any valid id).
+
+    The target distribution is ``P = counts / counts.sum(-1)`` over ``indices`` and 0 elsewhere:
+    an unbiased estimate of the teacher's, so forward KL / cross-entropy against it has an
+    unbiased gradient. There is no tail: ``P`` sums to 1 over the drawn ids.
+    """
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+    def tensors(self):
+        """``(indices, counts)``: the per-row fields."""
+        return self.indices, self.counts
+
+    def map_tensors(self, fn) -> "SampledTargets":
+        """A copy with ``fn`` applied to each tensor field."""
+        return SampledTargets(*(fn(part) for part in self.tensors()))
+
+    def probs(self, num_classes: int) -> torch.Tensor:
+        """The explicit, slow densifier: ``(..., V)`` float32 target probabilities."""
+        counts = self.counts.float()
+        out = counts.new_zeros(counts.shape[:-1] + (num_classes,))
+        return out.scatter_add_(-1, self.indices.long(), counts / counts.sum(-1, keepdim=True))
+
+
+SPARSE_TARGETS = (TopKLogits, SampledTargets)

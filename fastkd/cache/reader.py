@@ -182,7 +182,7 @@ class LogitCache:
         if self.variable:
             return result
         if isinstance(result, TopKLogits):
-            return TopKLogits(*(part[0] for part in result))
+            return result.map_tensors(lambda part: part[0])
         return result[0]
 
     def gather(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray]):
@@ -285,7 +285,9 @@ def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
     labels = _pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
         len(label) != 1 for label in labels) else torch.cat(labels)
     if isinstance(teachers[0], TopKLogits):
-        teacher = TopKLogits(*(_pad_stack(list(parts), 0) for parts in zip(*teachers)))
+        teacher = TopKLogits(*(_pad_stack(list(parts), 0)
+                               for parts in zip(*(item.tensors() for item in teachers))),
+                             teachers[0].temperature)
     else:
         teacher = _pad_stack(list(teachers), 0)
     return inputs, labels, teacher
