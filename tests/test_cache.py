@@ -82,8 +82,13 @@ def test_shards_are_plain_npy(digits_cache):
         assert array.dtype == np.float16
         assert array.shape == (shard["row_stop"] - shard["row_start"], 10)
         assert os.path.getsize(out / entry["file"]) == entry["bytes"]
-    labels = np.load(out / manifest["labels"]["file"], allow_pickle=False)
-    assert labels.shape == (1797,)
+    # labels are stored once (format version 2): int32, in the shards, no labels.npy
+    assert manifest["format_version"] == 2 and manifest["labels"] is None
+    assert not (out / fmt.LABELS_NAME).exists()
+    labels = np.concatenate([np.load(out / shard["files"]["labels"]["file"], allow_pickle=False)
+                             for shard in manifest["shards"]])
+    assert labels.dtype == np.int32 and labels.shape == (1797,)
+    assert np.array_equal(labels, digits_dataset().tensors[1].numpy())
 
 
 def test_indexing_slicing_gather(digits_cache):
@@ -332,9 +337,13 @@ def test_topk_layout(tmp_path):
     data = torch.utils.data.Subset(digits_dataset(), range(500))
     expected = teacher_outputs(teacher, digits_dataset().tensors[0][:500])
     manifest = write_cache(teacher, data, tmp_path / "c", top_k=8, batch_size=500,
-                           shard_size_mb=100 * (8 * 2 + 8 * 4 + 4) / 2 ** 20, progress=False)
+                           shard_size_mb=100 * (8 * 2 + 8 * 2 + 4) / 2 ** 20, progress=False)
     assert manifest["layout"] == "topk" and manifest["top_k"] == 8
     assert manifest["num_classes"] == 100 and len(manifest["shards"]) == 5
+    # on disk: uint16 ids (V <= 65536), lse (R, 1) at T = 1; read back as int32 and (R,)
+    files = manifest["shards"][0]["files"]
+    assert files["indices"]["dtype"] == "<u2" and files["lse"]["shape"] == [100, 1]
+    assert manifest["temperatures"] == [1.0]
     cache = LogitCache(tmp_path / "c")
     top = cache[:]
     want_values, want_indices = torch.topk(expected, 8, dim=-1)

@@ -76,7 +76,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     assert not list(resumed.glob("*" + fmt.TMP_SUFFIX))
     names = sorted(path.name for path in reference.iterdir())
     assert names == sorted(path.name for path in resumed.iterdir())
-    assert len(names) == 2 * 18 + 2  # 18 shards x (logits, labels), labels.npy, manifest.json
+    assert len(names) == 2 * 18 + 1  # 18 shards x (logits, labels), manifest.json
     for name in names:
         if name != fmt.MANIFEST_NAME:
             assert (reference / name).read_bytes() == (resumed / name).read_bytes(), name

@@ -6,6 +6,8 @@ joins the process group (gloo on CPU, nccl on CUDA) and each rank caches its sha
 import os
 import sys
 
+import numpy as np
+
 from fastkd.cache import manifest as fmt
 
 
@@ -32,8 +34,19 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cache.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
     cache.add_argument("--shard-size-mb", type=float, default=256.0)
-    cache.add_argument("--top-k", type=int, metavar="K",
-                       help="store only the K largest logits per row (+ indices and log-sum-exp)")
+    sparse = cache.add_mutually_exclusive_group()
+    sparse.add_argument("--top-k", type=int, metavar="K",
+                        help="store only the K largest logits per row (+ ids and the row's "
+                             "log-sum-exp at each --temperature)")
+    sparse.add_argument("--sample", type=int, metavar="K",
+                        help="store K draws per row from the teacher's distribution at "
+                             "--temperature, as distinct ids with counts (seeded by --seed)")
+    cache.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                       help="--top-k: the temperature(s) training will use (the log-sum-exp of "
+                            "the tempered row is stored for each; default 1); --sample: the "
+                            "temperature to draw at (default 1)")
+    cache.add_argument("--seed", type=int, default=0,
+                       help="seed of --sample's draws (default 0)")
     cache.add_argument("--clamp", action="store_true",
                        help="clamp values beyond the dtype's range instead of failing (the count "
                             "is recorded in the manifest; NaN always fails)")
@@ -80,6 +93,7 @@ def run_cache(args) -> int:
         manifest = write_cache(
             teacher, dataset, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
             device=device, dtype=args.dtype, shard_size_mb=args.shard_size_mb, top_k=args.top_k,
+            sample=args.sample, temperature=args.temperature, seed=args.seed,
             overwrite=args.overwrite, clamp=args.clamp, progress=not args.quiet,
             teacher_spec=args.teacher, dataset_spec=args.dataset)
     except (ValueError, TypeError, FileNotFoundError) as error:
@@ -120,12 +134,38 @@ def summary(directory: str, manifest: dict) -> str:
         f"dataset    {manifest['dataset']['spec'] or manifest['dataset']['class']}  "
         f"({fingerprint['length']} items, sha256 {fingerprint['sha256'][:16]}...)",
         _rows_line(manifest),
-        f"layout     {layout}, V={manifest['num_classes']}, {manifest['dtype']}, labels: "
+        f"layout     {layout}, V={manifest['num_classes']}, {_values_line(manifest)}, labels: "
         f"{manifest['labels_per'] or 'none'}, clamped values: {manifest.get('clamped_values', 0)}",
+        _bytes_line(manifest),
         f"storage    {len(manifest['shards'])} shards, {len(entries)} files, "
         f"{total / 2 ** 20:.2f} MiB",
     ]
     return "\n".join(lines)
+
+
+def _values_line(manifest: dict) -> str:
+    """The cache dtype, and what temperature sparse rows belong to."""
+    if manifest["layout"] == "sampled":
+        return (f"drawn at T={_numbers(manifest['temperatures'])} with seed {manifest['seed']}")
+    temperatures = manifest.get("temperatures") or ([1.0] if manifest["layout"] == "topk" else
+                                                    None)
+    if temperatures is None:
+        return manifest["dtype"]
+    return f"{manifest['dtype']} values, lse at T={_numbers(temperatures)}"
+
+
+def _numbers(values) -> str:
+    return ", ".join(f"{value:g}" for value in values)
+
+
+def _bytes_line(manifest: dict) -> str:
+    sizes = fmt.bytes_per_row(manifest)
+    arrays = ", ".join(f"{name} {np_dtype.itemsize * int(np.prod(shape))}"
+                       for name, (np_dtype, shape) in fmt.manifest_row_arrays(manifest).items())
+    dense = f"; dense fp16 would be {2 * manifest['num_classes']:,}" \
+        if manifest["layout"] in fmt.SPARSE_K_FIELD else ""
+    return (f"bytes/row  {sizes['teacher']:,} teacher ({arrays}) + {sizes['labels']:.4g} labels; "
+            f"{sizes['files']:,.1f} in all files{dense}")
 
 
 def _rows_line(manifest: dict) -> str:

@@ -8,18 +8,26 @@ A cache is a directory::
     offsets.npy                        (num_samples + 1,) int64 row offsets, variable-length only
     labels.npy                         dataset labels, when the dataset has them
 
-Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k):
+Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k or draws,
+``n_T`` = stored temperatures), format version 2:
 
 - ``dense``: ``logits`` ``(R, V)`` in the cache dtype (bf16 is stored as its uint16 bit pattern,
   because numpy has no bfloat16).
 - ``features``: ``features`` ``(R, D)`` in the cache dtype: intermediate teacher features
   (e.g. through ``fastkd.features.TeacherFeatures``) for feature distillation; ``num_classes``
   holds ``D``.
-- ``topk``: ``values`` ``(R, k)`` (cache dtype, largest first), ``indices`` ``(R, k)`` int32 and
-  ``lse`` ``(R,)`` float32, the log-sum-exp of the full teacher row.
+- ``topk``: ``values`` ``(R, k)`` (cache dtype, largest first), ``indices`` ``(R, k)`` (uint16
+  when ``V <= 65536``, else int32) and ``lse`` ``(R, n_T)`` float32, the log-sum-exp of the full
+  tempered teacher row ``z / T`` at each temperature of the manifest's ``temperatures``.
+- ``sampled``: ``indices`` and ``counts`` ``(R, w)``, ``w = min(k, V)``: the distinct class ids
+  among ``k`` draws from ``softmax(z / T)`` (most drawn first, ties by id) and how often each
+  was drawn (uint8 when ``k <= 255``, uint16 when ``k <= 65535``, else int32); a row with ``u <
+  w`` distinct ids is padded with ``w - u`` further distinct ids of count 0.
 
-Every shard also carries ``labels`` (per sample or per row) when the dataset has labels and
-``lengths`` (rows per sample, int64) when items are variable-length.
+Every shard also carries ``labels`` (per sample or per row, int32) when the dataset has labels
+and ``lengths`` (rows per sample, int64) when items are variable-length. Labels are stored once
+(version 1 stored them as int64 in every shard and again in ``labels.npy``; version 1 top-k ids
+are int32 and its ``lse`` is ``(R,)`` at T = 1). Both versions read.
 """
 import hashlib
 import json
@@ -29,7 +37,8 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 FORMAT_NAME = "fastkd-logit-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "offsets.npy"
 LABELS_NAME = "labels.npy"
@@ -39,12 +48,16 @@ TMP_SUFFIX = ".tmp"
 STORAGE_DTYPES = {"fp16": np.dtype("<f2"), "bf16": np.dtype("<u2"), "fp32": np.dtype("<f4")}
 # largest finite magnitude of each cache dtype (values beyond it would become inf)
 DTYPE_MAX = {"fp16": 65504.0, "bf16": 3.3895313892515355e38, "fp32": 3.4028234663852886e38}
-LAYOUTS = ("dense", "topk", "features")
+LAYOUTS = ("dense", "topk", "sampled", "features")
+# the layouts that keep K entries per row (the manifest field holding K)
+SPARSE_K_FIELD = {"topk": "top_k", "sampled": "sample"}
 # the one array of the layouts that store whole rows
 DENSE_ARRAY = {"dense": "logits", "features": "features"}
-INDEX_DTYPE = np.dtype("<i4")
+INDEX_DTYPE = np.dtype("<i4")  # class ids when V > 65536 (and always in version 1)
+SMALL_INDEX_DTYPE = np.dtype("<u2")  # class ids when V <= 65536
 LSE_DTYPE = np.dtype("<f4")
-LABEL_DTYPE = np.dtype("<i8")
+LABEL_DTYPE = np.dtype("<i4")
+V1_LABEL_DTYPE = np.dtype("<i8")
 LENGTH_DTYPE = np.dtype("<i8")
 HASH_CHUNK = 1 << 22
 
@@ -77,30 +90,91 @@ def other_world_progress_files(names: Iterable[str], world_size: int) -> List[st
             name.endswith(".json") and not name.endswith(f"-of-{world_size}.json")]
 
 
-def row_arrays(layout: str, dtype: str, num_classes: int, top_k: Optional[int]) -> Dict[str, tuple]:
-    """``{array name: (numpy dtype, per-row shape)}`` of the teacher arrays of a layout."""
+def index_dtype(num_classes: int, version: int = FORMAT_VERSION) -> np.dtype:
+    """Storage dtype of sparse class ids: uint16 when every id fits (V <= 65536), else int32."""
+    return SMALL_INDEX_DTYPE if version >= 2 and num_classes <= 65536 else INDEX_DTYPE
+
+
+def count_dtype(draws: int) -> np.dtype:
+    """Storage dtype of sampled counts (each at most ``draws``): uint8, uint16 or int32."""
+    return np.dtype("<u1") if draws <= 255 else np.dtype("<u2") if draws <= 65535 else \
+        np.dtype("<i4")
+
+
+def sampled_width(draws: int, num_classes: int) -> int:
+    """Entries per sampled row: ``draws`` draws have at most ``min(draws, V)`` distinct ids."""
+    return min(draws, num_classes)
+
+
+def row_arrays(layout: str, dtype: str, num_classes: int, k: Optional[int],
+               num_temperatures: int = 1, version: int = FORMAT_VERSION) -> Dict[str, tuple]:
+    """``{array name: (numpy dtype, per-row shape)}`` of the teacher arrays of a layout
+    (``k`` = top-k or number of draws; ``num_temperatures`` = lse columns of a top-k row)."""
     if layout in DENSE_ARRAY:
         return {DENSE_ARRAY[layout]: (STORAGE_DTYPES[dtype], (num_classes,))}
     if layout == "topk":
-        return {"values": (STORAGE_DTYPES[dtype], (top_k,)), "indices": (INDEX_DTYPE, (top_k,)),
-                "lse": (LSE_DTYPE, ())}
+        return {"values": (STORAGE_DTYPES[dtype], (k,)),
+                "indices": (index_dtype(num_classes, version), (k,)),
+                "lse": (LSE_DTYPE, () if version == 1 else (num_temperatures,))}
+    if layout == "sampled" and version >= 2:
+        width = sampled_width(k, num_classes)
+        return {"indices": (index_dtype(num_classes, version), (width,)),
+                "counts": (count_dtype(k), (width,))}
     raise CacheError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
 
 
+def manifest_k(manifest: dict) -> Optional[int]:
+    """K of a sparse cache (top-k or draws per row), None for dense rows."""
+    field = SPARSE_K_FIELD.get(manifest["layout"])
+    return manifest.get(field) if field else None
+
+
+def manifest_row_arrays(manifest: dict) -> Dict[str, tuple]:
+    """:func:`row_arrays` of a (progress or finished) manifest of any readable version."""
+    return row_arrays(manifest["layout"], manifest["dtype"], manifest["num_classes"] or 0,
+                      manifest_k(manifest), len(manifest.get("temperatures") or [1.0]),
+                      manifest.get("format_version", FORMAT_VERSION))
+
+
+def label_dtype(version: int = FORMAT_VERSION) -> np.dtype:
+    return V1_LABEL_DTYPE if version == 1 else LABEL_DTYPE
+
+
+def bytes_per_row(manifest: dict) -> Dict[str, float]:
+    """``{"teacher", "labels", "files"}``: bytes per row of the teacher arrays, of the labels
+    (per-sample labels spread over the rows; both copies in version 1) and of every listed file (``.npy`` headers,
+    lengths, offsets included) divided by the rows written so far."""
+    rows = sum(shard["row_stop"] - shard["row_start"] for shard in manifest["shards"])
+    samples = sum(shard["sample_stop"] - shard["sample_start"] for shard in manifest["shards"])
+    labels = 0.0
+    if manifest["labels_per"] is not None:
+        per_row = 1.0 if manifest["labels_per"] == "row" else samples / max(rows, 1)
+        copies = 2 if manifest["format_version"] == 1 else 1  # v1: in shards and labels.npy
+        labels = label_dtype(manifest["format_version"]).itemsize * per_row * copies
+    files = sum(entry["bytes"] for entry in manifest_files(manifest)) / max(rows, 1)
+    return {"teacher": arrays_row_bytes(manifest_row_arrays(manifest)), "labels": labels,
+            "files": files}
+
+
 def describe_layout(manifest: dict) -> str:
-    """``dense``, ``features`` or ``top-<k>``: the layout as people read it."""
-    return f"top-{manifest['top_k']}" if manifest["layout"] == "topk" else manifest["layout"]
+    """``dense``, ``features``, ``top-<k>`` or ``sample-<k>``: the layout as people read it."""
+    if manifest["layout"] == "topk":
+        return f"top-{manifest['top_k']}"
+    if manifest["layout"] == "sampled":
+        return f"sample-{manifest['sample']}"
+    return manifest["layout"]
 
 
-def row_bytes(layout: str, dtype: str, num_classes: int, top_k: Optional[int]) -> int:
-    return sum(np_dtype.itemsize * int(np.prod(shape))
-               for np_dtype, shape in row_arrays(layout, dtype, num_classes, top_k).values())
+def arrays_row_bytes(arrays: Dict[str, tuple]) -> int:
+    """Bytes one row takes in the arrays :func:`row_arrays` describes."""
+    return sum(np_dtype.itemsize * int(np.prod(shape)) for np_dtype, shape in arrays.values())
 
 
-def rows_per_shard(shard_size_mb: float, layout: str, dtype: str, num_classes: int,
-                   top_k: Optional[int]) -> int:
-    """Shard boundaries depend only on these arguments, so a resumed run cuts identically."""
-    return max(1, int(shard_size_mb * 2 ** 20) // row_bytes(layout, dtype, num_classes, top_k))
+def rows_per_shard(manifest: dict) -> int:
+    """Rows per shard from the shard size and the row's bytes. Shard boundaries depend only on
+    the manifest's settings and V, so a resumed run cuts identically."""
+    return max(1, int(manifest["shard_size_mb"] * 2 ** 20) //
+               arrays_row_bytes(manifest_row_arrays(manifest)))
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -182,9 +256,9 @@ def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
         raise CacheError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path} has format version {manifest.get('format_version')}; this "
-                         f"fastkd reads version {FORMAT_VERSION}")
+                         f"fastkd reads versions {', '.join(map(str, READABLE_VERSIONS))}")
     if manifest.get("manifest_sha256") != _manifest_checksum(manifest):
         raise CacheError(f"{path} was modified after it was written (its manifest_sha256 does "
                          f"not match its contents)")
@@ -201,8 +275,7 @@ def manifest_files(manifest: dict) -> List[dict]:
 
 def check_structure(manifest: dict, where: str) -> None:
     """Row/sample ranges contiguous and adding up; shapes agree with ranges."""
-    expected_arrays = set(row_arrays(manifest["layout"], manifest["dtype"],
-                                     manifest["num_classes"] or 0, manifest["top_k"]))
+    expected_arrays = set(manifest_row_arrays(manifest))
     expected_arrays |= {"labels"} if manifest["labels_per"] else set()
     expected_arrays |= {"lengths"} if manifest["rows_per_sample"] == "variable" else set()
     sample, row = 0, 0

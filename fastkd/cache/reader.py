@@ -7,6 +7,7 @@ Rows come back as torch tensors that share memory with the map where possible (o
 a slice inside one shard); gathers and cross-shard slices copy. Maps are opened copy-on-write
 (``mmap_mode="c"``), so the tensors are writable in memory but the files never change.
 """
+import math
 import os
 from bisect import bisect_right
 from typing import List, Optional, Sequence, Union
@@ -17,7 +18,7 @@ import torch
 from fastkd.cache import manifest as fmt
 from fastkd.cache.specs import dataset_fingerprint
 from fastkd.cache.writer import split_item
-from fastkd.targets import TopKLogits
+from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 
 def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
@@ -29,16 +30,22 @@ class LogitCache:
     """A finished cache directory. ``len(cache)`` is the number of dataset samples.
 
     - ``cache[i]``: sample ``i``'s teacher rows: ``(V,)`` (one row per sample) or ``(L_i, V)``
-      (variable-length), or a :class:`TopKLogits` for top-k caches.
-    - ``cache[i:j]`` / ``cache.gather(indices)``: a batch, ``(n, V)`` (or a ``TopKLogits`` of
+      (variable-length); for top-k caches a :class:`~fastkd.TopKLogits` (ids as int32, ``lse``
+      at ``temperature``), for sampled caches a :class:`~fastkd.SampledTargets` (ids and counts
+      as int32).
+    - ``cache[i:j]`` / ``cache.gather(indices)``: a batch, ``(n, V)`` (or sparse targets of
       ``(n, k)``); for variable-length caches a list of per-sample results.
-    - ``.labels`` (tensor or None), ``.offsets`` (variable-length), ``.manifest``, ``.verify()``.
+    - ``.labels`` (int64 tensor or None), ``.offsets`` (variable-length), ``.manifest``,
+      ``.temperatures`` (what a top-k cache stores lse for / a sampled cache drew at),
+      ``.bytes_per_row``, ``.verify()``.
 
-    Opening checks the manifest's own checksum and structure and every file's size, so a
-    truncated, missing or edited file fails here with its name; ``verify()`` adds checksums.
+    ``temperature`` picks which stored log-sum-exp a top-k cache returns (default: the first in
+    ``.temperatures``); one the cache does not hold is an error. Opening checks the manifest's
+    own checksum and structure and every file's size, so a truncated, missing or edited file
+    fails here with its name; ``verify()`` adds checksums. Format versions 1 and 2 read.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, temperature: Optional[float] = None):
         self.path = os.fspath(path)
         self.manifest = fmt.read_manifest(self.path)
         where = os.path.join(self.path, fmt.MANIFEST_NAME)
@@ -55,9 +62,23 @@ class LogitCache:
         self._row_starts = [shard["row_start"] for shard in shards]
         self.layout = self.manifest["layout"]
         self.variable = self.manifest["rows_per_sample"] == "variable"
-        self.arrays = list(fmt.row_arrays(self.layout, self.manifest["dtype"],
-                                          self.manifest["num_classes"] or 0,
-                                          self.manifest["top_k"]))
+        self.version = self.manifest["format_version"]
+        self.arrays = list(fmt.manifest_row_arrays(self.manifest))
+        self.temperatures = self.manifest.get("temperatures") or (
+            [1.0] if self.layout == "topk" else None)
+        self.temperature = None
+        if self.layout in fmt.SPARSE_K_FIELD:
+            self.temperature = self.temperatures[0] if temperature is None else temperature
+            if self.temperature not in self.temperatures:
+                raise fmt.CacheError(f"{self.path} holds {fmt.describe_layout(self.manifest)} "
+                                     f"rows at temperature(s) {self.temperatures}, not "
+                                     f"{temperature!r} (cache it with --temperature "
+                                     f"{temperature!r})")
+        elif temperature is not None:
+            raise ValueError(f"temperature applies to top-k and sampled caches; {self.path} "
+                             f"holds {self.layout} rows")
+        self._lse_column = (self.temperatures.index(self.temperature)
+                            if self.layout == "topk" and self.version >= 2 else None)
         self._maps = None
         self._pid = None
 
@@ -104,9 +125,53 @@ class LogitCache:
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
-        """Dataset labels (per sample, or per row for token data), or None."""
-        labels = self._extra("labels")
-        return None if labels is None else torch.from_numpy(labels)
+        """Dataset labels (per sample, or per row for token data) as int64, or None."""
+        if self.manifest["labels_per"] is None:
+            return None
+        if self.version == 1:
+            return torch.from_numpy(self._extra("labels"))
+        maps = self._process_maps()
+        if "labels" not in maps:  # stored once, per shard: joined on first use
+            maps["labels"] = np.concatenate(
+                [fmt.load_array(self.path, shard["files"]["labels"], mmap_mode="r")
+                 for shard in self.manifest["shards"]]).astype(np.int64)
+        return torch.from_numpy(maps["labels"])
+
+    def sample_labels(self, index: int) -> Optional[torch.Tensor]:
+        """Sample ``index``'s label (0-d) or per-row labels ``(L_i,)`` as int64, or None."""
+        if self.manifest["labels_per"] is None:
+            return None
+        index = self._check_index(index)
+        if self.manifest["labels_per"] == "sample":
+            start, stop, starts = index, index + 1, self._sample_starts
+        else:
+            (start, stop), starts = self._sample_rows(index), self._row_starts
+        if self.version == 1:
+            labels = self._extra("labels")[start:stop]
+        else:
+            number = max(bisect_right(starts, start) - 1, 0)
+            shard = self.manifest["shards"][number]
+            first = shard["sample_start" if self.manifest["labels_per"] == "sample" else
+                          "row_start"]
+            # whole samples per shard: a sample's labels never straddle two shards
+            labels = self._shard_labels(number)[start - first:stop - first]
+        labels = torch.from_numpy(labels.astype(np.int64))
+        return labels[0] if self.manifest["labels_per"] == "sample" else labels
+
+    def _shard_labels(self, number: int) -> np.ndarray:
+        maps = self._process_maps()
+        key = ("labels", number)
+        if key not in maps:
+            maps[key] = fmt.load_array(self.path, self.manifest["shards"][number]["files"][
+                "labels"], mmap_mode="r")
+        return maps[key]
+
+    @property
+    def bytes_per_row(self) -> dict:
+        """``{"teacher": B, "labels": B, "files": B}``: bytes of one row's teacher arrays, of its
+        labels (per-sample labels spread over the sample's rows) and of every cache file over
+        the rows (headers, offsets and the manifest's file list included)."""
+        return fmt.bytes_per_row(self.manifest)
 
     @property
     def offsets(self) -> Optional[torch.Tensor]:
@@ -122,11 +187,18 @@ class LogitCache:
 
     # ------------------------------------------------------------------------- rows
     def _wrap(self, arrays: dict):
+        """Arrays of some rows -> what the cache returns for them (see the class docstring)."""
         dtype = self.manifest["dtype"]
+        if self.layout in fmt.SPARSE_K_FIELD:
+            # ids (uint16 on disk when V <= 65536) and counts (uint8/uint16) come back as int32
+            indices = torch.from_numpy(arrays["indices"].astype(np.int32))
         if self.layout == "topk":
-            return TopKLogits(_as_tensor(arrays["values"], dtype),
-                              _as_tensor(arrays["indices"], None),
-                              _as_tensor(arrays["lse"], None))
+            lse = arrays["lse"] if self._lse_column is None else \
+                arrays["lse"][..., self._lse_column]
+            return TopKLogits(_as_tensor(arrays["values"], dtype), indices,
+                              torch.from_numpy(lse), self.temperature)
+        if self.layout == "sampled":
+            return SampledTargets(indices, torch.from_numpy(arrays["counts"].astype(np.int32)))
         return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
 
     def rows(self, start: int, stop: int):
@@ -181,7 +253,7 @@ class LogitCache:
         result = self.rows(start, stop)
         if self.variable:
             return result
-        if isinstance(result, TopKLogits):
+        if isinstance(result, SPARSE_TARGETS):
             return result.map_tensors(lambda part: part[0])
         return result[0]
 
@@ -230,8 +302,15 @@ class CachedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, cache: Union[LogitCache, str], *, check_fingerprint: bool = True,
-                 ignore_index: int = -100):
-        self.cache = cache if isinstance(cache, LogitCache) else LogitCache(cache)
+                 ignore_index: int = -100, temperature: Optional[float] = None):
+        if isinstance(cache, LogitCache):
+            if temperature is not None and temperature != cache.temperature:
+                raise ValueError(f"temperature={temperature!r} but the LogitCache was opened at "
+                                 f"{cache.temperature!r}; open it with LogitCache(path, "
+                                 f"temperature={temperature!r})")
+            self.cache = cache
+        else:
+            self.cache = LogitCache(cache, temperature=temperature)
         if len(dataset) != len(self.cache):
             raise ValueError(f"dataset has {len(dataset)} items but the cache at "
                              f"{self.cache.path} holds {len(self.cache)} samples")
@@ -250,14 +329,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         model_input, label = split_item(self.dataset[index])
         if label is None:
-            labels = self.cache.labels
-            if labels is None:
+            label = self.cache.sample_labels(index)
+            if label is None:
                 label = self.ignore_index
-            elif self.cache.manifest["labels_per"] == "sample":
-                label = labels[index]
-            else:
-                start, stop = self.cache._sample_rows(index)
-                label = labels[start:stop]
         return model_input, torch.as_tensor(label), self.cache[index]
 
 
@@ -269,12 +343,54 @@ def _pad_stack(tensors: List[torch.Tensor], value) -> torch.Tensor:
     return out
 
 
+def _sparse_filler(target, length: int):
+    """``length`` rows that make a valid, harmless target of ``target``'s kind and width: ids
+    ``0..k-1`` (distinct), and a uniform distribution over them (top-k values 0 with ``lse =
+    log k`` at any temperature, so the tail mass is 0; sampled counts 1). Padded positions carry
+    ``ignore_index`` labels, so they add nothing to the loss; the filler only keeps them
+    finite."""
+    k = target.indices.shape[-1]
+    indices = torch.arange(k, dtype=target.indices.dtype).expand(length, k)
+    if isinstance(target, TopKLogits):
+        return TopKLogits(target.values.new_zeros(length, k), indices,
+                          target.lse.new_full((length,), math.log(k)), target.temperature)
+    return SampledTargets(indices, target.counts.new_ones(length, k))
+
+
+def _like(template, tensors) -> Union[TopKLogits, SampledTargets]:
+    """A target of ``template``'s type (and temperature) holding ``tensors``."""
+    if isinstance(template, TopKLogits):
+        return TopKLogits(*tensors, template.temperature)
+    return SampledTargets(*tensors)
+
+
+def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
+    """Per-sample sparse targets ``(L_i, k)`` (or ``(k,)``) -> one target of ``(B, L, k)`` (or
+    ``(B, k)``), rows past each sample's end filled by :func:`_sparse_filler`."""
+    kinds = {type(target).__name__ for target in targets}
+    temperatures = {float(target.temperature) for target in targets
+                    if isinstance(target, TopKLogits)}
+    if len(kinds) > 1 or len(temperatures) > 1:
+        raise ValueError(f"cannot batch different teacher targets: {sorted(kinds)}, "
+                         f"temperatures {sorted(temperatures)}")
+    if targets[0].indices.dim() > 1:  # variable length: pad every sample to the longest
+        length = max(target.indices.shape[0] for target in targets)
+        targets = [_like(target, [torch.cat(parts) for parts in zip(
+            target.tensors(), _sparse_filler(target, length - len(target.indices)).tensors())])
+            for target in targets]
+    return _like(targets[0], [torch.stack(parts)
+                              for parts in zip(*(target.tensors() for target in targets))])
+
+
 def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
-    """Collate variable-length ``(input, labels (L_i,), teacher (L_i, V) or TopKLogits)`` items
-    into ``(inputs (B, L), labels (B, L), teacher (B, L, V))`` padded on the right: inputs with
-    ``pad_value`` (dict inputs field by field), labels with ``ignore_index`` (so padded positions
-    carry no loss), teacher rows with zeros. Fixed-length items collate to the same shapes
-    as the default collate."""
+    """Collate ``(input, labels, teacher)`` items (what :class:`CachedDataset` yields) into
+    ``(inputs, labels, teacher)`` batches, padding variable-length items on the right to the
+    longest: inputs ``(B, L)`` with ``pad_value`` (dict inputs field by field), labels ``(B, L)``
+    with ``ignore_index`` (so padded positions carry no loss), dense teacher rows ``(B, L, V)``
+    with zeros, and sparse teachers (:class:`~fastkd.TopKLogits`, :class:`~fastkd.SampledTargets`)
+    into one sparse target of ``(B, L, k)`` whose padded rows hold a valid uniform filler over
+    ids ``0..k-1``. The result goes to :func:`fastkd.kd_loss` as is. Fixed-length items collate
+    to the default collate's shapes (sparse: ``(B, k)``, top-k ``temperature`` kept a float)."""
     inputs, labels, teachers = zip(*batch)
     if isinstance(inputs[0], dict):
         inputs = {key: _pad_stack([torch.as_tensor(item[key]) for item in inputs], pad_value)
@@ -284,10 +400,8 @@ def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
     labels = [torch.as_tensor(label).reshape(-1) for label in labels]
     labels = _pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
         len(label) != 1 for label in labels) else torch.cat(labels)
-    if isinstance(teachers[0], TopKLogits):
-        teacher = TopKLogits(*(_pad_stack(list(parts), 0)
-                               for parts in zip(*(item.tensors() for item in teachers))),
-                             teachers[0].temperature)
+    if isinstance(teachers[0], SPARSE_TARGETS):
+        teacher = _pad_sparse(teachers)
     else:
         teacher = _pad_stack(list(teachers), 0)
     return inputs, labels, teacher

@@ -25,9 +25,10 @@ from fastkd.cache import manifest as fmt
 from fastkd.cache.specs import dataset_fingerprint, teacher_fingerprint
 
 # manifest fields that must agree for a re-run to resume instead of refusing
-IDENTITY_FIELDS = ("teacher", "dataset", "dtype", "layout", "top_k", "shard_size_mb",
-                   "batch_size", "world_size", "clamp")
+IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
+                   "temperatures", "seed", "shard_size_mb", "batch_size", "world_size", "clamp")
 QUEUE_DEPTH = 2
+SAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 CDF elements per sampling chunk (128 MiB)
 
 
 def resolve_device(device) -> torch.device:
@@ -102,34 +103,114 @@ def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
 
 
+def _ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Class ids in the format's id dtype (uint16 when V <= 65536, else int32)."""
+    return indices.to(torch.int32).cpu().numpy().astype(fmt.index_dtype(num_classes))
+
+
+def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """``(R, draws)`` float64 uniforms in [0, 1): the rows of dataset sample ``i`` take the first
+    ``rows x draws`` numbers of ``numpy.random.default_rng([seed, i])``, in row order. A row's
+    draws depend only on the seed, its sample and its position there (not on batching, ranks
+    or resumption), so a cache is reproducible to the byte."""
+    uniforms = np.empty((len(row_samples), draws))
+    starts = np.flatnonzero(np.r_[True, row_samples[1:] != row_samples[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(row_samples)]):
+        generator = np.random.default_rng([seed, int(row_samples[start])])
+        uniforms[start:stop] = generator.random((stop - start, draws))
+    return uniforms
+
+
+def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
+    """Draw ``draws`` classes per row from ``softmax(rows / temperature)`` by inverse CDF with the
+    given ``(R, draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep
+    their chance). Returns ``(indices, counts)``, both ``(R, w)`` int64 with ``w = min(draws,
+    V)``: the distinct drawn ids, most drawn first (ties: smaller id first), then, when fewer
+    than ``w`` distinct ids were drawn, the smallest ids not drawn with count 0 (so every row
+    holds ``w`` distinct ids and ``counts.sum(-1) == draws``)."""
+    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // rows.shape[1])
+    parts = [_sample_chunk(rows[start:start + chunk], draws, temperature,
+                           uniforms[start:start + chunk]) for start in range(0, len(rows), chunk)]
+    if not parts:
+        width = fmt.sampled_width(draws, rows.shape[1])
+        empty = torch.zeros(0, width, dtype=torch.int64, device=rows.device)
+        return empty, empty.clone()
+    return torch.cat([ids for ids, _ in parts]), torch.cat([counts for _, counts in parts])
+
+
+def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
+    num_rows, num_classes = rows.shape
+    width = fmt.sampled_width(draws, num_classes)
+    cdf = torch.softmax(rows.double() / temperature, dim=-1).cumsum_(-1)
+    # class j is drawn when cdf[j - 1] < u * total <= cdf[j] (zero-probability classes never);
+    # the floor keeps u = 0 off a zero-probability class 0
+    targets = (torch.from_numpy(uniforms).to(rows.device) * cdf[:, -1:]).clamp_(
+        min=torch.finfo(torch.float64).tiny)
+    drawn = torch.searchsorted(cdf, targets).clamp_(max=num_classes - 1)
+    del cdf, targets
+    drawn, _ = drawn.sort(dim=-1)
+    # run-length encode each sorted row: group of entry j = number of distinct ids before it
+    starts = torch.ones_like(drawn, dtype=torch.bool)
+    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = starts.cumsum(-1) - 1
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    ids = torch.zeros_like(drawn).scatter_(1, group, drawn)  # one id per group
+    distinct = starts.sum(-1, keepdim=True)
+    # most drawn first, then by id; the unused groups (count 0) last
+    order = ((draws - counts) * num_classes + ids).argsort(dim=-1)[:, :width]
+    ids, counts = ids.gather(1, order), counts.gather(1, order)
+    # pad with the smallest ids not drawn: at most `distinct` of the first min(2w, V) ids were
+    # drawn, so at least w - distinct of them are free
+    span = min(2 * width, num_classes)
+    slot = torch.arange(width, device=rows.device).expand(num_rows, width)
+    real = slot < distinct
+    used = torch.zeros(num_rows, span + 1, dtype=torch.long, device=rows.device)  # +1: discard
+    used.scatter_(1, torch.where(real & (ids < span), ids, span), 1)
+    free = (used[:, :span] * span + torch.arange(span, device=rows.device)).argsort(dim=-1)
+    padding = free.gather(1, (slot - distinct).clamp(min=0))
+    return torch.where(real, ids, padding), counts
+
+
 class _RowConverter:
     """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values."""
 
-    def __init__(self, layout: str, dtype: str, top_k: Optional[int], clamp: bool):
-        self.layout, self.dtype, self.top_k, self.clamp = layout, dtype, top_k, clamp
-        self.limit = fmt.DTYPE_MAX[dtype]
+    def __init__(self, state: dict):
+        self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
+        self.k = fmt.manifest_k(state)
+        self.temperatures, self.seed = state["temperatures"], state["seed"]
+        self.limit = fmt.DTYPE_MAX[self.dtype]
 
     def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
         """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
-        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages).
+        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages and, in
+        sampled caches, the random stream of the row).
 
         One ``aminmax`` pass decides the common case (all finite and in range: NaN and inf
         propagate into it); only a failing batch is searched for the offending sample."""
         low, high = (float(bound) for bound in torch.aminmax(rows))
         finite = np.isfinite(low) and np.isfinite(high)
+        sparse = self.layout in fmt.SPARSE_K_FIELD
         if not finite:
             self._refuse(torch.isnan(rows), row_samples, "NaN")
-            if self.layout == "topk" or not self.clamp:
+            if sparse or not self.clamp:
                 self._refuse(~torch.isfinite(rows), row_samples, "NaN/inf")
         if self.layout == "topk":
-            if self.top_k > rows.shape[1]:
-                raise ValueError(f"top_k={self.top_k} exceeds the teacher's {rows.shape[1]} "
+            if self.k > rows.shape[1]:
+                raise ValueError(f"top_k={self.k} exceeds the teacher's {rows.shape[1]} "
                                  f"classes")
-            values, indices = torch.topk(rows, self.top_k, dim=-1)
+            values, indices = torch.topk(rows, self.k, dim=-1)
             values, clamped = self._range(values, row_samples)
+            lse = torch.stack([torch.logsumexp(rows if temperature == 1 else rows / temperature,
+                                               dim=-1) for temperature in self.temperatures], -1)
             return {"values": _to_storage(values, self.dtype),
-                    "indices": indices.to(torch.int32).cpu().numpy(),
-                    "lse": torch.logsumexp(rows, dim=-1).cpu().numpy()}, clamped
+                    "indices": _ids_to_storage(indices, rows.shape[1]),
+                    "lse": lse.cpu().numpy()}, clamped
+        if self.layout == "sampled":
+            indices, counts = sample_rows(rows, self.k, self.temperatures[0],
+                                          _row_uniforms(row_samples, self.k, self.seed))
+            return {"indices": _ids_to_storage(indices, rows.shape[1]),
+                    "counts": counts.cpu().numpy().astype(fmt.count_dtype(self.k))}, \
+                np.zeros(rows.shape[0], np.int64)
         if finite and -self.limit <= low and high <= self.limit:
             clamped = np.zeros(rows.shape[0], np.int64)
         else:
@@ -275,7 +356,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k):
+def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed):
     for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (name == "batch_size"):
             raise ValueError(f"{name} must be an int >= {int(name == 'batch_size')}, got {value!r}")
@@ -286,6 +367,38 @@ def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k):
         raise ValueError(f"shard_size_mb must be a positive number, got {shard_size_mb!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None (dense) or an int >= 1, got {top_k!r}")
+    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or
+                               not 1 <= sample < 2 ** 31):
+        raise ValueError(f"sample must be None or an int in [1, 2**31) (draws per row), got "
+                         f"{sample!r}")
+    if top_k is not None and sample is not None:
+        raise ValueError(f"top_k and sample are two layouts; give one (got top_k={top_k!r}, "
+                         f"sample={sample!r})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+
+
+def _temperatures(temperature, layout: str) -> Optional[list]:
+    """The manifest's ``temperatures``: top-k lse columns / the sampling temperature."""
+    if layout not in fmt.SPARSE_K_FIELD:
+        if temperature is not None:
+            raise ValueError(f"temperature applies to top-k and sampled caches only (dense rows "
+                             f"are stored as raw logits); got temperature={temperature!r} with "
+                             f"layout={layout!r}")
+        return None
+    if temperature is None:
+        return [1.0]
+    values = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
+    if not values or any(isinstance(value, bool) or not isinstance(value, (int, float)) or
+                         not (0 < value < float("inf")) for value in values):
+        raise ValueError(f"temperature must be a positive finite number or a non-empty list of "
+                         f"them, got {temperature!r}")
+    values = [float(value) for value in values]
+    if len(set(values)) != len(values):
+        raise ValueError(f"temperature lists a value twice: {values}")
+    if layout == "sampled" and len(values) != 1:
+        raise ValueError(f"a sampled cache draws at one temperature, got {values}")
+    return values
 
 
 def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
@@ -335,14 +448,19 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
 def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                 num_workers: int = 0, device="cpu", dtype: str = "fp16",
                 shard_size_mb: float = 256, top_k: Optional[int] = None,
+                sample: Optional[int] = None, temperature=None, seed: int = 0,
                 overwrite: bool = False, clamp: bool = False, progress: bool = True,
                 teacher_spec: Optional[str] = None, dataset_spec: Optional[str] = None,
                 output_fn: Optional[Callable] = None, layout: Optional[str] = None) -> dict:
     """Cache ``output_fn(teacher(inputs))`` for every item of ``dataset`` into ``out_dir``.
 
     Teacher outputs must be ``(B, V)`` (one row per sample) or ``(B, L, V)`` (``L`` rows per
-    sample, stored row-concatenated with offsets). ``top_k=None`` stores dense rows in ``dtype``;
-    ``top_k=k`` stores per row the k largest values, their int32 indices and the fp32 log-sum-exp.
+    sample, stored row-concatenated with offsets). By default dense rows are stored in ``dtype``.
+    ``top_k=k`` stores per row the k largest values, their ids and the fp32 log-sum-exp of the
+    row tempered by each of ``temperature`` (a number or a list; default 1), so a sparse loss at
+    that temperature is exact. ``sample=k`` stores per row ``k`` draws from ``softmax(row /
+    temperature)`` (one temperature, default 1) as distinct ids with counts; draws come from
+    ``numpy.random.default_rng([seed, dataset index])``, so the cache is reproducible.
     Any ``(B, D)`` tensor works; pass ``layout="features"`` when the rows are intermediate
     teacher features (e.g. via ``fastkd.features.TeacherFeatures``) so the manifest says so.
     Returns the manifest (a dict). Resumes an interrupted run with the same settings.
@@ -351,16 +469,19 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
-    _validate(batch_size, num_workers, dtype, shard_size_mb, top_k)
+    _validate(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed)
     out_dir = os.fspath(out_dir)
     output_fn = output_fn or default_output_fn
     device = resolve_device(device)
     dist, rank, world_size = _distributed()
     if layout is None:
-        layout = "dense" if top_k is None else "topk"
-    if layout not in fmt.LAYOUTS or (layout == "topk") != (top_k is not None):
-        raise ValueError(f"layout must be one of {fmt.LAYOUTS} (topk exactly when top_k is set); "
-                         f"got layout={layout!r} with top_k={top_k!r}")
+        layout = "topk" if top_k is not None else "sampled" if sample is not None else "dense"
+    if layout not in fmt.LAYOUTS or (layout == "topk") != (top_k is not None) or \
+            (layout == "sampled") != (sample is not None):
+        raise ValueError(f"layout must be one of {fmt.LAYOUTS} (topk exactly when top_k is set, "
+                         f"sampled exactly when sample is set); got layout={layout!r} with "
+                         f"top_k={top_k!r}, sample={sample!r}")
+    temperatures = _temperatures(temperature, layout)
 
     from fastkd import __version__
     config = {
@@ -368,7 +489,9 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                     "fingerprint": teacher_fingerprint(teacher)},
         "dataset": {"spec": dataset_spec, "class": type(dataset).__name__,
                     "fingerprint": dataset_fingerprint(dataset)},
-        "dtype": dtype, "layout": layout, "top_k": top_k, "shard_size_mb": shard_size_mb,
+        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": layout, "top_k": top_k,
+        "sample": sample, "temperatures": temperatures,
+        "seed": seed if layout == "sampled" else None, "shard_size_mb": shard_size_mb,
         "batch_size": batch_size, "world_size": world_size, "clamp": clamp,
     }
     finished = _prepare_directory(out_dir, config, overwrite, rank, world_size, dist)
@@ -387,7 +510,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
     else:
-        state = dict(config, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
+        state = dict(config, format=fmt.FORMAT_NAME,
                      fastkd_version=__version__, created=_now(), status="incomplete",
                      rank=rank, sample_range=[rank_start, rank_stop], num_classes=None,
                      rows_per_sample=None, labels_per=None, rows_per_shard=None, shards=[])
@@ -442,7 +565,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
         shuffle=False, num_workers=num_workers, collate_fn=collate_groups,
         pin_memory=device.type == "cuda")
     teacher = teacher.to(device).eval()
-    converter = _RowConverter(state["layout"], state["dtype"], state["top_k"], state["clamp"])
+    converter = _RowConverter(state)
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     writer = _ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
@@ -518,9 +641,18 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
         arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(lengths)),
                                                     lengths))
     if labels is not None:
-        labels = torch.cat(list(labels)).numpy().astype(fmt.LABEL_DTYPE)
+        labels = _labels_to_storage(torch.cat(list(labels)))
     return {"arrays": arrays, "lengths": lengths, "labels": labels, "clamped": clamped,
             "variable": variable, "num_classes": rows.shape[1]}
+
+
+def _labels_to_storage(labels: torch.Tensor) -> np.ndarray:
+    """Dataset labels as the format's label dtype (int32), refusing values it cannot hold."""
+    info = np.iinfo(fmt.LABEL_DTYPE)
+    if labels.numel() and (int(labels.min()) < info.min or int(labels.max()) > info.max):
+        raise ValueError(f"dataset labels must fit in int32 (class ids or a negative ignore "
+                         f"index); found values in [{int(labels.min())}, {int(labels.max())}]")
+    return labels.numpy().astype(fmt.LABEL_DTYPE)
 
 
 def _record_or_check_shape(state: dict, batch: dict) -> None:
@@ -538,9 +670,7 @@ def _record_or_check_shape(state: dict, batch: dict) -> None:
              "rows_per_sample": "variable" if batch["variable"] else 1, "labels_per": labels_per}
     if state["num_classes"] is None:
         state.update(found)
-        state["rows_per_shard"] = fmt.rows_per_shard(state["shard_size_mb"], state["layout"],
-                                                     state["dtype"], found["num_classes"],
-                                                     state["top_k"])
+        state["rows_per_shard"] = fmt.rows_per_shard(state)
         return
     for key, value in found.items():
         if state[key] != value:
@@ -575,10 +705,6 @@ def _finalize(out_dir: str, world_size: int, num_samples: int) -> dict:
         offsets = np.zeros(num_samples + 1, fmt.LENGTH_DTYPE)
         np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
         manifest["offsets"] = fmt.write_npy_atomic(out_dir, fmt.OFFSETS_NAME, offsets)
-    if manifest["labels_per"] is not None:
-        labels = np.concatenate([fmt.load_array(out_dir, shard["files"]["labels"])
-                                 for shard in shards])
-        manifest["labels"] = fmt.write_npy_atomic(out_dir, fmt.LABELS_NAME, labels)
     fmt.fsync_directory(out_dir)
     fmt.write_manifest(out_dir, manifest)
     if world_size > 1:
