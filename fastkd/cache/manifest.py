@@ -6,7 +6,8 @@ A cache is a directory::
     manifest.json                      the index (written last-complete-shard-at-a-time, atomically)
     shard-<rank>-<index>.<array>.npy   one .npy file per array per shard
     offsets.npy                        (num_samples + 1,) int64 row offsets, variable-length only
-    labels.npy                         dataset labels, when the dataset has them
+    labels.npy                         dataset labels (format version 1 only; version 2 keeps
+                                       them once, in the shards)
 
 Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k or draws,
 ``n_T`` = stored temperatures), format version 2:
