@@ -22,7 +22,8 @@ or ``1 / T`` is a small integer, one student exponential is a few multiplies of 
 (``exp(d) = exp(d / T) ** T``) instead of a second ``exp``.
 
 ``-inf`` logits: the fast path lets ``0 * -inf`` produce NaN; a chunk whose divergence came out
-NaN is recomputed with those ``p == 0`` terms masked to 0 (NaN inputs stay NaN).
+NaN or infinite is recomputed with those ``p == 0`` terms masked to 0 and the jsd mixture
+``log m`` taken as a log-sum-exp (NaN inputs stay NaN; a truly infinite reverse KL stays inf).
 """
 import math
 from typing import Optional
@@ -187,8 +188,18 @@ def _soft_terms(student, teacher, scaled_s, exp_s, opts, work, guard):
         return div.view(-1), write_grad
 
     # jsd, 0 < beta < 1: log(p / m) = w - log m - log S
-    mixture = torch.mul(exp_t, beta / sum_t, out=work.get("mixture", rows))
-    log_mixture = mixture.addcmul_(exp_s, (1.0 - beta) / sum_s).log_()
+    if guard:
+        # log m as a log-sum-exp of the two log-probabilities: beta p_t + (1 - beta) p_s formed
+        # directly underflows to 0 while p_t is still a float32 subnormal, which makes
+        # log(p_t / m) = +inf on finite inputs (the fast path's non-finite result sends the
+        # chunk here)
+        log_p_t = torch.sub(scaled_t, log_sum_t - math.log(beta), out=work.get("mixture", rows))
+        log_p_s = torch.sub(scaled_s, log_sum_s - math.log1p(-beta),
+                            out=work.get("product", rows))
+        log_mixture = torch.logaddexp(log_p_t, log_p_s, out=log_p_t)
+    else:
+        mixture = torch.mul(exp_t, beta / sum_t, out=work.get("mixture", rows))
+        log_mixture = mixture.addcmul_(exp_s, (1.0 - beta) / sum_s).log_()
     ratio_s = scaled_s.sub_(log_mixture)
     ratio_t = scaled_t.sub_(log_mixture)
     if guard:
@@ -219,8 +230,9 @@ def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=Fals
         row_loss += opts.hard_weight * (sum_hard.log() - target_shifted).view(-1)
     if opts.soft:
         div, write_soft_grad = _soft_terms(student, teacher, scaled_s, exp_s, opts, work, guard)
-        if not guard and opts.divergence != "mse" and bool(torch.isnan(div).any()):
-            # 0 * -inf somewhere (p == 0 entries): redo with those terms masked out.
+        if not guard and opts.divergence != "mse" and not bool(torch.isfinite(div).all()):
+            # 0 * -inf somewhere (p == 0 entries), or a jsd mixture that underflowed: redo with
+            # those terms masked out and log m as a log-sum-exp.
             return _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=True)
         if opts.divergence != "mse":
             div = div.clamp_min(0.0) * (opts.temperature ** 2)  # >= 0 up to rounding
@@ -234,7 +246,7 @@ def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=Fals
         soft_scale = opts.grad_scale * opts.soft_weight
         if opts.hard:
             hard_scale = opts.grad_scale * opts.hard_weight
-            minus_one_hot = torch.full((rows, 1), -hard_scale, device=grad.device)
+            minus_one_hot = torch.ones((rows, 1), device=grad.device).mul_(-hard_scale)
             if opts.soft:
                 soft_grad = work.get("soft_grad", rows)
                 write_soft_grad(soft_grad, soft_scale)
@@ -253,30 +265,51 @@ def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=Fals
     return row_loss
 
 
+def _row_blocks(student_logits, teacher_logits, grad, chunk_rows):
+    """(first row, student, teacher, grad) 2-D views of at most ``chunk_rows`` rows each, in
+    row order. (B, S, V) inputs are chunked along S within each b: every block is a plain view
+    of the caller's memory (e.g. ``logits[:, :-1]``), so nothing logits-sized is copied."""
+    if student_logits.dim() == 2:
+        for start in range(0, student_logits.shape[0], chunk_rows):
+            block = slice(start, start + chunk_rows)
+            yield (start, student_logits[block], teacher_logits[block],
+                   grad[block] if grad is not None else None)
+        return
+    seq_len = student_logits.shape[1]
+    for batch in range(student_logits.shape[0]):
+        for start in range(0, seq_len, chunk_rows):
+            block = slice(start, start + chunk_rows)
+            yield (batch * seq_len + start, student_logits[batch, block],
+                   teacher_logits[batch, block],
+                   grad[batch, block] if grad is not None else None)
+
+
 @torch.no_grad()  # the gradient is computed here, not traced (direct callers may pass leaves)
 def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
                      soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                     ignore_index: int, grad_scale: float,
-                     grad: Optional[torch.Tensor]) -> torch.Tensor:
-    """Row losses ``(N,)`` float32 of ``(N, V)`` logits; fills ``grad`` (see the contract in
-    ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits`` when it is given."""
-    num_rows, num_classes = student_logits.shape
+                     ignore_index: int, grad_scale, grad: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row losses ``(N,)`` float32 of ``(N, V)`` (or ``(B, S, V)``) logits; fills ``grad`` (see
+    the contract in ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits``."""
+    num_classes = student_logits.shape[-1]
+    num_rows = student_logits.numel() // num_classes
     device = student_logits.device
     row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
     if num_rows == 0:
         return row_loss
+    if isinstance(grad_scale, torch.Tensor) and grad_scale.device.type == "cpu":
+        grad_scale = grad_scale.item()
+    elif not isinstance(grad_scale, torch.Tensor):
+        grad_scale = float(grad_scale)
     opts = _Options(float(temperature), float(soft_weight), float(hard_weight), divergence,
-                    float(beta), float(grad_scale), labels is not None or teacher_labels)
+                    float(beta), grad_scale, labels is not None or teacher_labels)
     chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
     chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
     work = _Workspace(chunk_rows, num_classes, device)
 
-    for start in range(0, num_rows, chunk_rows):
-        stop = min(start + chunk_rows, num_rows)
-        student = student_logits[start:stop]
-        teacher = teacher_logits[start:stop]
-        grad_chunk = grad[start:stop] if grad is not None else None
+    for start, student, teacher, grad_chunk in _row_blocks(student_logits, teacher_logits, grad,
+                                                           chunk_rows):
+        stop = start + student.shape[0]
         targets = keep = None
         if labels is not None:
             chunk_labels = labels[start:stop]
@@ -290,8 +323,26 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 targets = chunk_labels
             else:
                 targets = torch.where(keep, chunk_labels, torch.zeros_like(chunk_labels))
+            # labels the caller did not validate (validate_labels=False): never index out of
+            # bounds; such rows get a NaN loss below
+            clamped = targets.clamp(0, num_classes - 1)
+            out_of_range = clamped != targets
+            targets = clamped
         elif teacher_labels:
             targets = teacher.argmax(1)  # first index of the maximum
         row_loss[start:stop] = _process_chunk(student, teacher, targets, keep, grad_chunk,
                                               opts, work)
+        if labels is not None:
+            _poison_rows(out_of_range, row_loss[start:stop], grad_chunk)
+        if teacher_labels and opts.hard:
+            # argmax picks a NaN as the maximum, which would hide it from a hard-only loss
+            _poison_rows(teacher.isnan().any(1), row_loss[start:stop], grad_chunk)
     return row_loss
+
+
+def _poison_rows(nan_rows, row_loss, grad):
+    """NaN loss (and gradient) for the rows in ``nan_rows``: a NaN input must reach the loss."""
+    if bool(nan_rows.any()):
+        row_loss.masked_fill_(nan_rows, float("nan"))
+        if grad is not None:
+            grad.masked_fill_(nan_rows.unsqueeze(1), float("nan"))

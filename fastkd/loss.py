@@ -1,6 +1,5 @@
 """The public fused knowledge-distillation loss: argument checks, the one backend dispatch point,
-the autograd wiring (a ``torch.library`` custom op, so ``torch.compile`` sees no graph break) and
-the ``KDLoss`` module.
+the autograd wiring and the ``KDLoss`` module.
 
 Math (rows = all leading dims flattened, logits ``(N, V)``, ``u = z / T``, ``p = softmax(u)``)::
 
@@ -12,15 +11,25 @@ The gradient with respect to the student logits is produced during the forward p
 backend and kept; backward only scales it by ``grad_output``. Teacher logits are constants: no
 gradient ever flows into them.
 
-Backends share one contract (see ``_BACKEND_CONTRACT``) and are chosen only in ``_dispatch``.
+Autograd: eager calls go through a plain ``torch.autograd.Function`` (cheapest per call, and
+nothing of ``torch._dynamo`` is imported); under ``torch.compile`` the same forward runs as a
+``torch.library`` custom op, so the compiler sees no graph break.
+
+Leading dims: ``(..., V)`` inputs reach the backends as 2-D ``(N, V)`` or 3-D ``(B, S, V)`` views
+of the caller's memory (e.g. ``logits[:, :-1]``), never copied when the last dim has stride 1 and
+the leading dims merge into at most two strided dims.
+
+Host syncs (CUDA): see ``_SYNC_NOTES`` and the README. Backends share one contract
+(``_BACKEND_CONTRACT``) and are chosen only in ``_dispatch``.
 """
 import os
 from typing import Optional, Union
 
 import torch
 
-from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, check_label_values, check_labels,
-                           check_logits, check_options)
+from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, check_inplace_target,
+                           check_labels, check_logits, check_options, label_status,
+                           raise_bad_labels)
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
 
@@ -29,14 +38,32 @@ kd_forward(student_logits, teacher_logits, labels, *, teacher_labels, temperatur
            hard_weight, divergence, beta, ignore_index, grad_scale, grad) -> row_loss
 
 student_logits, teacher_logits: (N, V) floating tensors, last-dim stride 1 (row stride free),
-    dtypes may differ. labels: (N,) int64 contiguous or None. teacher_labels: bool; when True,
-    labels is None and the hard label of a row is the first index of its teacher maximum.
+    dtypes may differ; or (B, S, V) with the same leading shape and any leading strides (rows in
+    row-major (b, s) order, N = B * S). labels: (N,) int64 contiguous or None. teacher_labels:
+    bool; when True, labels is None and the hard label of a row is the first index of its teacher
+    maximum (a teacher row holding a NaN gives a NaN loss).
 divergence: one of forward_kl, reverse_kl, jsd, mse. jsd arrives with 0 < beta < 1 only:
     _forward_impl turns beta 0 / 1 into forward_kl / reverse_kl before dispatch.
-Rows whose label == ignore_index get row_loss 0 and a zero gradient row.
-grad: None (no gradient wanted) or an (N, V) tensor of the student's dtype, last-dim stride 1,
+Rows whose label == ignore_index get row_loss 0 and a zero gradient row. A kept label outside
+    [0, V) is never read out of bounds: the row's loss is NaN (the caller validates labels).
+grad_scale: a float, or a 0-d float32 tensor on the logits' device (no host sync needed).
+grad: None (no gradient wanted) or a tensor of the student's shape and dtype, last-dim stride 1,
     possibly the student tensor itself (in-place); it is filled with grad_scale * d row_loss / dz_s.
 Returns row_loss: (N,) float32. All accumulation in float32.
+"""
+
+_SYNC_NOTES = """
+Host syncs per kd_loss step with backend="triton" on CUDA:
+- validate_labels=True (default), with a gradient: one, in backward, reading the label check
+  made in forward together with whether grad_output is 1 (a bad label raises there; its rows
+  were made NaN and nothing was read out of bounds).
+- validate_labels=True without a gradient (no_grad / eval): one, in forward (the label check).
+- validate_labels=False: none. The kept-row count stays on the device; a kept label outside
+  [0, V) makes its row's loss NaN; backward scales the saved gradient by grad_output in place
+  (one extra pass over it; differentiating the same graph twice then raises).
+- labels=None / "teacher": no label check; backward reads grad_output (one sync) unless
+  validate_labels=False (then none, as above).
+backend="torch" on CUDA synchronizes once per row chunk (NaN guard) and is not sync-free.
 """
 
 
@@ -63,12 +90,15 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_TRITON_IMPORTABLE = None
+
+
 def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _TRITON_IMPORTABLE
+    if _TRITON_IMPORTABLE is None:
+        import importlib.util
+        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_IMPORTABLE
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -96,38 +126,111 @@ def _dispatch(backend: str):
     return kd_forward_torch
 
 
+# ----------------------------------------------------------------------------- row views
+def _merged_leading_dims(shape, *strides):
+    """Merge adjacent leading dims that collapse into one strided dim in every tensor; returns
+    the merged sizes (dims of size 1 dropped)."""
+    sizes, inner_strides = [], []
+    for dim, size in enumerate(shape):
+        if size == 1:
+            continue
+        dim_strides = [stride[dim] for stride in strides]
+        if sizes and all(outer == size * inner for outer, inner in zip(inner_strides, dim_strides)):
+            sizes[-1] *= size
+        else:
+            sizes.append(size)
+        inner_strides = dim_strides
+    return sizes
+
+
+def _row_views(student_logits, teacher_logits):
+    """(student, teacher) as (N, V) or (B, S, V) views of the same memory (no copy) when the
+    last dim has stride 1 and the leading dims merge into at most two strided dims; otherwise
+    a copy (rare: e.g. a transposed last dim, or three separately sliced leading dims)."""
+    num_classes = student_logits.shape[-1]
+    if student_logits.stride(-1) != 1 and num_classes > 1:
+        student_logits = student_logits.contiguous()
+    if teacher_logits.stride(-1) != 1 and num_classes > 1:
+        teacher_logits = teacher_logits.contiguous()
+    leading = student_logits.shape[:-1]
+    if student_logits.dim() == 2:
+        return student_logits, teacher_logits
+    sizes = _merged_leading_dims(leading, student_logits.stride()[:-1],
+                                 teacher_logits.stride()[:-1])
+    if student_logits.numel() == 0 or len(sizes) <= 1:
+        return student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes)
+    if len(sizes) == 2:
+        return (student_logits.view(sizes[0], sizes[1], num_classes),
+                teacher_logits.view(sizes[0], sizes[1], num_classes))
+    return student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes)
+
+
+# ----------------------------------------------------------------------------- forward
 _LABEL_NONE, _LABEL_TENSOR, _LABEL_TEACHER = 0, 1, 2
+# Device types on which reading a value back to the host is a sync that stalls the device queue
+# (tests add "cpu" here to run the deferred, sync-free code paths without a GPU).
+_SYNCING_DEVICES = {"cuda"}
 
 
-def _forward_impl(student_2d, teacher_2d, labels_1d, label_mode, temperature, soft_weight,
+class _Pending:
+    """A label check computed on the device in forward, read by backward (see _SYNC_NOTES)."""
+
+    def __init__(self, bad, labels, num_classes, ignore_index):
+        self.bad, self.labels = bad, labels
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def raise_if_bad(self, bad_value):
+        if bad_value:
+            raise_bad_labels(self.labels, self.num_classes, self.ignore_index)
+
+
+def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature, soft_weight,
                   hard_weight, divergence, beta, ignore_index, reduction, backend, needs_grad,
-                  grad_buffer=None):
-    """Run the backend; returns (loss, grad). ``loss`` is a scalar (batchmean/sum) or (N,) rows;
-    ``grad`` is already scaled for ``grad_output == 1`` (or per row, unscaled, for 'none')."""
-    num_rows, num_classes = student_2d.shape
+                  validate_labels=True, grad_buffer=None, defer_check=False):
+    """Run the backend; returns (loss, grad, pending). ``loss`` is a scalar (batchmean/sum) or
+    (N,) rows; ``grad`` is already scaled for ``grad_output == 1`` (or per row, unscaled, for
+    'none'); ``pending`` is a label check left for backward to read (or None)."""
+    num_classes = student_rows.shape[-1]
+    num_rows = labels_1d.shape[0] if labels_1d is not None else student_rows.numel() // max(
+        num_classes, 1)
+    pending = None
+    kept = num_rows
     if label_mode == _LABEL_TENSOR:
-        labels_1d = check_label_values(labels_1d, num_classes, ignore_index).contiguous()
-        kept = int((labels_1d != ignore_index).sum()) if num_rows else 0
+        labels_1d = labels_1d.to(torch.int64).contiguous()
+        if validate_labels or reduction == "batchmean":
+            kept_tensor, bad = label_status(labels_1d, num_classes, ignore_index)
+            if labels_1d.device.type not in _SYNCING_DEVICES:
+                kept_value, bad_value = torch.stack([kept_tensor, bad.long()]).tolist()
+                if validate_labels and bad_value:
+                    raise_bad_labels(labels_1d, num_classes, ignore_index)
+                kept = kept_value
+            else:
+                kept = kept_tensor
+                if validate_labels:
+                    pending = _Pending(bad, labels_1d, num_classes, ignore_index)
+                    if not defer_check:
+                        pending.raise_if_bad(bool(bad))  # the one sync of this step
+                        pending = None
     else:
         labels_1d = None
-        kept = num_rows
     # jsd with beta at an end point *is* forward/reverse KL (TRL GKD / Liger convention).
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
     elif divergence == "jsd" and beta == 1.0:
         divergence = "reverse_kl"
-    grad_scale = 1.0 / kept if (reduction == "batchmean" and kept > 0) else 1.0
-    if student_2d.stride(-1) != 1:
-        student_2d = student_2d.contiguous()
-    if teacher_2d.stride(-1) != 1:
-        teacher_2d = teacher_2d.contiguous()
+    if reduction != "batchmean":
+        grad_scale = 1.0
+    elif isinstance(kept, torch.Tensor):
+        grad_scale = 1.0 / kept.clamp(min=1).float()
+    else:
+        grad_scale = 1.0 / kept if kept > 0 else 1.0
     grad = None
     if needs_grad:
         grad = grad_buffer if grad_buffer is not None else torch.empty(
-            (num_rows, num_classes), dtype=student_2d.dtype, device=student_2d.device)
+            student_rows.shape, dtype=student_rows.dtype, device=student_rows.device)
     kd_forward = _dispatch(backend)
     row_loss = kd_forward(
-        student_2d, teacher_2d, labels_1d, teacher_labels=label_mode == _LABEL_TEACHER,
+        student_rows, teacher_rows, labels_1d, teacher_labels=label_mode == _LABEL_TEACHER,
         temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
         divergence=divergence, beta=beta, ignore_index=ignore_index, grad_scale=grad_scale,
         grad=grad)
@@ -135,21 +238,78 @@ def _forward_impl(student_2d, teacher_2d, labels_1d, label_mode, temperature, so
         loss = row_loss
     else:
         loss = row_loss.sum() * grad_scale
-    if grad is None:
-        grad = student_2d.new_empty((0,))
-    return loss, grad
+    return loss, grad, pending
 
 
-# ----------------------------------------------------------------------------- autograd (custom op)
+def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool,
+                pending: Optional[_Pending] = None, in_place: bool = False) -> torch.Tensor:
+    """dL/dz_s = grad * grad_output. A scalar grad_output of exactly 1 hands ``grad`` over as is
+    (no pass, no allocation); that needs its value on the host, read together with a pending
+    label check in one transfer. ``in_place`` (sync-free mode) scales without reading it."""
+    if per_row:
+        scale = grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
+        if pending is not None:
+            pending.raise_if_bad(bool(pending.bad))
+        return grad.mul_(scale) if in_place else grad * scale
+    if in_place and pending is None:
+        return grad.mul_(grad_output.to(grad.dtype))
+    if pending is not None:
+        output_value, bad_value = torch.stack(
+            [grad_output.detach().float().reshape(()), pending.bad.float()]).tolist()
+        pending.raise_if_bad(bad_value)
+    else:
+        output_value = grad_output.item()
+    if output_value == 1.0:
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+class _KDLossFunction(torch.autograd.Function):
+    """Eager autograd wiring: the gradient made in forward is saved and scaled in backward.
+    With ``grad_buffer`` (grad_inplace=True) it is written into the student logits' storage."""
+
+    @staticmethod
+    def forward(ctx, student_rows, teacher_rows, labels, options, grad_inplace):
+        (label_mode, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+         reduction, backend, validate_labels) = options
+        syncing = student_rows.device.type in _SYNCING_DEVICES
+        loss, grad, pending = _forward_impl(
+            student_rows, teacher_rows, labels, label_mode, temperature, soft_weight,
+            hard_weight, divergence, beta, ignore_index, reduction, backend, True,
+            validate_labels=validate_labels, grad_buffer=student_rows if grad_inplace else None,
+            defer_check=syncing)
+        if grad_inplace:
+            # The logits' values are gone: bump the version so any other saved use of them
+            # fails loudly in backward instead of reading the gradient as logits.
+            torch.autograd.graph.increment_version(student_rows)
+        ctx.save_for_backward(grad)
+        ctx.per_row = reduction == "none"
+        ctx.pending = pending
+        # sync-free mode on a device: scale in place instead of reading grad_output
+        ctx.scale_in_place = syncing and not validate_labels
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return (_scale_grad(grad, grad_output, ctx.per_row, ctx.pending, ctx.scale_in_place),
+                None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+# The custom op is registered at import (cheap: it imports nothing new) but only called while
+# torch.compile traces; its first call would import torch._dynamo, eager calls never make it.
 @torch.library.custom_op("fastkd::kd_loss_forward", mutates_args=())
 def _kd_loss_op(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor], label_mode: int, temperature: float,
                 soft_weight: float, hard_weight: float, divergence: str, beta: float,
                 ignore_index: int, reduction: str, backend: str,
                 needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = _forward_impl(student_logits, teacher_logits, labels, label_mode, temperature,
-                               soft_weight, hard_weight, divergence, beta, ignore_index,
-                               reduction, backend, needs_grad)
+    loss, grad, _ = _forward_impl(student_logits, teacher_logits, labels, label_mode,
+                                  temperature, soft_weight, hard_weight, divergence, beta,
+                                  ignore_index, reduction, backend, needs_grad)
+    if grad is None:
+        grad = student_logits.new_empty((0,))
     # custom ops may not return views of their inputs
     return loss.clone() if loss._base is not None else loss, grad
 
@@ -157,7 +317,7 @@ def _kd_loss_op(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 @_kd_loss_op.register_fake
 def _(student_logits, teacher_logits, labels, label_mode, temperature, soft_weight, hard_weight,
       divergence, beta, ignore_index, reduction, backend, needs_grad):
-    num_rows = student_logits.shape[0]
+    num_rows = student_logits.numel() // max(student_logits.shape[-1], 1)
     loss_shape = (num_rows,) if reduction == "none" else ()
     loss = student_logits.new_empty(loss_shape, dtype=torch.float32)
     grad = student_logits.new_empty(student_logits.shape if needs_grad else (0,))
@@ -173,46 +333,18 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """dL/dz_s = grad * grad_output; skip the pass when grad_output is exactly 1 (eager only)."""
-    if per_row:
-        return grad * grad_output.to(grad.dtype).unsqueeze(-1)
-    if not torch.compiler.is_compiling() and grad_output.device.type != "meta":
-        if grad_output.item() == 1.0:
-            return grad
-    return grad * grad_output.to(grad.dtype)
-
-
-def _backward(ctx, grad_output, _grad_of_grad):
+def _op_backward(ctx, grad_output, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad_output is None:
         return (None,) * 13
-    return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * 12
+    if ctx.per_row:
+        scaled = grad * grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
+    else:
+        scaled = grad * grad_output.to(grad.dtype)
+    return (scaled,) + (None,) * 12
 
 
-_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _KDLossInPlace(torch.autograd.Function):
-    """Eager-only variant that writes the gradient into the student logits' own storage."""
-
-    @staticmethod
-    def forward(ctx, student_2d, teacher_2d, labels, label_mode, temperature, soft_weight,
-                hard_weight, divergence, beta, ignore_index, reduction, backend):
-        loss, grad = _forward_impl(student_2d, teacher_2d, labels, label_mode, temperature,
-                                   soft_weight, hard_weight, divergence, beta, ignore_index,
-                                   reduction, backend, True, grad_buffer=student_2d)
-        # The logits' values are gone: bump the version so any other saved use of them fails
-        # loudly in backward instead of reading the gradient as logits.
-        torch.autograd.graph.increment_version(student_2d)
-        ctx.save_for_backward(grad)
-        ctx.per_row = reduction == "none"
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * 11
+_kd_loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -220,16 +352,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             labels: Union[torch.Tensor, str, None] = None, *, temperature: float = 1.0,
             soft_weight: float = 0.5, hard_weight: float = 0.5, divergence: str = "forward_kl",
             beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
-            backend: str = "auto", grad_inplace: bool = False) -> torch.Tensor:
+            backend: str = "auto", grad_inplace: bool = False,
+            validate_labels: bool = True) -> torch.Tensor:
     """Fused Hinton KD loss: ``soft_weight * T^2 * D(p_t, p_s) + hard_weight * CE(z_s, y)``.
 
     Args:
-        student_logits: ``(..., V)`` float32/float16/bfloat16; receives the gradient.
+        student_logits: ``(..., V)`` float32/float16/bfloat16; receives the gradient. Strided
+            leading dims (``logits[:, :-1]``) are read in place, without a copy.
         teacher_logits: ``(..., V)``, any of those dtypes (may differ from the student's);
             treated as a constant. ``-inf`` entries mean probability 0.
-        labels: ``(...)`` integer class ids (``ignore_index`` rows are excluded from both
-            terms), ``"teacher"`` (the teacher's argmax as hard label), or ``None`` (no hard term).
-        temperature: ``T > 0``, applied to both logits in the soft term only.
+        labels: ``(...)`` integer class ids of any integer dtype (``ignore_index`` rows are
+            excluded from both terms), ``"teacher"`` (the teacher's argmax as hard label), or
+            ``None`` (no hard term).
+        temperature: ``0 < T <= 100``, applied to both logits in the soft term only.
         divergence: ``forward_kl`` = KL(p_t||p_s), ``reverse_kl`` = KL(p_s||p_t), ``jsd``
             (generalized JSD with ``beta``; 0 / 1 are exactly forward / reverse KL), ``mse``
             (mean over V of squared raw-logit differences; no temperature, no T^2).
@@ -238,7 +373,11 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         backend: ``auto`` (Triton on CUDA, PyTorch fallback elsewhere), ``triton``, ``torch``.
         grad_inplace: write the gradient into ``student_logits``' storage (saves one logits-sized
             buffer). Only when nothing else needs those logits afterwards; not under
-            ``torch.compile``.
+            ``torch.compile``; refused when the student's elements overlap (``expand``) or
+            another input shares its memory.
+        validate_labels: check that every kept label is in ``[0, V)`` (a ``ValueError`` names
+            the first bad one). On CUDA that costs one host sync per step (read in backward);
+            ``False`` runs with no host sync at all: a bad label then makes its row's loss NaN.
 
     Returns:
         float32 scalar, or ``(...)`` float32 for ``reduction="none"``.
@@ -247,26 +386,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               divergence, beta, ignore_index, reduction, backend)
     resolved = _resolve_backend(backend, student_logits.device)
     leading = student_logits.shape[:-1]
-    num_classes = student_logits.shape[-1]
-    student_2d = student_logits.reshape(-1, num_classes)
-    teacher_2d = teacher_logits.detach().reshape(-1, num_classes)
+    student_rows, teacher_rows = _row_views(student_logits, teacher_logits.detach())
     if isinstance(labels, torch.Tensor):
         label_mode, labels_1d = _LABEL_TENSOR, labels.reshape(-1)
     else:
         label_mode = _LABEL_TEACHER if labels == "teacher" else _LABEL_NONE
         labels_1d = None
-    args = (label_mode, float(temperature), float(soft_weight), float(hard_weight), divergence,
-            float(beta), int(ignore_index), reduction, resolved)
+    options = (label_mode, float(temperature), float(soft_weight), float(hard_weight),
+               divergence, float(beta), int(ignore_index), reduction, resolved)
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    if grad_inplace and needs_grad:
-        if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        if grad_inplace and needs_grad:
             raise ValueError("grad_inplace=True is not supported under torch.compile")
-        if student_2d.data_ptr() != student_logits.data_ptr() or student_2d.stride(-1) != 1:
-            raise ValueError("grad_inplace=True needs student_logits whose rows are a view "
-                             "(last-dim stride 1, leading dims flattenable without a copy)")
-        loss = _KDLossInPlace.apply(student_2d, teacher_2d, labels_1d, *args)
+        loss, _ = _kd_loss_op(student_rows, teacher_rows, labels_1d, *options, needs_grad)
+    elif needs_grad:
+        if grad_inplace:
+            if student_rows.data_ptr() != student_logits.data_ptr():
+                raise ValueError("grad_inplace=True needs student_logits whose rows are a view "
+                                 "(last-dim stride 1, leading dims mergeable without a copy)")
+            check_inplace_target(student_rows, ("teacher_logits", teacher_rows))
+        loss = _KDLossFunction.apply(student_rows, teacher_rows, labels_1d,
+                                     options + (bool(validate_labels),), bool(grad_inplace))
     else:
-        loss, _ = _kd_loss_op(student_2d, teacher_2d, labels_1d, *args, needs_grad)
+        loss, _, _ = _forward_impl(student_rows, teacher_rows, labels_1d, *options, False,
+                                   validate_labels=bool(validate_labels))
     return loss.reshape(leading) if reduction == "none" else loss
 
 
@@ -279,14 +422,14 @@ class KDLoss(torch.nn.Module):
     def __init__(self, *, temperature: float = 1.0, soft_weight: float = 0.5,
                  hard_weight: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", backend: str = "auto",
-                 grad_inplace: bool = False):
+                 grad_inplace: bool = False, validate_labels: bool = True):
         super().__init__()
         check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                        reduction, backend)
         self.options = dict(temperature=temperature, soft_weight=soft_weight,
                             hard_weight=hard_weight, divergence=divergence, beta=beta,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
-                            grad_inplace=grad_inplace)
+                            grad_inplace=grad_inplace, validate_labels=validate_labels)
 
     def forward(self, student_logits, teacher_logits, labels=None):
         return kd_loss(student_logits, teacher_logits, labels, **self.options)

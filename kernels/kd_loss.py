@@ -102,6 +102,7 @@ def _log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta):
 def _kd_loss_kernel(
     student_ptr, teacher_ptr, labels_ptr, grad_ptr, row_loss_ptr,
     student_row_stride, teacher_row_stride, grad_row_stride,
+    student_batch_stride, teacher_batch_stride, grad_batch_stride, rows_per_batch,
     num_classes, temperature, soft_weight, hard_weight, beta, ignore_index, grad_scale,
     DIVERGENCE: tl.constexpr,      # _NONE, _FORWARD_KL, _REVERSE_KL, _JSD or _MSE
     SOFTMAX_DIVERGENCE: tl.constexpr,  # DIVERGENCE is forward_kl, reverse_kl or jsd
@@ -111,20 +112,31 @@ def _kd_loss_kernel(
     HAS_LABELS: tl.constexpr,      # labels tensor given (ignore_index applies)
     TEACHER_LABELS: tl.constexpr,  # hard label = first argmax of the teacher row
     WRITE_GRAD: tl.constexpr,
+    SCALE_IN_MEMORY: tl.constexpr,  # grad_scale is a pointer to one float32 (no host sync)
     BLOCK_V: tl.constexpr,
 ):
-    """One program per row: ``row_loss[row]`` and, if WRITE_GRAD, ``grad[row, :]``."""
+    """One program per row: ``row_loss[row]`` and, if WRITE_GRAD, ``grad[row, :]``.
+
+    Row ``r`` of a (B, S, V) view is ``(r // S, r % S)``; a 2-D (N, V) tensor is the case
+    ``rows_per_batch = N`` (batch strides unused)."""
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * student_row_stride
-    teacher_row = teacher_ptr + row * teacher_row_stride
-    grad_row = grad_ptr + row * grad_row_stride
+    batch = row // rows_per_batch
+    position = row % rows_per_batch
+    student_row = student_ptr + batch * student_batch_stride + position * student_row_stride
+    teacher_row = teacher_ptr + batch * teacher_batch_stride + position * teacher_row_stride
+    grad_row = grad_ptr + batch * grad_batch_stride + position * grad_row_stride
     block_cols = tl.arange(0, BLOCK_V)
+    if SCALE_IN_MEMORY:
+        grad_scale = tl.load(grad_scale)
 
     keep = True
     label = 0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
+        # an unvalidated label outside [0, V) is never used as an address: NaN loss instead
+        label_ok = (label >= 0) & (label < num_classes)
+        label = tl.where(label_ok, label, 0)
     if keep:
         inv_temperature = 1.0 / temperature
 
@@ -138,6 +150,7 @@ def _kd_loss_kernel(
         sum_sq = 0.0               # mse: sum (z_s - z_t)^2
         best_t = float("-inf")     # teacher argmax (first index of the maximum)
         best_idx = 0
+        teacher_nan = 0            # some teacher logit is NaN (argmax would hide it)
         for start in range(0, num_classes, BLOCK_V):
             cols = start + block_cols
             mask = cols < num_classes
@@ -147,6 +160,8 @@ def _kd_loss_kernel(
                 z_t = _load_row_block(teacher_row, cols, mask)
                 if TEACHER_LABELS:   # one reduction gives the block's max and its first index
                     block_max_t, block_argmax_t = tl.max(z_t, axis=0, return_indices=True)
+                    teacher_nan = tl.maximum(teacher_nan, tl.max((z_t != z_t).to(tl.int32),
+                                                                 axis=0))
                     is_better = block_max_t > best_t   # strict: an earlier block wins ties
                     best_idx = tl.where(is_better, start + block_argmax_t, best_idx)
                     best_t = tl.where(is_better, block_max_t, best_t)
@@ -234,6 +249,13 @@ def _kd_loss_kernel(
             # read before the gradient pass may overwrite the row (in-place)
             label_logit = tl.load(student_row + label).to(tl.float32)
             row_loss += hard_weight * (log_sum_ce - (label_logit - shift_s))
+        # NaN poison for a row whose hard label is bad or came from a NaN teacher row
+        poison = 0.0
+        if HAS_LABELS:
+            poison += tl.where(label_ok, 0.0, float("nan"))
+        if TEACHER_LABELS:
+            poison += tl.where(teacher_nan > 0, float("nan"), 0.0)
+        row_loss += poison
         tl.store(row_loss_ptr + row, row_loss)
 
         # ---------------------------------------------------------------- last pass: gradient
@@ -270,6 +292,7 @@ def _kd_loss_kernel(
                     else:
                         q = tl.exp(z_s - shift_s - log_sum_ce)
                     grad += hard_scale * tl.where(cols == label, q - 1.0, q)
+                grad += poison
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(row_loss_ptr + row, 0.0)
@@ -281,9 +304,17 @@ def _kd_loss_kernel(
 
 
 def _check_matrix(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dim() != 2 or tensor.stride(-1) != 1:
-        raise ValueError(f"{name} must be a 2-D (N, V) tensor with last-dim stride 1, got shape "
-                         f"{tuple(tensor.shape)} and strides {tensor.stride()}")
+    if tensor.dim() not in (2, 3) or (tensor.stride(-1) != 1 and tensor.shape[-1] > 1):
+        raise ValueError(f"{name} must be a 2-D (N, V) or 3-D (B, S, V) tensor with last-dim "
+                         f"stride 1, got shape {tuple(tensor.shape)} and strides "
+                         f"{tensor.stride()}")
+
+
+def _row_strides(tensor: torch.Tensor):
+    """(row stride, batch stride) of an (N, V) or (B, S, V) tensor (batch stride 0 for 2-D)."""
+    if tensor.dim() == 2:
+        return tensor.stride(0), 0
+    return tensor.stride(1), tensor.stride(0)
 
 
 def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels, temperature,
@@ -298,7 +329,8 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
     if teacher_logits.shape != student_logits.shape:
         raise ValueError("teacher_logits must have the student's shape "
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
-    num_rows, num_classes = student_logits.shape
+    num_classes = student_logits.shape[-1]
+    num_rows = student_logits.numel() // max(num_classes, 1)
     if labels is not None:
         if teacher_labels:
             raise ValueError("labels must be None when teacher_labels=True")
@@ -317,6 +349,15 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:
         return row_loss
+    rows_per_batch = student_logits.shape[1] if student_logits.dim() == 3 else num_rows
+    student_strides = _row_strides(student_logits)
+    teacher_strides = _row_strides(teacher_logits)
+    grad_strides = _row_strides(grad) if grad is not None else (0, 0)
+    scale_in_memory = isinstance(grad_scale, torch.Tensor)
+    if scale_in_memory:
+        grad_scale = grad_scale.to(device=student_logits.device, dtype=torch.float32).reshape(1)
+    else:
+        grad_scale = float(grad_scale)
     block, num_warps = block_settings(num_classes)
     if block_v is not None:
         block = block_v
@@ -328,10 +369,10 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
         labels if labels is not None else row_loss,         # placeholder, never read
         grad if grad is not None else student_logits,       # placeholder, never written
         row_loss,
-        student_logits.stride(0), teacher_logits.stride(0),
-        grad.stride(0) if grad is not None else 0,
+        student_strides[0], teacher_strides[0], grad_strides[0],
+        student_strides[1], teacher_strides[1], grad_strides[1], rows_per_batch,
         num_classes, float(temperature), float(soft_weight), float(hard_weight), float(beta),
-        int(ignore_index), float(grad_scale),
+        int(ignore_index), grad_scale,
         DIVERGENCE=code,
         SOFTMAX_DIVERGENCE=code in (_FORWARD_KL, _REVERSE_KL, _JSD),
         LOAD_TEACHER=code != _NONE or teacher_labels,
@@ -340,6 +381,7 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
         HAS_LABELS=labels is not None,
         TEACHER_LABELS=teacher_labels,
         WRITE_GRAD=grad is not None,
+        SCALE_IN_MEMORY=scale_in_memory,
         BLOCK_V=block,
         num_warps=num_warps,
     )

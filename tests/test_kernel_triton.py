@@ -415,13 +415,16 @@ COMPILE_SCRIPT = textwrap.dedent("""
     signature = dict(
         student_ptr="*" + student, teacher_ptr="*" + teacher, labels_ptr="*i64",
         grad_ptr="*" + student, row_loss_ptr="*fp32", student_row_stride="i64",
-        teacher_row_stride="i64", grad_row_stride="i64", num_classes="i32", temperature="fp32",
+        teacher_row_stride="i64", grad_row_stride="i64", student_batch_stride="i64",
+        teacher_batch_stride="i64", grad_batch_stride="i64", rows_per_batch="i64",
+        num_classes="i32", temperature="fp32",
         soft_weight="fp32", hard_weight="fp32", beta="fp32", ignore_index="i32",
         grad_scale="fp32")
     constants = dict(
         DIVERGENCE=divergence, SOFTMAX_DIVERGENCE=divergence in (1, 2, 3),
         LOAD_TEACHER=divergence != 0 or teacher_labels, HARD=hard, CE_SHARES_SOFTMAX=shared, HAS_LABELS=has_labels,
-        TEACHER_LABELS=teacher_labels, WRITE_GRAD=True, BLOCK_V=kd_loss.MAX_BLOCK_V)
+        TEACHER_LABELS=teacher_labels, WRITE_GRAD=True, SCALE_IN_MEMORY=False,
+        BLOCK_V=kd_loss.MAX_BLOCK_V)
     signature.update({name: "constexpr" for name in constants})
     source = ASTSource(kd_loss._kd_loss_kernel, signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
