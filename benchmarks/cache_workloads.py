@@ -9,6 +9,8 @@
   host-to-device copy): otherwise no page would be read at all.
 - train: a small CNN student distilled with ``fastkd.kd_loss`` from cached logits vs from the
   resnet18 teacher run online each step.
+- bytes: bytes per token of a language-model teacher's cache (V = 32000): dense fp16 against
+  ``--top-k K`` and ``--sample K`` (format version 2).
 Random inputs: throughput does not depend on what the pixels are.
 """
 import time
@@ -117,6 +119,45 @@ def read_gather_pass(cache, batch_size: int, seed: int = 0) -> int:
         batch = torch.as_tensor(cache.gather(indices))
         total += batch.numel() * batch.element_size()
     return total
+
+
+# ----------------------------------------------------------------------------- bytes
+class TokenSequences(torch.utils.data.Dataset):
+    """``num_sequences`` random token sequences of ``length``: items ``{"input_ids", "labels"}``
+    with next-token labels (the last one -100), as a language-model dataset gives them."""
+
+    def __init__(self, num_sequences: int, length: int, vocab: int, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (num_sequences, length), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        tokens = self.tokens[index]
+        return {"input_ids": tokens, "labels": torch.cat([tokens[1:], torch.tensor([-100])])}
+
+
+def token_teacher(vocab: int, device: str) -> nn.Module:
+    """A one-layer ``fastkd.models.TinyCausalLM`` with a ``vocab``-wide head (random weights)."""
+    from fastkd.models import TinyCausalLM
+    torch.manual_seed(0)
+    return TinyCausalLM(vocab, dim=32, num_layers=1, num_heads=2, max_len=1024).to(device).eval()
+
+
+# name -> write_cache keyword arguments of the layouts compared (K filled in by the caller)
+BYTES_LAYOUTS = {"dense": lambda k: {}, "top_k": lambda k: {"top_k": k},
+                 "sample": lambda k: {"sample": k}}
+
+
+def write_token_cache(teacher: nn.Module, dataset, out_dir: Path, layout: str, k: int,
+                      device: str) -> dict:
+    """Cache ``dataset`` in ``layout`` (a key of ``BYTES_LAYOUTS``); returns the manifest."""
+    from fastkd.cache import write_cache
+    manifest = write_cache(teacher, dataset, out_dir, batch_size=8, device=device, dtype="fp16",
+                           overwrite=True, progress=False, **BYTES_LAYOUTS[layout](k))
+    synchronize(device)
+    return manifest
 
 
 # ----------------------------------------------------------------------------- train

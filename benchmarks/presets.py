@@ -33,6 +33,12 @@ class CacheWorkload:
     train_batch: int = 32
     train_steps: int = 8
     train_rounds: int = 3
+    # bytes: token caches of a bytes_vocab-token LM teacher, dense fp16 vs --top-k and --sample
+    # bytes_k (bytes per token are deterministic: only the write time varies)
+    bytes_vocab: int = 32000
+    bytes_k: int = 32
+    bytes_sequences: int = 8
+    bytes_length: int = 128
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,8 @@ def _smoke() -> Preset:
                   cache=CacheWorkload(write_images=64, write_classes=10, write_batch=32,
                                       write_rounds=1, read_rows=256, read_vocab=1000, read_batch=64,
                                       read_rounds=1, train_images=128, train_classes=10,
-                                      train_batch=32, train_steps=2, train_rounds=1))
+                                      train_batch=32, train_steps=2, train_rounds=1,
+                                      bytes_sequences=2, bytes_length=16))
 
 
 PRESETS = {"quick": _quick, "full": _full, "smoke": _smoke}

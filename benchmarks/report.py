@@ -118,6 +118,11 @@ def evaluate_goals(records, device: str) -> list:
         detail += " (< 3x: the goal's condition does not hold)"
     goals.append(_at_least("cached-teacher training steps/s vs online teacher", ratio, 2,
                            detail=detail))
+    top_k = cache.get("bytes_top_k")
+    if top_k:
+        goals.append(_at_most(f"cache bytes per token: top-{top_k['k']} at V={top_k['vocab']} "
+                              f"(teacher arrays)", top_k["teacher_bytes_per_token"], 132, " B",
+                              detail=f"{top_k['bytes_per_token']:.1f} B with labels and all files"))
     return goals
 
 
@@ -172,6 +177,13 @@ def cache_table(records) -> str:
             figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.3g} MB/s; teacher alone "
                        f"{_ms(r['teacher_forward_s'])} ms, with cache write {_ms(r['median_s'])} ms: "
                        f"{r['overhead_pct']:+.1f}%")
+        elif metric.startswith("bytes"):
+            dense = next((d for d in records if d.get("metric") == "bytes_dense"), None)
+            figures = (f"{r['bytes_per_token']:,.1f} B/token in all files (teacher "
+                       f"{r['teacher_bytes_per_token']:,} + labels {r['label_bytes_per_token']:g})")
+            if dense and metric != "bytes_dense":
+                figures += f", {dense['bytes_per_token'] / r['bytes_per_token']:,.0f}x " \
+                           f"smaller than dense fp16"
         elif metric.startswith("read"):
             figures = f"{r['gbps']:.2f} GB/s ({_number(r['rows_per_s'])} rows/s)"
         else:

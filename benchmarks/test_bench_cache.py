@@ -1,5 +1,6 @@
 """Cache benchmarks: write overhead against the teacher's forward, read throughput from the page
-cache, and training steps/s with cached vs online teacher logits (workloads in cache_workloads)."""
+cache, training steps/s with cached vs online teacher logits, and bytes per token of dense,
+top-k and sampled token caches (workloads in cache_workloads)."""
 import statistics
 
 import pytest
@@ -88,6 +89,29 @@ def test_cache_read(benchmark, config, read_cache, pattern):
             f", {'slices cache[i:i+B]' if pattern == 'sequential' else 'cache.gather(random indices)'}",
             gbps=bytes_read / median_s / 1e9, rows_per_s=config.read_rows / median_s,
             bytes_read=bytes_read)
+
+
+@pytest.mark.parametrize("layout", list(work.BYTES_LAYOUTS))
+def test_cache_bytes_per_token(benchmark, config, device, tmp_path, layout):
+    """Bytes per token of a V = 32000 language-model teacher's cache: every file (headers,
+    lengths, offsets) / tokens, and the teacher arrays and labels of one row. Deterministic; the
+    time is that of writing the cache."""
+    from fastkd.cache import LogitCache
+    dataset = work.TokenSequences(config.bytes_sequences, config.bytes_length, config.bytes_vocab)
+    teacher = work.token_teacher(config.bytes_vocab, device)
+    out = tmp_path / layout
+    benchmark.group = "cache bytes"
+    benchmark.pedantic(work.write_token_cache, args=(teacher, dataset, out, layout,
+                                                     config.bytes_k, device), rounds=1)
+    cache = LogitCache(out)
+    sizes = cache.bytes_per_row
+    name = "dense fp16" if layout == "dense" else f"--{layout.replace('_', '-')} {config.bytes_k}"
+    _record(benchmark, f"bytes_{layout}",
+            f"{name}, V={config.bytes_vocab}, {cache.num_rows} tokens "
+            f"({config.bytes_sequences} x {config.bytes_length})",
+            bytes_per_token=work.cache_bytes(out) / cache.num_rows,
+            teacher_bytes_per_token=sizes["teacher"], label_bytes_per_token=sizes["labels"],
+            vocab=config.bytes_vocab, k=None if layout == "dense" else config.bytes_k)
 
 
 @pytest.fixture(scope="module")

@@ -78,13 +78,19 @@ def test_smoke_preset_end_to_end(tmp_path):
 
     cache = {r["metric"]: r for r in records if r.get("kind") == "cache"}
     assert set(cache) == {"write", "read_sequential", "read_gather", "train_cached",
-                          "train_online"}
+                          "train_online", "bytes_dense", "bytes_top_k", "bytes_sample"}
     assert cache["write"]["bytes_written"] >= 64 * 10 * 2  # at least the fp16 logits
     assert cache["read_gather"]["bytes_read"] == 256 * 1000 * 2
     assert cache["train_online"]["teacher_to_student_cost"] > 0
+    # V = 32000: top-32 rows 132 B (fp16 values, uint16 ids, fp32 lse), sample-32 rows 96 B
+    assert cache["bytes_top_k"]["teacher_bytes_per_token"] == 132
+    assert cache["bytes_sample"]["teacher_bytes_per_token"] == 96
+    assert cache["bytes_dense"]["teacher_bytes_per_token"] == 64000
+    assert 132 + 4 < cache["bytes_top_k"]["bytes_per_token"] < 64000 / 100
 
     goals = {g["goal"]: g for g in results["goals"]}
     assert any(name.startswith("cache write") for name in goals)
+    assert goals["cache bytes per token: top-32 at V=32000 (teacher arrays)"]["status"] == "met"
     markdown = written["markdown"].read_text()
     assert all(f"| {provider} |" in markdown for provider in providers_here)
     assert "## Goals" in markdown and "## Cache" in markdown and "WRONG" not in markdown
