@@ -18,11 +18,13 @@ def add_parser(subparsers) -> None:
                     "shards with a manifest. Re-running the same command resumes an interrupted "
                     "run.")
     cache.add_argument("--teacher", required=True, metavar="SPEC",
-                       help="package.module:attr (nn.Module or callable returning one) or "
-                            "torchvision:<model_name>")
+                       help="package.module:attr (nn.Module or callable returning one), "
+                            "torchvision:<model_name> or hf:<local dir> (a transformers causal "
+                            "LM; never downloaded)")
     cache.add_argument("--dataset", required=True, metavar="SPEC",
                        help="package.module:attr (map-style dataset or callable returning one), "
-                            "'digits', or torchvision:<DatasetClass> (with --data-root)")
+                            "'digits', torchvision:<DatasetClass> (with --data-root), or token "
+                            "data: jsonl:<file>, parquet:<file>, hf-disk:<dir>")
     cache.add_argument("--out", required=True, metavar="DIR", help="cache directory")
     cache.add_argument("--teacher-checkpoint", metavar="PATH",
                        help="state dict to load into the teacher (torch.load weights_only=True)")
@@ -33,6 +35,8 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--num-workers", type=int, default=0)
     cache.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     cache.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
+    cache.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="dtype an hf: teacher runs in (default: the checkpoint's)")
     cache.add_argument("--shard-size-mb", type=float, default=256.0)
     sparse = cache.add_mutually_exclusive_group()
     sparse.add_argument("--top-k", type=int, metavar="K",
@@ -88,7 +92,8 @@ def run_cache(args) -> int:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        teacher = resolve_teacher(args.teacher, args.teacher_checkpoint)
+        teacher = resolve_teacher(args.teacher, args.teacher_checkpoint,
+                                  teacher_dtype=args.teacher_dtype)
         dataset = resolve_dataset(args.dataset, args.data_root, args.data_split)
         manifest = write_cache(
             teacher, dataset, args.out, batch_size=args.batch_size, num_workers=args.num_workers,

@@ -2,9 +2,11 @@
 
 Teacher SPEC: ``package.module:attr`` (an ``nn.Module`` or a callable returning one; the current
 directory is importable) or ``torchvision:<model_name>`` (built without weights; load them with
-``--teacher-checkpoint``). Dataset SPEC: ``package.module:attr`` (a map-style dataset or a
-callable returning one), ``digits`` (scikit-learn's bundled digits) or
-``torchvision:<DatasetClass>`` read from ``--data-root`` (never downloaded).
+``--teacher-checkpoint``) or ``hf:<local dir>`` (a ``transformers`` causal LM, local files only;
+see :mod:`fastkd.hf`). Dataset SPEC: ``package.module:attr`` (a map-style dataset or a
+callable returning one), ``digits`` (scikit-learn's bundled digits),
+``torchvision:<DatasetClass>`` read from ``--data-root`` (never downloaded), or token data for
+causal LMs: ``jsonl:<file>``, ``parquet:<file>``, ``hf-disk:<dir>`` (see :mod:`fastkd.tokens`).
 """
 import hashlib
 import importlib
@@ -40,11 +42,19 @@ def _import_attr(spec: str, option: str):
     return target
 
 
-def resolve_teacher(spec: str, checkpoint: Optional[str] = None) -> nn.Module:
-    """Build the teacher named by ``spec`` and load ``checkpoint`` (a state dict) into it."""
+def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
+                    teacher_dtype: str = "auto") -> nn.Module:
+    """Build the teacher named by ``spec`` and load ``checkpoint`` (a state dict) into it.
+    ``teacher_dtype`` applies to ``hf:`` teachers (``auto``/``fp32``/``fp16``/``bf16``)."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--teacher must be a non-empty SPEC string, got {spec!r}")
-    if spec.startswith("torchvision:"):
+    if spec.startswith("hf:"):
+        try:
+            from fastkd.hf import load_causal_lm
+        except ImportError as error:
+            raise ValueError(f"--teacher {spec}: {error}") from None
+        teacher = load_causal_lm(spec[len("hf:"):], dtype=teacher_dtype)
+    elif spec.startswith("torchvision:"):
         import torchvision
         name = spec.split(":", 1)[1]
         if name not in torchvision.models.list_models():
@@ -108,6 +118,9 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
         dataset = digits_dataset()
     elif spec.startswith("torchvision:"):
         dataset = _torchvision_dataset(spec.split(":", 1)[1], data_root, split)
+    elif spec.partition(":")[0] in ("jsonl", "parquet", "hf-disk"):
+        from fastkd.tokens import TokenDataset
+        dataset = TokenDataset.from_spec(spec, split)
     else:
         target = _import_attr(spec, "--dataset")
         is_instance = hasattr(target, "__getitem__") and not inspect.isclass(target)

@@ -1,0 +1,273 @@
+"""Token datasets for causal language models, and the collator that lines their teacher rows up
+with a student's logits. Pure PyTorch (``datasets``/``pyarrow`` only to read those formats).
+
+Conventions (the one place they are decided):
+
+- **Rows are next-token targets.** For a sequence of ``n`` attended tokens the teacher gives
+  ``n`` rows; row ``j`` is the teacher's logits at position ``j``, i.e. its distribution for
+  token ``j + 1``. A causal student's logits at position ``j`` predict the same token, so
+  ``student_logits[:, j]`` pairs with teacher row ``j`` with no shifting by the user.
+- **Labels.** Hugging Face ``labels`` are *unshifted* (``labels[j]`` is token ``j`` itself;
+  the model's loss shifts them). fastkd's items carry *next-token* labels:
+  ``labels[j] = hf_labels[j + 1]`` and the last position ``ignore_index`` (it has no next
+  token in the sample). A dataset without ``labels`` uses its ``input_ids`` (HF's causal-LM
+  convention), shifted the same way.
+- **Padding and masks produce no rows.** Positions with ``attention_mask == 0`` are dropped
+  before the teacher runs; the mask must be one contiguous run of ones (left or right
+  padding), so what remains is exactly the sequence the model saw.
+
+:class:`TokenDataset` reads ``jsonl:``, ``parquet:`` and ``hf-disk:`` sources (what
+``fastkd cache --dataset`` accepts); :func:`collate_causal_lm` pads a batch for a student
+(``input_ids``, ``attention_mask``, HF ``labels``, next-token ``shift_labels`` and, when items
+come from :class:`fastkd.CachedDataset`, the aligned ``teacher_targets``).
+"""
+import json
+import os
+from typing import List, Optional, Sequence
+
+import torch
+
+__all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "TOKEN_SOURCES"]
+
+IGNORE_INDEX = -100
+TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
+
+
+def _int_list(value, what: str) -> List[int]:
+    """A flat list of ints from a list / array / tensor, or a ValueError naming ``what``."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    elif hasattr(value, "tolist"):  # numpy, pyarrow scalars
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in value):
+        raise ValueError(f"{what} must be a flat list of ints, got {str(value)[:80]}")
+    return list(value)
+
+
+def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """HF (unshifted) labels ``(..., L)`` -> next-token labels: ``out[..., j] = labels[..., j+1]``,
+    ``out[..., -1] = ignore_index``. Position ``j``'s logits are then scored against ``out[j]``."""
+    out = torch.full_like(labels, ignore_index)
+    out[..., :-1] = labels[..., 1:]
+    return out
+
+
+def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX) -> dict:
+    """One raw row ``{input_ids, attention_mask?, labels?}`` (HF conventions) -> the item
+    ``{"input_ids": (n,), "labels": (n,)}`` of its ``n`` attended tokens, labels next-token."""
+    if not isinstance(row, dict) or "input_ids" not in row:
+        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise ValueError(f"{where}: expected a row with 'input_ids' (and optional "
+                         f"'attention_mask', 'labels'), got {keys}")
+    input_ids = _int_list(row["input_ids"], f"{where}: input_ids")
+    length = len(input_ids)
+    labels = input_ids if row.get("labels") is None else _int_list(row["labels"],
+                                                                   f"{where}: labels")
+    mask = [1] * length if row.get("attention_mask") is None else _int_list(
+        row["attention_mask"], f"{where}: attention_mask")
+    for name, values in (("labels", labels), ("attention_mask", mask)):
+        if len(values) != length:
+            raise ValueError(f"{where}: {name} has {len(values)} entries but input_ids has "
+                             f"{length}")
+    if any(m not in (0, 1) for m in mask):
+        raise ValueError(f"{where}: attention_mask must hold only 0 and 1")
+    if any(i < 0 for i in input_ids):
+        raise ValueError(f"{where}: input_ids must be >= 0, got {min(input_ids)}")
+    attended = [position for position, m in enumerate(mask) if m]
+    if not attended:
+        raise ValueError(f"{where}: no attended tokens (attention_mask is all 0)")
+    first, last = attended[0], attended[-1]
+    if last - first + 1 != len(attended):
+        raise ValueError(f"{where}: attention_mask has holes (0s between 1s); fastkd supports "
+                         f"left/right padding only, one contiguous run of attended tokens")
+    tokens = torch.tensor(input_ids[first:last + 1], dtype=torch.long)
+    hf_labels = torch.tensor(labels[first:last + 1], dtype=torch.long)
+    return {"input_ids": tokens, "labels": next_token_labels(hf_labels, ignore_index)}
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Tokenized rows for a causal LM, read from a file or a saved ``datasets`` dataset.
+
+    Items: ``{"input_ids": (n_i,) int64, "labels": (n_i,) int64}``: the ``n_i`` attended
+    tokens and their next-token labels (see the module docstring). Rows are validated on
+    access (errors name the source and row).
+    """
+
+    def __init__(self, rows, source: str = "rows", *, ignore_index: int = IGNORE_INDEX):
+        if not (hasattr(rows, "__getitem__") and hasattr(rows, "__len__")):
+            raise TypeError(f"rows must be a sequence of dicts, got {type(rows).__name__}")
+        self.rows, self.source, self.ignore_index = rows, source, ignore_index
+
+    # ------------------------------------------------------------------------- sources
+    @classmethod
+    def from_spec(cls, spec: str, split: Optional[str] = "train") -> "TokenDataset":
+        """``jsonl:<file>``, ``parquet:<file>`` or ``hf-disk:<dir>`` (``split`` picks one split
+        of a saved ``DatasetDict``)."""
+        kind, _, path = spec.partition(":")
+        if kind not in TOKEN_SOURCES or not path:
+            raise ValueError(f"--dataset {spec!r}: expected one of "
+                             f"{', '.join(k + ':<path>' for k in TOKEN_SOURCES)}")
+        if kind == "hf-disk":
+            return cls.from_disk(path, split)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--dataset {spec}: no such file {os.path.abspath(path)}")
+        return cls.from_jsonl(path) if kind == "jsonl" else cls.from_parquet(path)
+
+    @classmethod
+    def from_jsonl(cls, path) -> "TokenDataset":
+        """One JSON object per line (blank lines skipped)."""
+        rows = []
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                                     f"{type(row).__name__}")
+                row["_where"] = f"{path}:{number}"
+                rows.append(row)
+        return cls(rows, source=f"jsonl:{path}")
+
+    @classmethod
+    def from_parquet(cls, path) -> "TokenDataset":
+        import pyarrow.parquet as pq
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # pyarrow raises its own types for non-parquet files
+            raise ValueError(f"{path}: cannot read as parquet ({error})") from None
+        return cls(_TableRows(table, path), source=f"parquet:{path}")
+
+    @classmethod
+    def from_disk(cls, path, split: Optional[str] = "train") -> "TokenDataset":
+        """A ``datasets.Dataset`` (or one split of a ``DatasetDict``) saved with
+        ``save_to_disk``."""
+        import datasets
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--dataset hf-disk:{path}: no such directory "
+                                    f"{os.path.abspath(path)}")
+        try:
+            loaded = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(f"--dataset hf-disk:{path}: not a dataset saved with "
+                             f"save_to_disk ({error})") from None
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"--dataset hf-disk:{path} holds splits {sorted(loaded)}; pick "
+                                 f"one with --data-split (got {split!r})")
+            loaded = loaded[split]
+        if "input_ids" not in loaded.column_names:
+            raise ValueError(f"--dataset hf-disk:{path}: no 'input_ids' column (columns: "
+                             f"{loaded.column_names})")
+        return cls(loaded, source=f"hf-disk:{path}")
+
+    # ------------------------------------------------------------------------- items
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        where = row.get("_where", f"{self.source} row {index}") if isinstance(row, dict) \
+            else f"{self.source} row {index}"
+        return prepare_tokens(row, where, self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({self.source!r}, {len(self)} rows)"
+
+
+class _TableRows:
+    """Row access to a pyarrow table (one row converted per access)."""
+
+    def __init__(self, table, path):
+        self.table, self.path = table, path
+        if "input_ids" not in table.column_names:
+            raise ValueError(f"{path}: no 'input_ids' column (columns: {table.column_names})")
+
+    def __len__(self):
+        return self.table.num_rows
+
+    def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return {name: self.table.column(name)[index].as_py() for name in self.table.column_names}
+
+
+# ----------------------------------------------------------------------------- collation
+def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
+    out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
+    for row, tensor in enumerate(tensors):
+        out[row, :tensor.shape[0]] = tensor
+    return out
+
+
+def _pad_targets(targets, length: int):
+    """Teacher rows per sample -> one batch target padded to ``length`` positions (padding
+    rows are zeros; their labels are ``ignore_index`` so no loss sees them)."""
+    first = targets[0]
+    if isinstance(first, torch.Tensor):
+        return _pad(targets, length, 0)
+    if isinstance(first, tuple) and hasattr(first, "_fields"):  # TopKLogits, SampledTargets
+        return type(first)(*(_pad(list(parts), length, 0) for parts in zip(*targets)))
+    raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
+                    f"{type(first).__name__}")
+
+
+def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX,
+                      pad_to_multiple_of: Optional[int] = None) -> dict:
+    """Right-pad a batch for a causal LM student.
+
+    ``items``: :class:`TokenDataset` items (dicts) or :class:`fastkd.CachedDataset` items
+    ``(input dict, next-token labels, teacher rows)``. Returns a dict:
+
+    - ``input_ids (B, L)`` (padded with ``pad_token_id``), ``attention_mask (B, L)``;
+    - ``labels (B, L)``: Hugging Face convention (unshifted; ``-100``/``ignore_index`` at
+      position 0 and padding), so ``model(**batch)`` computes the usual LM loss and the
+      Trainer counts tokens exactly;
+    - ``shift_labels (B, L)``: next-token labels, ``shift_labels[:, j]`` is the target of the
+      logits at position ``j`` (``ignore_index`` at each sequence's last token and padding);
+    - ``teacher_targets`` (cached items only): ``(B, L, V)`` dense rows or a ``TopKLogits`` /
+      ``SampledTargets`` of ``(B, L, K)``, position ``j`` aligned with the student's logits
+      at ``j``: ``kd_loss(student_logits, batch["teacher_targets"], batch["shift_labels"])``.
+    """
+    if not items:
+        raise ValueError("collate_causal_lm: empty batch")
+    teachers = None
+    if isinstance(items[0], dict):
+        inputs = [item["input_ids"] for item in items]
+        labels = [item.get("labels") for item in items]
+    else:
+        model_inputs, labels, teachers = zip(*items)
+        inputs = [item["input_ids"] if isinstance(item, dict) else item
+                  for item in model_inputs]
+    inputs = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in inputs]
+    lengths = [len(ids) for ids in inputs]
+    labels = [next_token_labels(ids, ignore_index) if label is None else
+              torch.as_tensor(label, dtype=torch.long).reshape(-1)
+              for ids, label in zip(inputs, labels)]
+    for number, (ids, label) in enumerate(zip(inputs, labels)):
+        if label.shape != ids.shape:
+            raise ValueError(f"item {number}: {len(label)} labels for {len(ids)} tokens")
+    length = max(lengths)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    shift_labels = _pad(labels, length, ignore_index)
+    batch = {
+        "input_ids": _pad(inputs, length, pad_token_id),
+        "attention_mask": _pad([torch.ones(n, dtype=torch.long) for n in lengths], length, 0),
+        # HF labels: label of token j is the next-token label of position j - 1
+        "labels": torch.cat([torch.full((len(items), 1), ignore_index, dtype=torch.long),
+                             shift_labels[:, :-1]], dim=1),
+        "shift_labels": shift_labels,
+    }
+    if teachers is not None:
+        for number, (teacher, n) in enumerate(zip(teachers, lengths)):
+            rows = teacher.shape[0] if isinstance(teacher, torch.Tensor) else teacher[0].shape[0]
+            if rows != n:
+                raise ValueError(f"item {number}: {rows} teacher rows for {n} tokens (the "
+                                 f"cache was made from other token data)")
+        batch["teacher_targets"] = _pad_targets(list(teachers), length)
+    return batch
