@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastkd.targets import SampledTargets, TopKLogits
+
 __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "TOKEN_SOURCES"]
 
 IGNORE_INDEX = -100
@@ -210,8 +212,16 @@ def _pad_targets(targets, length: int):
     first = targets[0]
     if isinstance(first, torch.Tensor):
         return _pad(targets, length, 0)
-    if isinstance(first, tuple) and hasattr(first, "_fields"):  # TopKLogits, SampledTargets
-        return type(first)(*(_pad(list(parts), length, 0) for parts in zip(*targets)))
+    if isinstance(first, TopKLogits):
+        return TopKLogits(*(_pad(list(parts), length, 0)
+                            for parts in zip(*(target.tensors() for target in targets))),
+                          first.temperature)
+    if isinstance(first, SampledTargets):
+        indices, counts = (_pad(list(parts), length, 0)
+                           for parts in zip(*(target.tensors() for target in targets)))
+        # a padding row gets one draw of id 0, so it is a valid (if unused) target
+        counts[..., 0].masked_fill_(counts.sum(-1) == 0, 1)
+        return SampledTargets(indices, counts)
     raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
                     f"{type(first).__name__}")
 
