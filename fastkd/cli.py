@@ -5,7 +5,7 @@ import importlib
 import sys
 
 # sub-command modules, each exposing add_parser(subparsers) that sets `func` on its parser
-_COMMAND_MODULES = ("fastkd.cache.commands", "fastkd.demo", "fastkd.bench")
+_COMMAND_MODULES = ("fastkd.cache.commands", "fastkd.cache.importer", "fastkd.demo", "fastkd.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

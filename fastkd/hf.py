@@ -3,14 +3,29 @@ with ``pip install fastkd[hf]``).
 
 - :func:`load_causal_lm`: a causal LM from a *local* directory (``fastkd cache --teacher
   hf:<dir>``); never downloads.
+- :class:`DistillationLoss`: the distillation objective of a causal LM student, from the
+  student's last hidden state and output layer (fused linear + KD), against an online teacher
+  (a second model) or cached targets in the batch (dense, top-k, sampled); usable as the stock
+  ``Trainer``'s ``compute_loss_func``.
+- :class:`DistillationTrainer`: a ``transformers.Trainer`` that trains with it, honours
+  ``num_items_in_batch`` (gradient accumulation gives the loss of one big batch) and logs the
+  KD and CE parts (``kd_loss``, ``ce_loss``) through the Trainer's logging.
 
 Token data and the batch layout (next-token rows, ``shift_labels``) live in
 :mod:`fastkd.tokens`; see docs/llm-distillation.md.
 """
+import functools
+import inspect
 import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastkd
+from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
+from fastkd.tokens import collate_causal_lm, next_token_labels, targets_from_dict
 
 try:
     import transformers
@@ -18,7 +33,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("fastkd.hf needs the 'transformers' package: pip install 'fastkd[hf]'") \
         from error
 
-__all__ = ["load_causal_lm", "MODEL_DTYPES"]
+__all__ = ["load_causal_lm", "DistillationLoss", "DistillationTrainer", "trainer_collator",
+           "MODEL_DTYPES"]
 
 # --teacher-dtype choices -> torch dtype ("auto": the dtype saved in the checkpoint's config)
 MODEL_DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,
@@ -75,3 +91,357 @@ def vocab_size_of(model) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)
+
+
+def output_transforms(model) -> dict:
+    """The model's logit transforms after its output layer: Cohere's ``logit_scale`` and
+    Gemma-2's ``final_logit_softcapping`` (``cap * tanh(z / cap)``), from its config."""
+    config = getattr(model, "config", None)
+    scale = getattr(config, "logit_scale", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return {"logit_scale": 1.0 if scale is None else float(scale),
+            "softcap": None if not softcap else float(softcap)}
+
+
+def _select_rows(target, keep: torch.Tensor):
+    """Rows ``keep`` (a bool mask over the leading dims) of a dense or sparse target."""
+    if isinstance(target, SPARSE_TARGETS):
+        return target.map_tensors(lambda part: part[keep])
+    return target[keep]
+
+
+def _target_width(target) -> Optional[int]:
+    return target.shape[-1] if isinstance(target, torch.Tensor) else None
+
+
+# ----------------------------------------------------------------------------- the loss
+class DistillationLoss:
+    """Knowledge distillation for a causal LM student, from its last hidden state.
+
+    ``loss = (soft_weight * sum_rows T^2 D(p_t, p_s) + hard_weight * sum_rows CE) / n`` over the
+    rows whose next-token label is not ``ignore_index``, where ``n`` is ``num_items_in_batch``
+    when the Trainer gives it (the kept rows of the whole accumulated batch, so gradient
+    accumulation equals one big batch) and this batch's kept rows otherwise.
+
+    The student's logits come from ``student_hidden @ lm_head.weight^T`` (+ bias, times the
+    config's ``logit_scale``, soft-capped by ``final_logit_softcapping``) inside the fused
+    loss, chunk by chunk, so full student logits are never materialized; ignored rows (padding,
+    prompt tokens) are dropped before the matmul.
+
+    Teacher: ``teacher=None`` reads ``batch["teacher_targets"]`` (a cache through
+    :func:`fastkd.tokens.collate_causal_lm`: dense rows, ``TopKLogits`` or ``SampledTargets``);
+    an ``nn.Module`` runs online on the same ``input_ids``/``attention_mask`` (in eval mode,
+    without gradients, on its own device).
+
+    Batches: ``input_ids``, ``attention_mask``, ``shift_labels`` (next-token labels; derived
+    from HF ``labels`` when absent) and optionally ``teacher_targets``.
+
+    As the stock ``Trainer``'s ``compute_loss_func``: ``Trainer(model=student,
+    compute_loss_func=loss_fn, ...)``. The loss registers a forward pre-hook on the student that
+    takes ``teacher_targets``/``shift_labels`` out of the model's keyword arguments, asks for
+    hidden states and for the logits of the last position only (``logits_to_keep=1`` where the
+    model supports it). Use ``data_collator=fastkd.hf.trainer_collator`` (sparse targets as
+    dicts, which the stock Trainer can move between devices), set
+    ``remove_unused_columns=False`` in ``TrainingArguments``, and call
+    ``loss_fn.attach_logging(trainer)`` to log the parts.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *,
+                 temperature: float = 1.0, soft_weight: float = 0.5, hard_weight: float = 0.5,
+                 divergence: str = "forward_kl", beta: float = 0.5, tail: str = "bucket",
+                 ignore_index: int = -100, chunk_rows: Optional[int] = None,
+                 backend: str = "auto", hook: bool = True):
+        from fastkd.checks import check_options
+        check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                      "sum", backend)
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
+        if teacher is not None and not isinstance(teacher, nn.Module):
+            raise TypeError(f"teacher must be None (cached targets) or an nn.Module, got "
+                            f"{type(teacher).__name__}")
+        self.student, self.teacher = student, teacher
+        self.options = dict(temperature=temperature, divergence=divergence, beta=beta,
+                            ignore_index=ignore_index, backend=backend)
+        self.soft_weight, self.hard_weight = float(soft_weight), float(hard_weight)
+        self.tail, self.chunk_rows = tail, chunk_rows
+        self.ignore_index = ignore_index
+        if teacher is not None:
+            self._check_vocab(vocab_size_of(teacher), "the teacher")
+        self.parts = {"kd_loss": 0.0, "ce_loss": 0.0}  # sums since the last log
+        self._stash = None
+        self._hook = student.register_forward_pre_hook(self._pre_hook, with_kwargs=True) \
+            if hook else None
+
+    # ------------------------------------------------------------------------- checks
+    def _check_vocab(self, teacher_vocab: int, what: str) -> None:
+        student_vocab = vocab_size_of(self.student)
+        if teacher_vocab != student_vocab:
+            raise ValueError(
+                f"vocabulary mismatch: {what} has {teacher_vocab} classes, the student's "
+                f"output layer {student_vocab}; teacher and student must share a tokenizer and "
+                f"output width (resize the student's embeddings, or slice the teacher's "
+                f"extra padding columns yourself)")
+
+    # ------------------------------------------------------------------------- core
+    def student_kwargs(self, kwargs: dict) -> dict:
+        """The student's forward keyword arguments for distillation: hidden states on, and the
+        logits of the last position only where the model supports it (``logits_to_keep``;
+        ``num_logits_to_keep`` in transformers 4.45-4.49), so the full logits are never made.
+        The last hidden state (after the final norm) is ``hidden_states[-1]``."""
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        kwargs["output_hidden_states"] = True
+        parameters = inspect.signature(self.student.forward).parameters
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in parameters:
+                kwargs[name] = 1
+                break
+        return kwargs
+
+    def compute(self, inputs: dict, num_items_in_batch=None, student_hidden=None, model=None):
+        """``(loss, {"kd_loss", "ce_loss"})`` for one (micro-)batch; the parts are detached
+        and normalized like the loss. The student runs through ``model`` (the Trainer's
+        possibly wrapped model; default the student) unless ``student_hidden`` is given."""
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        labels = inputs.get("shift_labels")
+        if labels is None:
+            if inputs.get("labels") is None:
+                raise ValueError("the batch has neither 'shift_labels' nor 'labels'; build it "
+                                 "with fastkd.tokens.collate_causal_lm")
+            labels = next_token_labels(inputs["labels"], self.ignore_index)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        if student_hidden is None:
+            model = self.student if model is None else model
+            output = model(**self.student_kwargs(
+                {"input_ids": input_ids, "attention_mask": attention_mask}))
+            student_hidden = output.hidden_states[-1]
+        keep = labels != self.ignore_index
+        hidden = student_hidden[keep]
+        kept_labels = labels[keep]
+        teacher = self._teacher_rows(inputs, keep)
+        count = int(keep.sum())
+        normalizer = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
+        if isinstance(normalizer, torch.Tensor):
+            normalizer = normalizer.to(hidden.device, torch.float32)
+        kd_sum = self._loss_sum(hidden, teacher, kept_labels, self.soft_weight, 0.0) \
+            if self.soft_weight else hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = self._loss_sum(hidden, teacher, kept_labels, 0.0, self.hard_weight) \
+            if self.hard_weight else hidden.new_zeros((), dtype=torch.float32)
+        kd, ce = kd_sum / normalizer, ce_sum / normalizer
+        parts = {"kd_loss": float(kd.detach()), "ce_loss": float(ce.detach())}
+        return kd + ce, parts
+
+    def _teacher_rows(self, inputs: dict, keep: torch.Tensor):
+        """The teacher's targets at the kept positions: cached rows from the batch, or the
+        online teacher's logits (or, with the fused path, its hidden states + head)."""
+        if self.teacher is None:
+            targets = targets_from_dict(inputs.get("teacher_targets"))
+            if targets is None:
+                raise ValueError("no teacher: pass teacher= (online) or batches with "
+                                 "'teacher_targets' (fastkd.tokens.collate_causal_lm over a "
+                                 "fastkd.CachedDataset)")
+            width = _target_width(targets)
+            if width is not None:
+                self._check_vocab(width, "the cached teacher")
+            return _select_rows(targets, keep.to(_device_of(targets)))
+        device = next(self.teacher.parameters()).device
+        kwargs = {"input_ids": inputs["input_ids"].to(device)}
+        if inputs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = inputs["attention_mask"].to(device)
+        self.teacher.eval()
+        with torch.no_grad():
+            head = self.teacher.get_output_embeddings() if hasattr(
+                self.teacher, "get_output_embeddings") else None
+            if head is not None and hasattr(self.teacher, "base_model") and _has_linear_kd():
+                hidden = self.teacher.base_model(**kwargs).last_hidden_state
+                transforms = output_transforms(self.teacher)
+                return fastkd.TeacherHead(
+                    hidden[keep.to(device)].to(keep.device), head.weight.to(keep.device),
+                    None if head.bias is None else head.bias.to(keep.device),
+                    logit_scale=transforms["logit_scale"], softcap=transforms["softcap"])
+            output = self.teacher(**kwargs)
+            logits = output.logits if hasattr(output, "logits") else output
+        return logits[keep.to(device)].to(keep.device)
+
+    def _loss_sum(self, hidden, teacher, labels, soft_weight, hard_weight):
+        head = self.student.get_output_embeddings()
+        transforms = output_transforms(self.student)
+        options = dict(self.options, soft_weight=soft_weight, hard_weight=hard_weight,
+                       reduction="sum")
+        if isinstance(teacher, SPARSE_TARGETS):
+            options["tail"] = self.tail
+        if _has_linear_kd():
+            return fastkd.linear_kd_loss(
+                hidden, head.weight, teacher, labels, student_bias=head.bias,
+                student_logit_scale=transforms["logit_scale"],
+                student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
+        # until the fused-linear path is available: the same objective on full logits
+        logits = F.linear(hidden, head.weight, head.bias) * transforms["logit_scale"]
+        if transforms["softcap"]:
+            logits = transforms["softcap"] * torch.tanh(logits / transforms["softcap"])
+        return fastkd.kd_loss(logits, _dense_teacher(teacher, logits.shape[-1],
+                                                     self.options["temperature"]),
+                              labels, **{k: v for k, v in options.items() if k != "tail"})
+
+    # ------------------------------------------------------------------------- stock Trainer
+    def _pre_hook(self, module, args, kwargs):
+        """Take the distillation keys out of the student's keyword arguments (the stock
+        Trainer passes the whole batch to ``model(**inputs)``) and ask for hidden states."""
+        if "teacher_targets" not in kwargs and "shift_labels" not in kwargs:
+            return None
+        self._stash = {key: kwargs.pop(key, None) for key in ("teacher_targets", "shift_labels")}
+        self._stash["input_ids"] = kwargs.get("input_ids")
+        self._stash["attention_mask"] = kwargs.get("attention_mask")
+        return args, self.student_kwargs(kwargs)
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        """The stock ``Trainer``'s ``compute_loss_func(outputs, labels, num_items_in_batch)``."""
+        stash, self._stash = self._stash, None
+        if stash is None or getattr(outputs, "hidden_states", None) is None:
+            raise ValueError("DistillationLoss as compute_loss_func needs batches from "
+                             "fastkd.tokens.collate_causal_lm (with 'shift_labels') and "
+                             "TrainingArguments(remove_unused_columns=False)")
+        inputs = dict(stash, labels=labels)
+        loss, parts = self.compute(inputs, num_items_in_batch,
+                                   student_hidden=outputs.hidden_states[-1])
+        self._accumulate(parts)
+        return loss
+
+    def _accumulate(self, parts: dict) -> None:
+        for key, value in parts.items():
+            self.parts[key] += value
+
+    def take_parts(self, steps: int) -> dict:
+        """The parts averaged over ``steps`` optimizer steps (what the Trainer does to its
+        logged ``loss``); resets the sums."""
+        parts = {key: round(value / max(steps, 1), 4) for key, value in self.parts.items()}
+        self.parts = {key: 0.0 for key in self.parts}
+        return parts
+
+    def attach_logging(self, trainer) -> None:
+        """Log ``kd_loss`` and ``ce_loss`` with the stock Trainer: a callback placed before the
+        reporting integrations (``report_to``) adds them to each training log."""
+        trainer.callback_handler.callbacks.insert(0, _PartsCallback(self))
+
+    def remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class _PartsCallback(transformers.TrainerCallback):
+    def __init__(self, loss: DistillationLoss):
+        self.loss, self.last_step = loss, 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update(self.loss.take_parts(state.global_step - self.last_step))
+            self.last_step = state.global_step
+
+
+def trainer_collator(items, **kwargs) -> dict:
+    """:func:`fastkd.tokens.collate_causal_lm` with sparse targets as dicts: the collator for
+    the stock ``transformers.Trainer`` (which cannot move named tuples between devices)."""
+    return collate_causal_lm(items, targets_as_dict=True, **kwargs)
+
+
+def _device_of(target) -> torch.device:
+    return (target.values if isinstance(target, TopKLogits) else
+            target.indices if isinstance(target, SampledTargets) else target).device
+
+
+def _has_linear_kd() -> bool:
+    return hasattr(fastkd, "linear_kd_loss") and hasattr(fastkd, "TeacherHead")
+
+
+@functools.lru_cache(maxsize=None)
+def _sparse_kd_supported() -> bool:
+    """Whether :func:`fastkd.kd_loss` takes sparse targets directly (probed once)."""
+    probe = TopKLogits(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
+    try:
+        fastkd.kd_loss(torch.zeros(1, 2), probe, backend="torch")
+    except TypeError:
+        return False
+    return True
+
+
+def _dense_teacher(teacher, num_classes: int, temperature: float):
+    """Teacher logits for :func:`fastkd.kd_loss` when it cannot take a sparse target: logits
+    whose tempered softmax is the target (``T * log p``)."""
+    if not isinstance(teacher, SPARSE_TARGETS) or _sparse_kd_supported():
+        return teacher
+    if isinstance(teacher, TopKLogits):
+        stored = float(teacher.temperature if not isinstance(teacher.temperature, torch.Tensor)
+                       else teacher.temperature.flatten()[0])
+        if stored != temperature:
+            raise ValueError(f"the top-k targets' lse belongs to temperature {stored}, the loss "
+                             f"uses {temperature}; cache with --temperature {temperature}")
+        return temperature * teacher.log_probs(num_classes)
+    return temperature * teacher.probs(num_classes).log()
+
+
+# ----------------------------------------------------------------------------- the Trainer
+class DistillationTrainer(transformers.Trainer):
+    """``transformers.Trainer`` whose loss is :class:`DistillationLoss`.
+
+    ``DistillationTrainer(model=student, teacher=None | teacher_model, args=..., train_dataset=
+    ..., data_collator=fastkd.tokens.collate_causal_lm, temperature=..., soft_weight=...,
+    hard_weight=..., divergence=..., ...)``. With ``teacher=None`` the batches carry cached
+    ``teacher_targets`` (a :class:`fastkd.CachedDataset` collated by ``collate_causal_lm``).
+    Logs ``kd_loss`` and ``ce_loss`` beside ``loss``.
+    """
+
+    def __init__(self, *args, teacher: Optional[nn.Module] = None, temperature: float = 1.0,
+                 soft_weight: float = 0.5, hard_weight: float = 0.5,
+                 divergence: str = "forward_kl", beta: float = 0.5, tail: str = "bucket",
+                 chunk_rows: Optional[int] = None, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.distillation = DistillationLoss(
+            self.model, teacher, temperature=temperature, soft_weight=soft_weight,
+            hard_weight=hard_weight, divergence=divergence, beta=beta, tail=tail,
+            ignore_index=-100, chunk_rows=chunk_rows, backend=backend, hook=False)
+        if teacher is not None and self.args.device is not None and \
+                next(teacher.parameters()).device.type == "cpu":
+            teacher.to(self.args.device)
+        # our loss is normalized by num_items_in_batch: the Trainer must count the items and
+        # must not divide by the accumulation steps again (transformers 4.46+ and 5.x)
+        self.model_accepts_loss_kwargs = True
+        self._parts_last_step = 0
+        self._num_items_given = True
+
+    @property
+    def loss_is_scaled_for_ga(self):  # read by transformers 5.x's training_step
+        return self._num_items_given
+
+    @loss_is_scaled_for_ga.setter
+    def loss_is_scaled_for_ga(self, value):
+        pass
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        for key in ("teacher_targets", "shift_labels"):
+            if key not in self._signature_columns:
+                self._signature_columns.append(key)
+
+    def _prepare_input(self, data):
+        if isinstance(data, SPARSE_TARGETS):  # the base class cannot rebuild named tuples
+            return data.map_tensors(super()._prepare_input)
+        return super()._prepare_input(data)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._num_items_given = num_items_in_batch is not None
+        loss, parts = self.distillation.compute(inputs, num_items_in_batch, model=model)
+        if model.training:
+            self.distillation._accumulate(parts)
+        if return_outputs:
+            return loss, {"loss": loss}
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.state.global_step > self._parts_last_step:
+            logs.update(self.distillation.take_parts(
+                self.state.global_step - self._parts_last_step))
+            self._parts_last_step = self.state.global_step
+        return super().log(logs, *args, **kwargs)

@@ -29,7 +29,8 @@ import torch
 
 from fastkd.targets import SampledTargets, TopKLogits
 
-__all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "TOKEN_SOURCES"]
+__all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to_dict",
+           "targets_from_dict", "TOKEN_SOURCES"]
 
 IGNORE_INDEX = -100
 TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
@@ -199,6 +200,33 @@ class _TableRows:
 
 
 # ----------------------------------------------------------------------------- collation
+def targets_to_dict(target):
+    """A sparse target as a plain dict (``{"kind": "topk", "values", "indices", "lse",
+    "temperature"}`` or ``{"kind": "sampled", "indices", "counts"}``): the form
+    ``transformers.Trainer`` can move between devices (it rebuilds tuples from a generator,
+    which named tuples do not accept). Dense tensors pass through."""
+    if isinstance(target, TopKLogits):
+        return {"kind": "topk", "values": target.values, "indices": target.indices,
+                "lse": target.lse, "temperature": target.temperature}
+    if isinstance(target, SampledTargets):
+        return {"kind": "sampled", "indices": target.indices, "counts": target.counts}
+    return target
+
+
+def targets_from_dict(target):
+    """Inverse of :func:`targets_to_dict` (targets already in object form pass through)."""
+    if not isinstance(target, dict):
+        return target
+    kind = target.get("kind")
+    if kind == "topk":
+        return TopKLogits(target["values"], target["indices"], target["lse"],
+                          target.get("temperature", 1.0))
+    if kind == "sampled":
+        return SampledTargets(target["indices"], target["counts"])
+    raise ValueError(f"teacher_targets dict of unknown kind {kind!r}; expected 'topk' or "
+                     f"'sampled'")
+
+
 def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
     out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
     for row, tensor in enumerate(tensors):
@@ -227,7 +255,8 @@ def _pad_targets(targets, length: int):
 
 
 def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX,
-                      pad_to_multiple_of: Optional[int] = None) -> dict:
+                      pad_to_multiple_of: Optional[int] = None,
+                      targets_as_dict: bool = False) -> dict:
     """Right-pad a batch for a causal LM student.
 
     ``items``: :class:`TokenDataset` items (dicts) or :class:`fastkd.CachedDataset` items
@@ -242,6 +271,8 @@ def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNOR
     - ``teacher_targets`` (cached items only): ``(B, L, V)`` dense rows or a ``TopKLogits`` /
       ``SampledTargets`` of ``(B, L, K)``, position ``j`` aligned with the student's logits
       at ``j``: ``kd_loss(student_logits, batch["teacher_targets"], batch["shift_labels"])``.
+      With ``targets_as_dict=True`` sparse targets come as :func:`targets_to_dict` dicts
+      (for the stock ``transformers.Trainer``; :class:`fastkd.hf.DistillationLoss` reads both).
     """
     if not items:
         raise ValueError("collate_causal_lm: empty batch")
@@ -279,5 +310,6 @@ def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNOR
             if rows != n:
                 raise ValueError(f"item {number}: {rows} teacher rows for {n} tokens (the "
                                  f"cache was made from other token data)")
-        batch["teacher_targets"] = _pad_targets(list(teachers), length)
+        targets = _pad_targets(list(teachers), length)
+        batch["teacher_targets"] = targets_to_dict(targets) if targets_as_dict else targets
     return batch

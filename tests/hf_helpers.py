@@ -11,7 +11,8 @@ def tiny_gpt2(seed: int = 0, vocab: int = VOCAB, layers: int = 2, dim: int = 32)
     import transformers
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=dim,
-                                     n_layer=layers, n_head=2, use_cache=False,
+                                     n_layer=layers, n_head=2, use_cache=False, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0,
                                      bos_token_id=1, eos_token_id=2)
     return transformers.GPT2LMHeadModel(config).eval()
 

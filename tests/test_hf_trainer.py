@@ -1,0 +1,171 @@
+"""The Trainer integration: DistillationLoss / DistillationTrainer against hand-written
+references, gradient accumulation, cached vs online teachers, logging, errors.
+
+Tolerances: the same float32 computation split differently (1 x 8 vs 8 x 1 micro-batches) agrees
+to 1e-6 relative; an fp16 dense cache vs the online teacher differs by fp16 rounding of the
+teacher logits (rtol 2**-10 per logit), which moves the loss and gradients by < 1e-3 relative.
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastkd  # noqa: E402
+import hf_helpers  # noqa: E402
+from fastkd.cache import CachedDataset, LogitCache, write_cache  # noqa: E402
+from fastkd.hf import DistillationLoss, DistillationTrainer, trainer_collator  # noqa: E402
+from fastkd.tokens import TokenDataset, collate_causal_lm  # noqa: E402
+
+TEMPERATURE = 2.0
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    teacher = hf_helpers.tiny_gpt2(seed=0)
+    data = TokenDataset(hf_helpers.token_rows(count=8, seed=1))
+    caches = {}
+    for name, kwargs in (("fp16", dict(dtype="fp16")), ("topk", dict(top_k=6))):
+        write_cache(teacher, data, root / name, batch_size=4, progress=False, **kwargs)
+        caches[name] = LogitCache(root / name)
+    return teacher, data, caches, root
+
+
+def student():
+    return hf_helpers.tiny_gpt2(seed=1, layers=1)
+
+
+def training_args(root, batch_size, accumulation):
+    return transformers.TrainingArguments(
+        output_dir=str(root / "out"), per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1.0, optim="sgd",
+        weight_decay=0.0, lr_scheduler_type="constant", logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+        seed=0, max_grad_norm=0, dataloader_num_workers=0)
+
+
+def train_once(root, dataset, batch_size, accumulation, *, teacher=None, stock=False,
+               temperature=TEMPERATURE):
+    """One SGD step at lr 1: returns (logged losses, the step = -gradient per parameter)."""
+    model = student()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = training_args(root, batch_size, accumulation)
+    if stock:
+        loss_fn = DistillationLoss(model, teacher, temperature=temperature)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset,
+                                       data_collator=trainer_collator,
+                                       compute_loss_func=loss_fn)
+        loss_fn.attach_logging(trainer)
+        logged = {}
+        trainer.add_callback(_Capture(logged))
+    else:
+        trainer = DistillationTrainer(model=model, teacher=teacher, args=args,
+                                      train_dataset=dataset, data_collator=collate_causal_lm,
+                                      temperature=temperature)
+    trainer.train()
+    logs = trainer.state.log_history[0] if not stock else logged
+    steps = {name: before[name] - p.detach() for name, p in model.named_parameters()}
+    return logs, steps
+
+
+class _Capture(transformers.TrainerCallback):
+    def __init__(self, store):
+        self.store = store
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.store.update(logs)
+
+
+def assert_same_steps(first, second, **tolerance):
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], **tolerance)
+
+
+def reference_loss(model, batch, teacher_logits):
+    """The objective by hand: full student logits, fastkd.kd_loss over next-token rows."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return fastkd.kd_loss(logits, teacher_logits, batch["shift_labels"],
+                          temperature=TEMPERATURE, backend="torch")
+
+
+def test_loss_matches_kd_loss_on_full_logits(setup):
+    teacher, data, caches, _ = setup
+    batch = collate_causal_lm([CachedDataset(data, caches["fp16"])[i] for i in range(5)])
+    model = student()
+    loss_fn = DistillationLoss(model, temperature=TEMPERATURE, backend="torch", hook=False)
+    loss, parts = loss_fn.compute(batch)
+    expected = reference_loss(model, batch, batch["teacher_targets"])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert parts["kd_loss"] + parts["ce_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reference_loss(model, batch, batch["teacher_targets"]).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_and_online_agree_within_fp16_caching(setup):
+    teacher, data, caches, _ = setup
+    batch = collate_causal_lm([CachedDataset(data, caches["fp16"])[i] for i in range(8)])
+    model = student()
+    cached_loss, _ = DistillationLoss(model, temperature=TEMPERATURE, hook=False).compute(batch)
+    online_loss, _ = DistillationLoss(model, teacher, temperature=TEMPERATURE,
+                                      hook=False).compute(batch)
+    torch.testing.assert_close(cached_loss, online_loss, rtol=1e-3, atol=1e-5)
+    grads = []
+    for loss in (cached_loss, online_loss):
+        model.zero_grad()
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(setup):
+    teacher, data, _, root = setup
+    big_logs, big_steps = train_once(root, data, 8, 1, teacher=teacher)
+    small_logs, small_steps = train_once(root, data, 1, 8, teacher=teacher)
+    assert big_logs["loss"] == pytest.approx(small_logs["loss"], rel=1e-6)
+    assert_same_steps(big_steps, small_steps, rtol=1e-5, atol=1e-7)
+    # the KD and CE parts are logged beside the loss and add up to it
+    for logs in (big_logs, small_logs):
+        assert logs["kd_loss"] > 0 and logs["ce_loss"] > 0
+        assert logs["kd_loss"] + logs["ce_loss"] == pytest.approx(logs["loss"], abs=2e-4)
+
+
+def test_stock_trainer_with_compute_loss_func_from_a_topk_cache(setup):
+    _, data, caches, root = setup
+    cached = CachedDataset(data, caches["topk"])  # lse stored at T = 1
+    big_logs, big_steps = train_once(root, cached, 8, 1, stock=True, temperature=1.0)
+    small_logs, small_steps = train_once(root, cached, 1, 8, stock=True, temperature=1.0)
+    assert big_logs["loss"] == pytest.approx(small_logs["loss"], rel=1e-6)
+    assert_same_steps(big_steps, small_steps, rtol=1e-5, atol=1e-7)
+    assert big_logs["kd_loss"] > 0 and "ce_loss" in big_logs
+    # the same step as DistillationTrainer on the same cache
+    trainer_logs, trainer_steps = train_once(root, cached, 8, 1, temperature=1.0)
+    assert trainer_logs["loss"] == pytest.approx(big_logs["loss"], rel=1e-6)
+    assert_same_steps(trainer_steps, big_steps, rtol=1e-5, atol=1e-7)
+
+
+def test_vocabulary_mismatch_is_refused(setup):
+    teacher, data, caches, _ = setup
+    wide = hf_helpers.tiny_gpt2(seed=2, vocab=hf_helpers.VOCAB + 16)
+    with pytest.raises(ValueError, match="vocabulary mismatch: the teacher has 64 classes, "
+                                         "the student's output layer 48"):
+        DistillationLoss(student(), wide)
+    batch = collate_causal_lm([CachedDataset(data, caches["fp16"])[i] for i in range(2)])
+    narrow = hf_helpers.tiny_gpt2(seed=2, vocab=hf_helpers.VOCAB - 8)
+    with pytest.raises(ValueError, match="the cached teacher has 48 classes"):
+        DistillationLoss(narrow, hook=False).compute(batch)
+
+
+def test_missing_teacher_and_labels_are_clear_errors(setup):
+    _, data, _, _ = setup
+    batch = collate_causal_lm([data[i] for i in range(2)])
+    with pytest.raises(ValueError, match="no teacher"):
+        DistillationLoss(student(), hook=False).compute(batch)
+    with pytest.raises(ValueError, match="neither 'shift_labels' nor 'labels'"):
+        DistillationLoss(student(), hook=False).compute({"input_ids": batch["input_ids"]})
+    with pytest.raises(TypeError, match="teacher must be None"):
+        DistillationLoss(student(), "gpt2")
