@@ -207,8 +207,9 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     module docstring). Returns the manifest. Re-running resumes an interrupted import."""
     from fastkd import __version__
     from fastkd.cache.specs import dataset_fingerprint
-    from fastkd.cache.writer import (_ShardCutter, _ShardWriter, _finalize, _now,
-                                     _prepare_directory, _record_or_check_shape, _validate)
+    from fastkd.cache.writer import (_ShardCutter, _ShardWriter, _finalize, _labels_to_storage,
+                                     _now, _prepare_directory, _record_or_check_shape,
+                                     _validate)
     if source != "vllm":
         raise ValueError(f"--from must be 'vllm', got {source!r}")
     for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
@@ -216,7 +217,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if top_k > vocab_size:
         raise ValueError(f"top_k={top_k} exceeds vocab_size={vocab_size}")
-    _validate(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k)
+    _validate(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k, None, 0)
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise ValueError("give at least one response file")
@@ -227,8 +228,10 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
                     "class": "served", "fingerprint": _files_fingerprint(paths)},
         "dataset": {"spec": f"{source}-prompts", "class": "TokenDataset",
                     "fingerprint": dataset_fingerprint(dataset)},
-        "dtype": dtype, "layout": "topk", "top_k": top_k, "shard_size_mb": shard_size_mb,
-        "batch_size": IMPORT_BATCH, "world_size": 1, "clamp": False,
+        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
+        "top_k": top_k, "sample": None, "temperatures": [1.0], "seed": None,
+        "shard_size_mb": shard_size_mb, "batch_size": IMPORT_BATCH, "world_size": 1,
+        "clamp": False,
     }
     finished = _prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
@@ -240,8 +243,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
     else:
-        state = dict(config, format=fmt.FORMAT_NAME, format_version=fmt.FORMAT_VERSION,
-                     fastkd_version=__version__, created=_now(), status="incomplete", rank=0,
+        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=_now(), status="incomplete", rank=0,
                      sample_range=[0, len(dataset)], num_classes=None, rows_per_sample=None,
                      labels_per=None, rows_per_shard=None, shards=[])
     for name in os.listdir(out_dir):  # leftovers of a killed run
@@ -249,7 +251,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
             os.remove(os.path.join(out_dir, name))
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else 0
-    arrays_spec = fmt.row_arrays("topk", dtype, vocab_size, top_k)
+    arrays_spec = fmt.row_arrays("topk", dtype, vocab_size, top_k, num_temperatures=1)
     from tqdm.auto import tqdm
     writer = _ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
     cutter = _ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
@@ -265,12 +267,12 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
                 "values": _storage(torch.from_numpy(values), dtype),
                 "indices": np.concatenate([s["indices"] for s in samples]).astype(
                     arrays_spec["indices"][0]),
-                "lse": np.zeros(len(values), arrays_spec["lse"][0]),
+                # values are log-probs: the log-sum-exp of every row is 0 (at T = 1)
+                "lse": np.zeros((len(values),) + arrays_spec["lse"][1], arrays_spec["lse"][0]),
             }
             batch = {"arrays": arrays,
                      "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                     "labels": np.concatenate([s["labels"].numpy() for s in samples]).astype(
-                         fmt.LABEL_DTYPE),
+                     "labels": _labels_to_storage(torch.cat([s["labels"] for s in samples])),
                      "variable": True, "num_classes": vocab_size}
             _record_or_check_shape(state, batch)
             cutter.add(batch["arrays"], batch["lengths"], batch["labels"],
