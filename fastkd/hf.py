@@ -103,6 +103,13 @@ def output_transforms(model) -> dict:
             "softcap": None if not softcap else float(softcap)}
 
 
+def _apply_transforms(logits: torch.Tensor, transforms: dict) -> torch.Tensor:
+    logits = logits * transforms["logit_scale"] if transforms["logit_scale"] != 1 else logits
+    if transforms["softcap"]:
+        logits = transforms["softcap"] * torch.tanh(logits / transforms["softcap"])
+    return logits
+
+
 def _select_rows(target, keep: torch.Tensor):
     """Rows ``keep`` (a bool mask over the leading dims) of a dense or sparse target."""
     if isinstance(target, SPARSE_TARGETS):
@@ -220,7 +227,8 @@ class DistillationLoss:
         keep = labels != self.ignore_index
         hidden = student_hidden[keep]
         kept_labels = labels[keep]
-        teacher = self._teacher_rows(inputs, keep)
+        # soft_weight 0 is plain next-token cross-entropy: no teacher needed
+        teacher = self._teacher_rows(inputs, keep) if self.soft_weight else None
         count = int(keep.sum())
         normalizer = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
         if isinstance(normalizer, torch.Tensor):
@@ -268,6 +276,9 @@ class DistillationLoss:
     def _loss_sum(self, hidden, teacher, labels, soft_weight, hard_weight):
         head = self.student.get_output_embeddings()
         transforms = output_transforms(self.student)
+        if teacher is None:  # cross-entropy only
+            logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)
+            return hard_weight * F.cross_entropy(logits.float(), labels, reduction="sum")
         options = dict(self.options, soft_weight=soft_weight, hard_weight=hard_weight,
                        reduction="sum")
         if isinstance(teacher, SPARSE_TARGETS):
@@ -278,9 +289,7 @@ class DistillationLoss:
                 student_logit_scale=transforms["logit_scale"],
                 student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
         # until the fused-linear path is available: the same objective on full logits
-        logits = F.linear(hidden, head.weight, head.bias) * transforms["logit_scale"]
-        if transforms["softcap"]:
-            logits = transforms["softcap"] * torch.tanh(logits / transforms["softcap"])
+        logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)
         return fastkd.kd_loss(logits, _dense_teacher(teacher, logits.shape[-1],
                                                      self.options["temperature"]),
                               labels, **{k: v for k, v in options.items() if k != "tail"})

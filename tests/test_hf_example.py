@@ -1,0 +1,30 @@
+"""examples/hf_distill.py in its seconds-long smoke mode: every stage runs (teacher pretraining,
+three `fastkd cache` layouts of an hf: teacher, four student runs) and reports sane numbers."""
+import importlib.util
+import math
+import os
+
+import pytest
+
+pytest.importorskip("transformers")
+
+EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                       "hf_distill.py")
+
+
+def test_hf_distill_smoke(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("hf_distill", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--work-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "held-out ppl" in out and "labels only" in out
+    assert len(results) == 5
+    for result in results.values():
+        # byte-level model: perplexity between 1 and the vocabulary size (256) plus slack
+        assert math.isfinite(result["perplexity"]) and 1 < result["perplexity"] < 1000
+    sizes = {name: result["bytes_per_token"] for name, result in results.items()
+             if "bytes_per_token" in result}
+    dense = next(size for name, size in sizes.items() if "dense" in name)
+    assert dense > 2 * 256  # fp16 rows of V = 256
+    assert all(size < dense / 4 for name, size in sizes.items() if "dense" not in name)
