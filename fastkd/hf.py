@@ -281,18 +281,22 @@ class DistillationLoss:
             return hard_weight * F.cross_entropy(logits.float(), labels, reduction="sum")
         options = dict(self.options, soft_weight=soft_weight, hard_weight=hard_weight,
                        reduction="sum")
-        if isinstance(teacher, SPARSE_TARGETS):
-            options["tail"] = self.tail
-        if _has_linear_kd():
+        sparse = isinstance(teacher, SPARSE_TARGETS)
+        if _has_linear_kd() and (not sparse or _linear_kd_takes_sparse()):
+            if sparse:
+                options["tail"] = self.tail
             return fastkd.linear_kd_loss(
                 hidden, head.weight, teacher, labels, student_bias=head.bias,
                 student_logit_scale=transforms["logit_scale"],
                 student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
-        # until the fused-linear path is available: the same objective on full logits
+        # unfused: the same objective on the kept rows' full logits (the fused path does not
+        # take this kind of teacher here)
         logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)
+        if sparse and _sparse_kd_supported():
+            options["tail"] = self.tail
         return fastkd.kd_loss(logits, _dense_teacher(teacher, logits.shape[-1],
                                                      self.options["temperature"]),
-                              labels, **{k: v for k, v in options.items() if k != "tail"})
+                              labels, **options)
 
     # ------------------------------------------------------------------------- stock Trainer
     def _pre_hook(self, module, args, kwargs):
@@ -365,12 +369,26 @@ def _has_linear_kd() -> bool:
     return hasattr(fastkd, "linear_kd_loss") and hasattr(fastkd, "TeacherHead")
 
 
+def _probe_top_k():
+    return TopKLogits(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_kd_takes_sparse() -> bool:
+    """Whether :func:`fastkd.linear_kd_loss` takes sparse targets (probed once)."""
+    try:
+        fastkd.linear_kd_loss(torch.zeros(1, 2), torch.zeros(2, 2), _probe_top_k(),
+                              backend="torch")
+    except TypeError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def _sparse_kd_supported() -> bool:
     """Whether :func:`fastkd.kd_loss` takes sparse targets directly (probed once)."""
-    probe = TopKLogits(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
     try:
-        fastkd.kd_loss(torch.zeros(1, 2), probe, backend="torch")
+        fastkd.kd_loss(torch.zeros(1, 2), _probe_top_k(), backend="torch")
     except TypeError:
         return False
     return True
