@@ -85,12 +85,14 @@ def _version_at_least(major: int, minor: int) -> bool:
         return True
 
 
-def vocab_size_of(model) -> int:
-    """Width of the model's output layer (may exceed the tokenizer's vocabulary)."""
-    head = model.get_output_embeddings()
+def vocab_size_of(model) -> Optional[int]:
+    """Width of the model's output layer (may exceed the tokenizer's vocabulary); None when
+    the module does not say (then its logits' width is checked instead)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
-    return int(model.config.vocab_size)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    return None if vocab is None else int(vocab)
 
 
 def output_transforms(model) -> dict:
@@ -158,9 +160,10 @@ class DistillationLoss:
                  divergence: str = "forward_kl", beta: float = 0.5, tail: str = "bucket",
                  ignore_index: int = -100, chunk_rows: Optional[int] = None,
                  backend: str = "auto", hook: bool = True):
-        from fastkd.checks import check_options
+        from fastkd.checks import check_choice, check_options
         check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                       "sum", backend)
+        check_choice("tail", tail, ("bucket", "renormalize", "ignore"))
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}")
         if teacher is not None and not isinstance(teacher, nn.Module):
@@ -172,7 +175,7 @@ class DistillationLoss:
         self.soft_weight, self.hard_weight = float(soft_weight), float(hard_weight)
         self.tail, self.chunk_rows = tail, chunk_rows
         self.ignore_index = ignore_index
-        if teacher is not None:
+        if teacher is not None and vocab_size_of(teacher) is not None:
             self._check_vocab(vocab_size_of(teacher), "the teacher")
         self.parts = {"kd_loss": 0.0, "ce_loss": 0.0}  # sums since the last log
         self._stash = None
@@ -271,6 +274,7 @@ class DistillationLoss:
                     logit_scale=transforms["logit_scale"], softcap=transforms["softcap"])
             output = self.teacher(**kwargs)
             logits = output.logits if hasattr(output, "logits") else output
+        self._check_vocab(logits.shape[-1], "the teacher")
         return logits[keep.to(device)].to(keep.device)
 
     def _loss_sum(self, hidden, teacher, labels, soft_weight, hard_weight):

@@ -169,6 +169,24 @@ def test_missing_teacher_and_labels_are_clear_errors(setup):
         DistillationLoss(student(), hook=False).compute({"input_ids": batch["input_ids"]})
     with pytest.raises(TypeError, match="teacher must be None"):
         DistillationLoss(student(), "gpt2")
+    with pytest.raises(ValueError, match="tail must be one of"):
+        DistillationLoss(student(), tail="drop", hook=False)
+
+
+def test_online_teacher_without_hf_methods_is_checked_by_its_logits(setup):
+    _, data, _, _ = setup
+
+    class Wide(torch.nn.Module):  # a plain module returning logits 64 wide
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(hf_helpers.VOCAB, 64)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.embed(input_ids)
+
+    batch = collate_causal_lm([data[i] for i in range(2)])
+    with pytest.raises(ValueError, match="the teacher has 64 classes"):
+        DistillationLoss(student(), Wide(), hook=False).compute(batch)
 
 
 def _sparse_kd_loss_available():
