@@ -137,7 +137,9 @@ def parse_response_line(line: str, where: str, *, top_k: int, vocab_size: int,
             if not isinstance(prompt, list) or len(prompt) != len(token_ids):
                 raise ResponseError(f"{at}: 'prompt_logprobs' must be a list with one entry per "
                                    f"prompt token ({len(token_ids)})")
-            generated = ((choice.get("logprobs") or {}).get("top_logprobs") or [None])[0]
+            logprobs = choice.get("logprobs")
+            top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+            generated = top[0] if isinstance(top, list) and top else None
             if generated is None:
                 raise ResponseError(
                     f"{at}: missing 'logprobs.top_logprobs[0]', the distribution after the "
