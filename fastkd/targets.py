@@ -6,6 +6,9 @@
   together is ``1 - sum_k a_k``.
 - :class:`SampledTargets`: K class ids drawn from the teacher's distribution, stored once each
   with their counts (what ``--sample`` caches return); the target is ``counts / counts.sum(-1)``.
+- :class:`TeacherHead`: the teacher's last hidden states and output layer, for the fused
+  linear + KD loss (:func:`fastkd.linear_kd_loss`), which makes the teacher logits a chunk of
+  rows at a time.
 
 Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student's leading dims,
 ``lse`` is ``(...)``. Both are ``NamedTuple`` s, so ``torch.utils.data``'s default collate and
@@ -15,11 +18,11 @@ Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student'
 (This module is the one home of every target type: ``TopKLogits``, ``SampledTargets``,
 ``TeacherHead``.)
 """
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS"]
+__all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS", "TeacherHead"]
 
 
 class TopKLogits(NamedTuple):
@@ -112,3 +115,42 @@ class SampledTargets(NamedTuple):
 
 
 SPARSE_TARGETS = (TopKLogits, SampledTargets)
+
+
+class TeacherHead:
+    """A teacher given as its last hidden states and output layer, for
+    :func:`fastkd.linear_kd_loss`: the teacher logits ``softcap(logit_scale * (hidden @
+    weight.T + bias))`` are made a chunk of rows at a time and dropped, never held in full.
+
+    Args:
+        hidden: ``(..., H_t)`` teacher hidden states, leading dims as the student's.
+        weight: ``(V_t, H_t)`` the teacher's output layer (``lm_head.weight``).
+        bias: ``(V_t,)`` or None.
+        logit_scale: logits are multiplied by it (Cohere's ``logit_scale``), before the softcap.
+        softcap: None, or ``cap`` for ``cap * tanh(z / cap)`` (Gemma-2's
+            ``final_logit_softcapping``).
+
+    The teacher is a constant: its tensors are detached, no gradient flows into them.
+    """
+    __slots__ = ("hidden", "weight", "bias", "logit_scale", "softcap")
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor] = None, *, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None):
+        from fastkd.checks import check_linear_head, check_logit_transform
+        check_linear_head("TeacherHead.", hidden, weight, bias)
+        self.logit_scale, self.softcap = check_logit_transform("TeacherHead.", logit_scale,
+                                                               softcap)
+        self.hidden = hidden.detach()
+        self.weight = weight.detach()
+        self.bias = bias.detach() if bias is not None else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def __repr__(self) -> str:
+        bias = "None" if self.bias is None else f"({self.bias.shape[0]},)"
+        return (f"TeacherHead(hidden={tuple(self.hidden.shape)}, weight="
+                f"{tuple(self.weight.shape)}, bias={bias}, logit_scale={self.logit_scale}, "
+                f"softcap={self.softcap})")
