@@ -2,9 +2,11 @@
 __version__ = "0.1.0"
 
 from fastkd.loss import KDLoss, kd_loss  # noqa: E402
-from fastkd.targets import SampledTargets, TopKLogits  # noqa: E402
+from fastkd.linear import LinearKDLoss, linear_kd_loss  # noqa: E402
+from fastkd.targets import SampledTargets, TeacherHead, TopKLogits  # noqa: E402
 
-__all__ = ["kd_loss", "KDLoss", "TopKLogits", "SampledTargets", "__version__"]
+__all__ = ["kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "TopKLogits", "SampledTargets",
+           "TeacherHead", "__version__"]
 
 
 def __getattr__(name):

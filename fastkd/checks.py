@@ -12,7 +12,8 @@ import torch
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
-           "TAILS", "check_temperature_value", "check_sparse_target", "check_sparse_values"]
+           "TAILS", "check_temperature_value", "check_sparse_target", "check_sparse_values",
+           "TEACHER_EXTRA_COLUMNS", "check_linear_head", "check_logit_transform", "check_chunking"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -322,3 +323,53 @@ def check_inplace_target(student: torch.Tensor, *others) -> None:
                 f"grad_inplace=True would overwrite {name} while it is being read: it shares "
                 f"memory with student_logits; pass a copy ({name}.clone()) or use "
                 "grad_inplace=False")
+
+
+# ----------------------------------------------------------------------------- fused linear
+TEACHER_EXTRA_COLUMNS = ("error", "drop")
+
+
+def check_linear_head(prefix: str, hidden, weight, bias) -> None:
+    """An output layer and its inputs: ``{prefix}hidden (..., H)`` and ``{prefix}weight (V, H)``
+    float tensors, ``{prefix}bias`` None or ``(V,)``, all on one device."""
+    check_logits(f"{prefix}hidden", hidden)
+    check_logits(f"{prefix}weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{prefix}weight must have shape (V, H) (an nn.Linear weight), got "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{prefix}hidden (..., H) and {prefix}weight (V, H) must share H; got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{prefix}weight must be on {prefix}hidden's device {hidden.device}, "
+                         f"got {weight.device}")
+    if bias is not None:
+        check_logits(f"{prefix}bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias must have shape ({weight.shape[0]},) (V of "
+                             f"{prefix}weight), got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"{prefix}bias must be on {prefix}hidden's device {hidden.device}, "
+                             f"got {bias.device}")
+
+
+def check_logit_transform(prefix: str, logit_scale, softcap) -> tuple:
+    """``{prefix}logit_scale`` a finite number > 0 and ``{prefix}softcap`` None or a finite
+    number > 0. Returns them as ``(float, float or None)``."""
+    scale = check_number(f"{prefix}logit_scale", logit_scale, positive=True)
+    if softcap is None:
+        return scale, None
+    return scale, check_number(f"{prefix}softcap", softcap, positive=True)
+
+
+def check_chunking(chunk_rows, chunk_budget_bytes) -> None:
+    """``chunk_rows`` None or an int >= 1; ``chunk_budget_bytes`` an int >= 1."""
+    for name, value, optional in (("chunk_rows", chunk_rows, True),
+                                  ("chunk_budget_bytes", chunk_budget_bytes, False)):
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got "
+                            f"{type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,0 +1,448 @@
+"""Fused linear + KD loss: the distillation loss from hidden states, never holding ``(N, V)`` logits.
+
+Orchestration only: the loss math is the fused KD kernel family behind ``fastkd.loss._dispatch``
+(Triton or the PyTorch fallback, see ``_BACKEND_CONTRACT``), called on one chunk of rows at a
+time. Per chunk of ``C`` kept rows (rows whose label is ``ignore_index`` are dropped before the
+matmul, with ``index_select``)::
+
+    r      = h W^T (+ b)                       (C, V)  torch matmul (BLAS / cuBLAS, fp32 accumulation)
+    z      = cap * tanh(scale * r / cap)       or z = scale * r without a softcap
+    row_loss, g = kernel(z, teacher chunk)     g = d loss / dz, written in place into z
+    g_r    = scale * g * (1 - tanh^2)          (1 - (z / cap)^2: the softcap's derivative)
+    dL/dh  = g_r W                             (C, H)  rows of the hidden-state gradient
+    dL/dW += g_r^T h                           (V, H)  float32 accumulator
+    dL/db += sum_rows g_r
+
+all in the forward pass; backward only scales these gradients by ``grad_output``. A teacher given
+as a :class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient)
+and dropped after the kernel has read them. Peak extra memory: one or two ``C x V`` buffers for
+the student (two with a softcap: the kernel then writes ``g`` beside ``z``), one for a teacher
+head, plus the gradients themselves; independent of ``N``.
+
+``C`` comes from a memory budget (``chunk_budget_bytes``, default
+:data:`DEFAULT_CHUNK_BUDGET_BYTES` for all chunk-sized buffers together) or is set with
+``chunk_rows``. Under ``torch.autocast`` the chunk logits are in the autocast dtype (bf16 / fp16,
+as ``F.linear`` gives under autocast: same numbers as the unfused path, half the buffer); the
+kernel accumulates in float32, the logits gradient is rounded once to that dtype, and the weight
+and bias gradients are accumulated over chunks in float32 and returned in the parameters' dtypes.
+"""
+from typing import Optional, Union
+
+import torch
+
+from fastkd.checks import (TEACHER_EXTRA_COLUMNS, check_choice, check_chunking, check_label_values,
+                           check_labels, check_linear_head, check_logit_transform, check_logits,
+                           check_options)
+from fastkd.loss import (_LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR, _dispatch, _resolve_backend,
+                         _scale_grad)
+from fastkd.targets import TeacherHead
+
+__all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
+
+# Budget for the chunk-sized buffers together (student logits, its gradient with a softcap, the
+# teacher's chunk). 256 MiB is ~520 rows at V = 128256 in fp32: on this 2-core CPU the matmuls
+# reach their full speed from ~512 rows on (64-256 rows lose 2-3x), and on a GPU it is
+# ~1000 rows of bf16 logits at V = 128256, in the range Liger-Kernel's chunking uses.
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+_TEACHER_LOGITS, _TEACHER_HEAD = 0, 1
+_NO_SOFTCAP = 0.0   # the custom op's encoding of softcap=None (a real softcap is > 0)
+
+
+# ----------------------------------------------------------------------------- chunk pieces
+def _rows(tensor: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a 2-D tensor: a slice (a view) or an index tensor (a gathered copy)."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
+def _linear_into(hidden_rows, weight, bias, out):
+    """out = hidden_rows @ weight.T (+ bias), (C, V)."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+def _transform_(logits, scale: float, softcap: Optional[float]):
+    """In place: ``cap * tanh(scale * logits / cap)``, or ``scale * logits`` without a cap."""
+    if softcap is not None:
+        return logits.mul_(scale / softcap).tanh_().mul_(softcap)
+    return logits.mul_(scale) if scale != 1.0 else logits
+
+
+class _Side:
+    """One side's output layer in the compute dtype: weight (V, H), bias (V,) or None, and its
+    logit transform."""
+
+    def __init__(self, hidden, weight, bias, scale, softcap, compute_dtype, num_classes):
+        dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        self.dtype = dtype
+        self.hidden = hidden
+        self.weight = weight[:num_classes].to(dtype)   # a view unless a cast is needed
+        self.bias = bias[:num_classes].to(dtype) if bias is not None else None
+        self.scale = scale
+        self.softcap = softcap
+
+    def logits(self, rows, out):
+        """Transformed chunk logits of ``rows`` into ``out`` (C, V)."""
+        hidden_rows = _rows(self.hidden, rows).to(self.dtype)
+        return _transform_(_linear_into(hidden_rows, self.weight, self.bias, out), self.scale,
+                           self.softcap), hidden_rows
+
+
+# ----------------------------------------------------------------------------- forward
+def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
+                   label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
+                   num_classes, temperature, soft_weight, hard_weight, divergence, beta,
+                   ignore_index, reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes,
+                   needs_hidden, needs_weight, needs_bias):
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` for 2-D ``hidden (N, H)``; gradients
+    already scaled for ``grad_output == 1`` (per row, unscaled, for ``reduction='none'``) and
+    empty ``(0,)`` tensors where not wanted."""
+    num_rows = hidden.shape[0]
+    device = hidden.device
+    student_softcap = student_softcap if student_softcap != _NO_SOFTCAP else None
+    teacher_softcap = teacher_softcap if teacher_softcap != _NO_SOFTCAP else None
+    compute_dtype = getattr(torch, compute_dtype) if compute_dtype else None
+    student = _Side(hidden, weight, bias, student_scale, student_softcap, compute_dtype,
+                    num_classes)
+
+    # Kept rows: everything, or the rows whose label is not ignore_index (dropped before any
+    # matmul); batchmean divides by their number.
+    kept_index = None
+    if label_mode == _LABEL_TENSOR:
+        labels = check_label_values(labels, num_classes, ignore_index)
+        keep = labels != ignore_index
+        num_kept = int(keep.sum())
+        if num_kept < num_rows:
+            kept_index = keep.nonzero().squeeze(1)
+            labels = labels.index_select(0, kept_index)
+    else:
+        labels = None
+        num_kept = num_rows
+    # jsd with beta at an end point *is* forward/reverse KL (the contract wants it mapped).
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    grad_scale = 1.0 / num_kept if (reduction == "batchmean" and num_kept > 0) else 1.0
+
+    wants_grad = needs_hidden or needs_weight or needs_bias
+    grad_hidden = (torch.zeros if kept_index is not None else torch.empty)(
+        hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) \
+        if needs_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) \
+        if needs_bias else None
+
+    # Teacher: dense rows (sliced to V columns) or an output layer of its own.
+    teacher_side = teacher_rows = None
+    if teacher_kind == _TEACHER_HEAD:
+        teacher_side = _Side(teacher_0, teacher_1, teacher_2, teacher_scale, teacher_softcap,
+                             compute_dtype, num_classes)
+    else:
+        teacher_rows = teacher_0[:, :num_classes]
+
+    # Chunk size from the budget: bytes per row of every chunk-sized buffer.
+    separate_grad = wants_grad and student_softcap is not None   # z is needed after the kernel
+    student_size = student.dtype.itemsize
+    per_row = num_classes * student_size * (2 if separate_grad else 1)
+    if teacher_side is not None:
+        per_row += num_classes * teacher_side.dtype.itemsize
+    elif kept_index is not None or teacher_rows.stride(-1) != 1:
+        per_row += num_classes * teacher_rows.dtype.itemsize   # gathered / made contiguous
+    if chunk_rows <= 0:
+        chunk_rows = chunk_budget_bytes // per_row
+    chunk_rows = max(1, min(chunk_rows, num_kept))
+
+    row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
+    kd_forward = _dispatch(backend)
+    logits_buffer = torch.empty((chunk_rows, num_classes), dtype=student.dtype, device=device) \
+        if num_kept else None
+    grad_buffer = torch.empty_like(logits_buffer) if separate_grad and num_kept else None
+    teacher_buffer = torch.empty((chunk_rows, num_classes), dtype=teacher_side.dtype,
+                                 device=device) if teacher_side is not None and num_kept else None
+    for start in range(0, num_kept, chunk_rows):
+        stop = min(start + chunk_rows, num_kept)
+        count = stop - start
+        rows = slice(start, stop) if kept_index is None else kept_index[start:stop]
+        logits, hidden_rows = student.logits(rows, logits_buffer[:count])
+        if teacher_side is not None:
+            teacher_logits, _ = teacher_side.logits(rows, teacher_buffer[:count])
+        else:
+            teacher_logits = _rows(teacher_rows, rows)
+            if teacher_logits.stride(-1) != 1:
+                teacher_logits = teacher_logits.contiguous()
+        grad = None
+        if wants_grad:
+            grad = grad_buffer[:count] if separate_grad else logits   # in place without a cap
+        row_loss[start:stop] = kd_forward(
+            logits, teacher_logits, labels[start:stop] if labels is not None else None,
+            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, grad_scale=grad_scale, grad=grad)
+        if not wants_grad:
+            continue
+        if student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
+            grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
+        scale = student_scale
+        if needs_hidden:
+            rows_grad = torch.mm(grad, student.weight)
+            if scale != 1.0:
+                rows_grad.mul_(scale)
+            if kept_index is None:
+                grad_hidden[start:stop] = rows_grad
+            else:
+                grad_hidden.index_copy_(0, rows, rows_grad.to(grad_hidden.dtype))
+        if needs_weight:
+            if student.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), hidden_rows, alpha=scale)
+            else:   # half-precision product, float32 sum over chunks
+                grad_weight.add_(torch.mm(grad.t(), hidden_rows), alpha=scale)
+        if needs_bias:
+            grad_bias.add_(grad.sum(0, dtype=torch.float32), alpha=scale)
+
+    if reduction == "none":
+        if kept_index is not None:
+            loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
+            loss.index_copy_(0, kept_index, row_loss)
+        else:
+            loss = row_loss
+    else:
+        loss = row_loss.sum() * grad_scale
+    empty = hidden.new_empty((0,))
+    return (loss,
+            grad_hidden if grad_hidden is not None else empty,
+            grad_weight.to(weight.dtype) if grad_weight is not None else empty,
+            grad_bias.to(bias.dtype) if grad_bias is not None else empty)
+
+
+# ----------------------------------------------------------------------------- autograd (custom op)
+@torch.library.custom_op("fastkd::linear_kd_loss_forward", mutates_args=())
+def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  teacher_kind: int, teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
+                  teacher_2: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                  label_mode: int, student_scale: float, student_softcap: float,
+                  teacher_scale: float, teacher_softcap: float, num_classes: int,
+                  temperature: float, soft_weight: float, hard_weight: float, divergence: str,
+                  beta: float, ignore_index: int, reduction: str, backend: str,
+                  compute_dtype: str, chunk_rows: int, chunk_budget_bytes: int,
+                  needs_hidden: bool, needs_weight: bool,
+                  needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor]:
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        loss, grad_hidden, grad_weight, grad_bias = _fused_forward(
+            hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
+            label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
+            num_classes, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+            reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden,
+            needs_weight, needs_bias)
+    # custom ops may not return views of their inputs
+    return loss.clone() if loss._base is not None else loss, grad_hidden, grad_weight, grad_bias
+
+
+@_linear_kd_op.register_fake
+def _(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels, label_mode,
+      student_scale, student_softcap, teacher_scale, teacher_softcap, num_classes, temperature,
+      soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend, compute_dtype,
+      chunk_rows, chunk_budget_bytes, needs_hidden, needs_weight, needs_bias):
+    loss_shape = (hidden.shape[0],) if reduction == "none" else ()
+    loss = hidden.new_empty(loss_shape, dtype=torch.float32)
+    grad_hidden = hidden.new_empty(hidden.shape if needs_hidden else (0,))
+    grad_weight = weight.new_empty(weight.shape) if needs_weight else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape) if needs_bias else hidden.new_empty((0,))
+    return loss, grad_hidden, grad_weight, grad_bias
+
+
+_NUM_OP_INPUTS = 28
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*output[1:])
+    ctx.per_row = inputs[20] == "none"
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_output, *_grads_of_grads):
+    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    if grad_output is None:
+        return (None,) * _NUM_OP_INPUTS
+    needs = ctx.needs_input_grad
+    # per_row ('none') only reaches here with hidden alone needing a gradient (see linear_kd_loss)
+    return (_scale_grad(grad_hidden, grad_output, ctx.per_row) if needs[0] else None,
+            _scale_grad(grad_weight, grad_output, False) if needs[1] else None,
+            _scale_grad(grad_bias, grad_output, False) if needs[2] else None,
+            ) + (None,) * (_NUM_OP_INPUTS - 3)
+
+
+_linear_kd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+def _autocast_dtype(device: torch.device) -> str:
+    """The autocast dtype's name when autocast is on for ``device``'s type, else ''."""
+    if torch.is_autocast_enabled(device.type):
+        return str(torch.get_autocast_dtype(device.type)).replace("torch.", "")
+    return ""
+
+
+def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns) -> int:
+    """Teacher checks; returns its vocabulary size V_t (>= V)."""
+    if isinstance(teacher, TeacherHead):
+        if tuple(teacher.hidden.shape[:-1]) != tuple(leading):
+            raise ValueError(
+                f"teacher.hidden must have the leading dims {tuple(leading)} of student_hidden, "
+                f"got {tuple(teacher.hidden.shape)}")
+        if teacher.hidden.device != device:
+            raise ValueError(f"teacher must be on student_hidden's device {device}, got "
+                             f"{teacher.hidden.device}")
+        teacher_classes = teacher.num_classes
+    elif isinstance(teacher, torch.Tensor):
+        check_logits("teacher", teacher)
+        if tuple(teacher.shape[:-1]) != tuple(leading):
+            raise ValueError(
+                f"teacher logits must have shape (..., V_t) with the leading dims "
+                f"{tuple(leading)} of student_hidden, got {tuple(teacher.shape)}")
+        if teacher.device != device:
+            raise ValueError(f"teacher must be on student_hidden's device {device}, got "
+                             f"{teacher.device}")
+        teacher_classes = teacher.shape[-1]
+    else:
+        raise TypeError("teacher must be dense teacher logits (a tensor (..., V)) or a "
+                        f"fastkd.TeacherHead, got {type(teacher).__name__}")
+    if teacher_classes < num_classes:
+        raise ValueError(f"the teacher's vocabulary ({teacher_classes}) is smaller than the "
+                         f"student's (V = {num_classes} rows of student_weight)")
+    if teacher_classes > num_classes and teacher_extra_columns == "error":
+        raise ValueError(
+            f"the teacher's vocabulary ({teacher_classes}) is wider than the student's "
+            f"({num_classes}); if the extra columns are padding (e.g. an embedding matrix "
+            "padded to a multiple of 64), pass teacher_extra_columns='drop' to use the first "
+            f"{num_classes} teacher columns")
+    return teacher_classes
+
+
+def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                   teacher: Union[torch.Tensor, TeacherHead],
+                   labels: Union[torch.Tensor, str, None] = None, *,
+                   student_bias: Optional[torch.Tensor] = None, student_logit_scale: float = 1.0,
+                   student_softcap: Optional[float] = None, chunk_rows: Optional[int] = None,
+                   chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                   teacher_extra_columns: str = "error", temperature: float = 1.0,
+                   soft_weight: float = 0.5, hard_weight: float = 0.5,
+                   divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                   reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
+    """:func:`fastkd.kd_loss` of the student logits ``softcap(logit_scale * (student_hidden @
+    student_weight.T + student_bias))`` against ``teacher``, without ever holding the ``(N, V)``
+    logits: rows are processed in chunks (matmul, fused KD kernel, matmuls for the gradients).
+
+    Args:
+        student_hidden: ``(..., H)`` last hidden states (float32/float16/bfloat16).
+        student_weight: ``(V, H)`` the output layer (``lm_head.weight``; tied embeddings too).
+        teacher: dense teacher logits ``(..., V_t)`` or a :class:`fastkd.TeacherHead`
+            (the teacher's hidden states and output layer; its logits are made per chunk too).
+            A constant: no gradient flows into it.
+        labels: ``(...)`` class ids (``ignore_index`` rows are dropped before the matmul),
+            ``"teacher"`` or None, as in :func:`fastkd.kd_loss`.
+        student_bias: ``(V,)`` or None.
+        student_logit_scale: logits times this (Cohere's ``logit_scale``), before the softcap.
+        student_softcap: None or ``cap``: logits ``cap * tanh(z / cap)`` (Gemma-2's
+            ``final_logit_softcapping``). (The teacher's are set on its ``TeacherHead``.)
+        chunk_rows: rows per chunk; overrides ``chunk_budget_bytes``.
+        chunk_budget_bytes: memory for the chunk-sized buffers together (student chunk logits,
+            their gradient when there is a softcap, a teacher head's chunk logits).
+        teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than
+            the student's, or ``"drop"`` to use its first V columns (padding columns of an
+            embedding matrix).
+        temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend:
+            as in :func:`fastkd.kd_loss`. ``reduction="none"`` gives per-row losses ``(...)``; it
+            needs ``student_weight`` and ``student_bias`` not to require grad (their gradient is
+            a sum over rows made in the forward pass, which a per-row ``grad_output`` cannot
+            weight afterwards).
+
+    Returns:
+        float32 scalar, or ``(...)`` float32 for ``reduction="none"``.
+
+    Gradients reach ``student_hidden``, ``student_weight`` and ``student_bias`` when they require
+    grad (a frozen or LoRA-wrapped head works), in their own dtypes.
+    """
+    check_linear_head("student_", student_hidden, student_weight, student_bias)
+    student_logit_scale, student_softcap = check_logit_transform(
+        "student_", student_logit_scale, student_softcap)
+    check_chunking(chunk_rows, chunk_budget_bytes)
+    check_choice("teacher_extra_columns", teacher_extra_columns, TEACHER_EXTRA_COLUMNS)
+    check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                  reduction, backend)
+    leading = student_hidden.shape[:-1]
+    device = student_hidden.device
+    num_classes = student_weight.shape[0]
+    check_labels(labels, leading, device)
+    _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
+    resolved = _resolve_backend(backend, device)
+
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
+             grad_on and student_bias is not None and student_bias.requires_grad)
+    if reduction == "none" and (needs[1] or needs[2]):
+        raise ValueError(
+            "reduction='none' needs student_weight and student_bias not to require grad: their "
+            "gradient is summed over rows in the forward pass, so per-row weights cannot be "
+            "applied afterwards; use reduction='sum' with the weights folded into the loss, or "
+            "freeze the head")
+
+    hidden_2d = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if isinstance(teacher, TeacherHead):
+        teacher_kind = _TEACHER_HEAD
+        teacher_tensors = (teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
+                           teacher.bias)
+        teacher_scale, teacher_softcap = teacher.logit_scale, teacher.softcap
+    else:
+        teacher_kind = _TEACHER_LOGITS
+        teacher_tensors = (teacher.detach().reshape(-1, teacher.shape[-1]), None, None)
+        teacher_scale, teacher_softcap = 1.0, None
+    if isinstance(labels, torch.Tensor):
+        label_mode, labels_1d = _LABEL_TENSOR, labels.reshape(-1)
+    else:
+        label_mode = _LABEL_TEACHER if labels == "teacher" else _LABEL_NONE
+        labels_1d = None
+    loss, *_ = _linear_kd_op(
+        hidden_2d, student_weight, student_bias, teacher_kind, *teacher_tensors, labels_1d,
+        label_mode, student_logit_scale,
+        student_softcap if student_softcap is not None else _NO_SOFTCAP, teacher_scale,
+        teacher_softcap if teacher_softcap is not None else _NO_SOFTCAP, num_classes,
+        float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta),
+        int(ignore_index), reduction, resolved, _autocast_dtype(device),
+        chunk_rows if chunk_rows is not None else 0, int(chunk_budget_bytes), *needs)
+    return loss.reshape(leading) if reduction == "none" else loss
+
+
+class LinearKDLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`linear_kd_loss`; keyword options fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher, labels=None, student_bias=None)``.
+    """
+
+    def __init__(self, *, student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
+                 chunk_rows: Optional[int] = None,
+                 chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                 teacher_extra_columns: str = "error", temperature: float = 1.0,
+                 soft_weight: float = 0.5, hard_weight: float = 0.5,
+                 divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
+                 reduction: str = "batchmean", backend: str = "auto"):
+        super().__init__()
+        check_logit_transform("student_", student_logit_scale, student_softcap)
+        check_chunking(chunk_rows, chunk_budget_bytes)
+        check_choice("teacher_extra_columns", teacher_extra_columns, TEACHER_EXTRA_COLUMNS)
+        check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                      reduction, backend)
+        self.options = dict(
+            student_logit_scale=student_logit_scale, student_softcap=student_softcap,
+            chunk_rows=chunk_rows, chunk_budget_bytes=chunk_budget_bytes,
+            teacher_extra_columns=teacher_extra_columns, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher, labels=None, student_bias=None):
+        return linear_kd_loss(student_hidden, student_weight, teacher, labels,
+                              student_bias=student_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
