@@ -207,11 +207,12 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
             loss = row_loss
     else:
         loss = row_loss.sum() * grad_scale
-    empty = hidden.new_empty((0,))
+    def empty():   # one per unwanted gradient: custom op outputs may not alias each other
+        return hidden.new_empty((0,))
     return (loss,
-            grad_hidden if grad_hidden is not None else empty,
-            grad_weight.to(weight.dtype) if grad_weight is not None else empty,
-            grad_bias.to(bias.dtype) if grad_bias is not None else empty)
+            grad_hidden if grad_hidden is not None else empty(),
+            grad_weight.to(weight.dtype) if grad_weight is not None else empty(),
+            grad_bias.to(bias.dtype) if grad_bias is not None else empty())
 
 
 # ----------------------------------------------------------------------------- autograd (custom op)

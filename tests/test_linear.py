@@ -1,0 +1,472 @@
+"""fastkd.linear_kd_loss / LinearKDLoss / TeacherHead: the fused linear + KD path.
+
+Every case is checked against the float64 reference (float64 ``F.linear`` + transforms, then
+``reference.reference_kd_loss``: the fused path has no math of its own) for the loss and the
+gradients of hidden states, weight and bias, and most against the unfused fastkd composition
+(``F.linear`` + ``kd_loss``) as well. Tolerances, relative (loss: to |ref|; gradients: to
+max |ref grad|): fp32 1e-5 (accumulation order only); bf16 autocast 3e-2 (the logits, their
+gradient and the hidden-state gradient are rounded to bf16's 8-bit mantissa).
+
+Triton runs through TRITON_INTERPRET=1 (tests/conftest.py) at small shapes.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import TeacherHead, linear_kd_loss
+from reference import reference_kd_loss
+
+FP32_TOL = 1e-5
+BF16_TOL = 3e-2
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_case(rows=(23,), hidden=12, vocab=40, teacher_hidden=10, teacher_vocab=None, bias=True,
+              ignored=0.3, seed=0, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(device)
+    teacher_vocab = teacher_vocab or vocab
+    case = {
+        "hidden": randn(*rows, hidden).requires_grad_(),
+        "weight": randn(vocab, hidden, scale=0.6).requires_grad_(),
+        "bias": randn(vocab, scale=0.5).requires_grad_() if bias else None,
+        "teacher_hidden": randn(*rows, teacher_hidden),
+        "teacher_weight": randn(teacher_vocab, teacher_hidden, scale=0.7),
+        "teacher_bias": randn(teacher_vocab, scale=0.5) if bias else None,
+        "teacher_logits": randn(*rows, teacher_vocab, scale=2.0),
+    }
+    labels = torch.randint(0, vocab, rows, generator=gen)
+    if ignored:
+        labels[torch.rand(rows, generator=gen) < ignored] = -100
+    case["labels"] = labels.to(device)
+    return case
+
+
+def head_logits(hidden, weight, bias, scale=1.0, softcap=None):
+    """Logits of an output layer with its transform (any dtype, differentiable)."""
+    logits = F.linear(hidden, weight, bias) * scale
+    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+
+
+def student_params(case):
+    return [case["hidden"], case["weight"]] + ([case["bias"]] if case["bias"] is not None else [])
+
+
+def teacher_of(case, kind, scale=1.0, softcap=None):
+    if kind == "head":
+        return TeacherHead(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"],
+                           logit_scale=scale, softcap=softcap)
+    return case["teacher_logits"]
+
+
+def teacher_logits_of(teacher, double=False):
+    if isinstance(teacher, TeacherHead):
+        cast = (lambda t: t.double() if t is not None else None) if double else (lambda t: t)
+        return head_logits(cast(teacher.hidden), cast(teacher.weight), cast(teacher.bias),
+                           teacher.logit_scale, teacher.softcap)
+    return teacher.double() if double else teacher
+
+
+def reference(case, teacher, labels, *, scale=1.0, softcap=None, **options):
+    """float64 loss and gradients of (hidden, weight[, bias])."""
+    params = [p.detach().double().requires_grad_() for p in student_params(case)]
+    bias = params[2] if len(params) == 3 else None
+    student = head_logits(params[0], params[1], bias, scale, softcap)
+    teacher_logits = teacher_logits_of(teacher, double=True)[..., :student.shape[-1]]
+    loss = reference_kd_loss(student, teacher_logits, labels, **options)
+    return loss, torch.autograd.grad(loss, params)
+
+
+def unfused(case, teacher, labels, *, scale=1.0, softcap=None, **options):
+    """fastkd.kd_loss on F.linear logits (the unfused composition) and its gradients."""
+    params = student_params(case)
+    bias = params[2] if len(params) == 3 else None
+    student = head_logits(params[0], params[1], bias, scale, softcap)
+    teacher_logits = teacher_logits_of(teacher)[..., :student.shape[-1]]
+    loss = fastkd.kd_loss(student, teacher_logits.detach(), labels, **options)
+    return loss, torch.autograd.grad(loss, params)
+
+
+def fused(case, teacher, labels, **options):
+    loss = linear_kd_loss(case["hidden"], case["weight"], teacher, labels,
+                          student_bias=case["bias"], **options)
+    return loss, torch.autograd.grad(loss, student_params(case))
+
+
+def assert_close(got, want, tol, what=""):
+    loss, grads = got
+    ref_loss, ref_grads = want
+    assert loss.dtype == torch.float32
+    loss_err = (loss.double() - ref_loss.double()).abs().max().item()
+    assert loss_err <= tol * max(ref_loss.double().abs().max().item(), 1e-3), \
+        f"{what} loss {loss} vs {ref_loss}"
+    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        scale = ref.double().abs().max().item()
+        err = (grad.double() - ref.double()).abs().max().item()
+        assert err <= tol * max(scale, 1e-6), f"{what} grad {name}: {err} vs scale {scale}"
+
+
+# ----------------------------------------------------------------------------- correctness
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5),
+                                             ("jsd", 0.3), ("jsd", 0.0), ("mse", 0.5)])
+def test_matches_reference_each_divergence(teacher_kind, divergence, beta):
+    case = make_case()
+    teacher = teacher_of(case, teacher_kind)
+    options = dict(divergence=divergence, beta=beta, temperature=2.0, soft_weight=0.7,
+                   hard_weight=0.4)
+    got = fused(case, teacher, case["labels"], chunk_rows=5, **options)
+    assert_close(got, reference(case, teacher, case["labels"], **options), FP32_TOL, divergence)
+    assert_close(got, unfused(case, teacher, case["labels"], **options), FP32_TOL, divergence)
+
+
+@pytest.mark.parametrize("student_transform,teacher_transform", [
+    ((1.0, 4.0), (1.0, None)),     # Gemma-2 style softcap on the student
+    ((0.5, None), (1.0, 3.0)),     # Cohere logit_scale on the student, softcap on the teacher
+    ((1.3, 2.5), (0.8, 6.0)),      # both, on both sides (scale applied before the cap)
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_logit_scale_and_softcap(student_transform, teacher_transform, bias):
+    case = make_case(bias=bias, seed=1)
+    scale, softcap = student_transform
+    teacher = teacher_of(case, "head", *teacher_transform)
+    options = dict(temperature=1.5, divergence="reverse_kl")
+    got = fused(case, teacher, case["labels"], student_logit_scale=scale,
+                student_softcap=softcap, chunk_rows=7, **options)
+    want = reference(case, teacher, case["labels"], scale=scale, softcap=softcap, **options)
+    assert_close(got, want, FP32_TOL)
+    # and it is not the objective without the transforms (what Liger's fused path computes)
+    plain = reference(case, teacher_of(case, "head"), case["labels"], **options)
+    assert abs(got[0].item() - plain[0].item()) > 1e-3
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 23, 1000])
+def test_chunk_sizes_and_batch_seq_hidden(chunk_rows):
+    """(B, S, H) inputs, chunk sizes that do and do not divide the kept rows."""
+    case = make_case(rows=(3, 9), seed=2)
+    teacher = teacher_of(case, "head")
+    got = fused(case, teacher, case["labels"], chunk_rows=chunk_rows, temperature=3.0)
+    assert_close(got, reference(case, teacher, case["labels"], temperature=3.0), FP32_TOL)
+
+
+def test_chunk_rows_come_from_the_budget(monkeypatch):
+    """Without chunk_rows, the chunk is budget // bytes-per-row (one fp32 row of student logits
+    and one of a teacher head's logits here); chunk_rows overrides it."""
+    import fastkd.linear as linear
+    seen = []
+    real = linear._dispatch
+
+    def recording_dispatch(backend):
+        kernel = real(backend)
+
+        def record(student, *args, **kwargs):
+            seen.append(student.shape[0])
+            return kernel(student, *args, **kwargs)
+        return record
+    monkeypatch.setattr(linear, "_dispatch", recording_dispatch)
+    case = make_case(rows=(50,), vocab=64, ignored=0)
+    teacher = teacher_of(case, "head")
+    per_row = 64 * 4 * 2
+    fused(case, teacher, case["labels"], chunk_budget_bytes=per_row * 8)
+    assert seen == [8] * 6 + [2]
+    seen.clear()
+    fused(case, teacher, case["labels"], chunk_budget_bytes=per_row * 8, chunk_rows=20)
+    assert seen == [20, 20, 10]
+    seen.clear()   # a softcap needs the gradient beside the logits: a third buffer per row
+    fused(case, teacher, case["labels"], chunk_budget_bytes=64 * 4 * 3 * 10, student_softcap=5.0)
+    assert seen == [10] * 5
+
+
+def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
+    """Only kept rows reach the kernel; batchmean divides by their number; the hidden-state
+    gradient of an ignored row is exactly 0; 'none' gives 0 there."""
+    import fastkd.linear as linear
+    seen = []
+    real = linear._dispatch
+    monkeypatch.setattr(linear, "_dispatch", lambda backend: (
+        lambda student, *a, **k: seen.append(student.shape[0]) or real(backend)(student, *a, **k)))
+    case = make_case(rows=(30,), ignored=0.5, seed=3)
+    kept = int((case["labels"] != -100).sum())
+    assert 5 < kept < 25
+    teacher = teacher_of(case, "logits")
+    got = fused(case, teacher, case["labels"], chunk_rows=4)
+    assert sum(seen) == kept
+    assert_close(got, reference(case, teacher, case["labels"]), FP32_TOL)
+    ignored = case["labels"] == -100
+    assert torch.equal(got[1][0][ignored], torch.zeros_like(got[1][0][ignored]))
+    with torch.no_grad():
+        rows = linear_kd_loss(case["hidden"], case["weight"], teacher, case["labels"],
+                              student_bias=case["bias"], reduction="none")
+    assert rows.shape == (30,) and bool((rows[ignored] == 0).all()) and bool((rows[~ignored] > 0).all())
+
+
+def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
+    case = make_case(rows=(6,), ignored=0)
+    labels = torch.full((6,), -100)
+    loss, grads = fused(case, teacher_of(case, "head"), labels)
+    assert loss.item() == 0.0 and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(reduction):
+    case = make_case(rows=(4, 5), seed=4)
+    teacher = teacher_of(case, "logits")
+    if reduction == "none":   # per-row losses: only the hidden states may need a gradient
+        case["weight"].requires_grad_(False)
+        case["bias"].requires_grad_(False)
+    loss = linear_kd_loss(case["hidden"], case["weight"], teacher, case["labels"],
+                          student_bias=case["bias"], reduction=reduction, chunk_rows=3)
+    ref = reference_kd_loss(head_logits(case["hidden"].double(), case["weight"].double(),
+                                        case["bias"].double()),
+                            teacher.double(), case["labels"], reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=FP32_TOL, atol=1e-6)
+    weights = torch.rand(loss.shape)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), case["hidden"])
+    ref_hidden = case["hidden"].detach().double().requires_grad_()
+    ref_loss = reference_kd_loss(head_logits(ref_hidden, case["weight"].double(),
+                                             case["bias"].double()),
+                                 teacher.double(), case["labels"], reduction=reduction)
+    (ref_grad,) = torch.autograd.grad((ref_loss * weights.double()).sum(), ref_hidden)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=FP32_TOL, atol=1e-7)
+
+
+def test_teacher_labels_and_no_labels():
+    case = make_case(seed=5)
+    teacher = teacher_of(case, "head")
+    for labels in ("teacher", None):
+        got = fused(case, teacher, labels, chunk_rows=6, temperature=2.0)
+        assert_close(got, reference(case, teacher, labels, temperature=2.0), FP32_TOL, labels)
+
+
+def test_frozen_weight_lora_and_frozen_hidden():
+    """A frozen head gets no gradient (and none is computed); a LoRA-adapted head (weight =
+    W0 + B A, a non-leaf) passes its gradient on to A and B; a frozen hidden state works too."""
+    case = make_case(seed=6)
+    teacher = teacher_of(case, "logits")
+    frozen = case["weight"].detach()
+    loss = linear_kd_loss(case["hidden"], frozen, teacher, case["labels"], chunk_rows=5)
+    loss.backward()
+    assert frozen.grad is None and case["hidden"].grad is not None
+    ref_hidden = case["hidden"].detach().double().requires_grad_()
+    ref = reference_kd_loss(F.linear(ref_hidden, frozen.double()), teacher.double(),
+                            case["labels"])
+    ref.backward()
+    torch.testing.assert_close(case["hidden"].grad.double(), ref_hidden.grad, rtol=FP32_TOL,
+                               atol=1e-7)
+
+    lora_a = (0.1 * torch.randn(2, 12)).requires_grad_()
+    lora_b = (0.1 * torch.randn(40, 2)).requires_grad_()
+    hidden = case["hidden"].detach()   # frozen hidden states
+    loss = linear_kd_loss(hidden, frozen + lora_b @ lora_a, teacher, case["labels"])
+    grads = torch.autograd.grad(loss, (lora_a, lora_b))
+    ref_a, ref_b = (t.detach().double().requires_grad_() for t in (lora_a, lora_b))
+    ref = reference_kd_loss(F.linear(hidden.double(), frozen.double() + ref_b @ ref_a),
+                            teacher.double(), case["labels"])
+    for grad, ref_grad in zip(grads, torch.autograd.grad(ref, (ref_a, ref_b))):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_gradient_reaches_the_teacher():
+    case = make_case(seed=7)
+    logits = case["teacher_logits"].clone().requires_grad_()
+    head_weight = case["teacher_weight"].clone().requires_grad_()
+    head_hidden = case["teacher_hidden"].clone().requires_grad_()
+    loss = linear_kd_loss(case["hidden"], case["weight"], logits, case["labels"])
+    loss = loss + linear_kd_loss(case["hidden"], case["weight"],
+                                 TeacherHead(head_hidden, head_weight), case["labels"])
+    loss.backward()
+    assert logits.grad is None and head_weight.grad is None and head_hidden.grad is None
+    assert case["hidden"].grad is not None
+
+
+def test_wider_teacher_vocabulary():
+    case = make_case(teacher_vocab=48, seed=8)   # student V = 40
+    for kind in ("logits", "head"):
+        teacher = teacher_of(case, kind)
+        with pytest.raises(ValueError, match="teacher_extra_columns='drop'"):
+            linear_kd_loss(case["hidden"], case["weight"], teacher, case["labels"])
+        got = fused(case, teacher, case["labels"], teacher_extra_columns="drop", chunk_rows=6)
+        assert_close(got, reference(case, teacher, case["labels"]), FP32_TOL, kind)
+    narrow = make_case(vocab=40, seed=8)["teacher_logits"][..., :30]
+    with pytest.raises(ValueError, match="smaller than the student's"):
+        linear_kd_loss(case["hidden"], case["weight"], narrow, case["labels"],
+                       teacher_extra_columns="drop")
+
+
+def test_module_form_and_no_grad():
+    case = make_case(seed=9)
+    teacher = teacher_of(case, "head")
+    criterion = fastkd.LinearKDLoss(temperature=2.0, divergence="jsd", chunk_rows=8)
+    assert "chunk_rows=8" in repr(criterion)
+    loss = criterion(case["hidden"], case["weight"], teacher, case["labels"],
+                     student_bias=case["bias"])
+    want = reference(case, teacher, case["labels"], temperature=2.0, divergence="jsd")
+    assert_close((loss, torch.autograd.grad(loss, student_params(case))), want, FP32_TOL)
+    with torch.no_grad():
+        again = criterion(case["hidden"], case["weight"], teacher, case["labels"],
+                          student_bias=case["bias"])
+    assert not again.requires_grad and abs(again.item() - loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+def test_bf16_autocast(teacher_kind):
+    """Under autocast the chunk logits are bf16 (as F.linear gives there): the loss and the
+    gradients match the unfused composition under autocast and the float64 reference to bf16
+    accuracy, and come back in the parameters' dtypes (fp32 here)."""
+    case = make_case(rows=(4, 7), hidden=16, vocab=64, seed=10)
+    teacher = teacher_of(case, teacher_kind, 1.0, 8.0 if teacher_kind == "head" else None)
+    options = dict(temperature=2.0, student_softcap=10.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(case, teacher, case["labels"], chunk_rows=5, **options)
+        want = unfused(case, teacher, case["labels"], softcap=10.0, temperature=2.0)
+    assert all(g.dtype == torch.float32 for g in got[1])
+    assert_close(got, want, BF16_TOL, "vs unfused autocast")
+    assert_close(got, reference(case, teacher, case["labels"], softcap=10.0, temperature=2.0),
+                 BF16_TOL, "vs float64")
+
+
+def test_bf16_parameters_without_autocast():
+    case = make_case(dtype=torch.bfloat16, seed=11, ignored=0)
+    teacher = teacher_of(case, "head")
+    got = fused(case, teacher, case["labels"], chunk_rows=6)
+    assert [g.dtype for g in got[1]] == [torch.bfloat16] * 3
+    assert_close(got, reference(case, teacher, case["labels"]), BF16_TOL)
+
+
+def test_torch_compile_fullgraph():
+    case = make_case(rows=(2, 5), seed=12)
+    teacher = teacher_of(case, "head", 1.0, 5.0)
+
+    def step(hidden, weight, bias, teacher_hidden, labels):
+        head = TeacherHead(teacher_hidden, case["teacher_weight"], softcap=5.0)
+        return linear_kd_loss(hidden, weight, head, labels, student_bias=bias,
+                              student_softcap=7.0, chunk_rows=3, temperature=2.0)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = (case["hidden"], case["weight"], case["bias"], teacher.hidden, case["labels"])
+    loss = compiled(*args)
+    grads = torch.autograd.grad(loss, student_params(case))
+    eager = step(*args)
+    torch.testing.assert_close(loss, eager)
+    for grad, want in zip(grads, torch.autograd.grad(eager, student_params(case))):
+        torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("teacher_kind,divergence", [("logits", "forward_kl"), ("head", "jsd")])
+def test_triton_backend(kernel_device, teacher_kind, divergence):
+    case = make_case(rows=(2, 5), hidden=8, vocab=33, teacher_hidden=6, seed=13,
+                     device=kernel_device)
+    teacher = teacher_of(case, teacher_kind, 0.9, 6.0)
+    options = dict(divergence=divergence, temperature=2.0)
+    got = fused(case, teacher, case["labels"], chunk_rows=3, student_softcap=4.0,
+                backend="triton", **options)
+    want = reference(case, teacher, case["labels"], softcap=4.0, **options)
+    assert_close(got, want, FP32_TOL, "triton")
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_input_is_named():
+    case = make_case()
+    hidden, weight, labels = case["hidden"], case["weight"], case["labels"]
+    teacher = case["teacher_logits"]
+    cases = [
+        (dict(student_hidden=hidden[..., :5]), ValueError, "share H"),
+        (dict(student_weight=weight[0]), ValueError, r"student_weight must have shape \(V, H\)"),
+        (dict(student_weight=weight.long()), TypeError, "student_weight"),
+        (dict(student_bias=torch.zeros(3)), ValueError, "student_bias must have shape"),
+        (dict(teacher=teacher[:5]), ValueError, "leading dims"),
+        (dict(teacher="logits"), TypeError, "TeacherHead"),
+        (dict(student_softcap=0.0), ValueError, "student_softcap must be > 0"),
+        (dict(student_logit_scale=float("nan")), ValueError, "student_logit_scale must be finite"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows must be >= 1"),
+        (dict(chunk_budget_bytes=1.5), TypeError, "chunk_budget_bytes must be an int"),
+        (dict(teacher_extra_columns="pad"), ValueError, "teacher_extra_columns"),
+        (dict(labels=labels[:3]), ValueError, "labels must have shape"),
+        (dict(labels=torch.full_like(labels, 40)), ValueError, r"labels must be in \[0, 40\)"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(reduction="none"), ValueError, "reduction='none' needs student_weight"),
+    ]
+    for change, error, message in cases:
+        args = dict(student_hidden=hidden, student_weight=weight, teacher=teacher, labels=labels)
+        args.update(change)
+        with pytest.raises(error, match=message):
+            linear_kd_loss(**args)
+    with pytest.raises(ValueError, match="TeacherHead.hidden .* must share H"):
+        TeacherHead(case["teacher_hidden"], case["teacher_weight"][:, :3])
+    with pytest.raises(ValueError, match="TeacherHead.softcap must be > 0"):
+        TeacherHead(case["teacher_hidden"], case["teacher_weight"], softcap=-1.0)
+    with pytest.raises(ValueError, match="teacher.hidden must have the leading dims"):
+        linear_kd_loss(hidden, weight, TeacherHead(case["teacher_hidden"][:4],
+                                                   case["teacher_weight"]))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        fastkd.LinearKDLoss(chunk_rows=-1)
+
+
+# ----------------------------------------------------------------------------- peak memory
+_PEAK_SCRIPT = textwrap.dedent("""
+    import ctypes, gc, json, sys
+    from pathlib import Path
+    import torch
+    import fastkd
+
+    def kib(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    rows, hidden_size, vocab = map(int, sys.argv[1:4])
+    budget = int(sys.argv[4])
+    hidden = torch.randn(rows, hidden_size, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, hidden_size)).requires_grad_()
+    teacher = fastkd.TeacherHead(torch.randn(rows, hidden_size), 0.3 * torch.randn(vocab, hidden_size))
+    labels = torch.randint(0, vocab, (rows,))
+
+    def step(rows):
+        head = fastkd.TeacherHead(teacher.hidden[:rows], teacher.weight)
+        loss = fastkd.linear_kd_loss(hidden[:rows], weight, head, labels[:rows],
+                                     temperature=2.0, chunk_budget_bytes=budget)
+        loss.backward()
+        return loss
+
+    step(64)   # warm-up (lazy inits), at a few rows
+    hidden.grad = weight.grad = None
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
+    before = kib("VmRSS")
+    loss = step(rows)
+    print(json.dumps({"extra_bytes": (kib("VmHWM") - before) * 1024, "loss": loss.item()}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_is_bounded_by_the_chunk_not_by_n():
+    """8192 x 8192 fp32 logits would be 256 MiB (and the unfused path holds several such
+    buffers). With a 16 MiB chunk budget the measured extra peak of one forward+backward
+    (the same method as benchmarks/memory.py: a fresh process, glibc returning freed blocks,
+    VmHWM - VmRSS) stays under budget + the gradients left behind (hidden and weight, 0.5 MiB each)
+    + 24 MiB for the fallback kernel's work buffers (~10 MiB) and allocator slack."""
+    rows, hidden_size, vocab = 8192, 16, 8192
+    budget = 16 * 2**20
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(rows), str(hidden_size),
+                             str(vocab), str(budget)], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    full_logits = rows * vocab * 4
+    gradients = (rows + vocab) * hidden_size * 4
+    bound = budget + gradients + 24 * 2**20
+    assert measured["extra_bytes"] < bound, (measured, bound)
+    assert bound < full_logits / 4   # a sixth of one full logits buffer; unfused holds >= 2
