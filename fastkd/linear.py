@@ -33,8 +33,7 @@ import torch
 from fastkd.checks import (TEACHER_EXTRA_COLUMNS, check_choice, check_chunking, check_label_values,
                            check_labels, check_linear_head, check_logit_transform, check_logits,
                            check_options)
-from fastkd.loss import (_LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR, _dispatch, _resolve_backend,
-                         _scale_grad)
+from fastkd.loss import _LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR, _dispatch, _resolve_backend
 from fastkd.targets import TeacherHead
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
@@ -215,7 +214,58 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
             grad_bias.to(bias.dtype) if grad_bias is not None else empty())
 
 
-# ----------------------------------------------------------------------------- autograd (custom op)
+# ----------------------------------------------------------------------------- autograd
+def _run(hidden, weight, bias, *args):
+    """``_fused_forward`` without autograd or autocast; unwanted gradients as ``(0,)`` tensors."""
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        return _fused_forward(hidden, weight, bias, *args)
+
+
+def _scaled(grad, grad_output, per_row: bool):
+    """``grad * grad_output`` (per row: row i times ``grad_output[i]``). Eager: a scalar
+    ``grad_output`` of exactly 1 (``loss.backward()``) hands ``grad`` over without a pass."""
+    if per_row:
+        return grad * grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
+    if not torch.compiler.is_compiling() and grad_output.item() == 1.0:
+        return grad
+    return grad * grad_output.to(grad.dtype)
+
+
+def _input_grads(saved, grad_output, per_row, needs, num_inputs):
+    """Backward: the three saved gradients scaled, None for every other input."""
+    if grad_output is None:
+        return (None,) * num_inputs
+    grad_hidden, grad_weight, grad_bias = saved
+    # per_row ('none') only arrives with the hidden states alone needing a gradient (the weight
+    # gradient is a sum over rows; linear_kd_loss refuses that combination)
+    return (_scaled(grad_hidden, grad_output, per_row) if needs[0] else None,
+            _scaled(grad_weight, grad_output, False) if needs[1] else None,
+            _scaled(grad_bias, grad_output, False) if needs[2] else None,
+            ) + (None,) * (num_inputs - 3)
+
+
+_REDUCTION_ARG = 20   # position of `reduction` among the inputs below
+
+
+class _LinearKDFunction(torch.autograd.Function):
+    """Eager autograd wiring (no torch._dynamo import on the eager path, as for ``kd_loss``):
+    the gradients made in forward are saved and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        loss, *grads = _run(*inputs)
+        ctx.save_for_backward(*grads)
+        ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return _input_grads(ctx.saved_tensors, grad_output, ctx.per_row, ctx.needs_input_grad,
+                            len(ctx.needs_input_grad))
+
+
+# Under torch.compile the same computation is a custom op (no graph break); only called while
+# tracing, so eager calls never import torch._dynamo.
 @torch.library.custom_op("fastkd::linear_kd_loss_forward", mutates_args=())
 def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   teacher_kind: int, teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
@@ -228,13 +278,11 @@ def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                   needs_hidden: bool, needs_weight: bool,
                   needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor]:
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        loss, grad_hidden, grad_weight, grad_bias = _fused_forward(
-            hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
-            label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
-            num_classes, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-            reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden,
-            needs_weight, needs_bias)
+    loss, grad_hidden, grad_weight, grad_bias = _run(
+        hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels, label_mode,
+        student_scale, student_softcap, teacher_scale, teacher_softcap, num_classes, temperature,
+        soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend,
+        compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden, needs_weight, needs_bias)
     # custom ops may not return views of their inputs
     return loss.clone() if loss._base is not None else loss, grad_hidden, grad_weight, grad_bias
 
@@ -257,24 +305,17 @@ _NUM_OP_INPUTS = 28
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
-    ctx.per_row = inputs[20] == "none"
+    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, *_grads_of_grads):
-    grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    if grad_output is None:
-        return (None,) * _NUM_OP_INPUTS
-    needs = ctx.needs_input_grad
-    # per_row ('none') only reaches here with hidden alone needing a gradient (see linear_kd_loss)
-    return (_scale_grad(grad_hidden, grad_output, ctx.per_row) if needs[0] else None,
-            _scale_grad(grad_weight, grad_output, False) if needs[1] else None,
-            _scale_grad(grad_bias, grad_output, False) if needs[2] else None,
-            ) + (None,) * (_NUM_OP_INPUTS - 3)
+def _op_backward(ctx, grad_output, *_grads_of_grads):
+    return _input_grads(ctx.saved_tensors, grad_output, ctx.per_row, ctx.needs_input_grad,
+                        _NUM_OP_INPUTS)
 
 
-_linear_kd_op.register_autograd(_backward, setup_context=_setup_context)
+_linear_kd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -404,7 +445,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     else:
         label_mode = _LABEL_TEACHER if labels == "teacher" else _LABEL_NONE
         labels_1d = None
-    loss, *_ = _linear_kd_op(
+    args = (
         hidden_2d, student_weight, student_bias, teacher_kind, *teacher_tensors, labels_1d,
         label_mode, student_logit_scale,
         student_softcap if student_softcap is not None else _NO_SOFTCAP, teacher_scale,
@@ -412,6 +453,10 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta),
         int(ignore_index), reduction, resolved, _autocast_dtype(device),
         chunk_rows if chunk_rows is not None else 0, int(chunk_budget_bytes), *needs)
+    if torch.compiler.is_compiling():
+        loss = _linear_kd_op(*args)[0]
+    else:
+        loss = _LinearKDFunction.apply(*args)
     return loss.reshape(leading) if reduction == "none" else loss
 
 

@@ -373,6 +373,28 @@ def test_triton_backend(kernel_device, teacher_kind, divergence):
     assert_close(got, want, FP32_TOL, "triton")
 
 
+def test_first_eager_call_imports_no_compiler_stack():
+    """Like kd_loss: the eager path goes through an autograd.Function; the custom op (which would
+    import torch._dynamo on its first call) is only used while torch.compile traces."""
+    probe = textwrap.dedent("""
+        import json, sys
+        import torch, fastkd
+        before = set(sys.modules)
+        hidden = torch.randn(6, 4, requires_grad=True)
+        weight = torch.randn(10, 4, requires_grad=True)
+        head = fastkd.TeacherHead(torch.randn(6, 4), torch.randn(10, 4))
+        fastkd.linear_kd_loss(hidden, weight, head, torch.arange(6), student_softcap=3.0).backward()
+        print(json.dumps(sorted(set(sys.modules) - before)))
+    """)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=300, env=env, check=True)
+    new = json.loads(result.stdout.strip().splitlines()[-1])
+    heavy = [name for name in new if name.startswith(("torch._dynamo", "torch._inductor",
+                                                      "sympy", "triton"))]
+    assert not heavy, heavy[:20]
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_is_named():
     case = make_case()
