@@ -93,10 +93,11 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
                    label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
                    num_classes, temperature, soft_weight, hard_weight, divergence, beta,
                    ignore_index, reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes,
-                   needs_hidden, needs_weight, needs_bias):
+                   needs_hidden, needs_weight, needs_bias, row_weights=None):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` for 2-D ``hidden (N, H)``; gradients
     already scaled for ``grad_output == 1`` (per row, unscaled, for ``reduction='none'``) and
-    empty ``(0,)`` tensors where not wanted."""
+    empty ``(0,)`` tensors where not wanted. ``row_weights (N,)``: each row's logits gradient is
+    multiplied by its weight before the matmuls (the backward pass of per-row losses)."""
     num_rows = hidden.shape[0]
     device = hidden.device
     student_softcap = student_softcap if student_softcap != _NO_SOFTCAP else None
@@ -181,6 +182,8 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
             continue
         if student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
             grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
+        if row_weights is not None:
+            grad.mul_(_rows(row_weights.unsqueeze(1), rows).to(grad.dtype))
         scale = student_scale
         if needs_hidden:
             rows_grad = torch.mm(grad, student.weight)
@@ -215,10 +218,35 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
 
 
 # ----------------------------------------------------------------------------- autograd
-def _run(hidden, weight, bias, *args):
-    """``_fused_forward`` without autograd or autocast; unwanted gradients as ``(0,)`` tensors."""
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        return _fused_forward(hidden, weight, bias, *args)
+# Argument positions in the op's inputs (see _linear_kd_op's signature).
+_REDUCTION_ARG, _NEEDS_HIDDEN_ARG, _NEEDS_WEIGHT_ARG, _NEEDS_BIAS_ARG = 20, 25, 26, 27
+_TENSOR_ARGS = (0, 1, 2, 4, 5, 6, 7)   # hidden, weight, bias, teacher_0..2, labels
+
+
+def _head_grad_in_backward(inputs) -> bool:
+    """Per-row losses with a trainable head: the weight / bias gradient is a sum over rows that
+    ``grad_output`` weights, so it is made in backward, by a second chunked pass."""
+    return inputs[_REDUCTION_ARG] == "none" and (inputs[_NEEDS_WEIGHT_ARG]
+                                                 or inputs[_NEEDS_BIAS_ARG])
+
+
+def _run(*inputs, row_weights=None):
+    """``_fused_forward`` without autograd or autocast; unwanted gradients as ``(0,)`` tensors.
+    The forward pass of per-row losses with a trainable head leaves the head's gradients out."""
+    inputs = list(inputs)
+    if row_weights is None and _head_grad_in_backward(inputs):
+        inputs[_NEEDS_WEIGHT_ARG] = inputs[_NEEDS_BIAS_ARG] = False
+    with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
+        return _fused_forward(*inputs, row_weights=row_weights)
+
+
+def _head_grads(inputs, grad_output):
+    """The head's gradients of per-row losses: the chunked pass again, each row's logits
+    gradient times ``grad_output[row]``."""
+    inputs = list(inputs)
+    inputs[_NEEDS_HIDDEN_ARG] = False
+    _, _, grad_weight, grad_bias = _run(*inputs, row_weights=grad_output.float())
+    return grad_weight, grad_bias
 
 
 def _scaled(grad, grad_output, per_row: bool):
@@ -231,20 +259,42 @@ def _scaled(grad, grad_output, per_row: bool):
     return grad * grad_output.to(grad.dtype)
 
 
-def _input_grads(saved, grad_output, per_row, needs, num_inputs):
-    """Backward: the three saved gradients scaled, None for every other input."""
+def _input_grads(saved_grads, grad_output, per_row, needs, num_inputs, head_grads=None):
+    """Backward: the saved gradients scaled (or, for per-row losses with a trainable head, the
+    head's from ``head_grads()``), None for every other input."""
     if grad_output is None:
         return (None,) * num_inputs
-    grad_hidden, grad_weight, grad_bias = saved
-    # per_row ('none') only arrives with the hidden states alone needing a gradient (the weight
-    # gradient is a sum over rows; linear_kd_loss refuses that combination)
-    return (_scaled(grad_hidden, grad_output, per_row) if needs[0] else None,
-            _scaled(grad_weight, grad_output, False) if needs[1] else None,
-            _scaled(grad_bias, grad_output, False) if needs[2] else None,
-            ) + (None,) * (num_inputs - 3)
+    grad_hidden, grad_weight, grad_bias = saved_grads
+    if head_grads is not None:
+        grad_weight, grad_bias = head_grads()
+        weight_grads = (grad_weight if needs[1] else None, grad_bias if needs[2] else None)
+    else:
+        weight_grads = (_scaled(grad_weight, grad_output, False) if needs[1] else None,
+                        _scaled(grad_bias, grad_output, False) if needs[2] else None)
+    return ((_scaled(grad_hidden, grad_output, per_row) if needs[0] else None,) + weight_grads
+            + (None,) * (num_inputs - 3))
 
 
-_REDUCTION_ARG = 20   # position of `reduction` among the inputs below
+def _save_inputs(ctx, inputs, grads):
+    """Save the gradients, and the tensor inputs when the head's gradient is made in backward."""
+    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+    ctx.head_in_backward = _head_grad_in_backward(inputs)
+    if ctx.head_in_backward:
+        ctx.inputs = [None if i in _TENSOR_ARGS else value for i, value in enumerate(inputs)]
+        ctx.save_for_backward(*grads, *(inputs[i] for i in _TENSOR_ARGS))
+    else:
+        ctx.save_for_backward(*grads)
+
+
+def _saved(ctx):
+    """(gradients, a callable giving the head's gradients or None) from ``_save_inputs``."""
+    saved = ctx.saved_tensors
+    if not ctx.head_in_backward:
+        return saved, None
+    inputs = list(ctx.inputs)
+    for position, tensor in zip(_TENSOR_ARGS, saved[3:]):
+        inputs[position] = tensor
+    return saved[:3], inputs
 
 
 class _LinearKDFunction(torch.autograd.Function):
@@ -254,14 +304,15 @@ class _LinearKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         loss, *grads = _run(*inputs)
-        ctx.save_for_backward(*grads)
-        ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+        _save_inputs(ctx, inputs, grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        return _input_grads(ctx.saved_tensors, grad_output, ctx.per_row, ctx.needs_input_grad,
-                            len(ctx.needs_input_grad))
+        grads, inputs = _saved(ctx)
+        head = (lambda: _head_grads(inputs, grad_output)) if inputs is not None else None
+        return _input_grads(grads, grad_output, ctx.per_row, ctx.needs_input_grad,
+                            len(ctx.needs_input_grad), head)
 
 
 # Under torch.compile the same computation is a custom op (no graph break); only called while
@@ -288,31 +339,64 @@ def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 @_linear_kd_op.register_fake
-def _(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels, label_mode,
-      student_scale, student_softcap, teacher_scale, teacher_softcap, num_classes, temperature,
-      soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend, compute_dtype,
-      chunk_rows, chunk_budget_bytes, needs_hidden, needs_weight, needs_bias):
-    loss_shape = (hidden.shape[0],) if reduction == "none" else ()
-    loss = hidden.new_empty(loss_shape, dtype=torch.float32)
-    grad_hidden = hidden.new_empty(hidden.shape if needs_hidden else (0,))
-    grad_weight = weight.new_empty(weight.shape) if needs_weight else hidden.new_empty((0,))
-    grad_bias = bias.new_empty(bias.shape) if needs_bias else hidden.new_empty((0,))
+def _(*inputs):
+    hidden, weight, bias = inputs[:3]
+    per_row = inputs[_REDUCTION_ARG] == "none"
+    in_forward = not _head_grad_in_backward(inputs)
+    loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=torch.float32)
+    grad_hidden = hidden.new_empty(hidden.shape if inputs[_NEEDS_HIDDEN_ARG] else (0,))
+    grad_weight = weight.new_empty(weight.shape) if inputs[_NEEDS_WEIGHT_ARG] and in_forward \
+        else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape) if inputs[_NEEDS_BIAS_ARG] and in_forward \
+        else hidden.new_empty((0,))
     return loss, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("fastkd::linear_kd_loss_head_grad", mutates_args=())
+def _linear_kd_head_grad_op(hidden: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], teacher_kind: int,
+                            teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
+                            teacher_2: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                            label_mode: int, student_scale: float, student_softcap: float,
+                            teacher_scale: float, teacher_softcap: float, num_classes: int,
+                            temperature: float, soft_weight: float, hard_weight: float,
+                            divergence: str, beta: float, ignore_index: int, reduction: str,
+                            backend: str, compute_dtype: str, chunk_rows: int,
+                            chunk_budget_bytes: int, needs_hidden: bool, needs_weight: bool,
+                            needs_bias: bool,
+                            row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's gradients of per-row losses (the backward pass of ``_linear_kd_op``)."""
+    inputs = (hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
+              label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
+              num_classes, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+              reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden,
+              needs_weight, needs_bias)
+    return _head_grads(inputs, row_weights)
+
+
+@_linear_kd_head_grad_op.register_fake
+def _(*inputs):
+    hidden, weight, bias = inputs[:3]
+    grad_weight = weight.new_empty(weight.shape) if inputs[_NEEDS_WEIGHT_ARG] \
+        else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape) if inputs[_NEEDS_BIAS_ARG] else hidden.new_empty((0,))
+    return grad_weight, grad_bias
 
 
 _NUM_OP_INPUTS = 28
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
-    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+    _save_inputs(ctx, inputs, output[1:])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, grad_output, *_grads_of_grads):
-    return _input_grads(ctx.saved_tensors, grad_output, ctx.per_row, ctx.needs_input_grad,
-                        _NUM_OP_INPUTS)
+    grads, inputs = _saved(ctx)
+    head = (lambda: _linear_kd_head_grad_op(*inputs, grad_output)) if inputs is not None else None
+    return _input_grads(grads, grad_output, ctx.per_row, ctx.needs_input_grad, _NUM_OP_INPUTS,
+                        head)
 
 
 _linear_kd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -395,10 +479,10 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             the student's, or ``"drop"`` to use its first V columns (padding columns of an
             embedding matrix).
         temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend:
-            as in :func:`fastkd.kd_loss`. ``reduction="none"`` gives per-row losses ``(...)``; it
-            needs ``student_weight`` and ``student_bias`` not to require grad (their gradient is
-            a sum over rows made in the forward pass, which a per-row ``grad_output`` cannot
-            weight afterwards).
+            as in :func:`fastkd.kd_loss`. ``reduction="none"`` gives per-row losses ``(...)``; with a
+            trainable head, whose gradient is a sum over rows weighted by the incoming per-row
+            gradient, backward makes that gradient in a second chunked pass (the forward's
+            cost again), since it cannot be summed before the weights are known.
 
     Returns:
         float32 scalar, or ``(...)`` float32 for ``reduction="none"``.
@@ -423,13 +507,6 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
              grad_on and student_bias is not None and student_bias.requires_grad)
-    if reduction == "none" and (needs[1] or needs[2]):
-        raise ValueError(
-            "reduction='none' needs student_weight and student_bias not to require grad: their "
-            "gradient is summed over rows in the forward pass, so per-row weights cannot be "
-            "applied afterwards; use reduction='sum' with the weights folded into the loss, or "
-            "freeze the head")
-
     hidden_2d = student_hidden.reshape(-1, student_hidden.shape[-1])
     if isinstance(teacher, TeacherHead):
         teacher_kind = _TEACHER_HEAD
