@@ -1,6 +1,7 @@
 """Fused linear + KD benchmark: the loss from hidden states, fwd+bwd, time and peak memory.
 
-    python -m benchmarks.linear --preset linear          # CPU, the issue's shapes (see PRESETS)
+    python -m benchmarks.linear --preset linear          # CPU, the issue's shapes (~10-12 min on
+                                                         # 2 idle cores; textbook needs an estimated ~17 GB)
     python -m benchmarks.linear --preset linear --vocab 32000 --teacher head   # one part
     python -m benchmarks.linear --preset smoke --out /tmp/x   # seconds (tests/test_benchmarks_linear.py)
 
@@ -40,7 +41,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -424,22 +425,27 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", choices=("logits", "head"), help="only this teacher kind")
     parser.add_argument("--providers", help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--out", type=Path, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per measurement (default: the "
+                                                   "preset's; 1 for `linear`)")
     # internal: one measurement in this process (run_in_subprocess)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--liger-eager", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
         case = LinearCase(**json.loads(args.case))
-        print(json.dumps(measure(args.measure, case, args.device, args.rounds,
+        print(json.dumps(measure(args.measure, case, args.device, args.rounds or 1,
                                  liger_compiled=not args.liger_eager)))
         return 0
     providers = tuple(args.providers.split(",")) if args.providers else None
     if providers and not set(providers) <= set(PROVIDERS):
         parser.error(f"--providers: choose from {', '.join(PROVIDERS)}")
-    results = run_preset(PRESETS[args.preset](), args.device, args.out, args.vocab, args.teacher,
-                         providers)
+    preset = PRESETS[args.preset]()
+    if args.rounds:
+        if args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+        preset = replace(preset, rounds=args.rounds)
+    results = run_preset(preset, args.device, args.out, args.vocab, args.teacher, providers)
     failed = [r for r in results["records"] if "error" in r or r.get("agrees") is False]
     for record in failed:
         print(f"{record['case']['id']} {record['provider']}: "
