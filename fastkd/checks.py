@@ -12,8 +12,9 @@ import torch
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
-           "TAILS", "check_temperature_value", "check_sparse_target", "check_sparse_values",
-           "TEACHER_EXTRA_COLUMNS", "check_linear_head", "check_logit_transform", "check_chunking"]
+           "TAILS", "check_temperature_value", "check_sparse_options", "check_sparse_target",
+           "check_sparse_values", "TEACHER_EXTRA_COLUMNS", "check_linear_head",
+           "check_logit_transform", "check_chunking"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -169,7 +170,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor):
         fields = {"indices": target.indices, "counts": target.counts}
         extra = {}
     else:
-        raise TypeError(f"{name} must be a tensor, TopKLogits or SampledTargets, got "
+        raise TypeError(f"{name} must be a torch.Tensor, TopKLogits or SampledTargets, got "
                         f"{type(target).__name__}")
     for field, tensor in fields.items():
         if tensor.dim() < 1 or tuple(tensor.shape[:-1]) != leading or tensor.shape[-1] < 1:
@@ -194,63 +195,97 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor):
     return None
 
 
+def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature: float,
+                         target_temperature) -> None:
+    """The option combinations a sparse teacher supports (``divergence`` with beta 0 / 1 already
+    mapped to forward / reverse KL): no ``mse``; ``tail="ignore"`` only with forward KL;
+    reverse KL against sampled targets only with ``tail="renormalize"`` (they give no mass
+    outside the drawn ids, so KL(student || target) is infinite); a top-k target's temperature
+    equal to the loss temperature unless ``tail="renormalize"`` (the stored lse is exact only at
+    the temperature it was computed at)."""
+    check_choice("tail", tail, TAILS)
+    if divergence == "mse":
+        raise ValueError("divergence='mse' needs dense teacher logits (it compares raw logits "
+                         "over all V classes); a sparse teacher supports forward_kl, "
+                         "reverse_kl and jsd")
+    if tail == "ignore" and divergence != "forward_kl":
+        raise ValueError(f"tail='ignore' (the K teacher terms only) is defined for forward_kl "
+                         f"only, got divergence={divergence!r}; use tail='bucket' or "
+                         f"'renormalize'")
+    if sampled and divergence == "reverse_kl" and tail != "renormalize":
+        raise ValueError("divergence='reverse_kl' against SampledTargets is infinite (the "
+                         "target is 0 outside the drawn ids); use forward_kl, jsd or "
+                         "tail='renormalize'")
+    if target_temperature is not None and tail != "renormalize" and \
+            target_temperature != temperature:
+        raise ValueError(
+            f"teacher_logits.temperature={target_temperature} (the temperature its lse was "
+            f"computed at) differs from the loss temperature={temperature}; cache the lse at "
+            f"that temperature (fastkd cache --temperature {temperature}) or use "
+            f"tail='renormalize', which does not use the lse")
+
+
 def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None, lse=None,
-                        counts=None, keep=None, check_duplicates: bool = True) -> None:
-    """Data checks of sparse targets ``(N, K)`` with one host sync for all of them: ids in
-    ``[0, V)``, no NaN in values / lse, counts >= 0 with a positive sum per row, and (when
-    ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). Rows where
-    ``keep`` ``(N,)`` is False (ignored rows) skip every check but the id range; entries with
-    count 0 are padding and may repeat an id."""
-    if indices.numel() == 0:
-        return
+                        counts=None, labels=None, ignore_index: int = -100,
+                        check_duplicates: bool = True):
+    """Data checks of sparse targets ``(N, K)`` (and of ``labels`` ``(N,)``) with one host sync
+    for all of them: ids in ``[0, V)``, no NaN in values / lse, counts finite and >= 0 with a
+    positive sum per row, labels in ``[0, V)`` or ``ignore_index`` and (when
+    ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). Rows whose
+    label is ``ignore_index`` skip every check but the id range; entries with count 0 are
+    padding and may repeat an id.
+
+    Returns ``(labels as int64 or None, number of kept rows)``.
+    """
+    num_rows = indices.shape[0]
+    keep = None
+    flags = {}
     ids = indices.to(torch.int64)
-    if keep is not None:
-        keep_rows = keep.unsqueeze(-1)
-        if values is not None:
-            values = torch.where(keep_rows, values, 0)
-        if lse is not None:
-            lse = torch.where(keep, lse, 0)
-        if counts is not None:
-            counts = torch.where(keep_rows, counts, 1)
-    unique_ids = ids
-    if counts is not None:   # padding entries get distinct negative ids, never equal to another
+    if labels is not None:
+        labels = labels.to(torch.int64)
+        keep = labels != ignore_index
+        flags["labels"] = (((labels < 0) | (labels >= num_classes)) & keep).any()
+        flags["kept"] = keep.sum()
+    if indices.numel():
+        flags["ids"] = ((ids < 0) | (ids >= num_classes)).any()
         padding_ids = -1 - torch.arange(ids.shape[-1], device=ids.device)
-        unique_ids = torch.where(counts > 0, ids, padding_ids)
-    if keep is not None:
-        unique_ids = torch.where(keep.unsqueeze(-1), unique_ids,
-                                 -1 - torch.arange(ids.shape[-1], device=ids.device))
-    problems = [((ids < 0) | (ids >= num_classes)).any()]
-    if values is not None:
-        problems.append(torch.isnan(values).any())
-    else:
-        problems.append(problems[0].new_zeros(()))
-    if lse is not None:
-        problems.append(torch.isnan(lse).any())
-    else:
-        problems.append(problems[0].new_zeros(()))
-    if counts is not None:
-        problems.append((counts < 0).any() | (counts.sum(-1) <= 0).any()
-                        | (~torch.isfinite(counts.double())).any())
-    else:
-        problems.append(problems[0].new_zeros(()))
-    if check_duplicates and ids.shape[-1] > 1:
-        ordered = unique_ids.sort(-1).values
-        problems.append((ordered[..., 1:] == ordered[..., :-1]).any())
-    else:
-        problems.append(problems[0].new_zeros(()))
-    flags = torch.stack(problems).tolist()   # the one host sync
-    if flags[0]:
+        unique_ids = ids
+        if keep is not None:
+            unique_ids = torch.where(keep.unsqueeze(-1), ids, padding_ids)
+        if values is not None:
+            flags["values"] = torch.isnan(values if keep is None
+                                          else torch.where(keep.unsqueeze(-1), values, 0)).any()
+        if lse is not None:
+            flags["lse"] = torch.isnan(lse if keep is None else torch.where(keep, lse, 0)).any()
+        if counts is not None:
+            kept_counts = counts if keep is None else torch.where(keep.unsqueeze(-1), counts, 1)
+            flags["counts"] = ((kept_counts < 0).any() | (kept_counts.sum(-1) <= 0).any()
+                               | (~torch.isfinite(kept_counts.double())).any())
+            unique_ids = torch.where(kept_counts > 0, unique_ids, padding_ids)
+        if check_duplicates and ids.shape[-1] > 1:
+            ordered = unique_ids.sort(-1).values
+            flags["duplicates"] = (ordered[..., 1:] == ordered[..., :-1]).any()
+    if not flags:
+        return labels, num_rows
+    results = dict(zip(flags, torch.stack([flag.to(torch.int64) for flag in flags.values()])
+                       .tolist()))   # the one host sync
+    if results.get("labels"):
+        bad = labels[((labels < 0) | (labels >= num_classes)) & keep].flatten()[0].item()
+        raise ValueError(f"labels must be in [0, {num_classes}) or equal "
+                         f"ignore_index={ignore_index}; found {bad}")
+    if results.get("ids"):
         bad = ids[(ids < 0) | (ids >= num_classes)].flatten()[0].item()
         raise ValueError(f"teacher indices must be class ids in [0, {num_classes}); found {bad}")
-    if flags[1]:
+    if results.get("values"):
         raise ValueError("teacher values contain NaN")
-    if flags[2]:
+    if results.get("lse"):
         raise ValueError("teacher lse contains NaN")
-    if flags[3]:
+    if results.get("counts"):
         raise ValueError("teacher counts must be finite and >= 0 with a positive sum in every "
                          "row")
-    if flags[4]:
+    if results.get("duplicates"):
         raise ValueError("teacher indices must be unique within each row (found an id twice)")
+    return labels, results.get("kept", num_rows)
 
 
 def label_status(labels: torch.Tensor, num_classes: int, ignore_index: int):

@@ -27,9 +27,10 @@ from typing import Optional, Union
 
 import torch
 
-from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, check_inplace_target,
-                           check_labels, check_logits, check_options, label_status,
-                           raise_bad_labels)
+from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, TAILS, check_choice,
+                           check_inplace_target, check_labels, check_logits, check_options,
+                           label_status, raise_bad_labels)
+from fastkd.targets import SPARSE_TARGETS
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
 
@@ -117,8 +118,15 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _dispatch(backend: str):
-    """The one place that picks the implementation (both follow ``_BACKEND_CONTRACT``)."""
+def _dispatch(backend: str, family: str = "dense"):
+    """The one place that picks the implementation of a kernel family: ``"dense"`` (both follow
+    ``_BACKEND_CONTRACT``) or ``"sparse"`` (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``)."""
+    if family == "sparse":
+        if backend == "triton":
+            from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
+            return kd_sparse_forward_triton
+        from fastkd.fallback_sparse import kd_sparse_forward_torch
+        return kd_sparse_forward_torch
     if backend == "triton":
         from fastkd.kernels.kd_loss import kd_forward_triton
         return kd_forward_triton
@@ -348,8 +356,9 @@ _kd_loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-            labels: Union[torch.Tensor, str, None] = None, *, temperature: float = 1.0,
+def kd_loss(student_logits: torch.Tensor, teacher_logits,
+            labels: Union[torch.Tensor, str, None] = None, *, tail: str = "bucket",
+            temperature: float = 1.0,
             soft_weight: float = 0.5, hard_weight: float = 0.5, divergence: str = "forward_kl",
             beta: float = 0.5, ignore_index: int = -100, reduction: str = "batchmean",
             backend: str = "auto", grad_inplace: bool = False,
@@ -360,7 +369,12 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         student_logits: ``(..., V)`` float32/float16/bfloat16; receives the gradient. Strided
             leading dims (``logits[:, :-1]``) are read in place, without a copy.
         teacher_logits: ``(..., V)``, any of those dtypes (may differ from the student's);
-            treated as a constant. ``-inf`` entries mean probability 0.
+            treated as a constant. ``-inf`` entries mean probability 0. Or a sparse teacher:
+            :class:`~fastkd.TopKLogits` / :class:`~fastkd.SampledTargets` with ``(..., K)``
+            entries (see ``fastkd/sparse_loss.py``); no ``(N, V)`` teacher is ever built.
+        tail: sparse teachers only: ``bucket`` (K + 1 categories: the K ids and the exact rest
+            mass on both sides), ``renormalize`` (both sides renormalized over the K ids) or
+            ``ignore`` (the K forward-KL terms only).
         labels: ``(...)`` integer class ids of any integer dtype (``ignore_index`` rows are
             excluded from both terms), ``"teacher"`` (the teacher's argmax as hard label), or
             ``None`` (no hard term).
@@ -378,10 +392,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         validate_labels: check that every kept label is in ``[0, V)`` (a ``ValueError`` names
             the first bad one). On CUDA that costs one host sync per step (read in backward);
             ``False`` runs with no host sync at all: a bad label then makes its row's loss NaN.
+            (Sparse teachers always check labels, in the one host sync of their target check.)
 
     Returns:
         float32 scalar, or ``(...)`` float32 for ``reduction="none"``.
     """
+    if isinstance(teacher_logits, SPARSE_TARGETS):
+        from fastkd.sparse_loss import sparse_kd_loss
+        return sparse_kd_loss(
+            student_logits, teacher_logits, labels, tail=tail, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, backend=backend,
+            grad_inplace=grad_inplace)
+    if not isinstance(teacher_logits, torch.Tensor):
+        raise TypeError("teacher_logits must be a torch.Tensor, TopKLogits or SampledTargets, "
+                        f"got {type(teacher_logits).__name__}")
+    check_choice("tail", tail, TAILS)
     _validate(student_logits, teacher_logits, labels, temperature, soft_weight, hard_weight,
               divergence, beta, ignore_index, reduction, backend)
     resolved = _resolve_backend(backend, student_logits.device)
@@ -416,17 +442,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 class KDLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`kd_loss`; keyword arguments are fixed at construction.
 
-    ``forward(student_logits, teacher_logits, labels=None)``.
+    ``forward(student_logits, teacher_logits, labels=None)``; ``teacher_logits`` may be a
+    dense tensor or a sparse teacher (``tail`` applies to those).
     """
 
-    def __init__(self, *, temperature: float = 1.0, soft_weight: float = 0.5,
+    def __init__(self, *, tail: str = "bucket", temperature: float = 1.0, soft_weight: float = 0.5,
                  hard_weight: float = 0.5, divergence: str = "forward_kl", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "batchmean", backend: str = "auto",
                  grad_inplace: bool = False, validate_labels: bool = True):
         super().__init__()
         check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                        reduction, backend)
-        self.options = dict(temperature=temperature, soft_weight=soft_weight,
+        check_choice("tail", tail, TAILS)
+        self.options = dict(tail=tail, temperature=temperature, soft_weight=soft_weight,
                             hard_weight=hard_weight, divergence=divergence, beta=beta,
                             ignore_index=ignore_index, reduction=reduction, backend=backend,
                             grad_inplace=grad_inplace, validate_labels=validate_labels)

@@ -73,8 +73,11 @@ def test_value_checks():
     with pytest.raises(ValueError, match="unique"):
         check_sparse_values(torch.tensor([[1, 1]]), 5)
     # ignored rows may hold anything but out-of-range ids; zero-count entries are padding
-    check_sparse_values(torch.tensor([[1, 1], [2, 3]]), 5, values=torch.tensor(
-        [[float("nan"), 0.0], [0.0, 0.0]]), keep=torch.tensor([False, True]))
+    labels, kept = check_sparse_values(torch.tensor([[1, 1], [2, 3]]), 5, values=torch.tensor(
+        [[float("nan"), 0.0], [0.0, 0.0]]), labels=torch.tensor([-100, 4]), ignore_index=-100)
+    assert labels.dtype == torch.int64 and kept == 1
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\).*found 5"):
+        check_sparse_values(ids, 5, labels=torch.tensor([5, 0]))
     check_sparse_values(torch.tensor([[1, 1, 0]]), 5, counts=torch.tensor([[2, 0, 0]]))
     with pytest.raises(ValueError, match="counts"):
         check_sparse_values(ids, 5, counts=torch.tensor([[1, -1], [1, 1]]))
