@@ -11,7 +11,7 @@ import torch
 
 from benchmarks.env import capture_environment, peak_bandwidth_gbps
 from benchmarks.presets import PRESETS, get_preset
-from benchmarks.providers import make_inputs, reference_loss_and_grad
+from benchmarks.providers import make_inputs, reference_loss_and_grad, reference_semantics
 
 _ENVIRONMENT = pytest.StashKey[dict]()
 
@@ -27,7 +27,8 @@ def pytest_addoption(parser):
 def pytest_generate_tests(metafunc):
     if "loss_case" in metafunc.fixturenames:
         preset = get_preset(metafunc.config.getoption("--preset"))
-        pairs = [(case, provider) for case in preset.loss_cases for provider in preset.providers]
+        pairs = [(case, provider) for case in preset.loss_cases
+                 for provider in preset.providers_for(case)]
         metafunc.parametrize(("loss_case", "provider"), pairs,
                              ids=[f"{case.id}-{provider}" for case, provider in pairs])
 
@@ -56,12 +57,20 @@ def environment(pytestconfig, device):
 
 @pytest.fixture(scope="session")
 def case_data(device):
-    """``case_data(case) -> (student, teacher, labels, reference)``, kept for the latest case only
-    (the providers of one case run back to back), so large inputs are made and checked once."""
+    """``case_data(case) -> (student, teacher, labels, reference_of)``, kept for the latest case
+    only (the providers of one case run back to back), so large inputs are made once and each
+    float64 reference (``reference_of(provider)``; sparse cases have two) computed once."""
     @lru_cache(maxsize=1)
     def build(case):
         student, teacher, labels = make_inputs(case, device)
-        return student, teacher, labels, reference_loss_and_grad(case, student, teacher, labels)
+
+        @lru_cache(maxsize=None)
+        def reference(semantics):
+            return reference_loss_and_grad(case, student, teacher, labels, semantics=semantics)
+
+        def reference_of(provider):
+            return reference(reference_semantics(case, provider))
+        return student, teacher, labels, reference_of
     yield build
     build.cache_clear()
 

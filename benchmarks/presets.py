@@ -7,7 +7,7 @@ peak-memory measurement, and the cache workload sizes.
 from dataclasses import dataclass, field
 from typing import Tuple
 
-from benchmarks.providers import PROVIDERS, LossCase
+from benchmarks.providers import PROVIDERS, SPARSE_PROVIDERS, LossCase, providers_for
 
 # The CPU fallback target from the issue: 2048 x 32000 fp32, forward+backward.
 CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target")
@@ -52,6 +52,8 @@ class Preset:
     memory_case_ids: Tuple[str, ...] = ()   # case ids whose peak extra memory is measured
     measure_memory_all: bool = False        # or every case (cheap on CUDA)
     memory_providers: Tuple[str, ...] = PROVIDERS  # providers whose memory is measured
+    sparse_providers: Tuple[str, ...] = SPARSE_PROVIDERS   # for sparse-teacher cases
+    sparse_memory_providers: Tuple[str, ...] = SPARSE_PROVIDERS
     compile_backend: str = "inductor"       # torch.compile backend of the "compile" provider
     # cases of the goal's own group get more rounds (their medians decide met / missed)
     goal_group: str = "cpu-target"
@@ -65,8 +67,13 @@ class Preset:
         return self.budget_s, self.min_rounds, self.max_rounds
     cache: CacheWorkload = field(default_factory=CacheWorkload)
 
+    def providers_for(self, case: LossCase) -> Tuple[str, ...]:
+        """The providers a case is timed with (sparse-teacher cases have their own)."""
+        return providers_for(case, self.providers, self.sparse_providers)
+
     def measures_memory(self, case: LossCase, provider: str) -> bool:
-        return provider in self.memory_providers and (
+        providers = self.sparse_memory_providers if case.teacher_k else self.memory_providers
+        return provider in providers and (
             self.measure_memory_all or case.id in self.memory_case_ids)
 
 
@@ -79,10 +86,25 @@ def _quick() -> Preset:
     for vocab in (1000, 32000):
         cases.append(LossCase(sweep_rows, vocab, "bf16", "bf16", "fwd+bwd"))
     cases.append(LossCase(sweep_rows, 32000, "bf16", "fp16", "fwd+bwd"))
+    # one sparse-teacher case (top-32, the fused sparse loss against its baselines)
+    cases.append(LossCase(sweep_rows, 32000, mode="fwd+bwd", group="sparse", temperature=1.0,
+                          teacher_k=32))
     memory = (CPU_TARGET.id, LossCase(sweep_rows, 128256).id,
               LossCase(sweep_rows, 32000, "bf16", "bf16").id)
     return Preset("quick", tuple(cases), budget_s=1.5, min_rounds=3, max_rounds=100,
                   memory_case_ids=memory)
+
+
+def _sparse() -> Preset:
+    """The sparse-teacher benchmark of issue 9 (CPU): fwd+bwd at 2048 x 32000 and 1024 x 128256,
+    fp32 and bf16, K = 32, fastkd vs densify / plain top-k eager / its torch.compile; extra
+    peak memory for every (case, provider)."""
+    cases = tuple(LossCase(rows, vocab, dtype, dtype, "fwd+bwd", group="sparse",
+                           temperature=1.0, teacher_k=32)
+                  for rows, vocab in ((2048, 32000), (1024, 128256))
+                  for dtype in ("fp32", "bf16"))
+    return Preset("sparse", cases, budget_s=6.0, min_rounds=5, max_rounds=50,
+                  measure_memory_all=True)
 
 
 def _full() -> Preset:
@@ -97,6 +119,10 @@ def _full() -> Preset:
                     continue
                 for mode in ("fwd", "fwd+bwd"):
                     cases.append(LossCase(rows, vocab, student_dtype, teacher_dtype, mode))
+    for rows, vocab in ((16384, 32000), (4096, 128256)):   # sparse teachers (top-32)
+        for dtype in ("fp32", "bf16"):
+            cases.append(LossCase(rows, vocab, dtype, dtype, "fwd+bwd", group="sparse",
+                                  temperature=1.0, teacher_k=32))
     return Preset("full", tuple(cases), budget_s=1.0, min_rounds=10, max_rounds=200,
                   measure_memory_all=True,
                   cache=CacheWorkload(write_images=16384, write_classes=1000,
@@ -107,9 +133,12 @@ def _full() -> Preset:
 
 def _smoke() -> Preset:
     memory_case = LossCase(256, 8192, "fp32", "fp32", "fwd+bwd")
-    cases = (LossCase(64, 100, "bf16", "fp16", "fwd"), memory_case)
+    sparse_case = LossCase(256, 8192, "fp32", "fp32", "fwd+bwd", group="sparse",
+                           temperature=1.0, teacher_k=8)
+    cases = (LossCase(64, 100, "bf16", "fp16", "fwd"), memory_case, sparse_case)
     return Preset("smoke", cases, budget_s=0.02, min_rounds=2, max_rounds=3,
-                  memory_case_ids=(memory_case.id,), memory_providers=("eager",),
+                  memory_case_ids=(memory_case.id, sparse_case.id), memory_providers=("eager",),
+                  sparse_memory_providers=("fastkd", "densify"),
                   compile_backend="aot_eager",
                   cache=CacheWorkload(write_images=64, write_classes=10, write_batch=32,
                                       write_rounds=1, read_rows=256, read_vocab=1000, read_batch=64,
@@ -118,7 +147,7 @@ def _smoke() -> Preset:
                                       bytes_sequences=2, bytes_length=16))
 
 
-PRESETS = {"quick": _quick, "full": _full, "smoke": _smoke}
+PRESETS = {"quick": _quick, "sparse": _sparse, "full": _full, "smoke": _smoke}
 
 
 def get_preset(name: str) -> Preset:

@@ -9,9 +9,25 @@ Providers (each a factory returning ``loss_fn(student_logits, teacher_logits, la
 - ``compile``: ``torch.compile`` of that composition (static shapes, compiled once per case).
 - ``liger``: the same composition with Liger-Kernel's KL-div and cross-entropy (CUDA only).
 
+Sparse-teacher cases (``teacher_k > 0``: the teacher is its top-k, a ``fastkd.TopKLogits`` with the
+exact lse) compare, on the bucket loss (K kept classes + the rest mass, forward KL + hard CE):
+
+- ``fastkd``: ``fastkd.kd_loss(student, top_k_target, labels)`` (the fused sparse loss).
+- ``densify``: ``fastkd.kd_loss(student, top_k_target.log_probs(V), labels)``: the slow path
+  (a dense ``(N, V)`` teacher; its tail is spread evenly over the other classes, so its float64
+  reference is the dense one on that densified teacher).
+- ``topk-eager``: a plain PyTorch top-k KD loss as users write it (full ``log_softmax``,
+  ``gather`` at the teacher ids, the rest bucket from ``1 - sum``); ``topk-compile``:
+  ``torch.compile`` of it.
+
+Sparse cases run at T = 1: ``log_probs(V)`` gives log-probabilities at the target's temperature,
+which dense ``kd_loss`` would temper again at any other T.
+
 Byte count (the bandwidth floor, see design-notes): with ``s``/``t`` the student/teacher element
 sizes, forward+backward moves ``N * V * (s + t + s)`` bytes (read both logits once, write the
-gradient once) and forward-only moves ``N * V * (s + t)``.
+gradient once) and forward-only moves ``N * V * (s + t)``. Sparse cases:
+``N * (V * (s + s) + K * (t + 4) + 4)`` forward+backward (student read once, gradient written once,
+K (value, int32 id) pairs and the lse per row), ``N * (V * s + K * (t + 4) + 4)`` forward.
 """
 import importlib.util
 import time
@@ -28,6 +44,7 @@ from fastkd.demo import textbook_kd_loss
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("fastkd", "eager", "compile", "liger")
+SPARSE_PROVIDERS = ("fastkd", "densify", "topk-eager", "topk-compile")
 SOFT_WEIGHT = HARD_WEIGHT = 0.5
 
 # Correctness check against the float64 reference, per student dtype: |loss - ref| / |ref| and
@@ -48,6 +65,7 @@ class LossCase:
     mode: str = "fwd+bwd"
     group: str = "sweep"
     temperature: float = 2.0
+    teacher_k: int = 0    # > 0: a sparse teacher, its top-k (TopKLogits) instead of V logits
 
     def __post_init__(self):
         if self.rows < 1 or self.vocab < 1:
@@ -57,6 +75,8 @@ class LossCase:
                 raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.teacher_k <= self.vocab:
+            raise ValueError(f"teacher_k must be in [0, vocab], got {self.teacher_k}")
 
     @property
     def dtypes(self) -> str:
@@ -66,7 +86,8 @@ class LossCase:
 
     @property
     def id(self) -> str:
-        return f"{self.group}-{self.rows}x{self.vocab}-{self.dtypes}-{self.mode}"
+        sparse = f"-top{self.teacher_k}" if self.teacher_k else ""
+        return f"{self.group}-{self.rows}x{self.vocab}{sparse}-{self.dtypes}-{self.mode}"
 
     @property
     def logits_bytes(self) -> int:
@@ -78,6 +99,10 @@ class LossCase:
         """The byte-count floor: N*V*(s + t) forward, N*V*(s + t + s) forward+backward."""
         student = DTYPES[self.student_dtype].itemsize
         teacher = DTYPES[self.teacher_dtype].itemsize
+        if self.teacher_k:
+            student_passes = 2 if self.mode == "fwd+bwd" else 1
+            return self.rows * (self.vocab * student * student_passes
+                                + self.teacher_k * (teacher + 4) + 4)
         per_element = student + teacher + (student if self.mode == "fwd+bwd" else 0)
         return self.rows * self.vocab * per_element
 
@@ -93,6 +118,11 @@ def make_inputs(case: LossCase, device: str, seed: int = 0):
     def logits(dtype):
         return (2 * torch.randn(shape, generator=generator, device=device)).to(DTYPES[dtype])
     student, teacher = logits(case.student_dtype), logits(case.teacher_dtype)
+    if case.teacher_k:   # what a top-k cache returns: values, int32 ids, lse at the temperature
+        from fastkd import TopKLogits
+        top = teacher.topk(case.teacher_k, dim=-1)
+        lse = torch.logsumexp(teacher.float() / case.temperature, dim=-1)
+        teacher = TopKLogits(top.values, top.indices.to(torch.int32), lse, case.temperature)
     labels = torch.randint(0, case.vocab, (case.rows,), generator=generator, device=device)
     student.requires_grad_(case.mode == "fwd+bwd")
     return student, teacher, labels
@@ -103,6 +133,21 @@ def textbook_composition(student_logits, teacher_logits, labels, temperature):
     """The hand-written eager KD loss that fastkd replaces (``fastkd.demo.textbook_kd_loss``)."""
     return textbook_kd_loss(student_logits, teacher_logits, labels, temperature,
                             SOFT_WEIGHT, HARD_WEIGHT)
+
+
+def plain_topk_kd_loss(student_logits, teacher, labels, temperature):
+    """A top-k KD loss as users write it in plain PyTorch: the K + 1 bucket forward KL (the rest
+    mass from ``1 - sum``) + hard CE, with a full ``log_softmax`` and a ``gather``."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    ids = teacher.indices.long()
+    log_q = log_p_student.gather(-1, ids).float()
+    log_p = teacher.values.float() / temperature - teacher.lse.float().unsqueeze(-1)
+    p = log_p.exp()
+    p_rest = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_rest = (1 - log_q.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p * (log_p - log_q)).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    return (SOFT_WEIGHT * temperature ** 2 * kl.mean()
+            + HARD_WEIGHT * F.cross_entropy(student_logits, labels))
 
 
 def _configure_dynamo():
@@ -123,9 +168,15 @@ def liger_unavailable_reason(device: str) -> Optional[str]:
     return None
 
 
+def providers_for(case: LossCase, dense_providers=PROVIDERS, sparse_providers=SPARSE_PROVIDERS):
+    return sparse_providers if case.teacher_k else dense_providers
+
+
 def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor") -> Callable:
     """``loss_fn(student, teacher, labels)`` for provider ``name`` at ``case.temperature``."""
     temperature = case.temperature
+    if case.teacher_k and name != "fastkd":
+        return _make_sparse_baseline(name, case, compile_backend)
     if name == "fastkd":
         import fastkd
 
@@ -157,6 +208,31 @@ def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor
             return SOFT_WEIGHT * soft + HARD_WEIGHT * cross_entropy(student, labels)
         return liger_composition
     raise ValueError(f"provider must be one of {PROVIDERS}, got {name!r}")
+
+
+def _make_sparse_baseline(name: str, case: LossCase, compile_backend: str) -> Callable:
+    temperature = case.temperature
+    if name == "densify":
+        if temperature != 1.0:
+            raise ValueError("the densify provider needs case.temperature == 1 (log_probs(V) is "
+                             "already at the target's temperature)")
+        import fastkd
+
+        def densify_loss(student, teacher, labels):
+            return fastkd.kd_loss(student, teacher.log_probs(case.vocab), labels,
+                                  temperature=temperature, soft_weight=SOFT_WEIGHT,
+                                  hard_weight=HARD_WEIGHT, backend="auto")
+        return densify_loss
+    if name == "topk-eager":
+        return lambda student, teacher, labels: plain_topk_kd_loss(student, teacher, labels,
+                                                                   temperature)
+    if name == "topk-compile":
+        _configure_dynamo()
+
+        def plain(student, teacher, labels):
+            return plain_topk_kd_loss(student, teacher, labels, temperature)
+        return torch.compile(plain, dynamic=False, backend=compile_backend)
+    raise ValueError(f"sparse-teacher provider must be one of {SPARSE_PROVIDERS}, got {name!r}")
 
 
 def make_step(loss_fn: Callable, student, teacher, labels, mode: str) -> Callable:
@@ -198,20 +274,43 @@ def throughput_metrics(case: LossCase, median_s: float, peak_gbps: float) -> dic
 
 
 # ----------------------------------------------------------------------------- correctness
-@lru_cache(maxsize=1)
-def _reference_module():
-    """tests/reference.py (the float64 reference every backend is checked against)."""
-    spec = importlib.util.spec_from_file_location("fastkd_float64_reference",
-                                                  REPO_ROOT / "tests" / "reference.py")
+@lru_cache(maxsize=2)
+def _reference_module(name: str = "reference"):
+    """tests/reference.py (the float64 reference every backend is checked against), or
+    tests/reference_sparse.py (sparse teachers)."""
+    spec = importlib.util.spec_from_file_location(f"fastkd_float64_{name}",
+                                                  REPO_ROOT / "tests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def reference_loss_and_grad(case: LossCase, student, teacher, labels, *, chunk_elements=2**22):
+def reference_semantics(case: LossCase, provider: str) -> str:
+    """Which float64 reference a provider is checked against: ``dense``, ``bucket`` (sparse
+    teacher, exact K + 1 buckets) or ``densified`` (dense KD on ``log_probs(V)``)."""
+    if not case.teacher_k:
+        return "dense"
+    return "densified" if provider == "densify" else "bucket"
+
+
+def _reference_rows(case, student_block, teacher, block, labels_block, semantics):
+    """float64 row losses of one block of rows."""
+    options = dict(temperature=case.temperature, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT)
+    if semantics == "dense":
+        return _reference_module().reference_row_losses(
+            student_block, teacher[block], labels_block, **options)[0]
+    target = teacher.map_tensors(lambda part: part[block])
+    if semantics == "densified":
+        return _reference_module().reference_row_losses(
+            student_block, target.log_probs(case.vocab), labels_block, **options)[0]
+    return _reference_module("reference_sparse").reference_sparse_row_losses(
+        student_block, target, labels_block, tail="bucket", **options)[0]
+
+
+def reference_loss_and_grad(case: LossCase, student, teacher, labels, *, semantics="dense",
+                            chunk_elements=2**22):
     """float64 reference ``(loss, grad)`` for ``batchmean``, computed a block of rows at a time
     (rows are independent) so memory stays bounded; grad is float32 (None in ``fwd`` mode)."""
-    reference_row_losses = _reference_module().reference_row_losses
     chunk_rows = max(1, chunk_elements // case.vocab)
     total = 0.0
     grad = torch.empty(student.shape, dtype=torch.float32, device=student.device) \
@@ -220,9 +319,8 @@ def reference_loss_and_grad(case: LossCase, student, teacher, labels, *, chunk_e
         block = slice(start, start + chunk_rows)
         student_block = student[block].detach().double().requires_grad_(grad is not None)
         with torch.set_grad_enabled(grad is not None):
-            row_loss, _ = reference_row_losses(
-                student_block, teacher[block], labels[block], temperature=case.temperature,
-                soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT)
+            row_loss = _reference_rows(case, student_block, teacher, block, labels[block],
+                                       semantics)
             total += row_loss.sum().item()
             if grad is not None:
                 (block_grad,) = torch.autograd.grad(row_loss.sum() / case.rows, student_block)

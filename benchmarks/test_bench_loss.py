@@ -15,7 +15,8 @@ from benchmarks.providers import (check_against_reference, liger_unavailable_rea
 def test_loss(benchmark, loss_case, provider, preset, device, environment, case_data):
     if provider == "liger" and liger_unavailable_reason(device):
         pytest.skip(f"liger: {liger_unavailable_reason(device)}")
-    student, teacher, labels, reference = case_data(loss_case)
+    student, teacher, labels, reference_of = case_data(loss_case)
+    reference = reference_of(provider)
     loss_fn = make_provider(provider, loss_case, compile_backend=preset.compile_backend)
     step = make_step(loss_fn, student, teacher, labels, loss_case.mode)
 

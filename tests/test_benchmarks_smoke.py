@@ -27,6 +27,9 @@ def test_byte_count_formula():
     assert LossCase(8, 100, "fp32", "fp32", "fwd+bwd").bytes_moved == 8 * 100 * (4 + 4 + 4)
     assert LossCase(8, 100, "bf16", "fp16", "fwd+bwd").bytes_moved == 8 * 100 * (2 + 2 + 2)
     assert LossCase(8, 100, "bf16", "fp32", "fwd").bytes_moved == 8 * 100 * (2 + 4)
+    # sparse teacher: student read + gradient written, K (value, int32 id) pairs and the lse
+    assert LossCase(8, 100, "bf16", "bf16", teacher_k=4).bytes_moved == \
+        8 * (100 * (2 + 2) + 4 * (2 + 4) + 4)
     metrics = throughput_metrics(LossCase(8, 100), median_s=1e-3, peak_gbps=2 * 9.6e-3)
     assert metrics["achieved_gbps"] == pytest.approx(9.6e-3)
     assert metrics["pct_of_peak"] == pytest.approx(50.0)
@@ -40,6 +43,8 @@ def test_bad_case_is_rejected():
         LossCase(8, 100, mode="backward")
     with pytest.raises(ValueError, match="preset"):
         get_preset("huge")
+    with pytest.raises(ValueError, match="teacher_k"):
+        LossCase(8, 100, teacher_k=101)
 
 
 def test_environment_capture():
@@ -68,13 +73,19 @@ def test_smoke_preset_end_to_end(tmp_path):
     loss = [r for r in records if r.get("kind") == "loss"]
     preset = get_preset("smoke")
     providers_here = {"fastkd", "eager", "compile"}  # liger needs CUDA
+    sparse_providers = {"fastkd", "densify", "topk-eager", "topk-compile"}
     assert {(r["case"]["id"], r["provider"]) for r in loss} == {
-        (case.id, provider) for case in preset.loss_cases for provider in providers_here}
+        (case.id, provider) for case in preset.loss_cases
+        for provider in (sparse_providers if case.teacher_k else providers_here)}
     assert all(r["check"]["ok"] and r["median_s"] > 0 and r["rounds"] >= 2 for r in loss)
-    memory = {r["provider"]: r["peak_extra_buffers"] for r in loss if "peak_extra_buffers" in r}
-    assert set(memory) == set(preset.memory_providers) == {"eager"}
+    memory = {(r["provider"], r["case"]["group"]): r["peak_extra_buffers"]
+              for r in loss if "peak_extra_buffers" in r}
+    assert set(memory) == {("eager", "sweep"), ("fastkd", "sparse"), ("densify", "sparse")}
     # the eager composition keeps several logits-sized temporaries alive (design notes: 5)
-    assert 3.0 <= memory["eager"] <= 8.0, memory
+    assert 3.0 <= memory["eager", "sweep"] <= 8.0, memory
+    # the fused sparse loss: the gradient and chunk-sized buffers; densify: the dense teacher,
+    # its log-probs and the dense loss's buffers
+    assert memory["fastkd", "sparse"] <= 1.5 < 2.0 <= memory["densify", "sparse"], memory
 
     cache = {r["metric"]: r for r in records if r.get("kind") == "cache"}
     assert set(cache) == {"write", "read_sequential", "read_gather", "train_cached",
@@ -92,7 +103,8 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert any(name.startswith("cache write") for name in goals)
     assert goals["cache bytes per token: top-32 at V=32000 (teacher arrays)"]["status"] == "met"
     markdown = written["markdown"].read_text()
-    assert all(f"| {provider} |" in markdown for provider in providers_here)
+    assert all(f"| {provider} |" in markdown for provider in providers_here | sparse_providers)
+    assert goals["sparse top-8 256x8192 fp32: fastkd vs densify"]["status"] != "not measured"
     assert "## Goals" in markdown and "## Cache" in markdown and "WRONG" not in markdown
 
 
