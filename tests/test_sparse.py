@@ -427,3 +427,15 @@ def test_compiles_for_sm90_without_interpreter(flags, tmp_path):
     result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT, *flags], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_cache_dtypes(backend):
+    """What compact caches store: uint16 ids, fp16 values, uint8 counts."""
+    student, target, _ = make_topk((3, 300), 8, seed=15)
+    compact = target._replace(values=target.values.half(),
+                              indices=target.indices.to(torch.uint16))
+    check(student, compact, make_labels((3,), 300), backend, divergence="jsd")
+    counts = torch.randint(1, 9, (3, 8), generator=torch.Generator().manual_seed(16))
+    sampled = SampledTargets(target.indices.to(torch.uint16), counts.to(torch.uint8))
+    check(student, sampled, None, backend, soft_weight=1.0)
