@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from fastkd.fallback import CHUNK_BYTES, CHUNK_BYTES_DEVICE
+from fastkd.fallback import CHUNK_BYTES, CHUNK_BYTES_DEVICE, _scaled_shift
 
 __all__ = ["kd_sparse_forward_torch", "bucket_terms"]
 
@@ -143,8 +143,7 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         shift = torch.where(max_s == _MINUS_INF, torch.zeros_like(max_s), max_s)
     exp_s = sum_exp = None
     if stats:
-        exp_s = work.get("exp", rows)
-        torch.sub(student, shift, out=exp_s).mul_(inv_temp).exp_()
+        exp_s = _scaled_shift(student, shift, inv_temp, work.get("exp", rows)).exp_()
         if tail == "bucket":
             exp_s.scatter_(1, ids, 0.0)     # the kept columns are their own buckets
         sum_exp = exp_s.sum(1)
@@ -188,28 +187,37 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         # Everything read: grad may alias the student chunk from here on.
         soft_scale = opts["grad_scale"] * opts["soft_weight"] * temp
         hard_scale = opts["grad_scale"] * opts["hard_weight"]
-        kept_grad = torch.zeros_like(z_kept)
         shares = hard and exp_ce is exp_s
-        full = None
-        if stats:   # p_s * soft_scale * coef_rest (+ the hard CE's softmax at T = 1: same p_s)
-            coef = soft_scale * coef_rest * (-log_sum_s).exp()
-            if shares:
-                coef = coef + hard_scale * (-log_sum_ce).exp()
-            full = exp_s.mul_(coef.unsqueeze(1))
-        if soft:
-            kept_grad += soft_scale * kept_du
+        kept_grad = soft_scale * kept_du if soft else torch.zeros_like(z_kept)
+        # the whole row, written once: source * coef (coef None: source is the gradient)
+        source = coef = None
         if hard:
-            if not shares:
-                scale_ce = (hard_scale * (-log_sum_ce).exp()).unsqueeze(1)
-                full = exp_ce.mul_(scale_ce) if full is None else full.addcmul_(exp_ce, scale_ce)
-            full.scatter_add_(1, targets.unsqueeze(1),
-                              torch.full((rows, 1), -hard_scale, device=full.device))
-            q_ce = (z_kept - shift - log_sum_ce.unsqueeze(1)).exp()
-            kept_grad += hard_scale * (q_ce - (ids == targets.unsqueeze(1)).float())
-        if full is None:
+            scale_ce = hard_scale * (-log_sum_ce).exp()
+        if stats:   # p_s * soft_scale * coef_rest (+ hard_scale * softmax(z): the same p_s at T = 1)
+            source, coef = exp_s, soft_scale * coef_rest * (-log_sum_s).exp()
+            if shares:
+                coef = coef + scale_ce
+            elif hard:   # T != 1: add the hard CE's softmax in the fp32 buffer first
+                source = exp_s.mul_(coef.unsqueeze(1)).addcmul_(exp_ce, scale_ce.unsqueeze(1))
+                coef = None
+        elif hard:
+            source, coef = exp_ce, scale_ce
+        if source is None:
             grad.zero_()
+        elif coef is None:
+            grad.copy_(source)
         else:
-            grad.copy_(full)
+            torch.mul(source, coef.unsqueeze(1), out=grad)
+        if hard:
+            # the label column: - hard_scale, added in fp32 and rounded once (a kept label
+            # column is rewritten with the kept gradient below, which includes it)
+            label_column = targets.unsqueeze(1)
+            at_label = source.gather(1, label_column)
+            if coef is not None:
+                at_label = at_label * coef.unsqueeze(1)
+            grad.scatter_(1, label_column, (at_label - hard_scale).to(grad.dtype))
+            q_ce = (z_kept - shift - log_sum_ce.unsqueeze(1)).exp()
+            kept_grad += hard_scale * (q_ce - (ids == label_column).float())
         kept_grad = torch.where(active, kept_grad, kept_grad.gather(1, first_active))
         grad.scatter_(1, ids, kept_grad.to(grad.dtype))
         if keep is not None:
