@@ -1,6 +1,7 @@
 """The KD loss against a sparse teacher (:class:`~fastkd.TopKLogits`,
 :class:`~fastkd.SampledTargets`): argument checks, autograd wiring (a ``torch.library`` custom
-op, so ``torch.compile`` sees no graph break) and the entry :func:`sparse_kd_loss`, which
+op under ``torch.compile``, so the compiler sees no graph break; a plain
+``torch.autograd.Function`` in eager) and the entry :func:`sparse_kd_loss`, which
 :func:`fastkd.kd_loss` calls when ``teacher_logits`` is a sparse target.
 
 Math (rows flattened, student logits ``(N, V)``, teacher K entries per row, ``u = z_s / T``,
@@ -27,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from fastkd.checks import (check_labels, check_logits, check_options, check_sparse_options,
-                           check_sparse_target, check_sparse_values)
+from fastkd.checks import (check_inplace_target, check_labels, check_logits, check_options,
+                           check_sparse_options, check_sparse_target, check_sparse_values)
 from fastkd.targets import SampledTargets
 
 __all__ = ["sparse_kd_loss"]
@@ -125,23 +126,31 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_output, _grad_of_grad):
-    from fastkd.loss import _scale_grad
     (grad,) = ctx.saved_tensors
     if grad_output is None:
         return (None,) * _NUM_INPUTS
-    return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * (_NUM_INPUTS - 1)
+    if ctx.per_row:   # traced by torch.compile: no host read of grad_output here
+        scaled = grad * grad_output.to(grad.dtype).unsqueeze(-1)
+    else:
+        scaled = grad * grad_output.to(grad.dtype)
+    return (scaled,) + (None,) * (_NUM_INPUTS - 1)
 
 
 _kd_sparse_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _SparseKDLossInPlace(torch.autograd.Function):
-    """Eager-only variant that writes the gradient into the student logits' own storage."""
+class _SparseKDLossFunction(torch.autograd.Function):
+    """Eager autograd wiring (as for dense teachers: no custom-op dispatch, nothing of
+    torch._dynamo imported): the gradient made in forward is saved and scaled in backward. With
+    ``grad_inplace`` it is written into the student logits' own storage."""
 
     @staticmethod
-    def forward(ctx, student_2d, *args):
-        loss, grad = _sparse_forward_impl(student_2d, *args, True, grad_buffer=student_2d)
-        torch.autograd.graph.increment_version(student_2d)
+    def forward(ctx, student_2d, grad_inplace, *args):
+        loss, grad = _sparse_forward_impl(student_2d, *args, True,
+                                          grad_buffer=student_2d if grad_inplace else None)
+        if grad_inplace:
+            # the logits' values are gone: any other saved use of them must fail loudly
+            torch.autograd.graph.increment_version(student_2d)
         ctx.save_for_backward(grad)
         ctx.per_row = args[13] == "none"
         return loss
@@ -150,7 +159,7 @@ class _SparseKDLossInPlace(torch.autograd.Function):
     def backward(ctx, grad_output):
         from fastkd.loss import _scale_grad
         (grad,) = ctx.saved_tensors
-        return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * (_NUM_INPUTS - 2)
+        return (_scale_grad(grad, grad_output, ctx.per_row),) + (None,) * (_NUM_INPUTS - 1)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -194,13 +203,19 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
             float(soft_weight), float(hard_weight), divergence, float(beta), tail,
             int(ignore_index), reduction, resolved)
     needs_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    if grad_inplace and needs_grad:
-        if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        if grad_inplace and needs_grad:
             raise ValueError("grad_inplace=True is not supported under torch.compile")
-        if student_2d.data_ptr() != student_logits.data_ptr() or student_2d.stride(-1) != 1:
-            raise ValueError("grad_inplace=True needs student_logits whose rows are a view "
-                             "(last-dim stride 1, leading dims flattenable without a copy)")
-        loss = _SparseKDLossInPlace.apply(student_2d, *args)
-    else:
         loss, _ = _kd_sparse_loss_op(student_2d, *args, needs_grad)
+    elif needs_grad:
+        if grad_inplace:
+            if student_2d.data_ptr() != student_logits.data_ptr() or student_2d.stride(-1) != 1:
+                raise ValueError("grad_inplace=True needs student_logits whose rows are a view "
+                                 "(last-dim stride 1, leading dims flattenable without a copy)")
+            check_inplace_target(student_2d, *(("teacher_logits." + name, part) for name, part
+                                               in zip(("indices", "values", "lse", "counts"),
+                                                      args[:4])))
+        loss = _SparseKDLossFunction.apply(student_2d, bool(grad_inplace), *args)
+    else:
+        loss, _ = _sparse_forward_impl(student_2d, *args, False)
     return loss.reshape(leading) if reduction == "none" else loss
