@@ -17,7 +17,9 @@ all in the forward pass; backward only scales these gradients by ``grad_output``
 losses with a trainable head: the head's gradient is then weighted row by row, so backward runs
 the chunked pass again with ``g`` scaled by ``grad_output``). A teacher given
 as a :class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient)
-and dropped after the kernel has read them. Peak extra memory: one or two ``C x V`` buffers for
+and dropped after the kernel has read them; a sparse teacher (``TopKLogits``, ``SampledTargets``)
+goes with its chunk rows to the sparse kernel family (``_dispatch(backend, "sparse")``), which
+reads K entries per row and writes the dense student gradient the same way. Peak extra memory: one or two ``C x V`` buffers for
 the student (two with a softcap: the kernel then writes ``g`` beside ``z``), one for a teacher
 head, plus the gradients themselves; independent of ``N``.
 
@@ -32,11 +34,12 @@ from typing import Optional, Union
 
 import torch
 
-from fastkd.checks import (TEACHER_EXTRA_COLUMNS, check_choice, check_chunking, check_label_values,
-                           check_labels, check_linear_head, check_logit_transform, check_logits,
-                           check_options)
+from fastkd.checks import (TAILS, TEACHER_EXTRA_COLUMNS, check_choice, check_chunking,
+                           check_label_values, check_labels, check_linear_head,
+                           check_logit_transform, check_logits, check_options,
+                           check_sparse_options, check_sparse_target, check_sparse_values)
 from fastkd.loss import _LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR, _dispatch, _resolve_backend
-from fastkd.targets import TeacherHead
+from fastkd.targets import SPARSE_TARGETS, SampledTargets, TeacherHead, TopKLogits
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
@@ -47,7 +50,7 @@ __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
 # thread, loaded machine) put 128- to 1024-row chunks within the noise of the unfused path.
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 
-_TEACHER_LOGITS, _TEACHER_HEAD = 0, 1
+_TEACHER_LOGITS, _TEACHER_HEAD, _TEACHER_TOPK, _TEACHER_SAMPLED = 0, 1, 2, 3
 _NO_SOFTCAP = 0.0   # the custom op's encoding of softcap=None (a real softcap is > 0)
 
 
@@ -95,8 +98,8 @@ class _Side:
 def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
                    label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
                    num_classes, temperature, soft_weight, hard_weight, divergence, beta,
-                   ignore_index, reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes,
-                   needs_hidden, needs_weight, needs_bias, row_weights=None):
+                   ignore_index, reduction, backend, tail, compute_dtype, chunk_rows,
+                   chunk_budget_bytes, needs_hidden, needs_weight, needs_bias, row_weights=None):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` for 2-D ``hidden (N, H)``; gradients
     already scaled for ``grad_output == 1`` (per row, unscaled, for ``reduction='none'``) and
     empty ``(0,)`` tensors where not wanted. ``row_weights (N,)``: each row's logits gradient is
@@ -111,17 +114,26 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
 
     # Kept rows: everything, or the rows whose label is not ignore_index (dropped before any
     # matmul); batchmean divides by their number.
-    kept_index = None
-    if label_mode == _LABEL_TENSOR:
-        labels = check_label_values(labels, num_classes, ignore_index)
-        keep = labels != ignore_index
-        num_kept = int(keep.sum())
-        if num_kept < num_rows:
-            kept_index = keep.nonzero().squeeze(1)
-            labels = labels.index_select(0, kept_index)
-    else:
+    sparse = teacher_kind in (_TEACHER_TOPK, _TEACHER_SAMPLED)
+    if label_mode != _LABEL_TENSOR:
         labels = None
+    if sparse:   # ids, values, lse, counts and labels checked together (one host sync)
+        values, lse, counts = ((teacher_1, teacher_2, None) if teacher_kind == _TEACHER_TOPK
+                               else (None, None, teacher_1))
+        labels, num_kept = check_sparse_values(teacher_0, num_classes, values=values, lse=lse,
+                                               counts=counts, labels=labels,
+                                               ignore_index=ignore_index)
+        if lse is not None:
+            lse = lse.float()
+    elif labels is not None:
+        labels = check_label_values(labels, num_classes, ignore_index)
+        num_kept = int((labels != ignore_index).sum())
+    else:
         num_kept = num_rows
+    kept_index = None
+    if labels is not None and num_kept < num_rows:
+        kept_index = (labels != ignore_index).nonzero().squeeze(1)
+        labels = labels.index_select(0, kept_index)
     # jsd with beta at an end point *is* forward/reverse KL (the contract wants it mapped).
     if divergence == "jsd" and beta in (0.0, 1.0):
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
@@ -135,12 +147,12 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) \
         if needs_bias else None
 
-    # Teacher: dense rows (sliced to V columns) or an output layer of its own.
+    # Teacher: dense rows (sliced to V columns), an output layer of its own, or sparse rows.
     teacher_side = teacher_rows = None
     if teacher_kind == _TEACHER_HEAD:
         teacher_side = _Side(teacher_0, teacher_1, teacher_2, teacher_scale, teacher_softcap,
                              compute_dtype, num_classes)
-    else:
+    elif not sparse:
         teacher_rows = teacher_0[:, :num_classes]
 
     # Chunk size from the budget: bytes per row of every chunk-sized buffer.
@@ -149,14 +161,14 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     per_row = num_classes * student_size * (2 if separate_grad else 1)
     if teacher_side is not None:
         per_row += num_classes * teacher_side.dtype.itemsize
-    elif kept_index is not None or teacher_rows.stride(-1) != 1:
+    elif teacher_rows is not None and (kept_index is not None or teacher_rows.stride(-1) != 1):
         per_row += num_classes * teacher_rows.dtype.itemsize   # gathered / made contiguous
     if chunk_rows <= 0:
         chunk_rows = chunk_budget_bytes // per_row
     chunk_rows = max(1, min(chunk_rows, num_kept))
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
-    kd_forward = _dispatch(backend)
+    kd_forward = _dispatch(backend, "sparse" if sparse else "dense")
     logits_buffer = torch.empty((chunk_rows, num_classes), dtype=student.dtype, device=device) \
         if num_kept else None
     grad_buffer = torch.empty_like(logits_buffer) if separate_grad and num_kept else None
@@ -167,20 +179,27 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
         count = stop - start
         rows = slice(start, stop) if kept_index is None else kept_index[start:stop]
         logits, hidden_rows = student.logits(rows, logits_buffer[:count])
-        if teacher_side is not None:
-            teacher_logits, _ = teacher_side.logits(rows, teacher_buffer[:count])
+        if sparse:   # (indices, values, lse, counts) of the chunk's rows
+            teacher_chunk = tuple(None if part is None else _rows(part, rows).contiguous()
+                                  for part in (teacher_0, values, lse, counts))
+            sparse_options = {"tail": tail}
         else:
-            teacher_logits = _rows(teacher_rows, rows)
-            if teacher_logits.stride(-1) != 1:
-                teacher_logits = teacher_logits.contiguous()
+            if teacher_side is not None:
+                teacher_logits, _ = teacher_side.logits(rows, teacher_buffer[:count])
+            else:
+                teacher_logits = _rows(teacher_rows, rows)
+                if teacher_logits.stride(-1) != 1:
+                    teacher_logits = teacher_logits.contiguous()
+            teacher_chunk = (teacher_logits,)
+            sparse_options = {}
         grad = None
         if wants_grad:
             grad = grad_buffer[:count] if separate_grad else logits   # in place without a cap
         row_loss[start:stop] = kd_forward(
-            logits, teacher_logits, labels[start:stop] if labels is not None else None,
+            logits, *teacher_chunk, labels[start:stop] if labels is not None else None,
             teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
             soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
-            ignore_index=ignore_index, grad_scale=grad_scale, grad=grad)
+            ignore_index=ignore_index, grad_scale=grad_scale, grad=grad, **sparse_options)
         if not wants_grad:
             continue
         if student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
@@ -222,7 +241,7 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
 
 # ----------------------------------------------------------------------------- autograd
 # Argument positions in the op's inputs (see _linear_kd_op's signature).
-_REDUCTION_ARG, _NEEDS_HIDDEN_ARG, _NEEDS_WEIGHT_ARG, _NEEDS_BIAS_ARG = 20, 25, 26, 27
+_REDUCTION_ARG, _NEEDS_HIDDEN_ARG, _NEEDS_WEIGHT_ARG, _NEEDS_BIAS_ARG = 20, 26, 27, 28
 _TENSOR_ARGS = (0, 1, 2, 4, 5, 6, 7)   # hidden, weight, bias, teacher_0..2, labels
 
 
@@ -327,7 +346,7 @@ def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
                   label_mode: int, student_scale: float, student_softcap: float,
                   teacher_scale: float, teacher_softcap: float, num_classes: int,
                   temperature: float, soft_weight: float, hard_weight: float, divergence: str,
-                  beta: float, ignore_index: int, reduction: str, backend: str,
+                  beta: float, ignore_index: int, reduction: str, backend: str, tail: str,
                   compute_dtype: str, chunk_rows: int, chunk_budget_bytes: int,
                   needs_hidden: bool, needs_weight: bool,
                   needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -335,7 +354,7 @@ def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     loss, grad_hidden, grad_weight, grad_bias = _run(
         hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels, label_mode,
         student_scale, student_softcap, teacher_scale, teacher_softcap, num_classes, temperature,
-        soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend,
+        soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend, tail,
         compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden, needs_weight, needs_bias)
     # custom ops may not return views of their inputs
     return loss.clone() if loss._base is not None else loss, grad_hidden, grad_weight, grad_bias
@@ -364,7 +383,7 @@ def _linear_kd_head_grad_op(hidden: torch.Tensor, weight: torch.Tensor,
                             teacher_scale: float, teacher_softcap: float, num_classes: int,
                             temperature: float, soft_weight: float, hard_weight: float,
                             divergence: str, beta: float, ignore_index: int, reduction: str,
-                            backend: str, compute_dtype: str, chunk_rows: int,
+                            backend: str, tail: str, compute_dtype: str, chunk_rows: int,
                             chunk_budget_bytes: int, needs_hidden: bool, needs_weight: bool,
                             needs_bias: bool,
                             row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,8 +391,8 @@ def _linear_kd_head_grad_op(hidden: torch.Tensor, weight: torch.Tensor,
     inputs = (hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
               label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
               num_classes, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-              reduction, backend, compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden,
-              needs_weight, needs_bias)
+              reduction, backend, tail, compute_dtype, chunk_rows, chunk_budget_bytes,
+              needs_hidden, needs_weight, needs_bias)
     return _head_grads(inputs, row_weights)
 
 
@@ -386,7 +405,7 @@ def _(*inputs):
     return grad_weight, grad_bias
 
 
-_NUM_OP_INPUTS = 28
+_NUM_OP_INPUTS = 29
 
 
 def _setup_context(ctx, inputs, output):
@@ -413,8 +432,11 @@ def _autocast_dtype(device: torch.device) -> str:
     return ""
 
 
-def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns) -> int:
-    """Teacher checks; returns its vocabulary size V_t (>= V)."""
+def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns):
+    """Teacher checks (metadata only; a sparse teacher's values are checked in the op). Returns
+    a sparse target's temperature (None for the other kinds)."""
+    if isinstance(teacher, SPARSE_TARGETS):   # shapes against the student logits' leading dims
+        return check_sparse_target("teacher", teacher, _logits_shape_probe(leading, device))
     if isinstance(teacher, TeacherHead):
         if tuple(teacher.hidden.shape[:-1]) != tuple(leading):
             raise ValueError(
@@ -435,8 +457,9 @@ def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
                              f"{teacher.device}")
         teacher_classes = teacher.shape[-1]
     else:
-        raise TypeError("teacher must be dense teacher logits (a tensor (..., V)) or a "
-                        f"fastkd.TeacherHead, got {type(teacher).__name__}")
+        raise TypeError("teacher must be dense teacher logits (a tensor (..., V)), a "
+                        "fastkd.TeacherHead, TopKLogits or SampledTargets, got "
+                        f"{type(teacher).__name__}")
     if teacher_classes < num_classes:
         raise ValueError(f"the teacher's vocabulary ({teacher_classes}) is smaller than the "
                          f"student's (V = {num_classes} rows of student_weight)")
@@ -446,17 +469,23 @@ def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
             f"({num_classes}); if the extra columns are padding (e.g. an embedding matrix "
             "padded to a multiple of 64), pass teacher_extra_columns='drop' to use the first "
             f"{num_classes} teacher columns")
-    return teacher_classes
+    return None
+
+
+def _logits_shape_probe(leading, device) -> torch.Tensor:
+    """An empty ``(..., 0)`` tensor with the student logits' leading dims and device, for the
+    shared sparse-target checks (which read only those)."""
+    return torch.empty(tuple(leading) + (0,), device=device)
 
 
 def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                   teacher: Union[torch.Tensor, TeacherHead],
+                   teacher: Union[torch.Tensor, TeacherHead, TopKLogits, SampledTargets],
                    labels: Union[torch.Tensor, str, None] = None, *,
                    student_bias: Optional[torch.Tensor] = None, student_logit_scale: float = 1.0,
                    student_softcap: Optional[float] = None, chunk_rows: Optional[int] = None,
                    chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
-                   teacher_extra_columns: str = "error", temperature: float = 1.0,
-                   soft_weight: float = 0.5, hard_weight: float = 0.5,
+                   teacher_extra_columns: str = "error", tail: str = "bucket",
+                   temperature: float = 1.0, soft_weight: float = 0.5, hard_weight: float = 0.5,
                    divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
                    reduction: str = "batchmean", backend: str = "auto") -> torch.Tensor:
     """:func:`fastkd.kd_loss` of the student logits ``softcap(logit_scale * (student_hidden @
@@ -466,8 +495,10 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     Args:
         student_hidden: ``(..., H)`` last hidden states (float32/float16/bfloat16).
         student_weight: ``(V, H)`` the output layer (``lm_head.weight``; tied embeddings too).
-        teacher: dense teacher logits ``(..., V_t)`` or a :class:`fastkd.TeacherHead`
-            (the teacher's hidden states and output layer; its logits are made per chunk too).
+        teacher: dense teacher logits ``(..., V_t)``, a :class:`fastkd.TeacherHead`
+            (the teacher's hidden states and output layer; its logits are made per chunk too),
+            or a sparse teacher, :class:`fastkd.TopKLogits` / :class:`fastkd.SampledTargets`
+            ``(..., K)`` (the sparse kernels of :func:`fastkd.kd_loss`, with ``tail``).
             A constant: no gradient flows into it.
         labels: ``(...)`` class ids (``ignore_index`` rows are dropped before the matmul),
             ``"teacher"`` or None, as in :func:`fastkd.kd_loss`.
@@ -481,11 +512,12 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than
             the student's, or ``"drop"`` to use its first V columns (padding columns of an
             embedding matrix).
-        temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend:
-            as in :func:`fastkd.kd_loss`. ``reduction="none"`` gives per-row losses ``(...)``; with a
-            trainable head, whose gradient is a sum over rows weighted by the incoming per-row
-            gradient, backward makes that gradient in a second chunked pass (the forward's
-            cost again), since it cannot be summed before the weights are known.
+        tail, temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction,
+            backend: as in :func:`fastkd.kd_loss` (``tail`` for sparse teachers only).
+            ``reduction="none"`` gives per-row losses ``(...)``; with a trainable head, whose
+            gradient is a sum over rows weighted by the incoming per-row gradient, backward
+            makes that gradient in a second chunked pass (the forward's cost again), since it
+            cannot be summed before the weights are known.
 
     Returns:
         float32 scalar, or ``(...)`` float32 for ``reduction="none"``.
@@ -504,7 +536,14 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     device = student_hidden.device
     num_classes = student_weight.shape[0]
     check_labels(labels, leading, device)
-    _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
+    target_temperature = _check_teacher(teacher, leading, num_classes, device,
+                                        teacher_extra_columns)
+    check_choice("tail", tail, TAILS)
+    if isinstance(teacher, SPARSE_TARGETS):   # (jsd with beta 0 / 1 is forward / reverse KL)
+        mapped = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta)) \
+            if divergence == "jsd" else None
+        check_sparse_options(mapped or divergence, tail, isinstance(teacher, SampledTargets),
+                             float(temperature), target_temperature)
     resolved = _resolve_backend(backend, device)
 
     grad_on = torch.is_grad_enabled()
@@ -516,6 +555,19 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_tensors = (teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
                            teacher.bias)
         teacher_scale, teacher_softcap = teacher.logit_scale, teacher.softcap
+    elif isinstance(teacher, SPARSE_TARGETS):
+        num_ids = teacher.indices.shape[-1]
+
+        def rows_of(part):   # (..., K) -> (N, K); lse (...) -> (N,)
+            return part.detach().reshape((-1, num_ids) if part.dim() > len(leading) else (-1,))
+        if isinstance(teacher, TopKLogits):   # op inputs: (indices, values, lse)
+            teacher_kind = _TEACHER_TOPK
+            teacher_tensors = tuple(rows_of(part)
+                                    for part in (teacher.indices, teacher.values, teacher.lse))
+        else:                                   # (indices, counts, None)
+            teacher_kind = _TEACHER_SAMPLED
+            teacher_tensors = (rows_of(teacher.indices), rows_of(teacher.counts), None)
+        teacher_scale, teacher_softcap = 1.0, None
     else:
         teacher_kind = _TEACHER_LOGITS
         teacher_tensors = (teacher.detach().reshape(-1, teacher.shape[-1]), None, None)
@@ -531,7 +583,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         student_softcap if student_softcap is not None else _NO_SOFTCAP, teacher_scale,
         teacher_softcap if teacher_softcap is not None else _NO_SOFTCAP, num_classes,
         float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta),
-        int(ignore_index), reduction, resolved, _autocast_dtype(device),
+        int(ignore_index), reduction, resolved, tail, _autocast_dtype(device),
         chunk_rows if chunk_rows is not None else 0, int(chunk_budget_bytes), *needs)
     if torch.compiler.is_compiling():
         loss = _linear_kd_op(*args)[0]
@@ -549,17 +601,18 @@ class LinearKDLoss(torch.nn.Module):
     def __init__(self, *, student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                  chunk_rows: Optional[int] = None,
                  chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
-                 teacher_extra_columns: str = "error", temperature: float = 1.0,
-                 soft_weight: float = 0.5, hard_weight: float = 0.5,
+                 teacher_extra_columns: str = "error", tail: str = "bucket",
+                 temperature: float = 1.0, soft_weight: float = 0.5, hard_weight: float = 0.5,
                  divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
                  reduction: str = "batchmean", backend: str = "auto"):
         super().__init__()
         check_logit_transform("student_", student_logit_scale, student_softcap)
         check_chunking(chunk_rows, chunk_budget_bytes)
         check_choice("teacher_extra_columns", teacher_extra_columns, TEACHER_EXTRA_COLUMNS)
+        check_choice("tail", tail, TAILS)
         check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                       reduction, backend)
-        self.options = dict(
+        self.options = dict(tail=tail, 
             student_logit_scale=student_logit_scale, student_softcap=student_softcap,
             chunk_rows=chunk_rows, chunk_budget_bytes=chunk_budget_bytes,
             teacher_extra_columns=teacher_extra_columns, temperature=temperature,

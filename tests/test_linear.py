@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import TeacherHead, linear_kd_loss
 from reference import reference_kd_loss
+from reference_sparse import reference_sparse_kd_loss
 
 FP32_TOL = 1e-5
 BF16_TOL = 3e-2
@@ -61,7 +62,19 @@ def student_params(case):
     return [case["hidden"], case["weight"]] + ([case["bias"]] if case["bias"] is not None else [])
 
 
-def teacher_of(case, kind, scale=1.0, softcap=None):
+def teacher_of(case, kind, scale=1.0, softcap=None, k=6, temperature=1.0):
+    """Dense logits, a TeacherHead, or sparse targets (top-k of the dense logits with the
+    row's tempered lse; K distinct ids with counts) with the case's leading dims."""
+    if kind in ("topk", "sampled"):
+        logits = case["teacher_logits"]
+        values, indices = logits.topk(k, dim=-1)
+        if kind == "topk":
+            return fastkd.TopKLogits(values, indices, (logits.float() / temperature).logsumexp(-1),
+                                     temperature)
+        gen = torch.Generator().manual_seed(k)
+        counts = torch.randint(0, 4, indices.shape, generator=gen)
+        counts[..., 0] += 1   # a positive sum in every row
+        return fastkd.SampledTargets(indices, counts)
     if kind == "head":
         return TeacherHead(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"],
                            logit_scale=scale, softcap=softcap)
@@ -81,6 +94,10 @@ def reference(case, teacher, labels, *, scale=1.0, softcap=None, **options):
     params = [p.detach().double().requires_grad_() for p in student_params(case)]
     bias = params[2] if len(params) == 3 else None
     student = head_logits(params[0], params[1], bias, scale, softcap)
+    if isinstance(teacher, (fastkd.TopKLogits, fastkd.SampledTargets)):
+        loss = reference_sparse_kd_loss(student, teacher, labels, **options)
+        return loss, torch.autograd.grad(loss, params)
+    options.pop("tail", None)
     teacher_logits = teacher_logits_of(teacher, double=True)[..., :student.shape[-1]]
     loss = reference_kd_loss(student, teacher_logits, labels, **options)
     return loss, torch.autograd.grad(loss, params)
@@ -91,8 +108,9 @@ def unfused(case, teacher, labels, *, scale=1.0, softcap=None, **options):
     params = student_params(case)
     bias = params[2] if len(params) == 3 else None
     student = head_logits(params[0], params[1], bias, scale, softcap)
-    teacher_logits = teacher_logits_of(teacher)[..., :student.shape[-1]]
-    loss = fastkd.kd_loss(student, teacher_logits.detach(), labels, **options)
+    if not isinstance(teacher, (fastkd.TopKLogits, fastkd.SampledTargets)):
+        teacher = teacher_logits_of(teacher)[..., :student.shape[-1]].detach()
+    loss = fastkd.kd_loss(student, teacher, labels, **options)
     return loss, torch.autograd.grad(loss, params)
 
 
@@ -127,6 +145,40 @@ def test_matches_reference_each_divergence(teacher_kind, divergence, beta):
     got = fused(case, teacher, case["labels"], chunk_rows=5, **options)
     assert_close(got, reference(case, teacher, case["labels"], **options), FP32_TOL, divergence)
     assert_close(got, unfused(case, teacher, case["labels"], **options), FP32_TOL, divergence)
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+@pytest.mark.parametrize("tail,divergence", [("bucket", "forward_kl"), ("bucket", "jsd"),
+                                             ("renormalize", "reverse_kl"),
+                                             ("ignore", "forward_kl")])
+def test_sparse_teachers(kind, tail, divergence):
+    """TopKLogits / SampledTargets go through the sparse kernel family chunk by chunk: the same
+    loss and gradients as kd_loss on F.linear logits and the float64 sparse reference; (B, S, H)
+    inputs, a student softcap, ignored rows, a temperature."""
+    case = make_case(rows=(3, 7), seed=20)
+    teacher = teacher_of(case, kind, temperature=2.0)
+    options = dict(tail=tail, divergence=divergence, temperature=2.0, beta=0.4)
+    got = fused(case, teacher, case["labels"], chunk_rows=4, student_softcap=6.0, **options)
+    assert_close(got, reference(case, teacher, case["labels"], softcap=6.0, **options),
+                 FP32_TOL, f"{kind} {tail}")
+    assert_close(got, unfused(case, teacher, case["labels"], softcap=6.0, **options), FP32_TOL)
+
+
+def test_sparse_teacher_labels_and_bad_options():
+    case = make_case(seed=21)
+    teacher = teacher_of(case, "topk", k=40)   # K = V: bucket mode is dense KD exactly
+    got = fused(case, teacher, "teacher", chunk_rows=5)
+    assert_close(got, reference(case, teacher, "teacher"), FP32_TOL)
+    assert_close(got, reference(case, teacher_of(case, "logits"), "teacher"), FP32_TOL)
+    with pytest.raises(ValueError, match="mse"):
+        linear_kd_loss(case["hidden"], case["weight"], teacher, divergence="mse")
+    with pytest.raises(ValueError, match="temperature"):
+        linear_kd_loss(case["hidden"], case["weight"], teacher, temperature=2.0)
+    with pytest.raises(ValueError, match="tail"):
+        linear_kd_loss(case["hidden"], case["weight"], teacher, tail="drop")
+    bad = fastkd.TopKLogits(teacher.values, torch.full_like(teacher.indices, 40), teacher.lse)
+    with pytest.raises(ValueError, match="indices"):
+        linear_kd_loss(case["hidden"], case["weight"], bad)
 
 
 @pytest.mark.parametrize("student_transform,teacher_transform", [
@@ -165,8 +217,8 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     seen = []
     real = linear._dispatch
 
-    def recording_dispatch(backend):
-        kernel = real(backend)
+    def recording_dispatch(backend, family="dense"):
+        kernel = real(backend, family)
 
         def record(student, *args, **kwargs):
             seen.append(student.shape[0])
@@ -192,8 +244,9 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     import fastkd.linear as linear
     seen = []
     real = linear._dispatch
-    monkeypatch.setattr(linear, "_dispatch", lambda backend: (
-        lambda student, *a, **k: seen.append(student.shape[0]) or real(backend)(student, *a, **k)))
+    monkeypatch.setattr(linear, "_dispatch", lambda backend, family="dense": (
+        lambda student, *a, **k: seen.append(student.shape[0])
+        or real(backend, family)(student, *a, **k)))
     case = make_case(rows=(30,), ignored=0.5, seed=3)
     kept = int((case["labels"] != -100).sum())
     assert 5 < kept < 25
@@ -363,11 +416,12 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(grad, want)
 
 
-@pytest.mark.parametrize("teacher_kind,divergence", [("logits", "forward_kl"), ("head", "jsd")])
+@pytest.mark.parametrize("teacher_kind,divergence", [("logits", "forward_kl"), ("head", "jsd"),
+                                                     ("topk", "forward_kl")])
 def test_triton_backend(kernel_device, teacher_kind, divergence):
     case = make_case(rows=(2, 5), hidden=8, vocab=33, teacher_hidden=6, seed=13,
                      device=kernel_device)
-    teacher = teacher_of(case, teacher_kind, 0.9, 6.0)
+    teacher = teacher_of(case, teacher_kind, 0.9, 6.0, temperature=2.0)
     options = dict(divergence=divergence, temperature=2.0)
     got = fused(case, teacher, case["labels"], chunk_rows=3, student_softcap=4.0,
                 backend="triton", **options)
