@@ -30,10 +30,13 @@ and ``lengths`` (rows per sample, int64) when items are variable-length. Labels 
 (version 1 stored them as int64 in every shard and again in ``labels.npy``; version 1 top-k ids
 are int32 and its ``lse`` is ``(R,)`` at T = 1). Both versions read.
 """
+import errno
 import hashlib
 import json
 import os
-from typing import Dict, Iterable, List, Optional
+import re
+import stat
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -61,6 +64,12 @@ LABEL_DTYPE = np.dtype("<i4")
 V1_LABEL_DTYPE = np.dtype("<i8")
 LENGTH_DTYPE = np.dtype("<i8")
 HASH_CHUNK = 1 << 22
+# a manifest is a small index; anything bigger is not one of ours
+MAX_MANIFEST_BYTES = 1 << 30
+# file names a manifest may list: plain names in the cache directory (no separators, no "..",
+# not hidden), which is also every name this module creates
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class CacheError(ValueError):
@@ -83,6 +92,16 @@ def is_cache_file(name: str) -> bool:
 def progress_manifest_name(rank: int, world_size: int) -> str:
     """Where a rank records its finished shards: the manifest itself for a single process."""
     return MANIFEST_NAME if world_size == 1 else f"manifest.rank{rank}-of-{world_size}.json"
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the temp files this format writes (``<cache file>.tmp``) and nothing else."""
+    return name.endswith(TMP_SUFFIX) and is_cache_file(name) and \
+        PLAIN_FILE_NAME.fullmatch(name) is not None
+
+
+def is_progress_manifest(name: str) -> bool:
+    return name == MANIFEST_NAME or re.fullmatch(r"manifest\.rank\d+-of-\d+\.json", name) is not None
 
 
 def other_world_progress_files(names: Iterable[str], world_size: int) -> List[str]:
@@ -242,28 +261,186 @@ def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) ->
     fsync_directory(directory)
 
 
-def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
-    """Load and self-check a manifest; raises :class:`CacheError` naming the file on any problem."""
+def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
+    """The JSON object in ``directory/name``, unchecked beyond being a JSON object with this
+    format's name; raises :class:`CacheError` naming the file otherwise."""
     path = os.path.join(directory, name)
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory} does not exist")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CacheError(f"{path} not found: {directory} is not a fastkd cache "
                          f"(or caching never finished a shard)")
     try:
-        with open(path) as handle:
-            manifest = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise CacheError(f"{path} is not valid JSON: {error}") from None
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise CacheError(f"{path} is not a regular file (symbolic links are refused)")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise CacheError(f"{path} is {info.st_size} bytes, far too large for a cache "
+                             f"manifest; it is not one")
+        with open(path, "rb") as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except OSError as error:
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        what = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise CacheError(f"{path} is not valid JSON ({what}); it is not a fastkd cache "
+                         f"manifest or it is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a {FORMAT_NAME} manifest")
+    return manifest
+
+
+def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
+    """Load and self-check a manifest: JSON, format and version, its own checksum and every
+    field the reader and writer use (:func:`validate_manifest`). Raises :class:`CacheError`
+    naming the file on any problem."""
+    path = os.path.join(directory, name)
+    manifest = parse_manifest_file(directory, name)
     if manifest.get("format_version") not in READABLE_VERSIONS:
-        raise CacheError(f"{path} has format version {manifest.get('format_version')}; this "
+        raise CacheError(f"{path} has format version {manifest.get('format_version')!r}; this "
                          f"fastkd reads versions {', '.join(map(str, READABLE_VERSIONS))}")
-    if manifest.get("manifest_sha256") != _manifest_checksum(manifest):
+    try:
+        checksum = _manifest_checksum(manifest)
+    except (TypeError, ValueError, RecursionError):
+        checksum = None
+    if manifest.get("manifest_sha256") != checksum:
         raise CacheError(f"{path} was modified after it was written (its manifest_sha256 does "
                          f"not match its contents)")
+    validate_manifest(manifest, path)
     return manifest
+
+
+# ----------------------------------------------------------------------------- field checks
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _expect(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise CacheError(f"{where}: {message}")
+
+
+def check_file_name(name, where: str) -> str:
+    """``name`` if it is a plain file name inside the cache directory, else CacheError."""
+    _expect(isinstance(name, str) and PLAIN_FILE_NAME.fullmatch(name) is not None, where,
+            f"file name {name!r} is not a plain file name inside the cache directory (a "
+            f"manifest may not point to other directories, absolute paths or hidden files)")
+    return name
+
+
+def _check_entry(entry, where: str, dtype: np.dtype, row_shape: tuple) -> None:
+    _expect(isinstance(entry, dict), where, f"file entry {entry!r} is not an object")
+    check_file_name(entry.get("file"), where)
+    name = entry["file"]
+    _expect(_is_int(entry.get("bytes")), where, f"{name}: 'bytes' must be an integer >= 0")
+    _expect(isinstance(entry.get("sha256"), str) and
+            SHA256_HEX.fullmatch(entry["sha256"]) is not None, where,
+            f"{name}: 'sha256' must be 64 lowercase hex digits")
+    _expect(entry.get("dtype") == dtype.str, where,
+            f"{name}: dtype {entry.get('dtype')!r}; this array is stored as {dtype.str!r}")
+    shape = entry.get("shape")
+    _expect(isinstance(shape, list) and len(shape) == 1 + len(row_shape) and
+            all(_is_int(size) for size in shape) and tuple(shape[1:]) == row_shape, where,
+            f"{name}: shape {shape!r}; expected [rows{''.join(f', {n}' for n in row_shape)}]")
+
+
+def entry_arrays(manifest: dict) -> Dict[str, tuple]:
+    """``{array name: (numpy dtype, per-row shape)}`` of every array a shard of ``manifest``
+    holds (the layout's arrays plus ``labels`` and ``lengths`` where present)."""
+    arrays = dict(manifest_row_arrays(manifest))
+    if manifest["labels_per"]:
+        arrays["labels"] = (label_dtype(manifest["format_version"]), ())
+    if manifest["rows_per_sample"] == "variable":
+        arrays["lengths"] = (LENGTH_DTYPE, ())
+    return arrays
+
+
+def validate_manifest(manifest: dict, where: str) -> None:
+    """Types and values of every field the reader, the writer and ``fastkd info`` use, so an
+    edited or hostile manifest fails here with a sentence instead of deep inside them."""
+    _expect(manifest.get("status") in ("complete", "incomplete"), where,
+            f"status {manifest.get('status')!r}; expected 'complete' or 'incomplete'")
+    _expect(manifest.get("dtype") in STORAGE_DTYPES, where,
+            f"dtype {manifest.get('dtype')!r}; expected one of {sorted(STORAGE_DTYPES)}")
+    _expect(manifest.get("layout") in LAYOUTS, where,
+            f"layout {manifest.get('layout')!r}; expected one of {list(LAYOUTS)}")
+    _expect(manifest["layout"] != "sampled" or manifest["format_version"] >= 2, where,
+            "the sampled layout needs format version 2")
+    for layout, field in SPARSE_K_FIELD.items():
+        value = manifest.get(field)
+        _expect(_is_int(value, 1) if manifest["layout"] == layout else value is None, where,
+                f"{field} {value!r} does not fit layout {manifest['layout']!r}")
+    temperatures = manifest.get("temperatures")
+    _expect(temperatures is None or (
+        isinstance(temperatures, list) and temperatures and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and
+            0 < value < float("inf") for value in temperatures)), where,
+        f"temperatures {temperatures!r}; expected null or a list of positive numbers")
+    for key in ("teacher", "dataset"):
+        _expect(isinstance(manifest.get(key), dict), where, f"'{key}' must be an object")
+    _expect(isinstance(manifest["teacher"].get("fingerprint"), str), where,
+            "teacher fingerprint must be a string")
+    fingerprint = manifest["dataset"].get("fingerprint")
+    _expect(isinstance(fingerprint, dict) and _is_int(fingerprint.get("length")) and
+            isinstance(fingerprint.get("sha256"), str), where,
+            "dataset fingerprint must be {length, sha256, ...}")
+    for key in ("shard_size_mb",):
+        _expect(isinstance(manifest.get(key), (int, float)) and not isinstance(
+            manifest[key], bool) and manifest[key] > 0, where, f"'{key}' must be positive")
+    for key in ("batch_size", "world_size"):
+        _expect(_is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
+    _expect(manifest.get("rows_per_sample") in (None, 1, "variable"), where,
+            f"rows_per_sample {manifest.get('rows_per_sample')!r}; expected 1 or 'variable'")
+    _expect(manifest.get("labels_per") in (None, "sample", "row"), where,
+            f"labels_per {manifest.get('labels_per')!r}; expected null, 'sample' or 'row'")
+    for key in ("num_classes", "rows_per_shard"):
+        _expect(manifest.get(key) is None or _is_int(manifest[key], 1), where,
+                f"'{key}' must be null or an integer >= 1")
+    shards = manifest.get("shards")
+    _expect(isinstance(shards, list), where, "'shards' must be a list")
+    complete = manifest["status"] == "complete"
+    if complete:
+        for key in ("num_samples", "num_rows"):
+            _expect(_is_int(manifest.get(key)), where, f"'{key}' must be an integer >= 0")
+    else:
+        sample_range = manifest.get("sample_range")
+        _expect(isinstance(sample_range, list) and len(sample_range) == 2 and
+                all(_is_int(value) for value in sample_range), where,
+                "'sample_range' must be [start, stop]")
+    if shards or complete:
+        _expect(manifest["num_classes"] is not None and manifest["rows_per_sample"] is not None,
+                where, "num_classes and rows_per_sample must be set once shards exist")
+    arrays = entry_arrays(manifest) if manifest["num_classes"] is not None else {}
+    for number, shard in enumerate(shards):
+        here = f"{where}: shard {number}"
+        _expect(isinstance(shard, dict), here, "is not an object")
+        for key in ("index", "rank", "sample_start", "sample_stop", "row_start", "row_stop",
+                    "clamped"):
+            _expect(_is_int(shard.get(key)), here, f"'{key}' must be an integer >= 0")
+        _expect(shard["sample_start"] < shard["sample_stop"] and
+                shard["row_start"] <= shard["row_stop"], here, "has an empty or reversed range")
+        files = shard.get("files")
+        if not (isinstance(files, dict) and set(files) == set(arrays)):
+            raise CacheError(f"{here} lists arrays "
+                             f"{sorted(files) if isinstance(files, dict) else files!r}; "
+                             f"expected {sorted(arrays)}")
+        for array, (dtype, row_shape) in arrays.items():
+            _check_entry(files[array], here, dtype, row_shape)
+    for key, dtype in (("offsets", LENGTH_DTYPE), ("labels", V1_LABEL_DTYPE)):
+        entry = manifest.get(key)
+        if entry is not None:
+            _expect(complete, where, f"'{key}' is set on an incomplete cache")
+            _check_entry(entry, f"{where}: {key}", dtype, ())
+    if complete:
+        _expect((manifest.get("offsets") is not None) == (manifest["rows_per_sample"] ==
+                                                          "variable"), where,
+                "'offsets' must be present exactly for variable-length caches")
+        has_labels_file = manifest["labels_per"] is not None and manifest["format_version"] == 1
+        _expect((manifest.get("labels") is not None) == has_labels_file, where,
+                "'labels' must be present exactly when labels_per is set (version 1; version 2 "
+                "keeps labels in the shards only)")
+    names = [entry["file"] for entry in manifest_files(manifest)]
+    _expect(len(set(names)) == len(names), where, "lists the same file twice")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -305,49 +482,97 @@ def check_structure(manifest: dict, where: str) -> None:
 
 
 def _size_problem(directory: str, entry: dict) -> Optional[str]:
-    path = os.path.join(directory, entry["file"])
+    path = os.path.join(directory, check_file_name(entry["file"], directory))
     try:
-        size = os.path.getsize(path)
+        info = os.lstat(path)
     except OSError:
         return f"{path}: missing"
-    if size != entry["bytes"]:
-        return (f"{path}: {size} bytes on disk, manifest says {entry['bytes']} "
-                f"({'truncated' if size < entry['bytes'] else 'grown'})")
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path}: is a symbolic link (refused: a cache's files must be its own)"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path}: not a regular file"
+    if info.st_size != entry["bytes"]:
+        return (f"{path}: {info.st_size} bytes on disk, manifest says {entry['bytes']} "
+                f"({'truncated' if info.st_size < entry['bytes'] else 'grown'})")
     return None
 
 
 def check_sizes(directory: str, entries: Iterable[dict]) -> List[str]:
-    """Problems (one line each, naming the file) with missing or wrongly sized files."""
+    """Problems (one line each, naming the file) with missing, wrongly sized or linked files."""
     return [problem for problem in (_size_problem(directory, entry) for entry in entries)
             if problem]
 
 
+def open_cache_file(path: str):
+    """Open a cache file for reading, refusing a symbolic link (``O_NOFOLLOW``)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_cache_file(path) as handle:
         for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
 def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:
-    """Problems with missing, wrongly sized or altered files (sha256 differs from the manifest)."""
+    """Problems with missing, wrongly sized, linked or altered files (sha256 differs from the
+    manifest). Only regular files inside ``directory`` are ever opened."""
     problems = []
     for entry in entries:
         path = os.path.join(directory, entry["file"])
         problem = _size_problem(directory, entry)
-        if problem is None and file_sha256(path) != entry["sha256"]:
-            problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
+        if problem is None:
+            try:
+                if file_sha256(path) != entry["sha256"]:
+                    problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
+            except OSError as error:
+                problem = f"{path}: cannot read ({error.strerror or error})"
         if problem:
             problems.append(problem)
     return problems
 
 
-def load_array(directory: str, entry: dict, mmap_mode: Optional[str] = "r") -> np.ndarray:
-    """Memory-map one listed .npy file, checking its dtype and shape against the manifest."""
-    path = os.path.join(directory, entry["file"])
-    array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    if array.dtype.str != entry["dtype"] or list(array.shape) != entry["shape"]:
-        raise CacheError(f"{path}: holds {array.dtype.str} {list(array.shape)}, manifest says "
+def array_location(directory: str, entry: dict) -> Tuple[str, int]:
+    """``(path, byte offset of the data)`` of a listed .npy file after checking its header
+    against the manifest: a plain little-endian C-order array of the listed dtype and shape
+    filling the rest of the file. Object (pickled) arrays are refused; nothing is unpickled."""
+    path = os.path.join(directory, check_file_name(entry["file"], directory))
+    try:
+        with open_cache_file(path) as handle:
+            try:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+                elif version == (2, 0):
+                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+                else:
+                    raise ValueError(f"unsupported .npy version {version}")
+            except (ValueError, SyntaxError, TypeError) as error:
+                raise CacheError(f"{path}: not a valid .npy file ({error})") from None
+            offset = handle.tell()
+            size = os.fstat(handle.fileno()).st_size
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise CacheError(f"{path}: is a symbolic link (refused)") from None
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    if dtype.hasobject:
+        raise CacheError(f"{path}: holds Python objects (a pickled array); cache files hold "
+                         f"plain numbers and fastkd never unpickles")
+    if dtype.str != entry["dtype"] or list(shape) != entry["shape"] or fortran_order:
+        raise CacheError(f"{path}: holds {dtype.str} {list(shape)}"
+                         f"{' (Fortran order)' if fortran_order else ''}, manifest says "
                          f"{entry['dtype']} {entry['shape']}")
-    return array
+    if offset + dtype.itemsize * int(np.prod(shape)) != size:
+        raise CacheError(f"{path}: {size} bytes do not hold a {dtype.str} {list(shape)} array")
+    return path, offset
+
+
+def load_array(directory: str, entry: dict) -> np.ndarray:
+    """Read one listed .npy file (a copy), checking its header against the manifest."""
+    path, offset = array_location(directory, entry)
+    with open_cache_file(path) as handle:
+        handle.seek(offset)
+        return np.fromfile(handle, dtype=np.dtype(entry["dtype"]),
+                           count=int(np.prod(entry["shape"]))).reshape(entry["shape"])

@@ -1,11 +1,16 @@
 """Read a shard cache: :class:`LogitCache` (index, slice, gather), :class:`CachedDataset`
 (dataset items joined with their cached teacher rows) and :func:`collate_padded`.
 
-Memory maps open lazily, once per process (the PID is checked on access and the maps are
-dropped when pickled), so a cache can go to ``DataLoader`` workers under fork or spawn.
-Rows come back as torch tensors that share memory with the map where possible (one sample or
-a slice inside one shard); gathers and cross-shard slices copy. Maps are opened copy-on-write
-(``mmap_mode="c"``), so the tensors are writable in memory but the files never change.
+Two kinds of memory map, both private (copy-on-write: nothing written in memory ever reaches
+a file) and neither holding a file descriptor once made (``torch.from_file`` closes it), so a
+cache of any number of shards reads under any ``ulimit -n``:
+
+- internal maps, one per file, opened lazily once per process (the PID is checked on access and
+  the maps are dropped when pickled, so a cache can go to ``DataLoader`` workers under fork or
+  spawn). Never handed out: gathers, small reads and cross-shard slices copy out of them.
+- a fresh map per read for a large result inside one shard (at least ``VIEW_MIN_BYTES``):
+  the returned tensor is a zero-copy view of a mapping that belongs to it alone, so writing
+  into it changes nothing any other read returns.
 """
 import math
 import os
@@ -21,9 +26,42 @@ from fastkd.cache.writer import split_item
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 
+# results of at least this many bytes inside one shard are zero-copy views of a fresh private
+# map; smaller ones are copies (mapping costs a few system calls, copying 256 KiB about as much)
+VIEW_MIN_BYTES = 1 << 18
+
+
 def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if dtype_name == "bf16" else tensor
+
+
+def _map_file(path: str) -> np.ndarray:
+    """A private (copy-on-write) map of the whole file as uint8; no descriptor stays open."""
+    return torch.from_file(path, shared=False, size=os.path.getsize(path),
+                           dtype=torch.uint8).numpy()
+
+
+class _MappedArray:
+    """One checked .npy file: its internal map (``.array``, never handed out) and fresh
+    private views of row ranges (``.view_rows``)."""
+
+    def __init__(self, directory: str, entry: dict):
+        self.path, self.offset = fmt.array_location(directory, entry)
+        self.dtype = np.dtype(entry["dtype"])
+        self.shape = tuple(entry["shape"])
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        self.array = self._rows(_map_file(self.path), 0, self.shape[0]) if self.shape[0] else \
+            np.zeros(self.shape, self.dtype)
+
+    def _rows(self, data: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        start = self.offset + lo * self.row_bytes
+        return data[start:start + (hi - lo) * self.row_bytes].view(self.dtype).reshape(
+            (hi - lo,) + self.shape[1:])
+
+    def view_rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)``, zero copy, over a new private map of the file."""
+        return self._rows(_map_file(self.path), lo, hi)
 
 
 class LogitCache:
@@ -63,7 +101,9 @@ class LogitCache:
         self.layout = self.manifest["layout"]
         self.variable = self.manifest["rows_per_sample"] == "variable"
         self.version = self.manifest["format_version"]
-        self.arrays = list(fmt.manifest_row_arrays(self.manifest))
+        self._row_arrays = fmt.manifest_row_arrays(self.manifest)
+        self.arrays = list(self._row_arrays)
+        self._row_bytes = fmt.arrays_row_bytes(self._row_arrays)
         self.temperatures = self.manifest.get("temperatures") or (
             [1.0] if self.layout == "topk" else None)
         self.temperature = None
@@ -95,21 +135,37 @@ class LogitCache:
         return self._maps
 
     def _shard_maps(self, shard_number: int) -> dict:
+        """``{array name: _MappedArray}`` of one shard, mapped on first use in this process."""
         maps = self._process_maps()
         if shard_number not in maps:
             files = self.manifest["shards"][shard_number]["files"]
-            maps[shard_number] = {name: fmt.load_array(self.path, files[name], mmap_mode="c")
+            maps[shard_number] = {name: _MappedArray(self.path, files[name])
                                   for name in self.arrays}
         return maps[shard_number]
 
-    def _extra(self, key: str) -> Optional[np.ndarray]:
+    def _extra(self, key: str) -> Optional[_MappedArray]:
+        """The mapped ``labels`` (version 1) / ``offsets`` file (offsets checked)."""
         entry = self.manifest.get(key)
         if not entry:
             return None
         maps = self._process_maps()
         if key not in maps:
-            maps[key] = fmt.load_array(self.path, entry, mmap_mode="c")
+            mapped = _MappedArray(self.path, entry)
+            if key == "offsets":
+                self._check_offsets(mapped.array)
+            maps[key] = mapped
         return maps[key]
+
+    def _check_offsets(self, offsets: np.ndarray) -> None:
+        """Offsets must start at 0, never decrease, end at num_rows and put every shard's first
+        sample at that shard's first row, so a sample's rows always lie inside its shard."""
+        starts = np.asarray(self._sample_starts, np.int64)
+        if (offsets.shape != (len(self) + 1,) or offsets[0] != 0 or
+                offsets[-1] != self.num_rows or bool(np.any(offsets[1:] < offsets[:-1])) or
+                not np.array_equal(offsets[starts], np.asarray(self._row_starts, np.int64))):
+            raise fmt.CacheError(f"{os.path.join(self.path, fmt.OFFSETS_NAME)}: row offsets are "
+                                 f"inconsistent with the shards (not increasing from 0 to "
+                                 f"num_rows along the shard boundaries); the cache is damaged")
 
     # ------------------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -125,17 +181,19 @@ class LogitCache:
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
-        """Dataset labels (per sample, or per row for token data) as int64, or None."""
+        """Dataset labels (per sample, or per row for token data) as int64, or None. A tensor of
+        its own: writing into it changes nothing later reads return."""
         if self.manifest["labels_per"] is None:
             return None
         if self.version == 1:
-            return torch.from_numpy(self._extra("labels"))
+            labels = self._extra("labels")
+            return torch.from_numpy(labels.view_rows(0, labels.shape[0]))
         maps = self._process_maps()
         if "labels" not in maps:  # stored once, per shard: joined on first use
             maps["labels"] = np.concatenate(
-                [fmt.load_array(self.path, shard["files"]["labels"], mmap_mode="r")
-                 for shard in self.manifest["shards"]]).astype(np.int64)
-        return torch.from_numpy(maps["labels"])
+                [self._shard_labels(number) for number in range(len(self.manifest["shards"]))]
+            ).astype(np.int64)
+        return torch.from_numpy(maps["labels"].copy())
 
     def sample_labels(self, index: int) -> Optional[torch.Tensor]:
         """Sample ``index``'s label (0-d) or per-row labels ``(L_i,)`` as int64, or None."""
@@ -147,7 +205,7 @@ class LogitCache:
         else:
             (start, stop), starts = self._sample_rows(index), self._row_starts
         if self.version == 1:
-            labels = self._extra("labels")[start:stop]
+            labels = self._extra("labels").array[start:stop]
         else:
             number = max(bisect_right(starts, start) - 1, 0)
             shard = self.manifest["shards"][number]
@@ -162,8 +220,8 @@ class LogitCache:
         maps = self._process_maps()
         key = ("labels", number)
         if key not in maps:
-            maps[key] = fmt.load_array(self.path, self.manifest["shards"][number]["files"][
-                "labels"], mmap_mode="r")
+            maps[key] = _MappedArray(self.path,
+                                     self.manifest["shards"][number]["files"]["labels"]).array
         return maps[key]
 
     @property
@@ -175,9 +233,11 @@ class LogitCache:
 
     @property
     def offsets(self) -> Optional[torch.Tensor]:
-        """``(num_samples + 1,)`` row offsets of a variable-length cache, else None."""
+        """``(num_samples + 1,)`` row offsets of a variable-length cache, else None (a tensor of
+        its own, like ``labels``)."""
         offsets = self._extra("offsets")
-        return None if offsets is None else torch.from_numpy(offsets)
+        return None if offsets is None else torch.from_numpy(offsets.view_rows(
+            0, offsets.shape[0]))
 
     def verify(self) -> None:
         """Check every file's sha256 against the manifest; raises CacheError naming the files."""
@@ -202,10 +262,19 @@ class LogitCache:
         return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
 
     def rows(self, start: int, stop: int):
-        """Teacher rows ``[start, stop)`` in row order (zero copy inside one shard)."""
+        """Teacher rows ``[start, stop)`` in row order. Never shares memory with another read:
+        inside one shard and at least ``VIEW_MIN_BYTES`` a zero-copy view of a fresh private
+        map, otherwise a copy."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
         first = max(bisect_right(self._row_starts, start) - 1, 0)
+        shard = self.manifest["shards"][first] if self.manifest["shards"] else None
+        if shard is not None and stop <= shard["row_stop"]:  # inside one shard
+            maps = self._shard_maps(first)
+            lo, hi = start - shard["row_start"], stop - shard["row_start"]
+            if (hi - lo) * self._row_bytes >= VIEW_MIN_BYTES:
+                return self._wrap({name: maps[name].view_rows(lo, hi) for name in self.arrays})
+            return self._wrap({name: maps[name].array[lo:hi].copy() for name in self.arrays})
         parts = []
         for number in range(first, len(self._row_starts)):
             shard = self.manifest["shards"][number]
@@ -213,12 +282,13 @@ class LogitCache:
             if lo >= hi and parts:
                 break
             maps = self._shard_maps(number)
-            parts.append({name: maps[name][lo - shard["row_start"]:hi - shard["row_start"]]
+            parts.append({name: maps[name].array[lo - shard["row_start"]:hi - shard["row_start"]]
                           for name in self.arrays})
             if hi >= stop:
                 break
-        if len(parts) == 1:
-            return self._wrap(parts[0])
+        if not parts:  # an empty cache
+            return self._wrap({name: np.zeros((0,) + shape, dtype)
+                               for name, (dtype, shape) in self._row_arrays.items()})
         return self._wrap({name: np.concatenate([part[name] for part in parts])
                            for name in self.arrays})
 
@@ -236,7 +306,7 @@ class LogitCache:
 
     def _sample_rows(self, index: int):
         if self.variable:
-            offsets = self._extra("offsets")
+            offsets = self._extra("offsets").array
             return int(offsets[index]), int(offsets[index + 1])
         return index, index + 1
 
@@ -271,19 +341,14 @@ class LogitCache:
         if self.variable:
             return [self[int(i)] for i in indices]
         shard_of = np.searchsorted(self._sample_starts, indices, side="right") - 1
-        out = None
+        out = {name: np.empty((len(indices),) + shape, dtype)
+               for name, (dtype, shape) in self._row_arrays.items()}
         for number in np.unique(shard_of):
             maps = self._shard_maps(int(number))
             where = np.nonzero(shard_of == number)[0]
             local = indices[where] - self._sample_starts[number]
-            if out is None:
-                out = {name: np.empty((len(indices),) + maps[name].shape[1:], maps[name].dtype)
-                       for name in self.arrays}
             for name in self.arrays:
-                out[name][where] = maps[name][local]
-        if out is None:
-            maps = self._shard_maps(0) if self.manifest["shards"] else {}
-            out = {name: maps[name][:0].copy() for name in self.arrays}
+                out[name][where] = maps[name].array[local]
         return self._wrap(out)
 
     def __repr__(self) -> str:

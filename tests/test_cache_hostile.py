@@ -1,0 +1,323 @@
+"""A cache is untrusted input: hostile or damaged cache directories must fail with a sentence
+naming the problem (CacheError from the library, exit 1 and no traceback from the CLI), never
+read a file outside the directory, never unpickle, and never hand out memory that a later read
+also returns.
+
+Each test starts from a valid cache built by the factory below (once per module) and damages a
+copy of it one way. Edits that keep the manifest's own checksum valid go through
+``resign`` (the manifest checksum is not a signature: anyone can recompute it).
+"""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cache_helpers
+from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
+from fastkd.cache import manifest as fmt
+from fastkd.cli import main as fastkd_main
+
+TESTS_DIR = Path(__file__).parent
+
+
+# ----------------------------------------------------------------------------- factory
+@pytest.fixture(scope="module")
+def valid_caches(tmp_path_factory):
+    """``{"dense": dir, "variable": dir, "wide": dir}``: a dense cache of the 100
+    IndexedImages items (7 shards of 16 rows, labels per sample), a variable-length token cache
+    (labels and offsets per row) and a cache of 64 rows of width 4096 (rows big enough that a
+    slice is a view)."""
+    root = tmp_path_factory.mktemp("valid")
+    caches = {"dense": root / "dense", "variable": root / "variable", "wide": root / "wide"}
+    write_cache(cache_helpers.digits_teacher(), cache_helpers.indexed_images(), caches["dense"],
+                batch_size=32, shard_size_mb=16 * 20 / 2 ** 20, progress=False)
+    write_cache(cache_helpers.tiny_lm(), cache_helpers.TokenSequences(12), caches["variable"],
+                batch_size=4, shard_size_mb=40 * 80 / 2 ** 20, progress=False)
+    torch.manual_seed(0)
+    write_cache(torch.nn.Linear(8, 4096), torch.utils.data.TensorDataset(torch.randn(64, 8)),
+                caches["wide"], batch_size=64, progress=False)
+    return caches
+
+
+@pytest.fixture
+def copy_of(valid_caches, tmp_path):
+    """``copy_of(kind)``: a fresh copy of a valid cache to damage, and its manifest."""
+    def make(kind: str = "dense"):
+        target = tmp_path / kind
+        shutil.copytree(valid_caches[kind], target)
+        return target, fmt.read_manifest(str(target))
+    return make
+
+
+def resign(directory: Path, manifest: dict) -> None:
+    """Write ``manifest`` with a matching manifest_sha256 (what an attacker can always do)."""
+    fmt.write_manifest(str(directory), manifest)
+
+
+def first_logits(manifest: dict) -> dict:
+    return manifest["shards"][0]["files"]["logits"]
+
+
+def fails_everywhere(directory: Path, capsys, message: str) -> None:
+    """Opening, verifying and `fastkd verify` all refuse the cache with ``message``."""
+    with pytest.raises(CacheError, match=message):
+        LogitCache(directory).verify()
+    assert fastkd_main(["verify", str(directory)]) == 1
+    captured = capsys.readouterr()
+    assert "ok" not in captured.out and "Traceback" not in captured.err
+    assert message.replace("\\", "") in captured.err or message in captured.err
+
+
+# ----------------------------------------------------------------------------- paths outside
+@pytest.mark.parametrize("name", ["../outside.npy", "/tmp/outside.npy", "sub/x.npy",
+                                  ".hidden.npy", "..", "a\\b.npy"])
+def test_file_names_must_be_plain_names_inside_the_cache(copy_of, capsys, name):
+    directory, manifest = copy_of()
+    # a perfect copy of the first shard outside the cache: same size and sha256
+    outside = directory.parent / "outside.npy"
+    shutil.copy(directory / first_logits(manifest)["file"], outside)
+    first_logits(manifest)["file"] = name if not name.startswith("/tmp") else str(outside)
+    resign(directory, manifest)
+    fails_everywhere(directory, capsys, "is not a plain file name inside the cache directory")
+
+
+def test_symlinked_shard_is_refused(copy_of, capsys):
+    directory, manifest = copy_of()
+    name = first_logits(manifest)["file"]
+    outside = directory.parent / "elsewhere.npy"
+    shutil.move(directory / name, outside)
+    os.symlink(outside, directory / name)  # same bytes, but not the cache's own file
+    fails_everywhere(directory, capsys, "is a symbolic link")
+
+
+def test_symlinked_manifest_is_refused(copy_of, capsys):
+    directory, _ = copy_of()
+    outside = directory.parent / "manifest-elsewhere.json"
+    shutil.move(directory / fmt.MANIFEST_NAME, outside)
+    os.symlink(outside, directory / fmt.MANIFEST_NAME)
+    fails_everywhere(directory, capsys, "symbolic links are refused")
+
+
+# ----------------------------------------------------------------------------- manifest
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "is not valid JSON"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+    (b'{"format": "fastkd-logit-cache", "x": "\xff\xfe"}', "is not valid JSON"),
+    (b"[1, 2, 3]", "is not a fastkd-logit-cache manifest"),
+    (b"", "is not valid JSON"),
+], ids=["broken", "nested", "not-utf8", "not-an-object", "empty"])
+def test_unparseable_manifest(copy_of, capsys, content, message):
+    directory, _ = copy_of()
+    (directory / fmt.MANIFEST_NAME).write_bytes(content)
+    fails_everywhere(directory, capsys, message)
+    assert fastkd_main(["info", str(directory)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def _drop(key):
+    def edit(manifest):
+        del manifest[key]
+    return edit
+
+
+def _set(path, value):
+    def edit(manifest):
+        target = manifest
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("shards"), "'shards' must be a list"),
+    (_drop("status"), "status None"),
+    (_drop("teacher"), "'teacher' must be an object"),
+    (_set(["dtype"], "fp64"), "dtype 'fp64'"),
+    (_set(["layout"], "sparse"), "layout 'sparse'"),
+    (_set(["num_rows"], "100"), "'num_rows' must be an integer"),
+    (_set(["num_classes"], -3), "'num_classes' must be null or an integer >= 1"),
+    (_set(["top_k"], 5), "top_k 5 does not fit layout 'dense'"),
+    (_set(["shards", 0, "files", "logits", "dtype"], "|O"), "dtype '|O'"),
+    (_set(["shards", 0, "files", "logits", "dtype"], "<f4"), "dtype '<f4'"),
+    (_set(["shards", 0, "files", "logits", "shape"], [16, 11]), r"shape \[16, 11\]"),
+    (_set(["shards", 0, "files", "logits", "bytes"], -1), "'bytes' must be an integer"),
+    (_set(["shards", 0, "files", "logits", "sha256"], "x" * 64), "'sha256' must be 64"),
+    (_set(["shards", 0, "files", "logits"], "shard.npy"), "is not an object"),
+    (_set(["shards", 0, "sample_stop"], 0), "empty or reversed range"),
+    (_set(["shards", 1], None), "shard 1: is not an object"),
+    (lambda manifest: manifest.update(labels=dict(manifest["shards"][0]["files"]["labels"],
+                                                  dtype="<i8", shape=[100])),
+     "'labels' must be present exactly"),
+])
+def test_manifest_fields_are_checked(copy_of, capsys, edit, message):
+    directory, manifest = copy_of()
+    edit(manifest)
+    resign(directory, manifest)
+    fails_everywhere(directory, capsys, message)
+
+
+def test_same_file_listed_twice(copy_of, capsys):
+    directory, manifest = copy_of()
+    manifest["shards"][1]["files"]["labels"] = dict(manifest["shards"][0]["files"]["labels"])
+    manifest["shards"][1]["files"]["labels"]["shape"] = \
+        [manifest["shards"][1]["sample_stop"] - manifest["shards"][1]["sample_start"]]
+    resign(directory, manifest)
+    fails_everywhere(directory, capsys, "same file twice")
+
+
+# ----------------------------------------------------------------------------- .npy files
+class _CreatesAFileWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickled_npy_is_refused_and_never_unpickled(copy_of, tmp_path):
+    directory, manifest = copy_of()
+    marker = tmp_path / "unpickled"
+    entry = first_logits(manifest)
+    payload = np.empty(16, dtype=object)
+    payload[0] = _CreatesAFileWhenUnpickled(str(marker))
+    path = directory / entry["file"]
+    np.save(path, payload, allow_pickle=True)
+    entry.update(bytes=path.stat().st_size, sha256=fmt.file_sha256(str(path)))
+    resign(directory, manifest)
+    cache = LogitCache(directory)  # sizes and checksums agree with the re-signed manifest
+    cache.verify()
+    with pytest.raises(CacheError, match="holds Python objects"):
+        cache[0]
+    with pytest.raises(CacheError, match="holds Python objects"):
+        cache.gather([1, 2])
+    assert not marker.exists()
+    assert pickle.dumps(0)  # (pickle itself works; the reader simply never calls it)
+
+
+def test_npy_header_must_match_the_manifest(copy_of):
+    directory, manifest = copy_of()
+    entry = first_logits(manifest)
+    path = directory / entry["file"]
+    values = np.load(path, allow_pickle=False)
+    np.save(path, np.asfortranarray(values.reshape(10, 16)).astype("<f2"), allow_pickle=False)
+    entry.update(bytes=path.stat().st_size, sha256=fmt.file_sha256(str(path)))
+    resign(directory, manifest)
+    with pytest.raises(CacheError, match=r"holds <f2 \[10, 16\] \(Fortran order\)"):
+        LogitCache(directory)[0]
+    path.write_bytes(b"\x93NUMPY garbage" + bytes(entry["bytes"] - 14))
+    with pytest.raises(CacheError, match="not a valid .npy file"):
+        LogitCache(directory)[0]
+
+
+def test_inconsistent_offsets_are_refused(copy_of):
+    directory, manifest = copy_of("variable")
+    path = directory / fmt.OFFSETS_NAME
+    offsets = np.load(path, allow_pickle=False)
+    offsets[3], offsets[4] = offsets[4], offsets[3]  # not increasing
+    np.save(path, offsets, allow_pickle=False)
+    manifest["offsets"].update(sha256=fmt.file_sha256(str(path)))
+    resign(directory, manifest)
+    cache = LogitCache(directory)
+    for read in (lambda: cache[0], lambda: cache[0:2], lambda: cache.offsets):
+        with pytest.raises(CacheError, match="row offsets are inconsistent"):
+            read()
+    # moving a sample's rows across a shard boundary is caught as well
+    offsets = np.load(path, allow_pickle=False)
+    offsets[3], offsets[4] = offsets[4], offsets[3]
+    boundary = manifest["shards"][1]["sample_start"]
+    offsets[boundary] += 1
+    np.save(path, offsets, allow_pickle=False)
+    manifest["offsets"].update(sha256=fmt.file_sha256(str(path)))
+    resign(directory, manifest)
+    with pytest.raises(CacheError, match="row offsets are inconsistent"):
+        LogitCache(directory)[0]
+
+
+# ----------------------------------------------------------------------------- returned tensors
+def test_writing_into_returned_tensors_changes_no_later_read(valid_caches):
+    for kind in ("dense", "wide"):
+        cache = LogitCache(valid_caches[kind])
+        expected = cache[:].clone()
+        batch = cache[0:8]
+        batch.div_(4)  # the example from the issue
+        cache[3].numpy()[:] = 7  # through numpy, bypassing torch's version counter
+        cache.gather([5, 1]).zero_()
+        cache[:].fill_(1)
+        for start in range(0, len(cache), 16):
+            cache[start:start + 16].add_(3)
+        assert torch.equal(cache[:], expected)
+        assert torch.equal(cache[0:8], expected[0:8]) and torch.equal(cache[3], expected[3])
+        assert torch.equal(LogitCache(valid_caches[kind])[:], expected)
+    cache = LogitCache(valid_caches["dense"])
+    labels = cache.labels.clone()
+    cache.labels.zero_()
+    cache.sample_labels(2).fill_(99)
+    assert torch.equal(cache.labels, labels) and int(cache.sample_labels(2)) == int(labels[2])
+    variable = LogitCache(valid_caches["variable"])
+    offsets = variable.offsets.clone()
+    variable.offsets.zero_()
+    variable[0].zero_()
+    assert torch.equal(variable.offsets, offsets) and variable[0].abs().sum() > 0
+    item = CachedDataset(cache_helpers.indexed_images(), cache)[4]
+    item[1].fill_(-1), item[2].fill_(-1)
+    again = CachedDataset(cache_helpers.indexed_images(), cache)[4]
+    assert int(again[1]) == 4 and torch.equal(again[2], cache[4])
+    LogitCache(valid_caches["dense"]).verify()  # and the files never change
+
+
+def _mapped_file(tensor: torch.Tensor) -> str:
+    """The file mapped at ``tensor``'s first byte ("" for anonymous memory), from
+    /proc/self/maps."""
+    address = tensor.data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            low, high = (int(part, 16) for part in fields[0].split("-"))
+            if low <= address < high:
+                return fields[5] if len(fields) > 5 else ""
+    return ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_large_slices_stay_zero_copy(valid_caches):
+    """A big slice inside one shard is a view of a file mapping of its own, not a copy."""
+    cache = LogitCache(valid_caches["wide"])
+    batch = cache[0:32]  # 32 x 4096 fp16 = 256 KiB
+    shard_file = valid_caches["wide"] / cache.manifest["shards"][0]["files"]["logits"]["file"]
+    assert batch.shape == (32, 4096)
+    assert _mapped_file(batch) == str(shard_file)
+    assert cache[0:32].data_ptr() != batch.data_ptr()  # another read, another mapping
+    assert _mapped_file(cache[0:1]) != str(shard_file)  # a small read is a copy
+
+
+READ_UNDER_LOW_FD_LIMIT = """
+import resource, sys, torch
+from fastkd.cache import LogitCache
+resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+cache = LogitCache(sys.argv[1])
+rows = [cache[i] for i in range(len(cache))]
+assert torch.equal(torch.stack(rows), cache[:])
+assert cache.gather(list(range(len(cache)))[::-1]).shape == (len(cache), 10)
+assert int(cache.labels.sum()) == sum(range(len(cache)))
+cache.verify()
+print("read", len(cache.manifest["shards"]), "shards")
+"""
+
+
+def test_more_shards_than_open_file_limit(tmp_path):
+    out = tmp_path / "many"
+    write_cache(cache_helpers.digits_teacher(), cache_helpers.indexed_images(), out,
+                batch_size=50, shard_size_mb=20 / 2 ** 20, progress=False)  # one row per shard
+    assert len(fmt.read_manifest(str(out))["shards"]) == 100  # 200 files, limit 40
+    result = subprocess.run([sys.executable, "-c", READ_UNDER_LOW_FD_LIMIT, str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "read 100 shards" in result.stdout
