@@ -31,7 +31,11 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:  # a one-line note instead of a traceback (status as for SIGINT)
+        print("fastkd: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 

@@ -124,3 +124,33 @@ class TokenSequences(torch.utils.data.Dataset):
 def tiny_lm() -> TinyCausalLM:
     torch.manual_seed(0)
     return TinyCausalLM(TOKEN_VOCAB, dim=16, num_layers=1, num_heads=2, max_len=16).eval()
+
+
+def rank_dependent_teacher() -> DigitsMLP:
+    """Different weights in every torchrun process (seeded with RANK): a broken setup."""
+    torch.manual_seed(int(os.environ.get("RANK", "0")))
+    return DigitsMLP()
+
+
+class DictOutputTeacher(nn.Module):
+    """Returns ``{"features": (N, 64), "scores": (N, 10)}`` instead of a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mlp = DigitsMLP()
+
+    def forward(self, images):
+        return {"features": images.flatten(1), "scores": self.mlp(images)}
+
+
+class RandomlyAugmented(IndexedImages):
+    """IndexedImages with random noise added on every read (an augmentation)."""
+
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return image + torch.randn(image.shape), label
+
+
+def randomly_augmented() -> RandomlyAugmented:
+    return RandomlyAugmented(100)

@@ -54,12 +54,20 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--clamp", action="store_true",
                        help="clamp values beyond the dtype's range instead of failing (the count "
                             "is recorded in the manifest; NaN always fails)")
+    cache.add_argument("--output-key", metavar="KEY",
+                       help="the teacher returns a dict, ModelOutput or tuple: cache "
+                            "output[KEY] (default: the tensor itself, .logits, or element 0)")
     cache.add_argument("--overwrite", action="store_true",
-                       help="replace an existing cache made with other settings")
+                       help="replace an existing cache made with other settings (removes only "
+                            "the files its manifest lists and fastkd's temp files)")
     cache.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     cache.set_defaults(func=run_cache)
 
-    verify = subparsers.add_parser("verify", help="check every cache file against its checksum")
+    verify = subparsers.add_parser(
+        "verify", help="check every cache file against its checksum",
+        description="Check the manifest and every file's sha256. Exit status: 0 every file "
+                    "matches, 1 the cache is missing, incomplete, damaged or unsafe (the "
+                    "problem on stderr), 2 usage error.")
     verify.add_argument("dir", metavar="DIR")
     verify.set_defaults(func=run_verify)
 
@@ -73,10 +81,21 @@ def _fail(message: str) -> int:
     return 1
 
 
+INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+
 def run_cache(args) -> int:
+    try:
+        return _run_cache(args)
+    except KeyboardInterrupt:
+        print("fastkd: interrupted; re-run the same command to resume", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _run_cache(args) -> int:
     import torch
     from fastkd.cache.specs import resolve_dataset, resolve_teacher
-    from fastkd.cache.writer import resolve_device, write_cache
+    from fastkd.cache.writer import TeacherError, output_key_fn, resolve_device, write_cache
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
@@ -100,9 +119,13 @@ def run_cache(args) -> int:
             device=device, dtype=args.dtype, shard_size_mb=args.shard_size_mb, top_k=args.top_k,
             sample=args.sample, temperature=args.temperature, seed=args.seed,
             overwrite=args.overwrite, clamp=args.clamp, progress=not args.quiet,
-            teacher_spec=args.teacher, dataset_spec=args.dataset)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+            teacher_spec=args.teacher, dataset_spec=args.dataset,
+            output_fn=output_key_fn(args.output_key) if args.output_key else None)
+    except (ValueError, TypeError, TeacherError) as error:  # CacheError is a ValueError
         return _fail(str(error))
+    except OSError as error:  # an environment problem outside the cache directory
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(f"{error.strerror or error}{where}")
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -116,7 +139,7 @@ def run_verify(args) -> int:
     try:
         cache = LogitCache(args.dir)
         cache.verify()
-    except fmt.CacheError as error:
+    except (fmt.CacheError, OSError) as error:
         return _fail(str(error))
     files = len(fmt.manifest_files(cache.manifest))
     print(f"ok: {args.dir}: {files} files match their sha256 ({len(cache)} samples, "

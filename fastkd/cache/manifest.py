@@ -223,21 +223,44 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def _create_temp(path: str):
+    """Open ``path`` for writing (created or truncated, never through a symbolic link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(handle)`` into ``path.tmp``, flush, fsync, rename over ``path``. On any failure
+    (disk full, interrupt) the temp file is removed, so nothing half-written is left."""
+    tmp_path = path + TMP_SUFFIX
+    try:
+        with _create_temp(tmp_path) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
 def write_npy_atomic(directory: str, name: str, array: np.ndarray) -> dict:
     """Write ``array`` as ``directory/name`` (.npy) via temp file, fsync and rename.
 
     Returns the file's manifest entry ``{"file", "bytes", "sha256", "dtype", "shape"}``.
     The caller fsyncs the directory once after renaming a batch of files.
     """
-    path = os.path.join(directory, name)
-    tmp_path = path + TMP_SUFFIX
     array = np.ascontiguousarray(array)
-    with open(tmp_path, "wb") as handle:
+    hashing = None
+
+    def write(handle):
+        nonlocal hashing
         hashing = _HashingFile(handle)
         np.lib.format.write_array(hashing, array, allow_pickle=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    _write_atomic(os.path.join(directory, name), write)
     return {"file": name, "bytes": hashing.size, "sha256": hashing.sha256.hexdigest(),
             "dtype": array.dtype.str, "shape": list(array.shape)}
 
@@ -250,14 +273,8 @@ def _manifest_checksum(manifest: dict) -> str:
 def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) -> None:
     """Atomically replace ``directory/name`` with ``manifest`` (plus its own checksum)."""
     manifest = dict(manifest, manifest_sha256=_manifest_checksum(manifest))
-    path = os.path.join(directory, name)
-    tmp_path = path + TMP_SUFFIX
-    with open(tmp_path, "w") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    _write_atomic(os.path.join(directory, name), lambda handle: handle.write(text.encode()))
     fsync_directory(directory)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
-from fastkd.cache.specs import dataset_fingerprint
+from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
 from fastkd.cache.writer import split_item
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
@@ -381,9 +381,11 @@ class CachedDataset(torch.utils.data.Dataset):
                              f"{self.cache.path} holds {len(self.cache)} samples")
         if check_fingerprint:
             expected = self.cache.manifest["dataset"]["fingerprint"]["sha256"]
-            if dataset_fingerprint(dataset)["sha256"] != expected:
+            found = dataset_fingerprint(dataset)
+            if found["sha256"] != expected:
+                hint = fingerprint_hint(dataset, found)
                 raise ValueError(f"dataset does not match the one cached at {self.cache.path} "
-                                 f"(fingerprint differs: other items or order); pass "
+                                 f"(fingerprint differs: other items or order){hint}; pass "
                                  f"check_fingerprint=False only if you are sure")
         self.dataset = dataset
         self.ignore_index = ignore_index

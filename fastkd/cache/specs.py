@@ -70,16 +70,43 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise ValueError(f"--teacher-checkpoint {checkpoint}: no such file")
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise TypeError(f"--teacher-checkpoint {checkpoint}: expected a state dict, got "
-                            f"{type(state).__name__}")
+        state = _load_state_dict(checkpoint)
         try:
             teacher.load_state_dict(state)
         except RuntimeError as error:
             raise ValueError(f"--teacher-checkpoint {checkpoint} does not fit {spec}: "
                              f"{error}") from None
     return teacher
+
+
+def _load_state_dict(checkpoint: str) -> dict:
+    """``torch.load(checkpoint, weights_only=True)``, refusing anything but a state dict with
+    a sentence (a pickled whole model, a file that is not a checkpoint)."""
+    import pickle
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "unsupported global" in str(error).lower():
+            raise ValueError(f"--teacher-checkpoint {checkpoint} holds pickled Python objects, "
+                             f"not just tensors (probably torch.save(model)); save "
+                             f"model.state_dict() instead (fastkd never unpickles code)") from None
+        raise ValueError(f"--teacher-checkpoint {checkpoint} is not a PyTorch checkpoint "
+                         f"torch.load can read; pass a file written by "
+                         f"torch.save(model.state_dict(), path)") from None
+    except Exception as error:  # RuntimeError, EOFError, KeyError, ... from a foreign file
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else \
+            type(error).__name__
+        raise ValueError(f"--teacher-checkpoint {checkpoint} is not a PyTorch checkpoint "
+                         f"torch.load can read ({reason}); pass a file written by "
+                         f"torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor)
+                                              for value in state.values()):
+        found = type(state).__name__ if not isinstance(state, dict) else \
+            f"a dict with non-tensor entries ({', '.join(sorted(map(str, state))[:5])})"
+        raise TypeError(f"--teacher-checkpoint {checkpoint}: expected a state dict (names -> "
+                        f"tensors), got {found}; save model.state_dict() (or the state dict "
+                        f"inside a training checkpoint) on its own")
+    return state
 
 
 def _torchvision_dataset(name: str, data_root: Optional[str], split: str):
@@ -178,3 +205,18 @@ def dataset_fingerprint(dataset) -> dict:
         digest.update(f"#{index}".encode())
         _feed(digest, dataset[index])
     return {"length": length, "sha256": digest.hexdigest(), "sampled_indices": indices}
+
+
+def fingerprint_hint(dataset, fingerprint: dict) -> str:
+    """A sentence to add when ``dataset`` does not match a cached fingerprint: whether the
+    dataset itself returns different items on each read (random transforms), computed only
+    when a mismatch is already being reported."""
+    try:
+        again = dataset_fingerprint(dataset)["sha256"]
+    except Exception:  # a dataset that fails now fails again in a clearer place
+        return ""
+    if again != fingerprint["sha256"]:
+        return ("; the dataset returns different items each time they are read, so random "
+                "transforms (augmentation) in it are the likely cause: cache the dataset "
+                "without them and augment only the student's inputs")
+    return ""

@@ -12,9 +12,11 @@ contiguous samples ``[r*N//W, (r+1)*N//W)`` into its own shards; after a barrier
 them into one manifest that reads exactly like a single-process cache.
 """
 import datetime
+import math
 import os
 import queue
 import threading
+from collections.abc import Mapping
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,7 +24,8 @@ import torch
 from torch import nn
 
 from fastkd.cache import manifest as fmt
-from fastkd.cache.specs import dataset_fingerprint, teacher_fingerprint
+from fastkd.cache import outdir
+from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
 
 # manifest fields that must agree for a re-run to resume instead of refusing
 IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
@@ -40,16 +43,47 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+class TeacherError(RuntimeError):
+    """The teacher failed on a batch (usually: teacher and dataset do not fit together)."""
+
+
 def default_output_fn(output) -> torch.Tensor:
-    """The teacher's logits: the tensor itself, ``output.logits``, or the first tuple element."""
+    """The teacher's logits: the tensor itself, ``output.logits`` / ``output["logits"]``, or the
+    first tuple element."""
     if isinstance(output, torch.Tensor):
         return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        raise TypeError(f"teacher returned a {type(output).__name__} with keys "
+                        f"{list(output.keys())}; pick the tensor to cache with --output-key KEY "
+                        f"(output_fn= in Python)")
     if hasattr(output, "logits"):
         return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"teacher returned {type(output).__name__}; pass output_fn to pick the "
-                    f"tensor to cache")
+    raise TypeError(f"teacher returned {type(output).__name__}; pick the tensor to cache with "
+                    f"--output-key KEY (output_fn= in Python)")
+
+
+def output_key_fn(key: str) -> Callable:
+    """``output_fn`` picking ``output[key]`` (dict, ``ModelOutput``), ``output.key``, or
+    ``output[int(key)]`` of a tuple (what ``--output-key`` passes)."""
+    def pick(output):
+        if isinstance(output, Mapping):
+            if key in output:
+                return output[key]
+            raise ValueError(f"--output-key {key!r}: the teacher's output has keys "
+                             f"{list(output.keys())}")
+        if isinstance(output, (tuple, list)) and key.lstrip("-").isdigit():
+            if -len(output) <= int(key) < len(output):
+                return output[int(key)]
+            raise ValueError(f"--output-key {key}: the teacher returned {len(output)} outputs")
+        if hasattr(output, key):
+            return getattr(output, key)
+        raise ValueError(f"--output-key {key!r}: the teacher returned "
+                         f"{type(output).__name__}, which has no {key!r}")
+    return pick
 
 
 # ----------------------------------------------------------------------------- loading
@@ -70,13 +104,58 @@ def _shape_key(model_input):
     return tuple(torch.as_tensor(model_input).shape)
 
 
+class BatchProblem:
+    """What is wrong with a batch's items, returned (not raised) by :func:`collate_groups` so
+    that the main process reports it in one sentence even from a ``DataLoader`` worker;
+    ``{sample}`` in ``message`` stands for the dataset index of the item at ``position``."""
+
+    def __init__(self, message: str, position: int):
+        self.message, self.position = message, position
+
+    def error(self, batch_start: int) -> ValueError:
+        return ValueError(self.message.replace("{sample}", str(batch_start + self.position)))
+
+
+def _is_pil_image(value) -> bool:
+    return any(base.__module__.startswith("PIL.") and base.__name__ == "Image"
+               for base in type(value).__mro__)
+
+
+def _integer_labels(label) -> torch.Tensor:
+    """A label as a flat int64 tensor; ValueError/TypeError for anything but integer values."""
+    labels = torch.as_tensor(label).reshape(-1)
+    if labels.is_floating_point():
+        bad = ~torch.isfinite(labels) | (labels != labels.round())
+        if bool(bad.any()):
+            raise ValueError(f"label {labels[bad][0].item():g} is not an integer class id")
+    elif labels.is_complex():
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    return labels.long()
+
+
 def collate_groups(items):
     """Collate a batch into groups of equal input shape (variable-length items run unpadded,
-    so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``."""
+    so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``, or a
+    :class:`BatchProblem` naming the first unusable item."""
     groups = {}
     for position, item in enumerate(items):
         model_input, label = split_item(item)
-        groups.setdefault(_shape_key(model_input), []).append((position, model_input, label))
+        if _is_pil_image(model_input):
+            return BatchProblem(
+                "dataset item {sample} is a PIL image; give the dataset a transform that turns "
+                "images into tensors (e.g. torchvision.transforms.ToTensor())", position)
+        if label is not None:
+            try:
+                label = _integer_labels(label)
+            except (TypeError, ValueError, RuntimeError) as error:
+                return BatchProblem(f"dataset item {{sample}} has a bad label: {error}; labels "
+                                    f"must be integer class ids", position)
+        try:
+            key = _shape_key(model_input)
+        except (TypeError, ValueError, RuntimeError) as error:
+            return BatchProblem(f"dataset item {{sample}}: cannot make a tensor of its input "
+                                f"({type(model_input).__name__}: {error})", position)
+        groups.setdefault(key, []).append((position, model_input, label))
     collated = []
     for members in groups.values():
         positions = [position for position, _, _ in members]
@@ -89,8 +168,6 @@ def collate_groups(items):
         labels = [label for _, _, label in members]
         if any(label is None for label in labels):
             labels = None
-        else:
-            labels = [torch.as_tensor(label).reshape(-1).long() for label in labels]
         collated.append((positions, stacked, labels))
     return collated
 
@@ -248,10 +325,15 @@ class _ShardWriter:
         self.thread = threading.Thread(target=self._run, name="fastkd-cache-writer", daemon=True)
         self.thread.start()
 
+    def _raise(self) -> None:
+        if isinstance(self.error, OSError):
+            raise outdir.explain_os_error(self.error, self.out_dir) from self.error
+        raise RuntimeError(f"cache writer failed: {self.error}") from self.error
+
     def put(self, shard: dict) -> None:
         while True:
             if self.error is not None:
-                raise RuntimeError(f"cache writer failed: {self.error}") from self.error
+                self._raise()
             try:
                 self.queue.put(shard, timeout=0.5)
                 return
@@ -264,7 +346,7 @@ class _ShardWriter:
             self.queue.put(None)
             self.thread.join()
         if self.error is not None:
-            raise RuntimeError(f"cache writer failed: {self.error}") from self.error
+            self._raise()
 
     def _run(self) -> None:
         while True:
@@ -363,8 +445,9 @@ def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed
     if dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got {dtype!r}")
     if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, (int, float)) or \
-            not shard_size_mb > 0:
-        raise ValueError(f"shard_size_mb must be a positive number, got {shard_size_mb!r}")
+            not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
+        raise ValueError(f"shard_size_mb (--shard-size-mb) must be a positive finite number of "
+                         f"megabytes, got {shard_size_mb!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None (dense) or an int >= 1, got {top_k!r}")
     if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or
@@ -402,22 +485,19 @@ def _temperatures(temperature, layout: str) -> Optional[list]:
 
 
 def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
-                       dist) -> Optional[dict]:
-    """Refuse, clear or resume. Returns the finished manifest when there is nothing to do."""
+                       dist, dataset) -> Optional[dict]:
+    """Refuse, clear or resume. Returns the finished manifest when there is nothing to do.
+    Rank 0 has created and locked ``out_dir``."""
     failure = None
     if rank == 0:
         try:
-            os.makedirs(out_dir, exist_ok=True)
             names = os.listdir(out_dir)
-            if overwrite:
-                for name in names:
-                    if fmt.is_cache_file(name):
-                        os.remove(os.path.join(out_dir, name))
+            if overwrite:  # refuses a directory that is not a fastkd cache
+                outdir.clear_for_overwrite(out_dir)
             elif any(not fmt.is_cache_file(name) for name in names) and \
                     fmt.MANIFEST_NAME not in names:
                 raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part "
-                                     f"of a fastkd cache; choose an empty directory or pass "
-                                     f"--overwrite")
+                                     f"of a fastkd cache; choose an empty directory")
         except Exception as error:
             failure = error
     _agree(dist, rank, failure)
@@ -434,8 +514,11 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
         if differing:
             details = "; ".join(f"{key}: cache has {existing.get(key)!r}, asked {config[key]!r}"
                                 for key in differing)
+            hint = fingerprint_hint(dataset, config["dataset"]["fingerprint"]) \
+                if "dataset" in differing else ""
             raise fmt.CacheError(f"{out_dir} holds a cache made with different settings "
-                                 f"({details}); pass --overwrite (overwrite=True) to replace it")
+                                 f"({details}); pass --overwrite (overwrite=True) to replace it"
+                                 f"{hint}")
         if existing["status"] == "complete":
             problems = fmt.check_sizes(out_dir, fmt.manifest_files(existing))
             if problems:
@@ -443,6 +526,29 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
                                      f"pass --overwrite to rebuild it")
             return existing
     return None
+
+
+def _check_ranks_agree(dist, config: dict, dataset) -> None:
+    """Under torch.distributed every rank must cache the same teacher weights and dataset;
+    checked before anything is written."""
+    if dist is None:
+        return
+    mine = (config["teacher"]["fingerprint"], config["dataset"]["fingerprint"]["sha256"],
+            config["dataset"]["fingerprint"]["length"])
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for position, what in ((0, "teacher weights"), (1, "dataset")):
+        values = [str(fingerprints[position])[:16] for fingerprints in everyone]
+        if len(set(values)) > 1:
+            listing = ", ".join(f"rank {rank}: {value}" for rank, value in enumerate(values))
+            hint = fingerprint_hint(dataset, config["dataset"]["fingerprint"]) if position else \
+                "; every process must build the same teacher (same --teacher-checkpoint, seeds)"
+            raise fmt.CacheError(f"torchrun ranks disagree on the {what} (fingerprints "
+                                 f"{listing}){hint}; nothing was written")
+    if len({fingerprints[2] for fingerprints in everyone}) > 1:
+        raise fmt.CacheError(f"torchrun ranks disagree on the dataset length "
+                             f"({[fingerprints[2] for fingerprints in everyone]}); nothing was "
+                             f"written")
 
 
 def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
@@ -483,7 +589,6 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                          f"top_k={top_k!r}, sample={sample!r}")
     temperatures = _temperatures(temperature, layout)
 
-    from fastkd import __version__
     config = {
         "teacher": {"spec": teacher_spec, "class": type(teacher).__name__,
                     "fingerprint": teacher_fingerprint(teacher)},
@@ -494,7 +599,27 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         "seed": seed if layout == "sampled" else None, "shard_size_mb": shard_size_mb,
         "batch_size": batch_size, "world_size": world_size, "clamp": clamp,
     }
-    finished = _prepare_directory(out_dir, config, overwrite, rank, world_size, dist)
+    _check_ranks_agree(dist, config, dataset)
+    lock = outdir.DirectoryLock(out_dir)
+    failure = None
+    if rank == 0:  # the run's lock, held by rank 0 until every rank is done
+        try:
+            outdir.make_directory(out_dir)
+            lock.acquire()
+        except Exception as error:
+            failure = error
+    try:
+        _agree(dist, rank, failure)
+        return _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size,
+                             device, num_workers, output_fn, progress)
+    finally:
+        lock.release()
+
+
+def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size, device,
+                  num_workers, output_fn, progress) -> dict:
+    from fastkd import __version__
+    finished = _prepare_directory(out_dir, config, overwrite, rank, world_size, dist, dataset)
     if finished is not None:
         return finished
 
@@ -514,10 +639,13 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                      fastkd_version=__version__, created=_now(), status="incomplete",
                      rank=rank, sample_range=[rank_start, rank_stop], num_classes=None,
                      rows_per_sample=None, labels_per=None, rows_per_shard=None, shards=[])
-    for name in os.listdir(out_dir):  # leftovers of a killed run
-        if name.endswith(fmt.TMP_SUFFIX) and (world_size == 1 or
-                                              name.startswith(f"shard-{rank:03d}-")):
-            os.remove(os.path.join(out_dir, name))
+    try:
+        for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
+            if fmt.is_temp_file(name) and (world_size == 1 or
+                                           name.startswith(f"shard-{rank:03d}-")):
+                os.remove(os.path.join(out_dir, name))
+    except OSError as error:
+        raise outdir.explain_os_error(error, out_dir) from error
 
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else rank_start
@@ -531,6 +659,8 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     _agree(dist, rank, failure)
     try:
         manifest = _finalize(out_dir, world_size, num_samples) if rank == 0 else None
+    except OSError as error:
+        failure = outdir.explain_os_error(error, out_dir)
     except Exception as error:
         failure = error
     _agree(dist, rank, failure)
@@ -576,11 +706,14 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     rows_done, bytes_done = 0, 0
     try:
         sample = batch_start
+        names = tuple(state[key]["spec"] or state[key]["class"] for key in ("teacher", "dataset"))
         for groups in batches:
+            if isinstance(groups, BatchProblem):
+                raise groups.error(sample)
             batch_len = sum(len(positions) for positions, _, _ in groups)
             keep_from = max(0, resume_at - sample)  # samples already cached (resume only)
             batch = _run_batch(teacher, groups, batch_len, sample, keep_from, device, output_fn,
-                               converter)
+                               converter, names)
             sample += batch_len
             if batch is None:
                 continue
@@ -598,20 +731,36 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
         writer.close()
 
 
+def _call_teacher(teacher, inputs, device, names, first_sample, batch_len):
+    """``teacher(inputs)``; a failure becomes a :class:`TeacherError` naming the teacher, the
+    dataset and the batch (almost always: the two do not fit together)."""
+    try:
+        if isinstance(inputs, dict):
+            return teacher(**{key: value.to(device, non_blocking=True)
+                              for key, value in inputs.items()})
+        return teacher(inputs.to(device, non_blocking=True))
+    except Exception as error:
+        shapes = ({key: tuple(value.shape) for key, value in inputs.items()}
+                  if isinstance(inputs, dict) else tuple(inputs.shape))
+        dtype = next(iter(inputs.values())).dtype if isinstance(inputs, dict) else inputs.dtype
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise TeacherError(
+            f"teacher {names[0]} failed on dataset {names[1]}, batch of samples "
+            f"{first_sample}..{first_sample + batch_len - 1} (inputs {shapes} {dtype}): "
+            f"{type(error).__name__}: {reason}. Check that the teacher and the dataset belong "
+            f"together (input shape, dtype, keyword names)") from error
+
+
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,
-               converter) -> Optional[dict]:
+               converter, names=("teacher", "dataset")) -> Optional[dict]:
     """Teacher over one batch -> ``{arrays, lengths, labels, clamped, variable, num_classes}``
     for the samples from ``keep_from`` on, in dataset order (None if there are none).
     Checks, top-k, log-sum-exp and the dtype cast run on the teacher's device."""
     outputs = []
     with torch.inference_mode():
         for positions, inputs, labels in groups:
-            if isinstance(inputs, dict):
-                output = teacher(**{key: value.to(device, non_blocking=True)
-                                    for key, value in inputs.items()})
-            else:
-                output = teacher(inputs.to(device, non_blocking=True))
-            output = output_fn(output)
+            output = output_fn(_call_teacher(teacher, inputs, device, names, first_sample,
+                                             batch_len))
             if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3) or \
                     not output.is_floating_point():
                 raise ValueError(f"teacher output must be a floating (B, V) or (B, L, V) tensor, "

@@ -1,0 +1,147 @@
+"""The output directory of a ``fastkd cache`` run: its exclusive lock, what ``--overwrite`` may
+remove, and one-sentence errors for the environment problems of writing (disk full, read-only,
+not a directory).
+
+Locking: the writer holds ``flock(LOCK_EX)`` on the directory itself (its open descriptor) for
+the whole run. The kernel drops the lock when the process exits however it exits (``kill -9``
+included), so a stale lock cannot exist and no lock file is left in the cache. A second run on
+the same directory fails at once, before it reads or removes anything.
+"""
+import errno
+import os
+from typing import Iterable, Optional, Set
+
+from fastkd.cache import manifest as fmt
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX (Windows): runs are not locked there
+    fcntl = None
+
+# errno -> what it means for the cache directory, and what to do
+_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class DirectoryLock:
+    """Exclusive, non-blocking ``flock`` on a directory, released by :meth:`release` or by the
+    process ending. Raises :class:`CacheError` naming the directory when another run holds it."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "DirectoryLock":
+        if fcntl is None:
+            return self
+        fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise fmt.CacheError(
+                    f"another `fastkd cache` run is writing to {self.directory} (it holds the "
+                    f"directory's lock); wait for it to finish or choose another --out") from None
+            raise
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def explain_os_error(error: OSError, out_dir: str) -> fmt.CacheError:
+    """A CacheError saying in a sentence what went wrong writing into ``out_dir`` and what to
+    do; finished shards stay recorded, so the advice is to re-run the same command."""
+    what = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    if error.errno in _SPACE:
+        return fmt.CacheError(
+            f"no space left on the device of --out {out_dir}{what}; free some space (or choose "
+            f"another --out) and re-run the same command: finished shards are kept and it "
+            f"resumes")
+    if error.errno in _NOT_WRITABLE:
+        return fmt.CacheError(
+            f"cannot write to --out {out_dir}{what}: {error.strerror or error}; choose a "
+            f"directory you can write to")
+    return fmt.CacheError(f"writing the cache in {out_dir} failed{what}: "
+                          f"{error.strerror or error}")
+
+
+def make_directory(out_dir: str) -> None:
+    """Create ``out_dir`` (and parents) and check that it is a writable directory."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise fmt.CacheError(f"--out {out_dir} exists and is not a directory; give a directory "
+                             f"path for the cache")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise fmt.CacheError(f"--out {out_dir}: a part of this path is a file, not a "
+                             f"directory; give a directory path for the cache") from None
+    except OSError as error:
+        raise explain_os_error(error, out_dir) from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise fmt.CacheError(f"cannot write to --out {out_dir} (no permission or a read-only "
+                             f"file system); choose a directory you can write to")
+
+
+def _listed_files(manifest: dict) -> Set[str]:
+    """Plain file names a (possibly damaged) manifest lists, read defensively."""
+    names = set()
+    shards = manifest.get("shards")
+    entries = [manifest.get("offsets"), manifest.get("labels")]
+    for shard in shards if isinstance(shards, list) else []:
+        files = shard.get("files") if isinstance(shard, dict) else None
+        entries += list(files.values()) if isinstance(files, dict) else []
+    for entry in entries:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and fmt.PLAIN_FILE_NAME.fullmatch(name):
+            names.add(name)
+    return names
+
+
+def owned_files(out_dir: str, names: Iterable[str]) -> Optional[Set[str]]:
+    """The files of ``names`` (a listing of ``out_dir``) that fastkd owns: every manifest and
+    progress manifest, the files they list, and fastkd's temp files. None when the directory
+    holds other files and no manifest, i.e. it is not a fastkd cache."""
+    names = set(names)
+    manifests = {name for name in names if fmt.is_progress_manifest(name)}
+    owned = {name for name in names if fmt.is_temp_file(name)} | manifests
+    for name in manifests:
+        manifest = fmt.parse_manifest_file(out_dir, name)  # unreadable: CacheError, stop
+        owned |= _listed_files(manifest) & names
+    if not manifests and names - owned:
+        return None
+    return owned
+
+
+def clear_for_overwrite(out_dir: str) -> None:
+    """Remove what fastkd owns in ``out_dir`` (see :func:`owned_files`) and nothing else;
+    refuse a non-empty directory that is not a fastkd cache."""
+    names = os.listdir(out_dir)
+    try:
+        owned = owned_files(out_dir, names)
+    except fmt.CacheError as error:
+        raise fmt.CacheError(f"--overwrite: {error}; fastkd cannot tell which files in "
+                             f"{out_dir} are its own, so it removes none (delete the directory "
+                             f"yourself if it is a cache)") from None
+    if owned is None:
+        raise fmt.CacheError(f"--overwrite refused: {out_dir} is not a fastkd cache (it holds "
+                             f"other files and no manifest.json); choose an empty or new "
+                             f"directory")
+    # the manifests go last, so an interrupted removal still lists what is left
+    for name in sorted(owned, key=fmt.is_progress_manifest):
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise explain_os_error(error, out_dir) from None
