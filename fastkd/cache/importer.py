@@ -207,11 +207,8 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
                   progress: bool = True, source: str = "vllm") -> dict:
     """Write the top-K cache of served-teacher responses ``paths`` into ``out_dir`` (see the
     module docstring). Returns the manifest. Re-running resumes an interrupted import."""
-    from fastkd import __version__
     from fastkd.cache.specs import dataset_fingerprint
-    from fastkd.cache.writer import (_ShardCutter, _ShardWriter, _finalize, _labels_to_storage,
-                                     _now, _prepare_directory, _record_or_check_shape,
-                                     _validate)
+    from fastkd.cache.writer import _validate
     if source != "vllm":
         raise ValueError(f"--from must be 'vllm', got {source!r}")
     for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
@@ -235,6 +232,17 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
         "shard_size_mb": shard_size_mb, "batch_size": IMPORT_BATCH, "world_size": 1,
         "clamp": False,
     }
+    from fastkd.cache import outdir
+    outdir.make_directory(out_dir)
+    with outdir.DirectoryLock(out_dir):  # one writer at a time, as for `fastkd cache`
+        return _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k,
+                              progress)
+
+
+def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k, progress):
+    from fastkd import __version__
+    from fastkd.cache.writer import (_ShardCutter, _ShardWriter, _finalize, _labels_to_storage,
+                                     _now, _prepare_directory, _record_or_check_shape)
     finished = _prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
@@ -248,8 +256,8 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
         state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=_now(), status="incomplete", rank=0,
                      sample_range=[0, len(dataset)], num_classes=None, rows_per_sample=None,
                      labels_per=None, rows_per_shard=None, shards=[])
-    for name in os.listdir(out_dir):  # leftovers of a killed run
-        if name.endswith(fmt.TMP_SUFFIX):
+    for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
+        if fmt.is_temp_file(name):
             os.remove(os.path.join(out_dir, name))
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else 0

@@ -485,12 +485,13 @@ def _temperatures(temperature, layout: str) -> Optional[list]:
 
 
 def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
-                       dist, dataset) -> Optional[dict]:
+                       dist, dataset=None) -> Optional[dict]:
     """Refuse, clear or resume. Returns the finished manifest when there is nothing to do.
-    Rank 0 has created and locked ``out_dir``."""
+    The caller holds ``out_dir``'s lock (:class:`fastkd.cache.outdir.DirectoryLock`)."""
     failure = None
     if rank == 0:
         try:
+            outdir.make_directory(out_dir)
             names = os.listdir(out_dir)
             if overwrite:  # refuses a directory that is not a fastkd cache
                 outdir.clear_for_overwrite(out_dir)
@@ -515,7 +516,7 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
             details = "; ".join(f"{key}: cache has {existing.get(key)!r}, asked {config[key]!r}"
                                 for key in differing)
             hint = fingerprint_hint(dataset, config["dataset"]["fingerprint"]) \
-                if "dataset" in differing else ""
+                if "dataset" in differing and dataset is not None else ""
             raise fmt.CacheError(f"{out_dir} holds a cache made with different settings "
                                  f"({details}); pass --overwrite (overwrite=True) to replace it"
                                  f"{hint}")
