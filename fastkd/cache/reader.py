@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache.items import split_item
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
-from fastkd.cache.writer import split_item
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 

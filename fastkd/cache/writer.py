@@ -16,7 +16,6 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Mapping
 from typing import Callable, Optional
 
 import numpy as np
@@ -25,13 +24,17 @@ from torch import nn
 
 from fastkd.cache import manifest as fmt
 from fastkd.cache import outdir
+# re-exported: the writer's pieces that other modules (importer, tests) use from here
+from fastkd.cache.convert import (_RowConverter, _ids_to_storage, _to_storage,  # noqa: F401
+                                  sample_rows)
+from fastkd.cache.items import (BatchProblem, TeacherError, _call_teacher,  # noqa: F401
+                                collate_groups, default_output_fn, output_key_fn, split_item)
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
 
 # manifest fields that must agree for a re-run to resume instead of refusing
 IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
                    "temperatures", "seed", "shard_size_mb", "batch_size", "world_size", "clamp")
 QUEUE_DEPTH = 2
-SAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 CDF elements per sampling chunk (128 MiB)
 
 
 def resolve_device(device) -> torch.device:
@@ -41,277 +44,6 @@ def resolve_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available (use 'cpu' or 'auto')")
     return device
-
-
-class TeacherError(RuntimeError):
-    """The teacher failed on a batch (usually: teacher and dataset do not fit together)."""
-
-
-def default_output_fn(output) -> torch.Tensor:
-    """The teacher's logits: the tensor itself, ``output.logits`` / ``output["logits"]``, or the
-    first tuple element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        if "logits" in output:
-            return output["logits"]
-        raise TypeError(f"teacher returned a {type(output).__name__} with keys "
-                        f"{list(output.keys())}; pick the tensor to cache with --output-key KEY "
-                        f"(output_fn= in Python)")
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"teacher returned {type(output).__name__}; pick the tensor to cache with "
-                    f"--output-key KEY (output_fn= in Python)")
-
-
-def output_key_fn(key: str) -> Callable:
-    """``output_fn`` picking ``output[key]`` (dict, ``ModelOutput``), ``output.key``, or
-    ``output[int(key)]`` of a tuple (what ``--output-key`` passes)."""
-    def pick(output):
-        if isinstance(output, Mapping):
-            if key in output:
-                return output[key]
-            raise ValueError(f"--output-key {key!r}: the teacher's output has keys "
-                             f"{list(output.keys())}")
-        if isinstance(output, (tuple, list)) and key.lstrip("-").isdigit():
-            if -len(output) <= int(key) < len(output):
-                return output[int(key)]
-            raise ValueError(f"--output-key {key}: the teacher returned {len(output)} outputs")
-        if hasattr(output, key):
-            return getattr(output, key)
-        raise ValueError(f"--output-key {key!r}: the teacher returned "
-                         f"{type(output).__name__}, which has no {key!r}")
-    return pick
-
-
-# ----------------------------------------------------------------------------- loading
-def split_item(item):
-    """``(model input, label or None)`` of a dataset item: input, (input, label, ...) or dict."""
-    if isinstance(item, dict):
-        label = item.get("labels", item.get("label"))
-        return {key: value for key, value in item.items() if key not in ("labels", "label")}, label
-    if isinstance(item, (tuple, list)):
-        return item[0], (item[1] if len(item) > 1 else None)
-    return item, None
-
-
-def _shape_key(model_input):
-    if isinstance(model_input, dict):
-        return tuple((key, tuple(torch.as_tensor(value).shape))
-                     for key, value in sorted(model_input.items()))
-    return tuple(torch.as_tensor(model_input).shape)
-
-
-class BatchProblem:
-    """What is wrong with a batch's items, returned (not raised) by :func:`collate_groups` so
-    that the main process reports it in one sentence even from a ``DataLoader`` worker;
-    ``{sample}`` in ``message`` stands for the dataset index of the item at ``position``."""
-
-    def __init__(self, message: str, position: int):
-        self.message, self.position = message, position
-
-    def error(self, batch_start: int) -> ValueError:
-        return ValueError(self.message.replace("{sample}", str(batch_start + self.position)))
-
-
-def _is_pil_image(value) -> bool:
-    return any(base.__module__.startswith("PIL.") and base.__name__ == "Image"
-               for base in type(value).__mro__)
-
-
-def _integer_labels(label) -> torch.Tensor:
-    """A label as a flat int64 tensor; ValueError/TypeError for anything but integer values."""
-    labels = torch.as_tensor(label).reshape(-1)
-    if labels.is_floating_point():
-        bad = ~torch.isfinite(labels) | (labels != labels.round())
-        if bool(bad.any()):
-            raise ValueError(f"label {labels[bad][0].item():g} is not an integer class id")
-    elif labels.is_complex():
-        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
-    return labels.long()
-
-
-def collate_groups(items):
-    """Collate a batch into groups of equal input shape (variable-length items run unpadded,
-    so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``, or a
-    :class:`BatchProblem` naming the first unusable item."""
-    groups = {}
-    for position, item in enumerate(items):
-        model_input, label = split_item(item)
-        if _is_pil_image(model_input):
-            return BatchProblem(
-                "dataset item {sample} is a PIL image; give the dataset a transform that turns "
-                "images into tensors (e.g. torchvision.transforms.ToTensor())", position)
-        if label is not None:
-            try:
-                label = _integer_labels(label)
-            except (TypeError, ValueError, RuntimeError) as error:
-                return BatchProblem(f"dataset item {{sample}} has a bad label: {error}; labels "
-                                    f"must be integer class ids", position)
-        try:
-            key = _shape_key(model_input)
-        except (TypeError, ValueError, RuntimeError) as error:
-            return BatchProblem(f"dataset item {{sample}}: cannot make a tensor of its input "
-                                f"({type(model_input).__name__}: {error})", position)
-        groups.setdefault(key, []).append((position, model_input, label))
-    collated = []
-    for members in groups.values():
-        positions = [position for position, _, _ in members]
-        inputs = [model_input for _, model_input, _ in members]
-        if isinstance(inputs[0], dict):
-            stacked = {key: torch.stack([torch.as_tensor(x[key]) for x in inputs])
-                       for key in inputs[0]}
-        else:
-            stacked = torch.stack([torch.as_tensor(x) for x in inputs])
-        labels = [label for _, _, label in members]
-        if any(label is None for label in labels):
-            labels = None
-        collated.append((positions, stacked, labels))
-    return collated
-
-
-# ----------------------------------------------------------------------------- conversion
-def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    """Cast on the teacher's device, then copy the (smaller) result to host memory."""
-    if dtype == "bf16":
-        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return values.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
-
-
-def _ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
-    """Class ids in the format's id dtype (uint16 when V <= 65536, else int32)."""
-    return indices.to(torch.int32).cpu().numpy().astype(fmt.index_dtype(num_classes))
-
-
-def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
-    """``(R, draws)`` float64 uniforms in [0, 1): the rows of dataset sample ``i`` take the first
-    ``rows x draws`` numbers of ``numpy.random.default_rng([seed, i])``, in row order. A row's
-    draws depend only on the seed, its sample and its position there (not on batching, ranks
-    or resumption), so a cache is reproducible to the byte."""
-    uniforms = np.empty((len(row_samples), draws))
-    starts = np.flatnonzero(np.r_[True, row_samples[1:] != row_samples[:-1]])
-    for start, stop in zip(starts, np.r_[starts[1:], len(row_samples)]):
-        generator = np.random.default_rng([seed, int(row_samples[start])])
-        uniforms[start:stop] = generator.random((stop - start, draws))
-    return uniforms
-
-
-def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
-    """Draw ``draws`` classes per row from ``softmax(rows / temperature)`` by inverse CDF with the
-    given ``(R, draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep
-    their chance). Returns ``(indices, counts)``, both ``(R, w)`` int64 with ``w = min(draws,
-    V)``: the distinct drawn ids, most drawn first (ties: smaller id first), then, when fewer
-    than ``w`` distinct ids were drawn, the smallest ids not drawn with count 0 (so every row
-    holds ``w`` distinct ids and ``counts.sum(-1) == draws``)."""
-    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // rows.shape[1])
-    parts = [_sample_chunk(rows[start:start + chunk], draws, temperature,
-                           uniforms[start:start + chunk]) for start in range(0, len(rows), chunk)]
-    if not parts:
-        width = fmt.sampled_width(draws, rows.shape[1])
-        empty = torch.zeros(0, width, dtype=torch.int64, device=rows.device)
-        return empty, empty.clone()
-    return torch.cat([ids for ids, _ in parts]), torch.cat([counts for _, counts in parts])
-
-
-def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
-    num_rows, num_classes = rows.shape
-    width = fmt.sampled_width(draws, num_classes)
-    cdf = torch.softmax(rows.double() / temperature, dim=-1).cumsum_(-1)
-    # class j is drawn when cdf[j - 1] < u * total <= cdf[j] (zero-probability classes never);
-    # the floor keeps u = 0 off a zero-probability class 0
-    targets = (torch.from_numpy(uniforms).to(rows.device) * cdf[:, -1:]).clamp_(
-        min=torch.finfo(torch.float64).tiny)
-    drawn = torch.searchsorted(cdf, targets).clamp_(max=num_classes - 1)
-    del cdf, targets
-    drawn, _ = drawn.sort(dim=-1)
-    # run-length encode each sorted row: group of entry j = number of distinct ids before it
-    starts = torch.ones_like(drawn, dtype=torch.bool)
-    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
-    group = starts.cumsum(-1) - 1
-    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
-    ids = torch.zeros_like(drawn).scatter_(1, group, drawn)  # one id per group
-    distinct = starts.sum(-1, keepdim=True)
-    # most drawn first, then by id; the unused groups (count 0) last
-    order = ((draws - counts) * num_classes + ids).argsort(dim=-1)[:, :width]
-    ids, counts = ids.gather(1, order), counts.gather(1, order)
-    # pad with the smallest ids not drawn: at most `distinct` of the first min(2w, V) ids were
-    # drawn, so at least w - distinct of them are free
-    span = min(2 * width, num_classes)
-    slot = torch.arange(width, device=rows.device).expand(num_rows, width)
-    real = slot < distinct
-    used = torch.zeros(num_rows, span + 1, dtype=torch.long, device=rows.device)  # +1: discard
-    used.scatter_(1, torch.where(real & (ids < span), ids, span), 1)
-    free = (used[:, :span] * span + torch.arange(span, device=rows.device)).argsort(dim=-1)
-    padding = free.gather(1, (slot - distinct).clamp(min=0))
-    return torch.where(real, ids, padding), counts
-
-
-class _RowConverter:
-    """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values."""
-
-    def __init__(self, state: dict):
-        self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
-        self.k = fmt.manifest_k(state)
-        self.temperatures, self.seed = state["temperatures"], state["seed"]
-        self.limit = fmt.DTYPE_MAX[self.dtype]
-
-    def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
-        """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
-        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages and, in
-        sampled caches, the random stream of the row).
-
-        One ``aminmax`` pass decides the common case (all finite and in range: NaN and inf
-        propagate into it); only a failing batch is searched for the offending sample."""
-        low, high = (float(bound) for bound in torch.aminmax(rows))
-        finite = np.isfinite(low) and np.isfinite(high)
-        sparse = self.layout in fmt.SPARSE_K_FIELD
-        if not finite:
-            self._refuse(torch.isnan(rows), row_samples, "NaN")
-            if sparse or not self.clamp:
-                self._refuse(~torch.isfinite(rows), row_samples, "NaN/inf")
-        if self.layout == "topk":
-            if self.k > rows.shape[1]:
-                raise ValueError(f"top_k={self.k} exceeds the teacher's {rows.shape[1]} "
-                                 f"classes")
-            values, indices = torch.topk(rows, self.k, dim=-1)
-            values, clamped = self._range(values, row_samples)
-            lse = torch.stack([torch.logsumexp(rows if temperature == 1 else rows / temperature,
-                                               dim=-1) for temperature in self.temperatures], -1)
-            return {"values": _to_storage(values, self.dtype),
-                    "indices": _ids_to_storage(indices, rows.shape[1]),
-                    "lse": lse.cpu().numpy()}, clamped
-        if self.layout == "sampled":
-            indices, counts = sample_rows(rows, self.k, self.temperatures[0],
-                                          _row_uniforms(row_samples, self.k, self.seed))
-            return {"indices": _ids_to_storage(indices, rows.shape[1]),
-                    "counts": counts.cpu().numpy().astype(fmt.count_dtype(self.k))}, \
-                np.zeros(rows.shape[0], np.int64)
-        if finite and -self.limit <= low and high <= self.limit:
-            clamped = np.zeros(rows.shape[0], np.int64)
-        else:
-            rows, clamped = self._range(rows, row_samples)
-        return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
-
-    def _range(self, values: torch.Tensor, row_samples: np.ndarray):
-        """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row."""
-        out_of_range = values.abs() > self.limit
-        if not bool(out_of_range.any()):
-            return values, np.zeros(values.shape[0], np.int64)
-        if not self.clamp:
-            self._refuse(out_of_range, row_samples,
-                         f"values beyond the {self.dtype} range (|x| > {self.limit:g}); pass "
-                         f"--clamp (clamp=True) to clamp them or use a wider --dtype")
-        return (values.clamp(-self.limit, self.limit),
-                out_of_range.sum(dim=1).cpu().numpy().astype(np.int64))
-
-    @staticmethod
-    def _refuse(bad: torch.Tensor, row_samples: np.ndarray, what: str) -> None:
-        if bool(bad.any()):
-            row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
-            raise ValueError(f"teacher output for dataset sample {int(row_samples[row])} "
-                             f"contains {what}")
 
 
 # ----------------------------------------------------------------------------- shard writing
@@ -730,26 +462,6 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     finally:
         bar.close()
         writer.close()
-
-
-def _call_teacher(teacher, inputs, device, names, first_sample, batch_len):
-    """``teacher(inputs)``; a failure becomes a :class:`TeacherError` naming the teacher, the
-    dataset and the batch (almost always: the two do not fit together)."""
-    try:
-        if isinstance(inputs, dict):
-            return teacher(**{key: value.to(device, non_blocking=True)
-                              for key, value in inputs.items()})
-        return teacher(inputs.to(device, non_blocking=True))
-    except Exception as error:
-        shapes = ({key: tuple(value.shape) for key, value in inputs.items()}
-                  if isinstance(inputs, dict) else tuple(inputs.shape))
-        dtype = next(iter(inputs.values())).dtype if isinstance(inputs, dict) else inputs.dtype
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
-        raise TeacherError(
-            f"teacher {names[0]} failed on dataset {names[1]}, batch of samples "
-            f"{first_sample}..{first_sample + batch_len - 1} (inputs {shapes} {dtype}): "
-            f"{type(error).__name__}: {reason}. Check that the teacher and the dataset belong "
-            f"together (input shape, dtype, keyword names)") from error
 
 
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,

@@ -1,0 +1,149 @@
+"""Teacher rows -> the arrays of a cache layout (dtype cast, top-k with log-sum-exp, seeded
+sampling), refusing NaN/inf and out-of-range values; used by the cache writer."""
+import numpy as np
+import torch
+
+from fastkd.cache import manifest as fmt
+
+SAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 CDF elements per sampling chunk (128 MiB)
+
+
+def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast on the teacher's device, then copy the (smaller) result to host memory."""
+    if dtype == "bf16":
+        return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return values.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
+
+
+def _ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Class ids in the format's id dtype (uint16 when V <= 65536, else int32)."""
+    return indices.to(torch.int32).cpu().numpy().astype(fmt.index_dtype(num_classes))
+
+
+def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """``(R, draws)`` float64 uniforms in [0, 1): the rows of dataset sample ``i`` take the first
+    ``rows x draws`` numbers of ``numpy.random.default_rng([seed, i])``, in row order. A row's
+    draws depend only on the seed, its sample and its position there (not on batching, ranks
+    or resumption), so a cache is reproducible to the byte."""
+    uniforms = np.empty((len(row_samples), draws))
+    starts = np.flatnonzero(np.r_[True, row_samples[1:] != row_samples[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(row_samples)]):
+        generator = np.random.default_rng([seed, int(row_samples[start])])
+        uniforms[start:stop] = generator.random((stop - start, draws))
+    return uniforms
+
+
+def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
+    """Draw ``draws`` classes per row from ``softmax(rows / temperature)`` by inverse CDF with the
+    given ``(R, draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep
+    their chance). Returns ``(indices, counts)``, both ``(R, w)`` int64 with ``w = min(draws,
+    V)``: the distinct drawn ids, most drawn first (ties: smaller id first), then, when fewer
+    than ``w`` distinct ids were drawn, the smallest ids not drawn with count 0 (so every row
+    holds ``w`` distinct ids and ``counts.sum(-1) == draws``)."""
+    chunk = max(1, SAMPLE_CHUNK_ELEMENTS // rows.shape[1])
+    parts = [_sample_chunk(rows[start:start + chunk], draws, temperature,
+                           uniforms[start:start + chunk]) for start in range(0, len(rows), chunk)]
+    if not parts:
+        width = fmt.sampled_width(draws, rows.shape[1])
+        empty = torch.zeros(0, width, dtype=torch.int64, device=rows.device)
+        return empty, empty.clone()
+    return torch.cat([ids for ids, _ in parts]), torch.cat([counts for _, counts in parts])
+
+
+def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
+    num_rows, num_classes = rows.shape
+    width = fmt.sampled_width(draws, num_classes)
+    cdf = torch.softmax(rows.double() / temperature, dim=-1).cumsum_(-1)
+    # class j is drawn when cdf[j - 1] < u * total <= cdf[j] (zero-probability classes never);
+    # the floor keeps u = 0 off a zero-probability class 0
+    targets = (torch.from_numpy(uniforms).to(rows.device) * cdf[:, -1:]).clamp_(
+        min=torch.finfo(torch.float64).tiny)
+    drawn = torch.searchsorted(cdf, targets).clamp_(max=num_classes - 1)
+    del cdf, targets
+    drawn, _ = drawn.sort(dim=-1)
+    # run-length encode each sorted row: group of entry j = number of distinct ids before it
+    starts = torch.ones_like(drawn, dtype=torch.bool)
+    starts[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = starts.cumsum(-1) - 1
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    ids = torch.zeros_like(drawn).scatter_(1, group, drawn)  # one id per group
+    distinct = starts.sum(-1, keepdim=True)
+    # most drawn first, then by id; the unused groups (count 0) last
+    order = ((draws - counts) * num_classes + ids).argsort(dim=-1)[:, :width]
+    ids, counts = ids.gather(1, order), counts.gather(1, order)
+    # pad with the smallest ids not drawn: at most `distinct` of the first min(2w, V) ids were
+    # drawn, so at least w - distinct of them are free
+    span = min(2 * width, num_classes)
+    slot = torch.arange(width, device=rows.device).expand(num_rows, width)
+    real = slot < distinct
+    used = torch.zeros(num_rows, span + 1, dtype=torch.long, device=rows.device)  # +1: discard
+    used.scatter_(1, torch.where(real & (ids < span), ids, span), 1)
+    free = (used[:, :span] * span + torch.arange(span, device=rows.device)).argsort(dim=-1)
+    padding = free.gather(1, (slot - distinct).clamp(min=0))
+    return torch.where(real, ids, padding), counts
+
+
+class _RowConverter:
+    """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values."""
+
+    def __init__(self, state: dict):
+        self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
+        self.k = fmt.manifest_k(state)
+        self.temperatures, self.seed = state["temperatures"], state["seed"]
+        self.limit = fmt.DTYPE_MAX[self.dtype]
+
+    def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
+        """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
+        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages and, in
+        sampled caches, the random stream of the row).
+
+        One ``aminmax`` pass decides the common case (all finite and in range: NaN and inf
+        propagate into it); only a failing batch is searched for the offending sample."""
+        low, high = (float(bound) for bound in torch.aminmax(rows))
+        finite = np.isfinite(low) and np.isfinite(high)
+        sparse = self.layout in fmt.SPARSE_K_FIELD
+        if not finite:
+            self._refuse(torch.isnan(rows), row_samples, "NaN")
+            if sparse or not self.clamp:
+                self._refuse(~torch.isfinite(rows), row_samples, "NaN/inf")
+        if self.layout == "topk":
+            if self.k > rows.shape[1]:
+                raise ValueError(f"top_k={self.k} exceeds the teacher's {rows.shape[1]} "
+                                 f"classes")
+            values, indices = torch.topk(rows, self.k, dim=-1)
+            values, clamped = self._range(values, row_samples)
+            lse = torch.stack([torch.logsumexp(rows if temperature == 1 else rows / temperature,
+                                               dim=-1) for temperature in self.temperatures], -1)
+            return {"values": _to_storage(values, self.dtype),
+                    "indices": _ids_to_storage(indices, rows.shape[1]),
+                    "lse": lse.cpu().numpy()}, clamped
+        if self.layout == "sampled":
+            indices, counts = sample_rows(rows, self.k, self.temperatures[0],
+                                          _row_uniforms(row_samples, self.k, self.seed))
+            return {"indices": _ids_to_storage(indices, rows.shape[1]),
+                    "counts": counts.cpu().numpy().astype(fmt.count_dtype(self.k))}, \
+                np.zeros(rows.shape[0], np.int64)
+        if finite and -self.limit <= low and high <= self.limit:
+            clamped = np.zeros(rows.shape[0], np.int64)
+        else:
+            rows, clamped = self._range(rows, row_samples)
+        return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
+
+    def _range(self, values: torch.Tensor, row_samples: np.ndarray):
+        """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row."""
+        out_of_range = values.abs() > self.limit
+        if not bool(out_of_range.any()):
+            return values, np.zeros(values.shape[0], np.int64)
+        if not self.clamp:
+            self._refuse(out_of_range, row_samples,
+                         f"values beyond the {self.dtype} range (|x| > {self.limit:g}); pass "
+                         f"--clamp (clamp=True) to clamp them or use a wider --dtype")
+        return (values.clamp(-self.limit, self.limit),
+                out_of_range.sum(dim=1).cpu().numpy().astype(np.int64))
+
+    @staticmethod
+    def _refuse(bad: torch.Tensor, row_samples: np.ndarray, what: str) -> None:
+        if bool(bad.any()):
+            row = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"teacher output for dataset sample {int(row_samples[row])} "
+                             f"contains {what}")

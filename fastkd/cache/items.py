@@ -1,0 +1,157 @@
+"""Dataset items going into the teacher and teacher outputs coming out of it, for the cache
+writer: splitting an item into input and label, grouping a batch by input shape (integer labels
+only, PIL images refused), calling the teacher (a failure names teacher, dataset and batch) and
+picking the tensor to cache from a structured output (``--output-key``)."""
+from collections.abc import Mapping
+from typing import Callable
+
+import torch
+
+
+class TeacherError(RuntimeError):
+    """The teacher failed on a batch (usually: teacher and dataset do not fit together)."""
+
+
+def default_output_fn(output) -> torch.Tensor:
+    """The teacher's logits: the tensor itself, ``output.logits`` / ``output["logits"]``, or the
+    first tuple element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "logits" in output:
+            return output["logits"]
+        raise TypeError(f"teacher returned a {type(output).__name__} with keys "
+                        f"{list(output.keys())}; pick the tensor to cache with --output-key KEY "
+                        f"(output_fn= in Python)")
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"teacher returned {type(output).__name__}; pick the tensor to cache with "
+                    f"--output-key KEY (output_fn= in Python)")
+
+
+def output_key_fn(key: str) -> Callable:
+    """``output_fn`` picking ``output[key]`` (dict, ``ModelOutput``), ``output.key``, or
+    ``output[int(key)]`` of a tuple (what ``--output-key`` passes)."""
+    def pick(output):
+        if isinstance(output, Mapping):
+            if key in output:
+                return output[key]
+            raise ValueError(f"--output-key {key!r}: the teacher's output has keys "
+                             f"{list(output.keys())}")
+        if isinstance(output, (tuple, list)) and key.lstrip("-").isdigit():
+            if -len(output) <= int(key) < len(output):
+                return output[int(key)]
+            raise ValueError(f"--output-key {key}: the teacher returned {len(output)} outputs")
+        if hasattr(output, key):
+            return getattr(output, key)
+        raise ValueError(f"--output-key {key!r}: the teacher returned "
+                         f"{type(output).__name__}, which has no {key!r}")
+    return pick
+
+
+# ----------------------------------------------------------------------------- loading
+def split_item(item):
+    """``(model input, label or None)`` of a dataset item: input, (input, label, ...) or dict."""
+    if isinstance(item, dict):
+        label = item.get("labels", item.get("label"))
+        return {key: value for key, value in item.items() if key not in ("labels", "label")}, label
+    if isinstance(item, (tuple, list)):
+        return item[0], (item[1] if len(item) > 1 else None)
+    return item, None
+
+
+def _shape_key(model_input):
+    if isinstance(model_input, dict):
+        return tuple((key, tuple(torch.as_tensor(value).shape))
+                     for key, value in sorted(model_input.items()))
+    return tuple(torch.as_tensor(model_input).shape)
+
+
+class BatchProblem:
+    """What is wrong with a batch's items, returned (not raised) by :func:`collate_groups` so
+    that the main process reports it in one sentence even from a ``DataLoader`` worker;
+    ``{sample}`` in ``message`` stands for the dataset index of the item at ``position``."""
+
+    def __init__(self, message: str, position: int):
+        self.message, self.position = message, position
+
+    def error(self, batch_start: int) -> ValueError:
+        return ValueError(self.message.replace("{sample}", str(batch_start + self.position)))
+
+
+def _is_pil_image(value) -> bool:
+    return any(base.__module__.startswith("PIL.") and base.__name__ == "Image"
+               for base in type(value).__mro__)
+
+
+def _integer_labels(label) -> torch.Tensor:
+    """A label as a flat int64 tensor; ValueError/TypeError for anything but integer values."""
+    labels = torch.as_tensor(label).reshape(-1)
+    if labels.is_floating_point():
+        bad = ~torch.isfinite(labels) | (labels != labels.round())
+        if bool(bad.any()):
+            raise ValueError(f"label {labels[bad][0].item():g} is not an integer class id")
+    elif labels.is_complex():
+        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
+    return labels.long()
+
+
+def collate_groups(items):
+    """Collate a batch into groups of equal input shape (variable-length items run unpadded,
+    so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``, or a
+    :class:`BatchProblem` naming the first unusable item."""
+    groups = {}
+    for position, item in enumerate(items):
+        model_input, label = split_item(item)
+        if _is_pil_image(model_input):
+            return BatchProblem(
+                "dataset item {sample} is a PIL image; give the dataset a transform that turns "
+                "images into tensors (e.g. torchvision.transforms.ToTensor())", position)
+        if label is not None:
+            try:
+                label = _integer_labels(label)
+            except (TypeError, ValueError, RuntimeError) as error:
+                return BatchProblem(f"dataset item {{sample}} has a bad label: {error}; labels "
+                                    f"must be integer class ids", position)
+        try:
+            key = _shape_key(model_input)
+        except (TypeError, ValueError, RuntimeError) as error:
+            return BatchProblem(f"dataset item {{sample}}: cannot make a tensor of its input "
+                                f"({type(model_input).__name__}: {error})", position)
+        groups.setdefault(key, []).append((position, model_input, label))
+    collated = []
+    for members in groups.values():
+        positions = [position for position, _, _ in members]
+        inputs = [model_input for _, model_input, _ in members]
+        if isinstance(inputs[0], dict):
+            stacked = {key: torch.stack([torch.as_tensor(x[key]) for x in inputs])
+                       for key in inputs[0]}
+        else:
+            stacked = torch.stack([torch.as_tensor(x) for x in inputs])
+        labels = [label for _, _, label in members]
+        if any(label is None for label in labels):
+            labels = None
+        collated.append((positions, stacked, labels))
+    return collated
+
+
+def _call_teacher(teacher, inputs, device, names, first_sample, batch_len):
+    """``teacher(inputs)``; a failure becomes a :class:`TeacherError` naming the teacher, the
+    dataset and the batch (almost always: the two do not fit together)."""
+    try:
+        if isinstance(inputs, dict):
+            return teacher(**{key: value.to(device, non_blocking=True)
+                              for key, value in inputs.items()})
+        return teacher(inputs.to(device, non_blocking=True))
+    except Exception as error:
+        shapes = ({key: tuple(value.shape) for key, value in inputs.items()}
+                  if isinstance(inputs, dict) else tuple(inputs.shape))
+        dtype = next(iter(inputs.values())).dtype if isinstance(inputs, dict) else inputs.dtype
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+        raise TeacherError(
+            f"teacher {names[0]} failed on dataset {names[1]}, batch of samples "
+            f"{first_sample}..{first_sample + batch_len - 1} (inputs {shapes} {dtype}): "
+            f"{type(error).__name__}: {reason}. Check that the teacher and the dataset belong "
+            f"together (input shape, dtype, keyword names)") from error
