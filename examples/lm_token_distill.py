@@ -1,22 +1,39 @@
-"""Token-level distillation of a tiny causal transformer LM, online or from a variable-length cache.
+"""Token-level distillation of a tiny causal transformer LM on real text: online, or from a
+dense, a top-k or a sampled teacher-logit cache, with held-out perplexity side by side.
 
-    python examples/lm_token_distill.py                 # teacher, then distilled student, online
-    python examples/lm_token_distill.py --cached        # teacher logits cached per token first
-    python examples/lm_token_distill.py --smoke         # seconds-long run
+    python examples/lm_token_distill.py                          # all four teacher sources
+    python examples/lm_token_distill.py --sources online topk    # a subset
+    python examples/lm_token_distill.py --smoke                  # seconds-long run
 
-Data: a synthetic "language" (no download): token sequences of random length in
-``[--min-len, --max-len]`` drawn from a seeded sparse Markov chain over ``--vocab`` tokens, so
-there is structure for the teacher to learn. Items are ``{"input_ids": (L,), "labels": (L,)}``
-with ``labels[i] = input_ids[i + 1]`` and the last label ``ignore_index``.
+Data: byte-level tokens (V = 256) of Python's own reference documentation,
+``pydoc_data.topics`` (about 465 KB of English prose and code that ships with every CPython, so
+nothing is downloaded); sorted topics are joined, the last 10% held out, and both parts cut into
+consecutive sequences of seeded random length in ``[--min-len, --max-len]``. ``--data markov``
+uses a synthetic sparse Markov chain over ``--vocab`` tokens instead. Items are
+``{"input_ids": (L,), "labels": (L,)}`` with ``labels[i] = input_ids[i + 1]`` and the last label
+``ignore_index``.
 
-Loss: ``fastkd.kd_loss`` on ``(batch, seq, V)`` logits with ``(batch, seq)`` labels; batches are
-right-padded and padded positions carry ``ignore_index`` labels, so they drop out of both the
-soft and the hard term (``batchmean`` divides by the number of real tokens). Right padding needs
-no attention mask: causal attention never looks ahead. With ``--cached`` the teacher runs once
-(``fastkd.cache.write_cache`` stores ``L_i`` rows per sequence with offsets) and batches come
-from ``fastkd.CachedDataset`` + ``fastkd.cache.collate_padded``.
+Teacher sources (``--sources``), each training an identically initialised student on the same
+batches in the same order, evaluated at the same steps:
+
+- ``online``: the teacher runs on every batch (dense ``(B, L, V)`` logits).
+- ``dense``: the teacher's fp16 logits cached once per token (``fastkd.cache.write_cache``).
+- ``topk``: the ``--top-k`` largest logits per token, their ids and the log-sum-exp of the row
+  at the training temperature (``write_cache(top_k=K, temperature=T)``); the loss puts the
+  remaining teacher mass in one tail bucket (``tail="bucket"``), exactly.
+- ``sample``: ``--sample`` seeded draws per token from the teacher at temperature T, stored as
+  distinct ids with counts (``write_cache(sample=K, temperature=T)``): an unbiased estimate of
+  the teacher distribution (Sparse Logit Sampling, Anshumann et al., ACL 2025).
+
+Loss: ``fastkd.kd_loss(student_logits, teacher, labels, temperature=T)`` with ``teacher`` a dense
+tensor, a ``fastkd.TopKLogits`` or a ``fastkd.SampledTargets``, the same call for all four;
+no ``(N, V)`` teacher tensor is built for the sparse ones. Batches are right-padded; padded
+positions carry ``ignore_index`` labels, so they drop out of both terms. Right padding needs no
+attention mask: causal attention never looks ahead. Cached batches come from
+``fastkd.CachedDataset`` + ``fastkd.cache.collate_padded``.
 """
 import argparse
+import math
 import os
 import tempfile
 import time
@@ -26,15 +43,30 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fastkd
-from fastkd.cache import collate_padded, resolve_device, write_cache
+from fastkd.cache import LogitCache, collate_padded, resolve_device, write_cache
 from fastkd.models import TinyCausalLM
 
 IGNORE_INDEX = -100
+SOURCES = ("online", "dense", "topk", "sample")
 
 
-class MarkovTokens(torch.utils.data.Dataset):
+class TokenSequences(torch.utils.data.Dataset):
+    """A list of token sequences ``self.sequences`` as items ``{"input_ids": (L,), "labels":
+    (L,)}`` with next-token labels (the last one ``ignore_index``)."""
+    sequences = ()
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, index):
+        input_ids = self.sequences[index]
+        labels = torch.cat([input_ids[1:], torch.tensor([IGNORE_INDEX])])
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class MarkovTokens(TokenSequences):
     """``num_sequences`` seeded sequences from a sparse random Markov chain (each token has
-    ``branching`` likely successors). Item: ``{"input_ids": (L,), "labels": (L,)}``."""
+    ``branching`` likely successors)."""
 
     def __init__(self, num_sequences, vocab_size, min_len, max_len, seed, branching=3):
         chain = torch.Generator().manual_seed(1234)  # the language is shared by all splits
@@ -49,13 +81,38 @@ class MarkovTokens(torch.utils.data.Dataset):
                 tokens.append(int(successors[tokens[-1], choice]))
             self.sequences.append(torch.tensor(tokens))
 
-    def __len__(self):
-        return len(self.sequences)
 
-    def __getitem__(self, index):
-        input_ids = self.sequences[index]
-        labels = torch.cat([input_ids[1:], torch.tensor([IGNORE_INDEX])])
-        return {"input_ids": input_ids, "labels": labels}
+def pydoc_bytes() -> bytes:
+    """Python's reference documentation topics (``pydoc_data.topics``), UTF-8, topics sorted."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")
+
+
+class TextBytes(TokenSequences):
+    """Consecutive chunks of ``text`` (bytes) as token sequences (byte values, V = 256) of seeded
+    random length in ``[min_len, max_len]``; at most ``num_sequences`` of them."""
+
+    def __init__(self, text: bytes, num_sequences, min_len, max_len, seed):
+        tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+        generator = torch.Generator().manual_seed(seed)
+        self.sequences, start = [], 0
+        while len(self.sequences) < num_sequences and start + min_len <= len(tokens):
+            length = int(torch.randint(min_len, max_len + 1, (), generator=generator))
+            self.sequences.append(tokens[start:start + length])
+            start += length
+
+
+def make_datasets(args):
+    """``(train, held_out)`` for ``--data``; the held-out part never overlaps the training one."""
+    held_out_sequences = max(16, args.sequences // 10)
+    if args.data == "markov":
+        return (MarkovTokens(args.sequences, args.vocab, args.min_len, args.max_len, args.seed),
+                MarkovTokens(held_out_sequences, args.vocab, args.min_len, args.max_len,
+                             args.seed + 1))
+    text = pydoc_bytes()
+    split = len(text) * 9 // 10
+    return (TextBytes(text[:split], args.sequences, args.min_len, args.max_len, args.seed),
+            TextBytes(text[split:], held_out_sequences, args.min_len, args.max_len, args.seed))
 
 
 def pad_batch(items):
@@ -70,22 +127,30 @@ def pad_batch(items):
 
 
 def cached_batch(items):
-    """Cached collate: ``(input_ids, labels, teacher_logits (B, L, V))``, padding as above."""
-    inputs, labels, teacher_logits = collate_padded(items, ignore_index=IGNORE_INDEX)
-    return inputs["input_ids"], labels, teacher_logits
+    """Cached collate: ``(input_ids, labels, teacher)``, padding as above; ``teacher`` is
+    ``(B, L, V)`` logits or a sparse target of ``(B, L, K)`` (``collate_padded``)."""
+    inputs, labels, teacher = collate_padded(items, ignore_index=IGNORE_INDEX)
+    return inputs["input_ids"], labels, teacher
 
 
-def train(model, loader, args, device, *, desc, loss_fn):
-    """Adam over ``model``; ``loss_fn(model, batch) -> scalar``. Returns real tokens/s."""
+def to_device(part, device):
+    if isinstance(part, fastkd.targets.SPARSE_TARGETS):
+        return part.map_tensors(lambda tensor: tensor.to(device))
+    return part.to(device)
+
+
+def train(model, loader, args, device, *, desc, loss_fn, evaluate_at=None):
+    """Adam over ``model``; ``loss_fn(model, batch) -> scalar``. ``evaluate_at(step)`` runs after
+    every ``--eval-every`` steps and after the last. Returns real tokens/s of the training steps."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     model.to(device).train()
-    tokens, elapsed = 0, 0.0
+    tokens, elapsed, step = 0, 0.0, 0
     for epoch in range(args.epochs):
         bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{args.epochs}", disable=args.quiet,
                    leave=False)
         for batch in bar:
             start = time.perf_counter()
-            batch = [part.to(device) for part in batch]
+            batch = [to_device(part, device) for part in batch]
             loss = loss_fn(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -94,7 +159,13 @@ def train(model, loader, args, device, *, desc, loss_fn):
                 torch.cuda.synchronize(device)
             elapsed += time.perf_counter() - start
             tokens += int((batch[1] != IGNORE_INDEX).sum())
+            step += 1
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if evaluate_at and step % args.eval_every == 0:
+                evaluate_at(step)
+                model.train()
+    if evaluate_at and step % args.eval_every:
+        evaluate_at(step)
     return tokens / max(elapsed, 1e-9)
 
 
@@ -117,38 +188,61 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds-long run")
-    parser.add_argument("--cached", action="store_true", help="distil from a teacher cache")
-    parser.add_argument("--cache-dir", help="where --cached writes (default: a temporary dir)")
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--sequences", type=int, default=2000)
-    parser.add_argument("--min-len", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                        help="teacher sources to distil from, side by side (default: all)")
+    parser.add_argument("--cache-dir", help="where the caches go (default: a temporary dir)")
+    parser.add_argument("--data", choices=("pydoc", "markov"), default="pydoc")
+    parser.add_argument("--vocab", type=int, default=256, help="--data markov only")
+    parser.add_argument("--sequences", type=int, default=3000)
+    parser.add_argument("--min-len", type=int, default=32)
+    parser.add_argument("--max-len", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--top-k", type=int, default=16, help="K of the top-k cache")
+    parser.add_argument("--sample", type=int, default=32, help="draws per token of the sampled cache")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.vocab, args.sequences, args.min_len, args.max_len = 32, 64, 4, 16
-        args.epochs, args.batch_size = 1, 16
+        args.sequences, args.min_len, args.max_len, args.vocab = 32, 8, 16, 32
+        args.epochs, args.teacher_epochs, args.batch_size, args.eval_every = 1, 1, 16, 1
     if not 2 <= args.min_len <= args.max_len:
         parser.error("need 2 <= --min-len <= --max-len")
+    if args.data == "pydoc":
+        args.vocab = 256  # bytes
     return args
+
+
+def write_caches(teacher, train_set, args, device):
+    """The caches the cached sources need: ``{source: LogitCache}``."""
+    root = args.cache_dir or tempfile.mkdtemp(prefix="fastkd-lm-cache-")
+    layouts = {"dense": {}, "topk": {"top_k": args.top_k, "temperature": args.temperature},
+               "sample": {"sample": args.sample, "temperature": args.temperature,
+                          "seed": args.seed}}
+    caches = {}
+    for source in args.sources:
+        if source == "online":
+            continue
+        directory = os.path.join(root, f"teacher-{source}")
+        write_cache(teacher, train_set, directory, batch_size=64, device=device,
+                    progress=not args.quiet, overwrite=True, **layouts[source])
+        caches[source] = LogitCache(directory)
+    return caches
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    train_set = MarkovTokens(args.sequences, args.vocab, args.min_len, args.max_len, args.seed)
-    held_out = MarkovTokens(max(16, args.sequences // 10), args.vocab, args.min_len,
-                            args.max_len, args.seed + 1)
-    teacher = TinyCausalLM(args.vocab, dim=64 if args.smoke else 128, num_layers=2,
+    train_set, held_out = make_datasets(args)
+    small = args.smoke
+    teacher = TinyCausalLM(args.vocab, dim=64 if small else 128, num_layers=2,
                            max_len=args.max_len)
-    student = TinyCausalLM(args.vocab, dim=32, num_layers=1, max_len=args.max_len)
 
     def shuffled(dataset, collate_fn):
         return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
@@ -160,40 +254,71 @@ def main(argv=None) -> dict:
         logits = model(input_ids)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
-    train(teacher, shuffled(train_set, pad_batch), args, device, desc="teacher",
+    teacher_args = argparse.Namespace(**{**vars(args), "epochs": args.teacher_epochs})
+    train(teacher, shuffled(train_set, pad_batch), teacher_args, device, desc="teacher",
           loss_fn=language_model_loss)
     teacher.eval()
+    teacher_loss, teacher_accuracy = evaluate(teacher, held_out, device)
 
     def token_kd_loss(model, batch):
         input_ids, labels, *cached = batch
         if cached:
-            teacher_logits = cached[0]
+            teacher_target = cached[0]
         else:
             with torch.no_grad():
-                teacher_logits = teacher(input_ids)
-        return fastkd.kd_loss(model(input_ids), teacher_logits, labels,
+                teacher_target = teacher(input_ids)
+        return fastkd.kd_loss(model(input_ids), teacher_target, labels,
                               temperature=args.temperature, ignore_index=IGNORE_INDEX)
 
-    if args.cached:
-        cache_dir = os.path.join(args.cache_dir or tempfile.mkdtemp(prefix="fastkd-lm-cache-"),
-                                 "teacher-logits")
-        write_cache(teacher, train_set, cache_dir, batch_size=64, device=device,
-                    progress=not args.quiet, overwrite=True)
-        loader = shuffled(fastkd.CachedDataset(train_set, fastkd.LogitCache(cache_dir)),
-                          cached_batch)
-    else:
-        loader = shuffled(train_set, pad_batch)
-    tokens_per_second = train(student, loader, args, device, loss_fn=token_kd_loss,
-                              desc=f"student{' (cached)' if args.cached else ''}")
-    teacher_loss, teacher_accuracy = evaluate(teacher, held_out, device)
-    student_loss, student_accuracy = evaluate(student, held_out, device)
-    print(f"teacher: held-out next-token CE {teacher_loss:.3f}, accuracy {teacher_accuracy:.1%}\n"
-          f"student{' (cached)' if args.cached else ''}: held-out next-token CE "
-          f"{student_loss:.3f}, accuracy {student_accuracy:.1%}; distillation "
-          f"{tokens_per_second:,.0f} tokens/s")
-    return {"teacher_loss": teacher_loss, "teacher_accuracy": teacher_accuracy,
-            "student_loss": student_loss, "student_accuracy": student_accuracy,
-            "tokens_per_second": tokens_per_second}
+    caches = write_caches(teacher, train_set, args, device)
+    results = {"teacher_loss": teacher_loss, "teacher_accuracy": teacher_accuracy,
+               "teacher_perplexity": math.exp(teacher_loss), "sources": {}}
+    for source in args.sources:
+        torch.manual_seed(args.seed + 1)  # every student starts from the same weights
+        student = TinyCausalLM(args.vocab, dim=32, num_layers=1, max_len=args.max_len)
+        if source == "online":
+            loader = shuffled(train_set, pad_batch)
+        else:
+            loader = shuffled(fastkd.CachedDataset(train_set, caches[source]), cached_batch)
+        curve = {}
+
+        def evaluate_at(step, student=student, curve=curve):
+            curve[step] = math.exp(evaluate(student, held_out, device)[0])
+
+        tokens_per_second = train(student, loader, args, device, loss_fn=token_kd_loss,
+                                  desc=f"student ({source})", evaluate_at=evaluate_at)
+        loss, accuracy = evaluate(student, held_out, device)
+        results["sources"][source] = {
+            "loss": loss, "accuracy": accuracy, "perplexity": math.exp(loss),
+            "perplexity_at_step": curve, "tokens_per_second": tokens_per_second,
+            "cache_bytes_per_token": caches[source].bytes_per_row["files"]
+            if source in caches else None}
+    print(report(results, args))
+    return results
+
+
+def report(results, args) -> str:
+    """Held-out perplexity of every student at the same steps, then a summary per source."""
+    names = {"online": "online", "dense": "dense cache", "topk": f"top-{args.top_k} cache",
+             "sample": f"sample-{args.sample} cache"}
+    sources = list(results["sources"])
+    steps = sorted(set.union(*(set(r["perplexity_at_step"]) for r in results["sources"].values())))
+    lines = [f"teacher: held-out next-token CE {results['teacher_loss']:.3f}, perplexity "
+             f"{results['teacher_perplexity']:.2f}, accuracy {results['teacher_accuracy']:.1%}",
+             f"students (T={args.temperature:g}), held-out perplexity at the same steps:",
+             "  step " + "".join(f"{names[source]:>18}" for source in sources)]
+    for step in steps:
+        lines.append(f"{step:>6} " + "".join(
+            f"{results['sources'][source]['perplexity_at_step'].get(step, float('nan')):>18.2f}"
+            for source in sources))
+    for source in sources:
+        r = results["sources"][source]
+        stored = "" if r["cache_bytes_per_token"] is None else \
+            f", cache {r['cache_bytes_per_token']:,.0f} B/token"
+        lines.append(f"student ({names[source]}): held-out next-token CE {r['loss']:.3f}, "
+                     f"perplexity {r['perplexity']:.2f}, accuracy {r['accuracy']:.1%}; "
+                     f"{r['tokens_per_second']:,.0f} tokens/s{stored}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

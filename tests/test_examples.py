@@ -1,6 +1,7 @@
 """The examples in examples/ run in their seconds-long smoke mode (fake / synthetic data of the
 right shapes, nothing downloaded), and the token-level pieces they rely on are exact."""
 import importlib.util
+import math
 import os
 
 import pytest
@@ -67,14 +68,68 @@ def test_cifar_example_never_downloads(cifar, tmp_path):
         cifar.main(["--quiet"])
 
 
-def test_lm_example_smoke_online_and_cached_agree(lm, tmp_path):
-    online = lm.main(["--smoke", "--quiet", "--device", "cpu"])
-    cached = lm.main(["--smoke", "--quiet", "--device", "cpu", "--cached",
-                      "--cache-dir", str(tmp_path)])
-    assert online["teacher_loss"] == cached["teacher_loss"]  # same seed, same teacher
-    # the students differ only through the fp16 rounding of the cached teacher logits
-    assert abs(online["student_loss"] - cached["student_loss"]) < 1e-2
-    assert abs(online["student_accuracy"] - cached["student_accuracy"]) < 0.02
+def test_lm_example_smoke_every_teacher_source(lm, tmp_path, capsys):
+    results = lm.main(["--smoke", "--quiet", "--device", "cpu", "--cache-dir", str(tmp_path)])
+    sources = results["sources"]
+    assert list(sources) == ["online", "dense", "topk", "sample"]
+    # evaluated at the same steps (every step of the smoke run: 32 sequences / batch 16)
+    assert all(list(r["perplexity_at_step"]) == [1, 2] for r in sources.values())
+    # online and dense-cache students differ only through the fp16 rounding of the cache
+    assert abs(sources["online"]["loss"] - sources["dense"]["loss"]) < 1e-2
+    # top-16 (with the exact tail bucket) and 32 draws: the same two steps land near dense KD
+    for source in ("topk", "sample"):
+        for step, perplexity in sources[source]["perplexity_at_step"].items():
+            dense = sources["dense"]["perplexity_at_step"][step]
+            assert math.isfinite(perplexity) and abs(perplexity / dense - 1) < 0.1
+    # byte-level text (V = 256): fp16 rows 512 B, top-16 68 B, 32 draws 32 x 3 B (+ labels)
+    assert sources["online"]["cache_bytes_per_token"] is None
+    assert sources["topk"]["cache_bytes_per_token"] < sources["sample"]["cache_bytes_per_token"] \
+        < sources["dense"]["cache_bytes_per_token"] / 4
+    out = capsys.readouterr().out
+    assert "held-out perplexity at the same steps" in out and "top-16 cache" in out
+    assert "sample-32 cache" in out
+
+
+def test_lm_example_text_is_real_and_split(lm):
+    """Byte tokens of Python's bundled documentation; held-out text never seen in training."""
+    args = lm.parse_args(["--sequences", "40", "--min-len", "16", "--max-len", "32"])
+    train, held_out = lm.make_datasets(args)
+    assert len(train) == 40 and len(held_out) == 16
+    text = lm.pydoc_bytes()
+    first = bytes(train[0]["input_ids"].tolist())
+    assert text.startswith(first) and b"assert" in text[:2000]
+    split = len(text) * 9 // 10
+    assert text[split:].startswith(bytes(held_out[0]["input_ids"].tolist()))
+    assert torch.equal(train[3]["labels"][:-1], train[3]["input_ids"][1:])
+    assert train[3]["labels"][-1] == lm.IGNORE_INDEX
+
+
+def test_lm_topk_cache_with_every_class_equals_dense_cache(lm, tmp_path):
+    """A top-V cache batched by collate_padded gives kd_loss (tail bucket, T = 2) the loss and
+    gradient of the dense cache: the same fp16 logits, and the tail bucket is empty. The top-k
+    lse is float32 logsumexp of the teacher's float32 row, the dense loss works from the fp16
+    row: rtol 1e-3 (fp16 rounding of logits of magnitude < 8)."""
+    torch.manual_seed(0)
+    vocab = 24
+    dataset = lm.MarkovTokens(6, vocab, 3, 9, seed=5)
+    teacher = TinyCausalLM(vocab, dim=16, num_layers=1).eval()
+    targets = {}
+    for name, layout in (("dense", {}), ("topk", {"top_k": vocab, "temperature": 2.0})):
+        fastkd.cache.write_cache(teacher, dataset, str(tmp_path / name), batch_size=4,
+                                 progress=False, **layout)
+        cached = fastkd.CachedDataset(dataset, fastkd.LogitCache(str(tmp_path / name)))
+        input_ids, labels, targets[name] = lm.cached_batch([cached[i] for i in range(6)])
+    assert isinstance(targets["topk"], fastkd.TopKLogits)
+    student_logits = torch.randn(*labels.shape, vocab, generator=torch.Generator().manual_seed(1))
+    losses, grads = {}, {}
+    for name, target in targets.items():
+        logits = student_logits.clone().requires_grad_()
+        losses[name] = fastkd.kd_loss(logits, target, labels, temperature=2.0)
+        losses[name].backward()
+        grads[name] = logits.grad
+    torch.testing.assert_close(losses["topk"], losses["dense"], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(grads["topk"], grads["dense"], rtol=1e-3, atol=1e-5)
+    assert bool((grads["topk"][labels == lm.IGNORE_INDEX] == 0).all())
 
 
 def test_token_kd_on_padded_batch_equals_per_sequence_losses(lm):
