@@ -211,7 +211,7 @@ def test_sampled_cache_reads_as_sampled_targets(tmp_path):
 
 
 @pytest.mark.parametrize("layout", [{"sample": 16}, {"top_k": 4, "temperature": [1.0, 2.0]}])
-def test_sparse_resume_after_a_crash_is_byte_identical(tmp_path, layout):
+def test_sparse_resume_after_a_crash_is_byte_identical(tmp_path, layout, capsys):
     """An exception partway (the teacher's 12th forward call); the rerun resumes after the last
     finished shard and the result matches an uninterrupted run byte for byte."""
     data = cache_helpers.TokenSequences(n=24)
@@ -221,6 +221,8 @@ def test_sparse_resume_after_a_crash_is_byte_identical(tmp_path, layout):
         write_cache(CrashingLM(fail_at=12), data, tmp_path / "resumed", **settings)
     partial = fmt.read_manifest(str(tmp_path / "resumed"))
     assert partial["status"] == "incomplete" and 0 < len(partial["shards"])
+    assert fastkd_main(["info", str(tmp_path / "resumed")]) == 0
+    assert "cached so far" in capsys.readouterr().out
     write_cache(CrashingLM(), data, tmp_path / "resumed", **settings)
     reference = fmt.read_manifest(str(tmp_path / "reference"))
     resumed = fmt.read_manifest(str(tmp_path / "resumed"))
