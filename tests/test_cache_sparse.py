@@ -263,6 +263,14 @@ def test_collate_batches_variable_length_sparse_rows(tmp_path, layout):
             assert bool((target.counts[row, padded] == 1).all())
     if isinstance(target, fastkd.TopKLogits):
         assert target.temperature == 2.0 and isinstance(target.temperature, float)
+    # straight into the loss: finite, and no gradient at padded positions
+    student = torch.randn(*labels.shape, cache_helpers.TOKEN_VOCAB, requires_grad=True)
+    temperature = 2.0 if "top_k" in layout else 1.0
+    loss = fastkd.kd_loss(student, target, labels, temperature=temperature)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(student.grad).all())
+    assert bool((student.grad[labels == -100] == 0).all())
+    assert bool((student.grad[labels != -100].abs().sum(-1) > 0).all())
 
 
 def test_collate_batches_one_row_per_sample(tmp_path):
