@@ -235,3 +235,27 @@ def test_bf16_teacher_cache(setup, tmp_path):
     got = cache[0]
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
     assert not torch.equal(got, expected)  # really ran in bf16
+
+
+def test_fused_path_is_used_and_full_student_logits_are_never_made(setup, monkeypatch):
+    """Dense cached and online teachers go through fastkd.linear_kd_loss (online as a
+    TeacherHead); the student runs with logits_to_keep=1, so its output holds one position."""
+    if not hasattr(fastkd, "linear_kd_loss"):
+        pytest.skip("fastkd.linear_kd_loss not available")
+    teacher, data, caches, _ = setup
+    calls = []
+    real = fastkd.linear_kd_loss
+
+    def spy(hidden, weight, teacher_arg, *args, **kwargs):
+        calls.append(type(teacher_arg).__name__)
+        return real(hidden, weight, teacher_arg, *args, **kwargs)
+
+    monkeypatch.setattr(fastkd, "linear_kd_loss", spy)
+    batch = collate_causal_lm([CachedDataset(data, caches["fp16"])[i] for i in range(3)])
+    model = student()
+    shapes = []
+    model.register_forward_hook(lambda module, args, output: shapes.append(output.logits.shape))
+    DistillationLoss(model, temperature=TEMPERATURE, hook=False).compute(batch)
+    DistillationLoss(model, teacher, temperature=TEMPERATURE, hook=False).compute(batch)
+    assert calls == ["Tensor", "Tensor", "TeacherHead", "TeacherHead"]  # KD part, CE part
+    assert all(shape[1] == 1 for shape in shapes) and len(shapes) == 2
