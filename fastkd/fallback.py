@@ -42,6 +42,11 @@ CHUNK_BYTES = 2 * 1024 * 1024
 CHUNK_BYTES_DEVICE = 64 * 1024 * 1024
 # Largest integer power computed by repeated multiplication instead of a second exp.
 _MAX_INT_POWER = 4
+# On CPU, rows of at most this many classes take the short path (_short_rows_chunk) for
+# forward_kl and the hard term: fused ATen log_softmax kernels and ~20 ops per chunk instead of
+# the workspace path's ~60. At V = 10 ... 1000 (classic KD) a batch is a few kB to a few MB and
+# the per-op overhead, not memory traffic, is the cost.
+SHORT_ROW_CLASSES = 2048
 
 
 def _row_dot(left: torch.Tensor, right: torch.Tensor, work: "_Workspace") -> torch.Tensor:
@@ -284,13 +289,67 @@ def _row_blocks(student_logits, teacher_logits, grad, chunk_rows):
                    grad[batch, block] if grad is not None else None)
 
 
+def _short_rows_chunk(student, teacher, targets, keep, grad, opts):
+    """Row losses (C,) of forward_kl and/or the hard term for short rows (V <= SHORT_ROW_CLASSES)
+    with fused ATen kernels; fills ``grad``. Same math as :func:`_process_chunk`::
+
+        soft = T^2 sum_v p_t (log p_t - log p_s)   (0 log 0 = 0 where p_t = 0)
+        hard = -log q[y],  q = softmax(z_s)
+        grad = grad_scale (soft_weight T (p_s - p_t) + hard_weight (q - onehot(y)))
+    """
+    temp = opts.temperature
+    student = student.float()
+    row_loss = grad_acc = log_p_s = p_s = None
+    if opts.soft:
+        log_p_s = torch.log_softmax(student if temp == 1.0 else student * opts.inv_temperature, 1)
+        teacher = teacher.float()
+        log_p_t = torch.log_softmax(teacher if temp == 1.0 else teacher * opts.inv_temperature, 1)
+        p_t = log_p_t.exp()
+        # 0 * log 0 = 0 where p_t == 0; a NaN teacher entry keeps p_t (hence the row) NaN
+        log_ratio = torch.where(p_t > 0, log_p_t - log_p_s, 0.0)
+        row_loss = torch.linalg.vecdot(p_t, log_ratio).clamp_min_(0.0).mul_(
+            opts.soft_weight * temp * temp)
+        if grad is not None:
+            p_s = log_p_s.exp()
+            grad_acc = torch.sub(p_s, p_t).mul_(opts.grad_scale * opts.soft_weight * temp)
+    if opts.hard:
+        log_q = log_p_s if temp == 1.0 and log_p_s is not None else torch.log_softmax(student, 1)
+        picked = log_q.gather(1, targets.unsqueeze(1)).view(-1)
+        if row_loss is None:
+            row_loss = picked.mul_(-opts.hard_weight)
+        else:
+            row_loss.sub_(picked, alpha=opts.hard_weight)
+        if grad is not None:
+            hard_scale = opts.grad_scale * opts.hard_weight
+            if grad_acc is None:
+                grad_acc = log_q.exp().mul_(hard_scale)
+            else:
+                grad_acc.add_(p_s if temp == 1.0 else log_q.exp(), alpha=hard_scale)
+            grad_acc.scatter_(1, targets.unsqueeze(1), -hard_scale, reduce="add")
+    if row_loss is None:
+        row_loss = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+    if keep is not None:
+        row_loss = torch.where(keep, row_loss, 0.0)
+    if grad is not None:
+        # the student chunk has been read in full: grad may alias it from here on
+        if grad_acc is None:
+            grad.zero_()
+        else:
+            grad.copy_(grad_acc)
+        if keep is not None:
+            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+    return row_loss
+
+
 @torch.no_grad()  # the gradient is computed here, not traced (direct callers may pass leaves)
 def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
                      soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                     ignore_index: int, grad_scale, grad: Optional[torch.Tensor]) -> torch.Tensor:
+                     ignore_index: int, grad_scale, grad: Optional[torch.Tensor],
+                     labels_in_range: bool = False) -> torch.Tensor:
     """Row losses ``(N,)`` float32 of ``(N, V)`` (or ``(B, S, V)``) logits; fills ``grad`` (see
-    the contract in ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits``."""
+    the contract in ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits``.
+    ``labels_in_range``: the caller has checked every kept label (skips the guard)."""
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // num_classes
     device = student_logits.device
@@ -306,6 +365,8 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
     chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
     work = _Workspace(chunk_rows, num_classes, device)
+    short_rows = (device.type == "cpu" and num_classes <= SHORT_ROW_CLASSES
+                  and (not opts.soft or divergence == "forward_kl"))
 
     for start, student, teacher, grad_chunk in _row_blocks(student_logits, teacher_logits, grad,
                                                            chunk_rows):
@@ -314,25 +375,32 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         if labels is not None:
             chunk_labels = labels[start:stop]
             keep = chunk_labels != ignore_index
-            if not bool(keep.any()):  # nothing kept: loss 0 (already), gradient 0
+            kept = int(keep.sum())
+            if kept == 0:  # nothing kept: loss 0 (already), gradient 0
                 if grad_chunk is not None:
                     grad_chunk.zero_()
                 continue
-            if bool(keep.all()):
+            if kept == keep.shape[0]:
                 keep = None
                 targets = chunk_labels
             else:
-                targets = torch.where(keep, chunk_labels, torch.zeros_like(chunk_labels))
-            # labels the caller did not validate (validate_labels=False): never index out of
-            # bounds; such rows get a NaN loss below
-            clamped = targets.clamp(0, num_classes - 1)
-            out_of_range = clamped != targets
-            targets = clamped
+                targets = torch.where(keep, chunk_labels, 0)
+            out_of_range = None
+            if not labels_in_range:
+                # labels the caller did not validate: never index out of bounds; such rows
+                # get a NaN loss below
+                clamped = targets.clamp(0, num_classes - 1)
+                out_of_range = clamped != targets
+                targets = clamped
         elif teacher_labels:
             targets = teacher.argmax(1)  # first index of the maximum
-        row_loss[start:stop] = _process_chunk(student, teacher, targets, keep, grad_chunk,
-                                              opts, work)
-        if labels is not None:
+        if short_rows:
+            row_loss[start:stop] = _short_rows_chunk(student, teacher, targets, keep,
+                                                     grad_chunk, opts)
+        else:
+            row_loss[start:stop] = _process_chunk(student, teacher, targets, keep, grad_chunk,
+                                                  opts, work)
+        if labels is not None and out_of_range is not None:
             _poison_rows(out_of_range, row_loss[start:stop], grad_chunk)
         if teacher_labels and opts.hard:
             # argmax picks a NaN as the maximum, which would hide it from a hard-only loss

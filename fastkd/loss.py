@@ -50,6 +50,8 @@ Rows whose label == ignore_index get row_loss 0 and a zero gradient row. A kept 
 grad_scale: a float, or a 0-d float32 tensor on the logits' device (no host sync needed).
 grad: None (no gradient wanted) or a tensor of the student's shape and dtype, last-dim stride 1,
     possibly the student tensor itself (in-place); it is filled with grad_scale * d row_loss / dz_s.
+labels_in_range (optional, default False): the caller has checked every kept label; a backend
+    may skip its own guard.
 Returns row_loss: (N,) float32. All accumulation in float32.
 """
 
@@ -203,22 +205,29 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         num_classes, 1)
     pending = None
     kept = num_rows
+    labels_in_range = False
     if label_mode == _LABEL_TENSOR:
         labels_1d = labels_1d.to(torch.int64).contiguous()
-        if validate_labels or reduction == "batchmean":
-            kept_tensor, bad = label_status(labels_1d, num_classes, ignore_index)
-            if labels_1d.device.type not in _SYNCING_DEVICES:
-                kept_value, bad_value = torch.stack([kept_tensor, bad.long()]).tolist()
+        if labels_1d.device.type not in _SYNCING_DEVICES and num_rows:
+            # host reads are free here; one min/max settles the common case (no ignored row)
+            lowest, highest = (value.item() for value in torch.aminmax(labels_1d))
+            if 0 <= lowest and highest < num_classes and not lowest <= ignore_index <= highest:
+                labels_in_range = True
+            else:
+                kept_value, bad_value = torch.stack(
+                    [value.long() for value in label_status(labels_1d, num_classes,
+                                                            ignore_index)]).tolist()
                 if validate_labels and bad_value:
                     raise_bad_labels(labels_1d, num_classes, ignore_index)
-                kept = kept_value
-            else:
-                kept = kept_tensor
-                if validate_labels:
-                    pending = _Pending(bad, labels_1d, num_classes, ignore_index)
-                    if not defer_check:
-                        pending.raise_if_bad(bool(bad))  # the one sync of this step
-                        pending = None
+                kept, labels_in_range = kept_value, not bad_value
+        elif validate_labels or reduction == "batchmean":
+            kept_tensor, bad = label_status(labels_1d, num_classes, ignore_index)
+            kept = kept_tensor
+            if validate_labels:
+                pending = _Pending(bad, labels_1d, num_classes, ignore_index)
+                if not defer_check:
+                    pending.raise_if_bad(bool(bad))  # the one sync of this step
+                    pending = None
     else:
         labels_1d = None
     # jsd with beta at an end point *is* forward/reverse KL (TRL GKD / Liger convention).
@@ -241,7 +250,7 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         student_rows, teacher_rows, labels_1d, teacher_labels=label_mode == _LABEL_TEACHER,
         temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
         divergence=divergence, beta=beta, ignore_index=ignore_index, grad_scale=grad_scale,
-        grad=grad)
+        grad=grad, labels_in_range=labels_in_range)
     if reduction == "none":
         loss = row_loss
     else:

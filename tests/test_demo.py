@@ -16,7 +16,8 @@ def test_demo_quick_runs_and_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0
     for line in ("teacher CNN", "student, from scratch", "student, distilled from the logit cache",
-                 "teacher-logit cache:", "fastkd.kd_loss (fused)", "textbook eager", "speed-up"):
+                 "teacher-logit cache:", "fastkd.kd_loss", "textbook eager", "speed-up",
+                 "64 x 10 (this demo's batches)", "128 x 1024 (large vocabulary)"):
         assert line in out, f"missing {line!r} in:\n{out}"
     accuracies = [float(value) for value in re.findall(r"(\d+\.\d)%", out)]
     assert len(accuracies) == 3 and all(0.0 <= value <= 100.0 for value in accuracies)
@@ -40,6 +41,18 @@ def test_demo_quick_results_and_rerun_into_same_directory(tmp_path):
     for key in ("teacher_accuracy", "scratch_accuracy", "distilled_accuracy", "cache_rows"):
         assert first[key] == second[key], key  # deterministic with fixed seeds
     assert first["fused_seconds"] > 0 and first["textbook_seconds"] > 0
+    assert [(entry["rows"], entry["vocab"]) for entry in first["throughput"]] == [
+        (64, 10), (128, 1024)]
+
+
+def test_throughput_lines_say_when_fastkd_is_slower():
+    lines = demo.throughput_lines([
+        {"label": "small", "rows": 64, "vocab": 10, "fused_seconds": 2e-4,
+         "textbook_seconds": 1e-4},
+        {"label": "large", "rows": 8, "vocab": 9, "fused_seconds": 1e-3,
+         "textbook_seconds": 4e-3}])
+    assert "0.50x  (fastkd is SLOWER here)" in lines[2]
+    assert lines[3].endswith("4.00x")
 
 
 @pytest.mark.parametrize("argv, message", [
