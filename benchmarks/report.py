@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.presets import CPU_TARGET
+from benchmarks.presets import CPU_TARGET, SMALL_V_TARGETS
 
 PROVIDER_ORDER = ("fastkd", "eager", "compile", "liger", "densify", "topk-eager", "topk-compile")
 
@@ -109,6 +109,15 @@ def evaluate_goals(records, device: str) -> list:
                                detail=_min_detail(target, "compile")))
         goals.append(_at_most(f"{label}: fastkd extra peak memory", _buffers(target.get("fastkd")),
                               1.0, " buffers"))
+        for case in SMALL_V_TARGETS:
+            providers = cases.get(case.id, {})
+            label = f"CPU small V {case.rows}x{case.vocab} fp32 fwd+bwd"
+            goals.append(_at_least(f"{label}: fastkd vs eager composition",
+                                   _speedup(providers, "eager"), 1.5,
+                                   detail=_min_detail(providers, "eager")))
+            goals.append(_at_least(f"{label}: fastkd vs torch.compile (no slower)",
+                                   _speedup(providers, "compile"), 1.0,
+                                   detail=_min_detail(providers, "compile")))
     else:
         for case_id, providers in sorted(cases.items()):
             case = next(iter(providers.values()))["case"]
@@ -125,6 +134,27 @@ def evaluate_goals(records, device: str) -> list:
                                        detail=_min_detail(providers, baseline)))
             goals.append(_at_most(f"{label}: fastkd extra peak memory", _buffers(fastkd), 1.0,
                                   " buffers"))
+    startup = {r["metric"]: r for r in records if r.get("kind") == "startup"}
+    first = startup.get("first_call")
+    goals.append(_at_most("first kd_loss call in a fresh process, beyond `import torch`",
+                          first["seconds"] if first else None, 0.2, " s",
+                          detail="" if not first else (
+                              "imports torch._dynamo/inductor/sympy"
+                              if first["compiler_stack_imported"] else
+                              "no torch._dynamo/inductor/sympy imported")))
+    cli = startup.get("cli_help")
+    goals.append({"goal": "`fastkd --help` and argument errors without importing torch",
+                  "target": "torch not imported",
+                  "measured": "not measured" if not cli else (
+                      f"{'torch imported' if cli['torch_imported'] else 'torch not imported'}, "
+                      f"{cli['seconds'] * 1e3:.0f} ms"),
+                  "status": "not measured" if not cli else (
+                      "missed" if cli["torch_imported"] else "met"), "detail": ""})
+    syncs = startup.get("host_syncs")
+    if syncs is not None:
+        goals.append(_at_most("host syncs per kd_loss step (CUDA, Triton, default options)",
+                              syncs["default"], 1, "",
+                              detail=f"validate_labels=False: {syncs['sync_free']}"))
     cache = {r["metric"]: r for r in records if r.get("kind") == "cache"}
     write = cache.get("write")
     goals.append(_at_most("cache write: added to the teacher's forward time",
@@ -219,6 +249,32 @@ def cache_table(records) -> str:
     return _table(["metric", "workload", "median ms", "IQR ms", "figures"], rows)
 
 
+def startup_table(records) -> str:
+    rows = []
+    for r in (r for r in records if r.get("kind") == "startup"):
+        if r["metric"] == "first_call":
+            figures = (f"first kd_loss fwd+bwd {r['seconds'] * 1e3:.0f} ms beyond `import torch` "
+                       f"({r['import_torch_seconds']:.2f} s); {r['new_modules']} modules loaded; "
+                       f"compiler stack imported: {r['compiler_stack_imported']}")
+        elif r["metric"] == "cli_help":
+            figures = (f"`fastkd --help` {r['seconds'] * 1e3:.0f} ms; torch imported: "
+                       f"{r['torch_imported']}")
+        else:
+            figures = (f"per step: {r['default']} (default), {r['sync_free']} "
+                       f"(validate_labels=False), {r['no_labels']} (labels=None)")
+        rows.append([r["metric"], figures])
+    return _table(["metric", "figures"], rows)
+
+
+def kernel_table(records) -> str:
+    rows = [[r["module"].rsplit(".", 1)[-1], r["name"], r["arch"], r["num_warps"],
+             "compile error" if "error" in r else r["registers"],
+             "-" if "error" in r else f"{r['spill_store_bytes']}/{r['spill_load_bytes']}",
+             "-" if "error" in r else r["shared_bytes"]] for r in records]
+    return _table(["kernels", "specialization", "arch", "warps", "registers/thread",
+                   "spill bytes store/load", "shared bytes"], rows)
+
+
 def goals_table(goals) -> str:
     return _table(["goal", "target", "measured", "status", "note"],
                   [[g["goal"], g["target"], g["measured"], g["status"], g["detail"]] for g in goals])
@@ -266,6 +322,12 @@ def markdown(records, env: dict, preset: str, goals: list, plots=()) -> str:
         parts += ["## Loss", "", loss_table(records), ""]
     if any(r.get("kind") == "cache" for r in records):
         parts += ["## Cache", "", cache_table(records), ""]
+    if any(r.get("kind") == "startup" for r in records):
+        parts += ["## Start-up and host syncs", "", startup_table(records), ""]
+    kernels = env.get("kernel_resources")
+    if kernels:
+        parts += ["## Kernel resources (ahead-of-time compile, ptxas -v)", "",
+                  kernel_table(kernels), ""]
     for plot in plots:
         parts += [f"![{Path(plot).stem}]({Path(plot).name})", ""]
     return "\n".join(parts)

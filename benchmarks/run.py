@@ -2,7 +2,15 @@
 
     python benchmarks/run.py --preset quick          # CPU, a few minutes
     python benchmarks/run.py --preset full           # GPU
+    python benchmarks/run.py --preset gpu-check      # GPU: tests + kernel resources + full
     python benchmarks/run.py --render results/x/pytest-benchmark.json   # tables/plots only
+
+``gpu-check`` is the one command for a machine that has a GPU for a short while: it installs
+Liger-Kernel from ``.whl/`` if it is not importable (``pip download liger-kernel --no-deps -d
+.whl/`` on a machine with PyPI), runs the test suite on the real kernels (``tests-gpu.txt``),
+compiles every kernel specialization and records registers, spills and shared memory
+(``kernel_resources.json``), then runs the ``full`` preset with every provider and writes the
+results folder, whose goals table then has every GPU row filled.
 
 Runs the pytest-benchmark suite in ``benchmarks/`` (a subprocess), keeps its raw JSON as
 ``pytest-benchmark.json``, and writes ``results.json``, ``results.md`` and the PNG plots.
@@ -10,6 +18,7 @@ Runs the pytest-benchmark suite in ``benchmarks/`` (a subprocess), keeps its raw
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,11 +71,75 @@ def render(pytest_json_path: Path, out_dir: Path = None) -> dict:
     return written
 
 
+WHEEL_DIR = REPO_ROOT / ".whl"
+
+
+def _ensure_liger() -> str:
+    """Install liger-kernel from the carried wheels in .whl/ when it is not importable."""
+    import importlib.util
+    if importlib.util.find_spec("liger_kernel") is not None:
+        return "already installed"
+    wheels = sorted(WHEEL_DIR.glob("liger_kernel-*.whl"))
+    if not wheels:
+        return (f"not installed and no wheel in {WHEEL_DIR} (pip download liger-kernel --no-deps "
+                "-d .whl/ where PyPI is reachable): the liger rows stay empty")
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index",
+                             "-q", str(wheels[-1])], capture_output=True, text=True)
+    return f"installed {wheels[-1].name}" if result.returncode == 0 else \
+        f"pip install {wheels[-1].name} failed: {result.stderr[-500:]}"
+
+
+def gpu_check(args: argparse.Namespace) -> int:
+    """Tests on the real kernels, kernel resources, then the full preset (see the docstring)."""
+    import torch
+    if not torch.cuda.is_available():
+        print("gpu-check needs a CUDA device (torch sees none)", file=sys.stderr)
+        return 2
+    name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    out_dir = Path(args.out) if args.out else RESULTS_ROOT / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print("liger-kernel:", _ensure_liger(), flush=True)
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    try:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p",
+                                "no:cacheprovider"], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=args.tests_timeout)
+    except subprocess.TimeoutExpired as timeout:
+        tests = subprocess.CompletedProcess(timeout.cmd, 124, str(timeout.stdout or ""),
+                                            f"timed out after {args.tests_timeout} s")
+    (out_dir / "tests-gpu.txt").write_text(tests.stdout[-200000:] + tests.stderr[-20000:])
+    print(f"tests on the real kernels: exit code {tests.returncode}; "
+          f"{tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else ''}", flush=True)
+    resources = out_dir / "kernel_resources.json"
+    aot = subprocess.run([sys.executable, "-m", "fastkd.kernels.aot", "--json", str(resources)],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    print(aot.stdout[-3000:], aot.stderr[-2000:], flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        json_path = Path(scratch) / "pytest-benchmark.json"
+        code = run_suite("full", json_path, args.only, args.keyword, "cuda", args.threads)
+        if not json_path.exists():
+            print(f"pytest wrote no benchmark JSON (exit code {code})", file=sys.stderr)
+            return code or 1
+        data = json.loads(json_path.read_text())
+        if resources.exists():
+            data.setdefault("fastkd", {}).setdefault("environment", {})["kernel_resources"] = \
+                json.loads(resources.read_text())
+        data["fastkd"]["gpu_check"] = {"tests_exit_code": tests.returncode,
+                                       "aot_exit_code": aot.returncode}
+        json_path.write_text(json.dumps(data))
+        render(json_path, out_dir)
+    return max(code, tests.returncode != 0, aot.returncode != 0)
+
+
 def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
         description="Run the fastkd benchmark suite and write JSON, markdown and plots.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick",
-                        help="quick: CPU, a few minutes; full: GPU sweep; smoke: seconds, for the tests only (default: quick)")
+    parser.add_argument("--preset", choices=sorted(PRESETS) + ["gpu-check"], default="quick",
+                        help="quick: CPU, a few minutes; full: GPU sweep; gpu-check: GPU tests, "
+                             "kernel resources and the full preset in one go; smoke: seconds, "
+                             "for the tests only (default: quick)")
+    parser.add_argument("--tests-timeout", type=int, default=900,
+                        help="gpu-check: seconds allowed for the test suite (default 900)")
     parser.add_argument("--only", choices=("all", "loss", "cache"), default="all",
                         help="run only the loss or only the cache benchmarks")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression to select cases")
@@ -82,6 +155,8 @@ def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentPar
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.preset == "gpu-check" and not args.render:
+        return gpu_check(args)
     if args.render:
         render(args.render, args.out)
         return 0

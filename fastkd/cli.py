@@ -1,20 +1,50 @@
 """The `fastkd` command line. Each sub-command lives in the module that owns its feature and
-registers itself through an ``add_parser(subparsers)`` function; this file only wires them up."""
+registers itself through an ``add_parser(subparsers)`` function; this file only wires them up.
+
+Start-up cost: only the module of the command being run is imported. ``fastkd --help``,
+``fastkd --version`` and a mistyped command never import torch (the table below gives their
+one-line help); ``fastkd <command> --help`` imports that command's module.
+"""
 import argparse
 import importlib
 import sys
 
-# sub-command modules, each exposing add_parser(subparsers) that sets `func` on its parser
-_COMMAND_MODULES = ("fastkd.cache.commands", "fastkd.cache.importer", "fastkd.demo", "fastkd.bench")
+# command -> (module exposing add_parser(subparsers), which sets `func`; one-line help)
+_COMMANDS = {
+    "cache": ("fastkd.cache.commands",
+              "run a teacher once over a dataset and cache its logits as fp16 shards"),
+    "verify": ("fastkd.cache.commands", "check every cache file against its checksum"),
+    "info": ("fastkd.cache.commands", "summarize a cache directory"),
+    "import": ("fastkd.cache.importer",
+               "turn a served teacher's top-k log-probs (vLLM JSONL) into a top-k cache"),
+    "demo": ("fastkd.demo",
+             "train a digits teacher, cache its logits, distil a student, report"),
+    "bench": ("fastkd.bench", "run the benchmark suite (source checkout only)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested_command(argv):
+    """The sub-command named on the command line (first non-option word), or None."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word
+        if word in ("-h", "--help", "--version"):
+            return None
+    return None
+
+
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser; only the module of the command named in ``argv`` is imported (all of them
+    when ``argv`` is None)."""
     from fastkd import __version__
     parser = argparse.ArgumentParser(
         prog="fastkd", description="Fused knowledge-distillation losses and teacher-logit caching.")
     parser.add_argument("--version", action="version", version=f"fastkd {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _COMMAND_MODULES:
+    wanted = _requested_command(argv) if argv is not None else None
+    for module_name in dict.fromkeys(module for module, _ in _COMMANDS.values()):
+        if argv is not None and _COMMANDS.get(wanted, (None,))[0] != module_name:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -22,11 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # feature not built yet
             raise
         module.add_parser(subparsers)
+    if argv is not None:
+        for name, (_, help_text) in _COMMANDS.items():
+            if name not in subparsers.choices:   # listed in --help, never run
+                subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -271,9 +271,11 @@ def _scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool,
     if in_place and pending is None:
         return grad.mul_(grad_output.to(grad.dtype))
     if pending is not None:
-        output_value, bad_value = torch.stack(
-            [grad_output.detach().float().reshape(()), pending.bad.float()]).tolist()
-        pending.raise_if_bad(bad_value)
+        # one read: grad_output, or NaN when a label was bad (a second read then tells which)
+        output_value = torch.where(pending.bad, float("nan"),
+                                   grad_output.detach().float().reshape(())).item()
+        if output_value != output_value:
+            pending.raise_if_bad(bool(pending.bad))
     else:
         output_value = grad_output.item()
     if output_value == 1.0:
