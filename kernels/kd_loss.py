@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kd_forward_triton", "block_settings", "launch_config", "aot_specializations"]
+__all__ = ["kd_forward_triton", "block_settings", "column_settings", "launch_config", "aot_specializations"]
 
 # divergence codes (constexpr); NONE when soft_weight == 0
 _NONE, _FORWARD_KL, _REVERSE_KL, _JSD, _MSE = 0, 1, 2, 3, 4
@@ -84,6 +84,13 @@ def block_settings(num_classes: int):
     block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_v))
     num_warps = 4 if block_rows > 1 else max(1, min(8, block_v // 512))
     return block_rows, block_v, num_warps
+
+
+def column_settings(num_classes: int):
+    """``(BLOCK_V, num_warps)`` for a kernel with one row per program (the sparse family): the
+    next power of two of V capped at ``MAX_BLOCK_V``, one warp per 512 columns, 1 to 8 warps."""
+    block_v = min(triton.next_power_of_2(num_classes), MAX_BLOCK_V)
+    return block_v, max(1, min(8, block_v // 512))
 
 
 @triton.jit

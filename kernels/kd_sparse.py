@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_loss import _log_mixture, _safe_max, block_settings
+from fastkd.kernels.kd_loss import _log_mixture, _safe_max, column_settings
 
 __all__ = ["kd_sparse_forward_triton", "MAX_K"]
 
@@ -304,7 +304,7 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:
         return row_loss
-    block, num_warps = block_settings(num_classes)
+    block, num_warps = column_settings(num_classes)
     if block_v is not None:
         block = block_v
     code = _DIVERGENCE_CODES[divergence] if soft_weight > 0 else _NONE
