@@ -439,3 +439,14 @@ def test_compact_cache_dtypes(backend):
     counts = torch.randint(1, 9, (3, 8), generator=torch.Generator().manual_seed(16))
     sampled = SampledTargets(target.indices.to(torch.uint16), counts.to(torch.uint8))
     check(student, sampled, None, backend, soft_weight=1.0)
+
+
+def test_fallback_row_chunks(monkeypatch):
+    """The fallback in chunks of 3 rows: a chunk with ignored rows, one with every row ignored,
+    and a short last chunk."""
+    import fastkd.fallback_sparse as fallback_sparse
+    monkeypatch.setattr(fallback_sparse, "CHUNK_BYTES", 3 * 4 * 45)
+    student, target, _ = make_topk((11, 45), 6, seed=17)
+    labels = make_labels((11,), 45, ignored=[1, 3, 4, 5])
+    check(student, target, labels, "torch", divergence="jsd", beta=0.4)
+    check(student, target, "teacher", "torch", tail="renormalize", temperature=1.0)
