@@ -14,7 +14,6 @@ with ``pip install fastkd[hf]``).
 Token data and the batch layout (next-token rows, ``shift_labels``) live in
 :mod:`fastkd.tokens`; see docs/llm-distillation.md.
 """
-import functools
 import inspect
 import os
 from typing import Optional
@@ -265,7 +264,7 @@ class DistillationLoss:
         with torch.no_grad():
             head = self.teacher.get_output_embeddings() if hasattr(
                 self.teacher, "get_output_embeddings") else None
-            if head is not None and hasattr(self.teacher, "base_model") and _has_linear_kd():
+            if head is not None and hasattr(self.teacher, "base_model"):
                 hidden = self.teacher.base_model(**kwargs).last_hidden_state
                 transforms = output_transforms(self.teacher)
                 return fastkd.TeacherHead(
@@ -285,22 +284,12 @@ class DistillationLoss:
             return hard_weight * F.cross_entropy(logits.float(), labels, reduction="sum")
         options = dict(self.options, soft_weight=soft_weight, hard_weight=hard_weight,
                        reduction="sum")
-        sparse = isinstance(teacher, SPARSE_TARGETS)
-        if _has_linear_kd() and (not sparse or _linear_kd_takes_sparse()):
-            if sparse:
-                options["tail"] = self.tail
-            return fastkd.linear_kd_loss(
-                hidden, head.weight, teacher, labels, student_bias=head.bias,
-                student_logit_scale=transforms["logit_scale"],
-                student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
-        # unfused: the same objective on the kept rows' full logits (the fused path does not
-        # take this kind of teacher here)
-        logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)
-        if sparse and _sparse_kd_supported():
+        if isinstance(teacher, SPARSE_TARGETS):
             options["tail"] = self.tail
-        return fastkd.kd_loss(logits, _dense_teacher(teacher, logits.shape[-1],
-                                                     self.options["temperature"]),
-                              labels, **options)
+        return fastkd.linear_kd_loss(
+            hidden, head.weight, teacher, labels, student_bias=head.bias,
+            student_logit_scale=transforms["logit_scale"],
+            student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
 
     # ------------------------------------------------------------------------- stock Trainer
     def _pre_hook(self, module, args, kwargs):
@@ -367,50 +356,6 @@ def trainer_collator(items, **kwargs) -> dict:
 def _device_of(target) -> torch.device:
     return (target.values if isinstance(target, TopKLogits) else
             target.indices if isinstance(target, SampledTargets) else target).device
-
-
-def _has_linear_kd() -> bool:
-    return hasattr(fastkd, "linear_kd_loss") and hasattr(fastkd, "TeacherHead")
-
-
-def _probe_top_k():
-    return TopKLogits(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1))
-
-
-@functools.lru_cache(maxsize=None)
-def _linear_kd_takes_sparse() -> bool:
-    """Whether :func:`fastkd.linear_kd_loss` takes sparse targets (probed once)."""
-    try:
-        fastkd.linear_kd_loss(torch.zeros(1, 2), torch.zeros(2, 2), _probe_top_k(),
-                              backend="torch")
-    except TypeError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _sparse_kd_supported() -> bool:
-    """Whether :func:`fastkd.kd_loss` takes sparse targets directly (probed once)."""
-    try:
-        fastkd.kd_loss(torch.zeros(1, 2), _probe_top_k(), backend="torch")
-    except TypeError:
-        return False
-    return True
-
-
-def _dense_teacher(teacher, num_classes: int, temperature: float):
-    """Teacher logits for :func:`fastkd.kd_loss` when it cannot take a sparse target: logits
-    whose tempered softmax is the target (``T * log p``)."""
-    if not isinstance(teacher, SPARSE_TARGETS) or _sparse_kd_supported():
-        return teacher
-    if isinstance(teacher, TopKLogits):
-        stored = float(teacher.temperature if not isinstance(teacher.temperature, torch.Tensor)
-                       else teacher.temperature.flatten()[0])
-        if stored != temperature:
-            raise ValueError(f"the top-k targets' lse belongs to temperature {stored}, the loss "
-                             f"uses {temperature}; cache with --temperature {temperature}")
-        return temperature * teacher.log_probs(num_classes)
-    return temperature * teacher.probs(num_classes).log()
 
 
 # ----------------------------------------------------------------------------- the Trainer

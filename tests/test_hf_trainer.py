@@ -189,11 +189,6 @@ def test_online_teacher_without_hf_methods_is_checked_by_its_logits(setup):
         DistillationLoss(student(), Wide(), hook=False).compute(batch)
 
 
-def _sparse_kd_loss_available():
-    from fastkd.hf import _sparse_kd_supported
-    return _sparse_kd_supported()
-
-
 @pytest.mark.parametrize("layout", ["topk-T2", "sampled"])
 def test_sparse_caches_of_an_hf_teacher_train(setup, layout, tmp_path):
     """Top-k with the lse cached at the training temperature, and sampled targets: the loss
@@ -211,8 +206,6 @@ def test_sparse_caches_of_an_hf_teacher_train(setup, layout, tmp_path):
     assert torch.isfinite(loss) and parts["kd_loss"] > 0
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-    if not _sparse_kd_loss_available():
-        pytest.skip("fastkd.kd_loss does not take sparse targets yet (interim: densified)")
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = fastkd.kd_loss(logits, batch["teacher_targets"], batch["shift_labels"],
                               temperature=temperature, backend="torch")
