@@ -42,11 +42,13 @@ CHUNK_BYTES = 2 * 1024 * 1024
 CHUNK_BYTES_DEVICE = 64 * 1024 * 1024
 # Largest integer power computed by repeated multiplication instead of a second exp.
 _MAX_INT_POWER = 4
-# On CPU, rows of at most this many classes take the short path (_short_rows_chunk) for
-# forward_kl and the hard term: fused ATen log_softmax kernels and ~20 ops per chunk instead of
-# the workspace path's ~60. At V = 10 ... 1000 (classic KD) a batch is a few kB to a few MB and
-# the per-op overhead, not memory traffic, is the cost.
+# On CPU, small batches of short rows take the short path (_short_rows_chunk) for forward_kl
+# and the hard term: fused ATen log_softmax kernels and ~20 ops per chunk instead of the
+# workspace path's ~60, which wins where per-op overhead is the cost. Same-run measurements
+# (2 threads, T = 2, fwd+bwd): the short path is faster at 256 x 10 and 256 x 100, but 1.3-1.4x
+# slower than the workspace path at 256 x 1000 and 8192 x 100; hence both limits.
 SHORT_ROW_CLASSES = 2048
+SHORT_PATH_ELEMENTS = 64 * 1024
 
 
 def _row_dot(left: torch.Tensor, right: torch.Tensor, work: "_Workspace") -> torch.Tensor:
@@ -366,6 +368,7 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
     work = _Workspace(chunk_rows, num_classes, device)
     short_rows = (device.type == "cpu" and num_classes <= SHORT_ROW_CLASSES
+                  and num_rows * num_classes <= SHORT_PATH_ELEMENTS
                   and (not opts.soft or divergence == "forward_kl"))
 
     for start, student, teacher, grad_chunk in _row_blocks(student_logits, teacher_logits, grad,
