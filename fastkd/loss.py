@@ -343,27 +343,34 @@ def _(student_logits, teacher_logits, labels, label_mode, temperature, soft_weig
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.per_row = inputs[10] == "none"
-    # The gradient output is never differentiated; without this autograd would materialize a
-    # logits-sized zeros tensor as its incoming gradient on every backward.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+def register_grad_in_forward_autograd(op, num_inputs: int, reduction_index: int) -> None:
+    """Autograd for a custom op returning ``(loss, grad)`` whose ``grad`` (made in forward) is
+    ``d loss / d input 0`` for ``grad_output == 1``: backward scales it by ``grad_output``
+    (per row for ``reduction="none"``, read from input ``reduction_index``), with no host read
+    (it is traced by torch.compile). Shared by the dense and the sparse loss ops."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[1])
+        ctx.per_row = inputs[reduction_index] == "none"
+        # The gradient output is never differentiated; without this autograd would materialize
+        # a logits-sized zeros tensor as its incoming gradient on every backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_output, _grad_of_grad):
+        (grad,) = ctx.saved_tensors
+        if grad_output is None:
+            return (None,) * num_inputs
+        if ctx.per_row:
+            scaled = grad * grad_output.to(grad.dtype).unsqueeze(-1)
+        else:
+            scaled = grad * grad_output.to(grad.dtype)
+        return (scaled,) + (None,) * (num_inputs - 1)
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _op_backward(ctx, grad_output, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_output is None:
-        return (None,) * 13
-    if ctx.per_row:
-        scaled = grad * grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
-    else:
-        scaled = grad * grad_output.to(grad.dtype)
-    return (scaled,) + (None,) * 12
-
-
-_kd_loss_op.register_autograd(_op_backward, setup_context=_setup_context)
+register_grad_in_forward_autograd(_kd_loss_op, num_inputs=13, reduction_index=10)
 
 
 # ----------------------------------------------------------------------------- public API

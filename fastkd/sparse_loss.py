@@ -30,6 +30,7 @@ import torch
 
 from fastkd.checks import (check_inplace_target, check_labels, check_logits, check_options,
                            check_sparse_options, check_sparse_target, check_sparse_values)
+from fastkd.loss import register_grad_in_forward_autograd
 from fastkd.targets import SampledTargets
 
 __all__ = ["sparse_kd_loss"]
@@ -118,25 +119,7 @@ def _(student_logits, indices, values, lse, counts, labels, label_mode, temperat
 _NUM_INPUTS = 17
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.per_row = inputs[14] == "none"
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad_output is None:
-        return (None,) * _NUM_INPUTS
-    if ctx.per_row:   # traced by torch.compile: no host read of grad_output here
-        scaled = grad * grad_output.to(grad.dtype).unsqueeze(-1)
-    else:
-        scaled = grad * grad_output.to(grad.dtype)
-    return (scaled,) + (None,) * (_NUM_INPUTS - 1)
-
-
-_kd_sparse_loss_op.register_autograd(_backward, setup_context=_setup_context)
+register_grad_in_forward_autograd(_kd_sparse_loss_op, _NUM_INPUTS, reduction_index=14)
 
 
 class _SparseKDLossFunction(torch.autograd.Function):
