@@ -1,6 +1,7 @@
 """Start-up and host-sync benchmarks (issue 13): what the first ``kd_loss`` call costs in a
 fresh process beyond ``import torch`` (and whether it loads the compiler stack), how long
-``fastkd --help`` takes and whether it imports torch, and (CUDA only) how many host syncs one
+``fastkd --help`` and a sub-command's argument error (``fastkd cache`` without ``--out``) take
+and whether they import torch, and (CUDA only) how many host syncs one
 ``kd_loss`` step makes with each option. Each measurement runs in fresh subprocesses; the
 figure is the best of ``rounds``."""
 import json
@@ -39,6 +40,20 @@ with contextlib.redirect_stdout(io.StringIO()):
         main(["--help"])
     except SystemExit:
         pass
+print(json.dumps({"seconds": time.perf_counter() - start, "torch": "torch" in sys.modules}))
+"""
+
+CLI_ARGUMENT_ERROR = """
+import contextlib, io, json, sys, time
+start = time.perf_counter()
+from fastkd.cli import main
+error = io.StringIO()
+with contextlib.redirect_stderr(error):
+    try:
+        main(["cache", "--teacher", "fastkd.models:DigitsTeacherCNN", "--dataset", "digits"])
+    except SystemExit as exit:
+        code = exit.code
+assert code == 2 and "--out" in error.getvalue(), (code, error.getvalue())
 print(json.dumps({"seconds": time.perf_counter() - start, "torch": "torch" in sys.modules}))
 """
 
@@ -98,6 +113,16 @@ def test_cli_help(benchmark, preset):
     benchmark.pedantic(lambda: runs.append(_python(CLI_HELP)), rounds=_rounds(preset))
     best = min(runs, key=lambda run: run["seconds"])
     benchmark.extra_info.update(kind="startup", metric="cli_help", seconds=best["seconds"],
+                                torch_imported=any(run["torch"] for run in runs))
+
+
+def test_cli_argument_error(benchmark, preset):
+    runs = []
+    benchmark.group = "startup"
+    benchmark.pedantic(lambda: runs.append(_python(CLI_ARGUMENT_ERROR)), rounds=_rounds(preset))
+    best = min(runs, key=lambda run: run["seconds"])
+    benchmark.extra_info.update(kind="startup", metric="cli_argument_error",
+                                seconds=best["seconds"],
                                 torch_imported=any(run["torch"] for run in runs))
 
 

@@ -15,9 +15,9 @@ _COMMANDS = {
               "run a teacher once over a dataset and cache its logits as fp16 shards"),
     "verify": ("fastkd.cache.commands", "check every cache file against its checksum"),
     "info": ("fastkd.cache.commands", "summarize a cache directory"),
-    "import": ("fastkd.cache.importer",
+    "import": ("fastkd.cache.commands",
                "turn a served teacher's top-k log-probs (vLLM JSONL) into a top-k cache"),
-    "demo": ("fastkd.demo",
+    "demo": ("fastkd.demo_cli",
              "train a digits teacher, cache its logits, distil a student, report"),
     "bench": ("fastkd.bench", "run the benchmark suite (source checkout only)"),
 }

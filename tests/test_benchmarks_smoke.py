@@ -107,8 +107,9 @@ def test_smoke_preset_end_to_end(tmp_path):
     goals = {g["goal"]: g for g in results["goals"]}
     assert any(name.startswith("cache write") for name in goals)
     startup = {r["metric"]: r for r in records if r.get("kind") == "startup"}
-    assert set(startup) == {"first_call", "cli_help"}   # host syncs: CUDA only
+    assert set(startup) == {"first_call", "cli_help", "cli_argument_error"}  # syncs: CUDA only
     assert startup["cli_help"]["torch_imported"] is False
+    assert startup["cli_argument_error"]["torch_imported"] is False
     assert startup["first_call"]["compiler_stack_imported"] is False
     assert goals["`fastkd --help` and argument errors without importing torch"]["status"] == "met"
     assert goals["cache bytes per token: top-32 at V=32000 (teacher arrays)"]["status"] == "met"
@@ -171,6 +172,8 @@ def test_goal_evaluation_says_met_or_by_how_much():
                {"kind": "startup", "metric": "first_call", "seconds": 0.05,
                 "compiler_stack_imported": False},
                {"kind": "startup", "metric": "cli_help", "seconds": 0.04,
+                "torch_imported": False},
+               {"kind": "startup", "metric": "cli_argument_error", "seconds": 0.1,
                 "torch_imported": False}]
     all_goals = {g["goal"]: g for g in evaluate_goals(records, "cpu")}
     goals = {name.split(": ", 1)[-1]: goal for name, goal in all_goals.items()
@@ -184,4 +187,8 @@ def test_goal_evaluation_says_met_or_by_how_much():
     assert goals["first kd_loss call in a fresh process, beyond `import torch`"]["status"] == "met"
     assert goals["`fastkd --help` and argument errors without importing torch"]["status"] == "met"
     assert goals["added to the teacher's forward time"]["status"] == "missed by 2.50 percentage points"
+    records[-1]["torch_imported"] = True  # an argument error that imports torch misses the goal
+    cli_goal = {g["goal"]: g for g in evaluate_goals(records, "cpu")}[
+        "`fastkd --help` and argument errors without importing torch"]
+    assert cli_goal["status"] == "missed" and "argument error: torch imported" in cli_goal["measured"]
     assert goals["sequential slices"]["status"] == "not measured"

@@ -4,10 +4,31 @@
 - :class:`LogitCache` reads them (zero-copy where possible); :class:`CachedDataset` joins them to
   the dataset by index; :func:`collate_padded` batches variable-length items.
 - The on-disk format lives in :mod:`fastkd.cache.manifest` (documented in docs/cache-format.md).
-"""
-from fastkd.cache.manifest import CacheError
-from fastkd.cache.reader import CachedDataset, LogitCache, TopKLogits, collate_padded
-from fastkd.cache.writer import resolve_device, write_cache
 
+The public names load on first use (PEP 562), so importing a light sub-module such as
+:mod:`fastkd.cache.manifest` or :mod:`fastkd.cache.commands` (the ``fastkd`` command line's
+argument parsing) does not import torch.
+"""
 __all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded", "TopKLogits",
            "CacheError"]
+
+# public name -> the sub-module that defines it
+_LAZY = {
+    "CacheError": "fastkd.cache.manifest",
+    "LogitCache": "fastkd.cache.reader", "CachedDataset": "fastkd.cache.reader",
+    "collate_padded": "fastkd.cache.reader", "TopKLogits": "fastkd.cache.reader",
+    "write_cache": "fastkd.cache.writer", "resolve_device": "fastkd.cache.writer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastkd.cache' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

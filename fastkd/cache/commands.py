@@ -1,4 +1,9 @@
-"""``fastkd cache``, ``fastkd verify`` and ``fastkd info`` (registered by fastkd/cli.py).
+"""``fastkd cache``, ``fastkd verify``, ``fastkd info`` and ``fastkd import`` (registered by
+fastkd/cli.py).
+
+Argument parsing imports no torch: this module needs only numpy and the format module at
+import time; each command imports the writer, reader or importer (and so torch) when it runs.
+A mistyped option or a missing argument therefore fails in well under a second.
 
 ``fastkd cache`` also runs under ``torchrun``: with ``WORLD_SIZE > 1`` in the environment it
 joins the process group (gloo on CPU, nccl on CUDA) and each rank caches its share.
@@ -74,6 +79,27 @@ def add_parser(subparsers) -> None:
     info = subparsers.add_parser("info", help="summarize a cache directory")
     info.add_argument("dir", metavar="DIR")
     info.set_defaults(func=run_info)
+
+    served = subparsers.add_parser(
+        "import", help="turn a served teacher's top-k log-probs (vLLM JSONL) into a top-k cache",
+        description="Import top-k prompt log-probs from an OpenAI-compatible completions "
+                    "server (vLLM), one response JSON per line, into a fastkd top-k cache "
+                    "(same manifest, checksums, resume and verify as `fastkd cache`). Request "
+                    "with max_tokens=1, prompt_logprobs=K, logprobs=K, "
+                    "return_tokens_as_token_ids=true, return_token_ids=true.")
+    served.add_argument("files", nargs="+", metavar="FILE.jsonl")
+    served.add_argument("--from", dest="source", required=True, choices=("vllm",))
+    served.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    served.add_argument("--vocab-size", type=int, required=True, metavar="V",
+                        help="the teacher's vocabulary size (ids >= V are refused)")
+    served.add_argument("--top-k", type=int, required=True, metavar="K",
+                        help="log-probs kept per position (the request's prompt_logprobs)")
+    served.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
+    served.add_argument("--shard-size-mb", type=float, default=256.0)
+    served.add_argument("--overwrite", action="store_true",
+                        help="replace an existing cache made from other files or settings")
+    served.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    served.set_defaults(func=run_import)
 
 
 def _fail(message: str) -> int:
@@ -213,4 +239,19 @@ def run_info(args) -> int:
     except fmt.CacheError as error:
         return _fail(str(error))
     print(summary(args.dir, manifest))
+    return 0
+
+
+def run_import(args) -> int:
+    """``fastkd import``: :func:`fastkd.cache.importer.import_served` with the parsed options."""
+    from fastkd.cache.importer import import_served
+    try:
+        manifest = import_served(args.files, args.out, vocab_size=args.vocab_size,
+                                 top_k=args.top_k, dtype=args.dtype,
+                                 shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
+                                 progress=not args.quiet, source=args.source)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        return _fail(str(error))
+    if not args.quiet:
+        print(summary(args.out, manifest))
     return 0

@@ -28,7 +28,6 @@ shard machinery: same manifest, checksums, resume and ``fastkd verify``.
 import hashlib
 import json
 import os
-import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -298,45 +297,6 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
 def _storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     from fastkd.cache.writer import _to_storage
     return _to_storage(values, dtype)
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "import", help="turn a served teacher's top-k log-probs (vLLM JSONL) into a top-k cache",
-        description="Import top-k prompt log-probs from an OpenAI-compatible completions "
-                    "server (vLLM), one response JSON per line, into a fastkd top-k cache "
-                    "(same manifest, checksums, resume and verify as `fastkd cache`). Request "
-                    "with max_tokens=1, prompt_logprobs=K, logprobs=K, "
-                    "return_tokens_as_token_ids=true, return_token_ids=true.")
-    parser.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    parser.add_argument("--from", dest="source", required=True, choices=("vllm",))
-    parser.add_argument("--out", required=True, metavar="DIR", help="cache directory")
-    parser.add_argument("--vocab-size", type=int, required=True, metavar="V",
-                        help="the teacher's vocabulary size (ids >= V are refused)")
-    parser.add_argument("--top-k", type=int, required=True, metavar="K",
-                        help="log-probs kept per position (the request's prompt_logprobs)")
-    parser.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
-    parser.add_argument("--shard-size-mb", type=float, default=256.0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing cache made from other files or settings")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    parser.set_defaults(func=run_import)
-
-
-def run_import(args) -> int:
-    from fastkd.cache.commands import summary
-    try:
-        manifest = import_served(args.files, args.out, vocab_size=args.vocab_size,
-                                 top_k=args.top_k, dtype=args.dtype,
-                                 shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
-                                 progress=not args.quiet, source=args.source)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        print(f"fastkd: error: {error}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        print(summary(args.out, manifest))
-    return 0
 
 
 # ----------------------------------------------------------------------------- sample responses
