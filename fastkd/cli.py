@@ -3,7 +3,10 @@ registers itself through an ``add_parser(subparsers)`` function; this file only 
 
 Start-up cost: only the module of the command being run is imported. ``fastkd --help``,
 ``fastkd --version`` and a mistyped command never import torch (the table below gives their
-one-line help); ``fastkd <command> --help`` imports that command's module.
+one-line help); ``fastkd <command> --help`` and a command's argument error import that
+command's module, which defines the parser without importing torch (the command function
+imports what it needs once the arguments parse; tests/test_cli.py checks it). ``fastkd bench``
+is the exception: its parser comes from benchmarks/run.py, which imports torch.
 """
 import argparse
 import importlib
