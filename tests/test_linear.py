@@ -213,9 +213,9 @@ def test_chunk_sizes_and_batch_seq_hidden(chunk_rows):
 def test_chunk_rows_come_from_the_budget(monkeypatch):
     """Without chunk_rows, the chunk is budget // bytes-per-row (one fp32 row of student logits
     and one of a teacher head's logits here); chunk_rows overrides it."""
-    import fastkd.linear as linear
+    import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
-    real = linear._dispatch
+    real = chunks._dispatch
 
     def recording_dispatch(backend, family="dense"):
         kernel = real(backend, family)
@@ -224,7 +224,7 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
             seen.append(student.shape[0])
             return kernel(student, *args, **kwargs)
         return record
-    monkeypatch.setattr(linear, "_dispatch", recording_dispatch)
+    monkeypatch.setattr(chunks, "_dispatch", recording_dispatch)
     case = make_case(rows=(50,), vocab=64, ignored=0)
     teacher = teacher_of(case, "head")
     per_row = 64 * 4 * 2
@@ -241,10 +241,10 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
 def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     """Only kept rows reach the kernel; batchmean divides by their number; the hidden-state
     gradient of an ignored row is exactly 0; 'none' gives 0 there."""
-    import fastkd.linear as linear
+    import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
-    real = linear._dispatch
-    monkeypatch.setattr(linear, "_dispatch", lambda backend, family="dense": (
+    real = chunks._dispatch
+    monkeypatch.setattr(chunks, "_dispatch", lambda backend, family="dense": (
         lambda student, *a, **k: seen.append(student.shape[0])
         or real(backend, family)(student, *a, **k)))
     case = make_case(rows=(30,), ignored=0.5, seed=3)

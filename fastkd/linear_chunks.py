@@ -1,0 +1,208 @@
+"""The chunked pass of the fused linear + KD loss (:mod:`fastkd.linear`, whose docstring states
+the math): the chunk size from the memory budget, each side's chunk logits with its logit
+transform (``scale``, ``softcap``), and the loop that calls the KD kernel family on one chunk of
+kept rows at a time and turns its logits gradient into the hidden-state, weight and bias
+gradients. No autograd here: :mod:`fastkd.linear` wires this pass into autograd and
+``torch.compile``.
+"""
+from typing import Optional
+
+import torch
+
+from fastkd.checks import check_label_values, check_sparse_values
+from fastkd.loss import _LABEL_TEACHER, _LABEL_TENSOR, _dispatch
+
+# Budget for the chunk-sized buffers together (student logits, its gradient with a softcap, the
+# teacher's chunk). 256 MiB is ~520 rows at V = 128256 in fp32 (~260 with a teacher head) and
+# ~1000 in bf16, in the range of Liger-Kernel's chunking. The matmuls do the same flops at any
+# chunk size; a rough comparison on this shared 2-core CPU (1024 x 1024 x 32000 fp32, one
+# thread, loaded machine) put 128- to 1024-row chunks within the noise of the unfused path.
+DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+
+_TEACHER_LOGITS, _TEACHER_HEAD, _TEACHER_TOPK, _TEACHER_SAMPLED = 0, 1, 2, 3
+_NO_SOFTCAP = 0.0   # the custom op's encoding of softcap=None (a real softcap is > 0)
+
+
+# ----------------------------------------------------------------------------- chunk pieces
+def _rows(tensor: torch.Tensor, rows) -> torch.Tensor:
+    """Rows of a 2-D tensor: a slice (a view) or an index tensor (a gathered copy)."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
+def _linear_into(hidden_rows, weight, bias, out):
+    """out = hidden_rows @ weight.T (+ bias), (C, V)."""
+    if bias is None:
+        return torch.mm(hidden_rows, weight.t(), out=out)
+    return torch.addmm(bias, hidden_rows, weight.t(), out=out)
+
+
+def _transform_(logits, scale: float, softcap: Optional[float]):
+    """In place: ``cap * tanh(scale * logits / cap)``, or ``scale * logits`` without a cap."""
+    if softcap is not None:
+        return logits.mul_(scale / softcap).tanh_().mul_(softcap)
+    return logits.mul_(scale) if scale != 1.0 else logits
+
+
+class _Side:
+    """One side's output layer in the compute dtype: weight (V, H), bias (V,) or None, and its
+    logit transform."""
+
+    def __init__(self, hidden, weight, bias, scale, softcap, compute_dtype, num_classes):
+        dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        self.dtype = dtype
+        self.hidden = hidden
+        self.weight = weight[:num_classes].to(dtype)   # a view unless a cast is needed
+        self.bias = bias[:num_classes].to(dtype) if bias is not None else None
+        self.scale = scale
+        self.softcap = softcap
+
+    def logits(self, rows, out):
+        """Transformed chunk logits of ``rows`` into ``out`` (C, V)."""
+        hidden_rows = _rows(self.hidden, rows).to(self.dtype)
+        return _transform_(_linear_into(hidden_rows, self.weight, self.bias, out), self.scale,
+                           self.softcap), hidden_rows
+
+
+# ----------------------------------------------------------------------------- forward
+def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
+                   label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
+                   num_classes, temperature, soft_weight, hard_weight, divergence, beta,
+                   ignore_index, reduction, backend, tail, compute_dtype, chunk_rows,
+                   chunk_budget_bytes, needs_hidden, needs_weight, needs_bias, row_weights=None):
+    """``(loss, grad_hidden, grad_weight, grad_bias)`` for 2-D ``hidden (N, H)``; gradients
+    already scaled for ``grad_output == 1`` (per row, unscaled, for ``reduction='none'``) and
+    empty ``(0,)`` tensors where not wanted. ``row_weights (N,)``: each row's logits gradient is
+    multiplied by its weight before the matmuls (the backward pass of per-row losses)."""
+    num_rows = hidden.shape[0]
+    device = hidden.device
+    student_softcap = student_softcap if student_softcap != _NO_SOFTCAP else None
+    teacher_softcap = teacher_softcap if teacher_softcap != _NO_SOFTCAP else None
+    compute_dtype = getattr(torch, compute_dtype) if compute_dtype else None
+    student = _Side(hidden, weight, bias, student_scale, student_softcap, compute_dtype,
+                    num_classes)
+
+    # Kept rows: everything, or the rows whose label is not ignore_index (dropped before any
+    # matmul); batchmean divides by their number.
+    sparse = teacher_kind in (_TEACHER_TOPK, _TEACHER_SAMPLED)
+    if label_mode != _LABEL_TENSOR:
+        labels = None
+    if sparse:   # ids, values, lse, counts and labels checked together (one host sync)
+        values, lse, counts = ((teacher_1, teacher_2, None) if teacher_kind == _TEACHER_TOPK
+                               else (None, None, teacher_1))
+        labels, num_kept = check_sparse_values(teacher_0, num_classes, values=values, lse=lse,
+                                               counts=counts, labels=labels,
+                                               ignore_index=ignore_index)
+        if lse is not None:
+            lse = lse.float()
+    elif labels is not None:
+        labels = check_label_values(labels, num_classes, ignore_index)
+        num_kept = int((labels != ignore_index).sum())
+    else:
+        num_kept = num_rows
+    kept_index = None
+    if labels is not None and num_kept < num_rows:
+        kept_index = (labels != ignore_index).nonzero().squeeze(1)
+        labels = labels.index_select(0, kept_index)
+    # jsd with beta at an end point *is* forward/reverse KL (the contract wants it mapped).
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    grad_scale = 1.0 / num_kept if (reduction == "batchmean" and num_kept > 0) else 1.0
+
+    wants_grad = needs_hidden or needs_weight or needs_bias
+    grad_hidden = (torch.zeros if kept_index is not None else torch.empty)(
+        hidden.shape, dtype=hidden.dtype, device=device) if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=device) \
+        if needs_weight else None
+    grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=device) \
+        if needs_bias else None
+
+    # Teacher: dense rows (sliced to V columns), an output layer of its own, or sparse rows.
+    teacher_side = teacher_rows = None
+    if teacher_kind == _TEACHER_HEAD:
+        teacher_side = _Side(teacher_0, teacher_1, teacher_2, teacher_scale, teacher_softcap,
+                             compute_dtype, num_classes)
+    elif not sparse:
+        teacher_rows = teacher_0[:, :num_classes]
+
+    # Chunk size from the budget: bytes per row of every chunk-sized buffer.
+    separate_grad = wants_grad and student_softcap is not None   # z is needed after the kernel
+    student_size = student.dtype.itemsize
+    per_row = num_classes * student_size * (2 if separate_grad else 1)
+    if teacher_side is not None:
+        per_row += num_classes * teacher_side.dtype.itemsize
+    elif teacher_rows is not None and (kept_index is not None or teacher_rows.stride(-1) != 1):
+        per_row += num_classes * teacher_rows.dtype.itemsize   # gathered / made contiguous
+    if chunk_rows <= 0:
+        chunk_rows = chunk_budget_bytes // per_row
+    chunk_rows = max(1, min(chunk_rows, num_kept))
+
+    row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
+    kd_forward = _dispatch(backend, "sparse" if sparse else "dense")
+    logits_buffer = torch.empty((chunk_rows, num_classes), dtype=student.dtype, device=device) \
+        if num_kept else None
+    grad_buffer = torch.empty_like(logits_buffer) if separate_grad and num_kept else None
+    teacher_buffer = torch.empty((chunk_rows, num_classes), dtype=teacher_side.dtype,
+                                 device=device) if teacher_side is not None and num_kept else None
+    for start in range(0, num_kept, chunk_rows):
+        stop = min(start + chunk_rows, num_kept)
+        count = stop - start
+        rows = slice(start, stop) if kept_index is None else kept_index[start:stop]
+        logits, hidden_rows = student.logits(rows, logits_buffer[:count])
+        if sparse:   # (indices, values, lse, counts) of the chunk's rows
+            teacher_chunk = tuple(None if part is None else _rows(part, rows).contiguous()
+                                  for part in (teacher_0, values, lse, counts))
+            sparse_options = {"tail": tail}
+        else:
+            if teacher_side is not None:
+                teacher_logits, _ = teacher_side.logits(rows, teacher_buffer[:count])
+            else:
+                teacher_logits = _rows(teacher_rows, rows)
+                if teacher_logits.stride(-1) != 1:
+                    teacher_logits = teacher_logits.contiguous()
+            teacher_chunk = (teacher_logits,)
+            sparse_options = {}
+        grad = None
+        if wants_grad:
+            grad = grad_buffer[:count] if separate_grad else logits   # in place without a cap
+        row_loss[start:stop] = kd_forward(
+            logits, *teacher_chunk, labels[start:stop] if labels is not None else None,
+            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, grad_scale=grad_scale, grad=grad, **sparse_options)
+        if not wants_grad:
+            continue
+        if student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
+            grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
+        if row_weights is not None:
+            grad.mul_(_rows(row_weights.unsqueeze(1), rows).to(grad.dtype))
+        scale = student_scale
+        if needs_hidden:
+            rows_grad = torch.mm(grad, student.weight)
+            if scale != 1.0:
+                rows_grad.mul_(scale)
+            if kept_index is None:
+                grad_hidden[start:stop] = rows_grad
+            else:
+                grad_hidden.index_copy_(0, rows, rows_grad.to(grad_hidden.dtype))
+        if needs_weight:
+            if student.dtype == torch.float32:
+                grad_weight.addmm_(grad.t(), hidden_rows, alpha=scale)
+            else:   # half-precision product, float32 sum over chunks
+                grad_weight.add_(torch.mm(grad.t(), hidden_rows), alpha=scale)
+        if needs_bias:
+            grad_bias.add_(grad.sum(0, dtype=torch.float32), alpha=scale)
+
+    if reduction == "none":
+        if kept_index is not None:
+            loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
+            loss.index_copy_(0, kept_index, row_loss)
+        else:
+            loss = row_loss
+    else:
+        loss = row_loss.sum() * grad_scale
+    def empty():   # one per unwanted gradient: custom op outputs may not alias each other
+        return hidden.new_empty((0,))
+    return (loss,
+            grad_hidden if grad_hidden is not None else empty(),
+            grad_weight.to(weight.dtype) if grad_weight is not None else empty(),
+            grad_bias.to(bias.dtype) if grad_bias is not None else empty())
