@@ -240,8 +240,9 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
 
 def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k, progress):
     from fastkd import __version__
-    from fastkd.cache.writer import (_ShardCutter, _ShardWriter, _finalize, _labels_to_storage,
-                                     _now, _prepare_directory, _record_or_check_shape)
+    from fastkd.cache.shards import (_finalize, _labels_to_storage, _record_or_check_shape,
+                                     _ShardCutter, _ShardWriter)
+    from fastkd.cache.writer import _now, _prepare_directory
     finished = _prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
