@@ -321,3 +321,105 @@ def test_more_shards_than_open_file_limit(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "read 100 shards" in result.stdout
+
+
+# ----------------------------------------------------------------------------- swapped after checks
+def _swap_for_link(path: Path, target_bytes: bytes) -> None:
+    """Replace ``path`` by a symbolic link to a file outside the cache holding ``target_bytes``."""
+    outside = path.parent.parent / (path.name + ".outside")
+    outside.write_bytes(target_bytes)
+    os.remove(path)
+    os.symlink(outside, path)
+
+
+def _hostile_copy(path: Path) -> bytes:
+    """Same size and header as the shard at ``path``, every data byte changed."""
+    data = bytearray(path.read_bytes())
+    with open(path, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        np.lib.format.read_array_header_1_0(handle)
+        offset = handle.tell()
+    data[offset:] = bytes(b ^ 0x55 for b in data[offset:])
+    return bytes(data)
+
+
+def test_link_swapped_in_after_open_is_refused_by_the_next_map(copy_of):
+    """A big slice maps the shard again; a symbolic link put in its place after the cache was
+    opened (and its files checked and mapped) is refused by that open, never followed."""
+    directory, manifest = copy_of("wide")
+    cache = LogitCache(directory)
+    expected = cache[0:32].clone()   # maps the shard (checks passed)
+    shard = directory / first_logits(manifest)["file"]
+    _swap_for_link(shard, _hostile_copy(shard))
+    with pytest.raises(CacheError, match="is a symbolic link"):
+        cache[0:32]
+    assert torch.equal(cache[0:2], expected[0:2])   # small reads: the map made at the check
+
+
+def test_link_swapped_in_between_header_check_and_map_is_not_followed(copy_of, monkeypatch):
+    """The header is checked and the data mapped through one descriptor: a link swapped in
+    between them changes nothing that is read."""
+    directory, manifest = copy_of("wide")
+    shard = directory / first_logits(manifest)["file"]
+    expected = torch.from_numpy(np.load(shard).view(np.float16))
+    real_check = fmt.read_array_header
+
+    def check_then_swap(handle, path, entry):
+        offset = real_check(handle, path, entry)
+        if path == str(shard) and not os.path.islink(shard):
+            _swap_for_link(shard, _hostile_copy(shard))
+        return offset
+    monkeypatch.setattr(fmt, "read_array_header", check_then_swap)
+    cache = LogitCache(directory)
+    assert torch.equal(cache[0:4], expected[0:4])   # from the map of the checked file
+    assert os.path.islink(shard)
+    with pytest.raises(CacheError, match="is a symbolic link"):
+        cache[0:32]   # a fresh map opens the path again: refused
+
+
+def test_file_replaced_after_open_is_refused(copy_of):
+    """A regular file renamed over a shard after the cache mapped it is refused by the next
+    fresh map (it is not the file that was checked) instead of being read."""
+    directory, manifest = copy_of("wide")
+    cache = LogitCache(directory)
+    cache[0:32]
+    shard = directory / first_logits(manifest)["file"]
+    replacement = directory.parent / "replacement.npy"
+    replacement.write_bytes(_hostile_copy(shard))
+    os.replace(replacement, shard)
+    with pytest.raises(CacheError, match="replaced since the cache was opened"):
+        cache[0:32]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_fifo_swapped_in_after_the_size_check_is_refused_without_blocking(copy_of, monkeypatch):
+    directory, manifest = copy_of("dense")
+    shard = directory / first_logits(manifest)["file"]
+    real_check = fmt.check_sizes
+
+    def check_then_swap(*args):
+        problems = real_check(*args)
+        os.remove(shard)
+        os.mkfifo(shard)   # opening it for reading would wait for a writer without O_NONBLOCK
+        return problems
+    monkeypatch.setattr(fmt, "check_sizes", check_then_swap)
+    cache = LogitCache(directory)
+    with pytest.raises(CacheError, match="not a regular file"):
+        cache[0]
+
+
+def test_verify_reports_a_link_swapped_in_after_the_size_check(copy_of, monkeypatch, capsys):
+    directory, manifest = copy_of("dense")
+    shard = directory / first_logits(manifest)["file"]
+    real_check = fmt._size_problem
+
+    def check_then_swap(directory_, entry):
+        problem = real_check(directory_, entry)
+        if entry["file"] == shard.name:
+            _swap_for_link(shard, shard.read_bytes())   # same bytes, but not the cache's file
+        return problem
+    monkeypatch.setattr(fmt, "_size_problem", check_then_swap)
+    assert fastkd_main(["verify", str(directory)]) == 1
+    captured = capsys.readouterr()
+    assert f"{shard}: is a symbolic link (refused)" in captured.err
+    assert "Traceback" not in captured.err

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import stat
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
@@ -291,10 +291,11 @@ def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
         info = os.lstat(path)
         if not stat.S_ISREG(info.st_mode):
             raise CacheError(f"{path} is not a regular file (symbolic links are refused)")
-        if info.st_size > MAX_MANIFEST_BYTES:
-            raise CacheError(f"{path} is {info.st_size} bytes, far too large for a cache "
-                             f"manifest; it is not one")
-        with open(path, "rb") as handle:
+        with open_cache_file(path) as handle:   # a link swapped in since the lstat is refused
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise CacheError(f"{path} is {size} bytes, far too large for a cache "
+                                 f"manifest; it is not one")
             manifest = json.loads(handle.read().decode("utf-8"))
     except OSError as error:
         raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
@@ -397,9 +398,30 @@ def check_sizes(directory: str, entries: Iterable[dict]) -> List[str]:
             if problem]
 
 
+# O_NOFOLLOW: the open itself refuses a symbolic link (so one swapped in after a check is never
+# followed); O_NONBLOCK: a FIFO swapped in is opened without waiting for a writer, then refused.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
 def open_cache_file(path: str):
-    """Open a cache file for reading, refusing a symbolic link (``O_NOFOLLOW``)."""
-    return os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+    """Open a cache file for reading: a symbolic link (refused by the open itself,
+    ``O_NOFOLLOW``) or anything but a regular file (``fstat`` of the descriptor) is a
+    :class:`CacheError` naming ``path``; other OS errors pass. Read or map the data from this
+    descriptor, so the file that was checked is the file that is read."""
+    if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
+        raise CacheError(f"{path}: is a symbolic link (refused)")
+    try:
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        # Linux and the BSDs say ELOOP for a final symbolic link under O_NOFOLLOW, FreeBSD EMLINK
+        if error.errno in (errno.ELOOP, getattr(errno, "EMLINK", errno.ELOOP)):
+            raise CacheError(f"{path}: is a symbolic link (refused)") from None
+        raise
+    handle = os.fdopen(descriptor, "rb")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        handle.close()
+        raise CacheError(f"{path}: not a regular file (refused)")
+    return handle
 
 
 def file_sha256(path: str) -> str:
@@ -423,34 +445,30 @@ def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:
                     problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
             except OSError as error:
                 problem = f"{path}: cannot read ({error.strerror or error})"
+            except CacheError as error:   # swapped for a link or a non-file after the check
+                problem = str(error)
         if problem:
             problems.append(problem)
     return problems
 
 
-def array_location(directory: str, entry: dict) -> Tuple[str, int]:
-    """``(path, byte offset of the data)`` of a listed .npy file after checking its header
-    against the manifest: a plain little-endian C-order array of the listed dtype and shape
-    filling the rest of the file. Object (pickled) arrays are refused; nothing is unpickled."""
-    path = os.path.join(directory, check_file_name(entry["file"], directory))
+def read_array_header(handle, path: str, entry: dict) -> int:
+    """Check the .npy header of the open cache file ``handle`` (at its start) against the
+    manifest ``entry``: a plain little-endian C-order array of the listed dtype and shape
+    filling the rest of the file. Returns the byte offset of the data. Object (pickled) arrays
+    are refused; nothing is unpickled."""
     try:
-        with open_cache_file(path) as handle:
-            try:
-                version = np.lib.format.read_magic(handle)
-                if version == (1, 0):
-                    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-                elif version == (2, 0):
-                    shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-                else:
-                    raise ValueError(f"unsupported .npy version {version}")
-            except (ValueError, SyntaxError, TypeError) as error:
-                raise CacheError(f"{path}: not a valid .npy file ({error})") from None
-            offset = handle.tell()
-            size = os.fstat(handle.fileno()).st_size
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise CacheError(f"{path}: is a symbolic link (refused)") from None
-        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise CacheError(f"{path}: not a valid .npy file ({error})") from None
+    offset = handle.tell()
+    size = os.fstat(handle.fileno()).st_size
     if dtype.hasobject:
         raise CacheError(f"{path}: holds Python objects (a pickled array); cache files hold "
                          f"plain numbers and fastkd never unpickles")
@@ -460,13 +478,33 @@ def array_location(directory: str, entry: dict) -> Tuple[str, int]:
                          f"{entry['dtype']} {entry['shape']}")
     if offset + dtype.itemsize * int(np.prod(shape)) != size:
         raise CacheError(f"{path}: {size} bytes do not hold a {dtype.str} {list(shape)} array")
-    return path, offset
+    return offset
+
+
+def open_array(directory: str, entry: dict):
+    """``(open file object, path, byte offset of the data)`` of a listed .npy file, opened with
+    :func:`open_cache_file` and its header checked by :func:`read_array_header`; the caller
+    reads or maps the data from that same descriptor and closes it."""
+    path = os.path.join(directory, check_file_name(entry["file"], directory))
+    try:
+        handle = open_cache_file(path)
+    except OSError as error:
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        offset = read_array_header(handle, path, entry)
+    except OSError as error:
+        handle.close()
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    except BaseException:
+        handle.close()
+        raise
+    return handle, path, offset
 
 
 def load_array(directory: str, entry: dict) -> np.ndarray:
     """Read one listed .npy file (a copy), checking its header against the manifest."""
-    path, offset = array_location(directory, entry)
-    with open_cache_file(path) as handle:
+    handle, _, offset = open_array(directory, entry)
+    with handle:
         handle.seek(offset)
         return np.fromfile(handle, dtype=np.dtype(entry["dtype"]),
                            count=int(np.prod(entry["shape"]))).reshape(entry["shape"])

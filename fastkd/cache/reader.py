@@ -13,6 +13,7 @@ cache of any number of shards reads under any ``ulimit -n``:
   into it changes nothing any other read returns.
 """
 import math
+import mmap
 import os
 from bisect import bisect_right
 from typing import List, Optional, Sequence, Union
@@ -36,23 +37,41 @@ def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
     return tensor.view(torch.bfloat16) if dtype_name == "bf16" else tensor
 
 
-def _map_file(path: str) -> np.ndarray:
-    """A private (copy-on-write) map of the whole file as uint8; no descriptor stays open."""
-    return torch.from_file(path, shared=False, size=os.path.getsize(path),
-                           dtype=torch.uint8).numpy()
+# A directory whose entry N reopens this process's descriptor N (the same open file, whatever
+# its path now names): torch.from_file maps the descriptor's file through it and keeps no
+# descriptor open. Without one, Python's mmap maps the descriptor (and keeps a duplicate open).
+_DESCRIPTOR_DIR = next((path for path in ("/proc/self/fd", "/dev/fd") if os.path.isdir(path)),
+                       None)
+
+
+def _map_open_file(handle, size: int) -> np.ndarray:
+    """A private (copy-on-write) map of the whole open file ``handle`` (``size`` bytes) as
+    uint8. The map is of the descriptor, not of a path: the file checked at the open is the one
+    mapped, whatever has been renamed or linked into its place since."""
+    if size == 0:
+        return np.zeros(0, np.uint8)
+    if _DESCRIPTOR_DIR is not None:
+        return torch.from_file(f"{_DESCRIPTOR_DIR}/{handle.fileno()}", shared=False, size=size,
+                               dtype=torch.uint8).numpy()
+    return np.frombuffer(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY), np.uint8)
 
 
 class _MappedArray:
     """One checked .npy file: its internal map (``.array``, never handed out) and fresh
-    private views of row ranges (``.view_rows``)."""
+    private views of row ranges (``.view_rows``). Every map is of a descriptor opened with
+    :func:`fastkd.cache.manifest.open_cache_file` (no symbolic link, a regular file): a link
+    swapped in after the cache's checks is refused, never followed."""
 
     def __init__(self, directory: str, entry: dict):
-        self.path, self.offset = fmt.array_location(directory, entry)
-        self.dtype = np.dtype(entry["dtype"])
-        self.shape = tuple(entry["shape"])
-        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
-        self.array = self._rows(_map_file(self.path), 0, self.shape[0]) if self.shape[0] else \
-            np.zeros(self.shape, self.dtype)
+        handle, self.path, self.offset = fmt.open_array(directory, entry)
+        with handle:
+            info = os.fstat(handle.fileno())
+            self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
+            self.dtype = np.dtype(entry["dtype"])
+            self.shape = tuple(entry["shape"])
+            self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+            self.array = self._rows(_map_open_file(handle, self.size), 0, self.shape[0]) \
+                if self.shape[0] else np.zeros(self.shape, self.dtype)
 
     def _rows(self, data: np.ndarray, lo: int, hi: int) -> np.ndarray:
         start = self.offset + lo * self.row_bytes
@@ -60,8 +79,18 @@ class _MappedArray:
             (hi - lo,) + self.shape[1:])
 
     def view_rows(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``[lo, hi)``, zero copy, over a new private map of the file."""
-        return self._rows(_map_file(self.path), lo, hi)
+        """Rows ``[lo, hi)``, zero copy, over a new private map of the file (the same file
+        that was checked: a replaced one is refused)."""
+        try:
+            handle = fmt.open_cache_file(self.path)
+        except OSError as error:
+            raise fmt.CacheError(f"cannot read {self.path}: {error.strerror or error}") from None
+        with handle:
+            info = os.fstat(handle.fileno())
+            if (info.st_dev, info.st_ino) != self.identity or info.st_size != self.size:
+                raise fmt.CacheError(f"{self.path}: replaced since the cache was opened "
+                                     f"(re-open the cache)")
+            return self._rows(_map_open_file(handle, self.size), lo, hi)
 
 
 class LogitCache:
