@@ -408,8 +408,11 @@ def test_fifo_swapped_in_after_the_size_check_is_refused_without_blocking(copy_o
         cache[0]
 
 
-def test_verify_reports_a_link_swapped_in_after_the_size_check(copy_of, monkeypatch, capsys):
+def test_verify_reports_a_link_swapped_in_after_the_size_check(copy_of, monkeypatch):
+    """verify() checks each file's size (lstat), then hashes it: a link swapped in between is
+    refused by the open (the open's own message, not the size check's)."""
     directory, manifest = copy_of("dense")
+    cache = LogitCache(directory)   # opened before the swap
     shard = directory / first_logits(manifest)["file"]
     real_check = fmt._size_problem
 
@@ -419,7 +422,5 @@ def test_verify_reports_a_link_swapped_in_after_the_size_check(copy_of, monkeypa
             _swap_for_link(shard, shard.read_bytes())   # same bytes, but not the cache's file
         return problem
     monkeypatch.setattr(fmt, "_size_problem", check_then_swap)
-    assert fastkd_main(["verify", str(directory)]) == 1
-    captured = capsys.readouterr()
-    assert f"{shard}: is a symbolic link (refused)" in captured.err
-    assert "Traceback" not in captured.err
+    with pytest.raises(CacheError, match=r"logits.npy: is a symbolic link \(refused\)$"):
+        cache.verify()
