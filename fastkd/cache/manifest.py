@@ -36,7 +36,7 @@ import json
 import os
 import re
 import stat
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -403,11 +403,11 @@ def check_sizes(directory: str, entries: Iterable[dict]) -> List[str]:
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
-def open_cache_file(path: str):
-    """Open a cache file for reading: a symbolic link (refused by the open itself,
-    ``O_NOFOLLOW``) or anything but a regular file (``fstat`` of the descriptor) is a
-    :class:`CacheError` naming ``path``; other OS errors pass. Read or map the data from this
-    descriptor, so the file that was checked is the file that is read."""
+def open_cache_descriptor(path: str) -> Tuple[int, os.stat_result]:
+    """Open a cache file for reading: ``(descriptor, its fstat)``. A symbolic link (refused by
+    the open itself, ``O_NOFOLLOW``) or anything but a regular file is a :class:`CacheError`
+    naming ``path``; other OS errors pass. Read or map the data from this descriptor, so the
+    file that was checked is the file that is read; the caller closes it."""
     if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
         raise CacheError(f"{path}: is a symbolic link (refused)")
     try:
@@ -417,11 +417,16 @@ def open_cache_file(path: str):
         if error.errno in (errno.ELOOP, getattr(errno, "EMLINK", errno.ELOOP)):
             raise CacheError(f"{path}: is a symbolic link (refused)") from None
         raise
-    handle = os.fdopen(descriptor, "rb")
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        handle.close()
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
         raise CacheError(f"{path}: not a regular file (refused)")
-    return handle
+    return descriptor, info
+
+
+def open_cache_file(path: str):
+    """:func:`open_cache_descriptor` as a binary file object."""
+    return os.fdopen(open_cache_descriptor(path)[0], "rb")
 
 
 def file_sha256(path: str) -> str:

@@ -44,23 +44,23 @@ _DESCRIPTOR_DIR = next((path for path in ("/proc/self/fd", "/dev/fd") if os.path
                        None)
 
 
-def _map_open_file(handle, size: int) -> np.ndarray:
-    """A private (copy-on-write) map of the whole open file ``handle`` (``size`` bytes) as
+def _map_descriptor(descriptor: int, size: int) -> np.ndarray:
+    """A private (copy-on-write) map of the whole open file ``descriptor`` (``size`` bytes) as
     uint8. The map is of the descriptor, not of a path: the file checked at the open is the one
     mapped, whatever has been renamed or linked into its place since."""
     if size == 0:
         return np.zeros(0, np.uint8)
     if _DESCRIPTOR_DIR is not None:
-        return torch.from_file(f"{_DESCRIPTOR_DIR}/{handle.fileno()}", shared=False, size=size,
+        return torch.from_file(f"{_DESCRIPTOR_DIR}/{descriptor}", shared=False, size=size,
                                dtype=torch.uint8).numpy()
-    return np.frombuffer(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_COPY), np.uint8)
+    return np.frombuffer(mmap.mmap(descriptor, size, access=mmap.ACCESS_COPY), np.uint8)
 
 
 class _MappedArray:
     """One checked .npy file: its internal map (``.array``, never handed out) and fresh
     private views of row ranges (``.view_rows``). Every map is of a descriptor opened with
-    :func:`fastkd.cache.manifest.open_cache_file` (no symbolic link, a regular file): a link
-    swapped in after the cache's checks is refused, never followed."""
+    :func:`fastkd.cache.manifest.open_cache_descriptor` (no symbolic link, a regular file): a
+    link swapped in after the cache's checks is refused, never followed."""
 
     def __init__(self, directory: str, entry: dict):
         handle, self.path, self.offset = fmt.open_array(directory, entry)
@@ -70,8 +70,9 @@ class _MappedArray:
             self.dtype = np.dtype(entry["dtype"])
             self.shape = tuple(entry["shape"])
             self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
-            self.array = self._rows(_map_open_file(handle, self.size), 0, self.shape[0]) \
-                if self.shape[0] else np.zeros(self.shape, self.dtype)
+            self.array = self._rows(_map_descriptor(handle.fileno(), self.size), 0,
+                                    self.shape[0]) if self.shape[0] else \
+                np.zeros(self.shape, self.dtype)
 
     def _rows(self, data: np.ndarray, lo: int, hi: int) -> np.ndarray:
         start = self.offset + lo * self.row_bytes
@@ -82,15 +83,16 @@ class _MappedArray:
         """Rows ``[lo, hi)``, zero copy, over a new private map of the file (the same file
         that was checked: a replaced one is refused)."""
         try:
-            handle = fmt.open_cache_file(self.path)
+            descriptor, info = fmt.open_cache_descriptor(self.path)
         except OSError as error:
             raise fmt.CacheError(f"cannot read {self.path}: {error.strerror or error}") from None
-        with handle:
-            info = os.fstat(handle.fileno())
+        try:
             if (info.st_dev, info.st_ino) != self.identity or info.st_size != self.size:
                 raise fmt.CacheError(f"{self.path}: replaced since the cache was opened "
                                      f"(re-open the cache)")
-            return self._rows(_map_open_file(handle, self.size), lo, hi)
+            return self._rows(_map_descriptor(descriptor, self.size), lo, hi)
+        finally:
+            os.close(descriptor)
 
 
 class LogitCache:
