@@ -51,7 +51,8 @@ grad_scale: a float, or a 0-d float32 tensor on the logits' device (no host sync
 grad: None (no gradient wanted) or a tensor of the student's shape and dtype, last-dim stride 1,
     possibly the student tensor itself (in-place); it is filled with grad_scale * d row_loss / dz_s.
 labels_in_range (optional, default False): the caller has checked every kept label; a backend
-    may skip its own guard.
+    may skip its own guard. all_rows_kept (optional, default False): moreover no label is
+    ignore_index.
 Returns row_loss: (N,) float32. All accumulation in float32.
 """
 
@@ -205,14 +206,14 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         num_classes, 1)
     pending = None
     kept = num_rows
-    labels_in_range = False
+    labels_in_range = all_rows_kept = False
     if label_mode == _LABEL_TENSOR:
         labels_1d = labels_1d.to(torch.int64).contiguous()
         if labels_1d.device.type not in _SYNCING_DEVICES and num_rows:
             # host reads are free here; one min/max settles the common case (no ignored row)
             lowest, highest = (value.item() for value in torch.aminmax(labels_1d))
             if 0 <= lowest and highest < num_classes and not lowest <= ignore_index <= highest:
-                labels_in_range = True
+                labels_in_range = all_rows_kept = True
             else:
                 kept_value, bad_value = torch.stack(
                     [value.long() for value in label_status(labels_1d, num_classes,
@@ -250,7 +251,7 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         student_rows, teacher_rows, labels_1d, teacher_labels=label_mode == _LABEL_TEACHER,
         temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
         divergence=divergence, beta=beta, ignore_index=ignore_index, grad_scale=grad_scale,
-        grad=grad, labels_in_range=labels_in_range)
+        grad=grad, labels_in_range=labels_in_range, all_rows_kept=all_rows_kept)
     if reduction == "none":
         loss = row_loss
     else:
