@@ -22,6 +22,7 @@ import torch
 import cache_helpers
 from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
 from fastkd.cache import manifest as fmt
+from fastkd.cache import reader
 from fastkd.cli import main as fastkd_main
 
 TESTS_DIR = Path(__file__).parent
@@ -343,17 +344,97 @@ def _hostile_copy(path: Path) -> bytes:
     return bytes(data)
 
 
+def _count_lending_maps(monkeypatch):
+    made = []
+    real_map = reader._map_descriptor
+
+    def counting_map(descriptor, size):
+        made.append(size)
+        return real_map(descriptor, size)
+    monkeypatch.setattr(reader, "_map_descriptor", counting_map)
+    return made
+
+
+def _page_scan_works(directory) -> bool:
+    """Whether this kernel tells written pages of a private file map (PAGEMAP_SCAN)."""
+    path = directory / "page-scan-probe"
+    path.write_bytes(bytes(8192))
+    data = torch.from_file(str(path), shared=False, size=8192, dtype=torch.uint8).numpy()
+    assert int(data.sum()) == 0   # both pages read in: present file pages
+    return reader._pages_unwritten(data.ctypes.data, 8192)
+
+
+def test_rows_are_lent_again_only_when_no_result_uses_or_wrote_them(valid_caches, monkeypatch,
+                                                                   tmp_path):
+    """Zero-copy results share one lending map while their rows are disjoint or the earlier
+    results are gone unwritten (a streaming read maps each file once); a live result over the
+    same rows, or one that wrote into them, makes the next read map the file anew."""
+    if not _page_scan_works(tmp_path):   # elsewhere every read maps anew (tested above)
+        pytest.skip("needs Linux's PAGEMAP_SCAN (6.7+)")
+    cache = LogitCache(valid_caches["wide"])   # 32 rows = 256 KiB: a zero-copy view
+    expected = cache[:].clone()   # the lending map is made here; cache[:] is gone
+    made = _count_lending_maps(monkeypatch)
+    for _ in range(3):   # a streaming pass, three times: results dropped unwritten
+        for start in range(0, 64, 32):
+            assert torch.equal(cache[start:start + 32], expected[start:start + 32])
+    assert not made
+    held = cache[0:32]
+    neighbour = cache[32:64]   # disjoint rows: same map
+    assert not made
+    held.mul_(-1)
+    assert torch.equal(neighbour, expected[32:64])
+    again = cache[0:32]   # `held` is alive: a new map
+    assert len(made) == 1 and torch.equal(again, expected[0:32])
+    del held, neighbour, again
+    written = cache[0:32]
+    written.numpy()[:] = 9   # written, then dropped
+    del written
+    assert torch.equal(cache[0:32], expected[0:32])
+    assert len(made) == 2   # the written pages were seen: a new map
+    assert torch.equal(cache[32:64], expected[32:64]) and len(made) == 2
+
+
+def test_unwritten_page_check(tmp_path):
+    """The page-map check itself: a private file map's pages read as unwritten until a byte
+    of them is written (copy-on-write makes the page anonymous)."""
+    if not _page_scan_works(tmp_path):
+        pytest.skip("needs Linux's PAGEMAP_SCAN (6.7+)")
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 64)   # 16 KiB: 4 pages
+    data = torch.from_file(str(path), shared=False, size=16384, dtype=torch.uint8).numpy()
+    address = data.ctypes.data
+    assert int(data.sum()) == 64 * sum(range(256))   # every page read (present, file pages)
+    assert reader._pages_unwritten(address, 16384)
+    data[5000] = 1   # page 1
+    assert not reader._pages_unwritten(address, 16384)
+    assert not reader._pages_unwritten(address + 4096, 10)
+    assert reader._pages_unwritten(address, 4096) and reader._pages_unwritten(address + 8192, 8192)
+
+
 def test_link_swapped_in_after_open_is_refused_by_the_next_map(copy_of):
     """A big slice maps the shard again; a symbolic link put in its place after the cache was
     opened (and its files checked and mapped) is refused by that open, never followed."""
     directory, manifest = copy_of("wide")
     cache = LogitCache(directory)
-    expected = cache[0:32].clone()   # maps the shard (checks passed)
+    held = cache[0:32]   # maps the shard (checks passed); still alive, so the next read of
+    expected = held.clone()   # these rows needs a new lending map
     shard = directory / first_logits(manifest)["file"]
     _swap_for_link(shard, _hostile_copy(shard))
     with pytest.raises(CacheError, match="is a symbolic link"):
         cache[0:32]
     assert torch.equal(cache[0:2], expected[0:2])   # small reads: the map made at the check
+    assert torch.equal(held, expected)
+
+
+def test_rows_lent_again_come_from_the_checked_file(copy_of):
+    """Rows whose earlier result is gone are lent again from the map already made: a link
+    swapped in since is not even opened, and the data are the checked file's."""
+    directory, manifest = copy_of("wide")
+    cache = LogitCache(directory)
+    expected = cache[0:32].clone()
+    shard = directory / first_logits(manifest)["file"]
+    _swap_for_link(shard, _hostile_copy(shard))
+    assert torch.equal(cache[0:32], expected)
 
 
 def test_link_swapped_in_between_header_check_and_map_is_not_followed(copy_of, monkeypatch):
@@ -382,13 +463,14 @@ def test_file_replaced_after_open_is_refused(copy_of):
     fresh map (it is not the file that was checked) instead of being read."""
     directory, manifest = copy_of("wide")
     cache = LogitCache(directory)
-    cache[0:32]
+    held = cache[0:32]   # alive: the next read of these rows needs a new lending map
     shard = directory / first_logits(manifest)["file"]
     replacement = directory.parent / "replacement.npy"
     replacement.write_bytes(_hostile_copy(shard))
     os.replace(replacement, shard)
     with pytest.raises(CacheError, match="replaced since the cache was opened"):
         cache[0:32]
+    assert held.shape[0] == 32
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
