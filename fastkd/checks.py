@@ -398,9 +398,9 @@ def check_logit_transform(prefix: str, logit_scale, softcap) -> tuple:
 
 
 def check_chunking(chunk_rows, chunk_budget_bytes) -> None:
-    """``chunk_rows`` None or an int >= 1; ``chunk_budget_bytes`` an int >= 1."""
+    """``chunk_rows`` and ``chunk_budget_bytes`` each None or an int >= 1."""
     for name, value, optional in (("chunk_rows", chunk_rows, True),
-                                  ("chunk_budget_bytes", chunk_budget_bytes, False)):
+                                  ("chunk_budget_bytes", chunk_budget_bytes, True)):
         if value is None and optional:
             continue
         if isinstance(value, bool) or not isinstance(value, int):

@@ -23,9 +23,9 @@ reads K entries per row and writes the dense student gradient the same way. Peak
 the student (two with a softcap: the kernel then writes ``g`` beside ``z``), one for a teacher
 head, plus the gradients themselves; independent of ``N``.
 
-``C`` comes from a memory budget (``chunk_budget_bytes``, default
-:data:`DEFAULT_CHUNK_BUDGET_BYTES` for all chunk-sized buffers together) or is set with
-``chunk_rows``. The chunked pass itself (chunk planning, logit transforms, the loop above) is
+``C`` comes from a memory budget for all chunk-sized buffers together (``chunk_budget_bytes``;
+by default :data:`DEFAULT_CHUNK_BUDGET_BYTES` for the student's and as much again for a teacher
+head's) or is set with ``chunk_rows``. The chunked pass itself (chunk planning, logit transforms, the loop above) is
 :mod:`fastkd.linear_chunks`; this module holds the autograd and custom-op wiring and the
 public API. Under ``torch.autocast`` the chunk logits are in the autocast dtype (bf16 / fp16,
 as ``F.linear`` gives under autocast: same numbers as the unfused path, half the buffer); the
@@ -291,7 +291,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
                    labels: Union[torch.Tensor, str, None] = None, *,
                    student_bias: Optional[torch.Tensor] = None, student_logit_scale: float = 1.0,
                    student_softcap: Optional[float] = None, chunk_rows: Optional[int] = None,
-                   chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                   chunk_budget_bytes: Optional[int] = None,
                    teacher_extra_columns: str = "error", tail: str = "bucket",
                    temperature: float = 1.0, soft_weight: float = 0.5, hard_weight: float = 0.5,
                    divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,
@@ -316,7 +316,9 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
             ``final_logit_softcapping``). (The teacher's are set on its ``TeacherHead``.)
         chunk_rows: rows per chunk; overrides ``chunk_budget_bytes``.
         chunk_budget_bytes: memory for the chunk-sized buffers together (student chunk logits,
-            their gradient when there is a softcap, a teacher head's chunk logits).
+            their gradient when there is a softcap, a teacher head's chunk logits). None (the
+            default): ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB) for the student's buffers and
+            as much again for a teacher head's.
         teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than
             the student's, or ``"drop"`` to use its first V columns (padding columns of an
             embedding matrix).
@@ -392,7 +394,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         teacher_softcap if teacher_softcap is not None else _NO_SOFTCAP, num_classes,
         float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta),
         int(ignore_index), reduction, resolved, tail, _autocast_dtype(device),
-        chunk_rows if chunk_rows is not None else 0, int(chunk_budget_bytes), *needs)
+        chunk_rows if chunk_rows is not None else 0,
+        int(chunk_budget_bytes) if chunk_budget_bytes is not None else 0, *needs)
     if torch.compiler.is_compiling():
         loss = _linear_kd_op(*args)[0]
     else:
@@ -408,7 +411,7 @@ class LinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, student_logit_scale: float = 1.0, student_softcap: Optional[float] = None,
                  chunk_rows: Optional[int] = None,
-                 chunk_budget_bytes: int = DEFAULT_CHUNK_BUDGET_BYTES,
+                 chunk_budget_bytes: Optional[int] = None,
                  teacher_extra_columns: str = "error", tail: str = "bucket",
                  temperature: float = 1.0, soft_weight: float = 0.5, hard_weight: float = 0.5,
                  divergence: str = "forward_kl", beta: float = 0.5, ignore_index: int = -100,

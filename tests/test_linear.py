@@ -236,6 +236,13 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     seen.clear()   # a softcap needs the gradient beside the logits: a third buffer per row
     fused(case, teacher, case["labels"], chunk_budget_bytes=64 * 4 * 3 * 10, student_softcap=5.0)
     assert seen == [10] * 5
+    seen.clear()   # the default budget is per side: the head's chunk comes on top
+    monkeypatch.setattr(chunks, "DEFAULT_CHUNK_BUDGET_BYTES", 64 * 4 * 16)
+    fused(case, teacher, case["labels"])
+    assert seen == [16] * 3 + [2]
+    seen.clear()
+    fused(case, teacher_of(case, "logits"), case["labels"])
+    assert seen == [16] * 3 + [2]
 
 
 def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
