@@ -318,7 +318,7 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         chunk_budget_bytes: memory for the chunk-sized buffers together (student chunk logits,
             their gradient when there is a softcap, a teacher head's chunk logits). None (the
             default): ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB) for the student's buffers and
-            as much again for a teacher head's.
+            as much again for a teacher head's, and at most 1024 rows per chunk.
         teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than
             the student's, or ``"drop"`` to use its first V columns (padding columns of an
             embedding matrix).

@@ -19,6 +19,11 @@ from fastkd.loss import _LABEL_TEACHER, _LABEL_TENSOR, _dispatch
 # chunks cost time: on the 2-core CPU, 1024 x 1024 x 128256 fp32 with a teacher head took 13.7 s
 # in 65-row chunks, 10.0 s in 261-row chunks and 8.6 s in 523-row chunks (unfused: 8.9 s).
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
+# What matters for time is the rows per chunk (each chunk's fixed cost is one pass over the
+# output layers, whatever V): past ~1000 rows it no longer shows (2048 x 1024 x 32000 with a
+# teacher head: 1048-row chunks as fast as the unfused path), so the default budget stops there
+# and small vocabularies keep their buffers small (Liger-Kernel's default chunk is 1024 rows).
+DEFAULT_MAX_CHUNK_ROWS = 1024
 
 _TEACHER_LOGITS, _TEACHER_HEAD, _TEACHER_TOPK, _TEACHER_SAMPLED = 0, 1, 2, 3
 _NO_SOFTCAP = 0.0   # the custom op's encoding of softcap=None (a real softcap is > 0)
@@ -129,14 +134,16 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     separate_grad = wants_grad and student_softcap is not None   # z is needed after the kernel
     student_size = student.dtype.itemsize
     per_row = num_classes * student_size * (2 if separate_grad else 1)
+    max_rows = num_kept
     if chunk_budget_bytes <= 0:   # the default: DEFAULT_CHUNK_BUDGET_BYTES per side
         chunk_budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES * (2 if teacher_side is not None else 1)
+        max_rows = DEFAULT_MAX_CHUNK_ROWS
     if teacher_side is not None:
         per_row += num_classes * teacher_side.dtype.itemsize
     elif teacher_rows is not None and (kept_index is not None or teacher_rows.stride(-1) != 1):
         per_row += num_classes * teacher_rows.dtype.itemsize   # gathered / made contiguous
     if chunk_rows <= 0:
-        chunk_rows = chunk_budget_bytes // per_row
+        chunk_rows = min(chunk_budget_bytes // per_row, max_rows)
     chunk_rows = max(1, min(chunk_rows, num_kept))
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)

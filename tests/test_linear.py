@@ -243,6 +243,10 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     seen.clear()
     fused(case, teacher_of(case, "logits"), case["labels"])
     assert seen == [16] * 3 + [2]
+    seen.clear()   # and stops at DEFAULT_MAX_CHUNK_ROWS
+    monkeypatch.setattr(chunks, "DEFAULT_MAX_CHUNK_ROWS", 12)
+    fused(case, teacher, case["labels"])
+    assert seen == [12] * 4 + [2]
 
 
 def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
