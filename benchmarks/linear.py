@@ -17,6 +17,11 @@ or a head, teacher hidden ``(N, H)`` and ``W_t (V, H)``):
   pure PyTorch, ``torch.compile`` d per chunk by default) with ``beta=0``, which Liger defines as
   KL(p_t || p_s): the same objective. It takes the teacher as hidden states + weight, so it runs on
   the ``head`` cases only; skipped, with the reason, when ``liger_kernel`` is not importable.
+- ``liger-triton``: Liger-Kernel's Triton ``LigerFusedLinearJSD`` (``liger_kernel.transformers``,
+  CUDA only). It computes the generalized JSD alone (no hard term), so it runs on cases with
+  ``objective="jsd"``: ``JSD_0.5(p_t, p_s)`` at T = 1, batchmean, which every other provider then
+  computes too (``divergence="jsd", beta=0.5, soft_weight=1, hard_weight=0``; Liger's ``beta`` is
+  the teacher's weight in the mixture, as fastkd's; at 0.5 the two orders coincide anyway).
 
 Each (case, provider) runs in a fresh subprocess: build the inputs, one warm-up step (full size
 for ``liger``, whose compiled chunk function must not recompile in the timed step; a few rows for
@@ -54,10 +59,11 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.env import REPO_ROOT, capture_environment, device_slug, synchronize  # noqa: E402
 from benchmarks.memory import _proc_status_kib as _status_kib  # noqa: E402  (one /proc reader)
 
-PROVIDERS = ("fastkd", "unfused", "textbook", "liger")
+PROVIDERS = ("fastkd", "unfused", "textbook", "liger", "liger-triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SOFT_WEIGHT = HARD_WEIGHT = 0.5
 TEMPERATURE = 1.0   # Liger's chunked loss divides logits by T but has no T^2 factor: compare at 1
+JSD_BETA = 0.5      # the jsd objective (the one Liger's Triton fused-linear loss computes)
 # Loss / gradient-norm agreement with the unfused provider (relative), per dtype.
 AGREEMENT = {"fp32": 1e-4, "bf16": 3e-2}
 
@@ -69,10 +75,20 @@ class LinearCase:
     vocab: int
     teacher: str = "logits"      # "logits" (dense teacher logits) or "head" (TeacherHead)
     dtype: str = "fp32"
+    objective: str = "kl+ce"     # "kl+ce" (0.5 KL + 0.5 CE) or "jsd" (JSD_0.5 alone)
 
     @property
     def id(self) -> str:
-        return f"{self.rows}x{self.hidden}x{self.vocab}-{self.teacher}-{self.dtype}"
+        suffix = "" if self.objective == "kl+ce" else f"-{self.objective}"
+        return f"{self.rows}x{self.hidden}x{self.vocab}-{self.teacher}-{self.dtype}{suffix}"
+
+    @property
+    def loss_options(self) -> dict:
+        """fastkd keyword arguments of this case's objective."""
+        if self.objective == "jsd":
+            return dict(temperature=TEMPERATURE, soft_weight=1.0, hard_weight=0.0,
+                        divergence="jsd", beta=JSD_BETA)
+        return dict(temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT)
 
     @property
     def logits_bytes(self) -> int:
@@ -108,14 +124,18 @@ def _linear_preset() -> LinearPreset:
 
 
 def _gpu_preset() -> LinearPreset:
-    """The issue's GPU shape (run with --device cuda): 8192 x 4096 x 128256, bf16."""
+    """The issue's GPU shape (run with --device cuda): 8192 x 4096 x 128256, bf16; the JSD case
+    compares with Liger-Kernel's Triton fused-linear JSD (the only objective it has)."""
     return LinearPreset("linear-gpu", (LinearCase(8192, 4096, 128256, "logits", "bf16"),
-                                       LinearCase(8192, 4096, 128256, "head", "bf16")), rounds=5)
+                                       LinearCase(8192, 4096, 128256, "head", "bf16"),
+                                       LinearCase(8192, 4096, 128256, "head", "bf16", "jsd")),
+                        rounds=5)
 
 
 def _smoke_preset() -> LinearPreset:
-    """Seconds: one tiny teacher-head case (every provider applies to it), Liger uncompiled."""
-    return LinearPreset("smoke", (LinearCase(96, 32, 2000, "head"),), rounds=2,
+    """Seconds: tiny teacher-head cases of both objectives, Liger uncompiled."""
+    return LinearPreset("smoke", (LinearCase(96, 32, 2000, "head"),
+                                  LinearCase(96, 32, 2000, "head", objective="jsd")), rounds=2,
                         liger_compiled=False)
 
 
@@ -131,11 +151,22 @@ def liger_unavailable_reason() -> Optional[str]:
     return None
 
 
-def not_applicable_reason(provider: str, case: LinearCase) -> Optional[str]:
+def not_applicable_reason(provider: str, case: LinearCase, device: str = "cpu") -> Optional[str]:
+    if provider in ("liger", "liger-triton") and case.teacher != "head":
+        return "Liger's fused-linear loss takes the teacher as hidden states + weight only"
     if provider == "liger":
-        if case.teacher != "head":
-            return "Liger's fused-linear loss takes the teacher as hidden states + weight only"
         return liger_unavailable_reason()
+    if provider == "liger-triton":
+        if case.objective != "jsd":
+            return "Liger's Triton fused-linear loss computes the JSD alone (objective='jsd' cases)"
+        if device != "cuda":
+            return "Liger's Triton fused-linear JSD needs a CUDA device"
+        try:
+            from liger_kernel.transformers import LigerFusedLinearJSD  # noqa: F401
+        except Exception as error:
+            return f"liger_kernel.transformers is not importable ({type(error).__name__}: {error})"
+    if provider == "textbook" and case.objective != "kl+ce":
+        return "the textbook composition is 0.5 KL + 0.5 CE only"
     return None
 
 
@@ -169,7 +200,7 @@ def _teacher_logits(inputs):
 def make_loss(provider: str, case: LinearCase, liger_compiled: bool = True):
     """``loss_fn(inputs) -> scalar loss`` for one provider."""
     import fastkd
-    options = dict(temperature=TEMPERATURE, soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT)
+    options = case.loss_options
     if provider == "fastkd":
         def fastkd_loss(inputs):
             teacher = inputs.get("teacher_logits")
@@ -193,14 +224,23 @@ def make_loss(provider: str, case: LinearCase, liger_compiled: bool = True):
         return textbook_loss
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-        liger = LigerFusedLinearJSDLoss(weight_hard_loss=HARD_WEIGHT, weight_soft_loss=SOFT_WEIGHT,
-                                        beta=0.0, temperature=TEMPERATURE,
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=options["hard_weight"],
+                                        weight_soft_loss=options["soft_weight"],
+                                        beta=options.get("beta", 0.0), temperature=TEMPERATURE,
                                         compiled=liger_compiled)
 
         def liger_loss(inputs):
             return liger(inputs["hidden"], inputs["weight"], inputs["teacher_hidden"],
                          inputs["teacher_weight"], inputs["labels"])
         return liger_loss
+    if provider == "liger-triton":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        liger_triton = LigerFusedLinearJSD(jsd_beta=JSD_BETA, temperature=TEMPERATURE)
+
+        def liger_triton_loss(inputs):
+            return liger_triton(inputs["hidden"], inputs["weight"], inputs["teacher_hidden"],
+                                inputs["teacher_weight"])
+        return liger_triton_loss
     raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
 
 
@@ -305,7 +345,7 @@ def evaluate_goals(records: list) -> list:
             by_case.setdefault(record["case"]["id"], {})[record["provider"]] = record
     goals = []
     for case_id, providers in sorted(by_case.items()):
-        fused, unfused, liger = (providers.get(p) for p in ("fastkd", "unfused", "liger"))
+        fused, unfused = providers.get("fastkd"), providers.get("unfused")
         if fused is None:
             continue
         if unfused is not None:
@@ -317,10 +357,13 @@ def evaluate_goals(records: list) -> list:
                                "unfused", beyond[0] / max(beyond[1], 1), 0.10, "x"))
             goals.append(_goal(f"{case_id}: time vs unfused", fused["median_s"] / unfused["median_s"],
                                1.05, "x"))
-        if liger is not None:
-            goals.append(_goal(f"{case_id}: time vs Liger chunked",
+        for name, label in (("liger", "Liger chunked"), ("liger-triton", "Liger Triton")):
+            liger = providers.get(name)
+            if liger is None:
+                continue
+            goals.append(_goal(f"{case_id}: time vs {label}",
                                fused["median_s"] / liger["median_s"], 1.0, "x"))
-            goals.append(_goal(f"{case_id}: extra peak memory vs Liger chunked",
+            goals.append(_goal(f"{case_id}: extra peak memory vs {label}",
                                fused["peak_extra_bytes"] / max(liger["peak_extra_bytes"], 1),
                                1.0, "x", strict=True))
     return goals
@@ -390,7 +433,7 @@ def run_preset(preset: LinearPreset, device: str, out_dir: Optional[Path] = None
         if (vocab and case.vocab != vocab) or (teacher and case.teacher != teacher):
             continue
         for provider in providers or preset.providers:
-            reason = not_applicable_reason(provider, case)
+            reason = not_applicable_reason(provider, case, device)
             if reason:
                 records.append({"provider": provider, "case": {**asdict(case), "id": case.id},
                                 "skipped": reason})

@@ -10,7 +10,9 @@ Liger-Kernel from ``.whl/`` if it is not importable (``pip download liger-kernel
 .whl/`` on a machine with PyPI), runs the test suite on the real kernels (``tests-gpu.txt``),
 compiles every kernel specialization and records registers, spills and shared memory
 (``kernel_resources.json``), then runs the ``full`` preset with every provider and writes the
-results folder, whose goals table then has every GPU row filled.
+results folder, whose goals table then has every GPU row filled, and last the fused linear + KD
+preset ``linear-gpu`` (``benchmarks/linear.py``: 8192 x 4096 x 128256 bf16 against Liger's
+chunked and Triton fused-linear losses) into the same folder.
 
 Runs the pytest-benchmark suite in ``benchmarks/`` (a subprocess), keeps its raw JSON as
 ``pytest-benchmark.json``, and writes ``results.json``, ``results.md`` and the PNG plots.
@@ -128,7 +130,13 @@ def gpu_check(args: argparse.Namespace) -> int:
                                        "aot_exit_code": aot.returncode}
         json_path.write_text(json.dumps(data))
         render(json_path, out_dir)
-    return max(code, tests.returncode != 0, aot.returncode != 0)
+    # the fused linear + KD preset at 8192 x 4096 x 128256 bf16, against Liger's chunked and
+    # Triton fused-linear losses: linear.json / linear.md in the same folder
+    linear = subprocess.run([sys.executable, "-m", "benchmarks.linear", "--preset", "linear-gpu",
+                             "--device", "cuda", "--out", str(out_dir)], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True)
+    print(linear.stdout[-3000:], linear.stderr[-2000:], flush=True)
+    return max(code, tests.returncode != 0, aot.returncode != 0, linear.returncode != 0)
 
 
 def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
