@@ -22,7 +22,7 @@ import torch
 import cache_helpers
 from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
 from fastkd.cache import manifest as fmt
-from fastkd.cache import reader
+from fastkd.cache import maps
 from fastkd.cli import main as fastkd_main
 
 TESTS_DIR = Path(__file__).parent
@@ -346,12 +346,12 @@ def _hostile_copy(path: Path) -> bytes:
 
 def _count_lending_maps(monkeypatch):
     made = []
-    real_map = reader._map_descriptor
+    real_map = maps._map_descriptor
 
     def counting_map(descriptor, size):
         made.append(size)
         return real_map(descriptor, size)
-    monkeypatch.setattr(reader, "_map_descriptor", counting_map)
+    monkeypatch.setattr(maps, "_map_descriptor", counting_map)
     return made
 
 
@@ -361,7 +361,7 @@ def _page_scan_works(directory) -> bool:
     path.write_bytes(bytes(8192))
     data = torch.from_file(str(path), shared=False, size=8192, dtype=torch.uint8).numpy()
     assert int(data.sum()) == 0   # both pages read in: present file pages
-    return reader._pages_unwritten(data.ctypes.data, 8192)
+    return maps._pages_unwritten(data.ctypes.data, 8192)
 
 
 def test_rows_are_lent_again_only_when_no_result_uses_or_wrote_them(valid_caches, monkeypatch,
@@ -404,11 +404,11 @@ def test_unwritten_page_check(tmp_path):
     data = torch.from_file(str(path), shared=False, size=16384, dtype=torch.uint8).numpy()
     address = data.ctypes.data
     assert int(data.sum()) == 64 * sum(range(256))   # every page read (present, file pages)
-    assert reader._pages_unwritten(address, 16384)
+    assert maps._pages_unwritten(address, 16384)
     data[5000] = 1   # page 1
-    assert not reader._pages_unwritten(address, 16384)
-    assert not reader._pages_unwritten(address + 4096, 10)
-    assert reader._pages_unwritten(address, 4096) and reader._pages_unwritten(address + 8192, 8192)
+    assert not maps._pages_unwritten(address, 16384)
+    assert not maps._pages_unwritten(address + 4096, 10)
+    assert maps._pages_unwritten(address, 4096) and maps._pages_unwritten(address + 8192, 8192)
 
 
 def test_link_swapped_in_after_open_is_refused_by_the_next_map(copy_of):
