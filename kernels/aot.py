@@ -25,6 +25,7 @@ import tempfile
 # Kernel families compiled ahead of time: one line per module exposing aot_specializations().
 AOT_MODULES = [
     "fastkd.kernels.kd_loss",
+    "fastkd.kernels.kd_sparse",
 ]
 # (capability, name): A100 and H100
 TARGETS = [(80, "sm_80"), (90, "sm_90")]

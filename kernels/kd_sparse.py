@@ -262,6 +262,33 @@ def _kd_sparse_kernel(
                 tl.store(grad_row + cols, zeros, mask=cols < num_classes)
 
 
+def launch_config(num_classes: int, num_kept: int, *, divergence: str, soft_weight: float,
+                  hard_weight: float, tail: str, sampled: bool, has_labels: bool,
+                  teacher_labels: bool, temperature: float, write_grad: bool):
+    """(constexprs, num_warps) of one launch: the specialization the launcher compiles, and the
+    one :func:`aot_specializations` compiles ahead of time for the same options."""
+    block, num_warps = column_settings(num_classes)
+    code = _DIVERGENCE_CODES[divergence] if soft_weight > 0 else _NONE
+    tail_code = _TAIL_CODES[tail]
+    hard = hard_weight > 0 and (has_labels or bool(teacher_labels))
+    stats = code != _NONE and tail_code != _RENORMALIZE
+    constexprs = dict(
+        DIVERGENCE=code,
+        TAIL=tail_code,
+        STATS=stats,
+        SAMPLED=sampled,
+        HAS_REST=tail_code == _BUCKET and (sampled or num_kept < num_classes),
+        HARD=hard,
+        CE_SHARES_SOFTMAX=hard and stats and temperature == 1.0,
+        HAS_LABELS=has_labels,
+        TEACHER_LABELS=bool(teacher_labels) and hard,
+        WRITE_GRAD=write_grad,
+        BLOCK_V=block,
+        BLOCK_K=max(triton.next_power_of_2(num_kept), 2),
+    )
+    return constexprs, num_warps
+
+
 def _check_rows(name: str, tensor, shape, dtype=None) -> None:
     if tensor.shape != shape or tensor.stride(-1) != 1 or (dtype and tensor.dtype != dtype):
         raise ValueError(f"{name} must be a {shape} tensor{' of ' + str(dtype) if dtype else ''} "
@@ -304,13 +331,13 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:
         return row_loss
-    block, num_warps = column_settings(num_classes)
+    constexprs, num_warps = launch_config(
+        num_classes, num_kept, divergence=divergence, soft_weight=soft_weight,
+        hard_weight=hard_weight, tail=tail, sampled=counts is not None,
+        has_labels=labels is not None, teacher_labels=teacher_labels, temperature=temperature,
+        write_grad=grad is not None)
     if block_v is not None:
-        block = block_v
-    code = _DIVERGENCE_CODES[divergence] if soft_weight > 0 else _NONE
-    tail_code = _TAIL_CODES[tail]
-    hard = hard_weight > 0 and (labels is not None or bool(teacher_labels))
-    stats = code != _NONE and tail_code != _RENORMALIZE
+        constexprs["BLOCK_V"] = block_v
     placeholder = row_loss
     _kd_sparse_kernel[(num_rows,)](
         student_logits, indices,
@@ -326,18 +353,55 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
         grad.stride(0) if grad is not None else 0,
         num_classes, num_kept, float(temperature), float(soft_weight), float(hard_weight),
         float(beta), int(ignore_index), float(grad_scale),
-        DIVERGENCE=code,
-        TAIL=tail_code,
-        STATS=stats,
-        SAMPLED=sampled,
-        HAS_REST=tail_code == _BUCKET and (sampled or num_kept < num_classes),
-        HARD=hard,
-        CE_SHARES_SOFTMAX=hard and stats and temperature == 1.0,
-        HAS_LABELS=labels is not None,
-        TEACHER_LABELS=bool(teacher_labels) and hard,
-        WRITE_GRAD=grad is not None,
-        BLOCK_V=block,
-        BLOCK_K=max(triton.next_power_of_2(num_kept), 2),
+        **constexprs,
         num_warps=num_warps,
     )
     return row_loss
+
+
+# ----------------------------------------------------------------------------- AOT compile list
+def aot_specializations():
+    """The sparse kernel specializations to compile ahead of time (no GPU needed) for every
+    target in ``tests/test_kernel_aot.py``: those the benchmarks launch (top-32 ``TopKLogits``
+    with int32 ids, forward_kl + hard labels at T = 1, bucket tail, forward+backward, fp32 and
+    bf16, V = 32000 and 128256; the fused-linear path launches the same ones on its chunks) and
+    one per divergence, tail, target kind and label mode the tests run. Same record layout as
+    :func:`fastkd.kernels.kd_loss.aot_specializations`."""
+    base = dict(divergence="forward_kl", soft_weight=0.5, hard_weight=0.5, tail="bucket",
+                sampled=False, has_labels=True, teacher_labels=False, temperature=1.0,
+                write_grad=True)
+    cases = [(f"bench-top32-V{vocab}-{dtype}", vocab, 32, dtype, dtype, "i32", dict(base))
+             for vocab in (32000, 128256) for dtype in ("fp32", "bf16")]
+    test_variants = [  # (name, V, K, student, teacher values, id dtype, overrides)
+        ("reverse_kl-renormalize-no_grad", 1000, 8, "fp32", "fp16", "i64",
+         dict(divergence="reverse_kl", tail="renormalize", write_grad=False)),
+        ("jsd-ignore_tail-T2", 1000, 16, "bf16", "bf16", "i32",
+         dict(divergence="jsd", tail="ignore", temperature=2.0)),
+        ("sampled-teacher_labels", 32000, 32, "fp32", "fp32", "i32",
+         dict(sampled=True, has_labels=False, teacher_labels=True)),
+        ("hard_only", 100, 4, "fp16", "fp16", "i64", dict(soft_weight=0.0)),
+        ("soft_only-no_labels", 128256, 64, "bf16", "bf16", "i32",
+         dict(hard_weight=0.0, has_labels=False)),
+    ]
+    for name, vocab, num_kept, student, teacher, ids, overrides in test_variants:
+        options = dict(base)
+        options.update(overrides)
+        cases.append((f"test-{name}-V{vocab}-K{num_kept}-{student}-{teacher}", vocab, num_kept,
+                      student, teacher, ids, options))
+    specs = []
+    for name, vocab, num_kept, student, teacher, ids, options in cases:
+        constexprs, num_warps = launch_config(vocab, num_kept, **options)
+        signature = dict(
+            student_ptr="*" + student, ids_ptr="*" + ids,
+            values_ptr="*fp32" if options["sampled"] else "*" + teacher,
+            lse_ptr="*fp32", counts_ptr="*i32" if options["sampled"] else "*fp32",
+            labels_ptr="*i64" if options["has_labels"] else "*fp32",
+            grad_ptr="*" + student, row_loss_ptr="*fp32", student_row_stride="i64",
+            ids_row_stride="i64", values_row_stride="i64", counts_row_stride="i64",
+            grad_row_stride="i64", num_classes="i32", num_kept="i32", temperature="fp32",
+            soft_weight="fp32", hard_weight="fp32", beta="fp32", ignore_index="i32",
+            grad_scale="fp32")
+        signature.update({key: "constexpr" for key in constexprs})
+        specs.append(dict(name=name, kernel=_kd_sparse_kernel, signature=signature,
+                          constexprs=constexprs, num_warps=num_warps))
+    return specs

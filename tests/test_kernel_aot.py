@@ -16,6 +16,7 @@ import pytest
 
 from fastkd.kernels import aot
 from fastkd.kernels import kd_loss as dense
+from fastkd.kernels import kd_sparse as sparse
 
 
 @pytest.fixture(scope="module")
@@ -68,4 +69,27 @@ def test_the_list_covers_what_the_benchmarks_launch():
             write_grad=case.mode == "fwd+bwd", scale_in_memory=True)  # kept count on device
         key = (tuple(sorted(constexprs.items())), names[case.student_dtype],
                names[case.teacher_dtype], num_warps)
+        assert key in compiled, case.id
+
+
+def test_the_sparse_list_covers_what_the_benchmarks_launch():
+    """Each sparse-teacher case of the GPU and sparse presets (top-k ``TopKLogits`` with int32
+    ids, bucket tail, hard labels) launches a specialization in the sparse AOT list; the fused
+    linear + KD path launches the same kernels on its chunks (same V, dtypes and options)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks.presets import get_preset
+    compiled = {(tuple(sorted(spec["constexprs"].items())), spec["signature"]["student_ptr"],
+                 spec["signature"]["values_ptr"], spec["signature"]["ids_ptr"], spec["num_warps"])
+                for spec in sparse.aot_specializations()}
+    names = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
+    cases = [case for name in ("full", "sparse") for case in get_preset(name).loss_cases
+             if case.teacher_k]
+    assert cases
+    for case in cases:
+        constexprs, num_warps = sparse.launch_config(
+            case.vocab, case.teacher_k, divergence="forward_kl", soft_weight=0.5,
+            hard_weight=0.5, tail="bucket", sampled=False, has_labels=True,
+            teacher_labels=False, temperature=case.temperature, write_grad=case.mode == "fwd+bwd")
+        key = (tuple(sorted(constexprs.items())), names[case.student_dtype],
+               names[case.teacher_dtype], "*i32", num_warps)
         assert key in compiled, case.id
