@@ -118,13 +118,13 @@ class _Options:
 
 def _scaled_shift(logits, max_logits, scale, out):
     """out = (logits - max) * scale in fp32: the subtraction first, so that entries near the
-    row maximum keep their full precision (``scale`` folds 1/T and log2(e): see _exp2_units)."""
+    row maximum keep their full precision (``scale`` folds 1/T and log2(e): see LOG2E)."""
     return torch.sub(logits, max_logits, out=out).mul_(scale)
 
 
 def _student_terms(student, opts, work):
     """(w2_s, exp(w_s), exp(d_s), max_s) with d_s = z_s - max z_s, w_s = d_s / T and
-    w2_s = w_s * log2(e) (base-2 units, see _exp2_units); the exponentials are None when no term
+    w2_s = w_s * log2(e) (base-2 units, see LOG2E); the exponentials are None when no term
     needs them and may share storage (T = 1)."""
     rows = student.shape[0]
     soft_kl = opts.soft and opts.divergence != "mse"
