@@ -31,8 +31,8 @@ from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 
-# results of at least this many bytes inside one shard are zero-copy views of a fresh private
-# map; smaller ones are copies (mapping costs a few system calls, copying 256 KiB about as much)
+# results of at least this many bytes inside one shard are zero-copy views of the file's lending
+# map; smaller ones are copies (a new map costs a few system calls, copying 256 KiB about as much)
 VIEW_MIN_BYTES = 1 << 18
 
 
@@ -239,9 +239,9 @@ class LogitCache:
         return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
 
     def rows(self, start: int, stop: int):
-        """Teacher rows ``[start, stop)`` in row order. Never shares memory with another read:
-        inside one shard and at least ``VIEW_MIN_BYTES`` a zero-copy view of a fresh private
-        map, otherwise a copy."""
+        """Teacher rows ``[start, stop)`` in row order. Never shares memory with another live or
+        written read: inside one shard and at least ``VIEW_MIN_BYTES`` a zero-copy view of the
+        file's lending map (see :mod:`fastkd.cache.maps`), otherwise a copy."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
         first = max(bisect_right(self._row_starts, start) - 1, 0)
