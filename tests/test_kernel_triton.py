@@ -10,6 +10,7 @@ import torch
 
 from fastkd import kd_loss
 from fastkd.kernels.kd_loss import MAX_BLOCK_V, block_settings, kd_forward_triton
+from loss_inputs import assert_close_scaled, make_labels
 from reference import reference_kd_loss, reference_row_losses
 
 # The interpreter evaluates masked-off padding lanes too (-inf - -inf); those values are
@@ -40,22 +41,6 @@ def make_logits(shape, dtype=torch.float32, teacher_dtype=None, seed=0, scale=3.
     student = (scale * torch.randn(shape, generator=generator)).to(dtype)
     teacher = (scale * torch.randn(shape, generator=generator)).to(teacher_dtype or dtype)
     return student, teacher
-
-
-def make_labels(shape, num_classes, ignored=(), seed=1):
-    """Class ids in [0, V) with the flat positions in ``ignored`` set to -100."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, shape, generator=generator)
-    labels.view(-1)[list(ignored)] = -100
-    return labels
-
-
-def assert_close_scaled(actual, expected, rtol, floor=0.0):
-    """|actual - expected| <= rtol * (|expected| + max(max |expected|, floor)); NaN never matches."""
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30)
 
 
 def check_against_reference(student, teacher, labels, device, reduction="batchmean",

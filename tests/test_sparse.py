@@ -21,6 +21,7 @@ import fastkd
 from fastkd import SampledTargets, TopKLogits, kd_loss
 from fastkd.fallback_sparse import kd_sparse_forward_torch
 from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
+from loss_inputs import assert_close_scaled, make_labels
 from reference_sparse import reference_sparse_kd_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -47,20 +48,6 @@ def make_topk(shape, k, temperature=1.0, seed=0, scale=3.0, dtype=torch.float32)
     top = teacher.topk(k, -1)
     lse = torch.logsumexp(teacher.double() / temperature, -1).float()
     return student, TopKLogits(top.values, top.indices.to(torch.int32), lse, temperature), teacher
-
-
-def make_labels(shape, num_classes, ignored=(), seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, shape, generator=generator)
-    labels.view(-1)[list(ignored)] = -100
-    return labels
-
-
-def assert_close_scaled(actual, expected, rtol, floor=0.0):
-    actual = actual.detach().double().cpu()
-    expected = expected.detach().double().cpu()
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale + 1e-30)
 
 
 def run_loss(student, target, labels, backend, seed=2, **options):
