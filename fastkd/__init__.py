@@ -4,6 +4,8 @@ __version__ = "0.1.0"
 __all__ = ["kd_loss", "KDLoss", "linear_kd_loss", "LinearKDLoss", "TopKLogits", "SampledTargets",
            "TeacherHead", "__version__"]
 
+from fastkd._lazy import lazy_exports  # noqa: E402
+
 # Every public name loads on first use: `import fastkd` (and the `fastkd` command line, whose
 # --help and argument errors never need torch) stays free of torch until something needs it.
 _LAZY = {
@@ -16,15 +18,4 @@ _LAZY = {
     "FeatureDistillLoss": "fastkd.features",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

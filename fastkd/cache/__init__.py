@@ -12,6 +12,8 @@ argument parsing) does not import torch.
 __all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded", "TopKLogits",
            "CacheError"]
 
+from fastkd._lazy import lazy_exports  # noqa: E402
+
 # public name -> the sub-module that defines it
 _LAZY = {
     "CacheError": "fastkd.cache.manifest",
@@ -20,15 +22,4 @@ _LAZY = {
     "write_cache": "fastkd.cache.writer", "resolve_device": "fastkd.cache.writer",
 }
 
-
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fastkd.cache' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
