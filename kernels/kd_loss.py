@@ -342,6 +342,20 @@ def _check_matrix(name: str, tensor: torch.Tensor) -> None:
                          f"{tensor.stride()}")
 
 
+def _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence, codes) -> None:
+    """The launch arguments the dense and the sparse launchers check alike: ``labels`` None or
+    a contiguous ``(num_rows,)`` int64 tensor (None with ``teacher_labels``) and a ``divergence``
+    the kernel has a code for."""
+    if labels is not None:
+        if teacher_labels:
+            raise ValueError("labels must be None when teacher_labels=True")
+        if labels.shape != (num_rows,) or labels.dtype != torch.int64 or labels.stride(0) != 1:
+            raise ValueError(f"labels must be a contiguous ({num_rows},) int64 tensor, got "
+                             f"{tuple(labels.shape)} {labels.dtype}")
+    if divergence not in codes:
+        raise ValueError(f"divergence must be one of {', '.join(codes)}; got {divergence!r}")
+
+
 def _row_strides(tensor: torch.Tensor):
     """(row stride, batch stride) of an (N, V) or (B, S, V) tensor (batch stride 0 for 2-D)."""
     if tensor.dim() == 2:
@@ -398,20 +412,13 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // max(num_classes, 1)
-    if labels is not None:
-        if teacher_labels:
-            raise ValueError("labels must be None when teacher_labels=True")
-        if labels.shape != (num_rows,) or labels.dtype != torch.int64 or labels.stride(0) != 1:
-            raise ValueError(f"labels must be a contiguous ({num_rows},) int64 tensor, got "
-                             f"{tuple(labels.shape)} {labels.dtype}")
+    _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
+                                 _DIVERGENCE_CODES)
     if grad is not None:
         _check_matrix("grad", grad)
         if grad.shape != student_logits.shape or grad.dtype != student_logits.dtype:
             raise ValueError(f"grad must be a {tuple(student_logits.shape)} "
                              f"{student_logits.dtype} tensor, got {tuple(grad.shape)} {grad.dtype}")
-    if divergence not in _DIVERGENCE_CODES:
-        raise ValueError(f"divergence must be one of {', '.join(_DIVERGENCE_CODES)}; "
-                         f"got {divergence!r}")
 
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:

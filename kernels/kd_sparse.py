@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_loss import _log_mixture, _safe_max, column_settings
+from fastkd.kernels.kd_loss import (_check_labels_and_divergence, _log_mixture, _safe_max,
+                                    column_settings)
 
 __all__ = ["kd_sparse_forward_triton", "MAX_K"]
 
@@ -318,15 +319,10 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     else:
         _check_rows("values", values, (num_rows, num_kept))
         _check_rows("lse", lse, (num_rows,), torch.float32)
-    if labels is not None:
-        if teacher_labels:
-            raise ValueError("labels must be None when teacher_labels=True")
-        _check_rows("labels", labels, (num_rows,), torch.int64)
+    _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
+                                 _DIVERGENCE_CODES)
     if grad is not None:
         _check_rows("grad", grad, tuple(student_logits.shape), student_logits.dtype)
-    if divergence not in _DIVERGENCE_CODES:
-        raise ValueError(f"divergence must be one of {', '.join(_DIVERGENCE_CODES)}; "
-                         f"got {divergence!r}")
 
     row_loss = torch.empty(num_rows, dtype=torch.float32, device=student_logits.device)
     if num_rows == 0:
