@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from fastkd.fallback import CHUNK_BYTES_DEVICE, _scaled_shift
+from fastkd.fallback import CHUNK_BYTES_DEVICE, _scaled_shift, _Workspace
 from fastkd.fallback import CHUNK_BYTES as _DENSE_CHUNK_BYTES
 
 __all__ = ["kd_sparse_forward_torch", "bucket_terms"]
@@ -110,16 +110,6 @@ def _log_softmax_kept(scaled, active):
     top = torch.where(top == _MINUS_INF, torch.zeros_like(top), top)
     shifted = scaled - top
     return shifted - shifted.exp().sum(1, keepdim=True).log()
-
-
-class _Workspace:
-    def __init__(self, rows, num_classes, device):
-        self.shape, self.device, self.buffers = (rows, num_classes), device, {}
-
-    def get(self, name, rows):
-        if name not in self.buffers:
-            self.buffers[name] = torch.empty(self.shape, dtype=torch.float32, device=self.device)
-        return self.buffers[name][:rows]
 
 
 def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts, work):
@@ -252,7 +242,7 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
     has_hard = hard_weight > 0 and (labels is not None or teacher_labels)
     chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
     chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
-    work = _Workspace(chunk_rows, num_classes, device)
+    work = _Workspace(chunk_rows, num_classes, device, family="sparse")
     for start in range(0, num_rows, chunk_rows):
         stop = min(start + chunk_rows, num_rows)
         part = slice(start, stop)

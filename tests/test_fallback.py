@@ -304,3 +304,62 @@ def test_invariant_to_a_constant_per_row(divergence, beta):
         shifted = fastkd.kd_loss(student + shift, teacher + shift, labels, **options)
     # the shifted inputs are rounded differently (|z| ~ 50 has a 4e-6 ulp): compare loosely
     torch.testing.assert_close(shifted, loss, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- kept work buffers
+def _kept_scratch_bytes():
+    return sum(buffer.numel() * buffer.element_size()
+               for buffer in fallback._SCRATCH.buffers.values())
+
+
+def test_work_buffers_are_kept_between_calls_and_never_returned():
+    """The CPU work buffers outlive a call (no allocation per call), but nothing a call returns
+    lives in them: per-row losses and gradients of one call survive the next call."""
+    fallback.release_scratch()
+    student, teacher, labels = make_inputs(64, 3000)  # the chunked workspace path
+    first = run_both(student, teacher, labels, reduction="none", divergence="jsd")
+    buffers = {name: flat.data_ptr() for name, flat in fallback._SCRATCH.buffers.items()}
+    assert buffers, "the chunked path kept no work buffer"
+    kept_loss, kept_grad = first[0].clone(), first[1].clone()
+    run_both(student * 0.5, teacher.flip(0), labels.flip(0), reduction="none", divergence="jsd")
+    assert {name: flat.data_ptr() for name, flat in fallback._SCRATCH.buffers.items()} == buffers
+    assert torch.equal(first[0], kept_loss) and torch.equal(first[1], kept_grad)
+
+
+def test_kept_work_buffers_are_bounded_and_released():
+    fallback.release_scratch()
+    for num_rows, num_classes in [(4, 50000), (3000, 700), (9, 7), (2000, 128)]:
+        for divergence, beta in DIVERGENCE_CASES:
+            student, teacher, labels = make_inputs(num_rows, num_classes)
+            student.requires_grad_()
+            fastkd.kd_loss(student, teacher, labels, divergence=divergence, beta=beta,
+                           backend="torch").backward()
+    assert 0 < _kept_scratch_bytes() <= fallback.SCRATCH_KEEP_BYTES
+    assert _kept_scratch_bytes() == fallback._SCRATCH.kept_bytes
+    fallback.release_scratch()
+    assert _kept_scratch_bytes() == 0
+
+
+def test_threads_have_their_own_work_buffers():
+    """Two threads computing different losses at once each get their own buffers."""
+    import threading
+    student, teacher, labels = make_inputs(48, 3000)
+    inputs = [(student, teacher, labels), (teacher.flip(1), student * 2, labels.flip(0))]
+    expected = [fastkd.kd_loss(*case, reduction="none", backend="torch") for case in inputs]
+    results, errors = [[], []], []
+
+    def work(index):
+        try:
+            for _ in range(20):
+                results[index].append(fastkd.kd_loss(*inputs[index], reduction="none",
+                                                     backend="torch"))
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for index in range(2):
+        assert all(torch.equal(result, expected[index]) for result in results[index])
