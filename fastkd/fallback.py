@@ -385,7 +385,8 @@ def _short_rows_chunk(student, teacher, targets, keep, grad, opts):
             _cpu_scalar(opts.soft_weight * temp * temp))
     if opts.hard:
         log_q = log_p_s if temp == 1.0 and log_p_s is not None else torch.log_softmax(student, 1)
-        picked = log_q.gather(1, targets.unsqueeze(1)).view(-1)
+        target_columns = targets.unsqueeze(1)
+        picked = log_q.gather(1, target_columns).view(-1)
         if row_loss is None:
             row_loss = picked.mul_(_cpu_scalar(-opts.hard_weight))
         else:
@@ -404,7 +405,7 @@ def _short_rows_chunk(student, teacher, targets, keep, grad, opts):
         p_s = log_p_s.exp_()
         acc = torch.sub(p_s, p_t, out=p_t)
         if opts.hard:
-            acc.add_(p_s if temp == 1.0 else log_q.exp_(), alpha=hard_scale / soft_scale)
+            acc.add_(p_s if log_q is log_p_s else log_q.exp_(), alpha=hard_scale / soft_scale)
         scale = soft_scale
     elif opts.hard:
         acc, scale = log_q.exp_(), hard_scale
@@ -412,7 +413,7 @@ def _short_rows_chunk(student, teacher, targets, keep, grad, opts):
         grad.zero_()
         return row_loss
     if opts.hard:
-        acc.scatter_(1, targets.unsqueeze(1), -hard_scale / scale, reduce="add")
+        acc.scatter_(1, target_columns, -hard_scale / scale, reduce="add")
     if keep is not None:
         acc.masked_fill_(~keep.unsqueeze(1), 0.0)
     torch.mul(acc, _cpu_scalar(scale), out=grad)
@@ -438,7 +439,6 @@ def _chunk_targets(chunk_labels, ignore_index, num_classes, labels_in_range):
     return targets, keep, out_of_range, kept
 
 
-@torch.no_grad()  # the gradient is computed here, not traced (direct callers may pass leaves)
 def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
                      soft_weight: float, hard_weight: float, divergence: str, beta: float,
@@ -448,6 +448,14 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     the contract in ``fastkd.loss``) with ``grad_scale * d row_loss / d student_logits``.
     ``labels_in_range``: the caller has checked every kept label (skips the guard);
     ``all_rows_kept``: and no label is ``ignore_index`` (skips the keep mask)."""
+    if torch.is_grad_enabled():  # the gradient is computed here, not traced (callers may pass
+        with torch.no_grad():    # leaves); inside autograd.Function.forward this is skipped
+            return kd_forward_torch(
+                student_logits, teacher_logits, labels, teacher_labels=teacher_labels,
+                temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+                divergence=divergence, beta=beta, ignore_index=ignore_index,
+                grad_scale=grad_scale, grad=grad, labels_in_range=labels_in_range,
+                all_rows_kept=all_rows_kept)
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // num_classes
     device = student_logits.device

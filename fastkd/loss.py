@@ -30,6 +30,7 @@ import torch
 from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, TAILS, check_choice,
                            check_inplace_target, check_labels, check_logits, check_options,
                            label_status, raise_bad_labels)
+from fastkd.fallback import _cpu_scalar
 from fastkd.targets import SPARSE_TARGETS
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
@@ -124,17 +125,22 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def _dispatch(backend: str, family: str = "dense"):
     """The one place that picks the implementation of a kernel family: ``"dense"`` (both follow
     ``_BACKEND_CONTRACT``) or ``"sparse"`` (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``)."""
-    if family == "sparse":
-        if backend == "triton":
-            from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
-            return kd_sparse_forward_triton
-        from fastkd.fallback_sparse import kd_sparse_forward_torch
-        return kd_sparse_forward_torch
-    if backend == "triton":
-        from fastkd.kernels.kd_loss import kd_forward_triton
-        return kd_forward_triton
-    from fastkd.fallback import kd_forward_torch
-    return kd_forward_torch
+    implementation = _IMPLEMENTATIONS.get((backend, family))
+    if implementation is None:
+        if family == "sparse":
+            if backend == "triton":
+                from fastkd.kernels.kd_sparse import kd_sparse_forward_triton as implementation
+            else:
+                from fastkd.fallback_sparse import kd_sparse_forward_torch as implementation
+        elif backend == "triton":
+            from fastkd.kernels.kd_loss import kd_forward_triton as implementation
+        else:
+            from fastkd.fallback import kd_forward_torch as implementation
+        _IMPLEMENTATIONS[backend, family] = implementation
+    return implementation
+
+
+_IMPLEMENTATIONS = {}   # (backend, family) -> function, imported on first use
 
 
 # ----------------------------------------------------------------------------- row views
@@ -208,7 +214,8 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
     kept = num_rows
     labels_in_range = all_rows_kept = False
     if label_mode == _LABEL_TENSOR:
-        labels_1d = labels_1d.to(torch.int64).contiguous()
+        if labels_1d.dtype != torch.int64 or not labels_1d.is_contiguous():
+            labels_1d = labels_1d.to(torch.int64).contiguous()
         if labels_1d.device.type not in _SYNCING_DEVICES and num_rows:
             # host reads are free here; one min/max settles the common case (no ignored row)
             lowest, highest = (value.item() for value in torch.aminmax(labels_1d))
@@ -254,6 +261,11 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         grad=grad, labels_in_range=labels_in_range, all_rows_kept=all_rows_kept)
     if reduction == "none":
         loss = row_loss
+    elif isinstance(grad_scale, float):
+        # (a 0-d float32 operand: a Python float is converted to a tensor on every call)
+        loss = row_loss.sum()
+        if grad_scale != 1.0:
+            loss.mul_(_cpu_scalar(grad_scale))
     else:
         loss = row_loss.sum() * grad_scale
     return loss, grad, pending
