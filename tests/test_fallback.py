@@ -252,6 +252,7 @@ def test_chunk_boundaries(monkeypatch):
     -inf teacher entries (guarded recompute) in one chunk only."""
     num_classes = 200
     monkeypatch.setattr(fallback, "CHUNK_BYTES", 3 * 4 * num_classes)
+    monkeypatch.setattr(fallback, "SHORT_ROW_CHUNK_FACTOR", 1)
     student, teacher, labels = make_inputs(10, num_classes)
     labels[3:6] = -100
     teacher[7, :50] = float("-inf")
