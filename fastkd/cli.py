@@ -6,7 +6,7 @@ Start-up cost: only the module of the command being run is imported. ``fastkd --
 one-line help); ``fastkd <command> --help`` and a command's argument error import that
 command's module, which defines the parser without importing torch (the command function
 imports what it needs once the arguments parse; tests/test_cli.py checks it). ``fastkd bench``
-is the exception: its parser comes from benchmarks/run.py, which imports torch.
+takes its parser from benchmarks/run.py, which imports torch only once a run starts.
 """
 import argparse
 import importlib

@@ -47,6 +47,8 @@ ARGUMENT_ERRORS = [
     (["info"], ["fastkd info: error", "DIR"]),
     (["demo", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["demo", "--epochs", "many"], ["--epochs", "invalid int value", "'many'"]),
+    (["bench", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["bench", "--preset", "huge"], ["--preset", "invalid choice", "'huge'"]),
 ]
 
 
@@ -70,7 +72,8 @@ def test_sub_command_argument_errors_do_not_import_torch():
 
 
 def test_sub_command_help_does_not_import_torch():
-    argvs = [[command, "--help"] for command in ("cache", "verify", "info", "import", "demo")]
+    argvs = [[command, "--help"] for command in ("cache", "verify", "info", "import", "demo",
+                                                 "bench")]
     results = _probe(argvs)
     assert [result["code"] for result in results] == [0] * len(argvs)
     assert not any(result["torch"] for result in results), results
@@ -103,3 +106,10 @@ def test_names_behind_the_lazy_modules_still_import():
     assert set(fastkd.cache.__all__) <= set(dir(fastkd.cache))
     with pytest.raises(AttributeError, match="no_such_name"):
         fastkd.cache.no_such_name  # noqa: B018
+
+
+def test_bench_preset_choices_are_the_presets():
+    """benchmarks/run.py lists the preset names without importing benchmarks.presets (torch)."""
+    from benchmarks.presets import PRESETS
+    from benchmarks.run import PRESET_NAMES
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)
