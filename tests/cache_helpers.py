@@ -154,3 +154,11 @@ class RandomlyAugmented(IndexedImages):
 
 def randomly_augmented() -> RandomlyAugmented:
     return RandomlyAugmented(100)
+
+
+def rank_one_cannot_load_teacher() -> DigitsMLP:
+    """The digits teacher, except on torchrun rank 1, whose "checkpoint" cannot be read: that rank
+    fails before the ranks compare fingerprints."""
+    if os.environ.get("RANK") == "1":
+        raise FileNotFoundError(2, "No such file or directory", "rank1-only-checkpoint.pt")
+    return digits_teacher()

@@ -145,3 +145,22 @@ def test_torchrun_failure_on_one_rank_stops_every_rank(tmp_path):
     assert result.returncode != 0
     assert "dataset sample 37 contains NaN" in result.stderr
     assert "failed on another rank: rank 0: ValueError" in result.stderr
+
+
+def test_torchrun_rank_failing_before_the_fingerprint_exchange_stops_the_job(tmp_path):
+    """Rank 1 cannot load its teacher, so it never reaches the fingerprint exchange that rank 0
+    waits in: torchrun's agent stops rank 0 (no wait for torch.distributed's timeout), the job
+    exits non-zero with rank 1's one-line reason, and nothing is written."""
+    out = tmp_path / "c"
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "fastkd", "cache", "--teacher", "cache_helpers:rank_one_cannot_load_teacher",
+         "--dataset", "digits", "--out", str(out), "--batch-size", "449", "--device", "cpu",
+         "--quiet"],
+        cwd=TESTS_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 90  # torch.distributed's own timeout is 30 minutes
+    assert "fastkd: error: No such file or directory (rank1-only-checkpoint.pt)" in result.stderr
+    assert not out.exists() or not (out / "manifest.json").exists()
