@@ -21,6 +21,7 @@ import torch
 
 import cache_helpers
 from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
+from fastkd.cache import files
 from fastkd.cache import manifest as fmt
 from fastkd.cache import maps
 from fastkd.cli import main as fastkd_main
@@ -443,14 +444,14 @@ def test_link_swapped_in_between_header_check_and_map_is_not_followed(copy_of, m
     directory, manifest = copy_of("wide")
     shard = directory / first_logits(manifest)["file"]
     expected = torch.from_numpy(np.load(shard).view(np.float16))
-    real_check = fmt.read_array_header
+    real_check = files.read_array_header
 
     def check_then_swap(handle, path, entry):
         offset = real_check(handle, path, entry)
         if path == str(shard) and not os.path.islink(shard):
             _swap_for_link(shard, _hostile_copy(shard))
         return offset
-    monkeypatch.setattr(fmt, "read_array_header", check_then_swap)
+    monkeypatch.setattr(files, "read_array_header", check_then_swap)
     cache = LogitCache(directory)
     assert torch.equal(cache[0:4], expected[0:4])   # from the map of the checked file
     assert os.path.islink(shard)

@@ -1,0 +1,200 @@
+"""Safe file access for the cache (format-agnostic; :mod:`fastkd.cache.manifest` knows the
+format): atomic writes (temp file, fsync, rename, never through a symbolic link) and checked
+reads. A cache is untrusted input: every file is opened by a plain name inside the cache
+directory, with ``O_NOFOLLOW``, and refused unless it is a regular file; the data is read or
+mapped through the descriptor that was checked; ``.npy`` headers are checked against the
+manifest and nothing is ever unpickled.
+"""
+import errno
+import hashlib
+import os
+import re
+import stat
+from typing import Tuple
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"
+HASH_CHUNK = 1 << 22
+# file names a manifest may list: plain names in the cache directory (no separators, no "..",
+# not hidden), which is also every name this module creates
+PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+
+
+class CacheError(ValueError):
+    """A cache directory is missing, incomplete, corrupt or does not match what was asked."""
+
+
+# ----------------------------------------------------------------------------- names
+def check_file_name(name, where: str) -> str:
+    """``name`` if it is a plain file name inside the cache directory, else CacheError."""
+    if not (isinstance(name, str) and PLAIN_FILE_NAME.fullmatch(name) is not None):
+        raise CacheError(f"{where}: file name {name!r} is not a plain file name inside the cache "
+                         f"directory (a manifest may not point to other directories, absolute "
+                         f"paths or hidden files)")
+    return name
+
+
+# ----------------------------------------------------------------------------- atomic writes
+class _HashingFile:
+    """File wrapper that feeds every written byte to sha256 (checksums without a re-read)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.sha256.update(view)
+        self.size += view.nbytes
+        return self.handle.write(view)
+
+
+def fsync_directory(directory: str) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_temp(path: str):
+    """Open ``path`` for writing (created or truncated, never through a symbolic link)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o644), "wb")
+
+
+def _write_atomic(path: str, write) -> None:
+    """``write(handle)`` into ``path.tmp``, flush, fsync, rename over ``path``. On any failure
+    (disk full, interrupt) the temp file is removed, so nothing half-written is left."""
+    tmp_path = path + TMP_SUFFIX
+    try:
+        with _create_temp(tmp_path) as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.remove(tmp_path)
+        except OSError:
+            pass
+        raise
+
+
+def write_npy_atomic(directory: str, name: str, array: np.ndarray) -> dict:
+    """Write ``array`` as ``directory/name`` (.npy) via temp file, fsync and rename.
+
+    Returns the file's manifest entry ``{"file", "bytes", "sha256", "dtype", "shape"}``.
+    The caller fsyncs the directory once after renaming a batch of files.
+    """
+    array = np.ascontiguousarray(array)
+    hashing = None
+
+    def write(handle):
+        nonlocal hashing
+        hashing = _HashingFile(handle)
+        np.lib.format.write_array(hashing, array, allow_pickle=False)
+    _write_atomic(os.path.join(directory, name), write)
+    return {"file": name, "bytes": hashing.size, "sha256": hashing.sha256.hexdigest(),
+            "dtype": array.dtype.str, "shape": list(array.shape)}
+
+
+# O_NOFOLLOW: the open itself refuses a symbolic link (so one swapped in after a check is never
+# followed); O_NONBLOCK: a FIFO swapped in is opened without waiting for a writer, then refused.
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_cache_descriptor(path: str) -> Tuple[int, os.stat_result]:
+    """Open a cache file for reading: ``(descriptor, its fstat)``. A symbolic link (refused by
+    the open itself, ``O_NOFOLLOW``) or anything but a regular file is a :class:`CacheError`
+    naming ``path``; other OS errors pass. Read or map the data from this descriptor, so the
+    file that was checked is the file that is read; the caller closes it."""
+    if not hasattr(os, "O_NOFOLLOW") and os.path.islink(path):
+        raise CacheError(f"{path}: is a symbolic link (refused)")
+    try:
+        descriptor = os.open(path, _OPEN_FLAGS)
+    except OSError as error:
+        # Linux and the BSDs say ELOOP for a final symbolic link under O_NOFOLLOW, FreeBSD EMLINK
+        if error.errno in (errno.ELOOP, getattr(errno, "EMLINK", errno.ELOOP)):
+            raise CacheError(f"{path}: is a symbolic link (refused)") from None
+        raise
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise CacheError(f"{path}: not a regular file (refused)")
+    return descriptor, info
+
+
+def open_cache_file(path: str):
+    """:func:`open_cache_descriptor` as a binary file object."""
+    return os.fdopen(open_cache_descriptor(path)[0], "rb")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open_cache_file(path) as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_array_header(handle, path: str, entry: dict) -> int:
+    """Check the .npy header of the open cache file ``handle`` (at its start) against the
+    manifest ``entry``: a plain little-endian C-order array of the listed dtype and shape
+    filling the rest of the file. Returns the byte offset of the data. Object (pickled) arrays
+    are refused; nothing is unpickled."""
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, SyntaxError, TypeError) as error:
+        raise CacheError(f"{path}: not a valid .npy file ({error})") from None
+    offset = handle.tell()
+    size = os.fstat(handle.fileno()).st_size
+    if dtype.hasobject:
+        raise CacheError(f"{path}: holds Python objects (a pickled array); cache files hold "
+                         f"plain numbers and fastkd never unpickles")
+    if dtype.str != entry["dtype"] or list(shape) != entry["shape"] or fortran_order:
+        raise CacheError(f"{path}: holds {dtype.str} {list(shape)}"
+                         f"{' (Fortran order)' if fortran_order else ''}, manifest says "
+                         f"{entry['dtype']} {entry['shape']}")
+    if offset + dtype.itemsize * int(np.prod(shape)) != size:
+        raise CacheError(f"{path}: {size} bytes do not hold a {dtype.str} {list(shape)} array")
+    return offset
+
+
+def open_array(directory: str, entry: dict):
+    """``(open file object, path, byte offset of the data)`` of a listed .npy file, opened with
+    :func:`open_cache_file` and its header checked by :func:`read_array_header`; the caller
+    reads or maps the data from that same descriptor and closes it."""
+    path = os.path.join(directory, check_file_name(entry["file"], directory))
+    try:
+        handle = open_cache_file(path)
+    except OSError as error:
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    try:
+        offset = read_array_header(handle, path, entry)
+    except OSError as error:
+        handle.close()
+        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
+    except BaseException:
+        handle.close()
+        raise
+    return handle, path, offset
+
+
+def load_array(directory: str, entry: dict) -> np.ndarray:
+    """Read one listed .npy file (a copy), checking its header against the manifest."""
+    handle, _, offset = open_array(directory, entry)
+    with handle:
+        handle.seek(offset)
+        return np.fromfile(handle, dtype=np.dtype(entry["dtype"]),
+                           count=int(np.prod(entry["shape"]))).reshape(entry["shape"])
