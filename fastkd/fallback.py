@@ -238,9 +238,9 @@ def _soft_terms(student, teacher, scaled_s, exp_s, opts, work, guard):
         div = _row_dot(exp_t, diff, work) * (LN2 / sum_t) - log_sum_t + log_sum_s
 
         def write_grad(out, scale):
-            # (a mul and an add: ATen's addcmul with a (C, 1) factor is ~3x slower on CPU)
-            exp_t.mul_(-scale * temp / sum_t)
-            torch.mul(exp_s, scale * temp / sum_s, out=out).add_(exp_t)
+            # a mul and an addcmul with a (C, 1) factor: 2 passes (8192 x 100, same run: addcmul
+            # 94 us against 137 us for a mul_ and an add)
+            torch.mul(exp_s, scale * temp / sum_s, out=out).addcmul_(exp_t, -scale * temp / sum_t)
         return div.view(-1), write_grad
 
     if opts.divergence == "reverse_kl":
@@ -321,7 +321,7 @@ def _process_chunk(student, teacher, targets, keep, grad, opts, work, guard=Fals
                 soft_grad = work.get("soft_grad", rows)
                 write_soft_grad(soft_grad, soft_scale)
                 soft_grad.scatter_add_(1, targets.unsqueeze(1), minus_one_hot)
-                torch.add(soft_grad, exp_hard.mul_(hard_scale / sum_hard), out=grad)
+                torch.addcmul(soft_grad, exp_hard, hard_scale / sum_hard, out=grad)
             else:
                 exp_hard.mul_(hard_scale / sum_hard)
                 exp_hard.scatter_add_(1, targets.unsqueeze(1), minus_one_hot)
