@@ -28,6 +28,7 @@ NaN or infinite is recomputed with those ``p == 0`` terms masked to 0 and the js
 import functools
 import math
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -98,42 +99,68 @@ def _mask_where_zero(values: torch.Tensor, weights: torch.Tensor) -> None:
 # freed top of its heap back to the OS (M_TRIM_THRESHOLD) and the next call faults every page in
 # again. Measured at 256 x 1000 fp32 on this 2-core machine: 1718 page faults and 1.8 ms of system
 # time per call, 3.8 ms in all against 1.5 ms with the buffers kept. At most SCRATCH_KEEP_BYTES are
-# kept per thread (buffers beyond it are made per call as before); release_scratch() frees them.
+# kept per thread and SCRATCH_KEEP_BYTES_TOTAL by all threads together (a thread pool calling the
+# loss keeps a bounded amount); buffers beyond either are made per call as before. A thread's
+# buffers go when it ends; release_scratch() frees the calling thread's.
 SCRATCH_KEEP_BYTES = 32 * 1024 * 1024
+SCRATCH_KEEP_BYTES_TOTAL = 4 * SCRATCH_KEEP_BYTES
+
+
+class _ThreadScratch:
+    """One thread's kept buffers: (family, name) -> flat float32 CPU tensor, and their bytes."""
+    __slots__ = ("buffers", "kept_bytes", "__weakref__")
+
+    def __init__(self):
+        self.buffers, self.kept_bytes = {}, 0
 
 
 class _Scratch(threading.local):
     def __init__(self):
-        self.buffers = {}   # (family, name) -> flat float32 CPU tensor
-        self.kept_bytes = 0
+        self.mine = _ThreadScratch()
+        with _SCRATCH_LOCK:
+            _ALL_SCRATCH.add(self.mine)   # gone from the set when its thread ends
 
 
+_SCRATCH_LOCK = threading.Lock()
+_ALL_SCRATCH = weakref.WeakSet()
 _SCRATCH = _Scratch()
 
 
 def release_scratch() -> None:
     """Free this thread's kept CPU work buffers (the next call allocates them again)."""
-    _SCRATCH.buffers, _SCRATCH.kept_bytes = {}, 0
+    mine = _SCRATCH.mine
+    with _SCRATCH_LOCK:
+        mine.buffers, mine.kept_bytes = {}, 0
+
+
+def kept_scratch_bytes() -> int:
+    """Bytes of CPU work buffers kept by all threads together."""
+    with _SCRATCH_LOCK:
+        return sum(scratch.kept_bytes for scratch in _ALL_SCRATCH)
 
 
 def scratch_buffer(family: str, name: str, numel: int, device: torch.device) -> torch.Tensor:
     """A flat float32 buffer of at least ``numel`` elements for work buffer ``name`` of kernel
-    ``family``: on the CPU the one kept from an earlier call when it is large enough (and kept
-    from now on while this thread keeps under SCRATCH_KEEP_BYTES); elsewhere a new one (the CUDA
-    caching allocator already reuses memory). Its contents are garbage; no result may live in it."""
+    ``family``: on the CPU the one this thread kept from an earlier call when it is large enough
+    (and kept from now on within SCRATCH_KEEP_BYTES / SCRATCH_KEEP_BYTES_TOTAL); elsewhere a new
+    one (the CUDA caching allocator already reuses memory). Its contents are garbage; no result
+    may live in it."""
     if device.type != "cpu":
         return torch.empty(numel, dtype=torch.float32, device=device)
-    key = (family, name)
-    flat = _SCRATCH.buffers.get(key)
-    if flat is not None:
-        if flat.numel() >= numel:
-            return flat
-        del _SCRATCH.buffers[key]
-        _SCRATCH.kept_bytes -= flat.numel() * 4
-    flat = torch.empty(numel, dtype=torch.float32)
-    if _SCRATCH.kept_bytes + numel * 4 <= SCRATCH_KEEP_BYTES:
-        _SCRATCH.buffers[key] = flat
-        _SCRATCH.kept_bytes += numel * 4
+    mine, key = _SCRATCH.mine, (family, name)
+    flat = mine.buffers.get(key)
+    if flat is not None and flat.numel() >= numel:
+        return flat
+    with _SCRATCH_LOCK:
+        if flat is not None:   # too small: replaced
+            del mine.buffers[key]
+            mine.kept_bytes -= flat.numel() * 4
+        flat = torch.empty(numel, dtype=torch.float32)
+        total = sum(scratch.kept_bytes for scratch in _ALL_SCRATCH)
+        if (mine.kept_bytes + numel * 4 <= SCRATCH_KEEP_BYTES
+                and total + numel * 4 <= SCRATCH_KEEP_BYTES_TOTAL):
+            mine.buffers[key] = flat
+            mine.kept_bytes += numel * 4
     return flat
 
 

@@ -309,8 +309,9 @@ def test_invariant_to_a_constant_per_row(divergence, beta):
 
 # ----------------------------------------------------------------------------- kept work buffers
 def _kept_scratch_bytes():
+    """This thread's kept buffers, counted from the tensors themselves."""
     return sum(buffer.numel() * buffer.element_size()
-               for buffer in fallback._SCRATCH.buffers.values())
+               for buffer in fallback._SCRATCH.mine.buffers.values())
 
 
 def test_work_buffers_are_kept_between_calls_and_never_returned():
@@ -319,11 +320,13 @@ def test_work_buffers_are_kept_between_calls_and_never_returned():
     fallback.release_scratch()
     student, teacher, labels = make_inputs(64, 3000)  # the chunked workspace path
     first = run_both(student, teacher, labels, reduction="none", divergence="jsd")
-    buffers = {name: flat.data_ptr() for name, flat in fallback._SCRATCH.buffers.items()}
+    buffers = {name: flat.data_ptr() for name, flat in
+               fallback._SCRATCH.mine.buffers.items()}
     assert buffers, "the chunked path kept no work buffer"
     kept_loss, kept_grad = first[0].clone(), first[1].clone()
     run_both(student * 0.5, teacher.flip(0), labels.flip(0), reduction="none", divergence="jsd")
-    assert {name: flat.data_ptr() for name, flat in fallback._SCRATCH.buffers.items()} == buffers
+    kept = fallback._SCRATCH.mine.buffers
+    assert {name: flat.data_ptr() for name, flat in kept.items()} == buffers
     assert torch.equal(first[0], kept_loss) and torch.equal(first[1], kept_grad)
 
 
@@ -336,7 +339,7 @@ def test_kept_work_buffers_are_bounded_and_released():
             fastkd.kd_loss(student, teacher, labels, divergence=divergence, beta=beta,
                            backend="torch").backward()
     assert 0 < _kept_scratch_bytes() <= fallback.SCRATCH_KEEP_BYTES
-    assert _kept_scratch_bytes() == fallback._SCRATCH.kept_bytes
+    assert _kept_scratch_bytes() == fallback._SCRATCH.mine.kept_bytes
     fallback.release_scratch()
     assert _kept_scratch_bytes() == 0
 
@@ -364,3 +367,33 @@ def test_threads_have_their_own_work_buffers():
     assert not errors
     for index in range(2):
         assert all(torch.equal(result, expected[index]) for result in results[index])
+
+
+def test_kept_work_buffers_are_bounded_across_threads(monkeypatch):
+    """A pool of threads keeps at most SCRATCH_KEEP_BYTES_TOTAL in all (the others allocate per
+    call, with the same results), and a thread's buffers go when it ends."""
+    import gc
+    import threading
+    student, teacher, labels = make_inputs(64, 3000)   # the chunked path: 768000-byte buffers
+    expected = fastkd.kd_loss(student, teacher, labels, reduction="none", backend="torch")
+    fallback.release_scratch()
+    monkeypatch.setattr(fallback, "SCRATCH_KEEP_BYTES_TOTAL", 5 * 64 * 3000 * 4)
+    done, finish, results = threading.Barrier(5), threading.Event(), []
+
+    def work():
+        for _ in range(3):
+            results.append(fastkd.kd_loss(student, teacher, labels, reduction="none",
+                                          backend="torch"))
+        done.wait()
+        finish.wait()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    done.wait()   # every thread has made its calls and is still alive
+    assert 0 < fallback.kept_scratch_bytes() <= 5 * 64 * 3000 * 4
+    finish.set()
+    for thread in threads:
+        thread.join()
+    gc.collect()
+    assert fallback.kept_scratch_bytes() == 0   # this thread keeps none; the others ended
+    assert len(results) == 12 and all(torch.equal(result, expected) for result in results)
