@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from fastkd.fallback import CHUNK_BYTES_DEVICE, _scaled_shift, _Workspace
+from fastkd.fallback import CHUNK_BYTES_DEVICE, _chunk_targets, _scaled_shift, _Workspace
 from fastkd.fallback import CHUNK_BYTES as _DENSE_CHUNK_BYTES
 
 __all__ = ["kd_sparse_forward_torch", "bucket_terms"]
@@ -250,16 +250,13 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
         grad_chunk = grad[part] if grad is not None else None
         targets = keep = None
         if labels is not None:
-            chunk_labels = labels[part]
-            keep = chunk_labels != ignore_index
-            if not bool(keep.any()):
+            # the caller checked every label (fastkd.checks.check_sparse_values): no clamping
+            targets, keep, _, kept = _chunk_targets(labels[part], ignore_index, num_classes,
+                                                    labels_in_range=True)
+            if kept == 0:
                 if grad_chunk is not None:
                     grad_chunk.zero_()
                 continue
-            if bool(keep.all()):
-                keep = None
-            targets = torch.where(chunk_labels != ignore_index, chunk_labels,
-                                  torch.zeros_like(chunk_labels))
         elif teacher_labels:
             score = counts[part].float() if counts is not None else values[part].float()
             targets = ids.gather(1, score.argmax(1, keepdim=True)).view(-1)
