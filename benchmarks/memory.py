@@ -7,7 +7,8 @@ left in ``student.grad``) minus what was allocated before it (the inputs).
 - CPU: a fresh subprocess (``python -m benchmarks.memory ...``) builds the inputs, warms the
   provider up (compilation included), returns freed memory to the OS (``malloc_trim``), resets the
   kernel's resident-set high-water mark (``/proc/self/clear_refs``), runs one call and reports
-  ``VmHWM - VmRSS``. fastkd's kept CPU work buffers are released first, so they are counted. glibc is told to mmap every block above 128 KiB so that frees really unmap.
+  ``VmHWM - VmRSS``. fastkd's kept CPU work buffers are released first, so they are counted.
+  glibc is told to mmap every block above 128 KiB so that frees really unmap.
 """
 import argparse
 import ctypes

@@ -136,7 +136,12 @@ def release_scratch() -> None:
 def kept_scratch_bytes() -> int:
     """Bytes of CPU work buffers kept by all threads together."""
     with _SCRATCH_LOCK:
-        return sum(scratch.kept_bytes for scratch in _ALL_SCRATCH)
+        return _kept_total()
+
+
+def _kept_total() -> int:
+    """kept_scratch_bytes() for a caller that holds _SCRATCH_LOCK."""
+    return sum(scratch.kept_bytes for scratch in _ALL_SCRATCH)
 
 
 def scratch_buffer(family: str, name: str, numel: int, device: torch.device) -> torch.Tensor:
@@ -156,9 +161,8 @@ def scratch_buffer(family: str, name: str, numel: int, device: torch.device) -> 
             del mine.buffers[key]
             mine.kept_bytes -= flat.numel() * 4
         flat = torch.empty(numel, dtype=torch.float32)
-        total = sum(scratch.kept_bytes for scratch in _ALL_SCRATCH)
         if (mine.kept_bytes + numel * 4 <= SCRATCH_KEEP_BYTES
-                and total + numel * 4 <= SCRATCH_KEEP_BYTES_TOTAL):
+                and _kept_total() + numel * 4 <= SCRATCH_KEEP_BYTES_TOTAL):
             mine.buffers[key] = flat
             mine.kept_bytes += numel * 4
     return flat

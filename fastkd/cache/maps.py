@@ -48,9 +48,10 @@ class _Lease:
 
 # Which pages of a lending map were written: Linux's PAGEMAP_SCAN ioctl on /proc/self/pagemap
 # (Linux 6.7+) finds a present page that is not a file page (copy-on-write made it anonymous)
-# or a swapped one, walking the page tables in the kernel: ~50 us per 16 MiB here, against
-# ~280 us to fault a fresh map's 16 MiB in again (reading the 8-byte pagemap entries instead
-# costs as much as the faults). Elsewhere every page counts as written: a new map per read.
+# or a swapped one, walking the page tables in the kernel: ~50-70 us per 16 MiB here when the
+# pages' kernel structures are cached, 150-250 us when cold (the usual case after a 16 MiB copy),
+# against ~280 us or more to fault a fresh map's 16 MiB in again (reading the 8-byte pagemap
+# entries instead costs as much as the faults). Elsewhere every page counts as written: a new map per read.
 _PAGE_IS_FILE, _PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 2, 1 << 3, 1 << 4
 
 
