@@ -61,6 +61,9 @@ LN2 = math.log(2.0)
 # slower than the workspace path at 256 x 1000 and 8192 x 100; hence both limits.
 SHORT_ROW_CLASSES = 2048
 SHORT_PATH_ELEMENTS = 64 * 1024
+# CPU rows of at most this many classes go to the compiled CPU kernel (kernels/kd_loss_cpu.c)
+# when it is built: one call for the whole batch, no per-op overhead.
+NATIVE_MAX_CLASSES = 2048
 
 
 def _row_dot(left: torch.Tensor, right: torch.Tensor, work: "_Workspace") -> torch.Tensor:
@@ -474,6 +477,18 @@ def _chunk_targets(chunk_labels, ignore_index, num_classes, labels_in_range):
     return targets, keep, out_of_range, kept
 
 
+def _native_kernel():
+    """``fastkd.kernels.kd_loss_cpu.kd_forward_cpu`` when the compiled CPU kernel is built and
+    not turned off (``FASTKD_CPU_KERNEL=0``), else None; looked up once."""
+    if not _NATIVE:
+        from fastkd.kernels import kd_loss_cpu
+        _NATIVE.append(kd_loss_cpu.kd_forward_cpu if kd_loss_cpu.available() else None)
+    return _NATIVE[0]
+
+
+_NATIVE = []
+
+
 def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
                      soft_weight: float, hard_weight: float, divergence: str, beta: float,
@@ -498,6 +513,12 @@ def kd_forward_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         grad_scale = grad_scale.item()
     elif not isinstance(grad_scale, torch.Tensor):
         grad_scale = float(grad_scale)
+    if device.type == "cpu" and num_classes <= NATIVE_MAX_CLASSES and _native_kernel():
+        return _native_kernel()(
+            student_logits, teacher_logits, labels, teacher_labels=teacher_labels,
+            temperature=float(temperature), soft_weight=float(soft_weight),
+            hard_weight=float(hard_weight), divergence=divergence, beta=float(beta),
+            ignore_index=int(ignore_index), grad_scale=grad_scale, grad=grad)
     opts = _Options(float(temperature), float(soft_weight), float(hard_weight), divergence,
                     float(beta), grad_scale, labels is not None or teacher_labels)
     short_rows = (device.type == "cpu" and num_classes <= SHORT_ROW_CLASSES

@@ -1,0 +1,126 @@
+"""Launcher of the compiled CPU kernel of the dense KD loss (``kernels/kd_loss_cpu.c``).
+
+The C file is built at install time into ``fastkd/kernels/_kd_loss_cpu*.so`` (``setup.py``; an
+optional extension: without a C compiler the install still succeeds and the PyTorch fallback's
+ATen path is used instead). It is plain C loaded with ``ctypes`` (no Python headers, no libtorch
+ABI): ``kd_forward_cpu`` passes it data pointers, byte strides and dtype codes.
+
+``fastkd.fallback.kd_forward_torch`` calls it for CPU tensors with short rows (see
+``fastkd.fallback.NATIVE_MAX_CLASSES``); it follows ``fastkd.loss._BACKEND_CONTRACT``. Set
+``FASTKD_CPU_KERNEL=0`` to turn it off (e.g. for an A/B against the ATen path);
+``unavailable_reason()`` says why it is not used.
+"""
+import ctypes
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "kd_forward_cpu", "DTYPE_CODES"]
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
+LABELS_NONE, LABELS_TENSOR, LABELS_TEACHER = 0, 1, 2
+# Calls of at least this many elements split their rows over torch's intra-op thread count
+# (POSIX threads started per call, ~20-40 us each on this 2-core machine).
+THREADED_ELEMENTS = 128 * 1024
+
+_EXTENSION = "fastkd.kernels._kd_loss_cpu"
+_state = {}   # "function" (the ctypes function) or "reason" (why there is none), once loaded
+
+
+def _load():
+    if os.environ.get("FASTKD_CPU_KERNEL", "1") in ("0", "", "false", "no", "off"):
+        return None, "turned off by FASTKD_CPU_KERNEL=0"
+    try:
+        spec = importlib.util.find_spec(_EXTENSION)
+    except ImportError as error:   # fastkd.kernels itself not importable
+        return None, f"{_EXTENSION} cannot be located ({error})"
+    if spec is None or not spec.origin:
+        return None, ("the compiled CPU kernel was not built at install time (no C compiler? "
+                      "reinstall fastkd where `cc` works)")
+    try:
+        library = ctypes.CDLL(spec.origin)
+    except OSError as error:
+        return None, f"the compiled CPU kernel {spec.origin} cannot be loaded ({error})"
+    function = library.fastkd_kd_rows
+    i64, pointer, integer, double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    function.argtypes = [pointer, i64, i64, integer,     # student, byte strides, dtype
+                         pointer, i64, i64, integer,     # teacher
+                         pointer, i64, i64, integer,     # grad (NULL: none)
+                         pointer, integer,               # labels (int64), label mode
+                         i64, i64, i64,                  # rows, rows per batch, classes
+                         double, double, double, integer, double,  # T, weights, divergence, beta
+                         i64, double, pointer, integer]  # ignore_index, grad_scale, row_loss, threads
+    function.restype = integer
+    return function, None
+
+
+def _function():
+    if not _state:
+        _state["function"], _state["reason"] = _load()
+    return _state["function"]
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel is built, loadable and not turned off."""
+    return _function() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the compiled CPU kernel is not used (None when it is)."""
+    _function()
+    return _state["reason"]
+
+
+def _row_layout(tensor: torch.Tensor):
+    """(batch byte stride, row byte stride, rows per batch) of (N, V) or (B, S, V) rows."""
+    size = tensor.element_size()
+    if tensor.dim() == 2:
+        return 0, tensor.stride(0) * size, tensor.shape[0]
+    return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
+
+
+def kd_forward_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
+                   soft_weight: float, hard_weight: float, divergence: str, beta: float,
+                   ignore_index: int, grad_scale: float, grad: Optional[torch.Tensor],
+                   **_unused) -> torch.Tensor:
+    """Row losses ``(N,)`` float32 of CPU ``(N, V)`` / ``(B, S, V)`` logits (last-dim stride 1,
+    float32 / float16 / bfloat16); fills ``grad`` with ``grad_scale * d row_loss / dz_s``.
+    ``labels``: ``(N,)`` contiguous int64 or None; ``grad_scale`` a Python float. The kernel
+    checks every label itself (a kept label outside ``[0, V)`` makes its row NaN), so the
+    contract's ``labels_in_range`` / ``all_rows_kept`` hints are not needed."""
+    function = _function()
+    num_classes = student_logits.shape[-1]
+    num_rows = student_logits.numel() // num_classes if num_classes else 0
+    row_loss = torch.empty(num_rows, dtype=torch.float32)
+    if num_rows == 0:
+        return row_loss
+    if teacher_labels:
+        label_mode, labels_pointer = LABELS_TEACHER, None
+    elif labels is not None:
+        label_mode, labels_pointer = LABELS_TENSOR, labels.data_ptr()
+    else:
+        label_mode, labels_pointer = LABELS_NONE, None
+    threads = torch.get_num_threads() if num_rows * num_classes >= THREADED_ELEMENTS else 1
+    if grad is not None:
+        grad_batch, grad_row, _ = _row_layout(grad)
+        grad_pointer, grad_dtype = grad.data_ptr(), DTYPE_CODES[grad.dtype]
+    else:
+        grad_batch = grad_row = grad_dtype = 0
+        grad_pointer = None
+    student_batch, student_row, rows_per_batch = _row_layout(student_logits)
+    teacher_batch, teacher_row, _ = _row_layout(teacher_logits)
+    status = function(
+        student_logits.data_ptr(), student_batch, student_row, DTYPE_CODES[student_logits.dtype],
+        teacher_logits.data_ptr(), teacher_batch, teacher_row, DTYPE_CODES[teacher_logits.dtype],
+        grad_pointer, grad_batch, grad_row, grad_dtype,
+        labels_pointer, label_mode, num_rows, rows_per_batch, num_classes,
+        temperature, soft_weight, hard_weight, DIVERGENCE_CODES[divergence], beta,
+        ignore_index, grad_scale, row_loss.data_ptr(), threads)
+    if status != 0:
+        raise MemoryError(f"fastkd's CPU kernel could not allocate its row buffers "
+                          f"({num_classes} classes)")
+    return row_loss
