@@ -26,6 +26,20 @@ DIVERGENCE_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("js
 REDUCTIONS = ("batchmean", "sum", "none")
 
 
+@pytest.fixture(autouse=True, params=["cpu-kernel", "aten"])
+def cpu_path(request, monkeypatch):
+    """Every test here runs on both CPU paths of the fallback: the compiled kernel
+    (kernels/kd_loss_cpu.c, for rows of V <= NATIVE_MAX_CLASSES) and the ATen ops with the
+    kernel turned off (the path on machines without a C compiler, and for longer rows)."""
+    if request.param == "cpu-kernel":
+        from fastkd.kernels import kd_loss_cpu
+        if not kd_loss_cpu.available():
+            pytest.skip(f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")
+    else:
+        monkeypatch.setattr(fallback, "_NATIVE", [None])
+    return request.param
+
+
 def assert_close(actual, expected, key, what):
     rtol, atol_fraction = TOLERANCES[key]
     actual, expected = actual.double(), expected.double()
