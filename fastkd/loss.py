@@ -30,7 +30,7 @@ import torch
 from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, TAILS, check_choice,
                            check_inplace_target, check_labels, check_logits, check_options,
                            label_status, raise_bad_labels)
-from fastkd.fallback import _cpu_scalar
+from fastkd.fallback import _cpu_scalar, cpu_kernel_takes
 from fastkd.targets import SPARSE_TARGETS
 
 __all__ = ["kd_loss", "KDLoss", "DIVERGENCES", "REDUCTIONS", "BACKENDS"]
@@ -210,6 +210,29 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
     num_classes = student_rows.shape[-1]
     num_rows = labels_1d.shape[0] if labels_1d is not None else student_rows.numel() // max(
         num_classes, 1)
+    # jsd with beta at an end point *is* forward/reverse KL (TRL GKD / Liger convention).
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward_kl"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    cpu_kernel = (cpu_kernel_takes(student_rows) if backend == "torch" and num_rows
+                  and student_rows.device.type not in _SYNCING_DEVICES else None)
+    if cpu_kernel is not None:
+        # the compiled CPU kernel checks the labels, counts the kept rows and reduces too
+        if label_mode == _LABEL_TENSOR and (labels_1d.dtype != torch.int64
+                                            or not labels_1d.is_contiguous()):
+            labels_1d = labels_1d.to(torch.int64).contiguous()
+        grad = None
+        if needs_grad:
+            grad = grad_buffer if grad_buffer is not None else torch.empty(
+                student_rows.shape, dtype=student_rows.dtype)
+        loss = cpu_kernel.kd_loss_cpu(
+            student_rows, teacher_rows, labels_1d if label_mode == _LABEL_TENSOR else None,
+            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            ignore_index=ignore_index, reduction=reduction, grad=grad,
+            validate_labels=validate_labels)
+        return loss, grad, None
     pending = None
     kept = num_rows
     labels_in_range = all_rows_kept = False
@@ -238,11 +261,6 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
                     pending = None
     else:
         labels_1d = None
-    # jsd with beta at an end point *is* forward/reverse KL (TRL GKD / Liger convention).
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
     if reduction != "batchmean":
         grad_scale = 1.0
     elif isinstance(kept, torch.Tensor):

@@ -506,10 +506,18 @@ static void process_rows(Slice *slice) {
 
 #define MAX_THREADS 64
 
+enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
+
 /* Row losses (N,) float32 into row_loss and, when grad is not NULL, the gradient rows.
  * Row r of a tensor is at base + (r / rows_per_batch) * stride_batch + (r % rows_per_batch) *
- * stride_row (byte strides; 2-D inputs pass rows_per_batch = N). Returns 0, or -1 when memory
- * for the row buffers could not be had (nothing was written then). */
+ * stride_row (byte strides; 2-D inputs pass rows_per_batch = N).
+ *
+ * The gradient is grad_scale * d(loss)/dz_s for the row losses (reduction none / sum), or for
+ * their mean over kept rows (batchmean: grad_scale / max(kept, 1)). When label_counts is not
+ * NULL it receives (kept rows, kept labels outside [0, V)), counted before any row; with
+ * refuse_bad_labels a bad label returns 1 before anything is written. When total is not NULL it
+ * receives the sum of the row losses (batchmean: divided by max(kept, 1)), summed in double.
+ * Returns 0, 1 (bad labels refused) or -1 (no memory for the row buffers; nothing written). */
 int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t student_stride_row,
                    int student_dtype, const void *teacher, int64_t teacher_stride_batch,
                    int64_t teacher_stride_row, int teacher_dtype, void *grad,
@@ -517,7 +525,25 @@ int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t st
                    const int64_t *labels, int label_mode, int64_t num_rows,
                    int64_t rows_per_batch, int64_t num_classes, double temperature,
                    double soft_weight, double hard_weight, int divergence, double beta,
-                   int64_t ignore_index, double grad_scale, float *row_loss, int num_threads) {
+                   int64_t ignore_index, double grad_scale, float *row_loss, int num_threads,
+                   int reduction, int refuse_bad_labels, float *total, int64_t *label_counts) {
+    int64_t kept = num_rows, bad = 0;
+    if (label_mode == LABELS_TENSOR) {
+        kept = 0;
+        for (int64_t row = 0; row < num_rows; row++) {
+            int64_t label = labels[row];
+            int is_kept = label != ignore_index;
+            kept += is_kept;
+            bad += is_kept & (label < 0 || label >= num_classes);
+        }
+    }
+    if (label_counts) {
+        label_counts[0] = kept;
+        label_counts[1] = bad;
+    }
+    if (bad && refuse_bad_labels) return 1;
+    double mean_scale = reduction == REDUCE_BATCHMEAN ? 1.0 / (double)(kept > 0 ? kept : 1) : 1.0;
+    if (total) *total = 0.0f;
     if (num_rows <= 0) return 0;
     Call call;
     memset(&call, 0, sizeof call);
@@ -547,7 +573,7 @@ int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t st
     call.soft_weight = (float)soft_weight;
     call.hard_weight = (float)hard_weight;
     call.beta = (float)beta;
-    call.grad_scale = (float)grad_scale;
+    call.grad_scale = (float)(grad_scale * mean_scale);
     call.row_loss = row_loss;
 
     if (num_threads < 1) num_threads = 1;
@@ -565,12 +591,21 @@ int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t st
         slices[t].end_row = end < num_rows ? end : num_rows;
         slices[t].work = work + slice_floats * (size_t)t;
     }
+    if (num_threads == 1) {
+        process_rows(&slices[0]);
+    } else {
 #ifdef _OPENMP
-    /* libgomp.so.1 resolves to the copy torch already loaded: these are torch's intra-op
-       threads (a second pool would compete with torch's spinning workers for the cores) */
+        /* libgomp.so.1 resolves to the copy torch already loaded: these are torch's intra-op
+           threads (a second pool would compete with torch's spinning workers for the cores) */
 #pragma omp parallel for num_threads(num_threads) schedule(static, 1)
 #endif
-    for (int t = 0; t < num_threads; t++) process_rows(&slices[t]);
+        for (int t = 0; t < num_threads; t++) process_rows(&slices[t]);
+    }
     free(work);
+    if (total && reduction != REDUCE_NONE) {
+        double sum = 0.0;
+        for (int64_t row = 0; row < num_rows; row++) sum += row_loss[row];
+        *total = (float)(sum * mean_scale);
+    }
     return 0;
 }

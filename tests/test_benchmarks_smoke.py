@@ -84,13 +84,16 @@ def test_smoke_preset_end_to_end(tmp_path):
     # the eager composition keeps several logits-sized temporaries alive (design notes: 5)
     assert 3.0 <= memory["eager", "sweep"] <= 8.0, memory
     # the fused sparse loss: the gradient and one fp32 chunk buffer (a whole buffer at this small
-    # size, ~0.03 at 2048 x 32000); densify adds the dense teacher and the dense loss's buffers
+    # size, ~0.03 at 2048 x 32000); densify holds the dense teacher and the gradient (the dense
+    # CPU kernel adds only row buffers), so beyond the chunk buffer, which does not grow with N,
+    # the sparse loss is the smaller
     from fastkd.fallback_sparse import CHUNK_BYTES
     sparse_case = next(case for case in preset.loss_cases if case.teacher_k)
     chunk_buffers = min(CHUNK_BYTES / (4 * sparse_case.vocab), sparse_case.rows) * 4 \
         * sparse_case.vocab / sparse_case.logits_bytes
     assert memory["fastkd", "sparse"] <= 1.25 + chunk_buffers, memory
-    assert memory["fastkd", "sparse"] < memory["densify", "sparse"], memory
+    assert memory["densify", "sparse"] >= 2.0, memory
+    assert memory["fastkd", "sparse"] - chunk_buffers < memory["densify", "sparse"], memory
 
     cache = {r["metric"]: r for r in records if r.get("kind") == "cache"}
     assert set(cache) == {"write", "read_sequential", "read_gather", "train_cached",

@@ -29,8 +29,11 @@ REDUCTIONS = ("batchmean", "sum", "none")
 @pytest.fixture(autouse=True, params=["cpu-kernel", "aten"])
 def cpu_path(request, monkeypatch):
     """Every test here runs on both CPU paths of the fallback: the compiled kernel
-    (kernels/kd_loss_cpu.c, for rows of V <= NATIVE_MAX_CLASSES) and the ATen ops with the
-    kernel turned off (the path on machines without a C compiler, and for longer rows)."""
+    (kernels/kd_loss_cpu.c, the CPU path wherever it is built) and the ATen ops with the kernel
+    turned off (the path on machines without a C compiler, and of backend="torch" on a GPU).
+    Tests of the ATen path's own work buffers (marked aten_only) run on it alone."""
+    if request.node.get_closest_marker("aten_only") and request.param == "cpu-kernel":
+        pytest.skip("a test of the ATen path's own work buffers")
     if request.param == "cpu-kernel":
         from fastkd.kernels import kd_loss_cpu
         if not kd_loss_cpu.available():
@@ -328,6 +331,7 @@ def _kept_scratch_bytes():
                for buffer in fallback._SCRATCH.mine.buffers.values())
 
 
+@pytest.mark.aten_only
 def test_work_buffers_are_kept_between_calls_and_never_returned():
     """The CPU work buffers outlive a call (no allocation per call), but nothing a call returns
     lives in them: per-row losses and gradients of one call survive the next call."""
@@ -344,6 +348,7 @@ def test_work_buffers_are_kept_between_calls_and_never_returned():
     assert torch.equal(first[0], kept_loss) and torch.equal(first[1], kept_grad)
 
 
+@pytest.mark.aten_only
 def test_kept_work_buffers_are_bounded_and_released():
     fallback.release_scratch()
     for num_rows, num_classes in [(4, 50000), (3000, 700), (9, 7), (2000, 128)]:
@@ -358,6 +363,7 @@ def test_kept_work_buffers_are_bounded_and_released():
     assert _kept_scratch_bytes() == 0
 
 
+@pytest.mark.aten_only
 def test_threads_have_their_own_work_buffers():
     """Two threads computing different losses at once each get their own buffers."""
     import threading
@@ -383,6 +389,7 @@ def test_threads_have_their_own_work_buffers():
         assert all(torch.equal(result, expected[index]) for result in results[index])
 
 
+@pytest.mark.aten_only
 def test_kept_work_buffers_are_bounded_across_threads(monkeypatch):
     """A pool of threads keeps at most SCRATCH_KEEP_BYTES_TOTAL in all (the others allocate per
     call, with the same results), and a thread's buffers go when it ends."""

@@ -97,9 +97,9 @@ def test_matches_reference(divergence, beta, temperature, num_classes, label_kin
 
 
 @pytest.mark.parametrize("divergence,beta", DIVERGENCES)
-def test_longest_rows(divergence, beta):
-    """Rows of exactly NATIVE_MAX_CLASSES classes, the longest the fallback sends here."""
-    student, teacher, labels = make_inputs(5, fallback.NATIVE_MAX_CLASSES, seed=4)
+def test_language_model_rows(divergence, beta):
+    """Rows of a language model's vocabulary (V = 32000), odd row count."""
+    student, teacher, labels = make_inputs(3, 32000, seed=4)
     rows, grad = kernel(student, teacher, labels, temperature=2.0, divergence=divergence,
                         beta=beta)
     student_ref = student.double().requires_grad_()
@@ -254,17 +254,44 @@ def test_turned_off_by_environment():
     assert "FASTKD_CPU_KERNEL=0" in result.stdout
 
 
-def test_fallback_sends_short_rows_to_the_kernel(monkeypatch):
-    """The fallback's one choice: CPU rows up to NATIVE_MAX_CLASSES go to the kernel."""
+def test_one_decision_sends_cpu_rows_to_the_kernel(monkeypatch):
+    """fallback.cpu_kernel_takes is the one choice, for kd_loss's eager path (kd_loss_cpu) and
+    for the backend contract (kd_forward_cpu, e.g. under the fused-linear path): CPU rows of any
+    length go to the kernel; with it turned off, to the ATen path."""
     calls = []
-    real = kd_loss_cpu.kd_forward_cpu
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(fallback, "_NATIVE", [counting])
-    fastkd.kd_loss(torch.randn(5, fallback.NATIVE_MAX_CLASSES),
-                   torch.randn(5, fallback.NATIVE_MAX_CLASSES))
-    fastkd.kd_loss(torch.randn(5, fallback.NATIVE_MAX_CLASSES + 1),
-                   torch.randn(5, fallback.NATIVE_MAX_CLASSES + 1))
-    assert calls == [torch.Size([5, fallback.NATIVE_MAX_CLASSES])]
+    class Counting:
+        def __getattr__(self, name):
+            def call(student, *args, **kwargs):
+                calls.append((name, student.shape[-1]))
+                return getattr(kd_loss_cpu, name)(student, *args, **kwargs)
+            return call
+    monkeypatch.setattr(fallback, "_NATIVE", [Counting()])
+    for num_classes in (10, 5000):
+        student = torch.randn(5, num_classes, requires_grad=True)
+        fastkd.kd_loss(student, torch.randn(5, num_classes)).backward()
+        fallback.kd_forward_torch(student.detach(), torch.randn(5, num_classes), None,
+                                  teacher_labels=False, temperature=1.0, soft_weight=1.0,
+                                  hard_weight=0.0, divergence="forward_kl", beta=0.5,
+                                  ignore_index=-100, grad_scale=1.0, grad=None)
+    assert calls == [("kd_loss_cpu", 10), ("kd_forward_cpu", 10), ("kd_loss_cpu", 5000),
+                     ("kd_forward_cpu", 5000)]
+    monkeypatch.setattr(fallback, "_NATIVE", [None])
+    assert fallback.cpu_kernel_takes(torch.randn(2, 10)) is None
+
+
+@pytest.mark.parametrize("grad_inplace", [False, True])
+def test_bad_label_raises_before_anything_is_written(grad_inplace):
+    """kd_loss on the kernel path: a bad label raises the usual ValueError, and with
+    grad_inplace the logits are untouched (the check comes before any row)."""
+    student, teacher, labels = make_inputs(6, 20)
+    labels[4] = 20
+    leaf = student.clone().requires_grad_()
+    student_in = leaf.clone() if grad_inplace else leaf
+    before = student_in.detach().clone()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 20\).*found 20"):
+        fastkd.kd_loss(student_in, teacher, labels, backend="torch", grad_inplace=grad_inplace)
+    assert torch.equal(student_in.detach(), before)
+    loss = fastkd.kd_loss(student, teacher, labels, backend="torch", validate_labels=False,
+                          reduction="none")
+    assert loss[4].isnan() and loss[[0, 1, 2, 3, 5]].isfinite().all()
