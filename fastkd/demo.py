@@ -19,7 +19,7 @@ from fastkd.cache import resolve_device
 from fastkd.demo_cli import add_parser  # noqa: F401  (public name, kept here too)
 
 __all__ = ["add_parser", "run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
-           "loss_throughput", "throughput_lines", "LabelledSubset", "label_mask", "seeded_loader",
+           "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask", "seeded_loader",
            "reproducible_cpu"]
 
 TEACHER_SPEC = "fastkd.models:DigitsTeacherCNN"
@@ -271,6 +271,7 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
     def fused(student, teacher_logits, labels):
         return fastkd.kd_loss(student, teacher_logits, labels, temperature=4.0)
 
+    results["loss_path"] = loss_path(device)
     results["throughput"] = []
     for label, (rows, vocab) in shapes:
         results["throughput"].append({
@@ -287,10 +288,21 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
     return results
 
 
-def throughput_lines(throughput) -> List[str]:
+def loss_path(device: torch.device) -> str:
+    """Which implementation ``kd_loss`` runs on ``device``, in words."""
+    if device.type == "cuda":
+        return "the Triton kernel"
+    from fastkd.kernels import kd_loss_cpu
+    if kd_loss_cpu.available():
+        return "the compiled CPU kernel"
+    return f"PyTorch ops ({kd_loss_cpu.unavailable_reason()})"
+
+
+def throughput_lines(throughput, path: str = "") -> List[str]:
     """One line per timed shape: both times, the speed-up, and a plain word when fastkd is not
     faster there (small batches are dominated by per-call overhead, not memory traffic)."""
-    lines = [f"  loss forward+backward, fp32, best of several calls:",
+    through = f" ({path})" if path else ""
+    lines = [f"  loss forward+backward, fp32, best of several calls{through}:",
              f"    {'shape':<38}{'fastkd.kd_loss':>16}{'textbook eager':>16}  speed-up"]
     for entry in throughput:
         shape = f"{entry['rows']} x {entry['vocab']} ({entry['label']})"
@@ -319,7 +331,7 @@ def format_table(results: dict) -> str:
         "",
         f"  teacher-logit cache: {results['cache_rows']} rows, {results['cache_bytes'] / 1024:.1f} KiB "
         "on disk",
-        *throughput_lines(results["throughput"]),
+        *throughput_lines(results["throughput"], results.get("loss_path", "")),
         "",
         f"  outputs in {results['out_dir']}; total {results['wall_seconds']:.1f} s",
     ]

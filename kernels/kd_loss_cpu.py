@@ -22,7 +22,8 @@ import torch
 
 from fastkd.checks import raise_bad_labels
 
-__all__ = ["available", "unavailable_reason", "kd_forward_cpu", "kd_loss_cpu", "DTYPE_CODES"]
+__all__ = ["available", "unavailable_reason", "library_path", "kd_forward_cpu", "kd_loss_cpu",
+           "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
@@ -37,20 +38,23 @@ _EXTENSION = "fastkd.kernels._kd_loss_cpu"
 _state = {}   # "function" (the ctypes function) or "reason" (why there is none), once loaded
 
 
+def library_path() -> Optional[str]:
+    """The built shared library's path, or None when it was not built."""
+    spec = importlib.util.find_spec(_EXTENSION)
+    return spec.origin if spec is not None and spec.origin else None
+
+
 def _load():
     if os.environ.get("FASTKD_CPU_KERNEL", "1") in ("0", "", "false", "no", "off"):
         return None, "turned off by FASTKD_CPU_KERNEL=0"
-    try:
-        spec = importlib.util.find_spec(_EXTENSION)
-    except ImportError as error:   # fastkd.kernels itself not importable
-        return None, f"{_EXTENSION} cannot be located ({error})"
-    if spec is None or not spec.origin:
+    path = library_path()
+    if path is None:
         return None, ("the compiled CPU kernel was not built at install time (no C compiler? "
                       "reinstall fastkd where `cc` works)")
     try:
-        library = ctypes.CDLL(spec.origin)
+        library = ctypes.CDLL(path)
     except OSError as error:
-        return None, f"the compiled CPU kernel {spec.origin} cannot be loaded ({error})"
+        return None, f"the compiled CPU kernel {path} cannot be loaded ({error})"
     function = library.fastkd_kd_rows
     i64, pointer, integer, double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     function.argtypes = [pointer, i64, i64, integer,     # student, byte strides, dtype

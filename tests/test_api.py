@@ -1,5 +1,6 @@
 """Public API: argument checking, dispatch, autograd wiring, KDLoss, torch.compile, packaging."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -208,7 +209,8 @@ def test_torch_compile_inductor_reduction_none():
 
 # ----------------------------------------------------------------------------- packaging
 def test_wheel_ships_and_imports_kernels(tmp_path):
-    """A built wheel contains fastkd/kernels/ and `import fastkd.kernels` works from it."""
+    """A built wheel contains fastkd/kernels/ (with the compiled CPU kernel where a C compiler
+    is) and `import fastkd.kernels` works from it, the kernel loading from the wheel too."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
@@ -217,10 +219,14 @@ def test_wheel_ships_and_imports_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastkd/kernels/__init__.py" in names
     assert "fastkd/kernels/kd_loss.py" in names
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
-                    str(target), str(wheel)], check=True, capture_output=True)
     probe = ("import fastkd, fastkd.kernels.kd_loss as k; "
              "print(fastkd.__file__); print(k.__file__)")
+    if any(shutil.which(name) for name in ("cc", "gcc", "clang")):   # the CPU kernel is built
+        assert any(name.startswith("fastkd/kernels/_kd_loss_cpu") and name.endswith(".so")
+                   for name in names), names
+        probe += "; from fastkd.kernels import kd_loss_cpu as c; print(c.library_path())"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True,
                             text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)})
     for line in result.stdout.split():

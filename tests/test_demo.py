@@ -53,6 +53,15 @@ def test_throughput_lines_say_when_fastkd_is_slower():
          "textbook_seconds": 4e-3}])
     assert "0.50x  (fastkd is SLOWER here)" in lines[2]
     assert lines[3].endswith("4.00x")
+    assert demo.throughput_lines([], "the compiled CPU kernel")[0].endswith(
+        "calls (the compiled CPU kernel):")
+
+
+def test_demo_names_the_loss_path():
+    from fastkd.kernels import kd_loss_cpu
+    path = demo.loss_path(torch.device("cpu"))
+    assert path == ("the compiled CPU kernel" if kd_loss_cpu.available()
+                    else f"PyTorch ops ({kd_loss_cpu.unavailable_reason()})")
 
 
 @pytest.mark.parametrize("argv, message", [
