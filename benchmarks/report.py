@@ -50,10 +50,12 @@ def _at_most(name, measured, target, unit, detail=""):
     if measured is None:
         return {"goal": name, "target": f"<= {target:g}{unit}", "measured": "not measured",
                 "status": "not measured", "detail": detail}
-    excess = f"{measured - target:.2f}" + (" percentage points" if unit == "%" else unit)
+    # enough digits that a miss never reads "missed by 0.00"
+    digits = 2 if measured <= target or measured - target >= 0.005 else 3
+    excess = f"{measured - target:.{digits}f}" + (" percentage points" if unit == "%" else unit)
     status = "met" if measured <= target else f"missed by {excess}"
-    return {"goal": name, "target": f"<= {target:g}{unit}", "measured": f"{measured:.2f}{unit}",
-            "status": status, "detail": detail}
+    return {"goal": name, "target": f"<= {target:g}{unit}",
+            "measured": f"{measured:.{digits}f}{unit}", "status": status, "detail": detail}
 
 
 def _speedup(providers, baseline, statistic="median_s"):
