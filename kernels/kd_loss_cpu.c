@@ -1,32 +1,33 @@
 /* The fused KD loss on the CPU, compiled: loss and gradient of whole rows in one call.
  *
  * The CPU member of the dense kernel family (the Triton kernel is kernels/kd_loss.py, the ATen
- * twin fastkd/fallback.py); fastkd.fallback calls it for short rows (small vocabularies), where
- * the ATen path's cost is per-op overhead, not arithmetic. Same contract as every dense backend
- * (fastkd/loss.py, _BACKEND_CONTRACT); tested against the float64 reference
- * (tests/reference.py) in tests/test_kernel_cpu.py. Loaded with ctypes by
- * kernels/kd_loss_cpu.py: plain C, no Python headers.
+ * twin fastkd/fallback.py): fastkd.fallback.cpu_kernel_takes sends every CPU row here when it is
+ * built. Same contract as every dense backend (fastkd/loss.py, _BACKEND_CONTRACT), plus the label
+ * check, the kept-row count and the reduction in the same call for kd_loss's eager path; tested
+ * against the float64 reference (tests/reference.py) in tests/test_kernel_cpu.py. Loaded with
+ * ctypes by kernels/kd_loss_cpu.py: plain C, no Python headers.
  *
  * Per row, with k = log2(e) / T, w = (z - max z) * k (base-2 tempered logits), e = 2^w,
  * S = sum_v e, log2 p = w - log2 S, and everything accumulated in float32:
  *
- *   forward_kl  D = ln2 <e_t, w_t - w_s> / S_t - ln S_t + ln S_s;   dD/dz_s (times T^2) = T (p_s - p_t)
+ *   forward_kl  D = ln2 <e_t, w_t - w_s> / S_t - ln S_t + ln S_s;   d(T^2 D)/dz_s = T (p_s - p_t)
  *   reverse_kl  D = ln2 <e_s, w_s - w_t> / S_s - ln S_s + ln S_t;
  *               grad = T p_s (ln2 (w_s - w_t) - ln S_s + ln S_t - D)
- *   jsd         log2 m = logaddexp2(log2 p_t + log2 beta, log2 p_s + log2 (1 - beta));
+ *   jsd         m = beta p_t + (1 - beta) p_s, formed relative to max(p_t, p_s) in bits (so it
+ *               never underflows and is exactly p where p_t = p_s);
  *               J = beta KL(p_t||m) + (1 - beta) KL(p_s||m);
- *               grad = T (1 - beta) p_s (ln2 (log2 p_s - log2 m) - KL(p_s||m))
+ *               grad = T (1 - beta) p_s (ln(p_s / m) - KL(p_s||m))
  *   mse         D = mean_v (z_s - z_t)^2 (raw logits);  grad = 2 (z_s - z_t) / V
  *   hard CE     ln S1 - (z_s[y] - max z_s), S1 = sum_v exp(z_s - max z_s);  grad = q - onehot(y)
  *
  *   row_loss = soft_weight * T^2 * D (mse: soft_weight * D) + hard_weight * CE
  *   grad     = grad_scale * (soft_weight * dsoft + hard_weight * dhard)
  *
- * Terms with p == 0 are dropped (0 log 0 = 0), so -inf logits are exact. A NaN in an input the
- * row's loss reads makes its loss and gradient NaN; an ignored row (label == ignore_index) has
- * loss 0 and a zero gradient whatever it holds; a kept label outside [0, V) makes its row NaN
- * (never an out-of-bounds read). Every student element is read before the row's gradient is
- * written, so ``grad`` may be the student's own storage.
+ * Terms with p == 0 are dropped (0 log 0 = 0), so -inf logits are exact. A NaN or +inf in an
+ * input the row's loss reads makes its loss and gradient NaN; an ignored row (label ==
+ * ignore_index) has loss 0 and a zero gradient whatever it holds; a kept label outside [0, V)
+ * makes its row NaN (never an out-of-bounds read). Every student element is read before the row's
+ * gradient is written, so ``grad`` may be the student's own storage.
  *
  * Rows are copied into padded, aligned float32 buffers (a multiple of VEC lanes; the padding
  * holds -inf, i.e. probability 0) and every pass over them is written with GCC/Clang vector

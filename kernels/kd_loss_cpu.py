@@ -14,7 +14,7 @@ spend their time on). Set
 ``unavailable_reason()`` says why it is not used.
 """
 import ctypes
-import importlib.util
+import importlib.machinery
 import os
 from typing import Optional
 
@@ -34,14 +34,19 @@ REDUCTIONS = {"none": REDUCE_NONE, "sum": 1, "batchmean": 2}
 # (POSIX threads started per call, ~20-40 us each on this 2-core machine).
 THREADED_ELEMENTS = 128 * 1024
 
-_EXTENSION = "fastkd.kernels._kd_loss_cpu"
+_LIBRARY_NAME = "_kd_loss_cpu"   # setup.py's extension fastkd.kernels._kd_loss_cpu
 _state = {}   # "function" (the ctypes function) or "reason" (why there is none), once loaded
 
 
 def library_path() -> Optional[str]:
-    """The built shared library's path, or None when it was not built."""
-    spec = importlib.util.find_spec(_EXTENSION)
-    return spec.origin if spec is not None and spec.origin else None
+    """The built shared library's path (beside this file, where setup.py's build puts it), or
+    None when it was not built."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = os.path.join(here, _LIBRARY_NAME + suffix)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _load():
