@@ -5,13 +5,12 @@ optional extension: without a C compiler the install still succeeds and the PyTo
 ATen path is used instead). It is plain C loaded with ``ctypes`` (no Python headers, no libtorch
 ABI): ``kd_forward_cpu`` passes it data pointers, byte strides and dtype codes.
 
-For CPU tensors with short rows (``fastkd.fallback.cpu_kernel_takes``, the one place that
-decides) ``fastkd.fallback.kd_forward_torch`` calls ``kd_forward_cpu``, which follows
-``fastkd.loss._BACKEND_CONTRACT``, and ``kd_loss``'s eager path calls ``kd_loss_cpu``, which
-also checks the labels and reduces (the per-call cost of ATen ops is what small vocabularies
-spend their time on). Set
-``FASTKD_CPU_KERNEL=0`` to turn it off (e.g. for an A/B against the ATen path);
-``unavailable_reason()`` says why it is not used.
+For CPU tensors (``fastkd.fallback.cpu_kernel_takes``, the one place that decides)
+``fastkd.fallback.kd_forward_torch`` calls ``kd_forward_cpu``, which follows
+``fastkd.loss._BACKEND_CONTRACT``, and ``kd_loss``'s eager path calls ``kd_loss_cpu``, which also
+checks the labels and reduces (the per-call cost of ATen ops is what small vocabularies spent
+their time on). Set ``FASTKD_CPU_KERNEL=0`` to turn it off (e.g. for an A/B against the ATen
+path); ``unavailable_reason()`` says why it is not used.
 """
 import ctypes
 import importlib.machinery
@@ -30,8 +29,8 @@ DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
 LABELS_NONE, LABELS_TENSOR, LABELS_TEACHER = 0, 1, 2
 REDUCE_NONE = 0
 REDUCTIONS = {"none": REDUCE_NONE, "sum": 1, "batchmean": 2}
-# Calls of at least this many elements split their rows over torch's intra-op thread count
-# (POSIX threads started per call, ~20-40 us each on this 2-core machine).
+# Calls of at least this many elements split their rows over torch's intra-op threads (the
+# kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
 
 _LIBRARY_NAME = "_kd_loss_cpu"   # setup.py's extension fastkd.kernels._kd_loss_cpu
