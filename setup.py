@@ -15,6 +15,7 @@ OPENMP_FLAGS = ["-fopenmp"]
 CPU_KERNEL = Extension(
     "fastkd.kernels._kd_loss_cpu",
     sources=["kernels/kd_loss_cpu.c"],
+    depends=["kernels/kd_loss_cpu_math.h"],
     # -O3 for the vector loops; no -ffast-math (NaN, inf and -inf handling is part of the
     # contract); the AVX2 + FMA copy of the row code is chosen at run time (target_clones)
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi", "-fno-math-errno"],
