@@ -3,7 +3,9 @@
 Follows ``fastkd.loss._BACKEND_CONTRACT``. On the CPU the rows go to the compiled CPU kernel
 (``kernels/kd_loss_cpu.c``, same math, one call per batch) wherever it was built
 (``cpu_kernel_takes`` decides); the ATen implementation below serves ``backend="torch"`` on a
-GPU and installs without a C compiler (or ``FASTKD_CPU_KERNEL=0``). Rows are processed in chunks whose fp32 work buffers
+GPU and installs without a C compiler (or ``FASTKD_CPU_KERNEL=0``).
+
+Rows are processed in chunks whose fp32 work buffers
 (a few of them, reused across chunks) stay in the CPU's caches; every op writes into those
 buffers (``out=`` and in-place ops), so the only logits-sized tensor is the caller's ``grad``.
 

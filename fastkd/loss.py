@@ -215,17 +215,17 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         divergence = "forward_kl"
     elif divergence == "jsd" and beta == 1.0:
         divergence = "reverse_kl"
+    if label_mode == _LABEL_TENSOR and (labels_1d.dtype != torch.int64
+                                        or not labels_1d.is_contiguous()):
+        labels_1d = labels_1d.to(torch.int64).contiguous()
+    grad = None
+    if needs_grad:
+        grad = grad_buffer if grad_buffer is not None else torch.empty(
+            student_rows.shape, dtype=student_rows.dtype, device=student_rows.device)
     cpu_kernel = (cpu_kernel_takes(student_rows) if backend == "torch" and num_rows
                   and student_rows.device.type not in _SYNCING_DEVICES else None)
     if cpu_kernel is not None:
         # the compiled CPU kernel checks the labels, counts the kept rows and reduces too
-        if label_mode == _LABEL_TENSOR and (labels_1d.dtype != torch.int64
-                                            or not labels_1d.is_contiguous()):
-            labels_1d = labels_1d.to(torch.int64).contiguous()
-        grad = None
-        if needs_grad:
-            grad = grad_buffer if grad_buffer is not None else torch.empty(
-                student_rows.shape, dtype=student_rows.dtype)
         loss = cpu_kernel.kd_loss_cpu(
             student_rows, teacher_rows, labels_1d if label_mode == _LABEL_TENSOR else None,
             teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
@@ -237,8 +237,6 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
     kept = num_rows
     labels_in_range = all_rows_kept = False
     if label_mode == _LABEL_TENSOR:
-        if labels_1d.dtype != torch.int64 or not labels_1d.is_contiguous():
-            labels_1d = labels_1d.to(torch.int64).contiguous()
         if labels_1d.device.type not in _SYNCING_DEVICES and num_rows:
             # host reads are free here; one min/max settles the common case (no ignored row)
             lowest, highest = (value.item() for value in torch.aminmax(labels_1d))
@@ -267,10 +265,6 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
         grad_scale = 1.0 / kept.clamp(min=1).float()
     else:
         grad_scale = 1.0 / kept if kept > 0 else 1.0
-    grad = None
-    if needs_grad:
-        grad = grad_buffer if grad_buffer is not None else torch.empty(
-            student_rows.shape, dtype=student_rows.dtype, device=student_rows.device)
     kd_forward = _dispatch(backend)
     row_loss = kd_forward(
         student_rows, teacher_rows, labels_1d, teacher_labels=label_mode == _LABEL_TEACHER,

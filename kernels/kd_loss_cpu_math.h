@@ -92,58 +92,48 @@ INLINE vfloat vlog2(vfloat x) {
 }
 
 /* ----------------------------------------------------------------------------- element types */
+INLINE uint32_t bits_of(float value) {   /* the bit pattern of a float (no aliasing rules broken) */
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    return bits;
+}
+
+INLINE float float_of(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
 INLINE float half_to_float(uint16_t half) {
     /* IEEE binary16 -> binary32, exact (normals, subnormals, inf, NaN) */
     uint32_t sign = (uint32_t)(half & 0x8000u) << 16;
     uint32_t exponent = (half >> 10) & 0x1fu;
     uint32_t mantissa = half & 0x3ffu;
-    uint32_t bits;
-    if (exponent == 0x1fu) {
-        bits = sign | 0x7f800000u | (mantissa << 13);
-    } else if (exponent != 0) {
-        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
-    } else {
-        float value = (float)mantissa * 5.9604644775390625e-08f; /* mantissa * 2^-24 */
-        memcpy(&bits, &value, 4);
-        bits |= sign;
-    }
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
+    if (exponent == 0x1fu) return float_of(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent != 0) return float_of(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+    return float_of(sign | bits_of((float)mantissa * 5.9604644775390625e-08f)); /* m * 2^-24 */
 }
 
 INLINE uint16_t float_to_half(float value) {
     /* binary32 -> binary16, round to nearest even (as torch's .to(torch.float16)) */
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
+    uint32_t bits = bits_of(value);
     uint32_t sign = (bits >> 16) & 0x8000u;
     uint32_t magnitude = bits & 0x7fffffffu;
     if (magnitude > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   /* NaN */
     if (magnitude >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* rounds to inf */
     if (magnitude < 0x38800000u) {                                   /* subnormal or zero */
-        float absolute;
-        memcpy(&absolute, &magnitude, 4);
         /* adding 0.5 (2^-1) puts the half subnormal's bits at the bottom, rounded to even */
-        float shifted = absolute + 0.5f;
-        uint32_t shifted_bits;
-        memcpy(&shifted_bits, &shifted, 4);
-        return (uint16_t)(sign | (shifted_bits - 0x3f000000u));
+        return (uint16_t)(sign | (bits_of(float_of(magnitude) + 0.5f) - 0x3f000000u));
     }
     uint32_t odd = (magnitude >> 13) & 1u;
     magnitude += 0xc8000fffu + odd;   /* rebias the exponent (-112 << 23) and round */
     return (uint16_t)(sign | (magnitude >> 13));
 }
 
-INLINE float bfloat16_to_float(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
+INLINE float bfloat16_to_float(uint16_t value) { return float_of((uint32_t)value << 16); }
 
 INLINE uint16_t float_to_bfloat16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
+    uint32_t bits = bits_of(value);
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u); /* NaN */
     bits += 0x7fffu + ((bits >> 16) & 1u);   /* round to nearest even */
     return (uint16_t)(bits >> 16);
