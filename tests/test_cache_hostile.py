@@ -23,7 +23,6 @@ import cache_helpers
 from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
 from fastkd.cache import files
 from fastkd.cache import manifest as fmt
-from fastkd.cache import maps
 from fastkd.cli import main as fastkd_main
 
 TESTS_DIR = Path(__file__).parent
@@ -343,73 +342,6 @@ def _hostile_copy(path: Path) -> bytes:
         offset = handle.tell()
     data[offset:] = bytes(b ^ 0x55 for b in data[offset:])
     return bytes(data)
-
-
-def _count_lending_maps(monkeypatch):
-    made = []
-    real_map = maps._map_descriptor
-
-    def counting_map(descriptor, size):
-        made.append(size)
-        return real_map(descriptor, size)
-    monkeypatch.setattr(maps, "_map_descriptor", counting_map)
-    return made
-
-
-def _page_scan_works(directory) -> bool:
-    """Whether this kernel tells written pages of a private file map (PAGEMAP_SCAN)."""
-    path = directory / "page-scan-probe"
-    path.write_bytes(bytes(8192))
-    data = torch.from_file(str(path), shared=False, size=8192, dtype=torch.uint8).numpy()
-    assert int(data.sum()) == 0   # both pages read in: present file pages
-    return maps._pages_unwritten(data.ctypes.data, 8192)
-
-
-def test_rows_are_lent_again_only_when_no_result_uses_or_wrote_them(valid_caches, monkeypatch,
-                                                                   tmp_path):
-    """Zero-copy results share one lending map while their rows are disjoint or the earlier
-    results are gone unwritten (a streaming read maps each file once); a live result over the
-    same rows, or one that wrote into them, makes the next read map the file anew."""
-    if not _page_scan_works(tmp_path):   # elsewhere every read maps anew (tested above)
-        pytest.skip("needs Linux's PAGEMAP_SCAN (6.7+)")
-    cache = LogitCache(valid_caches["wide"])   # 32 rows = 256 KiB: a zero-copy view
-    expected = cache[:].clone()   # the lending map is made here; cache[:] is gone
-    made = _count_lending_maps(monkeypatch)
-    for _ in range(3):   # a streaming pass, three times: results dropped unwritten
-        for start in range(0, 64, 32):
-            assert torch.equal(cache[start:start + 32], expected[start:start + 32])
-    assert not made
-    held = cache[0:32]
-    neighbour = cache[32:64]   # disjoint rows: same map
-    assert not made
-    held.mul_(-1)
-    assert torch.equal(neighbour, expected[32:64])
-    again = cache[0:32]   # `held` is alive: a new map
-    assert len(made) == 1 and torch.equal(again, expected[0:32])
-    del held, neighbour, again
-    written = cache[0:32]
-    written.numpy()[:] = 9   # written, then dropped
-    del written
-    assert torch.equal(cache[0:32], expected[0:32])
-    assert len(made) == 2   # the written pages were seen: a new map
-    assert torch.equal(cache[32:64], expected[32:64]) and len(made) == 2
-
-
-def test_unwritten_page_check(tmp_path):
-    """The page-map check itself: a private file map's pages read as unwritten until a byte
-    of them is written (copy-on-write makes the page anonymous)."""
-    if not _page_scan_works(tmp_path):
-        pytest.skip("needs Linux's PAGEMAP_SCAN (6.7+)")
-    path = tmp_path / "blob"
-    path.write_bytes(bytes(range(256)) * 64)   # 16 KiB: 4 pages
-    data = torch.from_file(str(path), shared=False, size=16384, dtype=torch.uint8).numpy()
-    address = data.ctypes.data
-    assert int(data.sum()) == 64 * sum(range(256))   # every page read (present, file pages)
-    assert maps._pages_unwritten(address, 16384)
-    data[5000] = 1   # page 1
-    assert not maps._pages_unwritten(address, 16384)
-    assert not maps._pages_unwritten(address + 4096, 10)
-    assert maps._pages_unwritten(address, 4096) and maps._pages_unwritten(address + 8192, 8192)
 
 
 def test_link_swapped_in_after_open_is_refused_by_the_next_map(copy_of):

@@ -1,18 +1,20 @@
 """Memory maps of cache files for :mod:`fastkd.cache.reader`: one checked, private
 (copy-on-write) map per file that is never handed out, and the *lending map* whose rows
-zero-copy results are views of (see :class:`_MappedArray`). Linux's PAGEMAP_SCAN tells whether
-a result that is gone wrote into its rows, so unwritten rows are lent again without faulting
-their pages in anew.
+zero-copy results are views of (see :class:`_MappedArray`). :mod:`fastkd.cache.pages` tells
+whether a result that is gone wrote into its rows, so unwritten rows are lent again without
+faulting their pages in anew.
 """
-import ctypes
 import mmap
 import os
+import threading
 import weakref
+from bisect import bisect_left, bisect_right
 
 import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache import pages
 
 
 # A directory whose entry N reopens this process's descriptor N (the same open file, whatever
@@ -35,77 +37,36 @@ def _map_descriptor(descriptor: int, size: int) -> np.ndarray:
 
 
 class _Lease:
-    """The owner of one zero-copy result's bytes in a lending map. The result's numpy array
-    (and every array or tensor made from it) keeps its lease alive, so a dead weak reference
-    means nothing uses those bytes any more."""
+    """The owner of one zero-copy result: numpy builds the result from this object's
+    ``__array_interface__`` (its rows' address, shape and dtype in a lending map), so the result
+    and every array or tensor made from it keep the lease alive (numpy stops collapsing bases
+    at an object that is not an array), and a dead weak reference to it means nothing uses those
+    bytes any more. It keeps the lending map alive in turn."""
     __slots__ = ("__array_interface__", "mapping", "__weakref__")
 
-    def __init__(self, mapping: np.ndarray, start: int, num_bytes: int):
+    def __init__(self, mapping: np.ndarray, address: int, shape: tuple, typestr: str):
         self.mapping = mapping
-        self.__array_interface__ = {"shape": (num_bytes,), "typestr": "|u1", "version": 3,
-                                    "data": (mapping.ctypes.data + start, False)}
+        self.__array_interface__ = {"shape": shape, "typestr": typestr, "version": 3,
+                                    "data": (address, False)}
 
 
-# Which pages of a lending map were written: Linux's PAGEMAP_SCAN ioctl on /proc/self/pagemap
-# (Linux 6.7+) finds a present page that is not a file page (copy-on-write made it anonymous)
-# or a swapped one, walking the page tables in the kernel: ~50-70 us per 16 MiB here when the
-# pages' kernel structures are cached, 150-250 us when cold (the usual case after a 16 MiB copy),
-# against ~280 us or more to fault a fresh map's 16 MiB in again (reading the 8-byte pagemap
-# entries instead costs as much as the faults). Elsewhere every page counts as written: a new map per read.
-_PAGE_IS_FILE, _PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 2, 1 << 3, 1 << 4
-
-
-class _ScanArgument(ctypes.Structure):
-    """``struct pm_scan_arg`` (include/uapi/linux/fs.h)."""
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
-        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
-
-
-class _ScanRegion(ctypes.Structure):
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
-                ("categories", ctypes.c_uint64)]
-
-
-_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_ScanArgument) << 16) | (ord("f") << 8) | 16
-_page_scanner = {}   # pid -> (libc ioctl, pagemap descriptor), or None where unsupported
-
-
-def _scanner():
-    pid = os.getpid()
-    if pid not in _page_scanner:
-        _page_scanner.clear()
-        scanner = None
-        try:
-            ioctl = ctypes.CDLL(None, use_errno=True).ioctl
-            ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-            scanner = (ioctl, os.open("/proc/self/pagemap", os.O_RDONLY))
-        except (OSError, AttributeError):
-            pass
-        _page_scanner[pid] = scanner
-    return _page_scanner[pid]
+# Results that are gone this close together (in bytes) are checked in one page scan: the gap's
+# pages cost ~2 us, a call ~6-70 us.
+_RUN_GAP_BYTES = 1 << 20
 
 
 def _pages_unwritten(address: int, num_bytes: int) -> bool:
     """Whether no page of this process's memory ``[address, address + num_bytes)`` has been
     written since it was mapped from its file (False where that cannot be found out)."""
-    if num_bytes <= 0:
-        return True
-    scanner = _scanner()
-    if scanner is None:
-        return False
-    ioctl, descriptor = scanner
-    start = address - address % mmap.PAGESIZE
-    end = address + num_bytes
-    region = _ScanRegion()
-    # not a file page, and present or swapped (a page never touched is neither)
-    argument = _ScanArgument(
-        size=ctypes.sizeof(_ScanArgument), start=start, end=end, vec=ctypes.addressof(region),
-        vec_len=1, max_pages=1, category_inverted=_PAGE_IS_FILE, category_mask=_PAGE_IS_FILE,
-        category_anyof_mask=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
-        return_mask=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
-    # 0: none found; > 0: a written page; -1: the kernel has no PAGEMAP_SCAN
-    return ioctl(descriptor, _PAGEMAP_SCAN, ctypes.byref(argument)) == 0
+    return pages.written_pages(address, num_bytes) == []
+
+
+def _touches(ranges: pages.Ranges, starts: list, first: int, stop: int) -> bool:
+    """Whether any of ``ranges`` (disjoint, in order; ``starts`` their starts) meets the pages
+    of bytes ``[first, stop)``."""
+    page = first - first % mmap.PAGESIZE
+    before = bisect_left(starts, stop) - 1   # the last range starting before ``stop``
+    return before >= 0 and ranges[before][1] > page
 
 
 class _MappedArray:
@@ -125,9 +86,15 @@ class _MappedArray:
             self.array = self._rows(_map_descriptor(handle.fileno(), self.size), 0,
                                     self.shape[0]) if self.shape[0] else \
                 np.zeros(self.shape, self.dtype)
-        # the map that zero-copy results are views of, and (lo, hi, weak ref to the _Lease)
-        # of each result handed out of it
-        self._lending, self._leases = None, []
+        # the map zero-copy results are views of (and its address); the results lent out of it
+        # that are not known to be gone unwritten: [first row, stop row, weak ref to the _Lease or
+        # None once known to have written into its rows, whether its pages were watched when it
+        # was lent], disjoint and in row order, and their first rows (for bisect); the page
+        # ranges of the map that pages.watch write-protected, merged, and their starts
+        self._lending, self._lending_address = None, 0
+        self._lent, self._lent_starts = [], []
+        self._watched, self._watched_starts = [], []
+        self._lock = threading.Lock()   # threads reading one cache never share rows either
 
     def _rows(self, data: np.ndarray, lo: int, hi: int) -> np.ndarray:
         start = self.offset + lo * self.row_bytes
@@ -138,12 +105,16 @@ class _MappedArray:
         """Rows ``[lo, hi)``, zero copy, over this file's lending map: a private map of the file
         that was checked (a replaced one is refused when a new lending map is made), which no
         other live result shares rows with (see :class:`_Lease`)."""
-        if self._lending is None or not self._lendable(lo, hi):
-            self._new_lending_map()
-        start = self.offset + lo * self.row_bytes
-        lease = _Lease(self._lending, start, (hi - lo) * self.row_bytes)
-        self._leases.append((lo, hi, weakref.ref(lease)))
-        return np.asarray(lease).view(self.dtype).reshape((hi - lo,) + self.shape[1:])
+        with self._lock:
+            if self._lending is None or not self._lendable(lo, hi):
+                self._new_lending_map()
+            address = self._lending_address + self.offset + lo * self.row_bytes
+            lease = _Lease(self._lending, address, (hi - lo,) + self.shape[1:], self.dtype.str)
+            index = bisect_left(self._lent_starts, lo)   # no result over these rows is left
+            self._lent.insert(index, [lo, hi, weakref.ref(lease),
+                                      self._watched_over(address, (hi - lo) * self.row_bytes)])
+            self._lent_starts.insert(index, lo)
+        return np.asarray(lease)
 
     def _new_lending_map(self):
         try:
@@ -154,29 +125,85 @@ class _MappedArray:
             if (info.st_dev, info.st_ino) != self.identity or info.st_size != self.size:
                 raise fmt.CacheError(f"{self.path}: replaced since the cache was opened "
                                      f"(re-open the cache)")
-            self._lending, self._leases = _map_descriptor(descriptor, self.size), []
+            self._lending = _map_descriptor(descriptor, self.size)
+            self._lending_address = self._lending.ctypes.data
+            self._lent, self._lent_starts = [], []
+            self._watched, self._watched_starts = [], []
         finally:
             os.close(descriptor)
+
+    def _overlapping(self, lo: int, hi: int) -> range:
+        """Indices in ``self._lent`` of the results over any of rows ``[lo, hi)``."""
+        first = bisect_right(self._lent_starts, lo) - 1
+        if first < 0 or self._lent[first][1] <= lo:
+            first += 1
+        return range(first, bisect_left(self._lent_starts, hi))
 
     def _lendable(self, lo: int, hi: int) -> bool:
         """Whether rows ``[lo, hi)`` of the lending map may be handed out again: every earlier
         result over any of them is gone (no tensor or array uses its memory any more) and
-        never wrote into its pages. A result that is gone keeps its pages as they are, so
-        a clean one is forgotten once checked; a live or written one means a new map."""
-        remaining = []
-        for lease_lo, lease_hi, lease in self._leases:
-            if lease_hi <= lo or lease_lo >= hi:
-                remaining.append((lease_lo, lease_hi, lease))
+        never wrote into its pages. A live or written one means a new map."""
+        overlapping = self._overlapping(lo, hi)
+        if not overlapping:
+            return True
+        for index in overlapping:
+            lease = self._lent[index][2]
+            if lease is None or lease() is not None:
+                return False
+        self._forget_unwritten()
+        return not self._overlapping(lo, hi)
+
+    def _forget_unwritten(self):
+        """Check every result that is gone, forget the unwritten ones and mark the written ones.
+        A result that is gone keeps its pages as they are, so one check is enough; they are
+        checked together, one page scan per run of neighbouring rows (a streaming pass costs one
+        or two scans, not one per result). A result lent over watched pages is checked from the
+        page-table entries (pages.unprotected_pages); any other with pages.written_pages, after
+        which its pages are watched, so that the next results over them are cheap to check."""
+        runs = []   # [first row, stop row, watched, leases] of the results that are gone
+        for lent in self._lent:
+            lo, hi, lease, watched = lent
+            if lease is None or lease() is not None:
                 continue
-            if lease() is not None:
-                return False
-            first, last = max(lo, lease_lo), min(hi, lease_hi)
-            start = self._lending.ctypes.data + self.offset + first * self.row_bytes
-            if not _pages_unwritten(start, (last - first) * self.row_bytes):
-                return False
-            if first > lease_lo:   # what is left of an earlier result outside these rows
-                remaining.append((lease_lo, first, lease))
-            if last < lease_hi:
-                remaining.append((last, lease_hi, lease))
-        self._leases = remaining
-        return True
+            if runs and runs[-1][2] == watched and \
+                    (lo - runs[-1][1]) * self.row_bytes <= _RUN_GAP_BYTES:
+                runs[-1][1] = hi
+                runs[-1][3].append(lent)
+            else:
+                runs.append([lo, hi, watched, [lent]])
+        base = self._lending_address + self.offset
+        for lo, hi, watched, leases in runs:
+            address, num_bytes = base + lo * self.row_bytes, (hi - lo) * self.row_bytes
+            written = pages.unprotected_pages(address, num_bytes) if watched else None
+            if written is None:
+                written = pages.written_pages(address, num_bytes)
+            starts = None if written is None else [start for start, _ in written]
+            for lent in leases:
+                if written is None or _touches(written, starts, base + lent[0] * self.row_bytes,
+                                               base + lent[1] * self.row_bytes):
+                    lent[2] = None   # written into its rows (or cannot be told)
+                else:
+                    lent[0] = None   # unwritten: forgotten below
+            if not watched and written is not None and any(lent[0] is None for lent in leases):
+                self._watch(pages.watch(address, num_bytes))
+        self._lent = [lent for lent in self._lent if lent[0] is not None]
+        self._lent_starts = [lent[0] for lent in self._lent]
+
+    def _watch(self, protected: pages.Ranges):
+        """Add page ranges that pages.watch protected to ``self._watched`` (kept merged)."""
+        if not protected:
+            return
+        merged = []
+        for start, end in sorted(self._watched + protected):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self._watched = [tuple(pair) for pair in merged]
+        self._watched_starts = [start for start, _ in self._watched]
+
+    def _watched_over(self, address: int, num_bytes: int) -> bool:
+        """Whether every page of bytes ``[address, address + num_bytes)`` is watched."""
+        page = address - address % mmap.PAGESIZE
+        index = bisect_right(self._watched_starts, page) - 1
+        return index >= 0 and self._watched[index][1] >= address + num_bytes
