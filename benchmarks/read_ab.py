@@ -1,0 +1,157 @@
+"""Same-run A/B of the cache's streaming read between two checkouts of fastkd.
+
+    git worktree add /tmp/baseline <commit>
+    python benchmarks/read_ab.py --baseline /tmp/baseline --out benchmarks/results/<folder>
+
+One ``rows x vocab`` fp16 cache is written with the *baseline's* writer (so both sides can read
+it: a newer reader reads older formats). Then each side is timed in a fresh process per round,
+the sides alternating (and which goes first alternating too), over the same files in the page
+cache:
+
+- ``sequential``: every row once per pass by slices ``cache[i:i+B]`` (zero-copy views), each
+  copied into a preallocated staging buffer (as ``benchmarks/cache_workloads.py`` does), the
+  previous slice alive while the next is read; two warm-up passes, then the median of
+  ``--passes`` passes.
+- ``gather``: every row once per pass by ``cache.gather`` of random batches (copies).
+
+A round's figure is its median time per slice; the table gives each side's median over rounds,
+their spread (min-max) and the candidate / baseline ratio of the medians. Process-to-process
+variation on a shared machine is several percent, so use at least 8 rounds.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.env import capture_environment  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+WRITE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from fastkd.cache import write_cache
+rows, vocab = int(sys.argv[3]), int(sys.argv[4])
+generator = torch.Generator().manual_seed(0)
+features = torch.randn((rows, 64), generator=generator)
+labels = torch.randint(0, vocab, (rows,), generator=generator)
+torch.manual_seed(0)
+write_cache(nn.Linear(64, vocab).eval(), TensorDataset(features, labels), sys.argv[2],
+            batch_size=512, dtype="fp16", overwrite=True, progress=False)
+"""
+
+READ = """
+import json, statistics, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from fastkd.cache import LogitCache
+cache = LogitCache(sys.argv[2])
+batch_size, passes, pattern = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+first = torch.as_tensor(cache[0:1])
+staging = torch.empty((batch_size,) + tuple(first.shape[1:]), dtype=first.dtype)
+starts = range(0, len(cache), batch_size)
+def sequential():
+    batch = None
+    for start in starts:
+        batch = torch.as_tensor(cache[start:start + batch_size])
+        staging[:batch.shape[0]].copy_(batch)
+order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0))
+def gather():
+    for indices in order.split(batch_size):
+        torch.as_tensor(cache.gather(indices))
+one_pass = sequential if pattern == "sequential" else gather
+one_pass(); one_pass()
+seconds = []
+for _ in range(passes):
+    start = time.perf_counter(); one_pass(); seconds.append(time.perf_counter() - start)
+print(json.dumps(statistics.median(seconds) / len(starts)))
+"""
+
+
+def _run(code: str, *args) -> str:
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                            text=True, timeout=900)
+    if result.returncode != 0:
+        raise SystemExit(f"a benchmark process failed:\n{result.stderr[-2000:]}")
+    lines = result.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def _git_head(checkout: Path) -> str:
+    result = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() or "?"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
+    parser.add_argument("--candidate", type=Path, default=REPO, help="default: this checkout")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--passes", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--patterns", nargs="+", default=["sequential", "gather"],
+                        choices=["sequential", "gather"])
+    parser.add_argument("--out", type=Path, help="folder for read-ab.md and read-ab.json")
+    args = parser.parse_args(argv)
+    sides = {"baseline": args.baseline.resolve(), "candidate": args.candidate.resolve()}
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory() as scratch:
+        cache_dir = Path(scratch) / "cache"
+        _run(WRITE, sides["baseline"], cache_dir, args.rows, args.vocab)
+        seconds = {pattern: {side: [] for side in sides} for pattern in args.patterns}
+        for round_number in range(args.rounds):
+            order = list(sides) if round_number % 2 == 0 else list(sides)[::-1]
+            for pattern in args.patterns:
+                for side in order:
+                    seconds[pattern][side].append(float(_run(
+                        READ, sides[side], cache_dir, args.batch, args.passes, pattern)))
+            print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
+    slice_mb = args.batch * args.vocab * 2 / 1e6
+    lines = [f"# Streaming-read A/B: {_git_head(sides['candidate'])} vs "
+             f"{_git_head(sides['baseline'])}", "",
+             f"{started}; {args.rows} x {args.vocab} fp16 cache written by the baseline, "
+             f"batch {args.batch} ({slice_mb:.1f} MB per slice); {args.rounds} rounds, sides "
+             f"alternating, each a fresh process: median of {args.passes} passes after 2 "
+             f"warm-up passes. Times per batch.", "",
+             "| pattern | baseline | candidate | candidate / baseline |", "|---|---|---|---|"]
+    summary = {}
+    for pattern, by_side in seconds.items():
+        medians = {side: statistics.median(values) for side, values in by_side.items()}
+        cells = [f"{medians[side] * 1e6:.0f} us ({min(by_side[side]) * 1e6:.0f}-"
+                 f"{max(by_side[side]) * 1e6:.0f})" for side in sides]
+        ratio = medians["candidate"] / medians["baseline"]
+        lines.append(f"| {pattern} | {cells[0]} | {cells[1]} | {ratio:.3f} |")
+        summary[pattern] = {"median_s": medians, "rounds_s": by_side, "ratio": ratio}
+    env = capture_environment(measure_cpu_bandwidth=False)
+    load = env["load_average_1_5_15_min"]
+    lines += ["", f"Machine: {env['cpu_model']}, {env['cpu_count']} CPUs, {env['platform']}, "
+              f"torch {env['torch']}, Python {env['python']}; load average at the end "
+              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "read-ab.md").write_text(text)
+        (args.out / "read-ab.json").write_text(json.dumps(
+            {"started": started, "baseline": _git_head(sides["baseline"]),
+             "candidate": _git_head(sides["candidate"]), "args": {
+                 key: str(value) for key, value in vars(args).items()},
+             "patterns": summary, "environment": env}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
