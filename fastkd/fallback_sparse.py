@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from fastkd.fallback import CHUNK_BYTES_DEVICE, _chunk_targets, _scaled_shift, _Workspace
 from fastkd.fallback import CHUNK_BYTES as _DENSE_CHUNK_BYTES
+from fastkd.fallback import CHUNK_BYTES_DEVICE, _chunk_targets, _scaled_shift
+from fastkd.scratch import Workspace as _Workspace
 
 __all__ = ["kd_sparse_forward_torch", "bucket_terms"]
 

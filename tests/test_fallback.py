@@ -6,6 +6,7 @@ import torch
 
 import fastkd
 import fastkd.fallback as fallback
+import fastkd.scratch as scratch
 from reference import reference_kd_loss
 
 # (rtol, atol as a fraction of the largest reference magnitude), per dtype of the compared tensor.
@@ -328,38 +329,38 @@ def test_invariant_to_a_constant_per_row(divergence, beta):
 def _kept_scratch_bytes():
     """This thread's kept buffers, counted from the tensors themselves."""
     return sum(buffer.numel() * buffer.element_size()
-               for buffer in fallback._SCRATCH.mine.buffers.values())
+               for buffer in scratch._SCRATCH.mine.buffers.values())
 
 
 @pytest.mark.aten_only
 def test_work_buffers_are_kept_between_calls_and_never_returned():
     """The CPU work buffers outlive a call (no allocation per call), but nothing a call returns
     lives in them: per-row losses and gradients of one call survive the next call."""
-    fallback.release_scratch()
+    scratch.release_scratch()
     student, teacher, labels = make_inputs(64, 3000)  # the chunked workspace path
     first = run_both(student, teacher, labels, reduction="none", divergence="jsd")
     buffers = {name: flat.data_ptr() for name, flat in
-               fallback._SCRATCH.mine.buffers.items()}
+               scratch._SCRATCH.mine.buffers.items()}
     assert buffers, "the chunked path kept no work buffer"
     kept_loss, kept_grad = first[0].clone(), first[1].clone()
     run_both(student * 0.5, teacher.flip(0), labels.flip(0), reduction="none", divergence="jsd")
-    kept = fallback._SCRATCH.mine.buffers
+    kept = scratch._SCRATCH.mine.buffers
     assert {name: flat.data_ptr() for name, flat in kept.items()} == buffers
     assert torch.equal(first[0], kept_loss) and torch.equal(first[1], kept_grad)
 
 
 @pytest.mark.aten_only
 def test_kept_work_buffers_are_bounded_and_released():
-    fallback.release_scratch()
+    scratch.release_scratch()
     for num_rows, num_classes in [(4, 50000), (3000, 700), (9, 7), (2000, 128)]:
         for divergence, beta in DIVERGENCE_CASES:
             student, teacher, labels = make_inputs(num_rows, num_classes)
             student.requires_grad_()
             fastkd.kd_loss(student, teacher, labels, divergence=divergence, beta=beta,
                            backend="torch").backward()
-    assert 0 < _kept_scratch_bytes() <= fallback.SCRATCH_KEEP_BYTES
-    assert _kept_scratch_bytes() == fallback._SCRATCH.mine.kept_bytes
-    fallback.release_scratch()
+    assert 0 < _kept_scratch_bytes() <= scratch.SCRATCH_KEEP_BYTES
+    assert _kept_scratch_bytes() == scratch._SCRATCH.mine.kept_bytes
+    scratch.release_scratch()
     assert _kept_scratch_bytes() == 0
 
 
@@ -397,8 +398,8 @@ def test_kept_work_buffers_are_bounded_across_threads(monkeypatch):
     import threading
     student, teacher, labels = make_inputs(64, 3000)   # the chunked path: 768000-byte buffers
     expected = fastkd.kd_loss(student, teacher, labels, reduction="none", backend="torch")
-    fallback.release_scratch()
-    monkeypatch.setattr(fallback, "SCRATCH_KEEP_BYTES_TOTAL", 5 * 64 * 3000 * 4)
+    scratch.release_scratch()
+    monkeypatch.setattr(scratch, "SCRATCH_KEEP_BYTES_TOTAL", 5 * 64 * 3000 * 4)
     done, finish, results = threading.Barrier(5), threading.Event(), []
 
     def work():
@@ -411,10 +412,10 @@ def test_kept_work_buffers_are_bounded_across_threads(monkeypatch):
     for thread in threads:
         thread.start()
     done.wait()   # every thread has made its calls and is still alive
-    assert 0 < fallback.kept_scratch_bytes() <= 5 * 64 * 3000 * 4
+    assert 0 < scratch.kept_scratch_bytes() <= 5 * 64 * 3000 * 4
     finish.set()
     for thread in threads:
         thread.join()
     gc.collect()
-    assert fallback.kept_scratch_bytes() == 0   # this thread keeps none; the others ended
+    assert scratch.kept_scratch_bytes() == 0   # this thread keeps none; the others ended
     assert len(results) == 12 and all(torch.equal(result, expected) for result in results)
