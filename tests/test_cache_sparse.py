@@ -313,3 +313,27 @@ def test_a_version_1_cache_is_not_resumed_or_extended(tmp_path):
     with pytest.raises(CacheError, match="format_version: cache has 1, asked 2"):
         write_cache(cache_helpers.digits_teacher(), data, tmp_path / "v1", batch_size=8,
                     shard_size_mb=5 * 20 / 2 ** 20, progress=False)
+
+
+@pytest.mark.parametrize("layout", [{"top_k": 4}, {"sample": 5}, {"dtype": "bf16"}],
+                         ids=["topk", "sampled", "dense-bf16"])
+def test_gather_equals_reading_each_sample(tmp_path, layout):
+    """``gather`` (rows copied with torch's index_select, unsigned ids and counts as their
+    bits) returns exactly what reading each sample does, across shards, in any order, with
+    negative indices, and inside one shard."""
+    data = torch.utils.data.Subset(digits_dataset(), range(60))
+    write_cache(cache_helpers.digits_teacher(), data, tmp_path / "c", batch_size=8,
+                shard_size_mb=8 * 15 / 2 ** 20, progress=False, **layout)
+    cache = LogitCache(tmp_path / "c")
+    assert len(cache.manifest["shards"]) >= 3
+    for order in ([59, 0, 17, -1, 33, 8, 8, 2], list(range(8, 16))[::-1], [5]):
+        gathered = cache.gather(order)
+        one_by_one = [cache[index] for index in order]
+        if "dtype" in layout:
+            assert gathered.dtype == torch.bfloat16
+            assert torch.equal(gathered, torch.stack(one_by_one))
+            continue
+        fields = ("values", "indices", "lse") if "top_k" in layout else ("indices", "counts")
+        for field in fields:
+            assert torch.equal(getattr(gathered, field),
+                               torch.stack([getattr(row, field) for row in one_by_one])), field

@@ -36,6 +36,14 @@ from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 VIEW_MIN_BYTES = 1 << 18
 
 
+def _torch_rows(array: np.ndarray) -> torch.Tensor:
+    """``array``'s memory as a tensor for copying rows (unsigned ints as the signed ints of
+    their width: the bits are what is copied)."""
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.view(f"{array.dtype.byteorder}i{array.dtype.itemsize}")
+    return torch.from_numpy(array)
+
+
 def _as_tensor(array: np.ndarray, dtype_name: Optional[str]) -> torch.Tensor:
     tensor = torch.from_numpy(array)
     return tensor.view(torch.bfloat16) if dtype_name == "bf16" else tensor
@@ -320,12 +328,18 @@ class LogitCache:
         shard_of = np.searchsorted(self._sample_starts, indices, side="right") - 1
         out = {name: np.empty((len(indices),) + shape, dtype)
                for name, (dtype, shape) in self._row_arrays.items()}
+        # torch's index_select: ~2.3x faster than numpy's fancy indexing here (256 random rows
+        # of 32000 fp16, 2 threads: 2.4 vs 5.5 ms), and straight into the result
         for number in np.unique(shard_of):
             maps = self._shard_maps(int(number))
             where = np.nonzero(shard_of == number)[0]
-            local = indices[where] - self._sample_starts[number]
+            local = torch.from_numpy(indices[where] - self._sample_starts[number])
             for name in self.arrays:
-                out[name][where] = maps[name].array[local]
+                source, target = _torch_rows(maps[name].array), _torch_rows(out[name])
+                if len(where) == len(indices):   # every sample in this shard
+                    torch.index_select(source, 0, local, out=target)
+                else:
+                    target.index_copy_(0, torch.from_numpy(where), source.index_select(0, local))
         return self._wrap(out)
 
     def __repr__(self) -> str:
