@@ -83,6 +83,7 @@ class _MappedArray:
             self.dtype = np.dtype(entry["dtype"])
             self.shape = tuple(entry["shape"])
             self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+            self._row_shape, self._typestr = self.shape[1:], self.dtype.str
             self.array = self._rows(_map_descriptor(handle.fileno(), self.size), 0,
                                     self.shape[0]) if self.shape[0] else \
                 np.zeros(self.shape, self.dtype)
@@ -109,7 +110,7 @@ class _MappedArray:
             if self._lending is None or not self._lendable(lo, hi):
                 self._new_lending_map()
             address = self._lending_address + self.offset + lo * self.row_bytes
-            lease = _Lease(self._lending, address, (hi - lo,) + self.shape[1:], self.dtype.str)
+            lease = _Lease(self._lending, address, (hi - lo,) + self._row_shape, self._typestr)
             index = bisect_left(self._lent_starts, lo)   # no result over these rows is left
             self._lent.insert(index, [lo, hi, weakref.ref(lease),
                                       self._watched_over(address, (hi - lo) * self.row_bytes)])
