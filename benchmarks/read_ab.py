@@ -93,9 +93,39 @@ def _git_head(checkout: Path) -> str:
     return result.stdout.strip() or "?"
 
 
+def report(record: dict) -> str:
+    """The markdown table of one A/B record (what ``read-ab.json`` holds)."""
+    args = record["args"]
+    batch, vocab = int(args["batch"]), int(args["vocab"])
+    lines = [f"# Streaming-read A/B: {record['candidate']} vs {record['baseline']}", "",
+             f"{record['started']}; {args['rows']} x {vocab} fp16 cache written by the "
+             f"baseline, batch {batch} ({batch * vocab * 2 / 1e6:.1f} MB per slice); "
+             f"{args['rounds']} rounds, sides alternating, each a fresh process: median of "
+             f"{args['passes']} passes after 2 warm-up passes. Times per batch: median over "
+             f"rounds (min-max); the paired ratio is candidate / baseline within a round "
+             f"(median and quartiles).", "",
+             "| pattern | baseline | candidate | ratio of medians | paired ratio |",
+             "|---|---|---|---|---|"]
+    for pattern, result in record["patterns"].items():
+        rounds, medians = result["rounds_s"], result["median_s"]
+        cells = [f"{medians[side] * 1e6:.0f} us ({min(rounds[side]) * 1e6:.0f}-"
+                 f"{max(rounds[side]) * 1e6:.0f})" for side in ("baseline", "candidate")]
+        paired = [new / old for old, new in zip(rounds["baseline"], rounds["candidate"])]
+        quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
+        lines.append(f"| {pattern} | {cells[0]} | {cells[1]} | "
+                     f"{medians['candidate'] / medians['baseline']:.3f} | "
+                     f"{statistics.median(paired):.3f} ({quartiles[0]:.3f}-{quartiles[2]:.3f}) |")
+    env = record["environment"]
+    load = env["load_average_1_5_15_min"]
+    lines += ["", f"Machine: {env['cpu_model']}, {env['cpu_count']} CPUs, {env['platform']}, "
+              f"torch {env['torch']}, Python {env['python']}; load average at the end "
+              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="checkout to compare with")
+    parser.add_argument("--baseline", type=Path, help="checkout to compare with")
     parser.add_argument("--candidate", type=Path, default=REPO, help="default: this checkout")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -105,7 +135,13 @@ def main(argv=None) -> int:
     parser.add_argument("--patterns", nargs="+", default=["sequential", "gather"],
                         choices=["sequential", "gather"])
     parser.add_argument("--out", type=Path, help="folder for read-ab.md and read-ab.json")
+    parser.add_argument("--render", type=Path, help="re-render a read-ab.json (no timing)")
     args = parser.parse_args(argv)
+    if args.render:
+        print(report(json.loads(args.render.read_text())), end="")
+        return 0
+    if args.baseline is None:
+        parser.error("--baseline is required (or --render)")
     sides = {"baseline": args.baseline.resolve(), "candidate": args.candidate.resolve()}
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as scratch:
@@ -119,37 +155,20 @@ def main(argv=None) -> int:
                     seconds[pattern][side].append(float(_run(
                         READ, sides[side], cache_dir, args.batch, args.passes, pattern)))
             print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
-    slice_mb = args.batch * args.vocab * 2 / 1e6
-    lines = [f"# Streaming-read A/B: {_git_head(sides['candidate'])} vs "
-             f"{_git_head(sides['baseline'])}", "",
-             f"{started}; {args.rows} x {args.vocab} fp16 cache written by the baseline, "
-             f"batch {args.batch} ({slice_mb:.1f} MB per slice); {args.rounds} rounds, sides "
-             f"alternating, each a fresh process: median of {args.passes} passes after 2 "
-             f"warm-up passes. Times per batch.", "",
-             "| pattern | baseline | candidate | candidate / baseline |", "|---|---|---|---|"]
-    summary = {}
-    for pattern, by_side in seconds.items():
-        medians = {side: statistics.median(values) for side, values in by_side.items()}
-        cells = [f"{medians[side] * 1e6:.0f} us ({min(by_side[side]) * 1e6:.0f}-"
-                 f"{max(by_side[side]) * 1e6:.0f})" for side in sides]
-        ratio = medians["candidate"] / medians["baseline"]
-        lines.append(f"| {pattern} | {cells[0]} | {cells[1]} | {ratio:.3f} |")
-        summary[pattern] = {"median_s": medians, "rounds_s": by_side, "ratio": ratio}
-    env = capture_environment(measure_cpu_bandwidth=False)
-    load = env["load_average_1_5_15_min"]
-    lines += ["", f"Machine: {env['cpu_model']}, {env['cpu_count']} CPUs, {env['platform']}, "
-              f"torch {env['torch']}, Python {env['python']}; load average at the end "
-              f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min)."]
-    text = "\n".join(lines) + "\n"
+    summary = {pattern: {"median_s": {side: statistics.median(values)
+                                      for side, values in by_side.items()},
+                         "rounds_s": by_side}
+               for pattern, by_side in seconds.items()}
+    record = {"started": started, "baseline": _git_head(sides["baseline"]),
+              "candidate": _git_head(sides["candidate"]),
+              "args": {key: str(value) for key, value in vars(args).items()},
+              "patterns": summary, "environment": capture_environment(measure_cpu_bandwidth=False)}
+    text = report(record)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "read-ab.md").write_text(text)
-        (args.out / "read-ab.json").write_text(json.dumps(
-            {"started": started, "baseline": _git_head(sides["baseline"]),
-             "candidate": _git_head(sides["candidate"]), "args": {
-                 key: str(value) for key, value in vars(args).items()},
-             "patterns": summary, "environment": env}, indent=2) + "\n")
+        (args.out / "read-ab.json").write_text(json.dumps(record, indent=2) + "\n")
     return 0
 
 
