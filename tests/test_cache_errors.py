@@ -311,8 +311,16 @@ def test_dict_output_and_output_key(tmp_path, capsys):
 def test_ctrl_c_prints_one_line_and_the_run_resumes(tmp_path):
     out = tmp_path / "c"
     argv = [sys.executable, "-m", "fastkd"] + cache_args(out, dataset="digits")
-    process = subprocess.Popen(argv, cwd=TESTS_DIR, env={**os.environ, "FASTKD_TEST_SLEEP": "0.2"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and exec keeps an ignored signal ignored (so the CLI would never see Ctrl-C); a handled
+    # one is reset to the default, which is what a terminal's foreground job has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(argv, cwd=TESTS_DIR,
+                                   env={**os.environ, "FASTKD_TEST_SLEEP": "0.2"},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 120
     while not (out / fmt.MANIFEST_NAME).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
