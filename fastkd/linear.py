@@ -1,6 +1,6 @@
 """Fused linear + KD loss: the distillation loss from hidden states, never holding ``(N, V)`` logits.
 
-Orchestration only: the loss math is the fused KD kernel family behind ``fastkd.loss._dispatch``
+Orchestration only: the loss math is the fused KD kernel family behind ``fastkd.dispatch.dispatch``
 (Triton or the PyTorch fallback, see ``_BACKEND_CONTRACT``), called on one chunk of rows at a
 time. Per chunk of ``C`` kept rows (rows whose label is ``ignore_index`` are dropped before the
 matmul, with ``index_select``)::
@@ -39,10 +39,11 @@ import torch
 from fastkd.checks import (TAILS, TEACHER_EXTRA_COLUMNS, check_choice, check_chunking,
                            check_labels, check_linear_head, check_logit_transform, check_logits,
                            check_options, check_sparse_options, check_sparse_target)
+from fastkd.dispatch import resolve_backend as _resolve_backend
 from fastkd.linear_chunks import (DEFAULT_CHUNK_BUDGET_BYTES, _NO_SOFTCAP, _TEACHER_HEAD,
                                   _TEACHER_LOGITS, _TEACHER_SAMPLED, _TEACHER_TOPK,
                                   _fused_forward)
-from fastkd.loss import _LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR, _resolve_backend
+from fastkd.loss import _LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TeacherHead, TopKLogits
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from fastkd.checks import check_label_values, check_sparse_values
-from fastkd.loss import _LABEL_TEACHER, _LABEL_TENSOR, _dispatch
+from fastkd.dispatch import dispatch as _dispatch
+from fastkd.loss import _LABEL_TEACHER, _LABEL_TENSOR
 
 # Default budget for the student's chunk-sized buffers (its logits, and their gradient with a
 # softcap); a teacher head's chunk logits get as much again (chunk_budget_bytes=None). 256 MiB is

@@ -20,9 +20,8 @@ of the caller's memory (e.g. ``logits[:, :-1]``), never copied when the last dim
 the leading dims merge into at most two strided dims.
 
 Host syncs (CUDA): see ``_SYNC_NOTES`` and the README. Backends share one contract
-(``_BACKEND_CONTRACT``) and are chosen only in ``_dispatch``.
+(``_BACKEND_CONTRACT``) and are chosen only in :func:`fastkd.dispatch.dispatch`.
 """
-import os
 from typing import Optional, Union
 
 import torch
@@ -30,6 +29,8 @@ import torch
 from fastkd.checks import (BACKENDS, DIVERGENCES, REDUCTIONS, TAILS, check_choice,
                            check_inplace_target, check_labels, check_logits, check_options,
                            label_status, raise_bad_labels)
+from fastkd.dispatch import dispatch as _dispatch
+from fastkd.dispatch import resolve_backend as _resolve_backend
 from fastkd.fallback import _cpu_scalar, cpu_kernel_takes
 from fastkd.targets import SPARSE_TARGETS
 
@@ -88,59 +89,6 @@ def _validate(student_logits, teacher_logits, labels, temperature, soft_weight, 
     check_labels(labels, student_logits.shape[:-1], student_logits.device)
     check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                   reduction, backend)
-
-
-# ----------------------------------------------------------------------------- backend choice
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-_TRITON_IMPORTABLE = None
-
-
-def _triton_available() -> bool:
-    global _TRITON_IMPORTABLE
-    if _TRITON_IMPORTABLE is None:
-        import importlib.util
-        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
-    return _TRITON_IMPORTABLE
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    # backend == "triton"
-    if not _triton_available():
-        raise ValueError("backend='triton' needs the triton package, which is not importable here")
-    if device.type != "cuda" and not _triton_interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got tensors on {device}); run with "
-            "TRITON_INTERPRET=1 to use Triton's CPU interpreter, or use backend='torch'")
-    return "triton"
-
-
-# ----------------------------------------------------------------------------- dispatch
-def _dispatch(backend: str, family: str = "dense"):
-    """The one place that picks the implementation of a kernel family: ``"dense"`` (both follow
-    ``_BACKEND_CONTRACT``) or ``"sparse"`` (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``)."""
-    implementation = _IMPLEMENTATIONS.get((backend, family))
-    if implementation is None:
-        if family == "sparse":
-            if backend == "triton":
-                from fastkd.kernels.kd_sparse import kd_sparse_forward_triton as implementation
-            else:
-                from fastkd.fallback_sparse import kd_sparse_forward_torch as implementation
-        elif backend == "triton":
-            from fastkd.kernels.kd_loss import kd_forward_triton as implementation
-        else:
-            from fastkd.fallback import kd_forward_torch as implementation
-        _IMPLEMENTATIONS[backend, family] = implementation
-    return implementation
-
-
-_IMPLEMENTATIONS = {}   # (backend, family) -> function, imported on first use
 
 
 # ----------------------------------------------------------------------------- row views

@@ -22,7 +22,7 @@ over buckets (see ``kernels/kd_sparse.py`` for every gradient):
 
 The gradient with respect to the student logits is computed in the forward pass (dense over V)
 and kept; backward scales it by ``grad_output``. Backends follow ``_SPARSE_BACKEND_CONTRACT``
-and are chosen by :func:`fastkd.loss._dispatch` (family ``"sparse"``).
+and are chosen by :func:`fastkd.dispatch.dispatch` (family ``"sparse"``).
 """
 from typing import Optional
 
@@ -61,7 +61,7 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
                          ignore_index, reduction, backend, needs_grad, grad_buffer=None):
     """Value checks (one host sync), then the backend; returns (loss, grad) like the dense
     ``fastkd.loss._forward_impl``."""
-    from fastkd.loss import _dispatch
+    from fastkd.dispatch import dispatch as _dispatch
     num_rows, num_classes = student_2d.shape
     labels_1d, kept = check_sparse_values(
         indices, num_classes, values=values, lse=lse, counts=counts,
@@ -151,7 +151,7 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
                    grad_inplace):
     """:func:`fastkd.kd_loss` with a ``TopKLogits`` / ``SampledTargets`` teacher (same
     arguments; see its docstring and this module's for the math)."""
-    from fastkd.loss import _resolve_backend
+    from fastkd.dispatch import resolve_backend as _resolve_backend
     check_logits("student_logits", student_logits)
     target_temperature = check_sparse_target("teacher_logits", teacher, student_logits)
     check_labels(labels, student_logits.shape[:-1], student_logits.device)
