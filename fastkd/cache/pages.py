@@ -28,7 +28,8 @@ from typing import List, Optional, Tuple
 
 Ranges = List[Tuple[int, int]]   # [(start address, end address), ...], in address order
 
-_PAGE_IS_WRITTEN, _PAGE_IS_FILE, _PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 1, 1 << 2, 1 << 3, 1 << 4
+_PAGE_IS_WRITTEN, _PAGE_IS_FILE = 1 << 1, 1 << 2
+_PAGE_IS_PRESENT, _PAGE_IS_SWAPPED = 1 << 3, 1 << 4
 _PM_SCAN_WP_MATCHING, _PM_SCAN_CHECK_WPASYNC = 1 << 0, 1 << 1
 
 
@@ -95,8 +96,9 @@ class _Kernel:
         None if the kernel refuses the scan."""
         end = address + num_bytes
         argument = _ScanArgument(
-            size=ctypes.sizeof(_ScanArgument), flags=flags, start=address - address % mmap.PAGESIZE,
-            end=end, vec=ctypes.addressof(self.regions), vec_len=_REGIONS,
+            size=ctypes.sizeof(_ScanArgument), flags=flags,
+            start=address - address % mmap.PAGESIZE, end=end,
+            vec=ctypes.addressof(self.regions), vec_len=_REGIONS,
             category_inverted=inverted, category_mask=mask, category_anyof_mask=anyof,
             return_mask=returned)
         found_ranges = []
@@ -139,18 +141,21 @@ def _kernel() -> Optional[_Kernel]:
     return _process[pid]
 
 
-def written_pages(address: int, num_bytes: int) -> Optional[Ranges]:
-    """The pages of this process's memory ``[address, address + num_bytes)`` written since
-    they were mapped from their file, or None where that cannot be found out."""
+def _scan(address: int, num_bytes: int, **categories) -> Optional[Ranges]:
+    """``_Kernel.scan`` of this process ([] for no bytes, None without PAGEMAP_SCAN)."""
     if num_bytes <= 0:
         return []
     kernel = _kernel()
-    if kernel is None:
-        return None
+    return None if kernel is None else kernel.scan(address, num_bytes, **categories)
+
+
+def written_pages(address: int, num_bytes: int) -> Optional[Ranges]:
+    """The pages of this process's memory ``[address, address + num_bytes)`` written since
+    they were mapped from their file, or None where that cannot be found out."""
     # not a file page, and present or swapped (a page never touched is neither)
-    return kernel.scan(address, num_bytes, inverted=_PAGE_IS_FILE, mask=_PAGE_IS_FILE,
-                       anyof=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
-                       returned=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
+    return _scan(address, num_bytes, inverted=_PAGE_IS_FILE, mask=_PAGE_IS_FILE,
+                 anyof=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
+                 returned=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
 
 
 def watch(address: int, num_bytes: int) -> Ranges:
@@ -167,7 +172,8 @@ def watch(address: int, num_bytes: int) -> Ranges:
     if kernel.ioctl(protector, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
         return []   # e.g. already watched by another userfaultfd
     # written (not yet protected) and a file page: protect it, in place
-    protected = kernel.scan(start, end - start, flags=_PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC,
+    protected = kernel.scan(start, end - start,
+                            flags=_PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC,
                             mask=_PAGE_IS_WRITTEN | _PAGE_IS_FILE,
                             returned=_PAGE_IS_WRITTEN | _PAGE_IS_FILE)
     return protected or []
@@ -177,10 +183,5 @@ def unprotected_pages(address: int, num_bytes: int) -> Optional[Ranges]:
     """The pages of ``[address, address + num_bytes)`` not write-protected any more (written
     since :func:`watch` protected them), or None where the range is not watched in this
     process. Reads page-table entries only (the kernel's fast path for exactly this query)."""
-    if num_bytes <= 0:
-        return []
-    kernel = _kernel()
-    if kernel is None:
-        return None
-    return kernel.scan(address, num_bytes, flags=_PM_SCAN_CHECK_WPASYNC, mask=_PAGE_IS_WRITTEN,
-                       returned=_PAGE_IS_WRITTEN)
+    return _scan(address, num_bytes, flags=_PM_SCAN_CHECK_WPASYNC, mask=_PAGE_IS_WRITTEN,
+                 returned=_PAGE_IS_WRITTEN)
