@@ -284,3 +284,18 @@ def test_one_written_result_among_many_marks_only_its_rows(wide_cache, monkeypat
         assert torch.equal(cache[start:start + SLICE], expected[start:start + SLICE])
     assert counts.take() == {"written_pages": 1, "unprotected_pages": 0, "watch": 1, "maps": 0}
     assert torch.equal(cache[96:128], expected[96:128]) and counts.take()["maps"] == 1
+
+
+def test_a_kernel_that_answers_wrong_is_not_trusted(monkeypatch, page_scan):
+    """Each way of telling is tried once per process on a small private file map before it is
+    used: a kernel that misses a write (here: every answer "nothing written") gets neither the
+    page checks (every result then counts as written) nor the write protection."""
+    monkeypatch.setattr(pages, "_process", {})
+    monkeypatch.setattr(pages._Kernel, "unprotected", lambda self, address, num_bytes: [])
+    kernel = pages._kernel()
+    assert kernel is not None and kernel.write_protector() is None
+    assert pages.watch(0, 4096) == []
+    monkeypatch.setattr(pages, "_process", {})
+    monkeypatch.setattr(pages._Kernel, "written", lambda self, address, num_bytes: [])
+    assert pages._kernel() is None
+    assert pages.written_pages(4096, 4096) is None and not maps._pages_unwritten(4096, 4096)

@@ -20,10 +20,14 @@ None and the caller counts every page as written.
   would unmap them (they fault in again one page at a time: 2.3x slower to read once). A watched
   range faults in one page at a time too (no fault-around), so only pages already read are
   watched. A forked child does not inherit the watch: there ``unprotected_pages`` says None.
+
+Each way is tried once per process on a two-page private map of a new file (written page
+found, clean page not) before it is trusted; a kernel that answers wrong gets neither.
 """
 import ctypes
 import mmap
 import os
+import tempfile
 from typing import List, Optional, Tuple
 
 Ranges = List[Tuple[int, int]]   # [(start address, end address), ...], in address order
@@ -112,7 +116,8 @@ class _Kernel:
             argument.start = argument.walk_end   # the regions filled up: go on from there
 
     def write_protector(self) -> Optional[int]:
-        """This process's userfaultfd in asynchronous write-protect mode, or None."""
+        """This process's userfaultfd in asynchronous write-protect mode, or None (also where
+        the kernel fails the trial in :func:`_write_protection_works`)."""
         if self.userfaultfd is None:
             self.userfaultfd = False
             if _SYS_USERFAULTFD is not None:
@@ -121,11 +126,103 @@ class _Kernel:
                 if descriptor >= 0:
                     api = _UffdApi(api=_UFFD_API,
                                    features=_UFFD_FEATURE_WP_ASYNC | _UFFD_FEATURE_WP_UNPOPULATED)
-                    if self.ioctl(descriptor, _UFFDIO_API, ctypes.byref(api)) == 0:
+                    if self.ioctl(descriptor, _UFFDIO_API, ctypes.byref(api)) == 0 and \
+                            _write_protection_works(self, descriptor):
                         self.userfaultfd = descriptor
                     else:
                         os.close(descriptor)
         return self.userfaultfd or None
+
+    def protect(self, protector: int, address: int, num_bytes: int) -> Ranges:
+        """:func:`watch` with this process's userfaultfd ``protector``."""
+        start = address - address % mmap.PAGESIZE
+        end = -(-(address + num_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
+        register = _UffdRegister(start=start, len=end - start, mode=_UFFDIO_REGISTER_MODE_WP)
+        if self.ioctl(protector, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
+            return []   # e.g. already watched by another userfaultfd
+        # written (not yet protected) and a file page: protect it, in place
+        protected = self.scan(start, end - start,
+                              flags=_PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC,
+                              mask=_PAGE_IS_WRITTEN | _PAGE_IS_FILE,
+                              returned=_PAGE_IS_WRITTEN | _PAGE_IS_FILE)
+        return protected or []
+
+    def written(self, address: int, num_bytes: int) -> Optional[Ranges]:
+        """:func:`written_pages` with this process's handles."""
+        # not a file page, and present or swapped (a page never touched is neither)
+        return self.scan(address, num_bytes, inverted=_PAGE_IS_FILE, mask=_PAGE_IS_FILE,
+                         anyof=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
+                         returned=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
+
+    def unprotected(self, address: int, num_bytes: int) -> Optional[Ranges]:
+        """:func:`unprotected_pages` with this process's handles."""
+        return self.scan(address, num_bytes, flags=_PM_SCAN_CHECK_WPASYNC,
+                         mask=_PAGE_IS_WRITTEN, returned=_PAGE_IS_WRITTEN)
+
+
+class _TrialMap:
+    """Two pages of a new file (a memfd, else an unlinked temporary file), mapped privately and
+    read in: a small lending map to try the page checks on before trusting them."""
+
+    def __enter__(self):
+        size = 2 * mmap.PAGESIZE
+        try:
+            self.descriptor = os.memfd_create("fastkd-page-trial", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            with tempfile.TemporaryFile() as handle:
+                self.descriptor = os.dup(handle.fileno())
+        try:
+            os.write(self.descriptor, bytes(range(256)) * (size // 256))
+            self.map = mmap.mmap(self.descriptor, size, flags=mmap.MAP_PRIVATE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.descriptor)
+            raise
+        self.bytes = memoryview(self.map)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        if self.bytes[1] != 1 or self.bytes[mmap.PAGESIZE + 2] != 2:   # both pages read in
+            self.__exit__()
+            raise ValueError("the trial map does not read back what was written")
+        self.second_page = [(self.address + mmap.PAGESIZE, self.address + size)]
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bytes.release()
+        try:
+            self.map.close()
+        except BufferError:   # the ctypes view is still referenced: unmapped when collected
+            pass
+        os.close(self.descriptor)
+
+
+def _written_pages_work(kernel: _Kernel) -> bool:
+    """Whether :func:`written_pages` tells a written page of a private file map from a clean
+    one here (a kernel that gets it wrong would let a written result be lent again)."""
+    try:
+        with _TrialMap() as trial:
+            if kernel.written(trial.address, 2 * mmap.PAGESIZE) != []:
+                return False
+            trial.bytes[mmap.PAGESIZE + 7] = 0
+            return kernel.written(trial.address, 2 * mmap.PAGESIZE) == trial.second_page
+    except (OSError, ValueError):
+        return False
+
+
+def _write_protection_works(kernel: _Kernel, protector: int) -> bool:
+    """Whether asynchronous write protection marks exactly the written page of a watched private
+    file map here."""
+    try:
+        with _TrialMap() as trial:
+            size = 2 * mmap.PAGESIZE
+            if kernel.protect(protector, trial.address, size) != [(trial.address,
+                                                                  trial.address + size)]:
+                return False
+            if kernel.unprotected(trial.address, size) != []:
+                return False
+            trial.bytes[mmap.PAGESIZE + 7] = 0
+            return kernel.unprotected(trial.address, size) == trial.second_page
+    except (OSError, ValueError):
+        return False
 
 
 def _kernel() -> Optional[_Kernel]:
@@ -134,28 +231,21 @@ def _kernel() -> Optional[_Kernel]:
         _process.clear()   # a forked child: its parent's descriptors are not its own
         try:
             kernel = _Kernel()
-            probe = kernel.scan(0, mmap.PAGESIZE) is not None   # no PAGEMAP_SCAN before 6.7
+            # no PAGEMAP_SCAN before 6.7; and a kernel whose answers are wrong is not used
+            probe = kernel.scan(0, mmap.PAGESIZE) is not None and _written_pages_work(kernel)
         except (OSError, AttributeError):
             kernel, probe = None, False
         _process[pid] = kernel if probe else None
     return _process[pid]
 
 
-def _scan(address: int, num_bytes: int, **categories) -> Optional[Ranges]:
-    """``_Kernel.scan`` of this process ([] for no bytes, None without PAGEMAP_SCAN)."""
-    if num_bytes <= 0:
-        return []
-    kernel = _kernel()
-    return None if kernel is None else kernel.scan(address, num_bytes, **categories)
-
-
 def written_pages(address: int, num_bytes: int) -> Optional[Ranges]:
     """The pages of this process's memory ``[address, address + num_bytes)`` written since
     they were mapped from their file, or None where that cannot be found out."""
-    # not a file page, and present or swapped (a page never touched is neither)
-    return _scan(address, num_bytes, inverted=_PAGE_IS_FILE, mask=_PAGE_IS_FILE,
-                 anyof=_PAGE_IS_PRESENT | _PAGE_IS_SWAPPED,
-                 returned=_PAGE_IS_FILE | _PAGE_IS_PRESENT | _PAGE_IS_SWAPPED)
+    if num_bytes <= 0:
+        return []
+    kernel = _kernel()
+    return None if kernel is None else kernel.written(address, num_bytes)
 
 
 def watch(address: int, num_bytes: int) -> Ranges:
@@ -166,22 +256,14 @@ def watch(address: int, num_bytes: int) -> Ranges:
     protector = kernel.write_protector() if kernel is not None else None
     if protector is None or num_bytes <= 0:
         return []
-    start = address - address % mmap.PAGESIZE
-    end = -(-(address + num_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE
-    register = _UffdRegister(start=start, len=end - start, mode=_UFFDIO_REGISTER_MODE_WP)
-    if kernel.ioctl(protector, _UFFDIO_REGISTER, ctypes.byref(register)) != 0:
-        return []   # e.g. already watched by another userfaultfd
-    # written (not yet protected) and a file page: protect it, in place
-    protected = kernel.scan(start, end - start,
-                            flags=_PM_SCAN_WP_MATCHING | _PM_SCAN_CHECK_WPASYNC,
-                            mask=_PAGE_IS_WRITTEN | _PAGE_IS_FILE,
-                            returned=_PAGE_IS_WRITTEN | _PAGE_IS_FILE)
-    return protected or []
+    return kernel.protect(protector, address, num_bytes)
 
 
 def unprotected_pages(address: int, num_bytes: int) -> Optional[Ranges]:
     """The pages of ``[address, address + num_bytes)`` not write-protected any more (written
     since :func:`watch` protected them), or None where the range is not watched in this
     process. Reads page-table entries only (the kernel's fast path for exactly this query)."""
-    return _scan(address, num_bytes, flags=_PM_SCAN_CHECK_WPASYNC, mask=_PAGE_IS_WRITTEN,
-                 returned=_PAGE_IS_WRITTEN)
+    if num_bytes <= 0:
+        return []
+    kernel = _kernel()
+    return None if kernel is None else kernel.unprotected(address, num_bytes)
