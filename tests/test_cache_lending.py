@@ -26,13 +26,18 @@ def wide_cache(tmp_path_factory):
     return directory, LogitCache(directory)[:].clone()
 
 
+def _unwritten(address: int, num_bytes: int) -> bool:
+    """No page of ``[address, address + num_bytes)`` written (False where that cannot be told)."""
+    return pages.written_pages(address, num_bytes) == []
+
+
 def _page_scan_works(directory) -> bool:
     """Whether this kernel tells written pages of a private file map (PAGEMAP_SCAN)."""
     path = directory / "page-scan-probe"
     path.write_bytes(bytes(8192))
     data = torch.from_file(str(path), shared=False, size=8192, dtype=torch.uint8).numpy()
     assert int(data.sum()) == 0   # both pages read in: present file pages
-    return maps._pages_unwritten(data.ctypes.data, 8192)
+    return _unwritten(data.ctypes.data, 8192)
 
 
 @pytest.fixture
@@ -102,11 +107,11 @@ def test_unwritten_page_check(tmp_path, page_scan):
     is written (copy-on-write makes the page anonymous)."""
     data = _read_file_map(tmp_path, 4)
     address = data.ctypes.data
-    assert maps._pages_unwritten(address, 16384)
+    assert _unwritten(address, 16384)
     data[5000] = 1   # page 1
     assert _offsets(pages.written_pages(address, 16384), data) == [(4096, 8192)]
-    assert not maps._pages_unwritten(address + 4096, 10)
-    assert maps._pages_unwritten(address, 4096) and maps._pages_unwritten(address + 8192, 8192)
+    assert not _unwritten(address + 4096, 10)
+    assert _unwritten(address, 4096) and _unwritten(address + 8192, 8192)
 
 
 def test_watched_pages_report_every_kind_of_write(tmp_path, page_scan):
@@ -298,4 +303,4 @@ def test_a_kernel_that_answers_wrong_is_not_trusted(monkeypatch, page_scan):
     monkeypatch.setattr(pages, "_process", {})
     monkeypatch.setattr(pages._Kernel, "written", lambda self, address, num_bytes: [])
     assert pages._kernel() is None
-    assert pages.written_pages(4096, 4096) is None and not maps._pages_unwritten(4096, 4096)
+    assert pages.written_pages(4096, 4096) is None and not _unwritten(4096, 4096)

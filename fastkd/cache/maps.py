@@ -55,12 +55,6 @@ class _Lease:
 _RUN_GAP_BYTES = 1 << 20
 
 
-def _pages_unwritten(address: int, num_bytes: int) -> bool:
-    """Whether no page of this process's memory ``[address, address + num_bytes)`` has been
-    written since it was mapped from its file (False where that cannot be found out)."""
-    return pages.written_pages(address, num_bytes) == []
-
-
 def _touches(ranges: pages.Ranges, starts: list, first: int, stop: int) -> bool:
     """Whether any of ``ranges`` (disjoint, in order; ``starts`` their starts) meets the pages
     of bytes ``[first, stop)``."""
