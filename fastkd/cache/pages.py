@@ -77,7 +77,7 @@ _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}.get(os.uname().machine) \
     if hasattr(os, "uname") else None
 
 _REGIONS = 64   # regions one scan reports; a scan that fills them is continued
-_process = {}   # pid -> _Kernel (or None where PAGEMAP_SCAN is missing)
+_process = {}   # pid -> _Kernel (None where PAGEMAP_SCAN is missing or fails its trial)
 
 
 class _Kernel:
