@@ -34,47 +34,35 @@ from benchmarks.env import capture_environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
-WRITE = """
+# Both scripts run with the side's checkout first on sys.path, so ``fastkd`` is that side's; the
+# workloads come from this checkout's benchmarks/cache_workloads.py (the preset's own read passes).
+PRELUDE = """
 import sys
 sys.path.insert(0, sys.argv[1])
-import torch
-from torch import nn
-from torch.utils.data import TensorDataset
-from fastkd.cache import write_cache
-rows, vocab = int(sys.argv[3]), int(sys.argv[4])
-generator = torch.Generator().manual_seed(0)
-features = torch.randn((rows, 64), generator=generator)
-labels = torch.randint(0, vocab, (rows,), generator=generator)
-torch.manual_seed(0)
-write_cache(nn.Linear(64, vocab).eval(), TensorDataset(features, labels), sys.argv[2],
-            batch_size=512, dtype="fp16", overwrite=True, progress=False)
+import fastkd.cache
+sys.path.insert(0, sys.argv[2])
+from benchmarks import cache_workloads as work
 """
 
-READ = """
-import json, statistics, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
+WRITE = PRELUDE + """
+work.synthetic_logit_cache(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+"""
+
+READ = PRELUDE + """
+import json, statistics, time
 from fastkd.cache import LogitCache
-cache = LogitCache(sys.argv[2])
-batch_size, passes, pattern = int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-first = torch.as_tensor(cache[0:1])
-staging = torch.empty((batch_size,) + tuple(first.shape[1:]), dtype=first.dtype)
-starts = range(0, len(cache), batch_size)
-def sequential():
-    batch = None
-    for start in starts:
-        batch = torch.as_tensor(cache[start:start + batch_size])
-        staging[:batch.shape[0]].copy_(batch)
-order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0))
-def gather():
-    for indices in order.split(batch_size):
-        torch.as_tensor(cache.gather(indices))
-one_pass = sequential if pattern == "sequential" else gather
+cache = LogitCache(sys.argv[3])
+batch_size, passes, pattern = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+if pattern == "sequential":
+    staging = work.staging_buffer(cache, batch_size)
+    one_pass = lambda: work.read_sequential_pass(cache, batch_size, staging)
+else:
+    one_pass = lambda: work.read_gather_pass(cache, batch_size)
 one_pass(); one_pass()
 seconds = []
 for _ in range(passes):
     start = time.perf_counter(); one_pass(); seconds.append(time.perf_counter() - start)
-print(json.dumps(statistics.median(seconds) / len(starts)))
+print(json.dumps(statistics.median(seconds) / len(range(0, len(cache), batch_size))))
 """
 
 
@@ -146,14 +134,14 @@ def main(argv=None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory() as scratch:
         cache_dir = Path(scratch) / "cache"
-        _run(WRITE, sides["baseline"], cache_dir, args.rows, args.vocab)
+        _run(WRITE, sides["baseline"], REPO, cache_dir, args.rows, args.vocab)
         seconds = {pattern: {side: [] for side in sides} for pattern in args.patterns}
         for round_number in range(args.rounds):
             order = list(sides) if round_number % 2 == 0 else list(sides)[::-1]
             for pattern in args.patterns:
                 for side in order:
                     seconds[pattern][side].append(float(_run(
-                        READ, sides[side], cache_dir, args.batch, args.passes, pattern)))
+                        READ, sides[side], REPO, cache_dir, args.batch, args.passes, pattern)))
             print(f"round {round_number + 1}/{args.rounds}", file=sys.stderr)
     summary = {pattern: {"median_s": {side: statistics.median(values)
                                       for side, values in by_side.items()},
