@@ -76,8 +76,8 @@ class _MappedArray:
             self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
             self.dtype = np.dtype(entry["dtype"])
             self.shape = tuple(entry["shape"])
-            self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
             self._row_shape, self._typestr = self.shape[1:], self.dtype.str
+            self.row_bytes = self.dtype.itemsize * int(np.prod(self._row_shape))
             self.array = self._rows(_map_descriptor(handle.fileno(), self.size), 0,
                                     self.shape[0]) if self.shape[0] else \
                 np.zeros(self.shape, self.dtype)
@@ -94,7 +94,7 @@ class _MappedArray:
     def _rows(self, data: np.ndarray, lo: int, hi: int) -> np.ndarray:
         start = self.offset + lo * self.row_bytes
         return data[start:start + (hi - lo) * self.row_bytes].view(self.dtype).reshape(
-            (hi - lo,) + self.shape[1:])
+            (hi - lo,) + self._row_shape)
 
     def view_rows(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``[lo, hi)``, zero copy, over this file's lending map: a private map of the file
