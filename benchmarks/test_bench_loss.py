@@ -43,9 +43,12 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
 
     if benchmark.enabled and preset.measures_memory(loss_case, provider):
         if device == "cuda":
-            extra = cuda_peak_extra(step, student)
+            metrics = memory_metrics(cuda_peak_extra(step, student), loss_case)
             clear_grad()
         else:
-            extra = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
-        benchmark.extra_info.update(memory_metrics(extra, loss_case))
+            measured = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
+            metrics = memory_metrics(measured["extra_bytes"], loss_case,
+                                     torch_extra_bytes=measured["torch_extra_bytes"],
+                                     resolution_bytes=measured["resolution_bytes"])
+        benchmark.extra_info.update(metrics)
 

@@ -78,9 +78,15 @@ def test_smoke_preset_end_to_end(tmp_path):
         (case.id, provider) for case in preset.loss_cases
         for provider in (sparse_providers if case.teacher_k else providers_here)}
     assert all(r["check"]["ok"] and r["median_s"] > 0 and r["rounds"] >= 2 for r in loss)
-    memory = {(r["provider"], r["case"]["group"]): r["peak_extra_buffers"]
-              for r in loss if "peak_extra_buffers" in r}
-    assert set(memory) == {("eager", "sweep"), ("fastkd", "sparse"), ("densify", "sparse")}
+    measured = {(r["provider"], r["case"]["group"]): r for r in loss if "peak_extra_buffers" in r}
+    assert set(measured) == {("eager", "sweep"), ("fastkd", "sparse"), ("densify", "sparse")}
+    # the resident figure agrees with torch's allocator within the high-water mark's resolution
+    # (benchmarks/memory.py: per-CPU batched kernel counters; 768 KiB on 2 CPUs, 0.09 buffers here)
+    for key, r in measured.items():
+        assert abs(r["peak_extra_buffers"] - r["peak_extra_torch_buffers"]) \
+            <= r["rss_resolution_buffers"], (key, r)
+    # the bounds below are on the allocator's figure, which is exact
+    memory = {key: r["peak_extra_torch_buffers"] for key, r in measured.items()}
     # the eager composition keeps several logits-sized temporaries alive (design notes: 5)
     assert 3.0 <= memory["eager", "sweep"] <= 8.0, memory
     # the fused sparse loss: the gradient and one fp32 chunk buffer (a whole buffer at this small
