@@ -291,7 +291,10 @@ def launch_config(num_classes: int, num_kept: int, *, divergence: str, soft_weig
 
 
 def _check_rows(name: str, tensor, shape, dtype=None) -> None:
-    if tensor.shape != shape or tensor.stride(-1) != 1 or (dtype and tensor.dtype != dtype):
+    """``tensor`` has ``shape`` (and ``dtype``) and last-dim stride 1; an empty tensor may have
+    any strides (no element is addressed), as the torch backend takes it."""
+    if tensor.shape != shape or (tensor.stride(-1) != 1 and tensor.numel()) or \
+            (dtype and tensor.dtype != dtype):
         raise ValueError(f"{name} must be a {shape} tensor{' of ' + str(dtype) if dtype else ''} "
                          f"with last-dim stride 1, got {tuple(tensor.shape)} {tensor.dtype} "
                          f"strides {tensor.stride()}")
@@ -304,7 +307,7 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     ``grad_scale * d row_loss / d student_logits``. Follows ``_SPARSE_BACKEND_CONTRACT`` in
     ``fastkd/sparse_loss.py``; ``block_v`` overrides the block size (a power of two, for tests).
     """
-    if student_logits.dim() != 2 or student_logits.stride(-1) != 1:
+    if student_logits.dim() != 2 or (student_logits.stride(-1) != 1 and student_logits.numel()):
         raise ValueError("student_logits must be a 2-D (N, V) tensor with last-dim stride 1, got "
                          f"{tuple(student_logits.shape)} strides {student_logits.stride()}")
     num_rows, num_classes = student_logits.shape

@@ -225,6 +225,26 @@ def test_all_rows_ignored_and_in_place_gradient(backend):
     assert_close_scaled(leaf.grad, want_grad, 1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_empty_batch_with_strided_fields(reduction, backend):
+    """No rows, every K field a column-strided view (an empty tensor's strides address
+    nothing): a zero loss and an empty gradient, for top-k and sampled targets alike."""
+    wide = torch.zeros(0, 8, dtype=torch.int32)
+    ids = wide[:, ::2]
+    assert ids.stride(-1) == 2
+    targets = [TopKLogits(torch.zeros(0, 8)[:, ::2], ids, torch.zeros(0)),
+               SampledTargets(ids, torch.ones(0, 8, dtype=torch.int32)[:, ::2])]
+    for target in targets:
+        for labels in (None, torch.zeros(0, dtype=torch.long), "teacher"):
+            student = torch.zeros(0, 20, requires_grad=True)
+            loss = kd_loss(student, target, labels, backend=backend, reduction=reduction)
+            assert loss.shape == ((0,) if reduction == "none" else ())
+            assert not loss.any()
+            loss.sum().backward()
+            assert student.grad.shape == (0, 20)
+
+
 def test_from_logprobs_and_kdloss_module():
     """A served teacher's log-probs (lse = 0) give the same loss as raw logits + lse; KDLoss
     takes tail and a sparse teacher."""

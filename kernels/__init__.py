@@ -1,1 +1,0 @@
-"""Triton kernels of fastkd, shipped as ``fastkd.kernels`` (source folder: top-level kernels/)."""
