@@ -14,8 +14,8 @@ __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERA
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
            "TAILS", "check_temperature_value", "check_sparse_options", "check_sparse_target",
-           "check_sparse_values", "TEACHER_EXTRA_COLUMNS", "check_linear_head",
-           "check_logit_transform", "check_chunking"]
+           "check_sparse_values", "MASS_SLACK", "kept_mass_lower_bound", "TEACHER_EXTRA_COLUMNS",
+           "check_linear_head", "check_logit_transform", "check_chunking"]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse")
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -246,15 +246,36 @@ def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature:
             f"tail='renormalize', which does not use the lse")
 
 
+# A top-k row's kept probabilities exp(v / T - lse) may sum to at most 1 + MASS_SLACK once every
+# value is moved one rounding step of its dtype towards -inf (|v| * unit roundoff: 2^-24 fp32,
+# 2^-11 fp16, 2^-8 bf16): the values are the teacher's logits rounded to their storage dtype,
+# which can raise a probability by exp(|v| u / T) (6% at v = 30 in bf16), while lse is the
+# float32 log-sum-exp of the unrounded row. MASS_SLACK covers the float32 lse and sum
+# (relative error ~K * 2^-24 + |lse| * 2^-23) and is the import's bound on served log-probs.
+MASS_SLACK = 1e-3
+
+
+def kept_mass_lower_bound(values: torch.Tensor, lse: torch.Tensor,
+                          temperature: float) -> torch.Tensor:
+    """``(N,)`` float32: ``sum_k exp(v_k / T - lse)`` with every value moved one rounding step of
+    its dtype towards -inf (the least mass the unrounded values can have; +-inf values stay)."""
+    unit = torch.finfo(values.dtype).eps / 2
+    values = values.float()
+    lowered = torch.where(values.isinf(), values, values - values.abs() * unit)
+    return (lowered / temperature - lse.float().unsqueeze(-1)).exp().sum(-1)
+
+
 def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None, lse=None,
                         counts=None, labels=None, ignore_index: int = -100,
-                        check_duplicates: bool = True):
+                        check_duplicates: bool = True, temperature: Optional[float] = None):
     """Data checks of sparse targets ``(N, K)`` (and of ``labels`` ``(N,)``) with one host sync
     for all of them: ids in ``[0, V)``, no NaN in values / lse, counts finite and >= 0 with a
     positive sum per row, labels in ``[0, V)`` or ``ignore_index`` and (when
-    ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). Rows whose
-    label is ``ignore_index`` skip every check but the id range; entries with count 0 are
-    padding and may repeat an id.
+    ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). With
+    ``temperature`` (top-k targets whose lse the loss uses), the kept probabilities
+    ``exp(values / T - lse)`` of a row sum to at most 1 beyond the values' rounding
+    (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Rows whose label is ``ignore_index``
+    skip every check but the id range; entries with count 0 are padding and may repeat an id.
 
     Returns ``(labels as int64 or None, number of kept rows)``.
     """
@@ -278,6 +299,9 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
                                           else torch.where(keep.unsqueeze(-1), values, 0)).any()
         if lse is not None:
             flags["lse"] = torch.isnan(lse if keep is None else torch.where(keep, lse, 0)).any()
+        if values is not None and lse is not None and temperature is not None:
+            over = kept_mass_lower_bound(values, lse, temperature) > 1 + MASS_SLACK
+            flags["mass"] = (over if keep is None else over & keep).any()
         if counts is not None:
             kept_counts = counts if keep is None else torch.where(keep.unsqueeze(-1), counts, 1)
             flags["counts"] = ((kept_counts < 0).any() | (kept_counts.sum(-1) <= 0).any()
@@ -301,6 +325,17 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
         raise ValueError("teacher values contain NaN")
     if results.get("lse"):
         raise ValueError("teacher lse contains NaN")
+    if results.get("mass"):
+        mass = kept_mass_lower_bound(values, lse, temperature)
+        if keep is not None:
+            mass = torch.where(keep, mass, 0)
+        row = int(mass.argmax())
+        raise ValueError(
+            f"teacher probabilities exp(values / T - lse) of row {row} sum to "
+            f"{float(mass[row]):.6g} at T={temperature:g}, more than 1 beyond the rounding of "
+            f"its {str(values.dtype).replace('torch.', '')} values: lse must be the "
+            f"log-sum-exp of the full teacher row at that temperature (for log-probabilities "
+            f"use TopKLogits.from_logprobs; tail='renormalize' does not use lse)")
     if results.get("counts"):
         raise ValueError("teacher counts must be finite and >= 0 with a positive sum in every "
                          "row")

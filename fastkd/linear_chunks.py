@@ -96,9 +96,9 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     if sparse:   # ids, values, lse, counts and labels checked together (one host sync)
         values, lse, counts = ((teacher_1, teacher_2, None) if teacher_kind == _TEACHER_TOPK
                                else (None, None, teacher_1))
-        labels, num_kept = check_sparse_values(teacher_0, num_classes, values=values, lse=lse,
-                                               counts=counts, labels=labels,
-                                               ignore_index=ignore_index)
+        labels, num_kept = check_sparse_values(
+            teacher_0, num_classes, values=values, lse=lse, counts=counts, labels=labels,
+            ignore_index=ignore_index, temperature=None if tail == "renormalize" else temperature)
         if lse is not None:
             lse = lse.float()
     elif labels is not None:

@@ -65,7 +65,8 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
     num_rows, num_classes = student_2d.shape
     labels_1d, kept = check_sparse_values(
         indices, num_classes, values=values, lse=lse, counts=counts,
-        labels=labels_1d if label_mode == _LABEL_TENSOR else None, ignore_index=ignore_index)
+        labels=labels_1d if label_mode == _LABEL_TENSOR else None, ignore_index=ignore_index,
+        temperature=None if tail == "renormalize" else temperature)
     if labels_1d is not None:
         labels_1d = labels_1d.contiguous()
     grad_scale = 1.0 / kept if (reduction == "batchmean" and kept > 0) else 1.0
