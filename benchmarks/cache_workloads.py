@@ -35,7 +35,8 @@ def image_dataset(num_images: int, num_classes: int, seed: int = 0) -> TensorDat
 
 def resnet_teacher(num_classes: int, device: str) -> nn.Module:
     """torchvision resnet18, randomly initialised (no weights are downloaded)."""
-    import torchvision
+    from fastkd.extras import require
+    torchvision = require("torchvision", "bench", "the cache benchmarks")
     torch.manual_seed(0)
     return torchvision.models.resnet18(weights=None, num_classes=num_classes).to(device).eval()
 

@@ -69,8 +69,12 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from fastkd.extras import MissingExtraError
     try:
         result = args.func(args)
+    except MissingExtraError as error:   # an optional package this command needs
+        print(f"fastkd: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a one-line note instead of a traceback (status as for SIGINT)
         print("fastkd: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd.extras import require
+
 __all__ = [
     "digits_dataset", "digits_split", "digits_train_dataset", "digits_held_out_dataset",
     "DigitsTeacherCNN", "DigitsStudentCNN", "CifarStudentCNN", "TinyCausalLM", "load_checkpoint",
@@ -29,8 +31,7 @@ DIGITS_HELD_OUT_FRACTION = 0.25
 # ----------------------------------------------------------------------------- digits data
 @lru_cache(maxsize=1)
 def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    digits = load_digits()
+    digits = require("sklearn.datasets", "demo", "the digits data").load_digits()
     images = (digits.images / 16.0).astype(np.float32)[:, None]  # (1797, 1, 8, 8) in [0, 1]
     return images, digits.target.astype(np.int64)
 
@@ -44,7 +45,8 @@ def digits_dataset() -> torch.utils.data.TensorDataset:
 def digits_split(seed: int = DIGITS_SPLIT_SEED,
                  held_out_fraction: float = DIGITS_HELD_OUT_FRACTION) -> Tuple[np.ndarray, np.ndarray]:
     """Fixed, class-stratified ``(train_indices, held_out_indices)`` into :func:`digits_dataset`."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "demo",
+                               "the digits data").train_test_split
     _, labels = _digits_arrays()
     train, held_out = train_test_split(np.arange(len(labels)), test_size=held_out_fraction,
                                        random_state=seed, stratify=labels)

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastkd.extras import require
 from fastkd.targets import SampledTargets, TopKLogits
 
 __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to_dict",
@@ -138,7 +139,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_parquet(cls, path) -> "TokenDataset":
-        import pyarrow.parquet as pq
+        pq = require("pyarrow.parquet", "hf", f"--dataset parquet:{path}")
         try:
             table = pq.read_table(path)
         except Exception as error:  # pyarrow raises its own types for non-parquet files
@@ -149,7 +150,7 @@ class TokenDataset(torch.utils.data.Dataset):
     def from_disk(cls, path, split: Optional[str] = "train") -> "TokenDataset":
         """A ``datasets.Dataset`` (or one split of a ``DatasetDict``) saved with
         ``save_to_disk``."""
-        import datasets
+        datasets = require("datasets", "hf", f"--dataset hf-disk:{path}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"--dataset hf-disk:{path}: no such directory "
                                     f"{os.path.abspath(path)}")
@@ -202,14 +203,17 @@ class _TableRows:
 # ----------------------------------------------------------------------------- collation
 def targets_to_dict(target):
     """A sparse target as a plain dict (``{"kind": "topk", "values", "indices", "lse",
-    "temperature"}`` or ``{"kind": "sampled", "indices", "counts"}``): the form
+    "temperature", "num_classes"}`` or ``{"kind": "sampled", "indices", "counts",
+    "num_classes"}``): the form
     ``transformers.Trainer`` can move between devices (it rebuilds tuples from a generator,
     which named tuples do not accept). Dense tensors pass through."""
     if isinstance(target, TopKLogits):
         return {"kind": "topk", "values": target.values, "indices": target.indices,
-                "lse": target.lse, "temperature": target.temperature}
+                "lse": target.lse, "temperature": target.temperature,
+                "num_classes": target.num_classes}
     if isinstance(target, SampledTargets):
-        return {"kind": "sampled", "indices": target.indices, "counts": target.counts}
+        return {"kind": "sampled", "indices": target.indices, "counts": target.counts,
+                "num_classes": target.num_classes}
     return target
 
 
@@ -220,9 +224,9 @@ def targets_from_dict(target):
     kind = target.get("kind")
     if kind == "topk":
         return TopKLogits(target["values"], target["indices"], target["lse"],
-                          target.get("temperature", 1.0))
+                          target.get("temperature", 1.0), target.get("num_classes", 0))
     if kind == "sampled":
-        return SampledTargets(target["indices"], target["counts"])
+        return SampledTargets(target["indices"], target["counts"], target.get("num_classes", 0))
     raise ValueError(f"teacher_targets dict of unknown kind {kind!r}; expected 'topk' or "
                      f"'sampled'")
 
@@ -243,13 +247,13 @@ def _pad_targets(targets, length: int):
     if isinstance(first, TopKLogits):
         return TopKLogits(*(_pad(list(parts), length, 0)
                             for parts in zip(*(target.tensors() for target in targets))),
-                          first.temperature)
+                          first.temperature, first.num_classes)
     if isinstance(first, SampledTargets):
         indices, counts = (_pad(list(parts), length, 0)
                            for parts in zip(*(target.tensors() for target in targets)))
         # a padding row gets one draw of id 0, so it is a valid (if unused) target
         counts[..., 0].masked_fill_(counts.sum(-1) == 0, 1)
-        return SampledTargets(indices, counts)
+        return SampledTargets(indices, counts, first.num_classes)
     raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
                     f"{type(first).__name__}")
 

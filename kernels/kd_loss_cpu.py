@@ -15,6 +15,7 @@ path); ``unavailable_reason()`` says why it is not used.
 import ctypes
 import importlib.machinery
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -38,13 +39,19 @@ _state = {}   # "function" (the ctypes function) or "reason" (why there is none)
 
 
 def library_path() -> Optional[str]:
-    """The built shared library's path (beside this file, where setup.py's build puts it), or
-    None when it was not built."""
+    """The built shared library's path, or None when it was not built.
+
+    setup.py's build puts it beside this file. A source checkout used over a non-editable
+    install finds it in the installed copy's folder, the package's next search location (see
+    fastkd/__init__.py)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = os.path.join(here, _LIBRARY_NAME + suffix)
-        if os.path.isfile(path):
-            return path
+    package = sys.modules.get(__package__)
+    folders = [here] + [f for f in getattr(package, "__path__", []) if f != here]
+    for folder in folders:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, _LIBRARY_NAME + suffix)
+            if os.path.isfile(path):
+                return path
     return None
 
 

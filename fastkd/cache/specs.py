@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd.extras import require
+
 FINGERPRINT_SAMPLES = 16
 FINGERPRINT_SEED = 0
 
@@ -55,7 +57,7 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
             raise ValueError(f"--teacher {spec}: {error}") from None
         teacher = load_causal_lm(spec[len("hf:"):], dtype=teacher_dtype)
     elif spec.startswith("torchvision:"):
-        import torchvision
+        torchvision = require("torchvision", "vision", f"--teacher {spec}")
         name = spec.split(":", 1)[1]
         if name not in torchvision.models.list_models():
             raise ValueError(f"--teacher {spec!r}: torchvision has no model {name!r}")
@@ -110,8 +112,8 @@ def _load_state_dict(checkpoint: str) -> dict:
 
 
 def _torchvision_dataset(name: str, data_root: Optional[str], split: str):
-    import torchvision
-    from torchvision.transforms import ToTensor
+    torchvision = require("torchvision", "vision", f"--dataset torchvision:{name}")
+    ToTensor = require("torchvision.transforms", "vision", f"--dataset torchvision:{name}").ToTensor
     cls = getattr(torchvision.datasets, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, torch.utils.data.Dataset)):
         raise ValueError(f"--dataset torchvision:{name}: torchvision.datasets has no dataset "
