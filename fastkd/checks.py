@@ -6,6 +6,7 @@ with a message that names the argument and says what was expected.
 """
 import functools
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERA
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
            "TAILS", "check_temperature_value", "check_sparse_options", "check_sparse_target",
+           "check_target_classes",
            "check_sparse_values", "MASS_SLACK", "kept_mass_lower_bound", "TEACHER_EXTRA_COLUMNS",
            "check_linear_head", "check_logit_transform", "check_chunking"]
 
@@ -163,11 +165,42 @@ def _check_integer_ids(name: str, tensor) -> None:
         raise TypeError(f"{name} must be an integer tensor of class ids, got {tensor.dtype}")
 
 
-def check_sparse_target(name: str, target, student_logits: torch.Tensor):
+def check_target_classes(name: str, value, num_classes: int) -> None:
+    """A sparse target's recorded vocabulary size ``value`` (0: not recorded; a tensor of
+    identical values, as ``DataLoader``'s default collate makes of it, is accepted) must equal
+    the student's ``num_classes``."""
+    original = value
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0 or value.dtype.is_floating_point or value.dtype.is_complex or \
+                value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int, got a {value.dtype} tensor of shape "
+                            f"{tuple(value.shape)}")
+        first = value.flatten()[0]
+        if bool((value != first).any()):
+            raise ValueError(f"{name} must be one vocabulary size for the whole batch, got "
+                             f"different values {value.unique().tolist()[:4]}")
+        value = int(first)
+    try:
+        value = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise TypeError(f"{name} must be an int >= 0 (0: not recorded), got {original!r}")
+    if value and value != num_classes:
+        raise ValueError(
+            f"vocabulary mismatch: {name}={value} (the teacher's vocabulary the targets were "
+            f"made over) but the student has V = {num_classes} classes; teacher and student must "
+            f"share a tokenizer and output width")
+
+
+def check_sparse_target(name: str, target, student_logits: torch.Tensor,
+                        num_classes: Optional[int] = None):
     """Metadata checks of a ``TopKLogits`` / ``SampledTargets`` against ``student_logits``
     ``(..., V)``: field types, shapes ``(..., K)`` / lse ``(...)`` with the student's leading
-    dims, K >= 1, same device. Returns the target's temperature as a float (None for sampled
-    targets). No host sync: the values are checked by :func:`check_sparse_values`."""
+    dims, K >= 1, same device, and the target's recorded ``num_classes`` (when not 0) equal to
+    the student's V (``num_classes`` when given, else ``student_logits.shape[-1]``). Returns the
+    target's temperature as a float (None for sampled targets). No host sync (unless a field is
+    a GPU tensor of collated numbers): the values are checked by :func:`check_sparse_values`."""
     from fastkd.targets import SampledTargets, TopKLogits
     leading = tuple(student_logits.shape[:-1])
     device = student_logits.device
@@ -211,6 +244,8 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor):
         if tensor.device != device:
             raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
                              f"got {tensor.device}")
+    check_target_classes(f"{name}.num_classes", target.num_classes,
+                         student_logits.shape[-1] if num_classes is None else num_classes)
     if isinstance(target, TopKLogits):
         return check_temperature_value(f"{name}.temperature", target.temperature)
     return None

@@ -245,7 +245,8 @@ def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
     """Teacher checks (metadata only; a sparse teacher's values are checked in the op). Returns
     a sparse target's temperature (None for the other kinds)."""
     if isinstance(teacher, SPARSE_TARGETS):   # shapes against the student logits' leading dims
-        return check_sparse_target("teacher", teacher, _logits_shape_probe(leading, device))
+        return check_sparse_target("teacher", teacher, _logits_shape_probe(leading, device),
+                                   num_classes)
     if isinstance(teacher, TeacherHead):
         if tuple(teacher.hidden.shape[:-1]) != tuple(leading):
             raise ValueError(

@@ -11,7 +11,9 @@
   rows at a time.
 
 Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student's leading dims,
-``lse`` is ``(...)``. Both are ``NamedTuple`` s, so ``torch.utils.data``'s default collate and
+``lse`` is ``(...)``. ``num_classes`` is the vocabulary size ``V`` the targets were made over
+(caches record it; 0: not recorded): the losses refuse a student with another ``V``, as they
+refuse dense teacher rows of another width. Both are ``NamedTuple`` s, so ``torch.utils.data``'s default collate and
 ``torch.compile`` handle them. The loss over them is :func:`fastkd.kd_loss` (see
 ``fastkd/sparse_loss.py``); their argument checks live in :mod:`fastkd.checks`.
 
@@ -36,6 +38,9 @@ class TopKLogits(NamedTuple):
             as ``DataLoader``'s default collate makes of it, is accepted too). The loss needs
             it equal to its own temperature, except with ``tail="renormalize"``, which does
             not use ``lse``.
+        num_classes: the teacher's vocabulary size ``V`` (an int, or a tensor of identical
+            values after the default collate); 0 (the default) when unknown. The loss refuses
+            a student whose ``V`` differs.
 
     At temperature ``T`` the teacher probability of kept entry k is ``exp(values_k / T - lse)``.
     """
@@ -43,16 +48,18 @@ class TopKLogits(NamedTuple):
     indices: torch.Tensor
     lse: torch.Tensor
     temperature: Union[float, torch.Tensor] = 1.0
+    num_classes: Union[int, torch.Tensor] = 0
 
     @classmethod
-    def from_logprobs(cls, logprobs: torch.Tensor, indices: torch.Tensor) -> "TopKLogits":
+    def from_logprobs(cls, logprobs: torch.Tensor, indices: torch.Tensor,
+                      num_classes: int = 0) -> "TopKLogits":
         """Targets from a served teacher's log-probabilities (e.g. vLLM's top logprobs):
         ``values = logprobs`` (already normalized over the full vocabulary), ``lse = 0``,
-        temperature 1."""
+        temperature 1; ``num_classes`` the teacher's vocabulary size (0: unknown)."""
         if not isinstance(logprobs, torch.Tensor):
             raise TypeError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
         lse = torch.zeros(logprobs.shape[:-1], dtype=torch.float32, device=logprobs.device)
-        return cls(logprobs, indices, lse, 1.0)
+        return cls(logprobs, indices, lse, 1.0, num_classes)
 
     def tensors(self):
         """``(values, indices, lse)``: the per-row fields (without ``temperature``)."""
@@ -60,7 +67,8 @@ class TopKLogits(NamedTuple):
 
     def map_tensors(self, fn) -> "TopKLogits":
         """A copy with ``fn`` applied to each tensor field (e.g. indexing, ``.to(device)``)."""
-        return TopKLogits(*(fn(part) for part in self.tensors()), self.temperature)
+        return TopKLogits(*(fn(part) for part in self.tensors()), self.temperature,
+                          self.num_classes)
 
     def log_probs(self, num_classes: int) -> torch.Tensor:
         """The explicit, slow densifier: a ``(..., V)`` float32 tensor of teacher
@@ -91,6 +99,8 @@ class SampledTargets(NamedTuple):
         indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
         counts: ``(..., K)`` non-negative integer (or float) counts, at least one positive
             per row (padding entries have count 0 and any valid id).
+        num_classes: the teacher's vocabulary size ``V`` (as for :class:`TopKLogits`; 0 when
+            unknown).
 
     The target distribution is ``P = counts / counts.sum(-1)`` over ``indices`` and 0 elsewhere:
     an unbiased estimate of the teacher's, so forward KL / cross-entropy against it has an
@@ -98,6 +108,7 @@ class SampledTargets(NamedTuple):
     """
     indices: torch.Tensor
     counts: torch.Tensor
+    num_classes: Union[int, torch.Tensor] = 0
 
     def tensors(self):
         """``(indices, counts)``: the per-row fields."""
@@ -105,7 +116,7 @@ class SampledTargets(NamedTuple):
 
     def map_tensors(self, fn) -> "SampledTargets":
         """A copy with ``fn`` applied to each tensor field."""
-        return SampledTargets(*(fn(part) for part in self.tensors()))
+        return SampledTargets(*(fn(part) for part in self.tensors()), self.num_classes)
 
     def probs(self, num_classes: int) -> torch.Tensor:
         """The explicit, slow densifier: ``(..., V)`` float32 target probabilities."""

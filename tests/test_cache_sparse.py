@@ -337,3 +337,69 @@ def test_gather_equals_reading_each_sample(tmp_path, layout):
         for field in fields:
             assert torch.equal(getattr(gathered, field),
                                torch.stack([getattr(row, field) for row in one_by_one])), field
+
+
+# ----------------------------------------------------------------------------- vocabulary size
+@pytest.mark.parametrize("layout", [{"top_k": 4}, {"sample": 8}])
+def test_sparse_rows_carry_the_vocabulary_and_refuse_another(tmp_path, layout):
+    """A sparse cache's targets carry its V (the manifest's num_classes) through reading,
+    collating (the cache's, the token collator's with and without dicts, DataLoader's default)
+    and slicing, and every loss refuses a student of another V, as for dense rows."""
+    from fastkd.tokens import collate_causal_lm, targets_from_dict
+    data = cache_helpers.TokenSequences(n=6)
+    write_cache(cache_helpers.tiny_lm(), data, tmp_path / "c", batch_size=3, progress=False,
+                **layout)
+    cache = LogitCache(tmp_path / "c")
+    vocab = cache_helpers.TOKEN_VOCAB
+    items = [CachedDataset(data, cache)[i] for i in range(3)]
+    _, labels, padded = collate_padded(items)
+    tokens = collate_causal_lm(items)
+    as_dict = targets_from_dict(collate_causal_lm(items, targets_as_dict=True)["teacher_targets"])
+    # one row per item, batched by DataLoader's default collate (num_classes becomes a tensor)
+    collated = torch.utils.data.default_collate(
+        [cache.rows(i, i + 1).map_tensors(lambda part: part[0]) for i in range(3)])
+    for target in (cache[0], cache[0:2][0], cache.gather([1, 0])[0], padded,
+                   tokens["teacher_targets"], as_dict, collated):
+        assert int(torch.as_tensor(target.num_classes).flatten()[0]) == vocab
+    for wrong in (vocab + 8, vocab - 1):
+        student = torch.randn(*labels.shape, wrong)
+        with pytest.raises(ValueError, match=rf"num_classes={vocab} .* V = {wrong} classes"):
+            fastkd.kd_loss(student, padded, labels)
+        with pytest.raises(ValueError, match=rf"num_classes={vocab} .* V = {wrong} classes"):
+            fastkd.kd_loss(torch.randn(3, wrong), collated)
+        hidden = torch.randn(*tokens["shift_labels"].shape, 8)
+        with pytest.raises(ValueError, match="vocabulary mismatch"):
+            fastkd.linear_kd_loss(hidden, torch.randn(wrong, 8), tokens["teacher_targets"],
+                                  tokens["shift_labels"])
+    # the student of the cache's own V trains on them
+    assert torch.isfinite(fastkd.kd_loss(torch.randn(*labels.shape, vocab), padded, labels))
+    assert torch.isfinite(fastkd.kd_loss(torch.randn(3, vocab), collated))
+    assert torch.isfinite(fastkd.linear_kd_loss(
+        torch.randn(*tokens["shift_labels"].shape, 8), torch.randn(vocab, 8), as_dict,
+        tokens["shift_labels"]))
+
+
+def test_version_1_sparse_cache_carries_its_vocabulary():
+    """Caches written before targets carried V still read, and their manifest's num_classes
+    (recorded since format version 1) protects them the same way."""
+    import os
+    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                           "v1-topk-tokens")
+    cache = LogitCache(fixture)
+    target = cache[0]
+    assert target.num_classes == cache_helpers.TOKEN_VOCAB == 40
+    fastkd.kd_loss(torch.randn(target.indices.shape[0], 40), target)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fastkd.kd_loss(torch.randn(target.indices.shape[0], 48), target)
+
+
+def test_targets_without_a_vocabulary_are_taken_at_any_size():
+    """A target made by hand (num_classes 0: not recorded) is checked by its ids only."""
+    target = fastkd.SampledTargets(torch.tensor([[0, 1]]), torch.tensor([[1, 1]]))
+    for vocab in (2, 5):
+        fastkd.kd_loss(torch.randn(1, vocab), target)
+    with pytest.raises(TypeError, match=r"num_classes must be an int >= 0"):
+        fastkd.kd_loss(torch.randn(1, 5), target._replace(num_classes=-1))
+    with pytest.raises(ValueError, match="one vocabulary size for the whole batch"):
+        fastkd.kd_loss(torch.randn(2, 5), fastkd.SampledTargets(
+            torch.tensor([[0, 1], [0, 1]]), torch.ones(2, 2), torch.tensor([5, 6])))

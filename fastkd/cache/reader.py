@@ -241,9 +241,10 @@ class LogitCache:
             lse = arrays["lse"] if self._lse_column is None else \
                 arrays["lse"][..., self._lse_column]
             return TopKLogits(_as_tensor(arrays["values"], dtype), indices,
-                              torch.from_numpy(lse), self.temperature)
+                              torch.from_numpy(lse), self.temperature, self.num_classes)
         if self.layout == "sampled":
-            return SampledTargets(indices, torch.from_numpy(arrays["counts"].astype(np.int32)))
+            return SampledTargets(indices, torch.from_numpy(arrays["counts"].astype(np.int32)),
+                                  self.num_classes)
         return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
 
     def rows(self, start: int, stop: int):
@@ -411,15 +412,16 @@ def _sparse_filler(target, length: int):
     indices = torch.arange(k, dtype=target.indices.dtype).expand(length, k)
     if isinstance(target, TopKLogits):
         return TopKLogits(target.values.new_zeros(length, k), indices,
-                          target.lse.new_full((length,), math.log(k)), target.temperature)
-    return SampledTargets(indices, target.counts.new_ones(length, k))
+                          target.lse.new_full((length,), math.log(k)), target.temperature,
+                          target.num_classes)
+    return SampledTargets(indices, target.counts.new_ones(length, k), target.num_classes)
 
 
 def _like(template, tensors) -> Union[TopKLogits, SampledTargets]:
-    """A target of ``template``'s type (and temperature) holding ``tensors``."""
+    """A target of ``template``'s type (temperature and vocabulary size) holding ``tensors``."""
     if isinstance(template, TopKLogits):
-        return TopKLogits(*tensors, template.temperature)
-    return SampledTargets(*tensors)
+        return TopKLogits(*tensors, template.temperature, template.num_classes)
+    return SampledTargets(*tensors, template.num_classes)
 
 
 def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
