@@ -8,6 +8,7 @@ Disk-full and read-only conditions are simulated by patching the write path to r
 """
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,16 +62,44 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path, cap
     write_cache(cache_helpers.digits_teacher(), data, out, progress=False)
     before = cache_files(out)
     with outdir.DirectoryLock(str(out)):  # the "first run"
-        with pytest.raises(CacheError, match="another `fastkd cache` run is writing to"):
+        holder = f"another writer in this process (pid {os.getpid()}) is writing to"
+        with pytest.raises(CacheError, match=re.escape(holder)):
             write_cache(cache_helpers.digits_teacher(), data, out, progress=False)
         # with --overwrite and other settings: refused before anything is removed
-        fails_cleanly(capsys, cache_args(out, "--overwrite", "--dtype", "fp32"),
-                      "another `fastkd cache` run is writing to")
+        fails_cleanly(capsys, cache_args(out, "--overwrite", "--dtype", "fp32"), holder)
     assert cache_files(out) == before and LogitCache(out).manifest["dtype"] == "fp16"
     # released on a failure too: the next run takes the lock
     with pytest.raises(CacheError, match="different settings"):
         write_cache(cache_helpers.digits_teacher(), data, out, dtype="fp32", progress=False)
     outdir.DirectoryLock(str(out)).acquire().release()
+
+
+HOLD_LOCK = ("import sys; from fastkd.cache import outdir; "
+             "lock = outdir.DirectoryLock(sys.argv[-1]).acquire(); print('held', flush=True); "
+             "sys.stdin.read()")
+
+
+@pytest.mark.parametrize("argv, holder", [
+    (["fastkd", "import"], "another `fastkd import` run"),
+    (["fastkd", "cache"], "another `fastkd cache` run"),
+    (["train.py"], "another process"),
+])
+def test_lock_message_names_the_other_runs_kind(tmp_path, argv, holder):
+    """The refusal says which kind of run holds the lock (read from the holder's command line),
+    with its pid."""
+    out = tmp_path / "c"
+    out.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HOLD_LOCK] + argv + [str(out)],
+                             cwd=TESTS_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        with pytest.raises(CacheError, match=re.escape(f"{holder} (pid {first.pid}) is writing")):
+            write_cache(cache_helpers.digits_teacher(), cache_helpers.indexed_images(), out,
+                        progress=False)
+    finally:
+        first.stdin.close()
+        first.wait(timeout=60)
 
 
 def test_lock_of_a_killed_run_is_not_stale(tmp_path):

@@ -41,7 +41,7 @@ class DirectoryLock:
             os.close(fd)
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise fmt.CacheError(
-                    f"another `fastkd cache` run is writing to {self.directory} (it holds the "
+                    f"{lock_holder(self.directory)} is writing to {self.directory} (it holds the "
                     f"directory's lock); wait for it to finish or choose another --out") from None
             raise
         self.fd = fd
@@ -57,6 +57,36 @@ class DirectoryLock:
 
     def __exit__(self, *exc_info):
         self.release()
+
+
+def lock_holder(directory: str) -> str:
+    """Who holds ``directory``'s lock, in words: "another `fastkd import` run (pid N)" or
+    "another `fastkd cache` run (pid N)" from the holder's command line, "another process
+    (pid N)" when it is something else (e.g. a script calling the Python API), "another writer
+    in this process (pid N)", or "another run"
+    where the system does not say (the Linux kernel lists flock holders in /proc/locks)."""
+    try:
+        status = os.stat(directory)
+        inode = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
+        with open("/proc/locks") as handle:
+            pids = [fields[4] for fields in map(str.split, handle)
+                    if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode]
+    except (OSError, ValueError):
+        return "another run"
+    if not pids or not pids[0].isdigit():
+        return "another run"
+    pid = pids[0]
+    if int(pid) == os.getpid():
+        return f"another writer in this process (pid {pid})"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = handle.read(4096).decode("utf-8", "replace").split("\0")
+    except OSError:
+        argv = []
+    for position, word in enumerate(argv[:-1]):
+        if os.path.basename(word) == "fastkd" and argv[position + 1] in ("cache", "import"):
+            return f"another `fastkd {argv[position + 1]}` run (pid {pid})"
+    return f"another process (pid {pid})"
 
 
 def explain_os_error(error: OSError, out_dir: str) -> fmt.CacheError:
