@@ -34,6 +34,7 @@ __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to
            "targets_from_dict", "TOKEN_SOURCES"]
 
 IGNORE_INDEX = -100
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
 
 
@@ -46,6 +47,9 @@ def _int_list(value, what: str) -> List[int]:
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in value):
         raise ValueError(f"{what} must be a flat list of ints, got {str(value)[:80]}")
+    for x in value:
+        if not INT64_MIN <= x <= INT64_MAX:
+            raise ValueError(f"{what}: {str(x)[:40]} does not fit in a 64-bit integer")
     return list(value)
 
 
@@ -98,10 +102,13 @@ class TokenDataset(torch.utils.data.Dataset):
     access (errors name the source and row).
     """
 
-    def __init__(self, rows, source: str = "rows", *, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, rows, source: str = "rows", *, ignore_index: int = IGNORE_INDEX,
+                 locations: Optional[Sequence[str]] = None):
         if not (hasattr(rows, "__getitem__") and hasattr(rows, "__len__")):
             raise TypeError(f"rows must be a sequence of dicts, got {type(rows).__name__}")
         self.rows, self.source, self.ignore_index = rows, source, ignore_index
+        # where each row came from, for errors ("file:line"); default "<source> row <index>"
+        self.locations = locations
 
     # ------------------------------------------------------------------------- sources
     @classmethod
@@ -120,22 +127,31 @@ class TokenDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_jsonl(cls, path) -> "TokenDataset":
-        """One JSON object per line (blank lines skipped)."""
-        rows = []
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
+        """One JSON object per line (blank lines skipped), UTF-8."""
+        rows, locations = [], []
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                where = f"{path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at "
+                                     f"column {error.start + 1})") from None
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+                    raise ValueError(f"{where}: not valid JSON ({error})") from None
+                except RecursionError:
+                    raise ValueError(f"{where}: JSON nested too deeply to read; expected one "
+                                     f"flat object per line") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                    raise ValueError(f"{where}: expected a JSON object, got "
                                      f"{type(row).__name__}")
-                row["_where"] = f"{path}:{number}"
                 rows.append(row)
-        return cls(rows, source=f"jsonl:{path}")
+                locations.append(where)
+        return cls(rows, source=f"jsonl:{path}", locations=locations)
 
     @classmethod
     def from_parquet(cls, path) -> "TokenDataset":
@@ -174,10 +190,9 @@ class TokenDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        where = row.get("_where", f"{self.source} row {index}") if isinstance(row, dict) \
-            else f"{self.source} row {index}"
-        return prepare_tokens(row, where, self.ignore_index)
+        where = self.locations[index] if self.locations is not None else \
+            f"{self.source} row {index}"
+        return prepare_tokens(self.rows[index], where, self.ignore_index)
 
     def __repr__(self) -> str:
         return f"TokenDataset({self.source!r}, {len(self)} rows)"
