@@ -206,9 +206,22 @@ def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) ->
     fsync_directory(directory)
 
 
+def file_identity(info: os.stat_result) -> tuple:
+    """What tells one version of a cache file from another: ``(device, inode, size, mtime in
+    ns)``. Rewriting a cache (``--overwrite``: remove, write a temp file, rename) makes new files,
+    so their inode or modification time differs even where a freed inode number is reused; a
+    file's metadata changes (permissions, links) leave it alone."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
     """The JSON object in ``directory/name``, unchecked beyond being a JSON object with this
     format's name; raises :class:`CacheError` naming the file otherwise."""
+    return _parse_manifest_file(directory, name)[0]
+
+
+def _parse_manifest_file(directory: str, name: str):
+    """:func:`parse_manifest_file` and the :func:`file_identity` of the file it read."""
     path = os.path.join(directory, name)
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory} does not exist")
@@ -220,7 +233,8 @@ def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
         if not stat.S_ISREG(info.st_mode):
             raise CacheError(f"{path} is not a regular file (symbolic links are refused)")
         with open_cache_file(path) as handle:   # a link swapped in since the lstat is refused
-            size = os.fstat(handle.fileno()).st_size
+            identity = file_identity(os.fstat(handle.fileno()))
+            size = identity[2]
             if size > MAX_MANIFEST_BYTES:
                 raise CacheError(f"{path} is {size} bytes, far too large for a cache "
                                  f"manifest; it is not one")
@@ -233,15 +247,21 @@ def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
                          f"manifest or it is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{path} is not a {FORMAT_NAME} manifest")
-    return manifest
+    return manifest, identity
 
 
 def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
     """Load and self-check a manifest: JSON, format and version, its own checksum and every
-    field the reader and writer use (:func:`fastkd.cache.validate.validate_manifest`). Raises :class:`CacheError`
-    naming the file on any problem."""
+    field the reader and writer use (:func:`fastkd.cache.validate.validate_manifest`). Raises
+    :class:`CacheError` naming the file on any problem."""
+    return read_manifest_and_identity(directory, name)[0]
+
+
+def read_manifest_and_identity(directory: str, name: str = MANIFEST_NAME):
+    """``(manifest, identity)``: :func:`read_manifest` and the :func:`file_identity` of the
+    manifest file it read (what a reader compares later to tell that the cache was rewritten)."""
     path = os.path.join(directory, name)
-    manifest = parse_manifest_file(directory, name)
+    manifest, identity = _parse_manifest_file(directory, name)
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path} has format version {manifest.get('format_version')!r}; this "
                          f"fastkd reads versions {', '.join(map(str, READABLE_VERSIONS))}")
@@ -254,7 +274,7 @@ def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
                          f"not match its contents)")
     from fastkd.cache.validate import validate_manifest
     validate_manifest(manifest, path)
-    return manifest
+    return manifest, identity
 
 
 # ----------------------------------------------------------------------------- checks
@@ -295,12 +315,15 @@ def check_structure(manifest: dict, where: str) -> None:
                          f"says {manifest['num_samples']} / {manifest['num_rows']}")
 
 
-def _size_problem(directory: str, entry: dict) -> Optional[str]:
+def _size_problem(directory: str, entry: dict,
+                  identities: Optional[dict] = None) -> Optional[str]:
     path = os.path.join(directory, check_file_name(entry["file"], directory))
     try:
         info = os.lstat(path)
     except OSError:
         return f"{path}: missing"
+    if identities is not None:
+        identities[entry["file"]] = file_identity(info)
     if stat.S_ISLNK(info.st_mode):
         return f"{path}: is a symbolic link (refused: a cache's files must be its own)"
     if not stat.S_ISREG(info.st_mode):
@@ -311,10 +334,12 @@ def _size_problem(directory: str, entry: dict) -> Optional[str]:
     return None
 
 
-def check_sizes(directory: str, entries: Iterable[dict]) -> List[str]:
-    """Problems (one line each, naming the file) with missing, wrongly sized or linked files."""
-    return [problem for problem in (_size_problem(directory, entry) for entry in entries)
-            if problem]
+def check_sizes(directory: str, entries: Iterable[dict],
+                identities: Optional[dict] = None) -> List[str]:
+    """Problems (one line each, naming the file) with missing, wrongly sized or linked files.
+    ``identities``, a dict, receives ``{file name: file_identity}`` of the files found."""
+    return [problem for problem in (_size_problem(directory, entry, identities)
+                                    for entry in entries) if problem]
 
 
 def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:

@@ -9,6 +9,7 @@ import os
 import threading
 import weakref
 from bisect import bisect_left, bisect_right
+from typing import Optional
 
 import numpy as np
 import torch
@@ -63,17 +64,28 @@ def _touches(ranges: pages.Ranges, starts: list, first: int, stop: int) -> bool:
     return before >= 0 and ranges[before][1] > page
 
 
+def replaced_error(path: str) -> fmt.CacheError:
+    """The error for a cache file that is not the one the cache was opened with."""
+    return fmt.CacheError(f"{path}: replaced since the cache was opened (the cache was rewritten, "
+                          f"e.g. by `fastkd cache --overwrite`, or the file edited); its rows "
+                          f"would not be the opened cache's: open the cache again")
+
+
 class _MappedArray:
     """One checked .npy file: its internal map (``.array``, never handed out) and fresh
     private views of row ranges (``.view_rows``). Every map is of a descriptor opened with
     :func:`fastkd.cache.manifest.open_cache_descriptor` (no symbolic link, a regular file): a
-    link swapped in after the cache's checks is refused, never followed."""
+    link swapped in after the cache's checks is refused, never followed. ``expected``: the
+    :func:`fastkd.cache.manifest.file_identity` the file had when the cache was opened; a file
+    that differs (the cache rewritten since) is refused, never mapped."""
 
-    def __init__(self, directory: str, entry: dict):
+    def __init__(self, directory: str, entry: dict, expected: Optional[tuple] = None):
         handle, self.path, self.offset = fmt.open_array(directory, entry)
         with handle:
             info = os.fstat(handle.fileno())
-            self.identity, self.size = (info.st_dev, info.st_ino), info.st_size
+            self.identity, self.size = fmt.file_identity(info), info.st_size
+            if expected is not None and self.identity != tuple(expected):
+                raise replaced_error(self.path)
             self.dtype = np.dtype(entry["dtype"])
             self.shape = tuple(entry["shape"])
             self._row_shape, self._typestr = self.shape[1:], self.dtype.str
@@ -117,9 +129,8 @@ class _MappedArray:
         except OSError as error:
             raise fmt.CacheError(f"cannot read {self.path}: {error.strerror or error}") from None
         try:
-            if (info.st_dev, info.st_ino) != self.identity or info.st_size != self.size:
-                raise fmt.CacheError(f"{self.path}: replaced since the cache was opened "
-                                     f"(re-open the cache)")
+            if fmt.file_identity(info) != self.identity:
+                raise replaced_error(self.path)
             self._lending = _map_descriptor(descriptor, self.size)
             self._lending_address = self._lending.ctypes.data
             self._lent, self._lent_starts = [], []

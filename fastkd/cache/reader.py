@@ -70,14 +70,16 @@ class LogitCache:
 
     def __init__(self, path, *, temperature: Optional[float] = None):
         self.path = os.fspath(path)
-        self.manifest = fmt.read_manifest(self.path)
+        self.manifest, self._manifest_identity = fmt.read_manifest_and_identity(self.path)
         where = os.path.join(self.path, fmt.MANIFEST_NAME)
         if self.manifest.get("status") != "complete":
             raise fmt.CacheError(f"{where}: the cache is incomplete ({len(self.manifest['shards'])}"
                                  f" shards written); re-run the same `fastkd cache` command to "
                                  f"resume it")
         fmt.check_structure(self.manifest, where)
-        problems = fmt.check_sizes(self.path, fmt.manifest_files(self.manifest))
+        # each file as it is now: a file first mapped later must still be this one
+        self._identities = {}
+        problems = fmt.check_sizes(self.path, fmt.manifest_files(self.manifest), self._identities)
         if problems:
             raise fmt.CacheError("cache files do not match the manifest: " + "; ".join(problems))
         shards = self.manifest["shards"]
@@ -114,18 +116,43 @@ class LogitCache:
         return state
 
     def _process_maps(self) -> dict:
-        """This process's open maps (a new, empty set after a fork)."""
+        """This process's open maps (a new, empty set after a fork), after checking that the
+        cache on disk is still the one opened (every read comes through here)."""
+        self._check_unchanged()
         if self._pid != os.getpid():
             self._maps, self._pid = {}, os.getpid()
         return self._maps
+
+    def _check_unchanged(self) -> None:
+        """Refuse to read once ``manifest.json`` is not the file read at the open: the cache was
+        rewritten (``fastkd cache --overwrite`` replaces the manifest last of all) or edited, so
+        its rows may belong to another teacher. One ``lstat`` per read."""
+        where = os.path.join(self.path, fmt.MANIFEST_NAME)
+        try:
+            identity = fmt.file_identity(os.lstat(where))
+        except OSError:
+            identity = None
+        if identity != tuple(self._manifest_identity):
+            raise fmt.CacheError(
+                f"{where}: the cache changed on disk since it was opened ("
+                f"{'removed' if identity is None else 'rewritten or edited'}, e.g. by `fastkd "
+                f"cache --overwrite`); its rows would not be the opened cache's: open the cache "
+                f"again (LogitCache({self.path!r}))")
+
+    def _map(self, entry: dict) -> _MappedArray:
+        """Map one listed file, refusing one that is not the file checked at the open."""
+        try:
+            return _MappedArray(self.path, entry, self._identities.get(entry["file"]))
+        except fmt.CacheError:
+            self._check_unchanged()   # a missing or odd file of a rewritten cache says so
+            raise
 
     def _shard_maps(self, shard_number: int) -> dict:
         """``{array name: _MappedArray}`` of one shard, mapped on first use in this process."""
         maps = self._process_maps()
         if shard_number not in maps:
             files = self.manifest["shards"][shard_number]["files"]
-            maps[shard_number] = {name: _MappedArray(self.path, files[name])
-                                  for name in self.arrays}
+            maps[shard_number] = {name: self._map(files[name]) for name in self.arrays}
         return maps[shard_number]
 
     def _extra(self, key: str) -> Optional[_MappedArray]:
@@ -135,7 +162,7 @@ class LogitCache:
             return None
         maps = self._process_maps()
         if key not in maps:
-            mapped = _MappedArray(self.path, entry)
+            mapped = self._map(entry)
             if key == "offsets":
                 self._check_offsets(mapped.array)
             maps[key] = mapped
@@ -205,8 +232,7 @@ class LogitCache:
         maps = self._process_maps()
         key = ("labels", number)
         if key not in maps:
-            maps[key] = _MappedArray(self.path,
-                                     self.manifest["shards"][number]["files"]["labels"]).array
+            maps[key] = self._map(self.manifest["shards"][number]["files"]["labels"]).array
         return maps[key]
 
     @property
