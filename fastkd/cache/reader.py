@@ -71,7 +71,7 @@ class LogitCache:
     def __init__(self, path, *, temperature: Optional[float] = None):
         self.path = os.fspath(path)
         self.manifest, self._manifest_identity = fmt.read_manifest_and_identity(self.path)
-        where = os.path.join(self.path, fmt.MANIFEST_NAME)
+        where = self._manifest_path = os.path.join(self.path, fmt.MANIFEST_NAME)
         if self.manifest.get("status") != "complete":
             raise fmt.CacheError(f"{where}: the cache is incomplete ({len(self.manifest['shards'])}"
                                  f" shards written); re-run the same `fastkd cache` command to "
@@ -127,12 +127,12 @@ class LogitCache:
         """Refuse to read once ``manifest.json`` is not the file read at the open: the cache was
         rewritten (``fastkd cache --overwrite`` replaces the manifest last of all) or edited, so
         its rows may belong to another teacher. One ``lstat`` per read."""
-        where = os.path.join(self.path, fmt.MANIFEST_NAME)
+        where = self._manifest_path
         try:
             identity = fmt.file_identity(os.lstat(where))
         except OSError:
             identity = None
-        if identity != tuple(self._manifest_identity):
+        if identity != self._manifest_identity:
             raise fmt.CacheError(
                 f"{where}: the cache changed on disk since it was opened ("
                 f"{'removed' if identity is None else 'rewritten or edited'}, e.g. by `fastkd "
