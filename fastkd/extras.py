@@ -13,6 +13,7 @@ EXTRAS = {
     "demo": "`fastkd demo` and `--dataset digits` (scikit-learn's bundled digits)",
     "vision": "torchvision teachers and datasets (`torchvision:` specs, the CIFAR-10 example)",
     "hf": "Hugging Face causal LMs and token datasets (`hf:`, `parquet:`, `hf-disk:`, fastkd.hf)",
+    "trl": "fastkd's loss inside TRL's distillation trainers (fastkd.trl)",
     "bench": "the benchmark suite (pytest-benchmark, NVML figures, torchvision teachers)",
 }
 
