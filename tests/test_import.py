@@ -78,20 +78,21 @@ def test_import_resumes_byte_identically(served, tmp_path, monkeypatch):
     monkeypatch.setattr(importer, "IMPORT_BATCH", 2)  # small batches, so shards land early
     assert run_import([served / "responses.jsonl"], tmp_path / "whole",
                       "--shard-size-mb", small) == 0
-    original = ServedResponses.rows
+    original = ServedResponses.iter_rows
 
-    def interrupted(self, index):
-        if index >= 6:
-            raise KeyboardInterrupt
-        return original(self, index)
+    def interrupted(self, start=0):
+        for index, sample in original(self, start):
+            if index >= 6:
+                raise KeyboardInterrupt
+            yield index, sample
 
-    monkeypatch.setattr(ServedResponses, "rows", interrupted)
+    monkeypatch.setattr(ServedResponses, "iter_rows", interrupted)
     # Ctrl-C: the CLI prints one line and exits 130 (the shell's status for SIGINT)
     assert run_import([served / "responses.jsonl"], tmp_path / "part",
                       "--shard-size-mb", small) == 130
     manifest = fmt.read_manifest(str(tmp_path / "part"))
     assert manifest["status"] == "incomplete" and manifest["shards"]
-    monkeypatch.setattr(ServedResponses, "rows", original)
+    monkeypatch.setattr(ServedResponses, "iter_rows", original)
     assert run_import([served / "responses.jsonl"], tmp_path / "part",
                       "--shard-size-mb", small) == 0
     whole, part = fmt.read_manifest(str(tmp_path / "whole")), fmt.read_manifest(
@@ -142,12 +143,40 @@ def test_the_sample_script_writes_the_shipped_sample(tmp_path):
         assert new["choices"][0]["prompt_token_ids"] == old["choices"][0]["prompt_token_ids"]
         for a, b in zip(new["choices"][0]["prompt_logprobs"][1:],
                         old["choices"][0]["prompt_logprobs"][1:]):
-            assert a.keys() == b.keys()
+            assert list(a) == list(b)  # vLLM's order: the prompt token, then the top-K
             assert all(abs(a[key]["logprob"] - b[key]["logprob"]) < 1e-4 for key in a)
 
 
 def _sample_line():
     return json.loads(open(SAMPLE).readline())
+
+
+def _absent(entry: dict, count: int):
+    """``count`` token ids of the sample's vocabulary that ``entry`` does not hold."""
+    return [token for token in range(64) if str(token) not in entry][:count]
+
+
+def _absent_from(entry: dict) -> int:
+    return _absent(entry, 1)[0]
+
+
+def _shifted(choice: dict) -> list:
+    """prompt_logprobs without the leading null, with the generated position's entry in the
+    last place: the length still matches, every entry is one position off."""
+    last = {key.split(":")[1]: {"logprob": value, "rank": rank} for rank, (key, value) in
+            enumerate(choice["logprobs"]["top_logprobs"][0].items(), 1)}
+    return choice["prompt_logprobs"][1:] + [last]
+
+
+def _make_echo(choice: dict) -> None:
+    """What vLLM writes with echo=true: ``logprobs`` covers the prompt tokens, then the
+    generated one."""
+    prompt = [None] + [{f"token_id:{key}": value["logprob"] for key, value in entry.items()}
+                       for entry in choice["prompt_logprobs"][1:]]
+    logprobs = choice["logprobs"]
+    logprobs["top_logprobs"] = prompt + logprobs["top_logprobs"]
+    logprobs["tokens"] = [f"token_id:{t}" for t in choice["prompt_token_ids"]] + \
+        logprobs["tokens"]
 
 
 def _broken(edit):
@@ -171,12 +200,38 @@ BAD_LINES = [
      r"token id 70 outside \[0, 64\)"),
     (_broken(lambda r, c: c["prompt_logprobs"][1].__setitem__("x", {"logprob": -9.0})),
      "is not a token id"),
-    (_broken(lambda r, c: c["prompt_logprobs"].__setitem__(2, {"3": {"logprob": -1.0}})),
-     "fewer than --top-k"),
+    (_broken(lambda r, c: c["prompt_logprobs"].__setitem__(
+        1, {str(c["prompt_token_ids"][1]): {"logprob": -1.0}})), "fewer than --top-k"),
     (_broken(lambda r, c: c["prompt_logprobs"][1].__setitem__("3", {"logprob": 0.7})),
      "not a log-probability"),
     (_broken(lambda r, c: c["prompt_logprobs"][1].__setitem__("3", {"rank": 1})),
      "expected a number"),
+    # top_logprobs keyed by decoded text (no return_tokens_as_token_ids): every token of this
+    # vocabulary "decodes" to its number here, the case that would read as ids
+    (_broken(lambda r, c: c["logprobs"].__setitem__("top_logprobs", [
+        {key.split(":")[1]: value for key, value in c["logprobs"]["top_logprobs"][0].items()}])),
+     "request with return_tokens_as_token_ids=true"),
+    (_broken(lambda r, c: c["logprobs"].__setitem__("top_logprobs", [
+        {" " + key.split(":")[1]: v for key, v in c["logprobs"]["top_logprobs"][0].items()}])),
+     "request with return_tokens_as_token_ids=true"),
+    (_broken(lambda r, c: c["prompt_logprobs"][1].__setitem__(" 5", {"logprob": -9.0})),
+     "is not a token id"),
+    # vLLM's guarantees
+    (_broken(lambda r, c: c.__setitem__("prompt_logprobs", _shifted(c))),
+     r"'prompt_logprobs\[0\]' must be null"),
+    (_broken(lambda r, c: c["prompt_token_ids"].__setitem__(1, _absent_from(
+        c["prompt_logprobs"][1]))), "does not hold prompt token"),
+    (_broken(lambda r, c: r.pop("model")), "missing 'model'"),
+    (_broken(lambda r, c: _make_echo(c)), "echo=true"),
+    (_broken(lambda r, c: c["prompt_logprobs"][2].update(
+        {str(t): {"logprob": -50.0 - t, "rank": 60 + t} for t in _absent(
+            c["prompt_logprobs"][2], 3)})), r"K or K \+ 1 items"),
+    (_broken(lambda r, c: c.__setitem__("token_ids", [_absent_from(
+        {key.split(":")[1]: 0 for key in c["logprobs"]["top_logprobs"][0]})])),
+     "does not hold the generated token"),
+    (_broken(lambda r, c: c.__setitem__("token_ids", [int(min(
+        c["logprobs"]["top_logprobs"][0], key=c["logprobs"]["top_logprobs"][0].get)
+        .split(":")[1])])), "least likely of exactly --top-k 4"),
 ]
 
 
@@ -203,3 +258,89 @@ def test_import_argument_errors(tmp_path, capsys):
     assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
                         "--vocab-size", "64", "--top-k", "0"]) == 1
     assert "top_k must be an int >= 1" in capsys.readouterr().err
+    # ids past int32 (the stored class ids) cannot be asked for
+    assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
+                        "--vocab-size", str(2 ** 65), "--top-k", "4"]) == 1
+    assert "--vocab-size" in capsys.readouterr().err
+
+
+def _raw_lines():
+    good = open(SAMPLE, "rb").readline().rstrip(b"\n")
+    response = _sample_line()
+    huge_id = copy.deepcopy(response)
+    huge_id["choices"][0]["prompt_token_ids"][0] = 2 ** 64
+    huge_key = copy.deepcopy(response)
+    huge_key["choices"][0]["prompt_logprobs"][1][str(2 ** 64)] = {"logprob": -20.0, "rank": 9}
+    long_key = copy.deepcopy(response)
+    long_key["choices"][0]["logprobs"]["top_logprobs"][0]["token_id:" + "9" * 5000] = -20.0
+    return [
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        (good.replace(b'"text_completion"', b'"text_\xffcompletion"'), "not UTF-8 text"),
+        (json.dumps(huge_id).encode(), r"prompt token id 18446744073709551616 outside \[0, 64\)"),
+        (json.dumps(huge_key).encode(), r"token id 18446744073709551616 outside \[0, 64\)"),
+        (json.dumps(long_key).encode(), r"token id 9{20}9* outside \[0, 64\)"),
+        # an integer literal too long for Python to convert
+        (good.replace(b'"prompt_token_ids": [', b'"prompt_token_ids": [' + b"7" * 5000 + b", "),
+         "not valid JSON"),
+    ]
+
+
+@pytest.mark.parametrize("number", range(6))
+def test_unreadable_lines_end_in_one_sentence_naming_file_and_line(tmp_path, capsys, number):
+    raw, message = _raw_lines()[number]
+    path = tmp_path / "responses.jsonl"
+    path.write_bytes(open(SAMPLE, "rb").readline() + b"\n" + raw + b"\n")
+    status = fastkd_main(["import", "--from", "vllm", str(path), "--out", str(tmp_path / "c"),
+                          "--vocab-size", "64", "--top-k", "4", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"{path}:3" in err and re.search(message, err), err
+
+
+def test_two_models_in_one_import_are_refused(tmp_path, capsys):
+    first, second = _sample_line(), json.loads(open(SAMPLE).readlines()[1])
+    second["model"] = "another-teacher"
+    one, two = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    one.write_text(json.dumps(first) + "\n")
+    two.write_text("\n" + json.dumps(second) + "\n")
+    status = fastkd_main(["import", "--from", "vllm", str(one), str(two), "--out",
+                          str(tmp_path / "c"), "--vocab-size", "64", "--top-k", "4", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1 and f"{two}:2" in err and f"{one}:1" in err, err
+    assert "'another-teacher' differs from 'tiny-gpt2'" in err
+
+
+class _MaskedTeacher(torch.nn.Module):
+    """Logits with only 3 finite classes per row: every top-5 holds -inf log-probs, which vLLM
+    writes as -9999.0."""
+    vocab = 16
+
+    def forward(self, ids):
+        logits = torch.randn(ids.shape + (self.vocab,),
+                             generator=torch.Generator().manual_seed(int(ids.sum())))
+        logits[..., 3:] = float("-inf")
+        return logits
+
+
+def test_vllm_minus_9999_is_stored_as_minus_inf(tmp_path):
+    teacher = _MaskedTeacher()
+    path = tmp_path / "responses.jsonl"
+    prompts = [[1, 5, 2, 9, 0], [4, 4, 11, 2], [7]]
+    lines = [json.dumps(vllm_style_response(teacher, p, 5)) for p in prompts]
+    assert "-9999.0" in lines[0] and "Infinity" not in lines[0]
+    path.write_text("\n".join(lines) + "\n")
+    assert fastkd_main(["import", "--from", "vllm", str(path), "--out", str(tmp_path / "c"),
+                        "--vocab-size", "16", "--top-k", "5", "--quiet"]) == 0
+    cache = LogitCache(tmp_path / "c")
+    for index, prompt in enumerate(prompts):
+        rows = cache[index]
+        logprobs = torch.log_softmax(teacher(torch.tensor(prompt)[None])[0], -1)
+        values = rows.values.float()
+        assert torch.isneginf(values[:, 3:]).all() and torch.isfinite(values[:, :3]).all()
+        assert torch.equal(rows.indices[:, :3].long(), logprobs.topk(3).indices)
+        assert (values[:, :3] - logprobs.topk(3).values).abs().max() < 2e-3
+        student = torch.randn(len(prompt), 16, requires_grad=True)
+        loss = fastkd.kd_loss(student, rows)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert fastkd_main(["verify", str(tmp_path / "c")]) == 0

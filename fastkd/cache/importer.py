@@ -1,203 +1,154 @@
 """``fastkd import --from vllm``: a served teacher's top-k log-probs -> a top-k cache.
 
 Input: JSONL files, one OpenAI-compatible *completions* response per line exactly as a vLLM
-server serializes it (``CompletionResponse`` in vLLM's ``vllm/entrypoints/openai/protocol.py``;
-``Logprob`` in ``vllm/logprobs.py``), for a request with::
+server serializes it, for a request with::
 
     {"prompt": [token ids], "max_tokens": 1, "prompt_logprobs": K, "logprobs": K,
      "return_tokens_as_token_ids": true, "return_token_ids": true}
 
-Per choice, the fields read are:
+:mod:`fastkd.cache.vllm_responses` says what each response must hold (and refuses what breaks
+vLLM's guarantees). fastkd row ``j`` is the distribution for token ``j + 1`` (see
+:mod:`fastkd.tokens`), so rows ``0 .. n-2`` are ``prompt_logprobs[1 .. n-1]`` and row ``n - 1``
+is the generated position's top-K: each prompt owns ``n`` rows, like ``fastkd cache`` of the
+same tokens. Each row keeps the K largest log-probs (descending), ``lse = 0`` (values are
+already log-probabilities, exactly ``fastkd.TopKLogits.from_logprobs``), so the tail mass
+``1 - sum exp(values)`` is exact. Labels are next-token labels from ``prompt_token_ids``. The
+cache is written with the writer's shard machinery: same manifest, checksums, resume and
+``fastkd verify``; its manifest records ``num_classes`` = ``--vocab-size``.
 
-- ``prompt_token_ids``: the prompt's ``n`` token ids (``return_token_ids``);
-- ``prompt_logprobs``: ``n`` entries, the first ``null`` (the first token has no context),
-  entry ``j`` a dict ``{"<token id>": {"logprob", "rank", "decoded_token"}}`` with the top-K
-  tokens at prompt position ``j`` (plus the actual prompt token when it is not among them;
-  JSON object keys are strings);
-- ``logprobs.top_logprobs[0]``: the top-K of the first *generated* position, keyed
-  ``"token_id:<id>"`` (``return_tokens_as_token_ids``): the distribution after the whole prompt.
-
-fastkd row ``j`` is the distribution for token ``j + 1`` (see :mod:`fastkd.tokens`), so rows
-``0 .. n-2`` are ``prompt_logprobs[1 .. n-1]`` and row ``n - 1`` is the generated position's
-top-K: each prompt owns ``n`` rows, like ``fastkd cache`` of the same tokens. Each row keeps the
-K largest log-probs (descending), ``lse = 0`` (values are already log-probabilities, exactly
-``fastkd.TopKLogits.from_logprobs``), so the tail mass ``1 - sum exp(values)`` is exact.
-Labels are next-token labels from ``prompt_token_ids``. The cache is written with the writer's
-shard machinery: same manifest, checksums, resume and ``fastkd verify``.
+Memory is bounded by one response, not by the input: a first pass checks every line and keeps
+only each sample's file offset; the second reads the lines again, one at a time, while the
+rows are written. Every line is parsed once per pass.
 """
 import hashlib
-import json
 import os
-from typing import List, Optional, Sequence
+from array import array
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache.vllm_responses import (LOGPROB_SLACK, ResponseError, choice_rows,  # noqa: F401
+                                         load_line, read_choices, response_model)
 
 IMPORT_BATCH = 64  # samples handed to the shard cutter at a time (does not change the bytes)
-LOGPROB_SLACK = 1e-3  # a log-prob above this, or top-K mass above 1 + this, is refused
+IMPORT_ROWS = 2048  # ... or fewer once they hold this many rows (bounds memory, same bytes)
+MAX_VOCAB = 2 ** 31  # class ids are stored as int32 when V > 65536
 
 
-class ResponseError(ValueError):
-    """A response line that cannot be imported (message starts with ``file:line``)."""
-
-
-# ----------------------------------------------------------------------------- parsing
-def _token_id(key: str, where: str, vocab_size: int) -> int:
-    text = key[len("token_id:"):] if key.startswith("token_id:") else key
-    try:
-        token = int(text)
-    except ValueError:
-        raise ResponseError(f"{where}: top-logprob key {key!r} is not a token id; request with "
-                           f"return_tokens_as_token_ids=true") from None
-    if not 0 <= token < vocab_size:
-        raise ResponseError(f"{where}: token id {token} outside [0, {vocab_size}) "
-                           f"(--vocab-size {vocab_size})")
-    return token
-
-
-def _logprob(value, where: str) -> float:
-    if isinstance(value, dict):
-        value = value.get("logprob")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ResponseError(f"{where}: expected a number or {{\"logprob\": number, ...}}, got "
-                           f"{str(value)[:60]}")
-    value = float(value)
-    if np.isnan(value) or value > LOGPROB_SLACK:
-        raise ResponseError(f"{where}: log-prob {value} is not a log-probability (must be <= 0)")
-    return value
-
-
-def _top_k_row(entries, where: str, top_k: int, vocab_size: int):
-    """A dict ``{token: logprob}`` -> its K largest ``(values (K,), ids (K,))``."""
-    if not isinstance(entries, dict):
-        raise ResponseError(f"{where}: expected an object of token id -> log-prob, got "
-                           f"{type(entries).__name__}")
-    if len(entries) < top_k:
-        raise ResponseError(f"{where}: {len(entries)} log-probs, fewer than --top-k {top_k} "
-                           f"(request prompt_logprobs / logprobs >= {top_k})")
-    pairs = sorted(((_logprob(value, f"{where}[{key!r}]"), _token_id(key, where, vocab_size))
-                    for key, value in entries.items()), key=lambda pair: -pair[0])[:top_k]
-    values = np.array([value for value, _ in pairs], np.float32)
-    ids = np.array([token for _, token in pairs], np.int64)
-    if len(set(ids.tolist())) != top_k:
-        raise ResponseError(f"{where}: duplicate token ids")
-    if float(np.exp(values.astype(np.float64)).sum()) > 1 + LOGPROB_SLACK:
-        raise ResponseError(f"{where}: top-{top_k} probabilities sum to more than 1")
-    return values, ids
-
-
-def _field(container: dict, key: str, where: str, hint: str):
-    value = container.get(key)
-    if value is None:
-        raise ResponseError(f"{where}: missing {key!r} ({hint})")
-    return value
-
-
-def parse_response_line(line: str, where: str, *, top_k: int, vocab_size: int,
-                        with_rows: bool = True) -> List[dict]:
-    """One response JSON -> per choice ``{"input_ids", "labels", "values", "indices"}``
-    (``values``/``indices`` ``(n, K)`` only with ``with_rows``)."""
-    try:
-        response = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ResponseError(f"{where}: not valid JSON ({error})") from None
-    if not isinstance(response, dict):
-        raise ResponseError(f"{where}: expected a JSON object (a completions response)")
-    choices = _field(response, "choices", where, "not a completions response")
-    if not isinstance(choices, list) or not choices:
-        raise ResponseError(f"{where}: 'choices' must be a non-empty list")
-    samples = []
-    for number, choice in enumerate(choices):
-        at = f"{where}: choices[{number}]"
-        if not isinstance(choice, dict):
-            raise ResponseError(f"{at}: expected an object")
-        token_ids = choice.get("prompt_token_ids", response.get("prompt_token_ids"))
-        if token_ids is None:
-            raise ResponseError(f"{at}: missing 'prompt_token_ids' (request with "
-                               f"return_token_ids=true)")
-        if not isinstance(token_ids, list) or not token_ids or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise ResponseError(f"{at}: 'prompt_token_ids' must be a non-empty list of ints")
-        for token in token_ids:
-            if not 0 <= token < vocab_size:
-                raise ResponseError(f"{at}: prompt token id {token} outside [0, {vocab_size}) "
-                                   f"(--vocab-size {vocab_size})")
-        ids = torch.tensor(token_ids, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        labels[:-1] = ids[1:]
-        sample = {"input_ids": ids, "labels": labels}
-        if with_rows:
-            prompt = choice.get("prompt_logprobs", response.get("prompt_logprobs"))
-            if prompt is None:
-                raise ResponseError(f"{at}: missing 'prompt_logprobs' (request with "
-                                   f"prompt_logprobs={top_k})")
-            if not isinstance(prompt, list) or len(prompt) != len(token_ids):
-                raise ResponseError(f"{at}: 'prompt_logprobs' must be a list with one entry per "
-                                   f"prompt token ({len(token_ids)})")
-            logprobs = choice.get("logprobs")
-            top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
-            generated = top[0] if isinstance(top, list) and top else None
-            if generated is None:
-                raise ResponseError(
-                    f"{at}: missing 'logprobs.top_logprobs[0]', the distribution after the "
-                    f"last prompt token (request with max_tokens=1, logprobs={top_k}, "
-                    f"return_tokens_as_token_ids=true)")
-            rows = [_top_k_row(entries, f"{at}.prompt_logprobs[{j}]", top_k, vocab_size)
-                    for j, entries in enumerate(prompt[1:], 1)]
-            rows.append(_top_k_row(generated, f"{at}.logprobs.top_logprobs[0]", top_k,
-                                   vocab_size))
-            sample["values"] = np.stack([values for values, _ in rows])
-            sample["indices"] = np.stack([indices for _, indices in rows])
-        samples.append(sample)
-    return samples
-
-
+# ----------------------------------------------------------------------------- reading
 class ServedResponses(torch.utils.data.Dataset):
     """The prompts of response JSONL files as token items ``{"input_ids", "labels"}`` (the
     same items a :class:`fastkd.tokens.TokenDataset` of those tokens gives, so the dataset
-    fingerprint matches and ``CachedDataset(TokenDataset(...), cache)`` works)."""
+    fingerprint matches and ``CachedDataset(TokenDataset(...), cache)`` works).
+
+    Construction reads every line once, checks each response's structure and that one
+    ``model`` served them all, and keeps per sample only its file, byte offset, line number
+    and choice; items are read from the files again when asked for. :meth:`iter_rows` reads
+    the lines once more, in order, and yields each sample's top-K rows."""
 
     def __init__(self, paths: Sequence[str], *, top_k: int, vocab_size: int):
-        self.paths, self.top_k, self.vocab_size = list(paths), top_k, vocab_size
-        self.items, self.lines = [], []  # per sample: token item; (path, line, text, choice)
-        for path in self.paths:
+        self.paths, self.top_k, self.vocab_size = [os.fspath(p) for p in paths], top_k, \
+            vocab_size
+        self._file, self._offset = array("i"), array("q")  # per sample
+        self._line, self._choice = array("q"), array("i")
+        self.model: Optional[str] = None
+        self._stats: List[Tuple[int, int]] = []
+        digest = hashlib.sha256(b"served")  # of the files' bytes, read in this same pass
+        first = None
+        for file_index, path in enumerate(self.paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such file")
-            with open(path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, 1):
-                    if not line.strip():
+            digest.update(f"|{os.path.basename(path)}|".encode())
+            with open(path, "rb") as handle:
+                stat = os.fstat(handle.fileno())
+                self._stats.append((stat.st_size, stat.st_mtime_ns))
+                offset = 0
+                for number, raw in enumerate(handle, 1):
+                    digest.update(raw)
+                    start, offset = offset, offset + len(raw)
+                    if not raw.strip():
                         continue
                     where = f"{path}:{number}"
-                    samples = parse_response_line(line, where, top_k=top_k,
-                                                  vocab_size=vocab_size, with_rows=False)
-                    for choice, sample in enumerate(samples):
-                        self.items.append(sample)
-                        self.lines.append((where, line, choice))
-        if not self.items:
+                    response = load_line(raw, where)
+                    choices = read_choices(response, where, top_k=top_k,
+                                           vocab_size=vocab_size)
+                    model = response_model(response, where)
+                    if first is None:
+                        self.model, first = model, where
+                    elif model != self.model:
+                        raise ResponseError(
+                            f"{where}: model {model!r} differs from {self.model!r} of {first}; "
+                            f"one import takes the responses of one teacher")
+                    for choice in range(len(choices)):
+                        self._file.append(file_index)
+                        self._offset.append(start)
+                        self._line.append(number)
+                        self._choice.append(choice)
+        if not len(self._file):
             raise ResponseError(f"{', '.join(self.paths)}: no responses found")
+        self.fingerprint = digest.hexdigest()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._file)
+
+    def _read(self, handle, index: int) -> Tuple[str, dict]:
+        where = f"{self.paths[self._file[index]]}:{self._line[index]}"
+        handle.seek(self._offset[index])
+        return where, load_line(handle.readline(), where)
+
+    def _choice_of(self, response: dict, where: str, index: int) -> dict:
+        choices = read_choices(response, where, top_k=self.top_k, vocab_size=self.vocab_size)
+        if self._choice[index] >= len(choices):
+            raise ResponseError(f"{where}: changed since it was first read; import again")
+        return choices[self._choice[index]]
+
+    @staticmethod
+    def _item(token_ids: List[int]) -> dict:
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        labels[:-1] = ids[1:]
+        return {"input_ids": ids, "labels": labels}
 
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        with open(self.paths[self._file[index]], "rb") as handle:
+            where, response = self._read(handle, index)
+        return self._item(self._choice_of(response, where, index)["token_ids"])
 
-    def rows(self, index: int) -> dict:
-        where, line, choice = self.lines[index]
-        return parse_response_line(line, where, top_k=self.top_k,
-                                   vocab_size=self.vocab_size)[choice]
+    def iter_rows(self, start: int = 0) -> Iterator[Tuple[int, dict]]:
+        """``(index, {"input_ids", "labels", "values" (n, K), "indices" (n, K)})`` for every
+        sample from ``start`` on, reading each line once (the choices of one response share
+        it). Raises :class:`ResponseError` if a file changed since construction."""
+        handle, handle_file, read_key, response, where = None, None, None, None, None
+        try:
+            for index in range(start, len(self)):
+                file_index = self._file[index]
+                if file_index != handle_file:
+                    if handle is not None:
+                        handle.close()
+                    handle, handle_file = open(self.paths[file_index], "rb"), file_index
+                if (file_index, self._offset[index]) != read_key:
+                    where, response = self._read(handle, index)
+                    read_key = (file_index, self._offset[index])
+                choice = self._choice_of(response, where, index)
+                values, indices = choice_rows(choice, top_k=self.top_k,
+                                              vocab_size=self.vocab_size)
+                yield index, dict(self._item(choice["token_ids"]), values=values,
+                                  indices=indices)
+        finally:
+            if handle is not None:
+                handle.close()
+        self.check_unchanged()
 
-
-def _files_fingerprint(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256(b"served")
-    for path in paths:
-        digest.update(f"|{os.path.basename(path)}|".encode())
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(fmt.HASH_CHUNK), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    def check_unchanged(self) -> None:
+        """Refuse input files whose size or modification time changed since construction."""
+        for path, stat in zip(self.paths, self._stats):
+            now = os.stat(path)
+            if (now.st_size, now.st_mtime_ns) != stat:
+                raise ResponseError(f"{path}: changed while it was imported; import again")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -213,6 +164,9 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if vocab_size > MAX_VOCAB:
+        raise ValueError(f"vocab_size (--vocab-size) must be at most 2**31 (class ids are "
+                         f"stored as int32), got {vocab_size}")
     if top_k > vocab_size:
         raise ValueError(f"top_k={top_k} exceeds vocab_size={vocab_size}")
     _validate(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k, None, 0)
@@ -223,7 +177,8 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     dataset = ServedResponses(paths, top_k=top_k, vocab_size=vocab_size)
     config = {
         "teacher": {"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths),
-                    "class": "served", "fingerprint": _files_fingerprint(paths)},
+                    "class": "served", "model": dataset.model,
+                    "fingerprint": dataset.fingerprint},
         "dataset": {"spec": f"{source}-prompts", "class": "TokenDataset",
                     "fingerprint": dataset_fingerprint(dataset)},
         "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
@@ -253,9 +208,10 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
     else:
-        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=_now(), status="incomplete", rank=0,
-                     sample_range=[0, len(dataset)], num_classes=None, rows_per_sample=None,
-                     labels_per=None, rows_per_shard=None, shards=[])
+        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=_now(),
+                     status="incomplete", rank=0, sample_range=[0, len(dataset)],
+                     num_classes=None, rows_per_sample=None, labels_per=None,
+                     rows_per_shard=None, shards=[])
     for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
         if fmt.is_temp_file(name):
             os.remove(os.path.join(out_dir, name))
@@ -268,26 +224,35 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
                           sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
                desc="fastkd import", dynamic_ncols=True)
+
+    def flush(samples):
+        values = np.concatenate([sample["values"] for sample in samples])
+        arrays = {
+            "values": _storage(torch.from_numpy(values), dtype),
+            "indices": np.concatenate([s["indices"] for s in samples]),
+            # values are log-probs: the log-sum-exp of every row is 0 (at T = 1)
+            "lse": np.zeros((len(values),) + arrays_spec["lse"][1], arrays_spec["lse"][0]),
+        }
+        batch = {"arrays": arrays,
+                 "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
+                 "labels": _labels_to_storage(torch.cat([s["labels"] for s in samples])),
+                 "variable": True, "num_classes": vocab_size}
+        _record_or_check_shape(state, batch)
+        cutter.add(batch["arrays"], batch["lengths"], batch["labels"],
+                   np.zeros(len(values), np.int64))
+        bar.update(len(samples))
+
     try:
-        for start in range(resume_at, len(dataset), IMPORT_BATCH):
-            samples = [dataset.rows(i) for i in range(start, min(start + IMPORT_BATCH,
-                                                                 len(dataset)))]
-            values = np.concatenate([sample["values"] for sample in samples])
-            arrays = {
-                "values": _storage(torch.from_numpy(values), dtype),
-                "indices": np.concatenate([s["indices"] for s in samples]).astype(
-                    arrays_spec["indices"][0]),
-                # values are log-probs: the log-sum-exp of every row is 0 (at T = 1)
-                "lse": np.zeros((len(values),) + arrays_spec["lse"][1], arrays_spec["lse"][0]),
-            }
-            batch = {"arrays": arrays,
-                     "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                     "labels": _labels_to_storage(torch.cat([s["labels"] for s in samples])),
-                     "variable": True, "num_classes": vocab_size}
-            _record_or_check_shape(state, batch)
-            cutter.add(batch["arrays"], batch["lengths"], batch["labels"],
-                       np.zeros(len(values), np.int64))
-            bar.update(len(samples))
+        pending, rows = [], 0
+        for _, sample in dataset.iter_rows(resume_at):
+            sample["indices"] = sample["indices"].astype(arrays_spec["indices"][0])
+            pending.append(sample)
+            rows += len(sample["input_ids"])
+            if len(pending) >= IMPORT_BATCH or rows >= IMPORT_ROWS:
+                flush(pending)
+                pending, rows = [], 0
+        if pending:
+            flush(pending)
         cutter.finish()
     finally:
         bar.close()
@@ -306,30 +271,35 @@ def vllm_style_response(model, token_ids: Sequence[int], top_k: int,
     """What a vLLM server returns for ``prompt=token_ids`` with ``max_tokens=1``,
     ``prompt_logprobs=top_k``, ``logprobs=top_k``, ``return_tokens_as_token_ids=true``,
     ``return_token_ids=true`` and greedy sampling, computed with a local causal LM ``model``
-    (its ``logits`` output). Used to make the sample file and the round-trip tests; decoded
-    tokens are ``"token_id:<id>"`` as with ``return_tokens_as_token_ids``."""
+    (its ``logits`` output). Used to make the sample file and the round-trip tests. As in
+    vLLM, a log-prob of ``-inf`` is written as ``-9999.0``; unlike vLLM, which writes the
+    decoded text there, ``decoded_token`` is ``"token_id:<id>"`` (no tokenizer is needed; the
+    importer does not read it)."""
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     with torch.no_grad():
         output = model(ids[None])
         logits = (output.logits if hasattr(output, "logits") else output)[0].float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    ranks = (logprobs[:, None, :] > logprobs[:, :, None]).sum(-1) + 1  # (n, V) rank of each id
+    written = logprobs.clamp(min=-9999.0)  # vLLM's JSON stand-in for -inf
 
     def top(position: int, extra: Optional[int]):
-        values, indices = logprobs[position].topk(top_k)
-        chosen = [(int(i), float(v)) for v, i in zip(values, indices)]
-        if extra is not None and extra not in {i for i, _ in chosen}:
-            chosen.append((extra, float(logprobs[position, extra])))
-        return chosen, ranks[position]
+        """vLLM's entry: the actual token first (when given), then the top-K in order, each
+        with its rank (1 + the number of more likely ids)."""
+        row = logprobs[position]
+        indices = row.topk(top_k).indices.tolist()
+        if extra is not None:
+            indices = [extra] + [i for i in indices if i != extra]
+        return [(i, float(written[position, i]), int((row > row[i]).sum()) + 1)
+                for i in indices]
 
     prompt_logprobs = [None]
     for j in range(1, len(ids)):
-        chosen, rank = top(j - 1, int(ids[j]))
-        prompt_logprobs.append({str(i): {"logprob": v, "rank": int(rank[i]),
-                                         "decoded_token": f"token_id:{i}"} for i, v in chosen})
-    chosen, _ = top(len(ids) - 1, None)
+        prompt_logprobs.append({str(i): {"logprob": v, "rank": rank,
+                                         "decoded_token": f"token_id:{i}"}
+                                for i, v, rank in top(j - 1, int(ids[j]))})
+    chosen = top(len(ids) - 1, None)
     generated = chosen[0][0]
-    top_logprobs = {f"token_id:{i}": v for i, v in chosen}
+    top_logprobs = {f"token_id:{i}": v for i, v, _ in chosen}
     return {
         "id": request_id or "cmpl-fastkd-sample", "object": "text_completion", "created": 0,
         "model": model_name,
