@@ -403,3 +403,91 @@ def test_targets_without_a_vocabulary_are_taken_at_any_size():
     with pytest.raises(ValueError, match="one vocabulary size for the whole batch"):
         fastkd.kd_loss(torch.randn(2, 5), fastkd.SampledTargets(
             torch.tensor([[0, 1], [0, 1]]), torch.ones(2, 2), torch.tensor([5, 6])))
+
+
+# ----------------------------------------------------------------------------- -inf logits
+class MaskedLM(nn.Module):
+    """``cache_helpers.tiny_lm`` with ``fill`` at the ids ``masked`` of every row and, in the
+    rows of the sequences whose first token is ``narrow_token``, at every id but 30 and 31."""
+
+    def __init__(self, masked=range(10), fill=float("-inf"), narrow_token=None):
+        super().__init__()
+        self.lm, self.masked, self.fill = cache_helpers.tiny_lm(), list(masked), fill
+        self.narrow_token = narrow_token
+
+    def forward(self, input_ids):
+        logits = self.lm(input_ids).clone()
+        logits[..., self.masked] = self.fill
+        if self.narrow_token is not None:
+            narrow = input_ids[:, 0] == self.narrow_token
+            keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            keep[[30, 31]] = True
+            logits[narrow] = torch.where(keep, logits[narrow], self.fill)
+        return logits
+
+
+def test_minus_inf_logits_are_cached_as_probability_zero(tmp_path):
+    """-inf logits (masked classes) are cached by the sparse layouts: top-k keeps -inf where a
+    row has fewer than K finite logits, lse is over the finite ones, draws never pick them, and
+    the loss takes the rows; NaN, +inf and a row without a finite logit are still refused."""
+    data = cache_helpers.TokenSequences(n=8)
+    narrow_token = int(data[3]["input_ids"][0])
+    teacher = MaskedLM(narrow_token=narrow_token)
+    write_cache(teacher, data, tmp_path / "topk", top_k=4, batch_size=3, progress=False)
+    write_cache(teacher, data, tmp_path / "sampled", sample=64, batch_size=3, progress=False)
+    topk, sampled = LogitCache(tmp_path / "topk"), LogitCache(tmp_path / "sampled")
+    saw_minus_inf = False
+    for index in range(len(data)):
+        rows = teacher_rows(teacher, data, index)
+        top = torch.topk(rows, 4)
+        stored = topk[index]
+        assert torch.equal(stored.indices.long()[:, :2], top.indices[:, :2])
+        torch.testing.assert_close(stored.values.float(), top.values, **FP16)
+        torch.testing.assert_close(stored.lse, torch.logsumexp(rows, -1), rtol=1e-6, atol=1e-6)
+        saw_minus_inf |= bool(torch.isneginf(stored.values).any())
+        drawn = sampled[index]
+        assert not bool(torch.isin(drawn.indices[drawn.counts > 0], torch.arange(10)).any())
+    assert saw_minus_inf   # the narrow rows: 2 finite logits under top-4
+    for target in (topk.rows(0, topk.num_rows), sampled.rows(0, sampled.num_rows)):
+        student = torch.randn(target.indices.shape[0], cache_helpers.TOKEN_VOCAB,
+                              requires_grad=True)
+        for tail in ("bucket", "renormalize"):
+            loss = fastkd.kd_loss(student, target, tail=tail)
+            loss.backward()
+            assert torch.isfinite(loss) and bool(torch.isfinite(student.grad).all())
+    for fill, message in ((float("nan"), "contains NaN"), (float("inf"), r"contains \+inf")):
+        with pytest.raises(ValueError, match=message):
+            write_cache(MaskedLM(fill=fill), data, tmp_path / str(fill), top_k=4,
+                        progress=False)
+    everything = MaskedLM(masked=range(cache_helpers.TOKEN_VOCAB))
+    for layout in ({"top_k": 4}, {"sample": 4}):
+        with pytest.raises(ValueError, match=r"dataset sample 0 contains no finite logit"):
+            write_cache(everything, data, tmp_path / "all", progress=False, overwrite=True,
+                        **layout)
+
+
+def test_cli_caches_an_hf_teacher_with_minus_inf_logits_top_k(tmp_path):
+    """`fastkd cache --teacher hf:DIR --top-k K` of a transformers model whose output bias is
+    -inf at some ids (logits -inf there, outside the stored top-k)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(vocab_size=cache_helpers.TOKEN_VOCAB, hidden_size=16,
+                                    intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, max_position_embeddings=32,
+                                    use_cache=False)
+    model = transformers.PhiForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias[:10] = float("-inf")
+    model.save_pretrained(tmp_path / "teacher")
+    out = tmp_path / "cache"
+    assert fastkd_main(["cache", "--teacher", f"hf:{tmp_path / 'teacher'}", "--dataset",
+                        "cache_helpers:TokenSequences", "--out", str(out), "--top-k", "4",
+                        "--batch-size", "6", "--device", "cpu", "--quiet"]) == 0
+    cache = LogitCache(out)
+    data = cache_helpers.TokenSequences()
+    with torch.inference_mode():
+        logits = model(data[5]["input_ids"][None]).logits[0].float()
+    assert bool(torch.isneginf(logits[:, :10]).all())
+    stored = cache[5]
+    assert torch.equal(stored.indices.long(), torch.topk(logits, 4).indices)
+    torch.testing.assert_close(stored.lse, torch.logsumexp(logits, -1), rtol=1e-6, atol=1e-6)

@@ -1,5 +1,6 @@
 """Teacher rows -> the arrays of a cache layout (dtype cast, top-k with log-sum-exp, seeded
-sampling), refusing NaN/inf and out-of-range values; used by the cache writer."""
+sampling), refusing NaN/inf and out-of-range values (sparse layouts take -inf: probability 0);
+used by the cache writer."""
 import numpy as np
 import torch
 
@@ -84,7 +85,11 @@ def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: 
 
 
 class _RowConverter:
-    """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values."""
+    """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values.
+    Top-k and sampled rows take ``-inf`` logits (classes a model masks out, e.g. by an output
+    bias of ``-inf``: probability 0, as a served teacher's log-probs have them); only NaN,
+    ``+inf`` and rows without a finite logit are refused there. A top-k value of ``-inf`` (fewer
+    than K finite logits) is stored as ``-inf``."""
 
     def __init__(self, state: dict):
         self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
@@ -104,14 +109,18 @@ class _RowConverter:
         sparse = self.layout in fmt.SPARSE_K_FIELD
         if not finite:
             self._refuse(torch.isnan(rows), row_samples, "NaN")
-            if sparse or not self.clamp:
+            if sparse:
+                self._refuse(rows == float("inf"), row_samples, "+inf")
+                self._refuse((rows == float("-inf")).all(dim=1), row_samples,
+                             "no finite logit (every class is -inf)")
+            elif not self.clamp:
                 self._refuse(~torch.isfinite(rows), row_samples, "NaN/inf")
         if self.layout == "topk":
             if self.k > rows.shape[1]:
                 raise ValueError(f"top_k={self.k} exceeds the teacher's {rows.shape[1]} "
                                  f"classes")
             values, indices = torch.topk(rows, self.k, dim=-1)
-            values, clamped = self._range(values, row_samples)
+            values, clamped = self._range(values, row_samples, minus_inf=True)
             lse = torch.stack([torch.logsumexp(rows if temperature == 1 else rows / temperature,
                                                dim=-1) for temperature in self.temperatures], -1)
             return {"values": _to_storage(values, self.dtype),
@@ -129,16 +138,19 @@ class _RowConverter:
             rows, clamped = self._range(rows, row_samples)
         return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
 
-    def _range(self, values: torch.Tensor, row_samples: np.ndarray):
-        """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row."""
+    def _range(self, values: torch.Tensor, row_samples: np.ndarray, minus_inf: bool = False):
+        """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row.
+        With ``minus_inf``, ``-inf`` is a value of its own (stored as is), not out of range."""
         out_of_range = values.abs() > self.limit
+        if minus_inf:
+            out_of_range &= values != float("-inf")
         if not bool(out_of_range.any()):
             return values, np.zeros(values.shape[0], np.int64)
         if not self.clamp:
             self._refuse(out_of_range, row_samples,
                          f"values beyond the {self.dtype} range (|x| > {self.limit:g}); pass "
                          f"--clamp (clamp=True) to clamp them or use a wider --dtype")
-        return (values.clamp(-self.limit, self.limit),
+        return (torch.where(out_of_range, values.clamp(-self.limit, self.limit), values),
                 out_of_range.sum(dim=1).cpu().numpy().astype(np.int64))
 
     @staticmethod
