@@ -248,6 +248,15 @@ def test_malformed_lines_are_refused_with_their_line_number(tmp_path, capsys, li
     assert re.search(message, err), err
 
 
+def test_an_unreadable_file_ends_in_one_sentence(tmp_path, capsys, monkeypatch):
+    def refuse(path, mode="r"):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(importer, "open", refuse, raising=False)
+    assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
+                        "--vocab-size", "64", "--top-k", "4"]) == 1
+    assert f"{SAMPLE}: cannot be read (Permission denied)" in capsys.readouterr().err
+
+
 def test_import_argument_errors(tmp_path, capsys):
     assert fastkd_main(["import", "--from", "vllm", str(tmp_path / "none.jsonl"), "--out",
                         str(tmp_path / "c"), "--vocab-size", "64", "--top-k", "4"]) == 1

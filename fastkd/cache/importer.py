@@ -38,6 +38,13 @@ MAX_VOCAB = 2 ** 31  # class ids are stored as int32 when V > 65536
 
 
 # ----------------------------------------------------------------------------- reading
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise ResponseError(f"{path}: cannot be read ({error.strerror or error})") from None
+
+
 class ServedResponses(torch.utils.data.Dataset):
     """The prompts of response JSONL files as token items ``{"input_ids", "labels"}`` (the
     same items a :class:`fastkd.tokens.TokenDataset` of those tokens gives, so the dataset
@@ -61,7 +68,7 @@ class ServedResponses(torch.utils.data.Dataset):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path}: no such file")
             digest.update(f"|{os.path.basename(path)}|".encode())
-            with open(path, "rb") as handle:
+            with _open(path) as handle:
                 stat = os.fstat(handle.fileno())
                 self._stats.append((stat.st_size, stat.st_mtime_ns))
                 offset = 0
@@ -114,7 +121,7 @@ class ServedResponses(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        with open(self.paths[self._file[index]], "rb") as handle:
+        with _open(self.paths[self._file[index]]) as handle:
             where, response = self._read(handle, index)
         return self._item(self._choice_of(response, where, index)["token_ids"])
 
@@ -129,7 +136,7 @@ class ServedResponses(torch.utils.data.Dataset):
                 if file_index != handle_file:
                     if handle is not None:
                         handle.close()
-                    handle, handle_file = open(self.paths[file_index], "rb"), file_index
+                    handle, handle_file = _open(self.paths[file_index]), file_index
                 if (file_index, self._offset[index]) != read_key:
                     where, response = self._read(handle, index)
                     read_key = (file_index, self._offset[index])
