@@ -379,6 +379,23 @@ def test_sparse_rows_carry_the_vocabulary_and_refuse_another(tmp_path, layout):
         tokens["shift_labels"]))
 
 
+def test_distillation_loss_refuses_a_sparse_cache_of_another_vocabulary(tmp_path):
+    """The Trainer's loss (fastkd.hf.DistillationLoss over trainer_collator batches of a
+    CachedDataset): a V = 40 top-k cache and a V = 48 student are refused, a V = 40 student
+    trains."""
+    pytest.importorskip("transformers")
+    import hf_helpers
+    from fastkd.hf import DistillationLoss, trainer_collator
+    data = cache_helpers.TokenSequences(n=4)
+    write_cache(cache_helpers.tiny_lm(), data, tmp_path / "c", top_k=4, progress=False)
+    batch = trainer_collator([item for item in CachedDataset(data, LogitCache(tmp_path / "c"))])
+    wrong = DistillationLoss(hf_helpers.tiny_llama(vocab=48), hook=False)
+    with pytest.raises(ValueError, match="num_classes=40 .* V = 48 classes"):
+        wrong.compute(batch)
+    loss, _ = DistillationLoss(hf_helpers.tiny_llama(vocab=40), hook=False).compute(batch)
+    assert torch.isfinite(loss)
+
+
 def test_version_1_sparse_cache_carries_its_vocabulary():
     """Caches written before targets carried V still read, and their manifest's num_classes
     (recorded since format version 1) protects them the same way."""
