@@ -15,6 +15,7 @@ Token data and the batch layout (next-token rows, ``shift_labels``) live in
 :mod:`fastkd.tokens`; see docs/llm-distillation.md.
 """
 import inspect
+import math
 import os
 from typing import Optional
 
@@ -177,6 +178,8 @@ class DistillationLoss:
         if teacher is not None and vocab_size_of(teacher) is not None:
             self._check_vocab(vocab_size_of(teacher), "the teacher")
         self.parts = {"kd_loss": 0.0, "ce_loss": 0.0}  # sums since the last log
+        self.evaluated = {"cross_entropy": 0, "distillation": 0}  # eval batches of each kind
+        self._trainer = None  # the stock Trainer, once attach_logging is called
         self._stash = None
         self._hook = student.register_forward_pre_hook(self._pre_hook, with_kwargs=True) \
             if hook else None
@@ -208,8 +211,11 @@ class DistillationLoss:
 
     def compute(self, inputs: dict, num_items_in_batch=None, student_hidden=None, model=None):
         """``(loss, {"kd_loss", "ce_loss"})`` for one (micro-)batch; the parts are detached
-        and normalized like the loss. The student runs through ``model`` (the Trainer's
-        possibly wrapped model; default the student) unless ``student_hidden`` is given."""
+        0-dim tensors normalized like the loss. The student runs through ``model`` (the
+        Trainer's possibly wrapped model; default the student) unless ``student_hidden`` is
+        given. With the student in eval mode and no teacher (no online teacher and no
+        ``teacher_targets`` in the batch) the loss is the student's own next-token
+        cross-entropy (``ce_loss``; ``exp`` of it is the perplexity)."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         labels = inputs.get("shift_labels")
@@ -229,19 +235,29 @@ class DistillationLoss:
         keep = labels != self.ignore_index
         hidden = student_hidden[keep]
         kept_labels = labels[keep]
+        # a batch without target tokens has sums of 0: dividing by at least 1 keeps its loss and
+        # gradients 0 (weights unchanged) instead of 0 / 0
+        normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        normalizer = torch.as_tensor(normalizer).to(hidden.device, torch.float32).clamp(min=1)
+        zero = hidden.new_zeros((), dtype=torch.float32)
+        if self.soft_weight and not self.student.training and not self._has_teacher(inputs):
+            # evaluation on plain token data: the student's own next-token cross-entropy
+            self.evaluated["cross_entropy"] += 1
+            ce = self._loss_sum(hidden, None, kept_labels, 0.0, 1.0) / normalizer
+            return ce, {"kd_loss": zero, "ce_loss": ce.detach()}
+        if not self.student.training:
+            self.evaluated["distillation"] += 1
         # soft_weight 0 is plain next-token cross-entropy: no teacher needed
         teacher = self._teacher_rows(inputs, keep) if self.soft_weight else None
-        count = int(keep.sum())
-        normalizer = num_items_in_batch if num_items_in_batch is not None else max(count, 1)
-        if isinstance(normalizer, torch.Tensor):
-            normalizer = normalizer.to(hidden.device, torch.float32)
         kd_sum = self._loss_sum(hidden, teacher, kept_labels, self.soft_weight, 0.0) \
-            if self.soft_weight else hidden.new_zeros((), dtype=torch.float32)
+            if self.soft_weight else zero
         ce_sum = self._loss_sum(hidden, teacher, kept_labels, 0.0, self.hard_weight) \
-            if self.hard_weight else hidden.new_zeros((), dtype=torch.float32)
+            if self.hard_weight else zero
         kd, ce = kd_sum / normalizer, ce_sum / normalizer
-        parts = {"kd_loss": float(kd.detach()), "ce_loss": float(ce.detach())}
-        return kd + ce, parts
+        return kd + ce, {"kd_loss": kd.detach(), "ce_loss": ce.detach()}
+
+    def _has_teacher(self, inputs: dict) -> bool:
+        return self.teacher is not None or inputs.get("teacher_targets") is not None
 
     def _teacher_rows(self, inputs: dict, keep: torch.Tensor):
         """The teacher's targets at the kept positions: cached rows from the batch, or the
@@ -312,23 +328,38 @@ class DistillationLoss:
         inputs = dict(stash, labels=labels)
         loss, parts = self.compute(inputs, num_items_in_batch,
                                    student_hidden=outputs.hidden_states[-1])
-        self._accumulate(parts)
+        if self.student.training:
+            # the stock Trainer scales the returned loss after this call; the parts likewise
+            scale = 1 if self._trainer is None else \
+                token_average_scale(self._trainer, num_items_in_batch)
+            self.accumulate({key: value * scale for key, value in parts.items()})
         return loss
 
-    def _accumulate(self, parts: dict) -> None:
+    def accumulate(self, parts: dict) -> None:
+        """Add one micro-batch's parts (scaled as the Trainer scales its loss) to the sums."""
         for key, value in parts.items():
-            self.parts[key] += value
+            self.parts[key] = self.parts[key] + value
 
-    def take_parts(self, steps: int) -> dict:
-        """The parts averaged over ``steps`` optimizer steps (what the Trainer does to its
-        logged ``loss``); resets the sums."""
-        parts = {key: round(value / max(steps, 1), 4) for key, value in self.parts.items()}
+    def reset_parts(self) -> None:
         self.parts = {key: 0.0 for key in self.parts}
-        return parts
+
+    def take_parts(self, steps: int, parallel_mode=None, device=None) -> dict:
+        """The parts averaged over ``steps`` optimizer steps and over the processes (what the
+        Trainer does to its logged ``loss``: gathered with ``nested_gather`` under
+        ``parallel_mode``, then averaged); resets the sums."""
+        from transformers.trainer_pt_utils import nested_gather
+        keys = list(self.parts)
+        values = torch.stack([torch.as_tensor(self.parts[key], dtype=torch.float32,
+                                              device=device) for key in keys])
+        if parallel_mode is not None:
+            values = nested_gather(values, parallel_mode).view(-1, len(keys)).mean(0)
+        self.reset_parts()
+        return {key: float(value) / max(steps, 1) for key, value in zip(keys, values.tolist())}
 
     def attach_logging(self, trainer) -> None:
         """Log ``kd_loss`` and ``ce_loss`` with the stock Trainer: a callback placed before the
         reporting integrations (``report_to``) adds them to each training log."""
+        self._trainer = trainer
         trainer.callback_handler.callbacks.insert(0, _PartsCallback(self))
 
     def remove_hook(self) -> None:
@@ -337,14 +368,41 @@ class DistillationLoss:
             self._hook = None
 
 
+def token_average_scale(trainer, num_items_in_batch) -> int:
+    """The factor ``transformers.Trainer.compute_loss`` multiplies a loss normalized by
+    ``num_items_in_batch`` by. With ``average_tokens_across_devices`` the count covers the
+    tokens of every process while DDP averages the processes' gradients, so each process's sum
+    over its own tokens is scaled by the number of processes (tensor-parallel ranks share a
+    batch and count once; ``DataParallel`` uses its GPU count)."""
+    args = trainer.args
+    if num_items_in_batch is None or not getattr(args, "average_tokens_across_devices", False):
+        return 1
+    if args.n_gpu > 1:
+        return args.n_gpu
+    tp_size = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+    return trainer.accelerator.num_processes // tp_size
+
+
 class _PartsCallback(transformers.TrainerCallback):
-    def __init__(self, loss: DistillationLoss):
-        self.loss, self.last_step = loss, 0
+    """Counts the optimizer steps behind the summed parts (from the step a ``train()`` call
+    starts at, which is the checkpoint's step on resume) and logs them with ``loss``."""
+
+    def __init__(self, loss: DistillationLoss, update_logs: bool = True):
+        self.loss, self.last_step, self.update_logs = loss, 0, update_logs
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.loss.reset_parts()
+        self.last_step = state.global_step
+
+    def take(self, args, state) -> dict:
+        parts = self.loss.take_parts(state.global_step - self.last_step, args.parallel_mode,
+                                     args.device)
+        self.last_step = state.global_step
+        return parts
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs.update(self.loss.take_parts(state.global_step - self.last_step))
-            self.last_step = state.global_step
+        if self.update_logs and logs is not None and "loss" in logs:
+            logs.update(self.take(args, state))
 
 
 def trainer_collator(items, **kwargs) -> dict:
@@ -384,7 +442,8 @@ class DistillationTrainer(transformers.Trainer):
         # our loss is normalized by num_items_in_batch: the Trainer must count the items and
         # must not divide by the accumulation steps again (transformers 4.46+ and 5.x)
         self.model_accepts_loss_kwargs = True
-        self._parts_last_step = 0
+        self._parts_log = _PartsCallback(self.distillation, update_logs=False)
+        self.add_callback(self._parts_log)
         self._num_items_given = True
 
     @property
@@ -409,15 +468,30 @@ class DistillationTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._num_items_given = num_items_in_batch is not None
         loss, parts = self.distillation.compute(inputs, num_items_in_batch, model=model)
+        # the stock compute_loss's scaling for a count gathered across processes
+        scale = token_average_scale(self, num_items_in_batch)
+        loss = loss * scale if scale != 1 else loss
         if model.training:
-            self.distillation._accumulate(parts)
+            self.distillation.accumulate({key: value * scale for key, value in parts.items()})
         if return_outputs:
             return loss, {"loss": loss}
         return loss
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
+                        ignore_keys=None, metric_key_prefix="eval"):
+        """The Trainer's loop; when every batch had no teacher (plain token data, no online
+        teacher) the loss is the student's cross-entropy and ``<prefix>_perplexity`` is
+        ``exp`` of it."""
+        self.distillation.evaluated = {key: 0 for key in self.distillation.evaluated}
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only,
+                                         ignore_keys, metric_key_prefix)
+        evaluated = self.distillation.evaluated
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if evaluated["cross_entropy"] and not evaluated["distillation"] and loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(min(loss, 700.0))
+        return output
+
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self.state.global_step > self._parts_last_step:
-            logs.update(self.distillation.take_parts(
-                self.state.global_step - self._parts_last_step))
-            self._parts_last_step = self.state.global_step
+        if "loss" in logs and self.state.global_step > self._parts_log.last_step:
+            logs.update(self._parts_log.take(self.args, self.state))
         return super().log(logs, *args, **kwargs)
