@@ -5,6 +5,8 @@ Tolerances: the same float32 computation split differently (1 x 8 vs 8 x 1 micro
 to 1e-6 relative; an fp16 dense cache vs the online teacher differs by fp16 rounding of the
 teacher logits (rtol 2**-10 per logit), which moves the loss and gradients by < 1e-3 relative.
 """
+import math
+
 import pytest
 import torch
 
@@ -252,3 +254,89 @@ def test_fused_path_is_used_and_full_student_logits_are_never_made(setup, monkey
     DistillationLoss(model, teacher, temperature=TEMPERATURE, hook=False).compute(batch)
     assert calls == ["Tensor", "Tensor", "TeacherHead", "TeacherHead"]  # KD part, CE part
     assert all(shape[1] == 1 for shape in shapes) and len(shapes) == 2
+
+
+# ----------------------------------------------------------------------------- edge steps
+@pytest.mark.parametrize("stock", [False, True])
+def test_a_batch_without_target_tokens_leaves_the_weights_unchanged(setup, stock):
+    """A one-token sample and a sample whose labels are all -100: no target token in the whole
+    step, so the loss is 0 and SGD moves nothing (as plain HF training), instead of 0 / 0."""
+    teacher, _, _, root = setup
+    empty = TokenDataset([{"input_ids": [5]},
+                          {"input_ids": [3, 4, 7], "labels": [-100, -100, -100]}])
+    logs, steps = train_once(root, empty, 2, 1, teacher=teacher, stock=stock)
+    assert logs["loss"] == 0 and logs["kd_loss"] == 0 and logs["ce_loss"] == 0
+    for name, step in steps.items():
+        assert torch.equal(step, torch.zeros_like(step)), name
+
+
+def _resumable_run(root, output_dir, data, teacher, stock, resume=None):
+    """Four SGD steps of batch 2 over 8 rows, a checkpoint every 2 steps; the logs by step."""
+    model = student()
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4,
+        learning_rate=0.5, optim="sgd", weight_decay=0.0, lr_scheduler_type="constant",
+        logging_steps=1, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    logged = {}
+    if stock:
+        loss_fn = DistillationLoss(model, teacher, temperature=TEMPERATURE)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                       data_collator=trainer_collator, compute_loss_func=loss_fn)
+        loss_fn.attach_logging(trainer)
+    else:
+        trainer = DistillationTrainer(model=model, teacher=teacher, args=args,
+                                      train_dataset=data, data_collator=collate_causal_lm,
+                                      temperature=TEMPERATURE)
+    trainer.add_callback(_ByStep(logged))
+    trainer.train(resume_from_checkpoint=resume)
+    return logged
+
+
+class _ByStep(transformers.TrainerCallback):
+    def __init__(self, store):
+        self.store = store
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.store[state.global_step] = dict(logs)
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_resuming_from_a_checkpoint_logs_what_an_uninterrupted_run_logs(setup, stock, tmp_path):
+    teacher, data, _, root = setup
+    whole = _resumable_run(root, tmp_path / "whole", data, teacher, stock)
+    resumed = _resumable_run(root, tmp_path / "resumed", data, teacher, stock,
+                             resume=str(tmp_path / "whole" / "checkpoint-2"))
+    assert sorted(whole) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-6), (step, key)
+        assert resumed[step]["kd_loss"] > 0
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_evaluate_on_plain_tokens_reports_the_students_cross_entropy(setup, stock, tmp_path):
+    """No cache and no teacher: eval_loss is the student's own next-token cross-entropy, the
+    loss the stock Trainer reports for the bare model on the same batches (HF's loss from
+    ``labels``), and DistillationTrainer adds eval_perplexity = exp(eval_loss)."""
+    _, data, _, _ = setup
+    model = student()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to=[], use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True)
+    if stock:
+        loss_fn = DistillationLoss(model)
+        trainer = transformers.Trainer(model=model, args=args, eval_dataset=data,
+                                       data_collator=trainer_collator, compute_loss_func=loss_fn)
+    else:
+        trainer = DistillationTrainer(model=model, args=args, eval_dataset=data,
+                                      data_collator=collate_causal_lm)
+    metrics = trainer.evaluate()
+    if stock:
+        loss_fn.remove_hook()
+    plain = transformers.Trainer(model=model, args=args, eval_dataset=data,
+                                 data_collator=collate_causal_lm).evaluate()
+    assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    if not stock:
+        assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
