@@ -13,8 +13,8 @@
 Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student's leading dims,
 ``lse`` is ``(...)``. ``num_classes`` is the vocabulary size ``V`` the targets were made over
 (caches record it; 0: not recorded): the losses refuse a student with another ``V``, as they
-refuse dense teacher rows of another width. Both are ``NamedTuple`` s, so ``torch.utils.data``'s default collate and
-``torch.compile`` handle them. The loss over them is :func:`fastkd.kd_loss` (see
+refuse dense teacher rows of another width. Both are ``NamedTuple`` s, so
+``torch.utils.data``'s default collate and ``torch.compile`` handle them. The loss over them is :func:`fastkd.kd_loss` (see
 ``fastkd/sparse_loss.py``); their argument checks live in :mod:`fastkd.checks`.
 
 (This module is the one home of every target type: ``TopKLogits``, ``SampledTargets``,

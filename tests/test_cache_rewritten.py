@@ -45,10 +45,13 @@ def copy_cache(source, target):
 
 
 def reads(cache):
-    """Every way of reading rows and labels (shard 0 is mapped already; the others not)."""
+    """Every way of reading rows and labels, and verify (shard 0 is mapped already; the others
+    not)."""
     return {"slice in shard 0": lambda: cache[0:5], "row in the last shard": lambda: cache[-1],
-            "slice across shards": lambda: cache[250:350], "gather": lambda: cache.gather([3, 1700]),
-            "labels": lambda: cache.labels, "sample labels": lambda: cache.sample_labels(1000)}
+            "slice across shards": lambda: cache[250:350],
+            "gather": lambda: cache.gather([3, 1700]),
+            "labels": lambda: cache.labels, "sample labels": lambda: cache.sample_labels(1000),
+            "verify": cache.verify}
 
 
 def test_cli_overwrite_under_an_open_cache_fails_every_read(two_teachers, tmp_path):

@@ -251,7 +251,9 @@ class LogitCache:
             0, offsets.shape[0]))
 
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest; raises CacheError naming the files."""
+        """Check every file's sha256 against the manifest; raises CacheError naming the files
+        (or saying that the cache changed on disk since it was opened)."""
+        self._check_unchanged()
         problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest))
         if problems:
             raise fmt.CacheError("cache verification failed: " + "; ".join(problems))
