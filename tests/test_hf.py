@@ -225,3 +225,112 @@ def test_bad_token_sources(tmp_path, capsys):
                           f"jsonl:{tmp_path / 'missing.jsonl'}", "--out", str(tmp_path / "c"),
                           "--quiet"])
     assert status == 1 and "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- hf: directories
+def cache_status(directory, token_file, tmp_path, capsys):
+    """``fastkd cache --teacher hf:DIR``: (exit status, its stderr)."""
+    capsys.readouterr()
+    status = fastkd_main(["cache", "--teacher", f"hf:{directory}", "--dataset",
+                          f"jsonl:{token_file[0]}", "--out", str(tmp_path / "c"), "--quiet"])
+    return status, capsys.readouterr().err
+
+
+def assert_one_sentence(status, err, *fragments):
+    """Exit status 1 and one error line holding every fragment (transformers' own progress
+    bars and warnings may come before it), no traceback."""
+    assert status == 1 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("fastkd: error:")]
+    assert len(errors) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, err)
+
+
+def tiny_bert(cls_name, **config):
+    import transformers
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=hf_helpers.VOCAB, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=64, **config)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def test_non_causal_models_are_refused(token_file, tmp_path, capsys):
+    """A saved BertForMaskedLM (AutoModelForCausalLM would load it as a bidirectional
+    BertLMHeadModel) is refused by its saved architecture; a BertLMHeadModel without
+    is_decoder by what it computes (logits change with later tokens); with is_decoder it is
+    causal and loads."""
+    from fastkd.hf import load_causal_lm
+    tiny_bert("BertForMaskedLM").save_pretrained(tmp_path / "mlm")
+    assert_one_sentence(*cache_status(tmp_path / "mlm", token_file, tmp_path, capsys),
+                        "BertForMaskedLM", "model type 'bert'", "not a causal language model")
+    tiny_bert("BertLMHeadModel").save_pretrained(tmp_path / "bidirectional")
+    assert_one_sentence(*cache_status(tmp_path / "bidirectional", token_file, tmp_path, capsys),
+                        "BertLMHeadModel", "model type 'bert'", "is not causal")
+    tiny_bert("BertLMHeadModel", is_decoder=True).save_pretrained(tmp_path / "decoder")
+    assert type(load_causal_lm(tmp_path / "decoder")).__name__ == "BertLMHeadModel"
+
+
+def with_custom_code(source, target, model_type, marker):
+    """A copy of a saved model whose config.json names custom code (auto_map) that would leave
+    ``marker`` behind if it ever ran."""
+    import shutil
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={
+        "AutoConfig": "custom_model.CustomConfig",
+        "AutoModelForCausalLM": "custom_model.CustomForCausalLM"})
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "custom_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    return target
+
+
+def test_custom_code_is_never_run(teacher_dir, token_file, tmp_path, capsys):
+    from fastkd.hf import load_causal_lm
+    marker = tmp_path / "custom-code-ran"
+    known = with_custom_code(teacher_dir[0], tmp_path / "known", "gpt2", marker)
+    model = load_causal_lm(known)  # transformers' own GPT-2 class, as from_pretrained does
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    unknown = with_custom_code(teacher_dir[0], tmp_path / "unknown", "custom-lm", marker)
+    assert_one_sentence(*cache_status(unknown, token_file, tmp_path, capsys),
+                        "auto_map", "custom_model.CustomForCausalLM", "'custom-lm'",
+                        "trust_remote_code=True")
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this calls ``open(marker, 'w')``: what torch.load(weights_only=True) refuses."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("damage", ["pickled-object", "garbage-bin", "garbage-safetensors",
+                                    "truncated-safetensors"])
+def test_weight_files_that_do_not_load_are_named(teacher_dir, token_file, tmp_path, capsys,
+                                                 damage):
+    import shutil
+    directory = tmp_path / "teacher"
+    shutil.copytree(teacher_dir[0], directory)
+    marker = tmp_path / "unpickled"
+    if damage.endswith("bin"):
+        (directory / "model.safetensors").unlink()
+        target = directory / "pytorch_model.bin"
+        target.write_bytes(b"not a checkpoint " * 8)
+    elif damage == "pickled-object":
+        (directory / "model.safetensors").unlink()
+        target = directory / "pytorch_model.bin"
+        torch.save({"transformer.wte.weight": _RunsCode(marker)}, target)
+    else:
+        target = directory / "model.safetensors"
+        data = target.read_bytes()
+        target.write_bytes(data[:len(data) // 2] if damage.startswith("truncated")
+                           else b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    status, err = cache_status(directory, token_file, tmp_path, capsys)
+    kind = "not a plain weights file" if target.suffix == ".bin" else \
+        "not a valid safetensors file"
+    assert_one_sentence(status, err, str(target), kind)
+    assert not marker.exists()
