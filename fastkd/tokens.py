@@ -34,6 +34,9 @@ __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to
            "targets_from_dict", "TOKEN_SOURCES"]
 
 IGNORE_INDEX = -100
+# the fields of a text row (tokenized by fastkd.hf_text), and of any row
+TEXT_FIELDS = ("text", "prompt", "completion", "messages")
+ROW_FIELDS = ("input_ids",) + TEXT_FIELDS
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
 
@@ -61,13 +64,33 @@ def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) ->
     return out
 
 
-def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX) -> dict:
+def _max_length(value: Optional[int]) -> Optional[int]:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
+                              value < 1):
+        raise ValueError(f"max_length (--max-length) must be a positive integer, got {value!r}")
+    return value
+
+
+def learned_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(L,)`` bool: the positions of one sequence that a token cache keeps rows for: those
+    whose next-token label is not ``ignore_index`` (a prompt's positions are not learned), and
+    the last position (its label is ``ignore_index`` only because the sequence ends there). A
+    sequence with no ignored label keeps every row."""
+    keep = torch.as_tensor(labels).reshape(-1) != ignore_index
+    keep[-1:] = True
+    return keep
+
+
+def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX, *,
+                   max_length: Optional[int] = None) -> dict:
     """One raw row ``{input_ids, attention_mask?, labels?}`` (HF conventions) -> the item
-    ``{"input_ids": (n,), "labels": (n,)}`` of its ``n`` attended tokens, labels next-token."""
+    ``{"input_ids": (n,), "labels": (n,)}`` of its ``n`` attended tokens, labels next-token;
+    with ``max_length``, of the first ``max_length`` attended tokens."""
     if not isinstance(row, dict) or "input_ids" not in row:
         keys = sorted(row) if isinstance(row, dict) else type(row).__name__
         raise ValueError(f"{where}: expected a row with 'input_ids' (and optional "
-                         f"'attention_mask', 'labels'), got {keys}")
+                         f"'attention_mask', 'labels'), or text: 'text', 'prompt' and "
+                         f"'completion', or 'messages'; got {keys}")
     input_ids = _int_list(row["input_ids"], f"{where}: input_ids")
     length = len(input_ids)
     labels = input_ids if row.get("labels") is None else _int_list(row["labels"],
@@ -89,6 +112,8 @@ def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX) -> d
     if last - first + 1 != len(attended):
         raise ValueError(f"{where}: attention_mask has holes (0s between 1s); fastkd supports "
                          f"left/right padding only, one contiguous run of attended tokens")
+    if max_length is not None:
+        last = min(last, first + max_length - 1)
     tokens = torch.tensor(input_ids[first:last + 1], dtype=torch.long)
     hf_labels = torch.tensor(labels[first:last + 1], dtype=torch.long)
     return {"input_ids": tokens, "labels": next_token_labels(hf_labels, ignore_index)}
@@ -100,30 +125,47 @@ class TokenDataset(torch.utils.data.Dataset):
     Items: ``{"input_ids": (n_i,) int64, "labels": (n_i,) int64}``: the ``n_i`` attended
     tokens and their next-token labels (see the module docstring). Rows are validated on
     access (errors name the source and row).
+
+    Rows hold ``input_ids`` (optional ``attention_mask``, ``labels``), or text to tokenize:
+    ``text``, ``prompt`` + ``completion`` or chat ``messages`` (see :mod:`fastkd.hf_text`),
+    with ``tokenizer``: a :class:`fastkd.hf_text.TextTokenizer` or the path of a local
+    tokenizer directory (loaded on the first text row). ``max_length``: keep the first
+    ``max_length`` tokens of every row (right truncation, as ``transformers`` truncates by
+    default); the last kept position then has no next-token label.
     """
 
+    # what `fastkd cache` stores of a sequence: the rows of its learned positions
+    # (:func:`learned_positions`)
+    cache_rows = "learned"
+
     def __init__(self, rows, source: str = "rows", *, ignore_index: int = IGNORE_INDEX,
-                 locations: Optional[Sequence[str]] = None):
+                 locations: Optional[Sequence[str]] = None, tokenizer=None,
+                 max_length: Optional[int] = None):
         if not (hasattr(rows, "__getitem__") and hasattr(rows, "__len__")):
             raise TypeError(f"rows must be a sequence of dicts, got {type(rows).__name__}")
         self.rows, self.source, self.ignore_index = rows, source, ignore_index
         # where each row came from, for errors ("file:line"); default "<source> row <index>"
         self.locations = locations
+        self.tokenizer, self.max_length = tokenizer, _max_length(max_length)
 
     # ------------------------------------------------------------------------- sources
     @classmethod
-    def from_spec(cls, spec: str, split: Optional[str] = "train") -> "TokenDataset":
+    def from_spec(cls, spec: str, split: Optional[str] = "train", *, tokenizer=None,
+                  max_length: Optional[int] = None) -> "TokenDataset":
         """``jsonl:<file>``, ``parquet:<file>`` or ``hf-disk:<dir>`` (``split`` picks one split
-        of a saved ``DatasetDict``)."""
+        of a saved ``DatasetDict``); ``tokenizer`` and ``max_length`` as for the class."""
         kind, _, path = spec.partition(":")
         if kind not in TOKEN_SOURCES or not path:
             raise ValueError(f"--dataset {spec!r}: expected one of "
                              f"{', '.join(k + ':<path>' for k in TOKEN_SOURCES)}")
         if kind == "hf-disk":
-            return cls.from_disk(path, split)
-        if not os.path.isfile(path):
+            dataset = cls.from_disk(path, split)
+        elif not os.path.isfile(path):
             raise FileNotFoundError(f"--dataset {spec}: no such file {os.path.abspath(path)}")
-        return cls.from_jsonl(path) if kind == "jsonl" else cls.from_parquet(path)
+        else:
+            dataset = cls.from_jsonl(path) if kind == "jsonl" else cls.from_parquet(path)
+        dataset.tokenizer, dataset.max_length = tokenizer, _max_length(max_length)
+        return dataset
 
     @classmethod
     def from_jsonl(cls, path) -> "TokenDataset":
@@ -180,9 +222,9 @@ class TokenDataset(torch.utils.data.Dataset):
                 raise ValueError(f"--dataset hf-disk:{path} holds splits {sorted(loaded)}; pick "
                                  f"one with --data-split (got {split!r})")
             loaded = loaded[split]
-        if "input_ids" not in loaded.column_names:
-            raise ValueError(f"--dataset hf-disk:{path}: no 'input_ids' column (columns: "
-                             f"{loaded.column_names})")
+        if not set(ROW_FIELDS) & set(loaded.column_names):
+            raise ValueError(f"--dataset hf-disk:{path}: no {' / '.join(ROW_FIELDS)} column "
+                             f"(columns: {loaded.column_names})")
         return cls(loaded, source=f"hf-disk:{path}")
 
     # ------------------------------------------------------------------------- items
@@ -192,7 +234,22 @@ class TokenDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         where = self.locations[index] if self.locations is not None else \
             f"{self.source} row {index}"
-        return prepare_tokens(self.rows[index], where, self.ignore_index)
+        row = self.rows[index]
+        if isinstance(row, dict) and "input_ids" not in row and \
+                any(field in row for field in TEXT_FIELDS):
+            row = self._text_tokenizer(where)(row, where)
+        return prepare_tokens(row, where, self.ignore_index, max_length=self.max_length)
+
+    def _text_tokenizer(self, where: str):
+        """The tokenizer for text rows, loaded from its directory on first use."""
+        if self.tokenizer is None:
+            raise ValueError(f"{where}: the row holds text, which needs a tokenizer: pass "
+                             f"--tokenizer DIR (`fastkd cache` uses an hf: teacher's own by "
+                             f"default; TokenDataset(..., tokenizer=DIR) in Python)")
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            from fastkd.hf_text import TextTokenizer
+            self.tokenizer = TextTokenizer.from_dir(self.tokenizer)
+        return self.tokenizer
 
     def __repr__(self) -> str:
         return f"TokenDataset({self.source!r}, {len(self)} rows)"
@@ -203,8 +260,9 @@ class _TableRows:
 
     def __init__(self, table, path):
         self.table, self.path = table, path
-        if "input_ids" not in table.column_names:
-            raise ValueError(f"{path}: no 'input_ids' column (columns: {table.column_names})")
+        if not set(ROW_FIELDS) & set(table.column_names):
+            raise ValueError(f"{path}: no {' / '.join(ROW_FIELDS)} column (columns: "
+                             f"{table.column_names})")
 
     def __len__(self):
         return self.table.num_rows
@@ -251,6 +309,31 @@ def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
     for row, tensor in enumerate(tensors):
         out[row, :tensor.shape[0]] = tensor
     return out
+
+
+def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number: int):
+    """One sample's cached rows -> one row per position: a cache of every position as it is;
+    a cache of the learned positions (:func:`learned_positions`) with zero rows put at the
+    others (their labels are ``ignore_index``, so no loss sees them)."""
+    parts = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher.tensors())
+    rows, length = parts[0].shape[0], labels.shape[0]
+    if rows == length:
+        return teacher
+    keep = learned_positions(labels, ignore_index)
+    if rows != int(keep.sum()):
+        raise ValueError(f"item {number}: {rows} teacher rows for {length} tokens, of which "
+                         f"{int(keep.sum())} are learned (the cache was made from other token "
+                         f"data)")
+    placed = []
+    for part in parts:
+        full = part.new_zeros((length,) + tuple(part.shape[1:]))
+        full[keep] = part
+        placed.append(full)
+    if isinstance(teacher, torch.Tensor):
+        return placed[0]
+    if isinstance(teacher, TopKLogits):
+        return TopKLogits(*placed, teacher.temperature, teacher.num_classes)
+    return SampledTargets(*placed, teacher.num_classes)
 
 
 def _pad_targets(targets, length: int):
@@ -324,11 +407,8 @@ def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNOR
         "shift_labels": shift_labels,
     }
     if teachers is not None:
-        for number, (teacher, n) in enumerate(zip(teachers, lengths)):
-            rows = teacher.shape[0] if isinstance(teacher, torch.Tensor) else teacher[0].shape[0]
-            if rows != n:
-                raise ValueError(f"item {number}: {rows} teacher rows for {n} tokens (the "
-                                 f"cache was made from other token data)")
-        targets = _pad_targets(list(teachers), length)
+        teachers = [_rows_at_positions(teacher, label, ignore_index, number)
+                    for number, (teacher, label) in enumerate(zip(teachers, labels))]
+        targets = _pad_targets(teachers, length)
         batch["teacher_targets"] = targets_to_dict(targets) if targets_as_dict else targets
     return batch

@@ -45,6 +45,6 @@ def test_broken_jsonl_line_on_the_command_line(tmp_path, capsys, data, message):
 
 def test_row_errors_name_no_internal_keys(tmp_path):
     """A row without input_ids lists the row's own keys, nothing fastkd added."""
-    path = _write(tmp_path / "tokens.jsonl", b'{"text": "hello"}\n')
-    with pytest.raises(ValueError, match=r"tokens\.jsonl:1: .* got \['text'\]$"):
+    path = _write(tmp_path / "tokens.jsonl", b'{"title": "hello"}\n')
+    with pytest.raises(ValueError, match=r"tokens\.jsonl:1: .* got \['title'\]$"):
         TokenDataset.from_jsonl(path)[0]

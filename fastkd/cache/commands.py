@@ -36,6 +36,12 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--data-root", metavar="DIR", help="root of a torchvision dataset")
     cache.add_argument("--data-split", default="train",
                        help="split of a torchvision dataset (default: train)")
+    cache.add_argument("--tokenizer", metavar="DIR",
+                       help="token data with text, prompt/completion or chat messages rows: "
+                            "the local tokenizer directory (default: an hf: teacher's own)")
+    cache.add_argument("--max-length", type=int, metavar="N",
+                       help="token data: keep the first N tokens of each row (right "
+                            "truncation; default: whole rows)")
     cache.add_argument("--batch-size", type=int, default=256)
     cache.add_argument("--num-workers", type=int, default=0)
     cache.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -139,7 +145,15 @@ def _run_cache(args) -> int:
     try:
         teacher = resolve_teacher(args.teacher, args.teacher_checkpoint,
                                   teacher_dtype=args.teacher_dtype)
-        dataset = resolve_dataset(args.dataset, args.data_root, args.data_split)
+        # text rows are tokenized with --tokenizer, else with an hf: teacher's own tokenizer
+        tokenizer = args.tokenizer or (args.teacher[len("hf:"):]
+                                       if args.teacher.startswith("hf:") else None)
+        explicit = [option for option, value in (("--tokenizer", args.tokenizer),
+                                                 ("--max-length", args.max_length))
+                    if value is not None]
+        dataset = resolve_dataset(args.dataset, args.data_root, args.data_split,
+                                  tokenizer=tokenizer, max_length=args.max_length,
+                                  explicit=explicit)
         manifest = write_cache(
             teacher, dataset, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
             device=device, dtype=args.dtype, shard_size_mb=args.shard_size_mb, top_k=args.top_k,

@@ -138,10 +138,16 @@ def _torchvision_dataset(name: str, data_root: Optional[str], split: str):
             f"there first") from None
 
 
-def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "train"):
-    """Build the map-style dataset named by ``spec``."""
+def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "train", *,
+                    tokenizer=None, max_length: Optional[int] = None, explicit=()):
+    """Build the map-style dataset named by ``spec``. ``tokenizer`` (a local directory) and
+    ``max_length`` apply to token data (:class:`fastkd.tokens.TokenDataset`); ``explicit``
+    names the options the user gave, which other datasets refuse."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--dataset must be a non-empty SPEC string, got {spec!r}")
+    if explicit and spec.partition(":")[0] not in ("jsonl", "parquet", "hf-disk"):
+        raise ValueError(f"{' and '.join(explicit)} {'apply' if len(explicit) > 1 else 'applies'}"
+                         f" to token data (jsonl:, parquet:, hf-disk:), not to --dataset {spec}")
     if spec == "digits":
         from fastkd.models import digits_dataset
         dataset = digits_dataset()
@@ -149,7 +155,7 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
         dataset = _torchvision_dataset(spec.split(":", 1)[1], data_root, split)
     elif spec.partition(":")[0] in ("jsonl", "parquet", "hf-disk"):
         from fastkd.tokens import TokenDataset
-        dataset = TokenDataset.from_spec(spec, split)
+        dataset = TokenDataset.from_spec(spec, split, tokenizer=tokenizer, max_length=max_length)
     else:
         target = _import_attr(spec, "--dataset")
         is_instance = hasattr(target, "__getitem__") and not inspect.isclass(target)

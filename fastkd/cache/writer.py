@@ -30,10 +30,14 @@ from fastkd.cache.items import (BatchProblem, TeacherError, _call_teacher,  # no
 from fastkd.cache.shards import (_finalize, _labels_to_storage, _record_or_check_shape,
                                  _ShardCutter, _ShardWriter)
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
+from fastkd.tokens import learned_positions
 
 # manifest fields that must agree for a re-run to resume instead of refusing
 IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
-                   "temperatures", "seed", "shard_size_mb", "batch_size", "world_size", "clamp")
+                   "temperatures", "seed", "shard_size_mb", "batch_size", "world_size", "clamp",
+                   "rows")
+# what a manifest without the field means (written before the field existed)
+IDENTITY_DEFAULTS = {"rows": "all"}
 
 
 def resolve_device(device) -> torch.device:
@@ -130,10 +134,12 @@ def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, w
         if not os.path.exists(os.path.join(out_dir, name)):
             continue
         existing = fmt.read_manifest(out_dir, name)
-        differing = [key for key in IDENTITY_FIELDS if existing.get(key) != config[key]]
+        def field(manifest, key):
+            return manifest.get(key, IDENTITY_DEFAULTS.get(key))
+        differing = [key for key in IDENTITY_FIELDS if field(existing, key) != field(config, key)]
         if differing:
-            details = "; ".join(f"{key}: cache has {existing.get(key)!r}, asked {config[key]!r}"
-                                for key in differing)
+            details = "; ".join(f"{key}: cache has {field(existing, key)!r}, asked "
+                                f"{field(config, key)!r}" for key in differing)
             hint = fingerprint_hint(dataset, config["dataset"]["fingerprint"]) \
                 if "dataset" in differing and dataset is not None else ""
             raise fmt.CacheError(f"{out_dir} holds a cache made with different settings "
@@ -218,6 +224,9 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         "sample": sample, "temperatures": temperatures,
         "seed": seed if layout == "sampled" else None, "shard_size_mb": shard_size_mb,
         "batch_size": batch_size, "world_size": world_size, "clamp": clamp,
+        # "learned": token data keeps the rows of positions with a next-token label (and each
+        # sequence's last); "all": every row the teacher gives
+        "rows": "learned" if getattr(dataset, "cache_rows", "all") == "learned" else "all",
     }
     _check_ranks_agree(dist, config, dataset)
     lock = outdir.DirectoryLock(out_dir)
@@ -316,6 +325,8 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
         pin_memory=device.type == "cuda")
     teacher = teacher.to(device).eval()
     converter = _RowConverter(state)
+    # token data ("rows": "learned"): positions whose next-token label is this are not cached
+    unlearned = getattr(dataset, "ignore_index", -100) if state.get("rows") == "learned" else None
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     writer = _ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
@@ -333,7 +344,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
             batch_len = sum(len(positions) for positions, _, _ in groups)
             keep_from = max(0, resume_at - sample)  # samples already cached (resume only)
             batch = _run_batch(teacher, groups, batch_len, sample, keep_from, device, output_fn,
-                               converter, names)
+                               converter, names, unlearned)
             sample += batch_len
             if batch is None:
                 continue
@@ -352,10 +363,12 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
 
 
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,
-               converter, names=("teacher", "dataset")) -> Optional[dict]:
+               converter, names=("teacher", "dataset"), unlearned=None) -> Optional[dict]:
     """Teacher over one batch -> ``{arrays, lengths, labels, clamped, variable, num_classes}``
     for the samples from ``keep_from`` on, in dataset order (None if there are none).
-    Checks, top-k, log-sum-exp and the dtype cast run on the teacher's device."""
+    Checks, top-k, log-sum-exp and the dtype cast run on the teacher's device. With
+    ``unlearned`` (an ignore index), a sample's ``(L, V)`` rows keep only the positions whose
+    label differs from it, and the last position (:func:`fastkd.tokens.learned_positions`)."""
     outputs = []
     with torch.inference_mode():
         for positions, inputs, labels in groups:
@@ -368,7 +381,8 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
                                  f"output_fn or wrap the teacher (fastkd.features.TeacherFeatures)")
             outputs.append((positions, output.float(), labels))
         variable = outputs[0][1].dim() == 3
-        if len(outputs) == 1:  # one input shape: samples already in dataset order
+        select = unlearned is not None and variable
+        if len(outputs) == 1 and not select:  # one input shape: samples already in order
             _, output, labels = outputs[0]
             output, labels = output[keep_from:], labels and labels[keep_from:]
             rows = output.reshape(-1, output.shape[-1])
@@ -377,8 +391,12 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
             per_sample = [None] * batch_len
             for positions, output, group_labels in outputs:
                 for slot, position in enumerate(positions):
-                    per_sample[position] = (output[slot].reshape(-1, output.shape[-1]),
-                                            group_labels and group_labels[slot])
+                    rows = output[slot].reshape(-1, output.shape[-1])
+                    labels = group_labels and group_labels[slot]
+                    if select and labels is not None:
+                        keep = learned_positions(labels, unlearned)
+                        rows, labels = rows[keep.to(rows.device)], labels[keep]
+                    per_sample[position] = (rows, labels)
             outputs_in_order, labels = zip(*per_sample[keep_from:]) if keep_from < batch_len \
                 else ((), None)
             rows = torch.cat(outputs_in_order) if outputs_in_order else None
