@@ -246,6 +246,12 @@ class DistillationLoss:
 
     def _loss_sum(self, hidden, teacher, labels, soft_weight, hard_weight):
         head = self.student.get_output_embeddings()
+        if type(head.weight).__name__ == "DTensor":
+            raise ValueError(
+                "the student's output layer weight is sharded (an FSDP DTensor) where the loss "
+                "reads it, outside the model's forward; fastkd.hf's Trainer integration "
+                "supports DDP: under FSDP compute fastkd.linear_kd_loss inside a module's "
+                "forward (docs/llm-distillation.md, 'More than one GPU')")
         transforms = output_transforms(self.student)
         if teacher is None:  # cross-entropy only
             logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)

@@ -109,3 +109,10 @@ def test_linear_kd_loss_recipes_equal_one_process(ranks, recipe):
     assert set(got["grads"]) == set(expected["grads"])
     for name, grad in expected["grads"].items():
         torch.testing.assert_close(got["grads"][name], grad, **GRADS)
+
+
+def test_the_trainer_loss_refuses_a_sharded_output_layer(ranks):
+    """DistillationLoss reads the head outside the model's forward: an lm_head that FSDP2 has
+    resharded after its own forward is refused with a sentence, not computed on a shard."""
+    message = ranks["linear"]["sharded-head"]
+    assert "output layer weight is sharded" in message and "More than one GPU" in message

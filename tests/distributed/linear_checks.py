@@ -117,3 +117,21 @@ def fsdp2_step(token_rows) -> dict:
     dist.all_reduce(logged)
     grads = {name: p.grad.full_tensor() for name, p in student.named_parameters()}
     return {"loss": float(logged) / dist.get_world_size(), "grads": grads}
+
+
+def sharded_head_message(token_rows) -> str:
+    """``DistillationLoss`` (which reads the output layer outside the model's forward) on a
+    student whose ``lm_head`` is its own FSDP2 unit, resharded after its forward: the error."""
+    from torch.distributed.fsdp import fully_shard
+    from fastkd.hf import DistillationLoss
+    student = hf_helpers.tiny_llama(seed=STUDENT_SEED).train()  # untied output layer
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student.lm_head)
+    fully_shard(student)
+    loss_fn = DistillationLoss(student, hf_helpers.tiny_llama(seed=TEACHER_SEED), hook=False)
+    try:
+        loss_fn.compute(batch_of(share(token_rows)))
+    except ValueError as error:
+        return str(error)
+    return "no error"

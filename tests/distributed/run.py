@@ -36,7 +36,8 @@ def main(out_dir: str) -> None:
         result["indices"] = indices
         results["trainer"][name] = result
     results["linear"] = {"ddp": linear_checks.ddp_step(rows),
-                         "fsdp2": linear_checks.fsdp2_step(rows)}
+                         "fsdp2": linear_checks.fsdp2_step(rows),
+                         "sharded-head": linear_checks.sharded_head_message(rows)}
     results["world_size"] = dist.get_world_size()
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
