@@ -37,6 +37,10 @@ __all__ = ["load_causal_lm", "DistillationLoss", "DistillationTrainer", "trainer
            "MODEL_DTYPES"]
 
 
+# float32 logits of one chunk of rows for the cross-entropy of an evaluation without a teacher
+EVAL_CHUNK_BYTES = 64 * 2 ** 20
+
+
 def vocab_size_of(model) -> Optional[int]:
     """Width of the model's output layer (may exceed the tokenizer's vocabulary); None when
     the module does not say (then its logits' width is checked instead)."""
@@ -254,8 +258,16 @@ class DistillationLoss:
                 "forward (docs/llm-distillation.md, 'More than one GPU')")
         transforms = output_transforms(self.student)
         if teacher is None:  # cross-entropy only
-            logits = _apply_transforms(F.linear(hidden, head.weight, head.bias), transforms)
-            return hard_weight * F.cross_entropy(logits.float(), labels, reduction="sum")
+            # without gradients (evaluation) a chunk of rows at a time: full logits never held
+            rows = len(hidden) if torch.is_grad_enabled() else max(
+                1, self.chunk_rows or EVAL_CHUNK_BYTES // (4 * head.weight.shape[0]))
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, len(hidden), rows) if len(hidden) else [0]:
+                logits = _apply_transforms(F.linear(hidden[start:start + rows], head.weight,
+                                                    head.bias), transforms)
+                total = total + F.cross_entropy(logits.float(), labels[start:start + rows],
+                                                reduction="sum")
+            return hard_weight * total
         options = dict(self.options, soft_weight=soft_weight, hard_weight=hard_weight,
                        reduction="sum")
         if isinstance(teacher, SPARSE_TARGETS):
