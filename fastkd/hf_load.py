@@ -148,8 +148,12 @@ def _check_causal(path: str, model) -> None:
     with torch.no_grad():
         first = model(input_ids=tokens).logits[0, :-1].float()
         second = model(input_ids=changed).logits[0, :-1].float()
+    # a causal model computes earlier positions identically; the tolerance only absorbs
+    # kernels whose summation order varies between runs (atomics), at the model's precision
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     scale = float(first.abs().max())
-    if float((first - second).abs().max()) > 1e-5 * max(scale, 1e-6):
+    if float((first - second).abs().max()) > tolerance * max(scale, 1e-6):
         raise ValueError(
             f"--teacher hf:{path}: its {type(model).__name__} (model type "
             f"{getattr(model.config, 'model_type', None)!r}) is not causal: its logits at a "
