@@ -1,0 +1,371 @@
+"""fastkd's fused linear + KD loss inside TRL's distillation trainers (the only fastkd module that
+imports ``trl``; install with ``pip install 'fastkd[trl]'``).
+
+Drop-in subclasses with TRL's constructors, configs, data handling, generation and logging; only
+the loss changes. It is :func:`fastkd.linear_kd_loss` on the student's last hidden state and
+``lm_head`` weight, so neither model's ``(tokens, V)`` logits are ever held:
+
+- :class:`GKDTrainer` (``trl.experimental.gkd``): generalized JSD at temperature 1 (TRL's
+  ``generalized_jsd_loss`` ignores ``temperature``, which only sets the sampling temperature),
+  summed over ``labels[:, 1:] != -100`` and divided by ``num_items_in_batch`` (or the batch's
+  own count when the Trainer gives none), as TRL does. The teacher runs online and enters the
+  loss as a :class:`fastkd.TeacherHead` (its hidden states and ``lm_head``).
+- :class:`DistillationTrainer` (``trl``): generalized JSD at ``temperature`` without a ``T^2``
+  factor, summed over ``completion_mask * tool_mask`` and divided by TRL's generation-batch
+  count over ``num_processes``; the entropy metric TRL logs is kept.
+- :class:`ServerDistillationTrainer` (``trl.experimental.server_distillation``): the teacher's
+  top-k log-probabilities from its vLLM server as :class:`fastkd.TopKLogits` (``beta = 0``: the
+  top-k ids; ``beta > 0``: the teacher's top-1 id and the sampled token), with the exact tail
+  bucket (``loss_add_tail``) or renormalized over the ids; per micro-batch mean over the local
+  completion tokens, divided by the accumulation steps, as TRL does.
+
+``beta`` keeps TRL's convention (0: forward KL, 1: reverse KL, between: generalized JSD), which is
+fastkd's ``divergence="jsd"``. Each model's output transforms are read from its (text) config as
+TRL reads them: the logit scale (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
+``logits_scaling``) before the softcap (``final_logit_softcapping``).
+
+Distributed: the student's backbone and the loss run inside the student wrapper's ``forward``
+(forward redirection), so DDP's ``prepare_for_backward`` and FSDP's unshard hooks fire; an FSDP2
+``lm_head`` weight that is still a ``DTensor`` is gathered with ``full_tensor()`` (its gradient
+goes back through the gather), and a DeepSpeed ZeRO-3 one is gathered for the loss with TRL's
+``maybe_gather_lm_head_ctx`` (not tested here: DeepSpeed is not installed).
+"""
+import warnings
+from typing import Optional
+
+from fastkd.extras import require
+
+require("transformers", "trl", "fastkd.trl")
+trl = require("trl", "trl", "fastkd.trl")
+
+import torch  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+
+import fastkd  # noqa: E402
+
+if Version(trl.__version__) < Version("1.16.0"):
+    raise ImportError(f"fastkd.trl needs trl >= 1.16.0, found {trl.__version__}: "
+                      "pip install 'fastkd[trl]'")
+
+from trl import DistillationTrainer as TRLDistillationTrainer  # noqa: E402
+from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: E402
+
+with warnings.catch_warnings():   # the experimental trainers warn once at import
+    warnings.simplefilter("ignore")
+    from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer  # noqa: E402
+    from trl.experimental.server_distillation import (  # noqa: E402
+        ServerDistillationTrainer as TRLServerDistillationTrainer)
+
+__all__ = ["GKDTrainer", "DistillationTrainer", "ServerDistillationTrainer", "logit_transforms",
+           "fused_divergence"]
+
+
+# ----------------------------------------------------------------------------- model pieces
+def logit_transforms(model) -> tuple:
+    """``(logit_scale, softcap)`` of a causal LM's logits after its output layer, read from its
+    text config exactly as TRL's ``DistillationTrainer`` reads them: the scale is
+    ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier``
+    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
+    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma-2) or None."""
+    config = model.config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
+
+
+def _unpeft(model):
+    """The causal LM under a PEFT wrapper (the model itself otherwise)."""
+    if hasattr(model, "peft_config") and hasattr(model, "base_model") \
+            and hasattr(model.base_model, "model"):
+        return model.base_model.model
+    return model
+
+
+def _full(tensor, dtype):
+    """An FSDP2 ``DTensor`` parameter gathered into a plain tensor (autograd-aware: its gradient
+    is reduce-scattered back to the shards) in the hidden states' dtype; others unchanged."""
+    if tensor is not None and isinstance(tensor, torch.distributed.tensor.DTensor):
+        return tensor.full_tensor().to(dtype)
+    return tensor
+
+
+def _head(model, hidden_dtype):
+    """``(weight, bias, logit_scale, softcap)`` of a causal LM's output layer."""
+    head = _unpeft(model).get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no output layer (get_output_embeddings() "
+                         "is None): fastkd.trl needs a causal LM with an lm_head")
+    scale, softcap = logit_transforms(model)
+    return (_full(head.weight, hidden_dtype), _full(getattr(head, "bias", None), hidden_dtype),
+            scale, softcap)
+
+
+def backbone_hidden(model, input_ids, attention_mask):
+    """The last hidden state ``(B, L, H)`` of a causal LM's backbone (no ``lm_head``)."""
+    backbone = _unpeft(model).base_model
+    return backbone(input_ids=input_ids, attention_mask=attention_mask,
+                    use_cache=False).last_hidden_state
+
+
+def redirect(wrapper, module, method, *args, **kwargs):
+    """``method(*args, **kwargs)`` run as ``wrapper``'s forward (``wrapper`` wraps ``module``:
+    DDP, FSDP, DeepSpeed), so the wrapper's forward hooks fire around it; a direct call when
+    there is no wrapper."""
+    if wrapper is module:
+        return method(*args, **kwargs)
+    original = module.forward
+
+    def forward(*inner_args, **inner_kwargs):
+        module.forward = original
+        return method(*inner_args, **inner_kwargs)
+    module.forward = forward
+    try:
+        return wrapper(*args, **kwargs)
+    finally:
+        module.forward = original
+
+
+# ----------------------------------------------------------------------------- the loss
+def fused_divergence(student_hidden, student, teacher, keep, *, beta: float,
+                     temperature: float, t_squared: bool, tail: str = "bucket",
+                     chunk_budget_bytes: Optional[int] = None):
+    """Sum over the rows ``keep`` of the generalized JSD (TRL's ``beta`` convention) between the
+    student's distribution (from ``student_hidden`` and ``student``'s output layer and
+    transforms) and ``teacher``, at ``temperature``; times ``T^2`` when ``t_squared`` (fastkd's
+    convention), without it otherwise (TRL's). ``teacher``: a :class:`fastkd.TeacherHead` or a
+    sparse target over the same leading dims (``tail`` as in :func:`fastkd.kd_loss`). Fused:
+    the logits are made a chunk at a time."""
+    weight, bias, scale, softcap = _head(student, student_hidden.dtype)
+    labels = torch.where(keep, 0, -100)   # only which rows count: there is no hard term
+    with maybe_gather_lm_head_ctx(weight, bias):
+        return fastkd.linear_kd_loss(
+            student_hidden, weight, teacher, labels, student_bias=bias,
+            student_logit_scale=scale, student_softcap=softcap, temperature=temperature,
+            soft_weight=1.0 if t_squared else 1.0 / temperature ** 2, hard_weight=0.0,
+            divergence="jsd", beta=float(beta), reduction="sum", tail=tail,
+            chunk_budget_bytes=chunk_budget_bytes)
+
+
+def teacher_head(teacher, teacher_hidden):
+    """A :class:`fastkd.TeacherHead` from a teacher model's hidden states and output layer."""
+    weight, bias, scale, softcap = _head(teacher, teacher_hidden.dtype)
+    return fastkd.TeacherHead(teacher_hidden, weight, bias, logit_scale=scale, softcap=softcap)
+
+
+def _normalized(total, keep, num_items_in_batch):
+    """``total / num_items_in_batch``, or over the kept rows (at least 1) when it is None."""
+    if num_items_in_batch is None:
+        return total / keep.sum().clamp(min=1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+@torch.no_grad()
+def student_entropy_sum(student_hidden, student, keep, temperature: float,
+                        chunk_bytes: int = 64 << 20):
+    """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)``,
+    made a chunk of rows at a time (the metric TRL's ``DistillationTrainer`` logs)."""
+    weight, bias, scale, softcap = _head(student, student_hidden.dtype)
+    rows = student_hidden[keep]
+    step = max(1, chunk_bytes // (4 * weight.shape[0]))
+    total = torch.zeros((), dtype=torch.float32, device=rows.device)
+    with maybe_gather_lm_head_ctx(weight, bias):
+        for start in range(0, rows.shape[0], step):
+            logits = torch.nn.functional.linear(rows[start:start + step], weight, bias).float()
+            logits = logits * scale
+            if softcap is not None:
+                logits = softcap * torch.tanh(logits / softcap)
+            log_p = torch.log_softmax(logits / temperature, dim=-1)
+            total -= (log_p.exp() * log_p).sum()
+    return total
+
+
+def _pop_options(kwargs):
+    budget = kwargs.pop("chunk_budget_bytes", None)
+    if budget is not None and (not isinstance(budget, int) or budget <= 0):
+        raise ValueError(f"chunk_budget_bytes must be a positive int, got {budget!r}")
+    return budget
+
+
+# ----------------------------------------------------------------------------- trainers
+class GKDTrainer(TRLGKDTrainer):
+    """``trl.experimental.gkd.GKDTrainer`` (same arguments, ``GKDConfig``) whose loss is fastkd's
+    fused linear + KD: the same value and gradients as TRL's ``generalized_jsd_loss`` on full
+    logits, without the student's or the teacher's logits. Extra keyword:
+    ``chunk_budget_bytes`` (fastkd's chunk memory budget; default
+    ``fastkd.linear.DEFAULT_CHUNK_BUDGET_BYTES``).
+
+    ``compute_loss(..., return_outputs=True)`` returns no logits (there are none): metrics that
+    need the student's logits are not available."""
+
+    def __init__(self, *args, **kwargs):
+        self.chunk_budget_bytes = _pop_options(kwargs)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student = self.accelerator.unwrap_model(model)
+        loss = redirect(model, student, self._fused_loss, student, inputs, num_items_in_batch)
+        return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+    def _fused_loss(self, student, inputs, num_items_in_batch):
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        hidden = backbone_hidden(student, input_ids, attention_mask)[:, :-1]
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = redirect(self.teacher_model, teacher, backbone_hidden, teacher,
+                                      input_ids, attention_mask)[:, :-1]
+        keep = inputs["labels"][:, 1:] != -100
+        # TRL's generalized_jsd_loss runs at temperature 1 whatever args.temperature says
+        total = fused_divergence(hidden, student, teacher_head(teacher, teacher_hidden), keep,
+                                 beta=self.beta, temperature=1.0, t_squared=True,
+                                 chunk_budget_bytes=self.chunk_budget_bytes)
+        return _normalized(total, keep, num_items_in_batch)
+
+
+class DistillationTrainer(TRLDistillationTrainer):
+    """``trl.DistillationTrainer`` (same arguments, ``DistillationConfig``) whose loss is
+    fastkd's fused linear + KD in place of TRL's chunked divergence: the same value and
+    gradients (divergence at ``temperature`` without ``T^2``, TRL's normalization). Extra
+    keyword: ``chunk_budget_bytes``."""
+
+    def __init__(self, *args, **kwargs):
+        self.chunk_budget_bytes = _pop_options(kwargs)
+        super().__init__(*args, **kwargs)
+
+    # TRL's compute_loss runs this inside the student wrapper's forward (forward redirection)
+    # and reduces the entropy metric; it returns (loss, entropy_sum, n_valid).
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        loss_mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            loss_mask = loss_mask * inputs["tool_mask"]
+        logits_to_keep = completion_ids.size(1)
+        extra = {key: inputs[key] for key in (
+            "pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes",
+            "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+            if key in inputs}
+        hidden = self._get_last_hidden_state(unwrapped_student, input_ids, attention_mask,
+                                             logits_to_keep, **extra)
+        self.teacher_model.eval()
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, teacher, self._get_last_hidden_state, teacher, input_ids,
+                attention_mask, logits_to_keep, **extra)
+        keep = loss_mask.to(hidden.device) != 0
+        total = fused_divergence(hidden, unwrapped_student,
+                                 teacher_head(teacher, teacher_hidden.to(hidden.device)), keep,
+                                 beta=self.beta, temperature=self.temperature,
+                                 t_squared=False, chunk_budget_bytes=self.chunk_budget_bytes)
+        entropy = student_entropy_sum(hidden.detach(), unwrapped_student, keep,
+                                      self.temperature)
+        return _normalized(total, keep, num_items_in_batch), entropy, keep.sum()
+
+
+class ServerDistillationTrainer(TRLServerDistillationTrainer):
+    """``trl.experimental.server_distillation.ServerDistillationTrainer`` (same arguments,
+    ``ServerDistillationConfig``) whose loss is fastkd's fused linear + KD against the served
+    top-k log-probabilities as :class:`fastkd.TopKLogits`: the same value and gradients as TRL's
+    sparse path, without the student's logits. Extra keyword: ``chunk_budget_bytes``.
+
+    Every completion position that counts must have finite teacher log-probabilities (TRL drops
+    a ``-inf`` entry from the support; fastkd refuses it with a ``ValueError``)."""
+
+    def __init__(self, *args, **kwargs):
+        self.chunk_budget_bytes = _pop_options(kwargs)
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        completion_labels = torch.where(completion_mask.bool(), completion_ids,
+                                        torch.full_like(completion_ids, -100))
+        labels = torch.cat([torch.full_like(prompt_ids, -100), completion_labels], dim=1)
+        inputs = {**inputs, "input_ids": input_ids, "attention_mask": attention_mask,
+                  "labels": labels, "prompt_attention_mask": prompt_mask}
+        prompt_length = self._compute_prompt_length(inputs)
+        teacher_result = self._get_teacher_token_logprobs_from_server(inputs, prompt_length)
+        student = self.accelerator.unwrap_model(model)
+        loss = redirect(model, student, self._fused_loss, student, inputs, prompt_length,
+                        teacher_result)
+        # TRL's server path averages per micro-batch, so it divides by the accumulation steps
+        if self.model.training:
+            loss = loss / self.current_gradient_accumulation_steps
+        return (loss, CausalLMOutputWithPast(loss=loss)) if return_outputs else loss
+
+    def _fused_loss(self, student, inputs, prompt_length, teacher_result):
+        input_ids = inputs["input_ids"]
+        comp_len = teacher_result["actual_logprobs"].shape[1]
+        hidden = self._get_last_hidden_state(student, input_ids, inputs["attention_mask"],
+                                             input_ids.shape[1] - prompt_length)[:, :comp_len]
+        labels = inputs["labels"][:, prompt_length:][:, :comp_len]
+        tokens = input_ids[:, prompt_length:][:, :comp_len]
+        keep = labels != -100
+        ids, logprobs = self._support(teacher_result, tokens, keep)
+        if ids.shape[-1] == 2:
+            # beta strictly between 0 and 1: the support is {teacher top-1, sampled token}, one
+            # id where they coincide; ids are unique within a row, so those rows go separately
+            same = ids[..., 0] == ids[..., 1]
+            groups = [(keep & same, 1), (keep & ~same, 2)]
+        else:
+            groups = [(keep, ids.shape[-1])]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for rows, width in groups:
+            if bool(rows.any()):
+                total = total + fused_divergence(
+                    hidden, student, self._target(ids[..., :width], logprobs[..., :width]),
+                    rows, beta=self.beta, temperature=self.temperature, t_squared=False,
+                    tail="bucket" if self.loss_add_tail else "renormalize",
+                    chunk_budget_bytes=self.chunk_budget_bytes)
+        return total / keep.sum().clamp(min=1)
+
+    def _target(self, ids, logprobs):
+        """Served log-probabilities at the loss temperature T as a ``TopKLogits`` whose
+        ``exp(values / T - lse)`` is the served probability: ``values = T * logprobs``,
+        ``lse = 0``."""
+        target = fastkd.TopKLogits.from_logprobs(logprobs.float(), ids)
+        temperature = float(self.temperature)
+        return fastkd.TopKLogits(target.values * temperature, target.indices, target.lse,
+                                 temperature, 0)
+
+    def _support(self, teacher_result, tokens, keep):
+        """``(ids, logprobs)`` ``(B, T, K)``: ``beta = 0``: the served top-k; ``beta = 1``: the
+        sampled token; else the teacher's top-1 then the sampled token. The tail bucket
+        (``loss_add_tail``) is the loss's ``tail="bucket"``; without it, ``"renormalize"``."""
+        top_ids, top_logprobs = teacher_result["topk_token_ids"], teacher_result["topk_logprobs"]
+        actual = teacher_result["actual_logprobs"]
+        if self.beta == 0:
+            ids, logprobs = top_ids, top_logprobs
+        else:
+            missing = keep & ~torch.isfinite(actual)
+            if missing.any():
+                raise ValueError(
+                    "Teacher server is missing actual-token logprobs for required reverse-KL "
+                    f"positions: {int(missing.sum())}/{int(keep.sum())}.")
+            if self.beta == 1:
+                ids, logprobs = tokens.unsqueeze(-1), actual.unsqueeze(-1)
+            else:
+                ids = torch.stack([top_ids[..., 0], tokens], dim=-1)
+                logprobs = torch.stack([top_logprobs[..., 0], actual], dim=-1)
+        bad = keep & ~torch.isfinite(logprobs).all(-1)
+        if bad.any():
+            raise ValueError(
+                f"the teacher server returned no finite log-probability for {int(bad.sum())} of "
+                f"the {int(keep.sum())} completion positions that count (every one needs all "
+                f"{logprobs.shape[-1]} top-k entries)")
+        logprobs = torch.where(keep.unsqueeze(-1), logprobs, torch.zeros_like(logprobs))
+        return ids.long(), logprobs
