@@ -22,6 +22,8 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "distributed"))
