@@ -394,7 +394,11 @@ class DistillationTrainer(transformers.Trainer):
     ..., data_collator=fastkd.tokens.collate_causal_lm, temperature=..., soft_weight=...,
     hard_weight=..., divergence=..., ...)``. With ``teacher=None`` the batches carry cached
     ``teacher_targets`` (a :class:`fastkd.CachedDataset` collated by ``collate_causal_lm``).
-    Logs ``kd_loss`` and ``ce_loss`` beside ``loss``.
+    Logs ``kd_loss`` and ``ce_loss`` beside ``loss``. Under DDP (``torchrun``) the loss, the
+    logged parts and the gradients equal one process's on the global batch, scaled as
+    ``Trainer.compute_loss`` scales a loss normalized by ``num_items_in_batch``.
+    ``evaluate()`` on plain token data (no cache, no teacher) reports the student's
+    cross-entropy as ``eval_loss`` and ``eval_perplexity``.
     """
 
     def __init__(self, *args, teacher: Optional[nn.Module] = None, temperature: float = 1.0,
