@@ -1,0 +1,428 @@
+"""``fastkd import --from distillkit`` and ``--from axolotl``: teacher datasets of other tools
+-> a fastkd top-k cache (docs/teacher-datasets.md has the formats and the file paths of the
+tools' source they were read from).
+
+**DistillKit** (and open-instruct, which writes the same files): per sequence ``input_ids``
+(``n`` tokens) and ``n - 1`` positions of compressed top-k log-probs and ids
+(:mod:`fastkd.cache.distillkit_codec`). Position ``j`` is vLLM's prompt log-probs entry
+``j + 1``: the distribution after tokens ``0 .. j``, which is fastkd's row ``j``. DistillKit
+appends one pad token before sampling (so that the last real token gets a position);
+open-instruct does not. A row cannot say which it is (DistillKit skips the pad when the text
+already ends with it, or is cut at the length limit), so both are imported the same way: the
+sample is the first ``n - 1`` tokens with their ``n - 1`` rows, and the last input id, which
+has no row in either tool, is left out (DistillKit's pad, or open-instruct's last token, whose
+next-token label is then not in the sample).
+
+**axolotl** (a ``save_to_disk`` directory or parquet of its prepared KD dataset):
+``input_ids``, optional ``attention_mask`` and unshifted ``labels``, and per position
+``target_token_ids``, ``target_logprobs``, ``target_mask`` (``L`` rows of ``K``). Its trainer
+pairs student position ``p`` with target row ``p``, so row ``p`` is the distribution over token
+``p + 1`` (fastkd's row ``p``); ``--row-offset 1`` reads datasets made for trainers that paired
+position ``p`` with row ``p + 1``. Rows whose ``target_mask`` is 0 get label -100 (they are out
+of the loss, as in axolotl).
+
+Rows are imported as stored, in rank order, as log-probabilities: ``lse = 0`` (exactly
+``fastkd.TopKLogits.from_logprobs``), so the tail mass ``1 - sum exp(values)`` is what the
+source leaves out. Neither tool stores a log-sum-exp or tail mass, and decompressed rows can
+hold a little more than all the probability: a row whose kept probabilities (as stored in the
+cache dtype) sum to ``1 < m <= 1 + max_excess_mass`` keeps its values and gets ``lse = log m``
+(its kept probabilities then sum to 1, tail 0); a row above that is refused. NaN and ``+inf``
+values, ids outside ``[0, V)`` and an id twice in a row are refused; every refusal is one
+sentence naming the file and row.
+
+Labels are next-token labels of the sample's tokens (the last -100), as a
+:class:`fastkd.tokens.TokenDataset` of those tokens gives them, so the dataset fingerprint
+matches and ``CachedDataset(TokenDataset(...), cache)`` works. The cache is written with the
+writer's shard machinery (same manifest, checksums, ``fastkd verify``), under the directory's
+lock, and an interrupted import resumes from its last finished shard.
+"""
+import os
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fastkd.cache import distillkit_codec as codec
+from fastkd.cache.teacher_tables import (FEATURE, TableError, cell_matrix, cell_vector,
+                                         open_table)
+
+SOURCES = ("distillkit", "axolotl")
+CONFIG_NAME = "compression_config.yaml"
+DEFAULT_MAX_EXCESS_MASS = 0.01
+IMPORT_BATCH = 64  # samples handed to the shard cutter at a time (does not change the bytes)
+IMPORT_ROWS = 2048  # ... or fewer once they hold this many rows
+IGNORE_INDEX = -100
+
+
+class TeacherDatasetError(ValueError):
+    """A teacher dataset that cannot be imported (message names the file and row)."""
+
+
+# ----------------------------------------------------------------------------- formats
+def read_config(path: str):
+    """``compression_config.yaml`` (or a DistillKit training config) -> a codec config."""
+    from fastkd.extras import require
+    yaml = require("yaml", "hf", FEATURE)
+    if not os.path.isfile(path):
+        raise TeacherDatasetError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TeacherDatasetError(f"{path}: not readable YAML ({error})") from None
+    return codec.parse_config(data, path)
+
+
+class DistillKitRows:
+    """Decodes one DistillKit/open-instruct row (current or legacy layout)."""
+
+    def __init__(self, config, columns: set, vocab_size: Optional[int]):
+        self.config = config
+        needed = ("packed_indices", "exact_values", "coeffs") if config.legacy else \
+            ("compressed_logprobs", "bytepacked_indices")
+        other = ("compressed_logprobs", "bytepacked_indices") if config.legacy else \
+            ("packed_indices", "exact_values", "coeffs")
+        missing = [name for name in ("input_ids",) + needed if name not in columns]
+        if missing:
+            layout = "legacy (packed_indices, exact_values, coeffs)" if config.legacy else \
+                "current (compressed_logprobs, bytepacked_indices)"
+            hint = (f"; the data holds the other layout, so the config does not belong to it"
+                    if all(name in columns for name in other) else "")
+            raise TeacherDatasetError(f"the compression config is for the {layout} layout but "
+                                      f"the data lacks {', '.join(missing)}{hint}")
+        self.columns = ["input_ids", *needed]
+        self.top_k = config.k
+        self.vocab_size = vocab_size or config.vocab_size
+        self.describe = {"layout": "legacy" if config.legacy else "compressed",
+                         "compression": dict(vars(config)) if config.legacy else
+                         config.to_mapping()}
+
+    def decode(self, cells: dict, where: str):
+        """-> ``(tokens (n,), hf labels or None, values (n, K), ids (n, K), keep rows mask)``."""
+        config = self.config
+        input_ids = cell_vector(cells["input_ids"], where, "input_ids").astype(np.int64)
+        if config.legacy:
+            words = cell_matrix(cells["packed_indices"], where, "packed_indices")
+            exact = cell_matrix(cells["exact_values"], where, "exact_values")
+            coeffs = cell_matrix(cells["coeffs"], where, "coeffs")
+            positions = len(exact)
+            for name, array, width in (
+                    ("packed_indices", words, -(-config.k // (64 // config.bits))),
+                    ("exact_values", exact, config.exact_k),
+                    ("coeffs", coeffs, config.num_coeffs)):
+                self._check_shape(where, name, array, positions, width)
+            values, ids = codec.decode_legacy(words.astype(np.uint64), exact, coeffs, config)
+        else:
+            logprobs = cell_matrix(cells["compressed_logprobs"], where, "compressed_logprobs")
+            packed = cell_matrix(cells["bytepacked_indices"], where, "bytepacked_indices")
+            positions = len(logprobs)
+            self._check_shape(where, "compressed_logprobs", logprobs, positions,
+                              config.logprob_bytes)
+            self._check_shape(where, "bytepacked_indices", packed, positions, config.index_bytes)
+            values = codec.decode_logprobs(logprobs.astype(np.uint8), config)
+            ids = codec.decode_indices(packed.astype(np.uint8), config)
+        if positions < 1 or positions != len(input_ids) - 1:
+            raise TeacherDatasetError(
+                f"{where}: {positions} positions for {len(input_ids)} input_ids; DistillKit "
+                f"and open-instruct store len(input_ids) - 1 (position j is the distribution "
+                f"after tokens 0..j)")
+        return input_ids[:positions], None, values, ids, None
+
+    def _check_shape(self, where, name, array, positions, width):
+        if len(array) != positions or array.shape[1] != width:
+            raise TeacherDatasetError(
+                f"{where}: {name} has {array.shape[1]} entries per position, the compression "
+                f"config gives {width}; the config does not belong to this data")
+
+
+class AxolotlRows:
+    """Reads one row of axolotl's KD column layout."""
+
+    def __init__(self, columns: set, vocab_size: Optional[int], top_k: Optional[int],
+                 row_offset: int):
+        missing = [name for name in ("input_ids", "target_token_ids", "target_logprobs",
+                                     "target_mask") if name not in columns]
+        if missing:
+            raise TeacherDatasetError(f"the data lacks axolotl's KD column(s) "
+                                      f"{', '.join(missing)}")
+        if vocab_size is None:
+            raise TeacherDatasetError("--from axolotl needs --vocab-size V (axolotl datasets do "
+                                      "not record the teacher's vocabulary size)")
+        if row_offset not in (0, 1):
+            raise TeacherDatasetError(f"--row-offset must be 0 or 1, got {row_offset!r}")
+        self.columns = ["input_ids", "target_token_ids", "target_logprobs", "target_mask"] + [
+            name for name in ("attention_mask", "labels") if name in columns]
+        self.vocab_size, self.top_k, self.row_offset = vocab_size, top_k, row_offset
+        self.describe = {"layout": "axolotl", "row_offset": row_offset}
+
+    def decode(self, cells: dict, where: str):
+        input_ids = cell_vector(cells["input_ids"], where, "input_ids").astype(np.int64)
+        length = len(input_ids)
+        ids = cell_matrix(cells["target_token_ids"], where, "target_token_ids")
+        values = cell_matrix(cells["target_logprobs"], where, "target_logprobs")
+        mask = cell_matrix(cells["target_mask"], where, "target_mask")
+        for name, array in (("target_token_ids", ids), ("target_logprobs", values),
+                            ("target_mask", mask)):
+            if len(array) != length:
+                raise TeacherDatasetError(f"{where}: {name} has {len(array)} rows for {length} "
+                                          f"input_ids; axolotl stores one row per input id")
+        if ids.shape != values.shape or ids.shape != mask.shape:
+            raise TeacherDatasetError(f"{where}: target_token_ids, target_logprobs and "
+                                      f"target_mask differ in shape ({ids.shape}, "
+                                      f"{values.shape}, {mask.shape})")
+        if self.top_k is None:
+            self.top_k = ids.shape[1]
+        elif ids.shape[1] != self.top_k:
+            raise TeacherDatasetError(f"{where}: {ids.shape[1]} log-probs per position, other "
+                                      f"rows (or --top-k) have {self.top_k}; a cache holds one K")
+        attended = np.flatnonzero(self._vector(cells, "attention_mask", where, length, 1))
+        labels = self._vector(cells, "labels", where, length, None)
+        labels = input_ids if labels is None else labels
+        if not len(attended) or attended[-1] - attended[0] + 1 != len(attended):
+            raise TeacherDatasetError(f"{where}: attention_mask must be one contiguous run of 1s "
+                                      f"(left or right padding)")
+        first, stop = int(attended[0]), int(attended[-1]) + 1 - self.row_offset
+        if stop <= first:
+            raise TeacherDatasetError(f"{where}: no position has a row with --row-offset "
+                                      f"{self.row_offset}")
+        rows = slice(first + self.row_offset, stop + self.row_offset)
+        row_mask = mask[rows]
+        keep = row_mask.all(axis=1)
+        mixed = np.flatnonzero(row_mask.any(axis=1) & ~keep)
+        if len(mixed):
+            row = first + self.row_offset + int(mixed[0])
+            raise TeacherDatasetError(f"{where}: target_mask row {row} mixes 0s and 1s; axolotl "
+                                      f"masks whole positions")
+        hf_labels = np.asarray(labels[first:stop], np.int64)
+        return input_ids[first:stop], hf_labels, values[rows], ids[rows], keep
+
+    @staticmethod
+    def _vector(cells, name, where, length, default):
+        if name not in cells:
+            return None if default is None else np.full(length, default, np.int64)
+        vector = cell_vector(cells[name], where, name).astype(np.int64)
+        if len(vector) != length:
+            raise TeacherDatasetError(f"{where}: {name} has {len(vector)} entries, input_ids "
+                                      f"{length}")
+        return vector
+
+
+# ----------------------------------------------------------------------------- one sample
+def storage_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> the cache's storage array (fp16, bf16 as uint16 bits, fp32)."""
+    if dtype == "fp16":
+        with np.errstate(over="ignore"):  # log-probs below -65504 store as -inf (probability 0)
+            return values.astype(np.float16)
+    if dtype == "bf16":
+        return (codec.round_to(values, "bfloat16").view(np.uint32) >> 16).astype(np.uint16)
+    return values.astype(np.float32)
+
+
+def stored_as_float(stored: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (stored.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return stored.astype(np.float64)
+
+
+def check_rows(values, ids, where: str, vocab_size: int, dtype: str, max_excess_mass: float):
+    """The import's checks and mass policy -> ``(stored values, lse (n,) float32)``."""
+    bad = np.isnan(values) | (values == np.inf)
+    if bad.any():
+        position = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise TeacherDatasetError(f"{where}: position {position} holds a NaN or +inf log-prob")
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        position = int(np.flatnonzero(outside.any(axis=1))[0])
+        raise TeacherDatasetError(f"{where}: position {position} holds token id "
+                                  f"{int(ids[position][outside[position]][0])} outside [0, "
+                                  f"{vocab_size}) (--vocab-size {vocab_size})")
+    if ids.shape[1] > 1:
+        ordered = np.sort(ids, axis=1)
+        twice = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        if twice.any():
+            position = int(np.flatnonzero(twice)[0])
+            raise TeacherDatasetError(f"{where}: position {position} lists a token id twice")
+    stored = storage_values(values, dtype)
+    mass = np.exp(stored_as_float(stored, dtype)).sum(axis=1)
+    over = mass > 1 + max_excess_mass
+    if over.any():
+        position = int(np.flatnonzero(over)[0])
+        raise TeacherDatasetError(
+            f"{where}: position {position}'s top-{ids.shape[1]} probabilities sum to "
+            f"{mass[position]:.6g}, more than 1 + {max_excess_mass:g} (--max-excess-mass); these "
+            f"are not log-probabilities of one distribution")
+    lse = np.where(mass > 1, np.log(np.maximum(mass, 1)), 0).astype(np.float32)
+    return stored, lse
+
+
+class TeacherRows:
+    """A teacher dataset as fastkd token items ``{"input_ids", "labels"}`` (``dataset[i]``)
+    and, from :meth:`iter_rows`, their top-K rows."""
+
+    def __init__(self, table, reader, *, dtype: str = "fp16",
+                 max_excess_mass: float = DEFAULT_MAX_EXCESS_MASS):
+        self.table, self.reader, self.dtype = table, reader, dtype
+        self.max_excess_mass = max_excess_mass
+        self.stats = table.stats()
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _sample(self, table, row: int, index: int) -> dict:
+        import torch
+        from fastkd.tokens import next_token_labels
+        where = self.table.where(index)
+        cells = {name: table.column(name)[row] for name in self.reader.columns}
+        tokens, hf_labels, values, ids, keep = self.reader.decode(cells, where)
+        stored, lse = check_rows(values, ids, where, self.reader.vocab_size, self.dtype,
+                                 self.max_excess_mass)
+        tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        if hf_labels is None:
+            labels = next_token_labels(tokens, IGNORE_INDEX)
+        else:
+            labels = next_token_labels(torch.from_numpy(hf_labels), IGNORE_INDEX)
+        if keep is not None:
+            labels[torch.from_numpy(~keep)] = IGNORE_INDEX
+        return {"input_ids": tokens, "labels": labels, "values": stored, "indices": ids,
+                "lse": lse}
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        sample = self._sample(self.table.row(index, self.reader.columns), 0, index)
+        return {"input_ids": sample["input_ids"], "labels": sample["labels"]}
+
+    def iter_rows(self, start: int = 0) -> Iterator[Tuple[int, dict]]:
+        for first, table in self.table.batches(start, self.reader.columns):
+            for row in range(len(table)):
+                yield first + row, self._sample(table, row, first + row)
+        self.table.check_unchanged(self.stats)
+
+
+# ----------------------------------------------------------------------------- import
+def _positive_int(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise TeacherDatasetError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] = None,
+                top_k: Optional[int] = None, compression_config: Optional[str] = None,
+                split: str = "train", row_offset: int = 0):
+    """-> ``(table, reader)`` for ``paths`` read as ``source``."""
+    if source not in SOURCES:
+        raise TeacherDatasetError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
+    _positive_int("--vocab-size", vocab_size)
+    _positive_int("--top-k", top_k)
+    table = open_table(paths, split)
+    if source == "axolotl":
+        return table, AxolotlRows(table.columns, vocab_size, top_k, row_offset)
+    if compression_config is None:
+        first = os.fspath(paths[0]) if paths else "."
+        directory = first if os.path.isdir(first) else os.path.dirname(first) or "."
+        compression_config = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(compression_config):
+            raise TeacherDatasetError(
+                f"{directory}: no {CONFIG_NAME} beside the data; pass --compression-config "
+                f"FILE (the YAML DistillKit's sample-logits writes, or the training config "
+                f"whose teacher section holds logprob_compressor / legacy_logit_compression)")
+    config = read_config(compression_config)
+    if top_k is not None and top_k != config.k:
+        raise TeacherDatasetError(f"--top-k {top_k} differs from the compression config's k = "
+                                  f"{config.k} ({compression_config})")
+    if vocab_size is not None and vocab_size < config.vocab_size:
+        raise TeacherDatasetError(f"--vocab-size {vocab_size} is below the compression config's "
+                                  f"vocabulary ({config.vocab_size}, {compression_config})")
+    return table, DistillKitRows(config, table.columns, vocab_size)
+
+
+def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
+                           vocab_size: Optional[int] = None, top_k: Optional[int] = None,
+                           compression_config: Optional[str] = None, split: str = "train",
+                           row_offset: int = 0,
+                           max_excess_mass: float = DEFAULT_MAX_EXCESS_MASS,
+                           dtype: str = "fp16", shard_size_mb: float = 256,
+                           overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the top-K cache of a DistillKit / open-instruct (``source="distillkit"``) or
+    axolotl (``source="axolotl"``) teacher dataset into ``out_dir`` (see the module docstring).
+    Returns the manifest. Re-running resumes an interrupted import."""
+    from fastkd.cache import manifest as fmt
+    from fastkd.cache import outdir
+    from fastkd.cache.specs import dataset_fingerprint
+    from fastkd.cache.teacher_import import write_rows
+    if dtype not in fmt.STORAGE_DTYPES:
+        raise TeacherDatasetError(f"--dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got "
+                                  f"{dtype!r}")
+    if isinstance(max_excess_mass, bool) or not isinstance(max_excess_mass, (int, float)) or \
+            not 0 <= max_excess_mass < float("inf"):
+        raise TeacherDatasetError(f"--max-excess-mass must be a finite number >= 0, got "
+                                  f"{max_excess_mass!r}")
+    paths = [os.fspath(path) for path in paths]
+    table, reader = open_source(paths, source, vocab_size=vocab_size, top_k=top_k,
+                                compression_config=compression_config, split=split,
+                                row_offset=row_offset)
+    if not len(table):
+        raise TeacherDatasetError(f"{', '.join(paths)}: no rows")
+    dataset = TeacherRows(table, reader, dtype=dtype, max_excess_mass=float(max_excess_mass))
+    token_fingerprint = dataset_fingerprint(dataset)  # decodes (and checks) a few samples
+    if reader.top_k is None:
+        raise TeacherDatasetError(f"{', '.join(paths)}: no rows")
+    config = {
+        "teacher": dict({"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths),
+                         "class": source, "fingerprint": table.fingerprint(),
+                         "max_excess_mass": float(max_excess_mass)}, **reader.describe),
+        "dataset": {"spec": f"{source}-input_ids", "class": "TokenDataset",
+                    "fingerprint": token_fingerprint},
+        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
+        "top_k": reader.top_k, "sample": None, "temperatures": [1.0], "seed": None,
+        "shard_size_mb": shard_size_mb, "batch_size": IMPORT_BATCH, "world_size": 1,
+        "clamp": False, "rows": "all",
+    }
+    out_dir = os.fspath(out_dir)
+    outdir.make_directory(out_dir)
+    with outdir.DirectoryLock(out_dir):  # one writer at a time, as for `fastkd cache`
+        return write_rows(dataset, out_dir, config, overwrite=overwrite,
+                          vocab_size=reader.vocab_size, progress=progress,
+                          batch=(IMPORT_BATCH, IMPORT_ROWS))
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser) -> None:
+    """The ``fastkd import`` options of ``--from distillkit`` / ``--from axolotl``."""
+    group = parser.add_argument_group("--from distillkit / axolotl (teacher datasets)")
+    group.add_argument("--compression-config", metavar="FILE",
+                       help="distillkit: the compression YAML (default: compression_config.yaml "
+                            "beside the data), or a DistillKit training config")
+    group.add_argument("--split", default="train",
+                       help="a save_to_disk DatasetDict's split to import (default: train)")
+    group.add_argument("--row-offset", type=int, default=0, choices=(0, 1),
+                       help="axolotl: fastkd row p is target row p + OFFSET (default 0, as "
+                            "axolotl's trainer pairs them; 1 for datasets made for trainers "
+                            "that paired position p with row p + 1)")
+    group.add_argument("--max-excess-mass", type=float, default=DEFAULT_MAX_EXCESS_MASS,
+                       metavar="TOL",
+                       help="a row whose kept probabilities sum to 1 < m <= 1 + TOL keeps its "
+                            "values with lse = log m; above 1 + TOL it is refused (default "
+                            f"{DEFAULT_MAX_EXCESS_MASS})")
+
+
+def run_import(args, fail, summary) -> int:
+    """``fastkd import --from distillkit|axolotl`` with the parsed options; ``fail`` prints one
+    error line and returns the exit status, ``summary`` describes the written cache."""
+    from fastkd.cache.manifest import CacheError
+    try:
+        manifest = import_teacher_dataset(
+            args.files, args.out, source=args.source, vocab_size=args.vocab_size,
+            top_k=args.top_k, compression_config=args.compression_config, split=args.split,
+            row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
+            shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
+    except (TeacherDatasetError, TableError, codec.FormatError, CacheError) as error:
+        return fail(str(error))
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        return fail(f"{error.strerror or error}{where}")
+    except KeyboardInterrupt:
+        import sys
+        print("fastkd: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        print(summary(args.out, manifest))
+    return 0
