@@ -20,6 +20,7 @@ _COMMANDS = {
     "info": ("fastkd.cache.commands", "summarize a cache directory"),
     "import": ("fastkd.cache.commands",
                "turn a served teacher's top-k log-probs (vLLM JSONL) into a top-k cache"),
+    "export": ("fastkd.cache.export", "write a cache's rows as parquet for `datasets` users"),
     "demo": ("fastkd.demo_cli",
              "train a digits teacher, cache its logits, distil a student, report"),
     "bench": ("fastkd.bench", "run the benchmark suite (source checkout only)"),

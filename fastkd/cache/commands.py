@@ -92,19 +92,28 @@ def add_parser(subparsers) -> None:
                     "server (vLLM), one response JSON per line, into a fastkd top-k cache "
                     "(same manifest, checksums, resume and verify as `fastkd cache`). Request "
                     "with max_tokens=1, prompt_logprobs=K, logprobs=K, "
-                    "return_tokens_as_token_ids=true, return_token_ids=true.")
-    served.add_argument("files", nargs="+", metavar="FILE.jsonl")
-    served.add_argument("--from", dest="source", required=True, choices=("vllm",))
+                    "return_tokens_as_token_ids=true, return_token_ids=true. --from distillkit "
+                    "/ axolotl imports a DistillKit, open-instruct or axolotl teacher dataset "
+                    "(parquet or save_to_disk) instead (docs/teacher-datasets.md).")
+    served.add_argument("files", nargs="+", metavar="FILE.jsonl",
+                        help="vllm: response JSONL files; distillkit / axolotl: the dataset "
+                             "directory or parquet file(s)")
+    served.add_argument("--from", dest="source", required=True,
+                        choices=("vllm", "distillkit", "axolotl"))
     served.add_argument("--out", required=True, metavar="DIR", help="cache directory")
-    served.add_argument("--vocab-size", type=int, required=True, metavar="V",
-                        help="the teacher's vocabulary size (ids >= V are refused)")
-    served.add_argument("--top-k", type=int, required=True, metavar="K",
-                        help="log-probs kept per position (the request's prompt_logprobs)")
+    served.add_argument("--vocab-size", type=int, metavar="V",
+                        help="the teacher's vocabulary size (ids >= V are refused; required "
+                             "for vllm and axolotl, distillkit's default is its config's d)")
+    served.add_argument("--top-k", type=int, metavar="K",
+                        help="log-probs kept per position (vllm: required, the request's "
+                             "prompt_logprobs; distillkit / axolotl: checked against the data)")
     served.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
     served.add_argument("--shard-size-mb", type=float, default=256.0)
     served.add_argument("--overwrite", action="store_true",
                         help="replace an existing cache made from other files or settings")
     served.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    from fastkd.cache.distillkit import add_arguments as add_teacher_dataset_arguments
+    add_teacher_dataset_arguments(served)  # --from distillkit / axolotl (no torch import)
     served.set_defaults(func=run_import)
 
 
@@ -258,6 +267,15 @@ def run_info(args) -> int:
 
 def run_import(args) -> int:
     """``fastkd import``: :func:`fastkd.cache.importer.import_served` with the parsed options."""
+    if args.source != "vllm":  # teacher datasets of other tools: fastkd.cache.distillkit
+        from fastkd.cache.distillkit import run_import as run_teacher_dataset_import
+        return run_teacher_dataset_import(args, _fail, summary)
+    missing = [flag for flag, value in (("--vocab-size", args.vocab_size),
+                                        ("--top-k", args.top_k)) if value is None]
+    if missing:  # a usage error, answered before torch is imported
+        print(f"fastkd import: error: --from vllm needs {' and '.join(missing)}",
+              file=sys.stderr)
+        return 2
     from fastkd.cache.importer import import_served
     try:
         manifest = import_served(args.files, args.out, vocab_size=args.vocab_size,

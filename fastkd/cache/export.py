@@ -1,0 +1,262 @@
+"""``fastkd export --to parquet``: a fastkd cache's rows as parquet, for ``datasets`` users.
+
+One parquet row per cache sample, in sample order (a cache holds no input ids: sample ``i`` is
+item ``i`` of the dataset the cache was made from). Columns, each sample's teacher rows as a
+list of rows (one row for ``rows_per_sample == 1`` caches):
+
+- ``sample`` (int64): the sample's index;
+- top-k: ``indices`` list<list<int32>> (rank order), ``values`` list<list<float32>> (the
+  cached values, exact: fp16/bf16 widen to float32 losslessly) and ``lse`` list<list<float32>>
+  (per row, one log-sum-exp per cached temperature, in the order of the metadata's
+  ``temperatures``); the teacher's probability of id ``indices[r][j]`` at temperature ``T`` is
+  ``exp(values[r][j] / T - lse[r][t])``;
+- sampled: ``indices`` and ``counts`` list<list<int32>> (draws per distinct id);
+- dense / features: ``logits`` / ``features`` list<list<float32>>;
+- labels when the cache has them: ``labels`` list<int32> (per row; fastkd's next-token labels,
+  -100 = ignored) or ``label`` int64 (per sample).
+
+The schema metadata key ``fastkd`` holds JSON: layout, num_classes, top_k / sample,
+temperatures, dtype, the cache manifest's sha256 and the part's sample range.
+
+``--out FILE.parquet`` writes one file; any other ``--out`` is a directory of
+``part-NNNNN.parquet`` files of ``--samples-per-file`` samples (``datasets.load_dataset("parquet",
+data_dir=DIR)`` reads them in order). Every file is written under a temporary name and renamed
+when complete, so a file is never seen half-written; an interrupted directory export resumes
+after its last complete part (a part is kept only when its metadata names this cache and its
+sample range). The cache is verified against its checksums first.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+EXPORT_FORMAT = "fastkd-parquet-export"
+EXPORT_VERSION = 1
+CHUNK_ROWS = 8192  # teacher rows read and written at a time (bounds memory)
+DEFAULT_SAMPLES_PER_FILE = 100_000
+FEATURE = "fastkd export --to parquet"
+
+
+class ExportError(ValueError):
+    """An export that cannot be done (message names the path)."""
+
+
+def _modules():
+    from fastkd.extras import require
+    return require("pyarrow", "hf", FEATURE), require("pyarrow.parquet", "hf", FEATURE)
+
+
+def _nested(pa, flat, row_offsets, sample_offsets):
+    """``(R, W)`` numpy -> list<list<...>> per sample (``sample_offsets`` into the rows)."""
+    width = flat.shape[1]
+    inner = pa.ListArray.from_arrays(pa.array(row_offsets * width, pa.int32()),
+                                     pa.array(flat.reshape(-1)))
+    return pa.ListArray.from_arrays(pa.array(sample_offsets, pa.int32()), inner)
+
+
+class _Rows:
+    """Reads a cache's samples as columns (all lse columns of a top-k cache)."""
+
+    def __init__(self, path: str):
+        from fastkd.cache.reader import LogitCache
+        self.cache = LogitCache(path)
+        self.cache.verify()
+        manifest = self.cache.manifest
+        self.layout, self.manifest = self.cache.layout, manifest
+        self.temperatures = self.cache.temperatures
+        self.per_temperature = [self.cache] + [LogitCache(path, temperature=t)
+                                               for t in (self.temperatures or [])[1:]] \
+            if self.layout == "topk" else [self.cache]
+        offsets = self.cache.offsets
+        self.offsets = offsets.numpy() if offsets is not None else \
+            np.arange(len(self.cache) + 1)
+        self.labels = self.cache.labels
+        self.labels = None if self.labels is None else self.labels.numpy()
+
+    def metadata(self, start: int, stop: int) -> bytes:
+        manifest = self.manifest
+        return json.dumps({
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "layout": self.layout,
+            "num_classes": manifest["num_classes"], "top_k": manifest.get("top_k"),
+            "sample": manifest.get("sample"), "temperatures": self.temperatures,
+            "dtype": manifest["dtype"], "labels_per": manifest["labels_per"],
+            "cache_manifest_sha256": manifest.get("manifest_sha256"),
+            "samples": [start, stop], "num_samples": len(self.cache)}).encode()
+
+    def table(self, pa, start: int, stop: int):
+        """Samples ``[start, stop)`` as a pyarrow Table."""
+        first, last = int(self.offsets[start]), int(self.offsets[stop])
+        count = last - first
+        row_offsets = np.arange(count + 1, dtype=np.int64)
+        sample_offsets = (self.offsets[start:stop + 1] - first).astype(np.int64)
+        columns = {"sample": pa.array(np.arange(start, stop, dtype=np.int64))}
+        rows = self.cache.rows(first, last)
+        if self.layout == "topk":
+            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32), row_offsets,
+                                         sample_offsets)
+            columns["values"] = _nested(pa, rows.values.float().numpy(), row_offsets,
+                                        sample_offsets)
+            lse = np.stack([cache.rows(first, last).lse.float().numpy()
+                            for cache in self.per_temperature], axis=-1)
+            columns["lse"] = _nested(pa, lse.astype(np.float32), row_offsets, sample_offsets)
+        elif self.layout == "sampled":
+            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32), row_offsets,
+                                         sample_offsets)
+            columns["counts"] = _nested(pa, rows.counts.numpy().astype(np.int32), row_offsets,
+                                        sample_offsets)
+        else:
+            name = "logits" if self.layout == "dense" else "features"
+            columns[name] = _nested(pa, rows.float().numpy(), row_offsets, sample_offsets)
+        if self.labels is not None:
+            if self.manifest["labels_per"] == "row":
+                columns["labels"] = pa.ListArray.from_arrays(
+                    pa.array(sample_offsets, pa.int32()),
+                    pa.array(self.labels[first:last].astype(np.int32)))
+            else:
+                columns["label"] = pa.array(self.labels[start:stop].astype(np.int64))
+        return pa.table(columns)
+
+    def chunks(self, start: int, stop: int):
+        """Sample ranges of about CHUNK_ROWS rows (at least one sample each)."""
+        sample = start
+        while sample < stop:
+            end = sample + 1
+            while end < stop and self.offsets[end + 1] - self.offsets[sample] <= CHUNK_ROWS:
+                end += 1
+            yield sample, end
+            sample = end
+
+
+def _temp_name(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def _write_file(rows: _Rows, path: str, start: int, stop: int) -> None:
+    pa, pq = _modules()
+    temp = _temp_name(path)
+    writer = None
+    try:
+        for low, high in rows.chunks(start, stop):
+            table = rows.table(pa, low, high)
+            if writer is None:
+                schema = table.schema.with_metadata({b"fastkd": rows.metadata(start, stop)})
+                writer = pq.ParquetWriter(temp, schema)
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+        if writer is None:  # an empty range: an empty file with the columns
+            table = rows.table(pa, start, start)
+            writer = pq.ParquetWriter(temp, table.schema.with_metadata(
+                {b"fastkd": rows.metadata(start, stop)}))
+        writer.close()
+        writer = None
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def _part_matches(path: str, rows: _Rows, start: int, stop: int) -> bool:
+    _, pq = _modules()
+    try:
+        meta = pq.read_schema(path).metadata or {}
+        info = json.loads(meta.get(b"fastkd", b"{}"))
+        return (info.get("cache_manifest_sha256") == rows.manifest.get("manifest_sha256") and
+                info.get("samples") == [start, stop] and
+                pq.ParquetFile(path).metadata.num_rows == stop - start)
+    except Exception:  # unreadable or foreign: not a finished part of this export
+        return False
+
+
+def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PER_FILE,
+                   overwrite: bool = False, progress: bool = True) -> list:
+    """Write cache ``cache_dir`` as parquet at ``out`` (see the module docstring); returns the
+    written (or kept) file paths."""
+    from fastkd.cache.manifest import CacheError
+    cache_dir, out = os.fspath(cache_dir), os.fspath(out)
+    if isinstance(samples_per_file, bool) or not isinstance(samples_per_file, int) or \
+            samples_per_file < 1:
+        raise ExportError(f"--samples-per-file must be an int >= 1, got {samples_per_file!r}")
+    _modules()
+    if not os.path.isdir(cache_dir):
+        raise CacheError(f"{cache_dir}: no such cache directory")
+    rows = _Rows(cache_dir)
+    total = len(rows.cache)
+    if out.endswith(".parquet"):
+        if os.path.exists(out) and not overwrite:
+            raise ExportError(f"--out {out} exists; pass --overwrite to replace it")
+        if os.path.isdir(out):
+            raise ExportError(f"--out {out} is a directory; name a .parquet file")
+        _write_file(rows, out, 0, total)
+        return [out]
+    os.makedirs(out, exist_ok=True)
+    ranges = [(start, min(start + samples_per_file, total))
+              for start in range(0, max(total, 1), samples_per_file)]
+    names = [f"part-{number:05d}.parquet" for number in range(len(ranges))]
+    foreign = [name for name in os.listdir(out) if not (
+        name.startswith("part-") and name.endswith(".parquet")) and not name.startswith(".part-")]
+    if foreign:
+        raise ExportError(f"--out {out} holds files that are not parts of an export "
+                          f"({foreign[0]}); choose an empty directory")
+    from tqdm.auto import tqdm
+    written = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name.startswith(".part-") or overwrite:  # a killed export's temp file, --overwrite
+            os.remove(path)
+        elif name not in names:
+            raise ExportError(f"{path} is not part of this cache's export (another cache or "
+                              f"--samples-per-file); pass --overwrite to replace it")
+    with tqdm(total=total, unit="sample", disable=not progress, desc="fastkd export") as bar:
+        for (start, stop), name in zip(ranges, names):
+            path = os.path.join(out, name)
+            if os.path.exists(path) and not _part_matches(path, rows, start, stop):
+                raise ExportError(f"{path} is not part of this cache's export (another cache or "
+                                  f"--samples-per-file); pass --overwrite to replace it")
+            if not os.path.exists(path):
+                _write_file(rows, path, start, stop)
+            written.append(path)
+            bar.update(stop - start)
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+def add_parser(subparsers) -> None:
+    export = subparsers.add_parser(
+        "export", help="write a cache's rows as parquet for `datasets` users",
+        description="Write a fastkd cache (dense, top-k or sampled) as parquet: one row per "
+                    "sample with its teacher rows (ids, values, lse or counts) and labels. The "
+                    "cache is verified first; files are written under a temporary name and "
+                    "renamed; a directory export resumes after its last complete part.")
+    export.add_argument("dir", metavar="CACHE_DIR")
+    export.add_argument("--to", required=True, choices=("parquet",))
+    export.add_argument("--out", required=True, metavar="FILE_OR_DIR",
+                        help="a .parquet file, or a directory of part-NNNNN.parquet files")
+    export.add_argument("--samples-per-file", type=int, default=DEFAULT_SAMPLES_PER_FILE,
+                        metavar="N", help="directory export: samples per part (default "
+                                          f"{DEFAULT_SAMPLES_PER_FILE})")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing file, or the parts in the directory")
+    export.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    export.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from fastkd.cache.manifest import CacheError
+    try:
+        paths = export_parquet(args.dir, args.out, samples_per_file=args.samples_per_file,
+                               overwrite=args.overwrite, progress=not args.quiet)
+    except (ExportError, CacheError) as error:
+        print(f"fastkd: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"fastkd: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"ok: {args.dir} -> {len(paths)} parquet file(s) at {args.out}")
+    return 0
