@@ -43,6 +43,7 @@ from packaging.version import Version  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 import fastkd  # noqa: E402
+from fastkd.linear import DEFAULT_CHUNK_BUDGET_BYTES  # noqa: E402
 
 if Version(trl.__version__) < Version("1.16.0"):
     raise ImportError(f"fastkd.trl needs trl >= 1.16.0, found {trl.__version__}: "
@@ -103,6 +104,10 @@ def _head(model, hidden_dtype):
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{type(model).__name__} has no output layer (get_output_embeddings() "
                          "is None): fastkd.trl needs a causal LM with an lm_head")
+    if hasattr(head, "base_layer"):   # a PEFT adapter layer around the head
+        raise ValueError("an adapter on lm_head is not supported: the fused loss reads "
+                         "lm_head.weight directly, so the adapter would be neither applied nor "
+                         "trained; remove 'lm_head' from the adapter's target_modules")
     scale, softcap = logit_transforms(model)
     return (_full(head.weight, hidden_dtype), _full(getattr(head, "bias", None), hidden_dtype),
             scale, softcap)
@@ -171,21 +176,24 @@ def _normalized(total, keep, num_items_in_batch):
 
 @torch.no_grad()
 def student_entropy_sum(student_hidden, student, keep, temperature: float,
-                        chunk_bytes: int = 64 << 20):
-    """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)``,
-    made a chunk of rows at a time (the metric TRL's ``DistillationTrainer`` logs)."""
+                        chunk_budget_bytes: Optional[int] = None):
+    """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)`` (the
+    metric TRL's ``DistillationTrainer`` logs), a chunk of rows at a time: about three float32
+    chunk buffers, sized to ``chunk_budget_bytes`` (default fastkd's chunk budget)."""
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
     rows = student_hidden[keep]
-    step = max(1, chunk_bytes // (4 * weight.shape[0]))
+    budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
+    step = max(1, min(1024, budget // (3 * 4 * weight.shape[0])))
     total = torch.zeros((), dtype=torch.float32, device=rows.device)
     with maybe_gather_lm_head_ctx(weight, bias):
         for start in range(0, rows.shape[0], step):
-            logits = torch.nn.functional.linear(rows[start:start + step], weight, bias).float()
-            logits = logits * scale
-            if softcap is not None:
-                logits = softcap * torch.tanh(logits / softcap)
-            log_p = torch.log_softmax(logits / temperature, dim=-1)
-            total -= (log_p.exp() * log_p).sum()
+            z = torch.nn.functional.linear(rows[start:start + step], weight, bias).float()
+            if softcap is not None:   # TRL's order: scale, softcap, then the temperature
+                z.mul_(scale / softcap).tanh_().mul_(softcap / temperature)
+            else:
+                z.mul_(scale / temperature)
+            z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))   # log p
+            total -= z.exp().mul_(z).sum()
     return total
 
 
@@ -270,7 +278,7 @@ class DistillationTrainer(TRLDistillationTrainer):
                                  beta=self.beta, temperature=self.temperature,
                                  t_squared=False, chunk_budget_bytes=self.chunk_budget_bytes)
         entropy = student_entropy_sum(hidden.detach(), unwrapped_student, keep,
-                                      self.temperature)
+                                      self.temperature, self.chunk_budget_bytes)
         return _normalized(total, keep, num_items_in_batch), entropy, keep.sum()
 
 

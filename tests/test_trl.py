@@ -6,7 +6,7 @@ Tolerances (float32 throughout): losses rtol 1e-5 / atol 1e-7; gradients atol 1e
 largest gradient entry over all parameters (plus rtol 1e-4); the two paths sum the same terms in different orders
 and chunkings, nothing more.
 """
-import copy
+import json
 import importlib.util
 import os
 import subprocess
@@ -208,8 +208,9 @@ def _distillation_trainer(cls, student, teacher, tmp_path, **config):
     from trl import DistillationConfig
     args = DistillationConfig(**_config_args(tmp_path, max_completion_length=6, **config))
     return cls(model=student, teacher_model=teacher, args=args,
-               train_dataset=datasets.Dataset.from_dict({"prompt": ["def f(x):", "a = [1,",
-                                                                    "class A", "import o"]}),
+               train_dataset=datasets.Dataset.from_dict({"prompt": [
+                   "def f(x):", "a = [1,", "class A", "import o", "for i in", "x = {",
+                   "while ", "return "]}),
                processing_class=EX.byte_tokenizer())
 
 
@@ -355,3 +356,60 @@ def test_example_smoke_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "distillation losses logged:" in result.stdout
     assert "held-out KL(student || teacher)" in result.stdout
+
+
+def test_adapter_on_the_head_is_refused():
+    """A PEFT-style adapter layer around lm_head (``base_layer``) would be bypassed by a loss
+    that reads lm_head.weight: refused."""
+    student, teacher = _pair("plain")
+
+    class AdapterLayer(torch.nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+
+        @property
+        def weight(self):
+            return self.base_layer.weight
+
+    student.set_output_embeddings(AdapterLayer(student.get_output_embeddings()))
+    hidden = torch.randn(2, 3, 32)
+    head = fastkd.trl.teacher_head(teacher, torch.randn(2, 3, 48))
+    with pytest.raises(ValueError, match="an adapter on lm_head is not supported"):
+        fastkd.trl.fused_divergence(hidden, student, head, torch.ones(2, 3, dtype=torch.bool),
+                                    beta=0.5, temperature=1.0, t_squared=True)
+
+
+def test_ddp_two_ranks_equal_trl_and_sharded_head():
+    """Under torchrun with 2 ranks (gloo, CPU) and DDP, one training step (gradient accumulation
+    2) of fastkd's GKD and Distillation trainers leaves the weights TRL's leaves, identical on
+    both ranks; a DTensor-sharded lm_head weight (FSDP2's layout) gives the plain weight's loss
+    and gradient."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(ROOT, "tests", "trl_ddp_run.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    figures = json.loads(line[len("RESULT "):])
+    for trainer in ("gkd", "distillation"):
+        f = figures[trainer]
+        assert f["wrapper"] == "DistributedDataParallel"
+        assert f["moved"] > 1e-3
+        assert f["fastkd_vs_trl"] <= 1e-5 * f["moved"] + 1e-7, f
+        assert f["rank_spread"] == 0.0, f
+    sharded = figures["sharded_head"]
+    assert sharded["dtensor_grad"] == "DTensor"
+    assert sharded["loss_diff"] <= 1e-6
+    assert sharded["grad_diff"] <= 1e-5 * sharded["grad_scale"]
+
+
+def test_memory_benchmark_smoke():
+    """benchmarks/trl_memory.py's measurement runs (tiny shapes) and, on the same job, fastkd's
+    step holds less than TRL's full-logits GKD step."""
+    from benchmarks.trl_memory import measure
+    shapes = dict(vocab=512, hidden=32, tokens=64, device="cpu")
+    fast, trl_default = measure("gkd-fastkd", **shapes), measure("gkd-trl", **shapes)
+    assert fast["loss"] == pytest.approx(trl_default["loss"], rel=1e-5)
+    assert 0 < fast["peak_extra_bytes"] < trl_default["peak_extra_bytes"]
