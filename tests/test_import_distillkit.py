@@ -18,8 +18,8 @@ yaml = pytest.importorskip("yaml")
 
 from fastkd.cache import distillkit, export  # noqa: E402
 from fastkd.cache import manifest as fmt  # noqa: E402
-from fastkd.cache.distillkit_codec import (encode_indices, encode_logprobs,  # noqa: E402
-                                           parse_config)
+from fastkd.cache.distillkit_codec import parse_config  # noqa: E402
+from fastkd.cache.distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
 from fastkd.cache.reader import LogitCache  # noqa: E402
 from fastkd.cli import main  # noqa: E402
 
@@ -261,6 +261,12 @@ def _bad(kind, directory):
         with open(os.path.join(directory, "compression_config.yaml"), "w") as handle:
             yaml.safe_dump(dict(LOSSLESS, shuffle=True), handle)
         return path, "unknown field(s) 'shuffle'"
+    if kind == "token":
+        return write_dataset(directory, [([3, 99, 5], good[0][1], IDS)], LOSSLESS), \
+            "input_ids holds token id 99 outside [0, 64)"
+    if kind == "short":
+        return write_dataset(directory, [([3], good[0][1][:0], IDS[:0])], LOSSLESS), \
+            "1 input_ids, no position to import"
     if kind == "null":
         return write_dataset(directory, good, LOSSLESS, {"bytepacked_indices": pa.array(
             [None], pa.list_(pa.list_(pa.uint8())))}), "bytepacked_indices is null"
@@ -277,7 +283,7 @@ def _id_outside(directory, good):
 
 
 @pytest.mark.parametrize("kind", ["positions", "config", "id", "twice", "nan", "legacy-config",
-                                  "unknown-field", "null"])
+                                  "unknown-field", "null", "token", "short"])
 def test_bad_input_ends_in_one_sentence(tmp_path, capsys, kind):
     path, words = _bad(kind, str(tmp_path / "d"))
     assert import_(tmp_path / "d", tmp_path / "c") == 1

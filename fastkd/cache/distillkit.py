@@ -99,39 +99,46 @@ class DistillKitRows:
     def decode(self, cells: dict, where: str):
         """-> ``(tokens (n,), hf labels or None, values (n, K), ids (n, K), keep rows mask)``."""
         config = self.config
-        input_ids = cell_vector(cells["input_ids"], where, "input_ids").astype(np.int64)
+        input_ids = token_ids(cells["input_ids"], where, self.vocab_size)
         if config.legacy:
-            words = cell_matrix(cells["packed_indices"], where, "packed_indices")
-            exact = cell_matrix(cells["exact_values"], where, "exact_values")
-            coeffs = cell_matrix(cells["coeffs"], where, "coeffs")
-            positions = len(exact)
-            for name, array, width in (
-                    ("packed_indices", words, -(-config.k // (64 // config.bits))),
-                    ("exact_values", exact, config.exact_k),
-                    ("coeffs", coeffs, config.num_coeffs)):
-                self._check_shape(where, name, array, positions, width)
-            values, ids = codec.decode_legacy(words.astype(np.uint64), exact, coeffs, config)
+            widths = {"packed_indices": -(-config.k // (64 // config.bits)),
+                      "exact_values": config.exact_k, "coeffs": config.num_coeffs}
         else:
-            logprobs = cell_matrix(cells["compressed_logprobs"], where, "compressed_logprobs")
-            packed = cell_matrix(cells["bytepacked_indices"], where, "bytepacked_indices")
-            positions = len(logprobs)
-            self._check_shape(where, "compressed_logprobs", logprobs, positions,
-                              config.logprob_bytes)
-            self._check_shape(where, "bytepacked_indices", packed, positions, config.index_bytes)
-            values = codec.decode_logprobs(logprobs.astype(np.uint8), config)
-            ids = codec.decode_indices(packed.astype(np.uint8), config)
-        if positions < 1 or positions != len(input_ids) - 1:
-            raise TeacherDatasetError(
-                f"{where}: {positions} positions for {len(input_ids)} input_ids; DistillKit "
-                f"and open-instruct store len(input_ids) - 1 (position j is the distribution "
-                f"after tokens 0..j)")
-        return input_ids[:positions], None, values, ids, None
+            widths = {"compressed_logprobs": config.logprob_bytes,
+                      "bytepacked_indices": config.index_bytes}
+        arrays = {name: cell_matrix(cells[name], where, name) for name in widths}
+        for name, array in arrays.items():
+            if len(array) != len(input_ids) - 1:
+                raise TeacherDatasetError(
+                    f"{where}: {name} has {len(array)} positions for {len(input_ids)} input_ids; "
+                    f"DistillKit and open-instruct store len(input_ids) - 1 (position j is the "
+                    f"distribution after tokens 0..j)")
+            if len(array) and array.shape[1] != widths[name]:
+                raise TeacherDatasetError(
+                    f"{where}: {name} has {array.shape[1]} entries per position, the compression "
+                    f"config gives {widths[name]}; the config does not belong to this data")
+        if len(input_ids) < 2:
+            raise TeacherDatasetError(f"{where}: {len(input_ids)} input_ids, no position to "
+                                      f"import (a sequence needs at least 2)")
+        if config.legacy:
+            values, ids = codec.decode_legacy(arrays["packed_indices"].astype(np.uint64),
+                                              arrays["exact_values"], arrays["coeffs"], config)
+        else:
+            values = codec.decode_logprobs(arrays["compressed_logprobs"].astype(np.uint8), config)
+            ids = codec.decode_indices(arrays["bytepacked_indices"].astype(np.uint8), config)
+        return input_ids[:-1], None, values, ids, None
 
-    def _check_shape(self, where, name, array, positions, width):
-        if len(array) != positions or array.shape[1] != width:
-            raise TeacherDatasetError(
-                f"{where}: {name} has {array.shape[1]} entries per position, the compression "
-                f"config gives {width}; the config does not belong to this data")
+
+def token_ids(cell, where: str, vocab_size: int) -> np.ndarray:
+    """An ``input_ids`` cell -> int64 ids, each in ``[0, vocab_size)``."""
+    ids = cell_vector(cell, where, "input_ids")
+    if ids.dtype.kind not in "iu":
+        raise TeacherDatasetError(f"{where}: input_ids must be integers, got {ids.dtype}")
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        raise TeacherDatasetError(f"{where}: input_ids holds token id {ids[outside][0]} "
+                                  f"outside [0, {vocab_size}) (--vocab-size {vocab_size})")
+    return ids.astype(np.int64)
 
 
 class AxolotlRows:
@@ -155,7 +162,7 @@ class AxolotlRows:
         self.describe = {"layout": "axolotl", "row_offset": row_offset}
 
     def decode(self, cells: dict, where: str):
-        input_ids = cell_vector(cells["input_ids"], where, "input_ids").astype(np.int64)
+        input_ids = token_ids(cells["input_ids"], where, self.vocab_size)
         length = len(input_ids)
         ids = cell_matrix(cells["target_token_ids"], where, "target_token_ids")
         values = cell_matrix(cells["target_logprobs"], where, "target_logprobs")
@@ -407,14 +414,13 @@ def add_arguments(parser) -> None:
 def run_import(args, fail, summary) -> int:
     """``fastkd import --from distillkit|axolotl`` with the parsed options; ``fail`` prints one
     error line and returns the exit status, ``summary`` describes the written cache."""
-    from fastkd.cache.manifest import CacheError
     try:
         manifest = import_teacher_dataset(
             args.files, args.out, source=args.source, vocab_size=args.vocab_size,
             top_k=args.top_k, compression_config=args.compression_config, split=args.split,
             row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
             shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
-    except (TeacherDatasetError, TableError, codec.FormatError, CacheError) as error:
+    except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
         return fail(str(error))
     except OSError as error:
         where = f" ({error.filename})" if error.filename else ""
