@@ -471,3 +471,31 @@ def test_export_verifies_the_cache_first_and_is_atomic(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "verification failed" in err and shard["file"] in err
     assert not os.path.exists(tmp_path / "x.parquet")
+
+
+def test_imported_rows_train_with_kd_loss(tmp_path):
+    """The imported targets go straight into fastkd.kd_loss (tail bucket at T = 1): a row kept
+    at mass 1.005 with lse = log m passes the loss's mass check, while the same values with
+    lse 0 are refused there; the loss equals KL over the K ids plus the tail bucket."""
+    import torch
+    import fastkd
+    write_dataset(tmp_path / "d", mass_rows(1.005), LOSSLESS)
+    assert import_(tmp_path / "d", tmp_path / "c") == 0
+    target = LogitCache(tmp_path / "c")[0]
+    student = torch.randn(2, 64, dtype=torch.float64).float()
+    loss = fastkd.kd_loss(student, target, None, soft_weight=1.0, hard_weight=0.0,
+                          reduction="sum")
+    log_s = torch.log_softmax(student.double(), -1)
+    expected = 0.0
+    for row in range(2):
+        p = torch.exp(target.values[row].double() - target.lse[row].double())
+        q = torch.exp(log_s[row, target.indices[row].long()])
+        expected += float((p * (p.log() - q.log())).sum())
+        rest_p, rest_q = 1 - float(p.sum()), 1 - float(q.sum())
+        if rest_p > 1e-12:
+            expected += rest_p * (math.log(rest_p) - math.log(rest_q))
+    assert float(loss) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    unnormalized = type(target)(target.values, target.indices, torch.zeros_like(target.lse),
+                                target.temperature, target.num_classes)
+    with pytest.raises(ValueError, match="sum"):
+        fastkd.kd_loss(student, unnormalized, None, soft_weight=1.0, hard_weight=0.0)
