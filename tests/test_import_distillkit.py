@@ -499,3 +499,23 @@ def test_imported_rows_train_with_kd_loss(tmp_path):
                                 target.temperature, target.num_classes)
     with pytest.raises(ValueError, match="sum"):
         fastkd.kd_loss(student, unnormalized, None, soft_weight=1.0, hard_weight=0.0)
+
+
+def test_parquet_rows_are_read_from_any_start(tmp_path):
+    """Resumption reads from any row on: across files and row groups, in order."""
+    from fastkd.cache.teacher_tables import open_table
+    for number, (low, high) in enumerate(((0, 5), (5, 6), (6, 13))):
+        pq.write_table(pa.table({"input_ids": [[i] for i in range(low, high)]}),
+                       tmp_path / f"data_{number}.parquet", row_group_size=2)
+    (tmp_path / "data_10.parquet").write_bytes((tmp_path / "data_2.parquet").read_bytes())
+    table = open_table([str(tmp_path)])
+    assert len(table) == 20 and table.where(13) == f"{tmp_path / 'data_10.parquet'}: row 0"
+    expected = list(range(13)) + list(range(6, 13))
+    for start in range(21):
+        got = [(first + row, batch.column("input_ids")[row].as_py()[0])
+               for first, batch in table.batches(start, ["input_ids"])
+               for row in range(len(batch))]
+        assert got == list(enumerate(expected))[start:], start
+        if start < 20:
+            assert table.row(start, ["input_ids"]).column("input_ids")[0].as_py() == \
+                [expected[start]]
