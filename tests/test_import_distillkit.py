@@ -147,15 +147,21 @@ def test_legacy_layout_with_a_training_config(tmp_path):
 
 
 # ----------------------------------------------------------------------------- axolotl
-@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("offset", [1, 0])
 def test_axolotl_sample_imports_what_it_stores(tmp_path, offset):
-    """Row p is target row p + offset (default 0: axolotl's trainer pairs position p with row
-    p); attended tokens only; rows with target_mask 0 get label -100."""
-    assert import_(AXOLOTL, tmp_path / "c", "--vocab-size", 4096, "--row-offset", offset,
+    """fastkd row j is axolotl row j + offset (default 1: axolotl's writers store row p over
+    token p; 0 as its Liger trainer pairs them); attended tokens only (less the last with
+    offset 1); rows with target_mask 0 get label -100, which with offset 1 is exactly where the
+    next-token label is -100 anyway, so a TokenDataset of the same tokens matches."""
+    from fastkd.cache.specs import dataset_fingerprint
+    from fastkd.tokens import TokenDataset
+    extra = () if offset == 1 else ("--row-offset", 0)
+    assert import_(AXOLOTL, tmp_path / "c", "--vocab-size", 4096, *extra,
                    source="axolotl") == 0
     cache = LogitCache(tmp_path / "c")
     cache.verify()
     assert cache.num_classes == 4096 and cache.manifest["top_k"] == 8
+    token_rows = []
     for index, (tokens, attention, labels, ids, logprobs, mask) in enumerate(
             samples.axolotl_rows()):
         length = int(attention.sum()) - offset
@@ -167,6 +173,15 @@ def test_axolotl_sample_imports_what_it_stores(tmp_path, offset):
                     for j in range(length)]
         assert cache.sample_labels(index).tolist() == expected
         assert np.all(target.lse.numpy() < 1e-6)  # axolotl's rows sum to 1 (float rounding)
+        token_rows.append({"input_ids": tokens[:length].tolist(),
+                           "labels": labels[:length].tolist()})
+    if offset == 1:
+        assert dataset_fingerprint(TokenDataset(token_rows)) == \
+            cache.manifest["dataset"]["fingerprint"]
+        # the last prompt token's row predicts the first completion token: kept, finite
+        prompt, labels = samples.AXOLOTL_PROMPT[0], cache.sample_labels(0)
+        assert np.isfinite(cache[0].values.numpy()[prompt - 1:]).all()
+        assert labels[:prompt - 1].eq(-100).all() and labels[prompt - 1] != -100
 
 
 def test_axolotl_needs_the_vocabulary_size(tmp_path, capsys):

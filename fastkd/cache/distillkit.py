@@ -15,11 +15,14 @@ next-token label is then not in the sample).
 
 **axolotl** (a ``save_to_disk`` directory or parquet of its prepared KD dataset):
 ``input_ids``, optional ``attention_mask`` and unshifted ``labels``, and per position
-``target_token_ids``, ``target_logprobs``, ``target_mask`` (``L`` rows of ``K``). Its trainer
-pairs student position ``p`` with target row ``p``, so row ``p`` is the distribution over token
-``p + 1`` (fastkd's row ``p``); ``--row-offset 1`` reads datasets made for trainers that paired
-position ``p`` with row ``p + 1``. Rows whose ``target_mask`` is 0 get label -100 (they are out
-of the loss, as in axolotl).
+``target_token_ids``, ``target_logprobs``, ``target_mask`` (``L`` rows of ``K``). axolotl's
+writers store row ``p`` as the distribution over token ``p`` (row 0, and rows without
+log-probs, are ``-inf`` padding) with ``target_mask[p] = labels[p] != -100``, so fastkd's row
+``j`` is axolotl's row ``j + 1`` (``row_offset=1``, the default) and the sample is the attended
+tokens but the last, which has no row. ``row_offset=0`` reads row ``p`` as fastkd's row ``p``,
+as axolotl's Liger-kernel trainer path pairs them. Rows whose ``target_mask`` is 0 get label
+-100 (out of the loss, as in axolotl); with ``row_offset=1`` that is exactly where the
+next-token label is already -100.
 
 Rows are imported as stored, in rank order, as log-probabilities: ``lse = 0`` (exactly
 ``fastkd.TopKLogits.from_logprobs``), so the tail mass ``1 - sum exp(values)`` is what the
@@ -313,7 +316,7 @@ def _positive_int(name: str, value) -> None:
 
 def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] = None,
                 top_k: Optional[int] = None, compression_config: Optional[str] = None,
-                split: str = "train", row_offset: int = 0):
+                split: str = "train", row_offset: int = 1):
     """-> ``(table, reader)`` for ``paths`` read as ``source``."""
     if source not in SOURCES:
         raise TeacherDatasetError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -344,7 +347,7 @@ def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] 
 def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
                            vocab_size: Optional[int] = None, top_k: Optional[int] = None,
                            compression_config: Optional[str] = None, split: str = "train",
-                           row_offset: int = 0,
+                           row_offset: int = 1,
                            max_excess_mass: float = DEFAULT_MAX_EXCESS_MASS,
                            dtype: str = "fp16", shard_size_mb: float = 256,
                            overwrite: bool = False, progress: bool = True) -> dict:
@@ -400,10 +403,10 @@ def add_arguments(parser) -> None:
                             "beside the data), or a DistillKit training config")
     group.add_argument("--split", default="train",
                        help="a save_to_disk DatasetDict's split to import (default: train)")
-    group.add_argument("--row-offset", type=int, default=0, choices=(0, 1),
-                       help="axolotl: fastkd row p is target row p + OFFSET (default 0, as "
-                            "axolotl's trainer pairs them; 1 for datasets made for trainers "
-                            "that paired position p with row p + 1)")
+    group.add_argument("--row-offset", type=int, default=1, choices=(0, 1),
+                       help="axolotl: fastkd row p is target row p + OFFSET (default 1: "
+                            "axolotl's writers store row p as the distribution over token p; "
+                            "0 pairs them as axolotl's Liger-kernel trainer does)")
     group.add_argument("--max-excess-mass", type=float, default=DEFAULT_MAX_EXCESS_MASS,
                        metavar="TOL",
                        help="a row whose kept probabilities sum to 1 < m <= 1 + TOL keeps its "
