@@ -45,8 +45,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from fastkd.cache import distillkit_codec as codec
-from fastkd.cache.teacher_tables import (FEATURE, TableError, cell_matrix, cell_vector,
-                                         open_table)
+from fastkd.cache.teacher_tables import FEATURE, cell_matrix, cell_vector, open_table
 
 SOURCES = ("distillkit", "axolotl")
 CONFIG_NAME = "compression_config.yaml"
