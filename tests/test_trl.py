@@ -413,3 +413,19 @@ def test_memory_benchmark_smoke():
     fast, trl_default = measure("gkd-fastkd", **shapes), measure("gkd-trl", **shapes)
     assert fast["loss"] == pytest.approx(trl_default["loss"], rel=1e-5)
     assert 0 < fast["peak_extra_bytes"] < trl_default["peak_extra_bytes"]
+
+
+def test_missing_trl_is_one_sentence_and_core_never_imports_it():
+    code = ("import sys\n"
+            "import fastkd, fastkd.linear, fastkd.loss\n"
+            "assert 'trl' not in sys.modules, 'the core imported trl'\n"
+            "sys.modules['trl'] = None\n"
+            "try:\n"
+            "    import fastkd.trl\n"
+            "except ImportError as error:\n"
+            "    print('ERROR', error)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("ERROR fastkd.trl needs the 'trl' package, which is not installed: "
+            "pip install 'fastkd[trl]'") in result.stdout
