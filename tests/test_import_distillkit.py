@@ -380,9 +380,12 @@ def check_export(cache, table):
     for index, record in enumerate(records):
         target = cache[index]
         if cache.layout == "topk":
-            assert record["values"] == target.values.float().numpy().tolist()
-            assert record["indices"] == target.indices.numpy().tolist()
-            assert record["lse"] == target.lse.float().numpy()[:, None].tolist()
+            rows = target if cache.variable else target.map_tensors(lambda part: part[None])
+            assert record["values"] == rows.values.float().numpy().tolist()
+            assert record["indices"] == rows.indices.numpy().tolist()
+            lse = np.stack([np.atleast_1d(LogitCache(cache.path, temperature=t)[index].lse
+                                          .float().numpy()) for t in cache.temperatures], -1)
+            assert record["lse"] == lse.reshape(len(record["values"]), -1).tolist()
         elif cache.layout == "sampled":
             rows = target if cache.variable else target.map_tensors(lambda part: part[None])
             assert record["indices"] == rows.indices.numpy().tolist()
@@ -414,13 +417,15 @@ def test_export_reads_back_equal_to_the_cache(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_export_of_dense_and_sampled_caches(tmp_path):
+def test_export_of_dense_sampled_and_two_temperature_caches(tmp_path):
     import cache_helpers
     from fastkd.cache.writer import write_cache
     images, tokens = cache_helpers.IndexedImages(12), cache_helpers.TokenSequences(6)
     for layout, teacher, data, options in (
             ("dense", cache_helpers.digits_teacher(), images, {}),
             ("sampled", cache_helpers.digits_teacher(), images, {"sample": 5}),
+            ("topk", cache_helpers.digits_teacher(), images,
+             {"top_k": 3, "temperature": [1.0, 2.0], "dtype": "bf16"}),
             ("dense-tokens", cache_helpers.tiny_lm(), tokens, {}),
             ("sampled-tokens", cache_helpers.tiny_lm(), tokens, {"sample": 3})):
         out = tmp_path / layout
