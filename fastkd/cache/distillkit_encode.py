@@ -20,7 +20,8 @@ def floats_to_bytes(values: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """The inverse of :func:`fastkd.cache.distillkit_codec.unpack_bits`: ``(P, n)`` ints -> ``(P, ceil(n * bits / 8))``."""
+    """The inverse of :func:`fastkd.cache.distillkit_codec.unpack_bits`: ``(P, n)`` ints ->
+    ``(P, ceil(n * bits / 8))`` uint8."""
     values = np.asarray(values, np.int64)
     shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
     stream = ((values[..., None] >> shifts) & 1).astype(np.uint8).reshape(
