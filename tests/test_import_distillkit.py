@@ -19,7 +19,7 @@ yaml = pytest.importorskip("yaml")
 from fastkd.cache import distillkit, export  # noqa: E402
 from fastkd.cache import manifest as fmt  # noqa: E402
 from fastkd.cache.distillkit_codec import parse_config  # noqa: E402
-from fastkd.cache.distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
+from distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
 from fastkd.cache.reader import LogitCache  # noqa: E402
 from fastkd.cli import main  # noqa: E402
 
