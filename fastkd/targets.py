@@ -4,8 +4,9 @@
   log-sum-exp of the full tempered row (what top-k caches return). Teacher probability of a kept
   id at temperature ``T``: ``a_k = exp(values_k / T - lse)``; the mass of every other class
   together is ``1 - sum_k a_k``.
-- :class:`SampledTargets`: K class ids drawn from the teacher's distribution, stored once each
-  with their counts (what ``--sample`` caches return); the target is ``counts / counts.sum(-1)``.
+- :class:`SampledTargets`: class ids drawn from the teacher's distribution, stored once each
+  with their counts or importance weights (what ``--sample`` caches return); the target is
+  ``counts / counts.sum(-1)``, for the temperature the target records.
 - :class:`TeacherHead`: the teacher's last hidden states and output layer, for the fused
   linear + KD loss (:func:`fastkd.linear_kd_loss`), which makes the teacher logits a chunk of
   rows at a time.
@@ -93,22 +94,31 @@ class TopKLogits(NamedTuple):
 
 
 class SampledTargets(NamedTuple):
-    """Teacher rows given as K draws from the (tempered) teacher distribution.
+    """Teacher rows given as draws from the teacher's distribution: the distinct drawn ids and
+    their weights (what ``--sample`` caches return).
 
     Fields:
-        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
-        counts: ``(..., K)`` non-negative integer (or float) counts, at least one positive
-            per row (padding entries have count 0 and any valid id).
+        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row (padding
+            entries excepted).
+        counts: ``(..., K)`` non-negative weights, at least one positive per row: integer
+            draw counts, or float importance weights ``w_j = (c_j / N) p(j) / q(j)`` of ids
+            drawn from a proposal ``q`` (padding entries have weight 0 and any valid id; rows
+            of different lengths are padded that way).
         num_classes: the teacher's vocabulary size ``V`` (as for :class:`TopKLogits`; 0 when
             unknown).
+        temperature: the temperature ``T`` the target is for, ``p = softmax(z_t / T)`` (a float,
+            or a tensor of identical values after ``DataLoader``'s default collate). The loss
+            refuses a target made for another temperature than its own.
 
     The target distribution is ``P = counts / counts.sum(-1)`` over ``indices`` and 0 elsewhere:
-    an unbiased estimate of the teacher's, so forward KL / cross-entropy against it has an
-    unbiased gradient. There is no tail: ``P`` sums to 1 over the drawn ids.
+    an estimate of the teacher's at ``temperature`` (unbiased for draw counts; for importance
+    weights ``E[counts] = p`` before this per-row normalization). There is no tail: ``P`` sums
+    to 1 over the drawn ids.
     """
     indices: torch.Tensor
     counts: torch.Tensor
     num_classes: Union[int, torch.Tensor] = 0
+    temperature: Union[float, torch.Tensor] = 1.0
 
     def tensors(self):
         """``(indices, counts)``: the per-row fields."""
@@ -116,7 +126,8 @@ class SampledTargets(NamedTuple):
 
     def map_tensors(self, fn) -> "SampledTargets":
         """A copy with ``fn`` applied to each tensor field."""
-        return SampledTargets(*(fn(part) for part in self.tensors()), self.num_classes)
+        return SampledTargets(*(fn(part) for part in self.tensors()), self.num_classes,
+                              self.temperature)
 
     def probs(self, num_classes: int) -> torch.Tensor:
         """The explicit, slow densifier: ``(..., V)`` float32 target probabilities."""
