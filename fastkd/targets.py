@@ -53,14 +53,20 @@ class TopKLogits(NamedTuple):
 
     @classmethod
     def from_logprobs(cls, logprobs: torch.Tensor, indices: torch.Tensor,
-                      num_classes: int = 0) -> "TopKLogits":
-        """Targets from a served teacher's log-probabilities (e.g. vLLM's top logprobs):
-        ``values = logprobs`` (already normalized over the full vocabulary), ``lse = 0``,
-        temperature 1; ``num_classes`` the teacher's vocabulary size (0: unknown)."""
+                      num_classes: int = 0, *, temperature: float = 1.0) -> "TopKLogits":
+        """Targets from a served teacher's log-probabilities (e.g. vLLM's top logprobs) taken at
+        ``temperature`` T: ``log softmax(z_t / T)`` at the ids, normalized over the full
+        vocabulary. The target is for the loss at that T: ``values = T * logprobs`` (the raw
+        logits up to a per-row shift, so ``values / T - lse`` is the log-prob) and ``lse = 0``.
+        ``-inf`` entries (served rows shorter than K) are padding: their classes join the
+        tail. ``num_classes`` is the teacher's vocabulary size (0: unknown)."""
+        from fastkd.checks import check_temperature_value
         if not isinstance(logprobs, torch.Tensor):
             raise TypeError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+        temperature = check_temperature_value("temperature", temperature)
+        values = logprobs if temperature == 1.0 else logprobs * temperature
         lse = torch.zeros(logprobs.shape[:-1], dtype=torch.float32, device=logprobs.device)
-        return cls(logprobs, indices, lse, 1.0, num_classes)
+        return cls(values, indices, lse, temperature, num_classes)
 
     def tensors(self):
         """``(values, indices, lse)``: the per-row fields (without ``temperature``)."""
