@@ -121,11 +121,9 @@ def backbone_hidden(model, input_ids, attention_mask):
 
 
 def redirect(wrapper, module, method, *args, **kwargs):
-    """``method(*args, **kwargs)`` run as ``wrapper``'s forward (``wrapper`` wraps ``module``:
-    DDP, FSDP, DeepSpeed), so the wrapper's forward hooks fire around it; a direct call when
-    there is no wrapper."""
-    if wrapper is module:
-        return method(*args, **kwargs)
+    """``method(*args, **kwargs)`` run as ``module``'s forward, called through ``wrapper`` (DDP,
+    FSDP, DeepSpeed; or ``module`` itself, e.g. under FSDP2's ``fully_shard``), so the forward
+    hooks of both fire around it: DDP's ``prepare_for_backward``, FSDP's unsharding."""
     original = module.forward
 
     def forward(*inner_args, **inner_kwargs):

@@ -384,7 +384,8 @@ def test_ddp_two_ranks_equal_trl_and_sharded_head():
     """Under torchrun with 2 ranks (gloo, CPU) and DDP, one training step (gradient accumulation
     2) of fastkd's GKD and Distillation trainers leaves the weights TRL's leaves, identical on
     both ranks; a DTensor-sharded lm_head weight (FSDP2's layout) gives the plain weight's loss
-    and gradient."""
+    and gradient; a student sharded with fully_shard (no wrapper module: the loss must run
+    through the root's forward hooks) gives the unsharded loss and averaged gradients."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -403,6 +404,10 @@ def test_ddp_two_ranks_equal_trl_and_sharded_head():
     assert sharded["dtensor_grad"] == "DTensor"
     assert sharded["loss_diff"] <= 1e-6
     assert sharded["grad_diff"] <= 1e-5 * sharded["grad_scale"]
+    fsdp2 = figures["fsdp2"]
+    assert fsdp2["head_is_dtensor"]
+    assert fsdp2["loss_diff"] <= 1e-6
+    assert fsdp2["grad_diff"] <= 1e-5 * fsdp2["grad_scale"], fsdp2
 
 
 def test_memory_benchmark_smoke():

@@ -1,6 +1,6 @@
 """Run by tests/test_trl.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): fastkd.trl's
-trainers against TRL's under DDP, and the loss with an FSDP2-style sharded (``DTensor``)
-``lm_head`` weight. Rank 0 prints one JSON line of figures; the test asserts on them."""
+trainers against TRL's under DDP, the loss with an FSDP2-style sharded (``DTensor``)
+``lm_head`` weight, and GKD's loss on a student sharded with FSDP2's ``fully_shard``. Rank 0 prints one JSON line of figures; the test asserts on them."""
 import json
 import os
 import sys
@@ -72,6 +72,45 @@ def sharded_head_check():
             "grad_scale": float(plain_grad.abs().max())}
 
 
+def fsdp2_check():
+    """GKD's fused loss on a student sharded with FSDP2's ``fully_shard`` (per layer and at the
+    root, no wrapper module) equals the unsharded student's, and every parameter's gradient
+    equals the unsharded gradient averaged over the ranks (what FSDP2's reduce-scatter gives)."""
+    import copy
+    import types
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    student, teacher = T._pair("softcap")
+    reference = copy.deepcopy(student)
+    for layer in student.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(student, mesh=mesh)
+    trainer = types.SimpleNamespace(beta=0.5, chunk_budget_bytes=None, teacher_model=teacher,
+                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m))
+    trainer._fused_loss = types.MethodType(fastkd.trl.GKDTrainer._fused_loss, trainer)
+    batch = T._gkd_collate(T._gkd_rows(4, seed=1 + dist.get_rank()))
+    items = torch.tensor(20.0)
+    losses = []
+    for model in (student, reference):
+        loss = fastkd.trl.GKDTrainer.compute_loss(trainer, model, dict(batch),
+                                                  num_items_in_batch=items)
+        loss.backward()
+        losses.append(float(loss))
+    grad_diff = scale = 0.0
+    sharded = dict(student.named_parameters())
+    for name, param in reference.named_parameters():
+        want = param.grad.clone()
+        dist.all_reduce(want)
+        want /= dist.get_world_size()
+        got = sharded[name].grad.full_tensor()
+        grad_diff = max(grad_diff, float((got - want).abs().max()))
+        scale = max(scale, float(want.abs().max()))
+    return {"loss_diff": abs(losses[0] - losses[1]), "grad_diff": grad_diff,
+            "grad_scale": scale,
+            "head_is_dtensor": type(student.lm_head.weight).__name__ == "DTensor"}
+
+
 def main():
     torch.set_num_threads(1)
     figures = {}
@@ -89,6 +128,7 @@ def main():
                 "fastkd_vs_trl": float((out["fastkd"] - out["trl"]).abs().max()),
                 "rank_spread": float((gathered[0] - gathered[-1]).abs().max())}
     figures["sharded_head"] = sharded_head_check()
+    figures["fsdp2"] = fsdp2_check()
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps(figures), flush=True)
     dist.barrier()
