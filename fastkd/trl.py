@@ -147,6 +147,9 @@ def fused_divergence(student_hidden, student, teacher, keep, *, beta: float,
     sparse target over the same leading dims (``tail`` as in :func:`fastkd.kd_loss`). Fused:
     the logits are made a chunk at a time."""
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
+    if isinstance(teacher, fastkd.TeacherHead) and teacher.weight.device != weight.device:
+        raise ValueError(f"the student's lm_head is on {weight.device} but the teacher's on "
+                         f"{teacher.weight.device}: place both heads on the same device")
     labels = torch.where(keep, 0, -100)   # only which rows count: there is no hard term
     with maybe_gather_lm_head_ctx(weight, bias):
         return fastkd.linear_kd_loss(
