@@ -298,7 +298,8 @@ def _server_trainer(student, teacher, tmp_path, monkeypatch, **config):
         **config))
     return fastkd.trl.ServerDistillationTrainer(
         model=student, args=args, processing_class=EX.byte_tokenizer(),
-        train_dataset=datasets.Dataset.from_dict({"prompt": ["x = 1", "def g():"]}))
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["x = 1", "def g():", "if a:",
+                                                            "print("]}))
 
 
 @pytest.mark.parametrize("beta,top_k,tail", [(0.0, 4, True), (0.0, 4, False), (0.0, 1, True),
@@ -332,6 +333,29 @@ def test_server_loss_and_grads_equal_trl(beta, top_k, tail, tmp_path, monkeypatc
         _assert_same_grads(got[1], want[1]) if float(want[0]) > 0 else None
 
 
+def test_server_training_step_equals_trl(tmp_path, monkeypatch):
+    """One optimizer step of on-policy training against the (fake) teacher server, gradient
+    accumulation 2 (TRL divides each micro-batch's mean by the accumulation steps): the same
+    logged loss and weights as TRL's trainer."""
+    results = []
+    for fastkd_loss in (True, False):
+        student, teacher = _pair("softcap")
+        trainer = _server_trainer(student, teacher, tmp_path / str(fastkd_loss), monkeypatch,
+                                  beta=0.0, loss_top_k=3, gradient_accumulation_steps=2,
+                                  max_steps=1, temperature=1.3)
+        if not fastkd_loss:   # the same trainer object with TRL's own compute_loss
+            trainer.compute_loss = lambda *a, trainer=trainer, **k: \
+                fastkd.trl.TRLServerDistillationTrainer.compute_loss(trainer, *a, **k)
+        trainer.train()
+        log = [entry for entry in trainer.state.log_history if "loss" in entry]
+        results.append((log[0], {n: p.detach().clone() for n, p in student.named_parameters()}))
+    (got_log, got_params), (want_log, want_params) = results
+    assert want_log["loss"] > 1e-3
+    assert got_log["loss"] == pytest.approx(want_log["loss"], rel=1e-5)
+    for name, want in want_params.items():
+        torch.testing.assert_close(got_params[name], want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- pieces
 def test_logit_transforms_follow_the_configs():
     assert logit_transforms(_model("llama", 0)) == (1.0, None)
@@ -341,6 +365,32 @@ def test_logit_transforms_follow_the_configs():
                                          num_hidden_layers=1, num_attention_heads=2,
                                          logits_scaling=8.0)
     assert logit_transforms(transformers.GraniteForCausalLM(granite)) == (0.125, None)
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("llama", {}), ("cohere", {"logit_scale": 0.3}), ("gemma2", {"final_logit_softcapping": 4.0}),
+    ("granite", {"logits_scaling": 6.0})])
+def test_logit_transforms_reproduce_the_models_forward(kind, extra):
+    """softcap(scale * hidden @ W^T) with logit_transforms' figures is the model's own logits."""
+    if kind == "granite":
+        torch.manual_seed(0)
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, use_cache=False, **extra))
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(25.0)
+    else:
+        model = _model(kind, 0, **extra)
+    ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        scale, softcap = logit_transforms(model)
+        got = fastkd.trl.backbone_hidden(model, ids, torch.ones_like(ids)) \
+            @ model.get_output_embeddings().weight.T * scale
+        if softcap is not None:
+            got = softcap * torch.tanh(got / softcap)
+    assert float(want.abs().max()) > 1.0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_chunk_budget_bytes_is_checked(tmp_path):
