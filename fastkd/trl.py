@@ -59,7 +59,8 @@ with warnings.catch_warnings():   # the experimental trainers warn once at impor
         ServerDistillationTrainer as TRLServerDistillationTrainer)
 
 __all__ = ["GKDTrainer", "DistillationTrainer", "ServerDistillationTrainer", "logit_transforms",
-           "fused_divergence"]
+           "fused_divergence", "teacher_head", "backbone_hidden", "redirect",
+           "student_entropy_sum"]
 
 
 # ----------------------------------------------------------------------------- model pieces
