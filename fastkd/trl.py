@@ -344,13 +344,10 @@ class ServerDistillationTrainer(TRLServerDistillationTrainer):
         return total / keep.sum().clamp(min=1)
 
     def _target(self, ids, logprobs):
-        """Served log-probabilities at the loss temperature T as a ``TopKLogits`` whose
-        ``exp(values / T - lse)`` is the served probability: ``values = T * logprobs``,
-        ``lse = 0``."""
-        target = fastkd.TopKLogits.from_logprobs(logprobs.float(), ids)
-        temperature = float(self.temperature)
-        return fastkd.TopKLogits(target.values * temperature, target.indices, target.lse,
-                                 temperature, 0)
+        """Served log-probabilities at the loss temperature T as a ``TopKLogits`` for the loss
+        at T (``values = T * logprobs``, ``lse = 0``)."""
+        return fastkd.TopKLogits.from_logprobs(logprobs.float(), ids,
+                                               temperature=float(self.temperature))
 
     def _support(self, teacher_result, tokens, keep):
         """``(ids, logprobs)`` ``(B, T, K)``: ``beta = 0``: the served top-k; ``beta = 1``: the
