@@ -19,9 +19,16 @@ the chunked pass again with ``g`` scaled by ``grad_output``). A teacher given
 as a :class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient)
 and dropped after the kernel has read them; a sparse teacher (``TopKLogits``, ``SampledTargets``)
 goes with its chunk rows to the sparse kernel family (``_dispatch(backend, "sparse")``), which
-reads K entries per row and writes the dense student gradient the same way. Peak extra memory: one or two ``C x V`` buffers for
-the student (two with a softcap: the kernel then writes ``g`` beside ``z``), one for a teacher
-head, plus the gradients themselves; independent of ``N``.
+reads K entries per row and writes the dense student gradient the same way.
+
+A softcap on a float16 / bfloat16 side (student or teacher head) runs in float32, as in a loss
+that upcasts its chunk logits before capping (TRL's chunked loss): ``r`` is the matmul's
+low-precision result, ``z`` a float32 chunk buffer, the kernel reads it in float32 and writes
+``g`` over it, ``g * (1 - tanh^2(scale * r / cap))`` is formed in float32 (the tanh recomputed
+from ``r`` in blocks of rows) and rounded once to the low dtype for the matmuls. Peak extra
+memory: for the student one ``C x V`` buffer, two with a softcap (float32: ``g`` beside ``z``;
+low precision: ``r`` beside the float32 ``z``), one for a teacher head's logits (two with a
+low-precision softcap), plus the gradients themselves; independent of ``N``.
 
 ``C`` comes from a memory budget for all chunk-sized buffers together (``chunk_budget_bytes``;
 by default :data:`DEFAULT_CHUNK_BUDGET_BYTES` for the student's and as much again for a teacher
@@ -315,10 +322,12 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         student_bias: ``(V,)`` or None.
         student_logit_scale: logits times this (Cohere's ``logit_scale``), before the softcap.
         student_softcap: None or ``cap``: logits ``cap * tanh(z / cap)`` (Gemma-2's
-            ``final_logit_softcapping``). (The teacher's are set on its ``TeacherHead``.)
+            ``final_logit_softcapping``), computed in float32 for float16 / bfloat16 heads.
+            (The teacher's are set on its ``TeacherHead``.)
         chunk_rows: rows per chunk; overrides ``chunk_budget_bytes``.
         chunk_budget_bytes: memory for the chunk-sized buffers together (student chunk logits,
-            their gradient when there is a softcap, a teacher head's chunk logits). None (the
+            their gradient or raw logits when there is a softcap, a teacher head's chunk
+            logits). None (the
             default): ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB) for the student's buffers and
             as much again for a teacher head's, and at most 1024 rows per chunk.
         teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than

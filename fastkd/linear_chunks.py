@@ -50,9 +50,37 @@ def _transform_(logits, scale: float, softcap: Optional[float]):
     return logits.mul_(scale) if scale != 1.0 else logits
 
 
+# Rows per block of the float32 softcap of low-precision chunk logits: its float32 temporaries
+# (a block of tanh values) stay near 16 MiB whatever the chunk.
+_SOFTCAP_BLOCK_BYTES = 16 * 2**20
+
+
+def _blocks(num_rows: int, num_classes: int):
+    step = max(1, _SOFTCAP_BLOCK_BYTES // (4 * max(num_classes, 1)))
+    return (slice(start, min(start + step, num_rows)) for start in range(0, num_rows, step))
+
+
+def _softcap_into_float32(raw, out, scale: float, softcap: float):
+    """``out`` (float32) = ``cap * tanh(scale * raw / cap)`` of low-precision ``raw``, computed
+    in float32 (one rounding of the logits, by the matmul, as in an upcast-then-cap loss)."""
+    for block in _blocks(raw.shape[0], raw.shape[1]):
+        out[block].copy_(raw[block]).mul_(scale / softcap).tanh_().mul_(softcap)
+    return out
+
+
+def _softcap_grad_(grad, raw, scale: float, softcap: float):
+    """In place on float32 ``grad`` (d loss / d z): times ``1 - tanh^2(scale * raw / cap)``, the
+    derivative of the float32 softcap of ``raw`` (recomputed block by block from ``raw``)."""
+    for block in _blocks(raw.shape[0], raw.shape[1]):
+        tanh = raw[block].float().mul_(scale / softcap).tanh_()
+        grad[block].mul_(tanh.square_().neg_().add_(1.0))
+    return grad
+
+
 class _Side:
     """One side's output layer in the compute dtype: weight (V, H), bias (V,) or None, and its
-    logit transform."""
+    logit transform. A softcap on a float16 / bfloat16 side runs in float32: the matmul writes
+    the raw logits in the compute dtype, the capped logits are float32 (``float32_cap``)."""
 
     def __init__(self, hidden, weight, bias, scale, softcap, compute_dtype, num_classes):
         dtype = compute_dtype or torch.promote_types(hidden.dtype, weight.dtype)
@@ -62,10 +90,16 @@ class _Side:
         self.bias = bias[:num_classes].to(dtype) if bias is not None else None
         self.scale = scale
         self.softcap = softcap
+        self.float32_cap = softcap is not None and dtype != torch.float32
+        self.logits_dtype = torch.float32 if self.float32_cap else dtype
 
-    def logits(self, rows, out):
-        """Transformed chunk logits of ``rows`` into ``out`` (C, V)."""
+    def logits(self, rows, out, raw=None):
+        """Transformed chunk logits of ``rows`` into ``out`` (C, V) of ``logits_dtype``; with
+        ``float32_cap`` the raw logits go to ``raw`` (C, V) in the compute dtype first."""
         hidden_rows = _rows(self.hidden, rows).to(self.dtype)
+        if self.float32_cap:
+            _linear_into(hidden_rows, self.weight, self.bias, raw)
+            return _softcap_into_float32(raw, out, self.scale, self.softcap), hidden_rows
         return _transform_(_linear_into(hidden_rows, self.weight, self.bias, out), self.scale,
                            self.softcap), hidden_rows
 
@@ -131,16 +165,23 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     elif not sparse:
         teacher_rows = teacher_0[:, :num_classes]
 
-    # Chunk size from the budget: bytes per row of every chunk-sized buffer.
-    separate_grad = wants_grad and student_softcap is not None   # z is needed after the kernel
-    student_size = student.dtype.itemsize
-    per_row = num_classes * student_size * (2 if separate_grad else 1)
+    # Chunk size from the budget: bytes per row of every chunk-sized buffer. A float32 softcap
+    # of a low-precision side keeps its raw logits (compute dtype) beside the float32 capped
+    # ones; the student's gradient is then written over the capped logits (its derivative is
+    # recomputed from the raw ones). A float32 student's softcap needs z after the kernel, so
+    # the kernel writes its gradient into a buffer of its own.
+    separate_grad = wants_grad and student_softcap is not None and not student.float32_cap
+    per_row = num_classes * student.logits_dtype.itemsize * (2 if separate_grad else 1)
+    if student.float32_cap:
+        per_row += num_classes * student.dtype.itemsize
     max_rows = num_kept
     if chunk_budget_bytes <= 0:   # the default: DEFAULT_CHUNK_BUDGET_BYTES per side
         chunk_budget_bytes = DEFAULT_CHUNK_BUDGET_BYTES * (2 if teacher_side is not None else 1)
         max_rows = DEFAULT_MAX_CHUNK_ROWS
     if teacher_side is not None:
-        per_row += num_classes * teacher_side.dtype.itemsize
+        per_row += num_classes * teacher_side.logits_dtype.itemsize
+        if teacher_side.float32_cap:
+            per_row += num_classes * teacher_side.dtype.itemsize
     elif teacher_rows is not None and (kept_index is not None or teacher_rows.stride(-1) != 1):
         per_row += num_classes * teacher_rows.dtype.itemsize   # gathered / made contiguous
     if chunk_rows <= 0:
@@ -149,23 +190,31 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
     kd_forward = _dispatch(backend, "sparse" if sparse else "dense")
-    logits_buffer = torch.empty((chunk_rows, num_classes), dtype=student.dtype, device=device) \
-        if num_kept else None
-    grad_buffer = torch.empty_like(logits_buffer) if separate_grad and num_kept else None
-    teacher_buffer = torch.empty((chunk_rows, num_classes), dtype=teacher_side.dtype,
-                                 device=device) if teacher_side is not None and num_kept else None
+    def chunk_buffer(dtype, wanted=True):
+        return torch.empty((chunk_rows, num_classes), dtype=dtype, device=device) \
+            if wanted and num_kept else None
+    logits_buffer = chunk_buffer(student.logits_dtype)
+    raw_buffer = chunk_buffer(student.dtype, student.float32_cap)
+    grad_buffer = chunk_buffer(student.dtype, separate_grad)
+    has_head = teacher_side is not None
+    teacher_buffer = chunk_buffer(teacher_side.logits_dtype if has_head else None, has_head)
+    teacher_raw = chunk_buffer(teacher_side.dtype if has_head else None,
+                               has_head and teacher_side.float32_cap)
     for start in range(0, num_kept, chunk_rows):
         stop = min(start + chunk_rows, num_kept)
         count = stop - start
         rows = slice(start, stop) if kept_index is None else kept_index[start:stop]
-        logits, hidden_rows = student.logits(rows, logits_buffer[:count])
+        raw = raw_buffer[:count] if raw_buffer is not None else None
+        logits, hidden_rows = student.logits(rows, logits_buffer[:count], raw)
         if sparse:   # (indices, values, lse, counts) of the chunk's rows
             teacher_chunk = tuple(None if part is None else _rows(part, rows).contiguous()
                                   for part in (teacher_0, values, lse, counts))
             sparse_options = {"tail": tail}
         else:
             if teacher_side is not None:
-                teacher_logits, _ = teacher_side.logits(rows, teacher_buffer[:count])
+                teacher_logits, _ = teacher_side.logits(
+                    rows, teacher_buffer[:count],
+                    teacher_raw[:count] if teacher_raw is not None else None)
             else:
                 teacher_logits = _rows(teacher_rows, rows)
                 if teacher_logits.stride(-1) != 1:
@@ -173,8 +222,8 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
             teacher_chunk = (teacher_logits,)
             sparse_options = {}
         grad = None
-        if wants_grad:
-            grad = grad_buffer[:count] if separate_grad else logits   # in place without a cap
+        if wants_grad:   # in place over the logits unless z itself is needed after the kernel
+            grad = grad_buffer[:count] if separate_grad else logits
         row_loss[start:stop] = kd_forward(
             logits, *teacher_chunk, labels[start:stop] if labels is not None else None,
             teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
@@ -182,10 +231,12 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
             ignore_index=ignore_index, grad_scale=grad_scale, grad=grad, **sparse_options)
         if not wants_grad:
             continue
-        if student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
-            grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
         if row_weights is not None:
             grad.mul_(_rows(row_weights.unsqueeze(1), rows).to(grad.dtype))
+        if student.float32_cap:   # float32 d z / d r, then one rounding to the compute dtype
+            grad = raw.copy_(_softcap_grad_(grad, raw, student_scale, student_softcap))
+        elif student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
+            grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
         scale = student_scale
         if needs_hidden:
             rows_grad = torch.mm(grad, student.weight)

@@ -74,7 +74,7 @@ def teacher_of(case, kind, scale=1.0, softcap=None, k=6, temperature=1.0):
         gen = torch.Generator().manual_seed(k)
         counts = torch.randint(0, 4, indices.shape, generator=gen)
         counts[..., 0] += 1   # a positive sum in every row
-        return fastkd.SampledTargets(indices, counts)
+        return fastkd.SampledTargets(indices, counts, temperature=temperature)
     if kind == "head":
         return TeacherHead(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"],
                            logit_scale=scale, softcap=softcap)
@@ -235,6 +235,11 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     assert seen == [20, 20, 10]
     seen.clear()   # a softcap needs the gradient beside the logits: a third buffer per row
     fused(case, teacher, case["labels"], chunk_budget_bytes=64 * 4 * 3 * 10, student_softcap=5.0)
+    assert seen == [10] * 5
+    seen.clear()   # a bf16 softcap: bf16 raw logits beside the float32 capped ones (gradient
+    half = make_case(rows=(50,), vocab=64, ignored=0, dtype=torch.bfloat16)   # over those)
+    fused(half, teacher_of(half, "logits"), half["labels"], chunk_budget_bytes=64 * 6 * 10,
+          student_softcap=5.0)
     assert seen == [10] * 5
     seen.clear()   # the default budget is per side: the head's chunk comes on top
     monkeypatch.setattr(chunks, "DEFAULT_CHUNK_BUDGET_BYTES", 64 * 4 * 16)
@@ -407,6 +412,54 @@ def test_bf16_parameters_without_autocast():
     got = fused(case, teacher, case["labels"], chunk_rows=6)
     assert [g.dtype for g in got[1]] == [torch.bfloat16] * 3
     assert_close(got, reference(case, teacher, case["labels"]), BF16_TOL)
+
+
+def rounded_head_logits(hidden, weight, dtype, scale=1.0, softcap=None):
+    """float64 logits of a ``dtype`` output layer as a chunked fp32 softcap makes them:
+    ``r = hidden @ weight.T`` rounded once to ``dtype`` (what that dtype's matmul returns; the
+    rounding is passed straight through for the gradient), then scale and softcap in float64."""
+    exact = F.linear(hidden.double(), weight.double())
+    logits = (exact + (exact.to(dtype).double() - exact).detach()) * scale
+    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+
+
+# Low-precision heads with a softcap, against rounded_head_logits + the float64 loss. Loss:
+# relative 2e-5 (the logits are rounded once, to the dtype, by the matmul; scale, softcap and
+# the loss run in float32). Gradients, relative to max |ref grad|: the logits gradient is
+# rounded once to the dtype before the matmuls, whose results are rounded again: bf16 1.5e-2,
+# fp16 3e-3.
+SOFTCAP_LOSS_TOL = 2e-5
+SOFTCAP_GRAD_TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("teacher_kind", ["logits", "head"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_softcap_runs_in_float32(dtype, temperature, teacher_kind):
+    """bf16 / fp16 heads: scale and softcap are applied to each chunk's logits in float32 (and
+    their derivative 1 - tanh^2 too), as TRL's chunked loss does, not op by op in the low dtype
+    (whose three roundings move the loss by ~1e-3 at T = 0.5). The teacher head's softcap too."""
+    case = make_case(rows=(37,), hidden=32, vocab=300, teacher_hidden=24, bias=False,
+                     dtype=dtype, seed=21, ignored=0.2)
+    teacher = TeacherHead(case["teacher_hidden"], case["teacher_weight"], logit_scale=1.25,
+                          softcap=6.0) if teacher_kind == "head" else case["teacher_logits"]
+    got = linear_kd_loss(case["hidden"], case["weight"], teacher, case["labels"],
+                         student_logit_scale=0.75, student_softcap=5.0, chunk_rows=8,
+                         temperature=temperature)
+    grads = torch.autograd.grad(got, [case["hidden"], case["weight"]])
+    assert [g.dtype for g in grads] == [dtype, dtype]
+    params = [case[name].detach().double().requires_grad_() for name in ("hidden", "weight")]
+    student = rounded_head_logits(*params, dtype, 0.75, 5.0)
+    teacher_logits = rounded_head_logits(case["teacher_hidden"], case["teacher_weight"], dtype,
+                                         1.25, 6.0) if teacher_kind == "head" \
+        else case["teacher_logits"].double()
+    want = reference_kd_loss(student, teacher_logits, case["labels"], temperature=temperature)
+    want_grads = torch.autograd.grad(want, params)
+    assert abs(got.item() - want.item()) <= SOFTCAP_LOSS_TOL * abs(want.item()), \
+        (got.item(), want.item())
+    for name, grad, ref in zip(("hidden", "weight"), grads, want_grads):
+        err = (grad.double() - ref).abs().max().item()
+        assert err <= SOFTCAP_GRAD_TOL[dtype] * ref.abs().max().item(), (name, err)
 
 
 def test_torch_compile_fullgraph():
