@@ -34,7 +34,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         from error
 
 __all__ = ["load_causal_lm", "DistillationLoss", "DistillationTrainer", "trainer_collator",
-           "MODEL_DTYPES"]
+           "MODEL_DTYPES", "logit_transforms", "output_transforms", "token_average_scale"]
 
 
 # float32 logits of one chunk of rows for the cross-entropy of an evaluation without a teacher
@@ -51,14 +51,31 @@ def vocab_size_of(model) -> Optional[int]:
     return None if vocab is None else int(vocab)
 
 
-def output_transforms(model) -> dict:
-    """The model's logit transforms after its output layer: Cohere's ``logit_scale`` and
-    Gemma-2's ``final_logit_softcapping`` (``cap * tanh(z / cap)``), from its config."""
-    config = getattr(model, "config", None)
+def logit_transforms(model) -> tuple:
+    """``(logit_scale, softcap)`` of a causal LM's logits after its output layer, read from its
+    text config exactly as TRL's ``DistillationTrainer`` reads them: the scale is
+    ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier``
+    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
+    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma-2) or None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
     scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
     softcap = getattr(config, "final_logit_softcapping", None)
-    return {"logit_scale": 1.0 if scale is None else float(scale),
-            "softcap": None if not softcap else float(softcap)}
+    return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
+
+
+
+def output_transforms(model) -> dict:
+    """:func:`logit_transforms` as ``{"logit_scale", "softcap"}`` (``cap * tanh(z / cap)``)."""
+    scale, softcap = logit_transforms(model)
+    return {"logit_scale": scale, "softcap": softcap}
 
 
 def _apply_transforms(logits: torch.Tensor, transforms: dict) -> torch.Tensor:

@@ -43,6 +43,7 @@ from packaging.version import Version  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 import fastkd  # noqa: E402
+from fastkd.hf import logit_transforms  # noqa: E402
 from fastkd.linear import DEFAULT_CHUNK_BUDGET_BYTES  # noqa: E402
 
 if Version(trl.__version__) < Version("1.16.0"):
@@ -64,25 +65,6 @@ __all__ = ["GKDTrainer", "DistillationTrainer", "ServerDistillationTrainer", "lo
 
 
 # ----------------------------------------------------------------------------- model pieces
-def logit_transforms(model) -> tuple:
-    """``(logit_scale, softcap)`` of a causal LM's logits after its output layer, read from its
-    text config exactly as TRL's ``DistillationTrainer`` reads them: the scale is
-    ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier``
-    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
-    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma-2) or None."""
-    config = model.config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scaling = config.logits_scaling
-        scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
-
-
 def _unpeft(model):
     """The causal LM under a PEFT wrapper (the model itself otherwise)."""
     if hasattr(model, "peft_config") and hasattr(model, "base_model") \

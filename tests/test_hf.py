@@ -334,3 +334,20 @@ def test_weight_files_that_do_not_load_are_named(teacher_dir, token_file, tmp_pa
         "not a valid safetensors file"
     assert_one_sentence(status, err, str(target), kind)
     assert not marker.exists()
+
+
+def test_output_transforms_read_every_config_spelling():
+    """The scale and softcap DistillationLoss applies after the output layer are the model's
+    own: Granite's logits_scaling divides (a config TRL reads as well), Cohere's logit_scale
+    multiplies, Gemma-2 caps."""
+    import transformers
+    from fastkd.hf import output_transforms
+    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, logits_scaling=8.0))
+    assert output_transforms(granite) == {"logit_scale": 0.125, "softcap": None}
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        final_logit_softcapping=30.0))
+    assert output_transforms(gemma) == {"logit_scale": 1.0, "softcap": 30.0}
