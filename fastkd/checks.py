@@ -310,7 +310,8 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
     ``temperature`` (top-k targets whose lse the loss uses), the kept probabilities
     ``exp(values / T - lse)`` of a row sum to at most 1 beyond the values' rounding
     (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Rows whose label is ``ignore_index``
-    skip every check but the id range; entries with count 0 are padding and may repeat an id.
+    skip every check but the id range; entries with count 0 or value -inf are padding and may
+    repeat an id.
 
     Returns ``(labels as int64 or None, number of kept rows)``.
     """
@@ -332,6 +333,8 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
         if values is not None:
             flags["values"] = torch.isnan(values if keep is None
                                           else torch.where(keep.unsqueeze(-1), values, 0)).any()
+            # a -inf value is padding (joins the tail) and may repeat an id
+            unique_ids = torch.where(values == float("-inf"), padding_ids, unique_ids)
         if lse is not None:
             flags["lse"] = torch.isnan(lse if keep is None else torch.where(keep, lse, 0)).any()
         if values is not None and lse is not None and temperature is not None:
