@@ -1,8 +1,9 @@
-"""Build step for the one compiled piece of fastkd: the CPU kernel of the KD loss
-(kernels/kd_loss_cpu.c, plain C loaded with ctypes; see kernels/kd_loss_cpu.py). Everything else
-is configured in pyproject.toml.
+"""Build step for the compiled pieces of fastkd: the CPU kernels of the KD loss against dense
+teachers (kernels/kd_loss_cpu.c) and sparse ones (kernels/kd_sparse_cpu.c), plain C loaded with
+ctypes (kernels/kd_loss_cpu.py, kernels/kd_sparse_cpu.py). Everything else is configured in
+pyproject.toml.
 
-The extension is optional: where no C compiler works the install goes on without it, and the
+Each extension is optional: where no C compiler works the install goes on without it, and the
 PyTorch fallback's ATen path runs instead (``fastkd.kernels.kd_loss_cpu.unavailable_reason()``
 says so). It is built with OpenMP where the compiler has it (its threads are then torch's own:
 torch loads the same libgomp.so.1), else single-threaded.
@@ -23,6 +24,15 @@ CPU_KERNEL = Extension(
     optional=True,
 )
 
+SPARSE_CPU_KERNEL = Extension(
+    "fastkd.kernels._kd_sparse_cpu",
+    sources=["kernels/kd_sparse_cpu.c"],
+    depends=["kernels/kd_loss_cpu_math.h"],
+    extra_compile_args=list(CPU_KERNEL.extra_compile_args),
+    extra_link_args=[],
+    optional=True,
+)
+
 
 class BuildWithOptionalOpenMP(build_ext):
     """Build the kernel with OpenMP; if that fails (a compiler without it), once more without."""
@@ -38,4 +48,4 @@ class BuildWithOptionalOpenMP(build_ext):
             super().build_extension(ext)
 
 
-setup(ext_modules=[CPU_KERNEL], cmdclass={"build_ext": BuildWithOptionalOpenMP})
+setup(ext_modules=[CPU_KERNEL, SPARSE_CPU_KERNEL], cmdclass={"build_ext": BuildWithOptionalOpenMP})

@@ -3,12 +3,18 @@
 out that backend's implementation of a kernel family (imported on first use, so the eager CPU
 path never imports Triton). ``kd_loss``, ``kd_loss_sparse`` and the fused linear path all come
 through here.
+
+Sparse teachers on CPU rows run in the compiled CPU kernel (kernels/kd_sparse_cpu.c) when it is
+built and not turned off (``FASTKD_CPU_KERNEL=0``); the ATen implementation
+(fastkd/fallback_sparse.py) serves ``backend="torch"`` on other devices and installs without a
+C compiler.
 """
 import os
 
 import torch
 
-__all__ = ["resolve_backend", "dispatch", "triton_available", "triton_interpreting"]
+__all__ = ["resolve_backend", "dispatch", "triton_available", "triton_interpreting",
+           "sparse_cpu_kernel"]
 
 
 def triton_interpreting() -> bool:
@@ -44,10 +50,28 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 _IMPLEMENTATIONS = {}   # (backend, family) -> function, imported on first use
 
 
-def dispatch(backend: str, family: str = "dense"):
+_SPARSE_CPU_KERNEL = []   # [module or None] once looked up
+
+
+def sparse_cpu_kernel():
+    """The ``fastkd.kernels.kd_sparse_cpu`` module when the compiled sparse CPU kernel is built
+    and not turned off (``FASTKD_CPU_KERNEL=0``), else None; looked up once."""
+    if not _SPARSE_CPU_KERNEL:
+        from fastkd.kernels import kd_sparse_cpu
+        _SPARSE_CPU_KERNEL.append(kd_sparse_cpu if kd_sparse_cpu.available() else None)
+    return _SPARSE_CPU_KERNEL[0]
+
+
+def dispatch(backend: str, family: str = "dense", device=None):
     """The one place that picks the implementation of a kernel family: ``"dense"`` (both follow
     ``fastkd.loss._BACKEND_CONTRACT``) or ``"sparse"``
-    (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``)."""
+    (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``). ``device``: the student's device; sparse
+    CPU rows of ``backend="torch"`` get the compiled CPU kernel when it is available."""
+    if family == "sparse" and backend == "torch" and device is not None and \
+            torch.device(device).type == "cpu":
+        kernel = sparse_cpu_kernel()
+        if kernel is not None:
+            return kernel.kd_sparse_forward_cpu
     implementation = _IMPLEMENTATIONS.get((backend, family))
     if implementation is None:
         if family == "sparse":

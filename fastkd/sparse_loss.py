@@ -80,7 +80,7 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
     if needs_grad:
         grad = grad_buffer if grad_buffer is not None else torch.empty(
             (num_rows, num_classes), dtype=student_2d.dtype, device=student_2d.device)
-    row_loss = _dispatch(backend, "sparse")(
+    row_loss = _dispatch(backend, "sparse", student_2d.device)(
         student_2d, indices, values, lse, counts, labels_1d,
         teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,

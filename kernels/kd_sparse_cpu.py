@@ -1,0 +1,194 @@
+"""Launcher of the compiled CPU kernel of the sparse-teacher KD loss (``kernels/kd_sparse_cpu.c``).
+
+The C file is built at install time into ``fastkd/kernels/_kd_sparse_cpu*.so`` (``setup.py``;
+an optional extension: without a C compiler the install still succeeds and the ATen path of
+``fastkd/fallback_sparse.py`` runs instead). Plain C loaded with ``ctypes``: one call takes one
+``SparseCall`` struct of data pointers, byte strides, dtype codes and options.
+
+``fastkd.dispatch`` hands out :func:`kd_sparse_forward_cpu` for CPU rows when :func:`available`
+(the backend contract of ``fastkd/sparse_loss.py``). ``FASTKD_CPU_KERNEL=0`` turns it off, as it
+does the dense CPU kernel; :func:`unavailable_reason` says why it is not used. This module
+imports nothing from the ``fastkd`` API layer.
+"""
+import ctypes
+import importlib.machinery
+import os
+import sys
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_forward_cpu",
+           "kd_sparse_rows_cpu"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ID_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2}
+if hasattr(torch, "uint16"):
+    _ID_CODES[torch.uint16] = 3
+_DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+_TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
+_LABELS_NONE, _LABELS_TENSOR, _LABELS_TEACHER = 0, 1, 2
+_REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+# Calls of at least this many student elements split their rows over torch's intra-op threads
+# (the kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
+THREADED_ELEMENTS = 128 * 1024
+
+_LIBRARY_NAME = "_kd_sparse_cpu"   # setup.py's extension fastkd.kernels._kd_sparse_cpu
+_state = {}
+
+
+class SparseCall(ctypes.Structure):
+    """The C struct ``SparseCall`` of kernels/kd_sparse_cpu.c, field for field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "student", "grad", "ids", "values", "lse", "counts", "labels", "row_loss", "total",
+        "label_counts")] + [
+        ("student_strides", ctypes.c_int64 * 2), ("grad_strides", ctypes.c_int64 * 2)] + [
+        (name, ctypes.c_int64) for name in (
+            "ids_stride", "values_stride", "counts_stride", "num_rows", "rows_per_batch",
+            "num_classes", "num_kept", "ignore_index")] + [
+        (name, ctypes.c_double) for name in (
+            "temperature", "soft_weight", "hard_weight", "beta", "grad_scale")] + [
+        (name, ctypes.c_int32) for name in (
+            "student_dtype", "grad_dtype", "ids_dtype", "values_dtype", "label_mode",
+            "divergence", "tail", "num_threads", "refuse_bad_labels", "reduction")]
+
+
+def library_path() -> Optional[str]:
+    """The built shared library's path (beside this file, or in an installed copy's folder of
+    the package), or None when it was not built."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    package = sys.modules.get(__package__)
+    folders = [here] + [f for f in getattr(package, "__path__", []) if f != here]
+    for folder in folders:
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            path = os.path.join(folder, _LIBRARY_NAME + suffix)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def _load():
+    if os.environ.get("FASTKD_CPU_KERNEL", "1") in ("0", "", "false", "no", "off"):
+        return None, "turned off by FASTKD_CPU_KERNEL=0"
+    path = library_path()
+    if path is None:
+        return None, ("the compiled sparse CPU kernel was not built at install time (no C "
+                      "compiler? reinstall fastkd where `cc` works)")
+    try:
+        library = ctypes.CDLL(path)
+    except OSError as error:
+        return None, f"the compiled sparse CPU kernel {path} cannot be loaded ({error})"
+    function = library.fastkd_kd_sparse_rows
+    function.argtypes = [ctypes.POINTER(SparseCall)]
+    function.restype = ctypes.c_int
+    return function, None
+
+
+def _function():
+    if not _state:
+        _state["function"], _state["reason"] = _load()
+    return _state["function"]
+
+
+def available() -> bool:
+    """Whether the compiled sparse CPU kernel is built, loadable and not turned off."""
+    return _function() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why the compiled sparse CPU kernel is not used (None when it is)."""
+    _function()
+    return _state["reason"]
+
+
+def _row_layout(tensor: torch.Tensor):
+    """(batch byte stride, row byte stride, rows per batch) of (N, V) or (B, S, V) rows."""
+    size = tensor.element_size()
+    if tensor.dim() == 2:
+        return 0, tensor.stride(0) * size, tensor.shape[0]
+    return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
+
+
+def _rows_of(tensor: torch.Tensor, allowed, fallback_dtype) -> torch.Tensor:
+    """(N, K) contiguous in a dtype the kernel reads (else converted: it is K-sized)."""
+    if tensor.dtype not in allowed:
+        tensor = tensor.to(fallback_dtype)
+    return tensor.contiguous()
+
+
+def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, teacher_labels,
+                       temperature, soft_weight, hard_weight, divergence, beta, tail,
+                       ignore_index, grad_scale, grad, reduction="none"):
+    """One call of the C kernel: ``(row_loss (N,) float32, total, (kept rows, bad labels))``.
+
+    ``student_logits``: CPU ``(N, V)`` or ``(B, S, V)`` rows (last-dim stride 1, float32 /
+    float16 / bfloat16), read in place; ``grad`` None or a tensor of the same shape and dtype
+    (last-dim stride 1; it may be the student's storage). ``indices`` / ``values`` / ``counts``
+    ``(N, K)``, ``lse`` ``(N,)``, ``labels`` ``(N,)`` int64 or None. ``total`` is the sum of the
+    row losses as a float (divided by max(kept, 1) for ``reduction="batchmean"``, which also
+    scales the gradient by it); a kept label outside ``[0, V)`` makes its row NaN."""
+    num_classes = student_logits.shape[-1]
+    num_rows = student_logits.numel() // max(num_classes, 1)
+    num_kept = indices.shape[-1]
+    row_loss = torch.empty(num_rows, dtype=torch.float32)
+    total = ctypes.c_double(0.0)
+    label_counts = (ctypes.c_int64 * 2)()
+    call = SparseCall()
+    indices = _rows_of(indices.reshape(num_rows, num_kept), _ID_CODES, torch.int64)
+    call.ids, call.ids_stride, call.ids_dtype = (indices.data_ptr(), indices.stride(0),
+                                                  _ID_CODES[indices.dtype])
+    if counts is not None:
+        counts = counts.reshape(num_rows, num_kept).to(torch.float32).contiguous()
+        call.counts, call.counts_stride = counts.data_ptr(), counts.stride(0)
+    else:
+        values = _rows_of(values.reshape(num_rows, num_kept), _DTYPE_CODES, torch.float32)
+        lse = lse.reshape(num_rows).to(torch.float32).contiguous()
+        call.values, call.values_stride = values.data_ptr(), values.stride(0)
+        call.values_dtype = _DTYPE_CODES[values.dtype]
+        call.lse = lse.data_ptr()
+    if teacher_labels:
+        call.label_mode = _LABELS_TEACHER
+    elif labels is not None:
+        labels = labels.reshape(num_rows).to(torch.int64).contiguous()
+        call.label_mode, call.labels = _LABELS_TENSOR, labels.data_ptr()
+    else:
+        call.label_mode = _LABELS_NONE
+    student_batch, student_row, rows_per_batch = _row_layout(student_logits)
+    call.student = student_logits.data_ptr()
+    call.student_strides[0], call.student_strides[1] = student_batch, student_row
+    call.student_dtype = _DTYPE_CODES[student_logits.dtype]
+    if grad is not None:
+        grad_batch, grad_row, _ = _row_layout(grad)
+        call.grad = grad.data_ptr()
+        call.grad_strides[0], call.grad_strides[1] = grad_batch, grad_row
+        call.grad_dtype = _DTYPE_CODES[grad.dtype]
+    call.row_loss = row_loss.data_ptr()
+    call.total = ctypes.addressof(total)
+    call.label_counts = ctypes.addressof(label_counts)
+    call.num_rows, call.rows_per_batch = num_rows, rows_per_batch
+    call.num_classes, call.num_kept, call.ignore_index = num_classes, num_kept, int(ignore_index)
+    call.temperature, call.soft_weight = float(temperature), float(soft_weight)
+    call.hard_weight, call.beta, call.grad_scale = float(hard_weight), float(beta), float(grad_scale)
+    call.divergence, call.tail = _DIVERGENCE_CODES[divergence], _TAIL_CODES[tail]
+    call.num_threads = (torch.get_num_threads()
+                        if num_rows * num_classes >= THREADED_ELEMENTS else 1)
+    call.reduction = _REDUCTIONS[reduction]
+    if num_rows:
+        status = _function()(ctypes.byref(call))
+        if status < 0:
+            raise MemoryError(f"fastkd's sparse CPU kernel could not allocate its row buffers "
+                              f"({num_classes} classes)")
+    return row_loss, total.value, (label_counts[0], label_counts[1])
+
+
+def kd_sparse_forward_cpu(student_logits, indices, values, lse, counts, labels, *,
+                          teacher_labels, temperature, soft_weight, hard_weight, divergence,
+                          beta, tail, ignore_index, grad_scale, grad) -> torch.Tensor:
+    """The sparse backend contract (``fastkd/sparse_loss.py``) on CPU rows: row losses ``(N,)``
+    float32; fills ``grad`` with ``grad_scale * d row_loss / dz_s``."""
+    row_loss, _, _ = kd_sparse_rows_cpu(
+        student_logits, indices, values, lse, counts, labels, teacher_labels=teacher_labels,
+        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+        divergence=divergence, beta=beta, tail=tail, ignore_index=ignore_index,
+        grad_scale=grad_scale, grad=grad)
+    return row_loss
