@@ -16,8 +16,10 @@ Per chunk (``u = z_s / T``, ``e = exp((z_s - max z_s) / T)``, ``S`` = the K teac
 * gradient: ``p_s * c`` (+ the hard-CE term) over the whole chunk in one write, then a scatter of
   the kept columns' own gradient.
 
-Count-0 entries of sampled targets are padding: they are no bucket and are never written (their
-scatter is redirected to the row's first real entry, with that entry's value).
+Count-0 entries of sampled targets and ``-inf`` values of top-k targets are padding: they are no
+bucket (their class stays in the rest bucket) and are never written (their scatter is redirected
+to the row's first real entry, with that entry's value; in a row without real entries it writes
+back the value already there).
 """
 from typing import Optional
 
@@ -48,8 +50,10 @@ def _log_mixture(log_q, log_p, beta):
     return torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
 
 
-def bucket_terms(log_q, log_p, active, log_q_rest, has_rest, sampled, divergence, beta, tail):
+def bucket_terms(log_q, log_p, active, log_q_rest, has_rest, sampled, divergence, beta, tail,
+                 full=None):
     """The K-sized part of the loss, for ``(C, K)`` student / teacher bucket log-masses.
+    ``full`` (C,) bool: rows whose real ids cover every class (their rest bucket is empty).
 
     Returns ``(divergence (C,), kept_du (C, K), coef_rest (C,))`` with ``dD/du`` at the kept ids
     and ``dD/du_j = p_s(j) * coef_rest`` outside S (``coef_rest`` is 0 where the student rest
@@ -65,6 +69,8 @@ def bucket_terms(log_q, log_p, active, log_q_rest, has_rest, sampled, divergence
             p_rest = log_q.new_zeros(rows)
         else:
             p_rest = (1.0 - p_kept.sum(1)).clamp_min(0.0)
+            if full is not None:
+                p_rest = p_rest.masked_fill(full, 0.0)
         log_p_rest = p_rest.log()
         q_rest = log_q_rest.exp()
     if divergence == "forward_kl":
@@ -127,10 +133,14 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         active = counts > 0
     else:
         values = values.float()
-        active = torch.ones_like(ids, dtype=torch.bool)
-    # count-0 padding: point its id (and later its gradient) at the row's first real entry
+        active = values != _MINUS_INF
+    # padding: point its id (and later its gradient) at the row's first real entry; a row
+    # without one keeps its ids (nothing of it is a bucket: its writes put back what is there)
+    row_active = active.any(1, keepdim=True)
     first_active = active.to(torch.uint8).argmax(1, keepdim=True)
-    ids = torch.where(active, ids, ids.gather(1, first_active))
+    ids = torch.where(active | ~row_active, ids, ids.gather(1, first_active))
+    # labels="teacher" in a row without real entries: no label, no hard term
+    hard_on = row_active.view(-1).float() if hard and opts["teacher_labels"] else None
     z_kept = student.gather(1, ids).float().masked_fill(~active, _MINUS_INF)
     label_logit = student.gather(1, targets.unsqueeze(1)).float().view(-1) if hard else None
 
@@ -141,8 +151,8 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
     exp_s = sum_exp = None
     if stats:
         exp_s = _scaled_shift(student, shift, inv_temp, work.get("exp", rows)).exp_()
-        if tail == "bucket":
-            exp_s.scatter_(1, ids, 0.0)     # the kept columns are their own buckets
+        if tail == "bucket":            # the kept columns are their own buckets
+            exp_s.scatter_(1, ids, torch.where(row_active, 0.0, exp_s.gather(1, ids)))
         sum_exp = exp_s.sum(1)
 
     row_loss = torch.zeros(rows, dtype=torch.float32, device=student.device)
@@ -166,9 +176,13 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
             log_p = _log_softmax_kept(values * inv_temp, active)
         else:
             log_p = values * inv_temp - lse.float().unsqueeze(1)
-        has_rest = tail == "bucket" and (sampled or ids.shape[1] < num_classes)
+        has_rest = tail == "bucket" and (sampled or ids.shape[1] < num_classes
+                                         or not bool(active.all()))
+        full = None
+        if has_rest and not sampled and ids.shape[1] >= num_classes:
+            full = active.sum(1) == num_classes    # ids are unique among real entries
         div, kept_du, coef_rest = bucket_terms(log_q, log_p, active, log_q_rest, has_rest,
-                                               sampled, divergence, opts["beta"], tail)
+                                               sampled, divergence, opts["beta"], tail, full)
         row_loss += opts["soft_weight"] * temp * temp * div
     if hard:
         if stats and temp == 1.0:
@@ -176,7 +190,10 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         else:
             exp_ce = torch.sub(student, shift, out=work.get("exp_ce", rows)).exp_()
             log_sum_ce = exp_ce.sum(1).log()
-        row_loss += opts["hard_weight"] * (log_sum_ce - (label_logit - shift.view(-1)))
+        hard_term = log_sum_ce - (label_logit - shift.view(-1))
+        if hard_on is not None:
+            hard_term = torch.where(hard_on > 0, hard_term, torch.zeros_like(hard_term))
+        row_loss += opts["hard_weight"] * hard_term
     if keep is not None:
         row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
 
@@ -184,6 +201,8 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         # Everything read: grad may alias the student chunk from here on.
         soft_scale = opts["grad_scale"] * opts["soft_weight"] * temp
         hard_scale = opts["grad_scale"] * opts["hard_weight"]
+        if hard_on is not None:
+            hard_scale = hard_scale * hard_on      # (C,): 0 in rows without a teacher label
         shares = hard and exp_ce is exp_s
         kept_grad = soft_scale * kept_du if soft else torch.zeros_like(z_kept)
         # the whole row, written once: source * coef (coef None: source is the gradient)
@@ -212,10 +231,13 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
             at_label = source.gather(1, label_column)
             if coef is not None:
                 at_label = at_label * coef.unsqueeze(1)
-            grad.scatter_(1, label_column, (at_label - hard_scale).to(grad.dtype))
+            row_hard_scale = (hard_scale.unsqueeze(1) if isinstance(hard_scale, torch.Tensor)
+                              else hard_scale)
+            grad.scatter_(1, label_column, (at_label - row_hard_scale).to(grad.dtype))
             q_ce = (z_kept - shift - log_sum_ce.unsqueeze(1)).exp()
-            kept_grad += hard_scale * (q_ce - (ids == label_column).float())
+            kept_grad += row_hard_scale * (q_ce - (ids == label_column).float())
         kept_grad = torch.where(active, kept_grad, kept_grad.gather(1, first_active))
+        kept_grad = torch.where(row_active, kept_grad, grad.gather(1, ids).float())
         grad.scatter_(1, ids, kept_grad.to(grad.dtype))
         if keep is not None:
             grad.masked_fill_(~keep.unsqueeze(1), 0.0)
@@ -239,7 +261,8 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
         return row_loss
     opts = dict(temperature=float(temperature), soft_weight=float(soft_weight),
                 hard_weight=float(hard_weight), divergence=divergence, beta=float(beta),
-                tail=tail, grad_scale=float(grad_scale), soft=soft_weight > 0)
+                tail=tail, grad_scale=float(grad_scale), soft=soft_weight > 0,
+                teacher_labels=bool(teacher_labels))
     has_hard = hard_weight > 0 and (labels is not None or teacher_labels)
     chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
     chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))

@@ -5,7 +5,11 @@ Buckets (``u = z_s / T``, ``p_s = softmax(u)`` over all V classes, ``S`` = the K
 
     tail="bucket"       K + 1 buckets: each kept id, plus one for every other class
                         teacher P_k = exp(v_k / T - lse)  (top-k)  or  c_k / sum c  (sampled)
-                        P_rest = 1 - sum_k P_k (0 for sampled targets and when K = V)
+                        P_rest = 1 - sum_k P_k (0 for sampled targets and when the real ids
+                        cover all V classes)
+    padding entries (a count of 0, a value of -inf) are no bucket: their class stays in the
+    rest; a row without real entries has P_rest = Q_rest = 1 (divergence 0) and, with
+    labels="teacher", no hard term
                         student Q_k = p_s(id_k),  Q_rest = sum_{j not in S} p_s(j)
     tail="renormalize"  K buckets: P = softmax(v / T) over the K ids, Q = softmax(z_s[S] / T)
     tail="ignore"       forward KL over the K ids only: P_k as for "bucket", Q_k = p_s(id_k)
@@ -74,7 +78,7 @@ def _kd_sparse_kernel(
     TAIL: tl.constexpr,            # _BUCKET, _RENORMALIZE or _IGNORE
     STATS: tl.constexpr,           # pass 1 gathers the student's full-row softmax sums
     SAMPLED: tl.constexpr,         # counts given (SampledTargets), else values + lse (TopKLogits)
-    HAS_REST: tl.constexpr,        # bucket mode with classes outside the K ids
+    HAS_REST: tl.constexpr,        # bucket mode (a row may have classes outside its real ids)
     HARD: tl.constexpr,            # hard CE term present
     CE_SHARES_SOFTMAX: tl.constexpr,  # T == 1 and pass 1 gathers the full student sum
     HAS_LABELS: tl.constexpr,
@@ -110,8 +114,12 @@ def _kd_sparse_kernel(
         else:
             values = tl.load(values_ptr + row * values_row_stride + k_offsets, mask=k_mask,
                              other=minus_inf).to(tl.float32)
-            active = k_mask
+            active = k_mask & (values != minus_inf)   # -inf entries are padding
             teacher_score = values
+        # labels="teacher" in a row without real entries: no label, no hard term
+        hard_on = 1.0
+        if TEACHER_LABELS:
+            hard_on = tl.where(tl.sum(active.to(tl.int32), axis=0) > 0, 1.0, 0.0)
         z_kept = tl.load(student_row + ids, mask=active, other=minus_inf).to(tl.float32)
         if TEACHER_LABELS:
             _, best = tl.max(teacher_score, axis=0, return_indices=True)
@@ -182,6 +190,9 @@ def _kd_sparse_kernel(
             p_rest = tl.full([], 0.0, tl.float32)    # sampled targets: nothing outside S
             if HAS_REST and not SAMPLED:
                 p_rest = tl.maximum(1.0 - tl.sum(p_kept, axis=0), 0.0)
+                # real ids covering every class (unique): the rest bucket is empty
+                num_active = tl.sum(active.to(tl.int32), axis=0)
+                p_rest = tl.where(num_active >= num_classes, 0.0, p_rest)
             log_p_rest = tl.log(p_rest)
             if DIVERGENCE == 1:
                 divergence = tl.sum(_masked_xlogy(p_kept, log_p, log_q), axis=0)
@@ -217,19 +228,21 @@ def _kd_sparse_kernel(
                     coef_rest = g_rest - student_dot_g
                 divergence = beta * teacher_term + student_dot_g
                 kept_du = tl.where(q_kept == 0.0, 0.0, q_kept * (g_kept - student_dot_g))
+            if HAS_REST:   # no class outside the real ids: no rest gradient (0 / 0 above)
+                coef_rest = tl.where(rest_sum == 0.0, 0.0, coef_rest)
             row_loss += soft_weight * temperature * temperature * divergence
         if HARD:
             if CE_SHARES_SOFTMAX:
                 log_sum_ce = log_sum_s
             else:
                 log_sum_ce = tl.log(sum_exp_ce)
-            row_loss += hard_weight * (log_sum_ce - (label_logit - shift_s))
+            row_loss += hard_on * hard_weight * (log_sum_ce - (label_logit - shift_s))
         tl.store(row_loss_ptr + row, row_loss)
 
         # ---------------------------------------------------------------- pass 2: gradient
         if WRITE_GRAD:
             soft_scale = grad_scale * soft_weight * temperature
-            hard_scale = grad_scale * hard_weight
+            hard_scale = grad_scale * hard_weight * hard_on
             for start in range(0, num_classes, BLOCK_V):
                 cols = start + block_cols
                 mask = cols < num_classes
@@ -278,7 +291,8 @@ def launch_config(num_classes: int, num_kept: int, *, divergence: str, soft_weig
         TAIL=tail_code,
         STATS=stats,
         SAMPLED=sampled,
-        HAS_REST=tail_code == _BUCKET and (sampled or num_kept < num_classes),
+        # top-k rows with -inf padding have a rest bucket even when K >= V
+        HAS_REST=tail_code == _BUCKET,
         HARD=hard,
         CE_SHARES_SOFTMAX=hard and stats and temperature == 1.0,
         HAS_LABELS=has_labels,

@@ -25,40 +25,56 @@ def _safe_log(mass):
                        torch.full_like(mass, float("-inf")))
 
 
+def active_entries(target):
+    """(N, K) bool: the real entries of each row. Padding is a count-0 entry of a sampled
+    target or a -inf value of a top-k target: it is not one of the kept ids (its class stays in
+    the rest bucket) and it may repeat an id."""
+    if isinstance(target, SampledTargets):
+        return target.counts.double() > 0
+    return target.values.double() != float("-inf")
+
+
 def bucket_masses(student, target, *, tail, temperature):
     """float64 ``(P, Q)`` of shape (N, B): teacher and student masses over the buckets (the K ids,
-    inactive entries 0, plus the rest bucket in "bucket" mode when it exists)."""
+    padding entries 0, plus the rest bucket in "bucket" mode). A row without real entries has
+    P = Q = 0 over its K buckets and, in "bucket" mode, everything in the rest bucket: P_rest =
+    Q_rest = 1 (its divergence is 0)."""
     temp = float(temperature)
     num_classes = student.shape[-1]
     ids = target.indices.long()
     sampled = isinstance(target, SampledTargets)
+    active = active_entries(target)
     if sampled:
-        counts = target.counts.double()
-        active = counts > 0
-        teacher = counts / counts.sum(-1, keepdim=True)
+        counts = target.counts.double() * active
+        teacher = counts / counts.sum(-1, keepdim=True).clamp_min(1e-300)
     else:
         values = target.values.double()
-        active = torch.ones_like(ids, dtype=torch.bool)
         if tail == "renormalize":
-            teacher = torch.softmax(values / temp, -1)
+            scaled = (values / temp).masked_fill(~active, float("-inf"))
+            top = scaled.amax(-1, keepdim=True).clamp_min(-1e300)   # a row of -inf: no NaN
+            weights = (scaled - top).exp()
+            teacher = weights / weights.sum(-1, keepdim=True).clamp_min(1e-300)
         else:
-            teacher = torch.exp(values / temp - target.lse.double().unsqueeze(-1))
+            teacher = torch.where(active, values / temp - target.lse.double().unsqueeze(-1),
+                                  torch.full_like(values, float("-inf"))).exp()
     if tail == "renormalize":
-        kept_logits = student.gather(-1, ids).masked_fill(~active, float("-inf"))
-        return teacher, torch.softmax(kept_logits / temp, -1)
+        kept_logits = (student.gather(-1, ids) / temp).masked_fill(~active, float("-inf"))
+        top = kept_logits.detach().amax(-1, keepdim=True).clamp_min(-1e300)
+        weights = (kept_logits - top).exp()
+        return teacher, weights / weights.sum(-1, keepdim=True).clamp_min(1e-300)
     probs = torch.softmax(student / temp, -1)
     kept = probs.gather(-1, ids) * active
     if tail == "ignore":
         return teacher, kept
-    has_rest = sampled or ids.shape[-1] < num_classes
-    if not has_rest:
-        return teacher, kept
-    in_kept = torch.zeros_like(probs).scatter(-1, torch.where(active, ids, ids[:, :1]), 1.0)
-    student_rest = (probs * (1 - in_kept)).sum(-1, keepdim=True)
+    in_kept = torch.zeros_like(probs).scatter_add(-1, ids, active.double()) > 0
+    student_rest = (probs * ~in_kept).sum(-1, keepdim=True)
     if sampled:
         teacher_rest = torch.zeros_like(student_rest)
     else:
-        teacher_rest = (1 - teacher.sum(-1, keepdim=True)).clamp_min(0)
+        # no class outside the ids: the rest bucket is empty on both sides
+        full = in_kept.sum(-1, keepdim=True) == num_classes
+        teacher_rest = torch.where(full, torch.zeros_like(student_rest),
+                                   (1 - teacher.sum(-1, keepdim=True)).clamp_min(0))
     return torch.cat([teacher, teacher_rest], -1), torch.cat([kept, student_rest], -1)
 
 
@@ -87,16 +103,20 @@ def reference_sparse_row_losses(student_logits, target, labels=None, *, tail="bu
     row_loss = soft_weight * temp ** 2 * soft
     keep = torch.ones(student.shape[0], dtype=torch.bool)
     if labels is not None:
-        if isinstance(labels, str):   # "teacher": id of the largest value / count
+        hard_on = torch.ones(student.shape[0], dtype=torch.bool)
+        if isinstance(labels, str):   # "teacher": id of the largest real value / count
+            active = active_entries(target)
             score = (target.counts if isinstance(target, SampledTargets) else target.values)
-            targets = target.indices.long().gather(-1, score.double().argmax(-1, keepdim=True))
+            score = score.double().masked_fill(~active, float("-inf"))
+            targets = target.indices.long().gather(-1, score.argmax(-1, keepdim=True))
             targets = targets.squeeze(-1)
+            hard_on = active.any(-1)   # a row without real entries has no teacher label
         else:
             targets = labels.long()
             keep = targets != ignore_index
             targets = torch.where(keep, targets, torch.zeros_like(targets))
         hard = -torch.log_softmax(student, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        row_loss = row_loss + hard_weight * hard
+        row_loss = row_loss + hard_weight * torch.where(hard_on, hard, torch.zeros_like(hard))
     return torch.where(keep, row_loss, torch.zeros_like(row_loss)), keep
 
 

@@ -1,12 +1,7 @@
 """Sparse teacher targets through kd_loss (fastkd/sparse_loss.py, kernels/kd_sparse.py,
 fastkd/fallback_sparse.py) against the float64 reference (tests/reference_sparse.py): loss AND
-gradient, both backends (Triton in the CPU interpreter, hence small shapes).
-
-Tolerances per student dtype (loss rtol, gradient rtol), absolute parts scaled by the largest
-expected value as in test_kernel_triton.py: fp32 1e-5 / 1e-5 (fp32 accumulation); fp16 and bf16
-students: the reference runs on the same rounded logits and the backends compute in fp32, so the
-loss keeps fp32 accuracy; the gradient is stored in the low dtype and scaled once more by
-grad_output there: two roundings of 2^-11 (fp16) or 2^-8 (bf16).
+gradient, on every backend: the compiled CPU kernel, the ATen ops and Triton (in the CPU
+interpreter, hence small shapes). Tolerances: tests/sparse_inputs.py.
 """
 import math
 import os
@@ -22,63 +17,19 @@ from fastkd import SampledTargets, TopKLogits, kd_loss
 from fastkd.fallback_sparse import kd_sparse_forward_torch
 from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
 from loss_inputs import assert_close_scaled, make_labels
-from reference_sparse import reference_sparse_kd_loss
+from sparse_inputs import backend, check, make_topk, run_loss  # noqa: F401 (backend: fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
 
-TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (1e-5, 2e-3),
-    torch.bfloat16: (1e-5, 1.6e-2),
-}
-BACKENDS = ["torch", "triton"]
 # (divergence, beta, tail): "ignore" is forward KL only
 COMBOS = [(divergence, beta, tail) for tail in ("bucket", "renormalize")
           for divergence, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3))]
 COMBOS.append(("forward_kl", 0.5, "ignore"))
 
 
-def make_topk(shape, k, temperature=1.0, seed=0, scale=3.0, dtype=torch.float32):
-    """Student logits (shape) and the top-k of independent teacher logits with their exact lse."""
-    generator = torch.Generator().manual_seed(seed)
-    student = (scale * torch.randn(shape, generator=generator)).to(dtype)
-    teacher = scale * torch.randn(shape, generator=generator)
-    top = teacher.topk(k, -1)
-    lse = torch.logsumexp(teacher.double() / temperature, -1).float()
-    return student, TopKLogits(top.values, top.indices.to(torch.int32), lse, temperature), teacher
-
-
-def run_loss(student, target, labels, backend, seed=2, **options):
-    """(loss, gradient) of kd_loss for a random upstream gradient."""
-    student = student.clone().requires_grad_()
-    loss = kd_loss(student, target, labels, backend=backend, **options)
-    generator = torch.Generator().manual_seed(seed)
-    upstream = torch.rand(loss.shape, generator=generator) + 0.5
-    (grad,) = torch.autograd.grad(loss, student, upstream)
-    return loss.detach(), grad, upstream
-
-
-def reference(student, target, labels, upstream, **options):
-    student64 = student.detach().double().requires_grad_()
-    loss = reference_sparse_kd_loss(student64, target, labels, **options)
-    (grad,) = torch.autograd.grad(loss, student64, upstream.double())
-    return loss.detach(), grad
-
-
-def check(student, target, labels, backend, **options):
-    loss_rtol, grad_rtol = TOLERANCES[student.dtype]
-    loss, grad, upstream = run_loss(student, target, labels, backend, **options)
-    want_loss, want_grad = reference(student, target, labels, upstream, **options)
-    assert grad.dtype == student.dtype and grad.shape == student.shape
-    assert_close_scaled(loss, want_loss, loss_rtol, floor=1.0)
-    assert_close_scaled(grad, want_grad, grad_rtol)
-    return loss, grad
-
-
 # ----------------------------------------------------------------------------- the full grid
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("label_mode", ["none", "tensor", "teacher"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("divergence, beta, tail", COMBOS)
@@ -91,7 +42,6 @@ def test_every_divergence_tail_temperature_label_mode(divergence, beta, tail, te
           divergence=divergence, beta=beta, soft_weight=0.7, hard_weight=0.4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k", [1, 8, 64])
 @pytest.mark.parametrize("divergence, tail", [("forward_kl", "bucket"), ("jsd", "bucket"),
                                               ("reverse_kl", "renormalize"),
@@ -102,7 +52,6 @@ def test_k_sizes(k, divergence, tail, backend):
           divergence=divergence, beta=0.6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5),
                                               ("jsd", 0.3), ("jsd", 0.0), ("jsd", 1.0)])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
@@ -143,7 +92,6 @@ def test_triton_streams_several_blocks(tail, temperature):
 
 
 # ----------------------------------------------------------------------------- -inf, dtypes, shapes
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence, tail", [("forward_kl", "bucket"), ("reverse_kl", "bucket"),
                                               ("jsd", "bucket"), ("forward_kl", "renormalize"),
                                               ("forward_kl", "ignore")])
@@ -163,7 +111,6 @@ def test_minus_inf_student_logits(divergence, tail, backend):
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_minus_inf_student_at_a_kept_id_with_teacher_mass(backend):
     """Forward KL is infinite when the student gives 0 to a class the teacher keeps; the
     gradient stays finite: -P_k at that id."""
@@ -185,7 +132,6 @@ def test_minus_inf_student_at_a_kept_id_with_teacher_mass(backend):
     assert_close_scaled(grad, want_grad, 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("divergence, tail", [("forward_kl", "bucket"), ("jsd", "renormalize")])
 def test_half_precision_students(dtype, divergence, tail, backend):
@@ -195,7 +141,6 @@ def test_half_precision_students(dtype, divergence, tail, backend):
           temperature=2.0, divergence=divergence)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_reductions_and_batch_sequence_inputs(reduction, backend):
     """(B, S, V) student with (B, S, K) targets; padded positions ignored."""
@@ -207,7 +152,6 @@ def test_reductions_and_batch_sequence_inputs(reduction, backend):
         assert loss[0, 2] == 0 and loss[1, 2] == 0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored_and_in_place_gradient(backend):
     student, target, _ = make_topk((3, 20), 4, seed=11)
     labels = torch.full((3,), -100)
@@ -225,7 +169,6 @@ def test_all_rows_ignored_and_in_place_gradient(backend):
     assert_close_scaled(leaf.grad, want_grad, 1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_empty_batch_with_strided_fields(reduction, backend):
     """No rows, every K field a column-strided view (an empty tensor's strides address
@@ -278,7 +221,6 @@ def test_torch_compile_fullgraph_sparse():
 
 
 # ----------------------------------------------------------------------------- sampled targets
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence, tail", [("forward_kl", "bucket"), ("jsd", "bucket"),
                                               ("reverse_kl", "renormalize"),
                                               ("forward_kl", "ignore")])
@@ -369,7 +311,6 @@ def bad_input_cases():
     return student, cases
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(backend):
     student, cases = bad_input_cases()
     for number, (target, options, error, message) in enumerate(cases):
@@ -436,7 +377,6 @@ def test_compiles_for_sm90_without_interpreter(flags, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_compact_cache_dtypes(backend):
     """What compact caches store: uint16 ids, fp16 values, uint8 counts."""
     student, target, _ = make_topk((3, 300), 8, seed=15)
