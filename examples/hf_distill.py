@@ -10,12 +10,13 @@
    ``transformers`` configs (random init) and saved to a temporary directory.
 3. The teacher is pretrained briefly (next-token cross-entropy through
    ``fastkd.hf.DistillationTrainer`` with ``soft_weight=0``).
-4. ``fastkd cache --teacher hf:<dir> --dataset jsonl:<tokens>`` caches it three ways: dense
-   fp16, top-k and sampled (``--sample``).
-5. The student is trained four ways for the same steps: from each cache
-   (``DistillationTrainer`` over ``CachedDataset`` + ``collate_causal_lm``) and without
-   distillation (labels only). Printed: held-out perplexity of each, and each cache's bytes per
-   token.
+4. ``fastkd cache --teacher hf:<dir> --dataset jsonl:<tokens>`` caches it in each layout of
+   ``--sources``: by default a sampled cache (``--sample``, the layout to use for a language
+   model: an unbiased target at a few bytes per token; docs/sparse-targets.md, "Which teacher
+   cache?"); ``--sources sample dense topk`` adds dense fp16 and top-k caches to compare.
+5. The student is trained for the same steps from each cache (``DistillationTrainer`` over
+   ``CachedDataset`` + ``collate_causal_lm``) and without distillation (labels only). Printed:
+   held-out perplexity of each, and each cache's bytes per token.
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ from fastkd.cli import main as fastkd_main
 from fastkd.tokens import TokenDataset, collate_causal_lm
 
 VOCAB = 256  # bytes
+SOURCES = ("sample", "dense", "topk")
 
 
 def corpus_text(max_chars: int) -> str:
@@ -125,8 +127,10 @@ def parse_args(argv=None):
     parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=["sample"],
+                        help="teacher caches to distil from (default: sample)")
     parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--sample", type=int, default=16)
+    parser.add_argument("--sample", type=int, default=32, help="draws per token")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -158,8 +162,10 @@ def main(argv=None) -> dict:
     teacher_dir = os.path.join(work, "teacher")
     teacher.save_pretrained(teacher_dir)
 
-    layouts = {"dense fp16": [], f"top-{args.top_k}": ["--top-k", str(args.top_k)],
-               f"sampled {args.sample}": ["--sample", str(args.sample)]}
+    layouts = {"sample": (f"sampled {args.sample}", ["--sample", str(args.sample)]),
+               "dense": ("dense fp16", []),
+               "topk": (f"top-{args.top_k}", ["--top-k", str(args.top_k)])}
+    layouts = dict(layouts[source] for source in dict.fromkeys(args.sources))
     results = {"teacher": {"perplexity": perplexity(teacher, held_out)}}
     for name, options in layouts.items():
         cache_dir = os.path.join(work, "cache-" + name.split()[0])

@@ -1,8 +1,8 @@
 """Token-level distillation of a tiny causal transformer LM on real text: online, or from a
 dense, a top-k or a sampled teacher-logit cache, with held-out perplexity side by side.
 
-    python examples/lm_token_distill.py                          # all four teacher sources
-    python examples/lm_token_distill.py --sources online topk    # a subset
+    python examples/lm_token_distill.py                          # online vs a sampled cache
+    python examples/lm_token_distill.py --sources online dense topk sample   # all four
     python examples/lm_token_distill.py --smoke                  # seconds-long run
 
 Data: byte-level tokens (V = 256) of Python's own reference documentation,
@@ -21,9 +21,11 @@ batches in the same order, evaluated at the same steps:
 - ``topk``: the ``--top-k`` largest logits per token, their ids and the log-sum-exp of the row
   at the training temperature (``write_cache(top_k=K, temperature=T)``); the loss puts the
   remaining teacher mass in one tail bucket (``tail="bucket"``), exactly.
-- ``sample``: ``--sample`` seeded draws per token from the teacher at temperature T, stored as
+- ``sample`` (the cache to use for a language model, and the default with ``online`` as its
+  reference): ``--sample`` seeded draws per token from the teacher at temperature T, stored as
   distinct ids with counts (``write_cache(sample=K, temperature=T)``): an unbiased estimate of
-  the teacher distribution (Sparse Logit Sampling, Anshumann et al., ACL 2025).
+  the teacher distribution (Sparse Logit Sampling, Anshumann et al., ACL 2025). Top-k targets
+  are biased (the tail is dropped or lumped); docs/sparse-targets.md, "Which teacher cache?".
 
 Loss: ``fastkd.kd_loss(student_logits, teacher, labels, temperature=T)`` with ``teacher`` a dense
 tensor, a ``fastkd.TopKLogits`` or a ``fastkd.SampledTargets``, the same call for all four;
@@ -48,6 +50,7 @@ from fastkd.models import TinyCausalLM
 
 IGNORE_INDEX = -100
 SOURCES = ("online", "dense", "topk", "sample")
+DEFAULT_SOURCES = ("online", "sample")   # the exact teacher beside the recommended cache
 
 
 class TokenSequences(torch.utils.data.Dataset):
@@ -188,8 +191,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds-long run")
-    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
-                        help="teacher sources to distil from, side by side (default: all)")
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(DEFAULT_SOURCES),
+                        help="teacher sources to distil from, side by side (default: online "
+                             "sample)")
     parser.add_argument("--cache-dir", help="where the caches go (default: a temporary dir)")
     parser.add_argument("--data", choices=("pydoc", "markov"), default="pydoc")
     parser.add_argument("--vocab", type=int, default=256, help="--data markov only")

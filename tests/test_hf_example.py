@@ -16,7 +16,8 @@ def test_hf_distill_smoke(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("hf_distill", EXAMPLE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    results = module.main(["--smoke", "--work-dir", str(tmp_path)])
+    results = module.main(["--smoke", "--work-dir", str(tmp_path),
+                           "--sources", "sample", "dense", "topk"])
     out = capsys.readouterr().out
     assert "held-out ppl" in out and "labels only" in out
     assert len(results) == 5
