@@ -83,7 +83,7 @@ def test_shards_are_plain_npy(digits_cache):
         assert array.shape == (shard["row_stop"] - shard["row_start"], 10)
         assert os.path.getsize(out / entry["file"]) == entry["bytes"]
     # labels are stored once (format version 2): int32, in the shards, no labels.npy
-    assert manifest["format_version"] == 2 and manifest["labels"] is None
+    assert manifest["format_version"] == 3 and manifest["labels"] is None
     assert not (out / fmt.LABELS_NAME).exists()
     labels = np.concatenate([np.load(out / shard["files"]["labels"]["file"], allow_pickle=False)
                              for shard in manifest["shards"]])

@@ -1,6 +1,7 @@
-"""Sparse cache layouts (format version 2): compact top-k rows with the log-sum-exp at several
-temperatures, sampled rows (distinct ids with counts), their bytes per row, resume, reading and
-batching into the sparse targets the loss takes.
+"""Sparse cache layouts: compact top-k rows with the log-sum-exp at several temperatures,
+sampled rows (distinct ids with counts, ragged), their bytes per row, resume, reading and
+batching into the sparse targets the loss takes (importance weights and the ragged storage in
+detail: tests/test_cache_sampled.py).
 
 Tolerances: top-k values are fp16 (rtol 2**-10, atol 1e-4 against the float32 teacher); the
 float32 lse against float32 ``torch.logsumexp`` of the same tempered rows, rtol/atol 1e-6.
@@ -21,6 +22,7 @@ import cache_helpers
 import fastkd
 from fastkd.cache import CacheError, CachedDataset, LogitCache, collate_padded, write_cache
 from fastkd.cache import manifest as fmt
+from fastkd.cache.ragged import pad_rows
 from fastkd.cache.writer import sample_rows
 from fastkd.cli import main as fastkd_main
 from fastkd.models import TinyCausalLM, digits_dataset
@@ -31,6 +33,19 @@ FP16 = dict(rtol=2 ** -10, atol=1e-4)
 def teacher_rows(teacher, data, index):
     with torch.inference_mode():
         return teacher(data[index]["input_ids"][None])[0].float()
+
+
+def dense_weights(distinct, ids, weights, num_classes):
+    """Ragged rows (what sample_rows returns) -> ``(R, V)`` float64 weights."""
+    rows = torch.arange(len(distinct)).repeat_interleave(distinct)
+    return torch.zeros(len(distinct), num_classes, dtype=torch.float64).index_put_(
+        (rows, ids), weights.double(), accumulate=True)
+
+
+def padded(distinct, ids, weights):
+    """Ragged rows -> the ``(R, w)`` int64 ids and weights a cache read returns."""
+    ids, weights = pad_rows(distinct.numpy(), ids.numpy(), weights.numpy(), np.int64)
+    return torch.from_numpy(ids).long(), torch.from_numpy(weights)
 
 
 class CrashingLM(nn.Module):
@@ -69,7 +84,11 @@ def test_bytes_per_token_at_vocab_32000(vocab_32000):
     top = vocab_32000["top32"].bytes_per_row
     assert top["teacher"] == 132 <= 132 and top["labels"] == 4
     sampled = vocab_32000["sample32"].bytes_per_row
-    assert sampled["teacher"] == 32 * (2 + 1) == 96  # uint16 ids, uint8 counts
+    # per row a uint8 count of distinct ids, then per distinct id a uint16 id and a uint8 count
+    # (this near-uniform teacher draws ~32 distinct ids of 32; a peaked one far fewer)
+    distinct = fmt.mean_distinct(vocab_32000["sample32"].manifest)
+    assert 30 < distinct <= 32
+    assert sampled["teacher"] == pytest.approx(1 + distinct * (2 + 1), rel=1e-12)
     dense = vocab_32000["dense"].bytes_per_row
     assert dense["teacher"] == 64000 and dense["labels"] == 4
     for sizes in (top, sampled, dense):  # headers, lengths and offsets on ~30 rows
@@ -80,13 +99,15 @@ def test_bytes_per_token_at_vocab_32000(vocab_32000):
 def test_info_shows_bytes_per_row(vocab_32000, capsys):
     assert fastkd_main(["info", vocab_32000["top32"].path]) == 0
     out = capsys.readouterr().out
-    assert "v2" in out and "top-32" in out and "lse at T=1" in out
+    assert f"v{fmt.FORMAT_VERSION}" in out and "top-32" in out and "lse at T=1" in out
     assert "bytes/row  132 teacher (values 64, indices 64, lse 4) + 4 labels" in out
     assert "dense fp16 would be 64,000" in out
     assert fastkd_main(["info", vocab_32000["sample32"].path]) == 0
     out = capsys.readouterr().out
-    assert "sample-32" in out and "drawn at T=1 with seed 0" in out
-    assert "bytes/row  96 teacher (indices 64, counts 32)" in out
+    distinct = fmt.mean_distinct(vocab_32000["sample32"].manifest)
+    assert "sample-32" in out and "32 draws, target for T=1, drawn at T=1 (counts) with " \
+        f"seed 0; {distinct:.2f} distinct ids per row on average" in out
+    assert f"teacher (distinct 1, indices 2 x {distinct:.2f}, counts 1 x {distinct:.2f})" in out
 
 
 # ----------------------------------------------------------------------------- top-k, temperatures
@@ -94,7 +115,7 @@ def test_topk_stores_lse_at_each_temperature(tmp_path):
     data, teacher = cache_helpers.TokenSequences(n=6), cache_helpers.tiny_lm()
     manifest = write_cache(teacher, data, tmp_path / "c", top_k=5, temperature=[2.0, 1.0, 0.5],
                            batch_size=4, progress=False)
-    assert manifest["temperatures"] == [2.0, 1.0, 0.5] and manifest["format_version"] == 2
+    assert manifest["temperatures"] == [2.0, 1.0, 0.5] and manifest["format_version"] == 3
     assert LogitCache(tmp_path / "c").temperature == 2.0  # the first listed by default
     for temperature in (2.0, 1.0, 0.5):
         cache = LogitCache(tmp_path / "c", temperature=temperature)
@@ -124,7 +145,10 @@ def test_topk_stores_lse_at_each_temperature(tmp_path):
     ({"temperature": 2.0}, "temperature applies to top-k and sampled caches only"),
     ({"top_k": 3, "temperature": 0.0}, "temperature must be a positive finite number"),
     ({"top_k": 3, "temperature": [1.0, 1.0]}, "lists a value twice"),
-    ({"sample": 8, "temperature": [1.0, 2.0]}, "draws at one temperature"),
+    ({"sample": 8, "temperature": [1.0, 2.0]}, "is a target for one temperature"),
+    ({"top_k": 3, "proposal_temperature": 2.0}, "applies to sampled caches only"),
+    ({"sample": 3, "proposal_temperature": 0.0}, "must be a positive finite number"),
+    ({"sample": 3, "proposal_temperature": float("nan")}, "must be a positive finite number"),
     ({"sample": 0}, "sample must be None or an int"),
     ({"sample": 4, "top_k": 4}, "two layouts; give one"),
     ({"sample": 4, "seed": -1}, "seed must be an int >= 0"),
@@ -144,33 +168,38 @@ def test_sample_rows_follow_the_tempered_teacher(temperature):
     rows[:, 7] = -1e4  # probability exactly 0 in float64: never drawn
     draws = 20000
     uniforms = np.random.default_rng(0).random((4, draws))
-    ids, counts = sample_rows(rows, draws, temperature, uniforms)
-    assert ids.shape == counts.shape == (4, 10)
+    distinct, flat_ids, flat_counts = sample_rows(rows, draws, temperature, uniforms)
+    assert distinct.tolist() == [9] * 4 and flat_ids.shape == flat_counts.shape == (36,)
+    assert flat_counts.dtype == torch.int64 and bool((flat_counts > 0).all())
+    ids, counts = padded(distinct, flat_ids, flat_counts)
     assert bool((counts.sum(-1) == draws).all())
-    assert all(len(set(row.tolist())) == 10 for row in ids)  # distinct ids in every row
-    frequency = torch.zeros(4, 10, dtype=torch.float64).scatter_(1, ids, counts.double()) / draws
+    assert all(len(set(row.tolist())) == 9 for row in ids)  # distinct ids in every row
+    frequency = dense_weights(distinct, flat_ids, flat_counts, 10) / draws
     probs = torch.softmax(rows.double() / temperature, -1)
     assert bool((frequency[:, 7] == 0).all())
     assert bool(((frequency - probs).abs() <= 5 * (probs * (1 - probs) / draws).sqrt() + 1e-12)
                 .all()), (frequency - probs).abs().max()
-    # most drawn first, then the count-0 padding
+    # most drawn first
     assert bool((counts[:, 1:] <= counts[:, :-1]).all())
 
 
-def test_sample_rows_pad_with_distinct_unused_ids():
+def test_sample_rows_keep_only_the_distinct_ids():
+    """Rows hold only the ids drawn: a class holding all the mass is one entry of count N."""
     rows = torch.full((3, 50), -30.0)
     rows[0, 40] = rows[1, 0] = rows[1, 3] = 30.0  # one or two classes hold all the mass
     rows[2] = torch.linspace(-1, 1, 50)
-    ids, counts = sample_rows(rows, 6, 1.0, np.random.default_rng(1).random((3, 6)))
-    assert ids.shape == (3, 6)
-    assert ids[0].tolist() == [40, 0, 1, 2, 3, 4] and counts[0].tolist() == [6, 0, 0, 0, 0, 0]
-    assert sorted(ids[1, :2].tolist()) == [0, 3] and ids[1, 2:].tolist() == [1, 2, 4, 5]
-    assert counts[1, :2].sum() == 6 and bool((counts[1, 2:] == 0).all())
+    distinct, ids, counts = sample_rows(rows, 6, 1.0, np.random.default_rng(1).random((3, 6)))
+    assert distinct[:2].tolist() == [1, 2] and 1 <= int(distinct[2]) <= 6
+    assert ids[:3].tolist()[0] == 40 and counts[0] == 6
+    assert sorted(ids[1:3].tolist()) == [0, 3] and int(counts[1:3].sum()) == 6
+    ids, counts = padded(distinct, ids, counts)
     for row in range(3):
-        assert len(set(ids[row].tolist())) == 6 and int(counts[row].sum()) == 6
-    # more draws than classes: width V, every id once
-    ids, counts = sample_rows(rows[:, :4], 9, 1.0, np.random.default_rng(2).random((3, 9)))
-    assert ids.shape == (3, 4) and all(sorted(row.tolist()) == [0, 1, 2, 3] for row in ids)
+        real = ids[row, :int(distinct[row])].tolist()
+        assert len(set(real)) == len(real) and int(counts[row].sum()) == 6
+    # more draws than classes: at most V distinct ids, each once
+    distinct, ids, counts = sample_rows(rows[:, :4], 9, 1.0,
+                                        np.random.default_rng(2).random((3, 9)))
+    assert bool((distinct <= 4).all()) and int(counts.sum()) == 27
 
 
 def test_sampled_cache_reads_as_sampled_targets(tmp_path):
@@ -179,9 +208,12 @@ def test_sampled_cache_reads_as_sampled_targets(tmp_path):
                            batch_size=4, progress=False)
     assert manifest["layout"] == "sampled" and manifest["sample"] == 300
     assert manifest["temperatures"] == [2.0] and manifest["seed"] == 7
-    files = manifest["shards"][0]["files"]
+    shard = manifest["shards"][0]
+    files = shard["files"]
     assert files["indices"]["dtype"] == "<u2" and files["counts"]["dtype"] == "<u2"
-    assert files["indices"]["shape"][1] == cache_helpers.TOKEN_VOCAB  # min(300, V) entries
+    assert files["distinct"]["dtype"] == "|u1"   # at most min(300, V) = 40 distinct ids
+    assert files["indices"]["shape"] == files["counts"]["shape"] == [shard["entries"]]
+    assert files["distinct"]["shape"] == [shard["row_stop"] - shard["row_start"]]
     cache = LogitCache(tmp_path / "c")
     assert cache.temperatures == [2.0]
     for index in (0, 9):
@@ -192,9 +224,10 @@ def test_sampled_cache_reads_as_sampled_targets(tmp_path):
         # draws of row r of sample i: numpy.random.default_rng([seed, i]), row after row
         expected = teacher_rows(teacher, data, index)
         uniforms = np.random.default_rng([7, index]).random((expected.shape[0], 300))
-        ids, counts = sample_rows(expected, 300, 2.0, uniforms)
+        ids, counts = padded(*sample_rows(expected, 300, 2.0, uniforms))
         assert torch.equal(target.indices.long(), ids) and torch.equal(target.counts.long(),
                                                                       counts)
+        assert target.temperature == 2.0
     # the empirical target of all rows together is close to the tempered teacher on average
     rows = cache.rows(0, cache.num_rows)
     frequency = rows.probs(cache_helpers.TOKEN_VOCAB)
@@ -210,7 +243,9 @@ def test_sampled_cache_reads_as_sampled_targets(tmp_path):
     assert sums[0] == sums[1] and sums[0] != sums[2]
 
 
-@pytest.mark.parametrize("layout", [{"sample": 16}, {"top_k": 4, "temperature": [1.0, 2.0]}])
+@pytest.mark.parametrize("layout", [{"sample": 16}, {"top_k": 4, "temperature": [1.0, 2.0]},
+                                    {"sample": 16, "temperature": 2.0,
+                                     "proposal_temperature": 1.0}])
 def test_sparse_resume_after_a_crash_is_byte_identical(tmp_path, layout, capsys):
     """An exception partway (the teacher's 12th forward call); the rerun resumes after the last
     finished shard and the result matches an uninterrupted run byte for byte."""
@@ -245,12 +280,17 @@ def test_collate_batches_variable_length_sparse_rows(tmp_path, layout):
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=collate_padded)
     inputs, labels, target = next(iter(loader))
     lengths = [len(data[i]["input_ids"]) for i in range(4)]
-    k = 5 if "top_k" in layout else 8
+    # sampled rows are ragged: the batch is as wide as its widest row
+    k = 5 if "top_k" in layout else max(cache[row].indices.shape[-1] for row in range(4))
     assert labels.shape == (4, max(lengths)) and target.indices.shape == (4, max(lengths), k)
     for row, length in enumerate(lengths):
         stored = cache[row]
+        width = stored.indices.shape[-1]
         for got, want in zip(target.tensors(), stored.tensors()):
-            assert torch.equal(got[row, :length], want)
+            got = got[row, :length]
+            assert torch.equal(got[:, :width] if got.dim() == 2 else got, want)
+        if isinstance(target, fastkd.SampledTargets):   # weight-0 padding entries
+            assert bool((target.counts[row, :length, width:] == 0).all())
         padded = slice(length, None)
         assert bool((labels[row, padded] == -100).all())
         # padded rows: ids 0..k-1 and a valid uniform target
@@ -261,8 +301,8 @@ def test_collate_batches_variable_length_sparse_rows(tmp_path, layout):
             torch.testing.assert_close(probs.sum(-1), torch.ones(max(lengths) - length))
         else:
             assert bool((target.counts[row, padded] == 1).all())
-    if isinstance(target, fastkd.TopKLogits):
-        assert target.temperature == 2.0 and isinstance(target.temperature, float)
+    assert target.temperature == (2.0 if "top_k" in layout else 1.0)
+    assert isinstance(target.temperature, float)
     # straight into the loss: finite, and no gradient at padded positions
     student = torch.randn(*labels.shape, cache_helpers.TOKEN_VOCAB, requires_grad=True)
     temperature = 2.0 if "top_k" in layout else 1.0
@@ -280,8 +320,10 @@ def test_collate_batches_one_row_per_sample(tmp_path):
                                          batch_size=16, collate_fn=collate_padded)
     images, labels, target = next(iter(loader))
     assert images.shape == (16, 1, 8, 8) and labels.shape == (16,)
-    assert isinstance(target, fastkd.SampledTargets) and target.counts.shape == (16, 5)
-    assert torch.equal(target.counts, LogitCache(tmp_path / "c")[:16].counts)
+    rows = LogitCache(tmp_path / "c")[:16]
+    assert isinstance(target, fastkd.SampledTargets)
+    assert target.counts.shape == rows.counts.shape and 1 <= rows.counts.shape[1] <= 5
+    assert torch.equal(target.counts, rows.counts) and torch.equal(target.indices, rows.indices)
 
 
 def test_cli_sample_and_temperature(tmp_path, capsys):
@@ -310,7 +352,7 @@ def test_a_version_1_cache_is_not_resumed_or_extended(tmp_path):
     from test_cache_compat import FIXTURES
     shutil.copytree(f"{FIXTURES}/v1-dense-digits", tmp_path / "v1")
     data = torch.utils.data.Subset(digits_dataset(), range(12))
-    with pytest.raises(CacheError, match="format_version: cache has 1, asked 2"):
+    with pytest.raises(CacheError, match="format_version: cache has 1, asked 3"):
         write_cache(cache_helpers.digits_teacher(), data, tmp_path / "v1", batch_size=8,
                     shard_size_mb=5 * 20 / 2 ** 20, progress=False)
 
@@ -335,6 +377,10 @@ def test_gather_equals_reading_each_sample(tmp_path, layout):
             continue
         fields = ("values", "indices", "lse") if "top_k" in layout else ("indices", "counts")
         for field in fields:
-            assert torch.equal(getattr(gathered, field),
-                               torch.stack([getattr(row, field) for row in one_by_one])), field
+            # sampled rows are ragged: each row's entries, then weight-0 padding
+            width = getattr(gathered, field).shape[-1] if "sample" in layout else None
+            rows = [getattr(row, field) for row in one_by_one]
+            if width is not None:
+                rows = [torch.nn.functional.pad(row, (0, width - row.shape[-1])) for row in rows]
+            assert torch.equal(getattr(gathered, field), torch.stack(rows)), field
 

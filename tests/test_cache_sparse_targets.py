@@ -40,9 +40,11 @@ def test_sparse_rows_carry_the_vocabulary_and_refuse_another(tmp_path, layout):
     _, labels, padded = collate_padded(items)
     tokens = collate_causal_lm(items)
     as_dict = targets_from_dict(collate_causal_lm(items, targets_as_dict=True)["teacher_targets"])
-    # one row per item, batched by DataLoader's default collate (num_classes becomes a tensor)
+    # one row per item, batched by DataLoader's default collate (num_classes becomes a tensor);
+    # ragged sampled rows share a width within one read (padded), so the rows of one read
+    rows = cache.rows(0, 3)
     collated = torch.utils.data.default_collate(
-        [cache.rows(i, i + 1).map_tensors(lambda part: part[0]) for i in range(3)])
+        [rows.map_tensors(lambda part, i=i: part[i]) for i in range(3)])
     for target in (cache[0], cache[0:2][0], cache.gather([1, 0])[0], padded,
                    tokens["teacher_targets"], as_dict, collated):
         assert int(torch.as_tensor(target.num_classes).flatten()[0]) == vocab

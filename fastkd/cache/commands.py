@@ -53,13 +53,19 @@ def add_parser(subparsers) -> None:
     sparse.add_argument("--top-k", type=int, metavar="K",
                         help="store only the K largest logits per row (+ ids and the row's "
                              "log-sum-exp at each --temperature)")
-    sparse.add_argument("--sample", type=int, metavar="K",
-                        help="store K draws per row from the teacher's distribution at "
-                             "--temperature, as distinct ids with counts (seeded by --seed)")
+    sparse.add_argument("--sample", type=int, metavar="N",
+                        help="draw N ids per row from the teacher (at --proposal-temperature) "
+                             "and store only the distinct ones with their counts or importance "
+                             "weights: an unbiased target for the teacher at --temperature "
+                             "(seeded by --seed)")
     cache.add_argument("--temperature", type=float, nargs="+", metavar="T",
-                       help="--top-k: the temperature(s) training will use (the log-sum-exp of "
-                            "the tempered row is stored for each; default 1); --sample: the "
-                            "temperature to draw at (default 1)")
+                       help="the temperature training will use, which the target is for. "
+                            "--top-k: one or more (the log-sum-exp of the tempered row is "
+                            "stored for each; default 1); --sample: one (default 1)")
+    cache.add_argument("--proposal-temperature", type=float, metavar="TAU",
+                       help="--sample: draw from softmax(z / TAU) and store importance weights "
+                            "(c / N) p / q for the target at --temperature (default: TAU = T, "
+                            "plain sampling with counts)")
     cache.add_argument("--seed", type=int, default=0,
                        help="seed of --sample's draws (default 0)")
     cache.add_argument("--clamp", action="store_true",
@@ -166,7 +172,8 @@ def _run_cache(args) -> int:
         manifest = write_cache(
             teacher, dataset, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
             device=device, dtype=args.dtype, shard_size_mb=args.shard_size_mb, top_k=args.top_k,
-            sample=args.sample, temperature=args.temperature, seed=args.seed,
+            sample=args.sample, temperature=args.temperature,
+            proposal_temperature=args.proposal_temperature, seed=args.seed,
             overwrite=args.overwrite, clamp=args.clamp, progress=not args.quiet,
             teacher_spec=args.teacher, dataset_spec=args.dataset,
             output_fn=output_key_fn(args.output_key) if args.output_key else None)
@@ -223,7 +230,15 @@ def summary(directory: str, manifest: dict) -> str:
 def _values_line(manifest: dict) -> str:
     """The cache dtype, and what temperature sparse rows belong to."""
     if manifest["layout"] == "sampled":
-        return (f"drawn at T={_numbers(manifest['temperatures'])} with seed {manifest['seed']}")
+        proposal = manifest.get("proposal_temperature")
+        if proposal is None:   # format version 2
+            return (f"{manifest['sample']} draws at T={_numbers(manifest['temperatures'])} with "
+                    f"seed {manifest['seed']}")
+        mean = fmt.mean_distinct(manifest)
+        weights = "importance weights" if fmt.is_weighted(manifest) else "counts"
+        return (f"{manifest['sample']} draws, target for T={_numbers(manifest['temperatures'])}, "
+                f"drawn at T={proposal:g} ({weights}) with seed {manifest['seed']}; "
+                f"{mean:.2f} distinct ids per row on average")
     temperatures = manifest.get("temperatures") or ([1.0] if manifest["layout"] == "topk" else
                                                     None)
     if temperatures is None:
@@ -237,11 +252,14 @@ def _numbers(values) -> str:
 
 def _bytes_line(manifest: dict) -> str:
     sizes = fmt.bytes_per_row(manifest)
-    arrays = ", ".join(f"{name} {np_dtype.itemsize * int(np.prod(shape))}"
+    per_entry = fmt.entry_array_names(manifest)
+    mean = fmt.mean_distinct(manifest)
+    arrays = ", ".join(f"{name} {np_dtype.itemsize} x {mean:.2f}" if name in per_entry else
+                       f"{name} {np_dtype.itemsize * int(np.prod(shape))}"
                        for name, (np_dtype, shape) in fmt.manifest_row_arrays(manifest).items())
     dense = f"; dense fp16 would be {2 * manifest['num_classes']:,}" \
         if manifest["layout"] in fmt.SPARSE_K_FIELD else ""
-    return (f"bytes/row  {sizes['teacher']:,} teacher ({arrays}) + {sizes['labels']:.4g} labels; "
+    return (f"bytes/row  {sizes['teacher']:,.4g} teacher ({arrays}) + {sizes['labels']:.4g} labels; "
             f"{sizes['files']:,.1f} in all files{dense}")
 
 

@@ -1,6 +1,8 @@
 """Teacher rows -> the arrays of a cache layout (dtype cast, top-k with log-sum-exp, seeded
-sampling), refusing NaN/inf and out-of-range values (sparse layouts take -inf: probability 0);
+sampling from a proposal with importance weights), refusing NaN/inf and out-of-range values (sparse layouts take -inf: probability 0);
 used by the cache writer."""
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -34,27 +36,34 @@ def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
     return uniforms
 
 
-def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
-    """Draw ``draws`` classes per row from ``softmax(rows / temperature)`` by inverse CDF with the
-    given ``(R, draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep
-    their chance). Returns ``(indices, counts)``, both ``(R, w)`` int64 with ``w = min(draws,
-    V)``: the distinct drawn ids, most drawn first (ties: smaller id first), then, when fewer
-    than ``w`` distinct ids were drawn, the smallest ids not drawn with count 0 (so every row
-    holds ``w`` distinct ids and ``counts.sum(-1) == draws``)."""
+def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray,
+                proposal_temperature: Optional[float] = None):
+    """Draw ``draws`` classes per row from the proposal ``q = softmax(rows / proposal)``
+    (``proposal_temperature``, default ``temperature``) by inverse CDF with the given ``(R,
+    draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep their chance).
+
+    Returns ``(distinct, indices, weights)``: ``distinct (R,)`` int64 the number of distinct
+    ids drawn in each row, and ``indices`` / ``weights`` ``(E,)``, ``E = distinct.sum()``, row
+    after row the distinct ids (most drawn first, ties: smaller id first) and their weights:
+    the int64 draw counts ``c`` when the proposal is the target (``proposal == temperature``;
+    the target is ``c / draws``), else the float64 importance weights ``(c / draws) p / q``
+    with ``p = softmax(rows / temperature)``, whose expectation is ``p`` for every id."""
+    proposal = temperature if proposal_temperature is None else proposal_temperature
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // rows.shape[1])
-    parts = [_sample_chunk(rows[start:start + chunk], draws, temperature,
+    parts = [_sample_chunk(rows[start:start + chunk], draws, temperature, proposal,
                            uniforms[start:start + chunk]) for start in range(0, len(rows), chunk)]
     if not parts:
-        width = fmt.sampled_width(draws, rows.shape[1])
-        empty = torch.zeros(0, width, dtype=torch.int64, device=rows.device)
-        return empty, empty.clone()
-    return torch.cat([ids for ids, _ in parts]), torch.cat([counts for _, counts in parts])
+        empty = torch.zeros(0, dtype=torch.int64, device=rows.device)
+        return empty, empty.clone(), (empty.clone() if proposal == temperature else
+                                      empty.double())
+    return tuple(torch.cat(pieces) for pieces in zip(*parts))
 
 
-def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray):
+def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, proposal: float,
+                  uniforms: np.ndarray):
     num_rows, num_classes = rows.shape
-    width = fmt.sampled_width(draws, num_classes)
-    cdf = torch.softmax(rows.double() / temperature, dim=-1).cumsum_(-1)
+    logits = rows.double()
+    cdf = torch.softmax(logits / proposal, dim=-1).cumsum_(-1)
     # class j is drawn when cdf[j - 1] < u * total <= cdf[j] (zero-probability classes never);
     # the floor keeps u = 0 off a zero-probability class 0
     targets = (torch.from_numpy(uniforms).to(rows.device) * cdf[:, -1:]).clamp_(
@@ -68,20 +77,20 @@ def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, uniforms: 
     group = starts.cumsum(-1) - 1
     counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
     ids = torch.zeros_like(drawn).scatter_(1, group, drawn)  # one id per group
-    distinct = starts.sum(-1, keepdim=True)
-    # most drawn first, then by id; the unused groups (count 0) last
-    order = ((draws - counts) * num_classes + ids).argsort(dim=-1)[:, :width]
+    distinct = starts.sum(-1)
+    # most drawn first, then by id; the unused groups (count 0) last, then dropped
+    order = ((draws - counts) * num_classes + ids).argsort(dim=-1)
     ids, counts = ids.gather(1, order), counts.gather(1, order)
-    # pad with the smallest ids not drawn: at most `distinct` of the first min(2w, V) ids were
-    # drawn, so at least w - distinct of them are free
-    span = min(2 * width, num_classes)
-    slot = torch.arange(width, device=rows.device).expand(num_rows, width)
-    real = slot < distinct
-    used = torch.zeros(num_rows, span + 1, dtype=torch.long, device=rows.device)  # +1: discard
-    used.scatter_(1, torch.where(real & (ids < span), ids, span), 1)
-    free = (used[:, :span] * span + torch.arange(span, device=rows.device)).argsort(dim=-1)
-    padding = free.gather(1, (slot - distinct).clamp(min=0))
-    return torch.where(real, ids, padding), counts
+    real = torch.arange(draws, device=rows.device) < distinct.unsqueeze(1)
+    ids, counts = ids[real], counts[real]
+    if proposal == temperature:
+        return distinct, ids, counts
+    # w = (c / N) p / q: log p - log q = z / T - lse(z / T) - z / tau + lse(z / tau)
+    row = torch.arange(num_rows, device=rows.device).repeat_interleave(distinct)
+    z = logits[row, ids]
+    log_ratio = z / temperature - z / proposal + \
+        (torch.logsumexp(logits / proposal, -1) - torch.logsumexp(logits / temperature, -1))[row]
+    return distinct, ids, counts.double() / draws * log_ratio.exp()
 
 
 class _RowConverter:
@@ -95,6 +104,7 @@ class _RowConverter:
         self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
         self.k = fmt.manifest_k(state)
         self.temperatures, self.seed = state["temperatures"], state["seed"]
+        self.proposal = state.get("proposal_temperature")
         self.limit = fmt.DTYPE_MAX[self.dtype]
 
     def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
@@ -127,11 +137,16 @@ class _RowConverter:
                     "indices": _ids_to_storage(indices, rows.shape[1]),
                     "lse": lse.cpu().numpy()}, clamped
         if self.layout == "sampled":
-            indices, counts = sample_rows(rows, self.k, self.temperatures[0],
-                                          _row_uniforms(row_samples, self.k, self.seed))
-            return {"indices": _ids_to_storage(indices, rows.shape[1]),
-                    "counts": counts.cpu().numpy().astype(fmt.count_dtype(self.k))}, \
-                np.zeros(rows.shape[0], np.int64)
+            distinct, indices, weights = sample_rows(
+                rows, self.k, self.temperatures[0], _row_uniforms(row_samples, self.k, self.seed),
+                self.proposal)
+            arrays = fmt.row_arrays("sampled", self.dtype, rows.shape[1], self.k,
+                                    weighted=self.proposal != self.temperatures[0])
+            stored = {"distinct": distinct, "indices": indices, "counts": weights,
+                      "weights": weights}
+            return {name: _ids_to_storage(indices, rows.shape[1]) if name == "indices" else
+                    stored[name].cpu().numpy().astype(np_dtype)
+                    for name, (np_dtype, _) in arrays.items()}, np.zeros(rows.shape[0], np.int64)
         if finite and -self.limit <= low and high <= self.limit:
             clamped = np.zeros(rows.shape[0], np.int64)
         else:

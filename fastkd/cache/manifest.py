@@ -11,7 +11,7 @@ A cache is a directory::
                                        them once, in the shards)
 
 Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k or draws,
-``n_T`` = stored temperatures), format version 2:
+``n_T`` = stored temperatures), format version 3:
 
 - ``dense``: ``logits`` ``(R, V)`` in the cache dtype (bf16 is stored as its uint16 bit pattern,
   because numpy has no bfloat16).
@@ -21,15 +21,20 @@ Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k or 
 - ``topk``: ``values`` ``(R, k)`` (cache dtype, largest first), ``indices`` ``(R, k)`` (uint16
   when ``V <= 65536``, else int32) and ``lse`` ``(R, n_T)`` float32, the log-sum-exp of the full
   tempered teacher row ``z / T`` at each temperature of the manifest's ``temperatures``.
-- ``sampled``: ``indices`` and ``counts`` ``(R, w)``, ``w = min(k, V)``: the distinct class ids
-  among ``k`` draws from ``softmax(z / T)`` (most drawn first, ties by id) and how often each
-  was drawn (uint8 when ``k <= 255``, uint16 when ``k <= 65535``, else int32); a row with ``u <
-  w`` distinct ids is padded with ``w - u`` further distinct ids of count 0.
+- ``sampled`` (ragged): ``distinct`` ``(R,)`` the number ``u_r`` of distinct ids of each row
+  (``1 <= u_r <= min(k, V)``; uint8/uint16/int32 as for counts), and ``indices`` ``(E,)`` with
+  ``counts`` (or ``weights``) ``(E,)``, ``E = sum u_r``: row after row, the distinct class ids
+  among ``k`` draws from the proposal ``softmax(z / tau)`` (most drawn first, ties by id) and
+  how often each was drawn (uint8 when ``k <= 255``, uint16 when ``k <= 65535``, else int32),
+  or, when the proposal temperature ``tau`` differs from the target's ``T``, the float32
+  importance weights ``(c / k) p / q`` with ``p = softmax(z / T)``, ``q = softmax(z / tau)``.
+  The shard entry records ``entries`` = E. Version 2 stored ``indices`` and ``counts`` ``(R, w)``,
+  ``w = min(k, V)``, padded with distinct ids of count 0, drawn at ``T`` (no proposal).
 
 Every shard also carries ``labels`` (per sample or per row, int32) when the dataset has labels
 and ``lengths`` (rows per sample, int64) when items are variable-length. Labels are stored once
 (version 1 stored them as int64 in every shard and again in ``labels.npy``; version 1 top-k ids
-are int32 and its ``lse`` is ``(R,)`` at T = 1). Both versions read.
+are int32 and its ``lse`` is ``(R,)`` at T = 1). Versions 1, 2 and 3 read.
 """
 import hashlib
 import json
@@ -46,8 +51,8 @@ from fastkd.cache.files import (  # noqa: F401  (re-exported: the cache's one fi
     read_array_header, write_npy_atomic)
 
 FORMAT_NAME = "fastkd-logit-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 OFFSETS_NAME = "offsets.npy"
 LABELS_NAME = "labels.npy"
@@ -64,6 +69,7 @@ DENSE_ARRAY = {"dense": "logits", "features": "features"}
 INDEX_DTYPE = np.dtype("<i4")  # class ids when V > 65536 (and always in version 1)
 SMALL_INDEX_DTYPE = np.dtype("<u2")  # class ids when V <= 65536
 LSE_DTYPE = np.dtype("<f4")
+WEIGHT_DTYPE = np.dtype("<f4")  # importance weights of a sampled cache with a proposal
 LABEL_DTYPE = np.dtype("<i4")
 V1_LABEL_DTYPE = np.dtype("<i8")
 LENGTH_DTYPE = np.dtype("<i8")
@@ -122,17 +128,45 @@ def sampled_width(draws: int, num_classes: int) -> int:
     return min(draws, num_classes)
 
 
+def is_ragged(manifest: dict) -> bool:
+    """Whether a cache stores sampled rows ragged (format version 3 on): ``distinct`` per row,
+    ``indices`` and ``counts`` / ``weights`` per entry."""
+    return manifest["layout"] == "sampled" and manifest.get("format_version",
+                                                            FORMAT_VERSION) >= 3
+
+
+def is_weighted(manifest: dict) -> bool:
+    """Whether a ragged sampled cache stores float importance weights (its proposal temperature
+    differs from the target's) instead of integer draw counts."""
+    proposal = manifest.get("proposal_temperature")
+    return is_ragged(manifest) and proposal is not None and \
+        proposal != (manifest.get("temperatures") or [1.0])[0]
+
+
+# the per-entry arrays of a ragged sampled shard (their first dimension is the shard's entries)
+ENTRY_ARRAYS = ("indices", "counts", "weights")
+
+
 def row_arrays(layout: str, dtype: str, num_classes: int, k: Optional[int],
-               num_temperatures: int = 1, version: int = FORMAT_VERSION) -> Dict[str, tuple]:
+               num_temperatures: int = 1, version: int = FORMAT_VERSION,
+               weighted: bool = False) -> Dict[str, tuple]:
     """``{array name: (numpy dtype, per-row shape)}`` of the teacher arrays of a layout
-    (``k`` = top-k or number of draws; ``num_temperatures`` = lse columns of a top-k row)."""
+    (``k`` = top-k or number of draws; ``num_temperatures`` = lse columns of a top-k row).
+    A ragged sampled layout's ``indices`` and ``counts`` / ``weights`` (``weighted``) are per
+    entry, not per row (:data:`ENTRY_ARRAYS`); their shape per entry is ``()``."""
     if layout in DENSE_ARRAY:
         return {DENSE_ARRAY[layout]: (STORAGE_DTYPES[dtype], (num_classes,))}
     if layout == "topk":
         return {"values": (STORAGE_DTYPES[dtype], (k,)),
                 "indices": (index_dtype(num_classes, version), (k,)),
                 "lse": (LSE_DTYPE, () if version == 1 else (num_temperatures,))}
-    if layout == "sampled" and version >= 2:
+    if layout == "sampled" and version >= 3:
+        width_dtype = count_dtype(sampled_width(k, num_classes))
+        return {"distinct": (width_dtype, ()),
+                "indices": (index_dtype(num_classes, version), ()),
+                **({"weights": (WEIGHT_DTYPE, ())} if weighted else
+                   {"counts": (count_dtype(k), ())})}
+    if layout == "sampled" and version == 2:
         width = sampled_width(k, num_classes)
         return {"indices": (index_dtype(num_classes, version), (width,)),
                 "counts": (count_dtype(k), (width,))}
@@ -149,7 +183,33 @@ def manifest_row_arrays(manifest: dict) -> Dict[str, tuple]:
     """:func:`row_arrays` of a (progress or finished) manifest of any readable version."""
     return row_arrays(manifest["layout"], manifest["dtype"], manifest["num_classes"] or 0,
                       manifest_k(manifest), len(manifest.get("temperatures") or [1.0]),
-                      manifest.get("format_version", FORMAT_VERSION))
+                      manifest.get("format_version", FORMAT_VERSION), is_weighted(manifest))
+
+
+def entry_array_names(manifest: dict) -> List[str]:
+    """The arrays of ``manifest``'s shards indexed by entry, not by row (ragged sampled only)."""
+    if not is_ragged(manifest):
+        return []
+    return [name for name in manifest_row_arrays(manifest) if name in ENTRY_ARRAYS]
+
+
+def max_row_bytes(manifest: dict) -> int:
+    """The most bytes one row's teacher arrays can take: a ragged row holds at most
+    ``min(k, V)`` entries."""
+    arrays = manifest_row_arrays(manifest)
+    if not is_ragged(manifest):
+        return arrays_row_bytes(arrays)
+    width = sampled_width(manifest_k(manifest), manifest["num_classes"] or 0)
+    return sum(np_dtype.itemsize * (width if name in ENTRY_ARRAYS else 1)
+               for name, (np_dtype, _) in arrays.items())
+
+
+def mean_distinct(manifest: dict) -> Optional[float]:
+    """Mean distinct ids per row of a ragged sampled cache (over the rows written so far)."""
+    if not is_ragged(manifest):
+        return None
+    rows = sum(shard["row_stop"] - shard["row_start"] for shard in manifest["shards"])
+    return sum(shard["entries"] for shard in manifest["shards"]) / max(rows, 1)
 
 
 def label_dtype(version: int = FORMAT_VERSION) -> np.dtype:
@@ -168,8 +228,13 @@ def bytes_per_row(manifest: dict) -> Dict[str, float]:
         copies = 2 if manifest["format_version"] == 1 else 1  # v1: in shards and labels.npy
         labels = label_dtype(manifest["format_version"]).itemsize * per_row * copies
     files = sum(entry["bytes"] for entry in manifest_files(manifest)) / max(rows, 1)
-    return {"teacher": arrays_row_bytes(manifest_row_arrays(manifest)), "labels": labels,
-            "files": files}
+    if is_ragged(manifest):   # the teacher arrays' data (no headers) over the rows
+        arrays = manifest_row_arrays(manifest)
+        teacher = sum(arrays[name][0].itemsize * shard["files"][name]["shape"][0]
+                      for shard in manifest["shards"] for name in arrays) / max(rows, 1)
+    else:
+        teacher = arrays_row_bytes(manifest_row_arrays(manifest))
+    return {"teacher": teacher, "labels": labels, "files": files}
 
 
 def describe_layout(manifest: dict) -> str:
@@ -187,10 +252,10 @@ def arrays_row_bytes(arrays: Dict[str, tuple]) -> int:
 
 
 def rows_per_shard(manifest: dict) -> int:
-    """Rows per shard from the shard size and the row's bytes. Shard boundaries depend only on
-    the manifest's settings and V, so a resumed run cuts identically."""
-    return max(1, int(manifest["shard_size_mb"] * 2 ** 20) //
-               arrays_row_bytes(manifest_row_arrays(manifest)))
+    """Rows per shard from the shard size and the row's bytes (the most a ragged row can take,
+    so a shard never exceeds the size). Shard boundaries depend only on the manifest's settings
+    and V, so a resumed run cuts identically."""
+    return max(1, int(manifest["shard_size_mb"] * 2 ** 20) // max_row_bytes(manifest))
 
 
 def _manifest_checksum(manifest: dict) -> str:
@@ -290,6 +355,7 @@ def check_structure(manifest: dict, where: str) -> None:
     expected_arrays = set(manifest_row_arrays(manifest))
     expected_arrays |= {"labels"} if manifest["labels_per"] else set()
     expected_arrays |= {"lengths"} if manifest["rows_per_sample"] == "variable" else set()
+    per_entry = set(entry_array_names(manifest))
     sample, row = 0, 0
     for number, shard in enumerate(manifest["shards"]):
         if set(shard["files"]) != expected_arrays:
@@ -302,12 +368,14 @@ def check_structure(manifest: dict, where: str) -> None:
         rows = shard["row_stop"] - shard["row_start"]
         for array, entry in shard["files"].items():
             if array in ("lengths",) or (array == "labels" and manifest["labels_per"] == "sample"):
-                expected = shard["sample_stop"] - shard["sample_start"]
+                expected, what = shard["sample_stop"] - shard["sample_start"], "rows"
+            elif array in per_entry:
+                expected, what = shard["entries"], "entries (the shard's 'entries')"
             else:
-                expected = rows
+                expected, what = rows, "rows"
             if not entry["shape"] or entry["shape"][0] != expected:
                 raise CacheError(f"{where}: {entry['file']} has shape {entry['shape']}; expected "
-                                 f"{expected} rows")
+                                 f"{expected} {what}")
         sample, row = shard["sample_stop"], shard["row_stop"]
     if manifest.get("status") == "complete" and (sample, row) != (manifest["num_samples"],
                                                                   manifest["num_rows"]):

@@ -16,7 +16,6 @@ nothing written in memory ever reaches a file) and neither holding a file descri
   lending map is made. So writing into a result changes nothing any other read returns, and a
   streaming read does not fault its pages in again on every pass.
 """
-import math
 import os
 from bisect import bisect_right
 from typing import List, Optional, Sequence, Union
@@ -25,6 +24,8 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache import ragged
+from fastkd.cache.collate import collate_padded  # noqa: F401  (re-exported)
 from fastkd.cache.items import split_item
 from fastkd.cache.maps import _MappedArray
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
@@ -55,7 +56,9 @@ class LogitCache:
     - ``cache[i]``: sample ``i``'s teacher rows: ``(V,)`` (one row per sample) or ``(L_i, V)``
       (variable-length); for top-k caches a :class:`~fastkd.TopKLogits` (ids as int32, ``lse``
       at ``temperature``), for sampled caches a :class:`~fastkd.SampledTargets` (ids and counts
-      as int32).
+      as int32, or float32 importance weights; ``temperature`` the one the target is for). A
+      ragged sampled cache (format version 3) holds each row's distinct ids only; a read pads
+      its rows to the widest among them with id-0, weight-0 entries (padding to the loss).
     - ``cache[i:j]`` / ``cache.gather(indices)``: a batch, ``(n, V)`` (or sparse targets of
       ``(n, k)``); for variable-length caches a list of per-sample results.
     - ``.labels`` (int64 tensor or None), ``.offsets`` (variable-length), ``.manifest``,
@@ -65,7 +68,8 @@ class LogitCache:
     ``temperature`` picks which stored log-sum-exp a top-k cache returns (default: the first in
     ``.temperatures``); one the cache does not hold is an error. Opening checks the manifest's
     own checksum and structure and every file's size, so a truncated, missing or edited file
-    fails here with its name; ``verify()`` adds checksums. Format versions 1 and 2 read.
+    fails here with its name; ``verify()`` adds checksums (and the first read of a ragged
+    sampled shard checks its row sizes, ids and weights). Format versions 1, 2 and 3 read.
     """
 
     def __init__(self, path, *, temperature: Optional[float] = None):
@@ -106,6 +110,9 @@ class LogitCache:
                              f"holds {self.layout} rows")
         self._lse_column = (self.temperatures.index(self.temperature)
                             if self.layout == "topk" and self.version >= 2 else None)
+        # ragged sampled rows (version 3): read through fastkd.cache.ragged
+        self._ragged = fmt.is_ragged(self.manifest)
+        self._weights = "weights" if fmt.is_weighted(self.manifest) else "counts"
         self._maps = None
         self._pid = None
 
@@ -271,9 +278,68 @@ class LogitCache:
             return TopKLogits(_as_tensor(arrays["values"], dtype), indices,
                               torch.from_numpy(lse), self.temperature, self.num_classes)
         if self.layout == "sampled":
-            return SampledTargets(indices, torch.from_numpy(arrays["counts"].astype(np.int32)),
-                                  self.num_classes)
+            weights = arrays[self._weights]
+            return SampledTargets(indices, torch.from_numpy(
+                weights.astype(np.float32 if weights.dtype.kind == "f" else np.int32)),
+                self.num_classes, self.temperature)
         return _as_tensor(arrays[fmt.DENSE_ARRAY[self.layout]], dtype)
+
+    # ------------------------------------------------------------------------- ragged rows
+    def _ragged_offsets(self, number: int) -> np.ndarray:
+        """Shard ``number``'s ``(R + 1,)`` entry offsets, its arrays checked on first use in
+        this process (:func:`fastkd.cache.ragged.check_shard`)."""
+        maps = self._process_maps()
+        key = ("entry offsets", number)
+        if key not in maps:
+            arrays = self._shard_maps(number)
+            names = ("distinct", "indices", self._weights)
+            maps[key] = ragged.check_shard(
+                *(arrays[name].array for name in names),
+                width=fmt.sampled_width(self.manifest["sample"], self.num_classes),
+                num_classes=self.num_classes, files=tuple(arrays[name].path for name in names))
+        return maps[key]
+
+    def _ragged_weight_dtype(self):
+        return np.float32 if self._weights == "weights" else np.int32
+
+    def _wrap_ragged(self, ids: np.ndarray, weights: np.ndarray) -> SampledTargets:
+        return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights),
+                              self.num_classes, self.temperature)
+
+    def _ragged_rows(self, start: int, stop: int) -> SampledTargets:
+        """Rows ``[start, stop)`` of a ragged sampled cache, padded to their widest row."""
+        pieces = []
+        first = max(bisect_right(self._row_starts, start) - 1, 0)
+        for number in range(first, len(self._row_starts)):
+            shard = self.manifest["shards"][number]
+            lo, hi = max(start, shard["row_start"]), min(stop, shard["row_stop"])
+            if lo >= stop:
+                break
+            if lo >= hi:
+                continue
+            offsets, maps = self._ragged_offsets(number), self._shard_maps(number)
+            lo, hi = lo - shard["row_start"], hi - shard["row_start"]
+            begin, end = offsets[lo], offsets[hi]
+            pieces.append((maps["distinct"].array[lo:hi], maps["indices"].array[begin:end],
+                           maps[self._weights].array[begin:end]))
+        if pieces:
+            distinct, ids, weights = (np.concatenate(parts) for parts in zip(*pieces))
+        else:
+            distinct = ids = weights = np.zeros(0, np.int64)
+        return self._wrap_ragged(*ragged.pad_rows(distinct, ids, weights,
+                                                  self._ragged_weight_dtype()))
+
+    def _ragged_gather(self, indices: np.ndarray, shard_of: np.ndarray) -> SampledTargets:
+        """Rows ``indices`` (one row per sample) of a ragged sampled cache, in that order."""
+        parts = []
+        for number in np.unique(shard_of):
+            offsets, maps = self._ragged_offsets(int(number)), self._shard_maps(int(number))
+            where = np.nonzero(shard_of == number)[0]
+            local = indices[where] - self._sample_starts[number]
+            parts.append((where, offsets[local], offsets[local + 1] - offsets[local],
+                          maps["indices"].array, maps[self._weights].array))
+        return self._wrap_ragged(*ragged.gather_rows(parts, len(indices),
+                                                     self._ragged_weight_dtype()))
 
     def rows(self, start: int, stop: int):
         """Teacher rows ``[start, stop)`` in row order. Never shares memory with another live or
@@ -281,6 +347,8 @@ class LogitCache:
         file's lending map (see :mod:`fastkd.cache.maps`), otherwise a copy."""
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
+        if self._ragged:
+            return self._ragged_rows(start, stop)
         first = max(bisect_right(self._row_starts, start) - 1, 0)
         shard = self.manifest["shards"][first] if self.manifest["shards"] else None
         if shard is not None and stop <= shard["row_stop"]:  # inside one shard
@@ -355,6 +423,8 @@ class LogitCache:
         if self.variable:
             return [self[int(i)] for i in indices]
         shard_of = np.searchsorted(self._sample_starts, indices, side="right") - 1
+        if self._ragged:
+            return self._ragged_gather(indices, shard_of)
         out = {name: np.empty((len(indices),) + shape, dtype)
                for name, (dtype, shape) in self._row_arrays.items()}
         # torch's index_select: ~2.3x faster than numpy's fancy indexing here (256 random rows
@@ -420,76 +490,3 @@ class CachedDataset(torch.utils.data.Dataset):
             if label is None:
                 label = self.ignore_index
         return model_input, torch.as_tensor(label), self.cache[index]
-
-
-def _pad_stack(tensors: List[torch.Tensor], value) -> torch.Tensor:
-    length = max(tensor.shape[0] for tensor in tensors)
-    out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
-    for row, tensor in enumerate(tensors):
-        out[row, :tensor.shape[0]] = tensor
-    return out
-
-
-def _sparse_filler(target, length: int):
-    """``length`` rows that make a valid, harmless target of ``target``'s kind and width: ids
-    ``0..k-1`` (distinct), and a uniform distribution over them (top-k values 0 with ``lse =
-    log k`` at any temperature, so the tail mass is 0; sampled counts 1). Padded positions carry
-    ``ignore_index`` labels, so they add nothing to the loss; the filler only keeps them
-    finite."""
-    k = target.indices.shape[-1]
-    indices = torch.arange(k, dtype=target.indices.dtype).expand(length, k)
-    if isinstance(target, TopKLogits):
-        return TopKLogits(target.values.new_zeros(length, k), indices,
-                          target.lse.new_full((length,), math.log(k)), target.temperature,
-                          target.num_classes)
-    return SampledTargets(indices, target.counts.new_ones(length, k), target.num_classes)
-
-
-def _like(template, tensors) -> Union[TopKLogits, SampledTargets]:
-    """A target of ``template``'s type (temperature and vocabulary size) holding ``tensors``."""
-    if isinstance(template, TopKLogits):
-        return TopKLogits(*tensors, template.temperature, template.num_classes)
-    return SampledTargets(*tensors, template.num_classes)
-
-
-def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
-    """Per-sample sparse targets ``(L_i, k)`` (or ``(k,)``) -> one target of ``(B, L, k)`` (or
-    ``(B, k)``), rows past each sample's end filled by :func:`_sparse_filler`."""
-    kinds = {type(target).__name__ for target in targets}
-    temperatures = {float(target.temperature) for target in targets
-                    if isinstance(target, TopKLogits)}
-    if len(kinds) > 1 or len(temperatures) > 1:
-        raise ValueError(f"cannot batch different teacher targets: {sorted(kinds)}, "
-                         f"temperatures {sorted(temperatures)}")
-    if targets[0].indices.dim() > 1:  # variable length: pad every sample to the longest
-        length = max(target.indices.shape[0] for target in targets)
-        targets = [_like(target, [torch.cat(parts) for parts in zip(
-            target.tensors(), _sparse_filler(target, length - len(target.indices)).tensors())])
-            for target in targets]
-    return _like(targets[0], [torch.stack(parts)
-                              for parts in zip(*(target.tensors() for target in targets))])
-
-
-def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
-    """Collate ``(input, labels, teacher)`` items (what :class:`CachedDataset` yields) into
-    ``(inputs, labels, teacher)`` batches, padding variable-length items on the right to the
-    longest: inputs ``(B, L)`` with ``pad_value`` (dict inputs field by field), labels ``(B, L)``
-    with ``ignore_index`` (so padded positions carry no loss), dense teacher rows ``(B, L, V)``
-    with zeros, and sparse teachers (:class:`~fastkd.TopKLogits`, :class:`~fastkd.SampledTargets`)
-    into one sparse target of ``(B, L, k)`` whose padded rows hold a valid uniform filler over
-    ids ``0..k-1``. The result goes to :func:`fastkd.kd_loss` as is. Fixed-length items collate
-    to the default collate's shapes (sparse: ``(B, k)``, top-k ``temperature`` kept a float)."""
-    inputs, labels, teachers = zip(*batch)
-    if isinstance(inputs[0], dict):
-        inputs = {key: _pad_stack([torch.as_tensor(item[key]) for item in inputs], pad_value)
-                  for key in inputs[0]}
-    else:
-        inputs = _pad_stack([torch.as_tensor(item) for item in inputs], pad_value)
-    labels = [torch.as_tensor(label).reshape(-1) for label in labels]
-    labels = _pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
-        len(label) != 1 for label in labels) else torch.cat(labels)
-    if isinstance(teachers[0], SPARSE_TARGETS):
-        teacher = _pad_sparse(teachers)
-    else:
-        teacher = _pad_stack(list(teachers), 0)
-    return inputs, labels, teacher

@@ -113,8 +113,13 @@ class _ShardCutter:
                   np.concatenate([batch[2] for batch in self.pending]))
         clamped = np.concatenate([batch[3] for batch in self.pending])
         num_rows = int(lengths[:num_samples].sum())
-        shard_arrays = {name: array[:num_rows] for name, array in arrays.items()}
-        rest = {name: array[num_rows:] for name, array in arrays.items()}
+        # ragged sampled rows: the per-entry arrays are cut after the rows' entries
+        per_entry = set(fmt.entry_array_names(self.state))
+        entries = int(arrays["distinct"][:num_rows].sum(dtype=np.int64)) if per_entry else None
+        shard_arrays = {name: array[:entries if name in per_entry else num_rows]
+                        for name, array in arrays.items()}
+        rest = {name: array[entries if name in per_entry else num_rows:]
+                for name, array in arrays.items()}
         if labels is not None:
             cut = num_samples if self.state["labels_per"] == "sample" else num_rows
             shard_arrays["labels"], labels = labels[:cut], labels[cut:]
@@ -124,7 +129,8 @@ class _ShardCutter:
                    "sample_start": self.sample_start,
                    "sample_stop": self.sample_start + num_samples,
                    "row_start": self.row_start, "row_stop": self.row_start + num_rows,
-                   "clamped": int(clamped[:num_rows].sum()), "arrays": shard_arrays})
+                   "clamped": int(clamped[:num_rows].sum()), "arrays": shard_arrays,
+                   **({"entries": entries} if per_entry else {})})
         self.index += 1
         self.sample_start += num_samples
         self.row_start += num_rows

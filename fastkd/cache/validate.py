@@ -66,6 +66,17 @@ def validate_manifest(manifest: dict, where: str) -> None:
             isinstance(value, (int, float)) and not isinstance(value, bool) and
             0 < value < float("inf") for value in temperatures)), where,
         f"temperatures {temperatures!r}; expected null or a list of positive numbers")
+    proposal = manifest.get("proposal_temperature")
+    if fmt.is_ragged(manifest):
+        _expect(isinstance(proposal, (int, float)) and not isinstance(proposal, bool) and
+                0 < proposal < float("inf") and temperatures is not None and
+                len(temperatures) == 1, where,
+                f"a sampled cache needs one target temperature and a positive proposal_"
+                f"temperature; found temperatures {temperatures!r}, proposal_temperature "
+                f"{proposal!r}")
+    else:
+        _expect(proposal is None, where, f"proposal_temperature {proposal!r} applies to sampled "
+                f"caches of format version 3 only")
     for key in ("teacher", "dataset"):
         _expect(isinstance(manifest.get(key), dict), where, f"'{key}' must be an object")
     _expect(isinstance(manifest["teacher"].get("fingerprint"), str), where,
@@ -105,7 +116,7 @@ def validate_manifest(manifest: dict, where: str) -> None:
         here = f"{where}: shard {number}"
         _expect(isinstance(shard, dict), here, "is not an object")
         for key in ("index", "rank", "sample_start", "sample_stop", "row_start", "row_stop",
-                    "clamped"):
+                    "clamped") + (("entries",) if fmt.is_ragged(manifest) else ()):
             _expect(_is_int(shard.get(key)), here, f"'{key}' must be an integer >= 0")
         _expect(shard["sample_start"] < shard["sample_stop"] and
                 shard["row_start"] <= shard["row_stop"], here, "has an empty or reversed range")

@@ -34,10 +34,10 @@ from fastkd.tokens import learned_positions
 
 # manifest fields that must agree for a re-run to resume instead of refusing
 IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
-                   "temperatures", "seed", "shard_size_mb", "batch_size", "world_size", "clamp",
-                   "rows")
+                   "temperatures", "proposal_temperature", "seed", "shard_size_mb", "batch_size",
+                   "world_size", "clamp", "rows")
 # what a manifest without the field means (written before the field existed)
-IDENTITY_DEFAULTS = {"rows": "all"}
+IDENTITY_DEFAULTS = {"rows": "all", "proposal_temperature": None}
 
 
 def resolve_device(device) -> torch.device:
@@ -103,8 +103,26 @@ def _temperatures(temperature, layout: str) -> Optional[list]:
     if len(set(values)) != len(values):
         raise ValueError(f"temperature lists a value twice: {values}")
     if layout == "sampled" and len(values) != 1:
-        raise ValueError(f"a sampled cache draws at one temperature, got {values}")
+        raise ValueError(f"a sampled cache is a target for one temperature, got {values}")
     return values
+
+
+def _proposal(proposal_temperature, layout: str, temperatures: Optional[list]):
+    """The manifest's ``proposal_temperature``: what a sampled cache draws at (default: its
+    target temperature, plain sampling); None for the other layouts."""
+    if layout != "sampled":
+        if proposal_temperature is not None:
+            raise ValueError(f"proposal_temperature (--proposal-temperature) applies to sampled "
+                             f"caches only, got {proposal_temperature!r} with layout={layout!r}")
+        return None
+    if proposal_temperature is None:
+        return temperatures[0]
+    if isinstance(proposal_temperature, bool) or \
+            not isinstance(proposal_temperature, (int, float)) or \
+            not 0 < proposal_temperature < float("inf"):
+        raise ValueError(f"proposal_temperature (--proposal-temperature) must be a positive "
+                         f"finite number, got {proposal_temperature!r}")
+    return float(proposal_temperature)
 
 
 def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
@@ -180,8 +198,8 @@ def _check_ranks_agree(dist, config: dict, dataset) -> None:
 def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                 num_workers: int = 0, device="cpu", dtype: str = "fp16",
                 shard_size_mb: float = 256, top_k: Optional[int] = None,
-                sample: Optional[int] = None, temperature=None, seed: int = 0,
-                overwrite: bool = False, clamp: bool = False, progress: bool = True,
+                sample: Optional[int] = None, temperature=None,
+                proposal_temperature: Optional[float] = None, seed: int = 0, overwrite: bool = False, clamp: bool = False, progress: bool = True,
                 teacher_spec: Optional[str] = None, dataset_spec: Optional[str] = None,
                 output_fn: Optional[Callable] = None, layout: Optional[str] = None) -> dict:
     """Cache ``output_fn(teacher(inputs))`` for every item of ``dataset`` into ``out_dir``.
@@ -190,9 +208,12 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     sample, stored row-concatenated with offsets). By default dense rows are stored in ``dtype``.
     ``top_k=k`` stores per row the k largest values, their ids and the fp32 log-sum-exp of the
     row tempered by each of ``temperature`` (a number or a list; default 1), so a sparse loss at
-    that temperature is exact. ``sample=k`` stores per row ``k`` draws from ``softmax(row /
-    temperature)`` (one temperature, default 1) as distinct ids with counts; draws come from
-    ``numpy.random.default_rng([seed, dataset index])``, so the cache is reproducible.
+    that temperature is exact. ``sample=k`` stores per row the distinct ids among ``k`` draws
+    with their weights, a target for ``softmax(row / temperature)`` (one temperature, default
+    1): draws from ``softmax(row / proposal_temperature)`` (default ``temperature``: the counts
+    are the weights) with the importance weights ``(c / k) p / q`` when the proposal differs;
+    draws come from ``numpy.random.default_rng([seed, dataset index])``, so the cache is
+    reproducible.
     Any ``(B, D)`` tensor works; pass ``layout="features"`` when the rows are intermediate
     teacher features (e.g. via ``fastkd.features.TeacherFeatures``) so the manifest says so.
     Returns the manifest (a dict). Resumes an interrupted run with the same settings.
@@ -214,6 +235,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                          f"sampled exactly when sample is set); got layout={layout!r} with "
                          f"top_k={top_k!r}, sample={sample!r}")
     temperatures = _temperatures(temperature, layout)
+    proposal_temperature = _proposal(proposal_temperature, layout, temperatures)
 
     config = {
         "teacher": {"spec": teacher_spec, "class": type(teacher).__name__,
@@ -222,6 +244,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                     "fingerprint": dataset_fingerprint(dataset)},
         "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": layout, "top_k": top_k,
         "sample": sample, "temperatures": temperatures,
+        "proposal_temperature": proposal_temperature,
         "seed": seed if layout == "sampled" else None, "shard_size_mb": shard_size_mb,
         "batch_size": batch_size, "world_size": world_size, "clamp": clamp,
         # "learned": token data keeps the rows of positions with a next-token label (and each
