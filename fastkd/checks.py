@@ -199,7 +199,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
     ``(..., V)``: field types, shapes ``(..., K)`` / lse ``(...)`` with the student's leading
     dims, K >= 1, same device, and the target's recorded ``num_classes`` (when not 0) equal to
     the student's V (``num_classes`` when given, else ``student_logits.shape[-1]``). Returns the
-    target's temperature as a float (None for sampled targets). No host sync (unless a field is
+    target's temperature as a float (what it is for). No host sync (unless a field is
     a GPU tensor of collated numbers): the values are checked by :func:`check_sparse_values`."""
     from fastkd.targets import SampledTargets, TopKLogits
     leading = tuple(student_logits.shape[:-1])
@@ -246,9 +246,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
                              f"got {tensor.device}")
     check_target_classes(f"{name}.num_classes", target.num_classes,
                          student_logits.shape[-1] if num_classes is None else num_classes)
-    if isinstance(target, TopKLogits):
-        return check_temperature_value(f"{name}.temperature", target.temperature)
-    return None
+    return check_temperature_value(f"{name}.temperature", target.temperature)
 
 
 def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature: float,
@@ -256,9 +254,10 @@ def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature:
     """The option combinations a sparse teacher supports (``divergence`` with beta 0 / 1 already
     mapped to forward / reverse KL): no ``mse``; ``tail="ignore"`` only with forward KL;
     reverse KL against sampled targets only with ``tail="renormalize"`` (they give no mass
-    outside the drawn ids, so KL(student || target) is infinite); a top-k target's temperature
-    equal to the loss temperature unless ``tail="renormalize"`` (the stored lse is exact only at
-    the temperature it was computed at)."""
+    outside the drawn ids, so KL(student || target) is infinite); the target's temperature
+    equal to the loss temperature: always for sampled targets (their ids and weights are a
+    target for one temperature), for top-k unless ``tail="renormalize"`` (the stored lse is
+    exact only at the temperature it was computed at; renormalize does not use it)."""
     check_choice("tail", tail, TAILS)
     if divergence == "mse":
         raise ValueError("divergence='mse' needs dense teacher logits (it compares raw logits "
@@ -272,13 +271,22 @@ def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature:
         raise ValueError("divergence='reverse_kl' against SampledTargets is infinite (the "
                          "target is 0 outside the drawn ids); use forward_kl, jsd or "
                          "tail='renormalize'")
-    if target_temperature is not None and tail != "renormalize" and \
-            target_temperature != temperature:
+    if target_temperature is None or target_temperature == temperature:
+        return
+    if sampled:
+        raise ValueError(
+            f"teacher_logits.temperature={target_temperature} (the temperature the sampled "
+            f"target is for) differs from the loss temperature={temperature}; sample the "
+            f"cache for that temperature (fastkd cache --sample N --temperature "
+            f"{temperature}) or train at temperature={target_temperature}")
+    if tail != "renormalize":
         raise ValueError(
             f"teacher_logits.temperature={target_temperature} (the temperature its lse was "
             f"computed at) differs from the loss temperature={temperature}; cache the lse at "
-            f"that temperature (fastkd cache --temperature {temperature}) or use "
-            f"tail='renormalize', which does not use the lse")
+            f"that temperature (fastkd cache --top-k K --temperature {temperature}; several "
+            f"temperatures fit in one cache) or use a sampled cache for it (fastkd cache "
+            f"--sample N --temperature {temperature}), or train at "
+            f"temperature={target_temperature}")
 
 
 # A top-k row's kept probabilities exp(v / T - lse) may sum to at most 1 + MASS_SLACK once every

@@ -277,7 +277,7 @@ class _TableRows:
 def targets_to_dict(target):
     """A sparse target as a plain dict (``{"kind": "topk", "values", "indices", "lse",
     "temperature", "num_classes"}`` or ``{"kind": "sampled", "indices", "counts",
-    "num_classes"}``): the form
+    "num_classes", "temperature"}``): the form
     ``transformers.Trainer`` can move between devices (it rebuilds tuples from a generator,
     which named tuples do not accept). Dense tensors pass through."""
     if isinstance(target, TopKLogits):
@@ -286,7 +286,7 @@ def targets_to_dict(target):
                 "num_classes": target.num_classes}
     if isinstance(target, SampledTargets):
         return {"kind": "sampled", "indices": target.indices, "counts": target.counts,
-                "num_classes": target.num_classes}
+                "num_classes": target.num_classes, "temperature": target.temperature}
     return target
 
 
@@ -299,7 +299,8 @@ def targets_from_dict(target):
         return TopKLogits(target["values"], target["indices"], target["lse"],
                           target.get("temperature", 1.0), target.get("num_classes", 0))
     if kind == "sampled":
-        return SampledTargets(target["indices"], target["counts"], target.get("num_classes", 0))
+        return SampledTargets(target["indices"], target["counts"], target.get("num_classes", 0),
+                              target.get("temperature", 1.0))
     raise ValueError(f"teacher_targets dict of unknown kind {kind!r}; expected 'topk' or "
                      f"'sampled'")
 
@@ -333,7 +334,7 @@ def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number:
         return placed[0]
     if isinstance(teacher, TopKLogits):
         return TopKLogits(*placed, teacher.temperature, teacher.num_classes)
-    return SampledTargets(*placed, teacher.num_classes)
+    return SampledTargets(*placed, teacher.num_classes, teacher.temperature)
 
 
 def _pad_targets(targets, length: int):
@@ -347,11 +348,14 @@ def _pad_targets(targets, length: int):
                             for parts in zip(*(target.tensors() for target in targets))),
                           first.temperature, first.num_classes)
     if isinstance(first, SampledTargets):
-        indices, counts = (_pad(list(parts), length, 0)
+        # rows of ragged sampled caches differ in width: pad to the widest with weight 0
+        width = max(target.indices.shape[-1] for target in targets)
+        indices, counts = (_pad([torch.nn.functional.pad(part, (0, width - part.shape[-1]))
+                                 for part in parts], length, 0)
                            for parts in zip(*(target.tensors() for target in targets)))
         # a padding row gets one draw of id 0, so it is a valid (if unused) target
         counts[..., 0].masked_fill_(counts.sum(-1) == 0, 1)
-        return SampledTargets(indices, counts, first.num_classes)
+        return SampledTargets(indices, counts, first.num_classes, first.temperature)
     raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
                     f"{type(first).__name__}")
 

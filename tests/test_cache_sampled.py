@@ -297,9 +297,9 @@ def test_the_loss_refuses_a_target_for_another_temperature(token_caches):
                                             for i in range(2)])
         student = torch.randn(*labels.shape, VOCAB)
         assert torch.isfinite(fastkd.kd_loss(student, target, labels, temperature=made_for))
-        message = (rf"temperature={made_for:g} \(the temperature the sampled target is for\) "
-                   rf"differs from the loss temperature={other:g}; sample the cache for that "
-                   rf"temperature \(fastkd cache --sample N --temperature {other:g}\)")
+        message = (rf"temperature={made_for} \(the temperature the sampled target is for\) "
+                   rf"differs from the loss temperature={other}; sample the cache for that "
+                   rf"temperature \(fastkd cache --sample N --temperature {other}\)")
         for tail in ("bucket", "renormalize"):
             with pytest.raises(ValueError, match=message):
                 fastkd.kd_loss(student, target, labels, temperature=other, tail=tail)
@@ -322,8 +322,8 @@ def test_the_topk_temperature_error_points_to_recaching():
     with pytest.raises(ValueError) as caught:
         fastkd.kd_loss(student, target, temperature=2.0)
     message = str(caught.value)
-    assert "fastkd cache --top-k K --temperature 2" in message
-    assert "fastkd cache --sample N --temperature 2" in message
+    assert "fastkd cache --top-k K --temperature 2.0" in message
+    assert "fastkd cache --sample N --temperature 2.0" in message
     assert "renormalize" not in message
 
 

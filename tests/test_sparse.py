@@ -232,7 +232,7 @@ def test_sampled_targets_against_reference(divergence, tail, backend):
     counts = torch.randint(1, 5, (4, 6), generator=generator, dtype=torch.int32)
     counts[1, 4:] = 0
     indices[1, 5] = indices[1, 0]
-    target = SampledTargets(indices, counts)
+    target = SampledTargets(indices, counts, temperature=1.5)   # a target for T = 1.5
     check(student, target, "teacher", backend, tail=tail, divergence=divergence,
           temperature=1.5, beta=0.4)
 
