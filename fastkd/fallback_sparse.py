@@ -254,6 +254,16 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
                             grad: Optional[torch.Tensor]) -> torch.Tensor:
     """Row losses ``(N,)`` float32; fills ``grad`` with ``grad_scale * d row_loss / dz_s``
     when it is given (see the contract in ``fastkd.sparse_loss``)."""
+    if student_logits.dim() == 3:   # (B, S, V) rows: flattened (a copy when not mergeable)
+        rows_grad = None if grad is None else grad.reshape(-1, grad.shape[-1])
+        row_loss = kd_sparse_forward_torch(
+            student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts, labels,
+            teacher_labels=teacher_labels, temperature=temperature, soft_weight=soft_weight,
+            hard_weight=hard_weight, divergence=divergence, beta=beta, tail=tail,
+            ignore_index=ignore_index, grad_scale=grad_scale, grad=rows_grad)
+        if grad is not None and rows_grad.data_ptr() != grad.data_ptr():
+            grad.copy_(rows_grad.view(grad.shape))   # grad was not a view of rows
+        return row_loss
     num_rows, num_classes = student_logits.shape
     device = student_logits.device
     row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)

@@ -40,7 +40,8 @@ kd_sparse_forward(student_logits, indices, values, lse, counts, labels, *, teach
                   temperature, soft_weight, hard_weight, divergence, beta, tail, ignore_index,
                   grad_scale, grad) -> row_loss
 
-student_logits: (N, V) floating, last-dim stride 1. indices: (N, K) integer, last-dim stride 1,
+student_logits: (N, V) floating, last-dim stride 1, or (B, S, V) rows (e.g. a logits[:, :-1]
+    view) that the backend reads in place or flattens itself (grad then has the same shape). indices: (N, K) integer, last-dim stride 1,
     ids in [0, V), unique within a row among its real entries. Top-k targets: values (N, K)
     floating (no NaN) and lse (N,) float32, counts None. Sampled targets: counts (N, K) (>= 0,
     positive row sums; count-0 entries are padding), values and lse None.
@@ -62,7 +63,8 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
     """Value checks (one host sync), then the backend; returns (loss, grad) like the dense
     ``fastkd.loss._forward_impl``."""
     from fastkd.dispatch import dispatch as _dispatch
-    num_rows, num_classes = student_2d.shape
+    num_classes = student_2d.shape[-1]
+    num_rows = indices.shape[0]
     labels_1d, kept = check_sparse_values(
         indices, num_classes, values=values, lse=lse, counts=counts,
         labels=labels_1d if label_mode == _LABEL_TENSOR else None, ignore_index=ignore_index,
@@ -79,7 +81,7 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
     grad = None
     if needs_grad:
         grad = grad_buffer if grad_buffer is not None else torch.empty(
-            (num_rows, num_classes), dtype=student_2d.dtype, device=student_2d.device)
+            student_2d.shape, dtype=student_2d.dtype, device=student_2d.device)
     row_loss = _dispatch(backend, "sparse", student_2d.device)(
         student_2d, indices, values, lse, counts, labels_1d,
         teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
@@ -147,6 +149,26 @@ class _SparseKDLossFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- entry point
+def _student_rows(student_logits):
+    """The student as (N, V) rows, or as (B, S, V) when its leading dims do not merge into one
+    (e.g. a ``logits[:, :-1]`` view): a view either way (the CPU kernel reads it in place; the
+    other backends flatten it), a copy only for a last dim of stride != 1 or leading dims that
+    merge into neither."""
+    num_classes = student_logits.shape[-1]
+    if student_logits.stride(-1) != 1 and num_classes > 1:
+        student_logits = student_logits.contiguous()
+    if student_logits.dim() >= 2:
+        try:
+            return student_logits.view(-1, num_classes)
+        except RuntimeError:
+            pass
+        try:
+            return student_logits.view(-1, student_logits.shape[-2], num_classes)
+        except RuntimeError:
+            pass
+    return student_logits.reshape(-1, num_classes)
+
+
 def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_weight,
                    hard_weight, divergence, beta, ignore_index, reduction, backend,
                    grad_inplace):
@@ -168,7 +190,7 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
 
     leading = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
-    student_2d = student_logits.reshape(-1, num_classes)
+    student_2d = _student_rows(student_logits)
     num_kept = teacher.indices.shape[-1]
     indices = teacher.indices.detach().reshape(-1, num_kept)
     if sampled:
@@ -190,7 +212,7 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
     if torch.compiler.is_compiling():
         if grad_inplace and needs_grad:
             raise ValueError("grad_inplace=True is not supported under torch.compile")
-        loss, _ = _kd_sparse_loss_op(student_2d, *args, needs_grad)
+        loss, _ = _kd_sparse_loss_op(student_2d.reshape(-1, num_classes), *args, needs_grad)
     elif needs_grad:
         if grad_inplace:
             if student_2d.data_ptr() != student_logits.data_ptr() or student_2d.stride(-1) != 1:

@@ -1,0 +1,214 @@
+"""The compiled CPU kernel of the sparse-teacher loss (kernels/kd_sparse_cpu.c through
+kernels/kd_sparse_cpu.py) against the float64 reference (tests/reference_sparse.py): loss and
+gradient over divergences, tails, temperatures, label modes, student / value / id dtypes, odd V
+and K, -inf entries (student and teacher), sampled counts with padding, ignored rows,
+reductions, (B, S, V) views read in place, threads; plus the kernel's own label count / sum
+and its guards. Tolerances: tests/sparse_inputs.py (fp32 1e-5; fp16 / bf16 gradients two
+roundings of their dtype).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+import torch
+
+from fastkd import SampledTargets, TopKLogits, dispatch, kd_loss
+from loss_inputs import assert_close_scaled, make_labels
+from sparse_inputs import check, make_topk, reference, run_loss
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
+                                        "ignore:divide by zero encountered:RuntimeWarning")
+
+MINUS_INF = float("-inf")
+COMBOS = [(divergence, beta, tail) for tail in ("bucket", "renormalize")
+          for divergence, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3))]
+COMBOS.append(("forward_kl", 0.5, "ignore"))
+
+
+@pytest.fixture(autouse=True)
+def kernel():
+    module = dispatch.sparse_cpu_kernel()
+    if module is None:
+        from fastkd.kernels import kd_sparse_cpu
+        pytest.skip(f"sparse CPU kernel unavailable: {kd_sparse_cpu.unavailable_reason()}")
+    return module
+
+
+def padded_target(shape, k, temperature, seed, dtype=torch.float32):
+    """Top-k rows with a -inf teacher entry (row 0), a row of padding only (row 1) and a -inf
+    student logit at a kept id whose teacher value is -inf too (row 2)."""
+    student, target, _ = make_topk(shape, k, temperature, seed=seed, dtype=dtype)
+    values = target.values.clone()
+    values.view(-1, k)[0, -1] = MINUS_INF
+    values.view(-1, k)[1] = MINUS_INF
+    values.view(-1, k)[2, 1] = MINUS_INF
+    student = student.clone()
+    flat = student.view(-1, shape[-1])
+    flat[2, target.indices.view(-1, k)[2, 1].long()] = MINUS_INF
+    return student, target._replace(values=values)
+
+
+@pytest.mark.parametrize("label_mode", ["none", "tensor", "teacher"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7, 3.0])
+@pytest.mark.parametrize("divergence, beta, tail", COMBOS)
+def test_grid_against_reference(divergence, beta, tail, temperature, label_mode):
+    """Odd V and K; T = 2, 3 use the kernel's power shortcut for the hard term's exponentials,
+    0.7 a second exponential."""
+    student, target = padded_target((6, 203), 7, temperature, seed=31)
+    labels = {"none": None, "teacher": "teacher",
+              "tensor": make_labels((6,), 203, ignored=[4])}[label_mode]
+    check(student, target, labels, "torch", tail=tail, temperature=temperature,
+          divergence=divergence, beta=beta, soft_weight=0.6, hard_weight=0.45)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_dtypes(dtype, values_dtype, ids_dtype):
+    """fp32 / fp16 / bf16 students (V not a multiple of the vector width), every value and id
+    dtype (uint8 ids are converted by the launcher, the rest read as they are)."""
+    student, target = padded_target((5, 250), 9, 1.0, seed=32, dtype=dtype)
+    target = target._replace(values=target.values.to(values_dtype),
+                             indices=target.indices.to(ids_dtype))
+    check(student, target, make_labels((5,), 250, ignored=[3]), "torch", divergence="jsd",
+          beta=0.4)
+
+
+@pytest.mark.parametrize("counts_dtype", [torch.int32, torch.int64, torch.float32])
+@pytest.mark.parametrize("divergence, tail", [("forward_kl", "bucket"), ("jsd", "bucket"),
+                                              ("reverse_kl", "renormalize"),
+                                              ("forward_kl", "ignore")])
+def test_sampled_counts(divergence, tail, counts_dtype):
+    """Counts with count-0 padding (repeating a drawn id and each other), teacher labels."""
+    generator = torch.Generator().manual_seed(33)
+    student = 2 * torch.randn(5, 61, generator=generator)
+    ids = torch.stack([torch.randperm(61, generator=generator)[:8] for _ in range(5)])
+    counts = torch.randint(1, 6, (5, 8), generator=generator).to(counts_dtype)
+    counts[1, 5:] = 0
+    ids[1, 6] = ids[1, 0]
+    ids[1, 7] = ids[1, 5]
+    target = SampledTargets(ids, counts)
+    check(student, target, "teacher", "torch", tail=tail, divergence=divergence, beta=0.4)
+    check(student, target, make_labels((5,), 61, ignored=[0]), "torch", tail=tail,
+          divergence=divergence, beta=0.4, hard_weight=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_batch_sequence_view_read_in_place(reduction, kernel, monkeypatch):
+    """A (B, S, V) ``logits[:, :-1]`` view (its rows do not merge) reaches the kernel as that
+    view, no copy; the gradient flows back to the full tensor."""
+    full, target = padded_target((3, 5, 77), 6, 1.0, seed=34)
+    seen = []
+
+    def recording(student_logits, *args, **kwargs):
+        seen.append((student_logits.data_ptr(), student_logits.dim()))
+        return kernel.kd_sparse_forward_cpu(student_logits, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_SPARSE_CPU_KERNEL",
+                        [types.SimpleNamespace(kd_sparse_forward_cpu=recording)])
+    leaf = full.clone().requires_grad_()
+    short = target.map_tensors(lambda part: part[:, :-1])
+    labels = make_labels((3, 4), 77, ignored=[5])
+    options = dict(reduction=reduction, divergence="reverse_kl", tail="bucket")
+    loss = kd_loss(leaf[:, :-1], short, labels, **options)
+    assert seen == [(leaf.data_ptr(), 3)]
+    loss.backward(torch.ones_like(loss))
+    want_loss, want_grad = reference(full[:, :-1], short, labels, torch.ones(loss.shape),
+                                     **options)
+    assert_close_scaled(loss.detach(), want_loss, 1e-5, floor=1.0)
+    assert_close_scaled(leaf.grad[:, :-1], want_grad, 1e-5)
+    assert not leaf.grad[:, -1].any()
+
+
+def test_in_place_gradient_into_a_view():
+    """grad_inplace on a (B, S, V) view: the kernel reads every row element before writing
+    that row's gradient over it."""
+    full, target = padded_target((2, 6, 40), 5, 1.0, seed=35)
+    short = target.map_tensors(lambda part: part[:, 1:])
+    labels = make_labels((2, 5), 40, ignored=[3])
+    _, want_grad, upstream = run_loss(full[:, 1:].contiguous(), short, labels, "torch")
+    leaf = full.clone().requires_grad_()
+    logits = leaf * 1.0
+    loss = kd_loss(logits[:, 1:], short, labels, grad_inplace=True)
+    loss.backward(upstream)
+    assert_close_scaled(leaf.grad[:, 1:], want_grad, 1e-6)
+    assert not leaf.grad[:, 0].any()
+
+
+def test_threads_match_one_thread(kernel):
+    """Enough elements to split the rows over threads: the same numbers as one thread."""
+    student, target = padded_target((40, 4001), 16, 1.0, seed=36)
+    labels = make_labels((40,), 4001, ignored=[7])
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            grad = torch.empty_like(student)
+            loss = kernel.kd_sparse_forward_cpu(
+                student, target.indices, target.values, target.lse, None, labels,
+                teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
+                divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100,
+                grad_scale=1.0, grad=grad)
+            results.append((loss, grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert 40 * 4001 >= kernel.THREADED_ELEMENTS
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    check(student, target, labels, "torch")
+
+
+def test_label_count_sum_and_guards(kernel):
+    """One call counts the kept rows and the bad labels and sums the row losses (batchmean:
+    divided by the kept rows, which scales the gradient too); a bad label, a real id outside
+    [0, V) or a NaN / +inf student logit makes its row NaN (loss and gradient), never an
+    out-of-bounds access; an ignored row is 0 whatever it holds."""
+    student, target, _ = make_topk((5, 30), 4, seed=37)
+    student = student.clone()
+    student[3, 2] = float("nan")
+    student[1] = float("nan")
+    ids = target.indices.clone()
+    ids[2, 1] = 1000
+    labels = torch.tensor([0, -100, 3, 4, 99])
+    grad = torch.empty_like(student)
+    options = dict(teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
+                   divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100,
+                   grad_scale=1.0, grad=grad)
+    rows, total, counts = kernel.kd_sparse_rows_cpu(
+        student, ids, target.values, target.lse, None, labels, reduction="batchmean", **options)
+    assert counts == (4, 1)
+    assert torch.isfinite(rows[[0, 1]]).all() and rows[1] == 0 and not grad[1].any()
+    assert torch.isnan(rows[[2, 3, 4]]).all() and torch.isnan(grad[[2, 3, 4]]).all()
+    rows, total, _ = kernel.kd_sparse_rows_cpu(
+        student[:1], ids[:1], target.values[:1], target.lse[:1], None, labels[:1],
+        reduction="batchmean", **dict(options, grad=grad[:1]))
+    assert total == pytest.approx(rows[0].item(), rel=1e-6)
+    one_kept = grad[0].clone()
+    rows, total, counts = kernel.kd_sparse_rows_cpu(
+        student[:2], ids[:2], target.values[:2], target.lse[:2], None,
+        torch.tensor([0, 5]), reduction="batchmean", **dict(options, grad=grad[:2]))
+    assert counts == (2, 0)
+    assert total != total   # row 1 is NaN and kept
+    torch.testing.assert_close(grad[0] * 2, one_kept)   # the gradient scaled by 1 / kept
+
+
+def test_turned_off_by_the_environment():
+    """FASTKD_CPU_KERNEL=0: the sparse kernel is not loaded, the reason says so, and the ATen
+    path gives the loss."""
+    script = textwrap.dedent("""
+        import torch
+        from fastkd import TopKLogits, dispatch, kd_loss
+        from fastkd.kernels import kd_sparse_cpu
+        assert dispatch.sparse_cpu_kernel() is None
+        print(kd_sparse_cpu.unavailable_reason())
+        top = torch.randn(3, 10).topk(2)
+        print(float(kd_loss(torch.randn(3, 10), TopKLogits(top.values, top.indices,
+                                                           torch.zeros(3) + 5))))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "FASTKD_CPU_KERNEL": "0"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "FASTKD_CPU_KERNEL=0" in result.stdout
