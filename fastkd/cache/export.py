@@ -10,7 +10,9 @@ list of rows (one row for ``rows_per_sample == 1`` caches):
   (per row, one log-sum-exp per cached temperature, in the order of the metadata's
   ``temperatures``); the teacher's probability of id ``indices[r][j]`` at temperature ``T`` is
   ``exp(values[r][j] / T - lse[r][t])``;
-- sampled: ``indices`` and ``counts`` list<list<int32>> (draws per distinct id);
+- sampled: ``indices`` and ``counts`` list<list<int32>> (per row the distinct drawn ids and
+  their draws; ``weights`` list<list<float32>>, the importance weights, for a cache drawn from a
+  proposal temperature); weight-0 padding entries are not exported;
 - dense / features: ``logits`` / ``features`` list<list<float32>>;
 - labels when the cache has them: ``labels`` list<int32> (per row; fastkd's next-token labels,
   -100 = ignored) or ``label`` int64 (per sample).
@@ -52,6 +54,14 @@ def _nested(pa, flat, row_offsets, sample_offsets):
     width = flat.shape[1]
     inner = pa.ListArray.from_arrays(pa.array(row_offsets * width, pa.int32()),
                                      pa.array(flat.reshape(-1)))
+    return pa.ListArray.from_arrays(pa.array(sample_offsets, pa.int32()), inner)
+
+
+def _ragged_nested(pa, flat, keep, sample_offsets):
+    """``(R, W)`` numpy, only the entries where ``keep`` -> list<list<...>> per sample."""
+    row_offsets = np.zeros(len(flat) + 1, np.int64)
+    np.cumsum(keep.sum(1), out=row_offsets[1:])
+    inner = pa.ListArray.from_arrays(pa.array(row_offsets, pa.int32()), pa.array(flat[keep]))
     return pa.ListArray.from_arrays(pa.array(sample_offsets, pa.int32()), inner)
 
 
@@ -101,10 +111,13 @@ class _Rows:
                             for cache in self.per_temperature], axis=-1)
             columns["lse"] = _nested(pa, lse.astype(np.float32), row_offsets, sample_offsets)
         elif self.layout == "sampled":
-            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32), row_offsets,
-                                         sample_offsets)
-            columns["counts"] = _nested(pa, rows.counts.numpy().astype(np.int32), row_offsets,
-                                        sample_offsets)
+            weights = rows.counts.numpy()
+            keep = weights > 0   # reads pad rows with weight-0 entries
+            columns["indices"] = _ragged_nested(pa, rows.indices.numpy().astype(np.int32), keep,
+                                                sample_offsets)
+            name, dtype = ("weights", np.float32) if weights.dtype.kind == "f" else \
+                ("counts", np.int32)
+            columns[name] = _ragged_nested(pa, weights.astype(dtype), keep, sample_offsets)
         else:
             name = "logits" if self.layout == "dense" else "features"
             columns[name] = _nested(pa, rows.float().numpy(), row_offsets, sample_offsets)
