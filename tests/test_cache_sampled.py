@@ -259,7 +259,7 @@ def damaged(token_caches, tmp_path, kind, edit):
     ("weights", lambda a: a["weights"].__setitem__(1, np.inf), "weights", "weight inf"),
 ], ids=["sizes-add-up", "empty-row", "id-range", "zero-count", "nan", "negative", "inf"])
 def test_damaged_ragged_rows_fail_naming_the_file(token_caches, tmp_path, kind, edit, array,
-                                                   message):
+                                                   message, capsys):
     directory, files = damaged(token_caches, tmp_path, kind, edit)
     cache = LogitCache(directory)   # sizes are intact: the rows are checked when first read
     for read in (lambda: cache[0], lambda: cache.rows(0, 2),
@@ -269,6 +269,16 @@ def test_damaged_ragged_rows_fail_naming_the_file(token_caches, tmp_path, kind, 
         assert files[array]["file"] in str(caught.value)
     assert "damaged" in str(caught.value)
     assert len(cache[len(cache) - 1].indices)   # other shards still read
+    # with the checksums recomputed (anyone can), verify still refuses it, naming the file
+    manifest = fmt.read_manifest(str(directory))
+    for entry in manifest["shards"][0]["files"].values():
+        entry["sha256"] = fmt.file_sha256(str(directory / entry["file"]))
+    fmt.write_manifest(str(directory), manifest)
+    with pytest.raises(CacheError, match=message):
+        LogitCache(directory).verify()
+    assert fastkd_main(["verify", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert files[array]["file"] in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("edit, message", [

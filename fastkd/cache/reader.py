@@ -258,12 +258,16 @@ class LogitCache:
             0, offsets.shape[0]))
 
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest; raises CacheError naming the files
-        (or saying that the cache changed on disk since it was opened)."""
+        """Check every file's sha256 against the manifest (and the rows of a ragged sampled
+        cache, :func:`fastkd.cache.ragged.check_shard`); raises CacheError naming the files (or
+        saying that the cache changed on disk since it was opened)."""
         self._check_unchanged()
         problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest))
         if problems:
             raise fmt.CacheError("cache verification failed: " + "; ".join(problems))
+        if self._ragged:   # row sizes, ids and weights of every shard (a hostile cache's sums match)
+            for number in range(len(self.manifest["shards"])):
+                self._ragged_offsets(number)
 
     # ------------------------------------------------------------------------- rows
     def _wrap(self, arrays: dict):
