@@ -10,7 +10,7 @@
 - train: a small CNN student distilled with ``fastkd.kd_loss`` from cached logits vs from the
   resnet18 teacher run online each step.
 - bytes: bytes per token of a language-model teacher's cache (V = 32000): dense fp16 against
-  ``--top-k K`` and ``--sample K`` (format version 2).
+  ``--top-k K`` and ``--sample K`` (format version 3: sampled rows keep their distinct ids).
 Random inputs: throughput does not depend on what the pixels are.
 """
 import time
