@@ -154,16 +154,18 @@ def batches(dataset, order, batch_size, steps):
         yield collate_causal_lm([dataset[i] for i in index])
 
 
-def train(model, dataset, order, args, *, steps, lr, loss_fn):
+def train(model, dataset, order, args, *, steps, lr, loss_fn, log=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
-    for batch in batches(dataset, order, args.batch_size, steps):
+    for step, batch in enumerate(batches(dataset, order, args.batch_size, steps), start=1):
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
         loss = loss_fn(logits, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if log is not None and step % 50 == 0:
+            log(f"step {step}/{steps}: loss {float(loss.detach()):.3f}")
     model.eval()
     return float(loss.detach())
 
@@ -245,11 +247,13 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--teacher-dim", type=int, default=256)
     parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--teacher-steps", type=int, default=500)
+    parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--student-dim", type=int, default=128)
     parser.add_argument("--steps", type=int, default=120, help="student steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine two threads spin "
+                             "waiting for each other)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.chars, args.vocab, args.seq_len = args.seeds[:1], 12_000, 320, 32
@@ -289,7 +293,7 @@ def main(argv=None) -> dict:
     teacher = teacher_model(args)
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1000)).tolist()
     train(teacher, train_set, order, args, steps=args.teacher_steps, lr=1e-3,
-          loss_fn=label_loss)
+          loss_fn=label_loss, log=lambda text: log("teacher", text))
     teacher_dir = os.path.join(work, "teacher")
     teacher.save_pretrained(teacher_dir)
     teacher_metrics = evaluate(teacher, held_out)
@@ -336,15 +340,30 @@ def main(argv=None) -> dict:
                 log(f"seed {seed} {setting} {condition}: CE {metrics['ce']:.4f} "
                     f"ECE {metrics['ece']:.4f}")
         infos = {name: cache["info"] for name, cache in caches.items()}
+        done = args.seeds[:args.seeds.index(seed) + 1]   # written after every seed
+        results = write_results(args, started, out, done, teacher, teacher_metrics, infos,
+                                runs, len(train_tokens), len(held_out_tokens))
+        log(f"seeds {done} written to {out}")
+    print(results.pop("markdown"))
+    results["out"] = out
+    return results
 
+
+def write_results(args, started, out, seeds, teacher, teacher_metrics, infos, runs,
+                  train_tokens, held_out_tokens) -> dict:
+    """``results.json`` and ``results.md`` in ``out`` for the seeds done so far."""
+    runs = {setting: {condition: {seed: by_seed[seed] for seed in seeds}
+                      for condition, by_seed in conditions.items()}
+            for setting, conditions in runs.items()}
     results = {
         "environment": environment(args, started),
         "settings": {"vocab": args.vocab, "seq_len": args.seq_len, "batch_size": args.batch_size,
                      "student_steps": args.steps, "student_lr": args.lr,
-                     "teacher_steps": args.teacher_steps, "seeds": args.seeds,
+                     "teacher_steps": args.teacher_steps, "seeds": seeds,
+                     "seeds_planned": args.seeds,
                      "temperature": 1.0, "ece_bins": ECE_BINS,
-                     "train_tokens": int(len(train_tokens)),
-                     "held_out_tokens": int(len(held_out_tokens)),
+                     "train_tokens": int(train_tokens),
+                     "held_out_tokens": int(held_out_tokens),
                      "teacher_parameters": parameters(teacher),
                      "student_parameters": parameters(student_model(args, 0)),
                      "quick": args.quick},
@@ -355,8 +374,7 @@ def main(argv=None) -> dict:
         json.dump(results, handle, indent=1, default=str)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(markdown)
-    print(markdown)
-    results["out"] = out
+    results["markdown"] = markdown
     return results
 
 
@@ -427,6 +445,9 @@ def environment(args, started) -> dict:
 def report(results) -> str:
     env, settings, teacher = results["environment"], results["settings"], results["teacher"]
     seeds = settings["seeds"]
+    planned = settings["seeds_planned"]
+    unfinished = "" if list(seeds) == list(planned) else \
+        f"; seeds {', '.join(str(s) for s in planned if s not in seeds)} did not finish"
     lines = [
         "# Sparse teacher caches: held-out quality and calibration",
         "",
@@ -436,7 +457,7 @@ def report(results) -> str:
         f"python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
         f"numpy {env['numpy']}",
         f"- seeds: {', '.join(map(str, seeds))} (student init, batch order, sampled caches' "
-        "draws)",
+        f"draws){unfinished}",
         f"- V = {settings['vocab']} (byte-level BPE on the training text); "
         f"{settings['train_tokens']:,} train / {settings['held_out_tokens']:,} held-out tokens; "
         f"teacher {settings['teacher_parameters'] / 1e6:.2f}M parameters (GPT-2-style, "
