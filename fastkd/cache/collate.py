@@ -58,6 +58,10 @@ def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
         raise ValueError(f"cannot batch different teacher targets: {sorted(kinds)}, "
                          f"temperatures {sorted(temperatures)}")
     if isinstance(targets[0], SampledTargets):
+        if targets[0].indices.dim() == 1:   # one row per item: one padding op per field
+            return _like(targets[0], [torch.nn.utils.rnn.pad_sequence(
+                list(parts), batch_first=True) for parts in zip(
+                *(target.tensors() for target in targets))])
         width = max(target.indices.shape[-1] for target in targets)
         targets = [widen_sampled(target, width) for target in targets]
     if targets[0].indices.dim() > 1:  # variable length: pad every sample to the longest
