@@ -47,6 +47,7 @@ enum { TAIL_BUCKET = 0, TAIL_RENORMALIZE = 1, TAIL_IGNORE = 2 };
 enum { LABELS_NONE = 0, LABELS_TENSOR = 1, LABELS_TEACHER = 2 };
 enum { IDS_INT64 = 0, IDS_INT32 = 1, IDS_INT16 = 2, IDS_UINT16 = 3 };
 enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
+#define CHUNK 1024   /* floats of a row chunk: 4 KB, in L1 between its load and its exponentials */
 
 /* Everything one call needs (kernels/kd_sparse_cpu.py fills the same layout with ctypes). */
 typedef struct {
@@ -73,8 +74,9 @@ typedef struct {
     const SparseCall *call;
     int64_t first_row, end_row;
     float *row, *exp_ce;                /* padded float32 buffers */
-    double *scratch;                    /* 8 * K doubles */
-    int64_t *kept_ids;                  /* K */
+    float *shifts;                      /* one per CHUNK of the row */
+    double *scratch;                    /* 6 * K doubles, then K flags */
+    int64_t *kept_ids, *sorted_ids;     /* K each */
 } Slice;
 
 /* ----------------------------------------------------------------------------- loads, stores */
@@ -96,42 +98,20 @@ INLINE float load_value(const void *values, int dtype, int64_t i) {
 typedef uint16_t vu16 __attribute__((vector_size(VEC * 2)));
 typedef uint32_t vu32 __attribute__((vector_size(VEC * 4)));
 
-/* The row into `out` as float32 (padded with -inf to a multiple of VEC); returns its maximum
- * and sets *bad when it holds a NaN or +inf. */
-INLINE float load_row_max(const char *source, int dtype, int64_t count, int64_t padded,
-                          float *out, int *bad) {
-    vfloat best = splat(-INFINITY);
-    vint bad_lanes = {0};
-    int64_t whole = count / VEC * VEC;
-    for (int64_t i = 0; i < whole; i += VEC) {
-        vfloat x;
-        if (dtype == DTYPE_FLOAT32) {
-            memcpy(&x, source + i * 4, sizeof x);
-        } else if (dtype == DTYPE_BFLOAT16) {
-            vu16 half_bits;
-            memcpy(&half_bits, source + i * 2, sizeof half_bits);
-            x = (vfloat)(__builtin_convertvector(half_bits, vu32) << 16);
-        } else {
-            const uint16_t *bits = (const uint16_t *)source + i;
-            for (int lane = 0; lane < VEC; lane++) x[lane] = half_to_float(bits[lane]);
-        }
-        *(vfloat *)(out + i) = x;
-        bad_lanes |= (x != x) | (x == splat(INFINITY));
-        best = pick(x > best, x, best);
+/* VEC elements of a row from element offset i, as float32 */
+INLINE vfloat load_vec(const char *source, int dtype, int64_t i) {
+    vfloat x;
+    if (dtype == DTYPE_FLOAT32) {
+        memcpy(&x, source + i * 4, sizeof x);
+    } else if (dtype == DTYPE_BFLOAT16) {
+        vu16 half_bits;
+        memcpy(&half_bits, source + i * 2, sizeof half_bits);
+        x = (vfloat)(__builtin_convertvector(half_bits, vu32) << 16);
+    } else {
+        const uint16_t *bits = (const uint16_t *)source + i;
+        for (int lane = 0; lane < VEC; lane++) x[lane] = half_to_float(bits[lane]);
     }
-    float top = lane_max(best);
-    int any_bad = 0;
-    for (int lane = 0; lane < VEC; lane++) any_bad |= bad_lanes[lane] != 0;
-    for (int64_t i = whole; i < count; i++) {
-        float x = dtype == DTYPE_FLOAT32 ? ((const float *)source)[i]
-                                          : load_value(source, dtype, i);
-        out[i] = x;
-        any_bad |= (x != x) | (x == INFINITY);
-        top = x > top ? x : top;
-    }
-    for (int64_t i = count; i < padded; i++) out[i] = -INFINITY;
-    *bad = any_bad;
-    return top;
+    return x;
 }
 
 INLINE void store_value(void *target, int dtype, int64_t i, float value) {
@@ -270,7 +250,7 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
     double *kept_du = log_p + num_kept, *kept_e = kept_du + num_kept;
     double *teacher_x = kept_e + num_kept;
     unsigned char *active = (unsigned char *)(teacher_x + num_kept);
-    int64_t *kept_ids = slice->kept_ids;
+    int64_t *kept_ids = slice->kept_ids, *sorted_ids = slice->sorted_ids;
 
     /* --- the K entries: real ones, ids in range, the teacher label --- */
     const void *ids = (const char *)call->ids
@@ -306,57 +286,97 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
         return 0.0f;
     }
 
-    /* --- the student row: one read (max on the way), then the kept logits --- */
-    float *buffer = slice->row, *exp_ce = slice->exp_ce;
-    float max_z = 0.0f;
-    const int reads_row = stats || hard;
-    if (reads_row) {
-        int bad = 0;
-        max_z = load_row_max(student_in, call->student_dtype, num_classes, padded, buffer, &bad);
-        if (bad) return NAN;
-        if (max_z == -INFINITY) max_z = 0.0f;
-    }
+    /* --- the kept logits and the label logit, read before anything is written --- */
     for (int64_t k = 0; k < num_kept; k++) {
-        if (!active[k]) {
-            kept_z[k] = -INFINITY;
-        } else {
-            kept_z[k] = reads_row ? buffer[kept_ids[k]]
-                                  : load_value(student_in, call->student_dtype, kept_ids[k]);
-            if (kept_z[k] != kept_z[k] || kept_z[k] == INFINITY) return NAN;
-        }
+        kept_z[k] = active[k] ? load_value(student_in, call->student_dtype, kept_ids[k])
+                              : -INFINITY;
+        if (kept_z[k] != kept_z[k] || kept_z[k] == INFINITY) return NAN;
     }
-    const double label_z = hard ? buffer[label] : 0.0;
+    const double label_z = hard ? load_value(student_in, call->student_dtype, label) : 0.0;
 
-    /* --- exponentials: e = exp((z - max) / T) in place (rest sum in bucket mode), and the
-     *     hard CE's exp(z - max) where it is not e --- */
+    /* --- the student row in one read, a chunk at a time: converted into the buffer, its kept
+     *     columns masked (bucket tail: the sum is then the exact rest sum), the chunk's max
+     *     folded into the running max (the sums rescaled when it grows), then
+     *     e = 2^((z - running max) k) in place; the hard CE's exp(z - max) beside it where it
+     *     is not e. shifts[c]: the running max chunk c was exponentiated with. --- */
+    float *buffer = slice->row, *exp_ce = slice->exp_ce, *shifts = slice->shifts;
+    const int reads_row = stats || hard;
     const int shares = hard && stats && temp == 1.0;
     const int power = temp == 2.0 ? 2 : temp == 3.0 ? 3 : temp == 4.0 ? 4 : 0;
     const int separate_ce = hard && stats && !shares;
-    if (stats && tail == TAIL_BUCKET)
-        for (int64_t k = 0; k < num_kept; k++)
-            if (active[k]) buffer[kept_ids[k]] = -INFINITY;   /* kept columns: own buckets */
+    const float scale = stats ? (float)(LOG2E * inv_temp) : LOG2E;
+    const int64_t num_chunks = (padded + CHUNK - 1) / CHUNK;
+    float max_z = 0.0f;
     double sum_e = 0.0, sum_ce = 0.0;
     if (reads_row) {
-        const float scale = stats ? (float)(LOG2E * inv_temp) : LOG2E;
-        const vfloat vmax = splat(max_z), vscale = splat(scale), log2e = splat(LOG2E);
-        vfloat total = splat(0.0f), total_ce = splat(0.0f);
-        for (int64_t i = 0; i < padded; i += VEC) {
-            vfloat z = *(vfloat *)(buffer + i);
-            vfloat e = vexp2((z - vmax) * vscale);
-            *(vfloat *)(buffer + i) = e;
-            total += e;
-            if (separate_ce) {
-                vfloat h;
-                if (power) {
-                    vfloat e2 = e * e;
-                    h = power == 2 ? e2 : power == 3 ? e2 * e : e2 * e2;
-                } else {
-                    h = vexp2((z - vmax) * log2e);
+        int64_t num_masked = 0, next = 0;
+        if (stats && tail == TAIL_BUCKET) {   /* the real ids in increasing order */
+            for (int64_t k = 0; k < num_kept; k++) {
+                if (!active[k]) continue;
+                int64_t id = kept_ids[k], at = num_masked++;
+                while (at > 0 && sorted_ids[at - 1] > id) {
+                    sorted_ids[at] = sorted_ids[at - 1];
+                    at--;
                 }
-                *(vfloat *)(exp_ce + i) = h;
-                total_ce += h;
+                sorted_ids[at] = id;
             }
         }
+        const int64_t whole = num_classes / VEC * VEC;
+        const vfloat vscale = splat(scale), log2e = splat(LOG2E);
+        vfloat total = splat(0.0f), total_ce = splat(0.0f);
+        vint bad_lanes = {0};
+        int bad = 0;
+        float running = -INFINITY;
+        for (int64_t c = 0; c < num_chunks; c++) {
+            const int64_t first = c * CHUNK, end = first + CHUNK < padded ? first + CHUNK : padded;
+            vfloat best = splat(-INFINITY);
+            int64_t i = first;
+            for (; i < end && i < whole; i += VEC) {
+                vfloat x = load_vec(student_in, call->student_dtype, i);
+                *(vfloat *)(buffer + i) = x;
+                bad_lanes |= (x != x) | (x == splat(INFINITY));
+                best = pick(x > best, x, best);
+            }
+            float chunk_max = lane_max(best);
+            for (; i < end; i++) {   /* the row's last partial vector, then -inf padding */
+                float x = i < num_classes ? load_value(student_in, call->student_dtype, i)
+                                          : -INFINITY;
+                buffer[i] = x;
+                bad |= (x != x) | (x == INFINITY);
+                chunk_max = x > chunk_max ? x : chunk_max;
+            }
+            while (next < num_masked && sorted_ids[next] < end) buffer[sorted_ids[next++]] = -INFINITY;
+            if (chunk_max > running) {
+                if (running != -INFINITY) {   /* rescale the sums to the new maximum */
+                    total *= splat(exp2f((running - chunk_max) * scale));
+                    if (separate_ce) total_ce *= splat(exp2f((running - chunk_max) * LOG2E));
+                }
+                running = chunk_max;
+            }
+            const float shift = running == -INFINITY ? 0.0f : running;
+            shifts[c] = shift;
+            const vfloat vshift = splat(shift);
+            for (int64_t j = first; j < end; j += VEC) {
+                vfloat z = *(vfloat *)(buffer + j);
+                vfloat e = vexp2((z - vshift) * vscale);
+                *(vfloat *)(buffer + j) = e;
+                total += e;
+                if (separate_ce) {
+                    vfloat h;
+                    if (power) {
+                        vfloat e2 = e * e;
+                        h = power == 2 ? e2 : power == 3 ? e2 * e : e2 * e2;
+                    } else {
+                        h = vexp2((z - vshift) * log2e);
+                    }
+                    *(vfloat *)(exp_ce + j) = h;
+                    total_ce += h;
+                }
+            }
+        }
+        for (int lane = 0; lane < VEC; lane++) bad |= bad_lanes[lane] != 0;
+        if (bad) return NAN;
+        max_z = running == -INFINITY ? 0.0f : running;
         sum_e = lane_sum(total);
         sum_ce = separate_ce ? lane_sum(total_ce) : sum_e;
     }
@@ -424,7 +444,8 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
     }
     if (!grad_out) return (float)row_loss;
 
-    /* --- gradient: the whole row from the buffer(s), then the label and kept columns --- */
+    /* --- gradient: the whole row from the buffer(s), chunk by chunk (each chunk's values
+     *     brought to the final maximum by one factor), then the label and kept columns --- */
     const double soft_scale = call->grad_scale * call->soft_weight * temp;
     const double hard_scale = hard ? call->grad_scale * call->hard_weight : 0.0;
     double coef_e = stats ? soft_scale * coef_rest * exp(-log_sum_s) : 0.0;  /* times e */
@@ -441,17 +462,27 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
             coef_e += coef_h;
             coef_h = 0.0;
         }
-        const vfloat ce = splat((float)coef_e), ch = splat((float)coef_h);
         const int64_t whole = num_classes / VEC * VEC;
-        for (int64_t i = 0; i < whole; i += VEC) {
-            vfloat g = *(vfloat *)(buffer + i) * ce;
-            if (coef_h != 0.0) g += *(const vfloat *)(hard_source + i) * ch;
-            store_vec(grad_out, dtype, i, g);
+        for (int64_t c = 0; c < num_chunks; c++) {
+            const int64_t first = c * CHUNK;
+            const int64_t end = first + CHUNK < num_classes ? first + CHUNK : num_classes;
+            const float drop = shifts[c] - max_z;   /* <= 0 */
+            const float factor_e = (float)coef_e * exp2f(drop * scale);
+            const float factor_h = (float)coef_h * exp2f(drop * LOG2E);
+            const vfloat ce = splat(factor_e), ch = splat(factor_h);
+            int64_t i = first;
+            for (; i < end && i < whole; i += VEC) {
+                vfloat g = *(vfloat *)(buffer + i) * ce;
+                if (coef_h != 0.0) g += *(const vfloat *)(hard_source + i) * ch;
+                store_vec(grad_out, dtype, i, g);
+            }
+            for (; i < end; i++)
+                store_value(grad_out, dtype, i, buffer[i] * factor_e + hard_source[i] * factor_h);
         }
-        for (int64_t i = whole; i < num_classes; i++)
-            store_value(grad_out, dtype, i, (float)(buffer[i] * coef_e + hard_source[i] * coef_h));
         if (hard) {   /* the label column, rounded once (a kept label is rewritten below) */
-            double at_label = buffer[label] * coef_e + hard_source[label] * coef_h;
+            const float drop = shifts[label / CHUNK] - max_z;
+            double at_label = buffer[label] * coef_e * exp2(drop * scale)
+                              + hard_source[label] * coef_h * exp2(drop * LOG2E);
             store_value(grad_out, dtype, label, (float)(at_label - hard_scale));
         }
     }
@@ -535,11 +566,13 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
     if (threads > call.num_rows) threads = (int)call.num_rows;
     const int64_t padded = (call.num_classes + VEC - 1) / VEC * VEC;
     const int64_t num_kept = call.num_kept > 0 ? call.num_kept : 1;
-    /* per thread: two padded float rows, 6 K doubles + K flags, K ids (64-byte multiples) */
-    size_t row_bytes = (size_t)padded * 4;
-    size_t scratch_bytes = ((size_t)num_kept * (6 * 8 + 1) + 63) / 64 * 64;
-    size_t id_bytes = ((size_t)num_kept * 8 + 63) / 64 * 64;
-    size_t slice_bytes = (2 * row_bytes + 63) / 64 * 64 + scratch_bytes + id_bytes;
+    const int64_t num_chunks = (padded + CHUNK - 1) / CHUNK;
+    /* per thread, each part a multiple of 64 bytes: two padded float rows, the chunk shifts,
+       6 K doubles + K flags, 2 K ids */
+#define ROUND64(bytes) (((size_t)(bytes) + 63) / 64 * 64)
+    size_t row_bytes = ROUND64(padded * 4), shift_bytes = ROUND64(num_chunks * 4);
+    size_t scratch_bytes = ROUND64(num_kept * (6 * 8 + 1)), id_bytes = ROUND64(num_kept * 8);
+    size_t slice_bytes = 2 * row_bytes + shift_bytes + scratch_bytes + 2 * id_bytes;
     char *work = aligned_alloc(64, slice_bytes * (size_t)threads);
     if (!work) return -1;
     Slice slices[MAX_THREADS];
@@ -552,8 +585,10 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
         slices[t].end_row = end < call.num_rows ? end : call.num_rows;
         slices[t].row = (float *)base;
         slices[t].exp_ce = (float *)(base + row_bytes);
-        slices[t].scratch = (double *)(base + (2 * row_bytes + 63) / 64 * 64);
-        slices[t].kept_ids = (int64_t *)((char *)slices[t].scratch + scratch_bytes);
+        slices[t].shifts = (float *)(base + 2 * row_bytes);
+        slices[t].scratch = (double *)(base + 2 * row_bytes + shift_bytes);
+        slices[t].kept_ids = (int64_t *)(base + 2 * row_bytes + shift_bytes + scratch_bytes);
+        slices[t].sorted_ids = slices[t].kept_ids + id_bytes / 8;
     }
     if (threads == 1) {
         process_rows(&slices[0]);

@@ -64,6 +64,27 @@ def test_grid_against_reference(divergence, beta, tail, temperature, label_mode)
           divergence=divergence, beta=beta, soft_weight=0.6, hard_weight=0.45)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("divergence, beta, tail", [("forward_kl", 0.5, "bucket"),
+                                                    ("jsd", 0.3, "bucket"),
+                                                    ("reverse_kl", 0.5, "renormalize"),
+                                                    ("forward_kl", 0.5, "ignore")])
+def test_rows_longer_than_a_chunk(divergence, beta, tail, temperature):
+    """Rows of several 1024-column chunks whose maximum grows from chunk to chunk (each chunk's
+    exponentials rescaled to the final maximum), kept ids in every chunk, a row of -inf outside
+    its kept ids up to its last chunk."""
+    student, target = padded_target((4, 3333), 40, temperature, seed=38)
+    student = student + torch.linspace(-8, 8, 3333)
+    outside = torch.ones(3333, dtype=torch.bool).scatter(0, target.indices[3].long(), False)
+    outside[3100:] = False
+    student[3, outside] = MINUS_INF   # (a kept id at -inf makes forward KL infinite)
+    labels = torch.tensor([5, 3200, -100, 3300])
+    check(student, target, labels, "torch", tail=tail, temperature=temperature,
+          divergence=divergence, beta=beta)
+    check(student.to(torch.bfloat16), target, "teacher", "torch", tail=tail,
+          temperature=temperature, divergence=divergence, beta=beta)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
