@@ -257,7 +257,10 @@ def damaged(token_caches, tmp_path, kind, edit):
     ("weights", lambda a: a["weights"].__setitem__(0, -0.25), "weights",
      "entry 0 .* has weight -0.25"),
     ("weights", lambda a: a["weights"].__setitem__(1, np.inf), "weights", "weight inf"),
-], ids=["sizes-add-up", "empty-row", "id-range", "zero-count", "nan", "negative", "inf"])
+    ("weights", lambda a: a["weights"].__setitem__(slice(0, int(a["distinct"][0])), 0.0),
+     "weights", "the weights of row 0 sum to 0"),
+], ids=["sizes-add-up", "empty-row", "id-range", "zero-count", "nan", "negative", "inf",
+        "zero-row"])
 def test_damaged_ragged_rows_fail_naming_the_file(token_caches, tmp_path, kind, edit, array,
                                                    message, capsys):
     directory, files = damaged(token_caches, tmp_path, kind, edit)
@@ -279,6 +282,28 @@ def test_damaged_ragged_rows_fail_naming_the_file(token_caches, tmp_path, kind, 
     assert fastkd_main(["verify", str(directory)]) == 1
     err = capsys.readouterr().err
     assert files[array]["file"] in err and "Traceback" not in err
+
+
+def test_an_importance_weight_that_rounds_to_zero_reads(token_caches, tmp_path):
+    """A tail id's weight p / q may round to 0 in float32: it reads (as a weight-0 entry, which
+    the loss treats as padding) as long as its row keeps a positive weight."""
+    def zero_second(arrays):
+        assert arrays["distinct"][0] >= 2
+        arrays["weights"][1] = 0.0
+    directory, _ = damaged(token_caches, tmp_path, "weights", zero_second)
+    cache = LogitCache(directory)
+    assert float(cache.rows(0, 1).counts[0, 1]) == 0.0 and float(cache.rows(0, 1).counts[0, 0]) > 0
+
+
+def test_the_writer_refuses_weights_float32_cannot_hold(tmp_path):
+    """p / q beyond float32 (a proposal far from T on a peaked teacher) stops the run with a
+    sentence, never a cache that reads fail on."""
+    with pytest.raises(ValueError, match="do not fit float32 .* choose a proposal temperature "
+                                         "closer to T"):
+        # a nearly uniform proposal misses the one id that holds p in some row: every drawn
+        # id's p / q is exp(-thousands), 0 in float32
+        write_cache(SharpLM(400.0), cache_helpers.TokenSequences(n=2), tmp_path / "c",
+                    sample=4, temperature=0.05, proposal_temperature=1e4, progress=False)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -144,14 +144,33 @@ class _RowConverter:
                                     weighted=self.proposal != self.temperatures[0])
             stored = {"distinct": distinct, "indices": indices, "counts": weights,
                       "weights": weights}
-            return {name: _ids_to_storage(indices, rows.shape[1]) if name == "indices" else
-                    stored[name].cpu().numpy().astype(np_dtype)
-                    for name, (np_dtype, _) in arrays.items()}, np.zeros(rows.shape[0], np.int64)
+            out = {name: _ids_to_storage(indices, rows.shape[1]) if name == "indices" else
+                   stored[name].cpu().numpy().astype(np_dtype)
+                   for name, (np_dtype, _) in arrays.items()}
+            if "weights" in out:
+                self._check_weights(out["weights"], out["distinct"], row_samples)
+            return out, np.zeros(rows.shape[0], np.int64)
         if finite and -self.limit <= low and high <= self.limit:
             clamped = np.zeros(rows.shape[0], np.int64)
         else:
             rows, clamped = self._range(rows, row_samples)
         return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
+
+    def _check_weights(self, weights: np.ndarray, distinct: np.ndarray,
+                       row_samples: np.ndarray) -> None:
+        """Importance weights must survive float32: finite, and not all 0 in a row (p / q
+        beyond float32's range when the proposal is far from the target's temperature)."""
+        if not len(weights):
+            return
+        starts = np.zeros(len(distinct), np.int64)
+        np.cumsum(distinct[:-1], out=starts[1:])
+        sums = np.add.reduceat(weights.astype(np.float64), starts)
+        bad = ~np.isfinite(sums) | (sums <= 0)   # weights are >= 0: an inf one makes the sum inf
+        if bad.any():
+            raise ValueError(
+                f"importance weights of dataset sample {int(row_samples[np.flatnonzero(bad)[0]])} "
+                f"do not fit float32 (p / q at T={self.temperatures[0]:g} with proposal "
+                f"temperature {self.proposal:g}); choose a proposal temperature closer to T")
 
     def _range(self, values: torch.Tensor, row_samples: np.ndarray, minus_inf: bool = False):
         """Clamp (or refuse) values beyond the dtype's range; also returns clamps per row.

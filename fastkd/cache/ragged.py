@@ -5,8 +5,9 @@ entries have id 0 and weight 0 (what the sparse loss treats as padding).
 
 A cache is untrusted input, so a shard's arrays are checked once per process before any of its
 rows is returned (:func:`check_shard`): row sizes between 1 and ``min(draws, V)`` that add up
-to the shard's entries, ids in ``[0, V)``, weights positive and finite. A failure names the
-file.
+to the shard's entries, ids in ``[0, V)``, counts positive, importance weights finite and
+``>= 0`` (a tail id's weight may round to 0 in float32) with a positive sum per row. A failure
+names the file.
 """
 from typing import Tuple
 
@@ -40,16 +41,22 @@ def check_shard(distinct, indices, weights, *, width: int, num_classes: int,
                              f"[0, {num_classes}) (the cache's num_classes); the cache is "
                              f"damaged")
         values = np.asarray(weights)
-        if values.dtype.kind == "f":
-            bad = ~(np.isfinite(values) & (values > 0))
+        if values.dtype.kind == "f":   # importance weights: a tail id's may round to 0
+            bad, expected = ~(np.isfinite(values) & (values >= 0)), "a finite number >= 0"
         else:
-            bad = values <= 0
+            bad, expected = values <= 0, "a positive count"
         if bad.any():
             entry = int(np.flatnonzero(bad)[0])
             raise CacheError(f"{weights_file}: entry {entry} (row "
                              f"{int(np.searchsorted(offsets, entry, side='right')) - 1}) has "
-                             f"weight {values[entry].item()!r}; every stored weight must be a positive "
-                             f"finite number; the cache is damaged")
+                             f"weight {values[entry].item()!r}; every stored weight must be "
+                             f"{expected}; the cache is damaged")
+        if values.dtype.kind == "f":
+            empty = np.add.reduceat(values, offsets[:-1]) <= 0
+            if empty.any():
+                row = int(np.flatnonzero(empty)[0])
+                raise CacheError(f"{weights_file}: the weights of row {row} sum to 0; every row "
+                                 f"needs a positive weight; the cache is damaged")
     return offsets
 
 
