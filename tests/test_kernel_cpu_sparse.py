@@ -233,3 +233,25 @@ def test_turned_off_by_the_environment():
                             env={**os.environ, "FASTKD_CPU_KERNEL": "0"}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "FASTKD_CPU_KERNEL=0" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_memory_is_the_gradient(dtype):
+    """Forward + backward on a ``logits[:, :-1]`` view holds one logits-sized buffer (the
+    gradient) and K-sized tensors from torch's allocator (the kernel's per-thread row buffers,
+    2 V float32 each, are its own): at most 1.1 logits buffers, no (N, V) temporary or copy."""
+    from torch.profiler import ProfilerActivity, profile
+    full, target = padded_target((4, 65, 3001), 32, 1.0, seed=39, dtype=dtype)
+    short = target.map_tensors(lambda part: part[:, :-1])
+    labels = make_labels((4, 64), 3001, ignored=[3])
+    view = full[:, :-1].detach().requires_grad_()   # a leaf whose rows do not merge
+    logits_bytes = 4 * 64 * 3001 * full.element_size()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        kd_loss(view, short, labels).backward()
+    events = sorted((event for event in profiler.profiler.kineto_results.events()
+                     if event.name() == "[memory]"), key=lambda event: event.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    assert logits_bytes * 0.9 <= peak <= 1.1 * logits_bytes, peak / logits_bytes
