@@ -32,7 +32,8 @@ class TopKLogits(NamedTuple):
     """Sparse teacher rows.
 
     Fields:
-        values: ``(..., K)`` raw teacher logits at the kept ids (any float dtype).
+        values: ``(..., K)`` raw teacher logits at the kept ids (any float dtype); a ``-inf``
+            entry is padding (a row with fewer than K entries): its class joins the tail.
         indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
         lse: ``(...)`` ``logsumexp(z_t / temperature)`` of the *full* teacher row.
         temperature: the temperature ``lse`` belongs to (a float; a tensor of identical values,
