@@ -354,7 +354,7 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
                 running = chunk_max;
             }
             const float shift = running == -INFINITY ? 0.0f : running;
-            shifts[c] = shift;
+            shifts[c] = running;   /* -inf: the chunk's values are all 0 */
             const vfloat vshift = splat(shift);
             for (int64_t j = first; j < end; j += VEC) {
                 vfloat z = *(vfloat *)(buffer + j);
@@ -466,7 +466,7 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
         for (int64_t c = 0; c < num_chunks; c++) {
             const int64_t first = c * CHUNK;
             const int64_t end = first + CHUNK < num_classes ? first + CHUNK : num_classes;
-            const float drop = shifts[c] - max_z;   /* <= 0 */
+            const float drop = shifts[c] - max_z;   /* <= 0, -inf for a chunk of zeros */
             const float factor_e = (float)coef_e * exp2f(drop * scale);
             const float factor_h = (float)coef_h * exp2f(drop * LOG2E);
             const vfloat ce = splat(factor_e), ch = splat(factor_h);

@@ -85,6 +85,23 @@ def test_rows_longer_than_a_chunk(divergence, beta, tail, temperature):
           temperature=temperature, divergence=divergence, beta=beta)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_minus_inf_chunks_before_very_negative_logits(temperature):
+    """Whole chunks of -inf before logits near -300 (the final maximum): those chunks' zeros
+    stay zeros (a finite rescaling factor from them would overflow)."""
+    generator = torch.Generator().manual_seed(40)
+    student = torch.randn(3, 2600, generator=generator) - 300.0
+    student[:, :2100] = MINUS_INF
+    teacher = torch.randn(3, 2600, generator=generator)
+    top = teacher[:, 2100:].topk(8)
+    target = TopKLogits(top.values, top.indices + 2100,
+                        torch.logsumexp(teacher.double() / temperature, -1).float(), temperature)
+    for tail in ("bucket", "ignore", "renormalize"):
+        loss, grad = check(student, target, torch.tensor([2200, 5, 2599]), "torch", tail=tail,
+                           temperature=temperature, reduction="none")
+        assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("values_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
