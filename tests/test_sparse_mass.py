@@ -74,3 +74,20 @@ def test_kept_mass_check_runs_under_torch_compile():
                                loss_fn(student, *target.tensors()))
     with pytest.raises(ValueError, match="more than 1"):
         compiled(student, target.values, target.indices, target.lse - 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kept_mass_counts_real_entries_only(backend):
+    """-inf padding adds no mass (a padded served row passes), a row of padding only has mass 0
+    with any lse, and a padded row whose real entries sum past 1 is still refused."""
+    student = torch.randn(3, 12)
+    values = torch.log(torch.tensor([[0.5, 0.3, 0.1], [0.6, 0.3, 0.2], [0.1, 0.1, 0.1]]))
+    values[0, 2] = float("-inf")
+    values[2] = float("-inf")
+    target = TopKLogits.from_logprobs(values, torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]]))
+    with pytest.raises(ValueError, match=r"row 1 sum to 1\.1 at T=1"):
+        kd_loss(student, target, backend=backend)
+    values[1, 2] = float("-inf")
+    kd_loss(student, target._replace(values=values), backend=backend)
+    kd_loss(student, target._replace(values=values, lse=torch.tensor([0.0, 0.0, -50.0])),
+            backend=backend)
