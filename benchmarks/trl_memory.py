@@ -156,7 +156,7 @@ def measure(variant, *, vocab, hidden, tokens, device):
         model.zero_grad(set_to_none=True)
         gc.collect()
 
-    loss = float(step())
+    loss = float(step().detach())
     forget()
     started = time.perf_counter()
     step()
