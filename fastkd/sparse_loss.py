@@ -62,36 +62,49 @@ def _sparse_forward_impl(student_2d, indices, values, lse, counts, labels_1d, la
                          temperature, soft_weight, hard_weight, divergence, beta, tail,
                          ignore_index, reduction, backend, needs_grad, grad_buffer=None):
     """Value checks (one host sync), then the backend; returns (loss, grad) like the dense
-    ``fastkd.loss._forward_impl``."""
+    ``fastkd.loss._forward_impl``. A backend with a ``whole_loss`` entry (the CPU kernel) checks
+    the data, counts the kept rows and reduces in the same call; when it finds a row that may
+    fail a check, :func:`check_sparse_values` runs and names the problem."""
     from fastkd.dispatch import dispatch as _dispatch
     num_classes = student_2d.shape[-1]
-    num_rows = indices.shape[0]
-    labels_1d, kept = check_sparse_values(
-        indices, num_classes, values=values, lse=lse, counts=counts,
-        labels=labels_1d if label_mode == _LABEL_TENSOR else None, ignore_index=ignore_index,
-        temperature=None if tail == "renormalize" else temperature)
-    if labels_1d is not None:
-        labels_1d = labels_1d.contiguous()
-    grad_scale = 1.0 / kept if (reduction == "batchmean" and kept > 0) else 1.0
+    implementation = _dispatch(backend, "sparse", student_2d.device)
     if student_2d.stride(-1) != 1:
         student_2d = student_2d.contiguous()
-    indices, values, lse, counts = (
-        None if part is None else part.contiguous() for part in (indices, values, lse, counts))
-    if lse is not None:
-        lse = lse.float()
     grad = None
     if needs_grad:
         grad = grad_buffer if grad_buffer is not None else torch.empty(
             student_2d.shape, dtype=student_2d.dtype, device=student_2d.device)
-    row_loss = _dispatch(backend, "sparse", student_2d.device)(
+    empty_grad = grad if grad is not None else student_2d.new_empty((0,))
+    mass_temperature = None if tail == "renormalize" else temperature
+    whole_loss = getattr(implementation, "whole_loss", None)
+    if whole_loss is not None:
+        loss = whole_loss(
+            student_2d, indices, values, lse, counts,
+            labels_1d if label_mode == _LABEL_TENSOR else None,
+            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
+            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
+            tail=tail, ignore_index=ignore_index, reduction=reduction, grad=grad,
+            mass_temperature=mass_temperature)
+        if loss is not None:
+            return loss, empty_grad
+    labels_1d, kept = check_sparse_values(
+        indices, num_classes, values=values, lse=lse, counts=counts,
+        labels=labels_1d if label_mode == _LABEL_TENSOR else None, ignore_index=ignore_index,
+        temperature=mass_temperature)
+    if labels_1d is not None:
+        labels_1d = labels_1d.contiguous()
+    grad_scale = 1.0 / kept if (reduction == "batchmean" and kept > 0) else 1.0
+    indices, values, lse, counts = (
+        None if part is None else part.contiguous() for part in (indices, values, lse, counts))
+    if lse is not None:
+        lse = lse.float()
+    row_loss = implementation(
         student_2d, indices, values, lse, counts, labels_1d,
         teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
         soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
         tail=tail, ignore_index=ignore_index, grad_scale=grad_scale, grad=grad)
     loss = row_loss if reduction == "none" else row_loss.sum() * grad_scale
-    if grad is None:
-        grad = student_2d.new_empty((0,))
-    return loss, grad
+    return loss, empty_grad
 
 
 # ----------------------------------------------------------------------------- autograd (custom op)

@@ -68,6 +68,9 @@ typedef struct {
     double temperature, soft_weight, hard_weight, beta, grad_scale;
     int32_t student_dtype, grad_dtype, ids_dtype, values_dtype;
     int32_t label_mode, divergence, tail, num_threads, refuse_bad_labels, reduction;
+    int32_t check_values;               /* run the data checks first (check_rows) */
+    double mass_temperature;            /* > 0: the kept-mass check at this temperature */
+    double values_unit;                 /* one rounding step of the values' dtype, relative */
 } SparseCall;
 
 typedef struct {
@@ -531,12 +534,70 @@ static void process_rows(Slice *slice) {
 }
 
 #define MAX_THREADS 64
+#define MASS_LIMIT (1.0 + 1e-3 - 1e-5)   /* fastkd.checks' 1 + MASS_SLACK, less a margin */
+
+/* The data checks of fastkd.checks.check_sparse_values on rows [first, end), without its
+ * messages: 1 when a row may fail one of them (the caller then runs that check, which names
+ * the problem; the mass test errs towards flagging), else 0. Every row: ids in [0, V). Rows
+ * not ignored: no NaN value or lse, counts finite and >= 0 with a positive sum, real ids
+ * unique, and (mass_temperature > 0) sum_k exp(lowered v_k / T - lse) within the limit, each
+ * value first lowered by one rounding step of its dtype. */
+static int check_rows(const SparseCall *call, int64_t first, int64_t end, int64_t *sorted) {
+    const int64_t num_kept = call->num_kept;
+    const int sampled = call->counts != NULL;
+    const int id_bytes = call->ids_dtype == IDS_INT64 ? 8 : call->ids_dtype == IDS_INT32 ? 4 : 2;
+    for (int64_t row = first; row < end; row++) {
+        const void *ids = (const char *)call->ids + row * call->ids_stride * id_bytes;
+        int kept_row = call->label_mode != LABELS_TENSOR
+                       || call->labels[row] != call->ignore_index;
+        double mass = 0.0, total = 0.0;
+        const double lse = !sampled && kept_row ? call->lse[row] : 0.0;
+        if (lse != lse) return 1;
+        int64_t num_real = 0;
+        for (int64_t k = 0; k < num_kept; k++) {
+            int64_t id = load_id(ids, call->ids_dtype, k);
+            if (id < 0 || id >= call->num_classes) return 1;
+            if (!kept_row) continue;
+            int real;
+            if (sampled) {
+                double count = call->counts[row * call->counts_stride + k];
+                if (!(count >= 0.0) || count == INFINITY) return 1;   /* negative, NaN, inf */
+                total += count;
+                real = count > 0.0;
+            } else {
+                double value = load_value(call->values, call->values_dtype,
+                                          row * call->values_stride + k);
+                if (value != value) return 1;
+                real = value != -INFINITY;
+                if (real && call->mass_temperature > 0.0) {
+                    double lowered = value == INFINITY ? value
+                                                       : value - fabs(value) * call->values_unit;
+                    mass += exp(lowered / call->mass_temperature - lse);
+                }
+            }
+            if (!real) continue;
+            int64_t at = num_real++;   /* insertion into the sorted real ids */
+            while (at > 0 && sorted[at - 1] > id) {
+                sorted[at] = sorted[at - 1];
+                at--;
+            }
+            if (at > 0 && sorted[at - 1] == id) return 1;   /* an id twice */
+            sorted[at] = id;
+        }
+        if (kept_row && sampled && !(total > 0.0)) return 1;
+        if (!(mass <= MASS_LIMIT)) return 1;
+    }
+    return 0;
+}
 
 /* Row losses into call->row_loss and, when call->grad is not NULL, the gradient rows
  * (grad_scale * d row_loss / dz; reduction batchmean: divided by max(kept rows, 1) too). label_counts
  * receives (kept rows, kept labels outside [0, V)), counted first; with refuse_bad_labels a bad
  * label returns 1 before anything is written. total (when not NULL) receives the sum of the
- * row losses (batchmean: divided by max(kept, 1)). Returns 0, 1 (bad labels refused) or -1 (no memory). */
+ * row losses (batchmean: divided by max(kept, 1)). With check_values the data checks
+ * (check_rows) run first. Returns 0, 1 (a bad label, refused: refuse_bad_labels or
+ * check_values), 2 (a row may fail a data check) or -1 (no memory); nothing is written
+ * before 0. */
 int fastkd_kd_sparse_rows(SparseCall *call_in) {
     SparseCall call = *call_in;
     int64_t kept = call.num_rows, bad = 0;
@@ -553,7 +614,7 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
         call.label_counts[0] = kept;
         call.label_counts[1] = bad;
     }
-    if (bad && call.refuse_bad_labels) return 1;
+    if (bad && (call.refuse_bad_labels || call.check_values)) return 1;
     double mean_scale = call.reduction == REDUCE_BATCHMEAN ? 1.0 / (double)(kept > 0 ? kept : 1)
                                                            : 1.0;
     if (call.total) *call.total = 0.0;
@@ -589,6 +650,23 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
         slices[t].scratch = (double *)(base + 2 * row_bytes + shift_bytes);
         slices[t].kept_ids = (int64_t *)(base + 2 * row_bytes + shift_bytes + scratch_bytes);
         slices[t].sorted_ids = slices[t].kept_ids + id_bytes / 8;
+    }
+    if (call.check_values) {   /* nothing is written before every row passes */
+        int failed = 0;
+        if (threads == 1) {
+            failed = check_rows(&call, 0, call.num_rows, slices[0].sorted_ids);
+        } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) reduction(| : failed)
+#endif
+            for (int t = 0; t < threads; t++)
+                failed |= check_rows(&call, slices[t].first_row, slices[t].end_row,
+                                     slices[t].sorted_ids);
+        }
+        if (failed) {
+            free(work);
+            return 2;
+        }
     }
     if (threads == 1) {
         process_rows(&slices[0]);

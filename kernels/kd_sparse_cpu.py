@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_forward_cpu",
-           "kd_sparse_rows_cpu"]
+           "kd_sparse_rows_cpu", "kd_sparse_loss_cpu", "REFUSED"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ID_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2}
@@ -29,6 +29,7 @@ _DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
 _LABELS_NONE, _LABELS_TENSOR, _LABELS_TEACHER = 0, 1, 2
 _REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+REFUSED = "refused"   # kd_sparse_rows_cpu's status when a data check may fail
 # Calls of at least this many student elements split their rows over torch's intra-op threads
 # (the kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
@@ -50,7 +51,9 @@ class SparseCall(ctypes.Structure):
             "temperature", "soft_weight", "hard_weight", "beta", "grad_scale")] + [
         (name, ctypes.c_int32) for name in (
             "student_dtype", "grad_dtype", "ids_dtype", "values_dtype", "label_mode",
-            "divergence", "tail", "num_threads", "refuse_bad_labels", "reduction")]
+            "divergence", "tail", "num_threads", "refuse_bad_labels", "reduction",
+            "check_values")] + [
+        ("mass_temperature", ctypes.c_double), ("values_unit", ctypes.c_double)]
 
 
 def library_path() -> Optional[str]:
@@ -118,8 +121,12 @@ def _rows_of(tensor: torch.Tensor, allowed, fallback_dtype) -> torch.Tensor:
 
 def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, teacher_labels,
                        temperature, soft_weight, hard_weight, divergence, beta, tail,
-                       ignore_index, grad_scale, grad, reduction="none"):
-    """One call of the C kernel: ``(row_loss (N,) float32, total, (kept rows, bad labels))``.
+                       ignore_index, grad_scale, grad, reduction="none", check_values=False,
+                       mass_temperature=None):
+    """One call of the C kernel: ``(row_loss (N,) float32, total, (kept rows, bad labels))``,
+    or ``(REFUSED, None, (kept rows, bad labels))`` when ``check_values`` found a row that may
+    fail ``fastkd.checks.check_sparse_values`` (a bad label, id, NaN, count, a repeated real
+    id, or with ``mass_temperature`` a kept mass past 1): then nothing was written.
 
     ``student_logits``: CPU ``(N, V)`` or ``(B, S, V)`` rows (last-dim stride 1, float32 /
     float16 / bfloat16), read in place; ``grad`` None or a tensor of the same shape and dtype
@@ -173,11 +180,17 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
     call.num_threads = (torch.get_num_threads()
                         if num_rows * num_classes >= THREADED_ELEMENTS else 1)
     call.reduction = _REDUCTIONS[reduction]
+    call.check_values = bool(check_values)
+    if mass_temperature is not None and counts is None:
+        call.mass_temperature = float(mass_temperature)
+        call.values_unit = torch.finfo(values.dtype).eps / 2
     if num_rows:
         status = _function()(ctypes.byref(call))
         if status < 0:
             raise MemoryError(f"fastkd's sparse CPU kernel could not allocate its row buffers "
                               f"({num_classes} classes)")
+        if status > 0 and check_values:
+            return REFUSED, None, (label_counts[0], label_counts[1])
     return row_loss, total.value, (label_counts[0], label_counts[1])
 
 
@@ -192,3 +205,25 @@ def kd_sparse_forward_cpu(student_logits, indices, values, lse, counts, labels, 
         divergence=divergence, beta=beta, tail=tail, ignore_index=ignore_index,
         grad_scale=grad_scale, grad=grad)
     return row_loss
+
+
+def kd_sparse_loss_cpu(student_logits, indices, values, lse, counts, labels, *, teacher_labels,
+                       temperature, soft_weight, hard_weight, divergence, beta, tail,
+                       ignore_index, reduction, grad, mass_temperature):
+    """The whole loss in one call, with the data checks, the kept-row count and the reduction
+    (no ATen op around it): the loss (0-d float32, or ``(N,)`` rows for ``reduction="none"``)
+    with ``grad`` filled for ``grad_output == 1`` (batchmean: divided by the kept rows), or None
+    when a row may fail a data check (nothing written: the caller runs the check that names
+    it). ``mass_temperature``: the temperature of the kept-mass check, None to skip it."""
+    row_loss, total, _ = kd_sparse_rows_cpu(
+        student_logits, indices, values, lse, counts, labels, teacher_labels=teacher_labels,
+        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+        divergence=divergence, beta=beta, tail=tail, ignore_index=ignore_index, grad_scale=1.0,
+        grad=grad, reduction=reduction, check_values=True, mass_temperature=mass_temperature)
+    if row_loss is REFUSED:
+        return None
+    return row_loss if reduction == "none" else torch.tensor(total, dtype=torch.float32)
+
+
+# the whole-loss entry of this backend (fastkd.sparse_loss uses it where dispatch hands this out)
+kd_sparse_forward_cpu.whole_loss = kd_sparse_loss_cpu

@@ -6,6 +6,7 @@ reductions, (B, S, V) views read in place, threads; plus the kernel's own label 
 and its guards. Tolerances: tests/sparse_inputs.py (fp32 1e-5; fp16 / bf16 gradients two
 roundings of their dtype).
 """
+import math
 import os
 import subprocess
 import sys
@@ -272,3 +273,78 @@ def test_extra_memory_is_the_gradient(dtype):
         held += event.nbytes()
         peak = max(peak, held)
     assert logits_bytes * 0.9 <= peak <= 1.1 * logits_bytes, peak / logits_bytes
+
+
+def rows_call(kernel, target, labels=None, mass_temperature=1.0, student=None):
+    """kd_sparse_rows_cpu with the data checks on (no gradient): its first result."""
+    num_rows = target.indices.shape[0]
+    student = torch.zeros(num_rows, 20) if student is None else student
+    sampled = isinstance(target, SampledTargets)
+    return kernel.kd_sparse_rows_cpu(
+        student, target.indices, None if sampled else target.values,
+        None if sampled else target.lse, target.counts if sampled else None, labels,
+        teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
+        divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100, grad_scale=1.0,
+        grad=None, check_values=True, mass_temperature=mass_temperature)[0]
+
+
+def test_the_kernel_checks_the_data(kernel, monkeypatch):
+    """Valid targets never reach the ATen data check (the kernel checks them in its call);
+    each kind of bad data is caught by the kernel before it writes anything (and then named by
+    fastkd.checks.check_sparse_values); padding may repeat ids; ignored rows are checked for
+    their id range only."""
+    student, target, _ = make_topk((3, 20), 4, seed=41)
+    sampled = SampledTargets(target.indices, torch.tensor([[1, 2, 0, 0], [3, 0, 0, 1],
+                                                           [1, 1, 1, 1]]))
+    import fastkd.sparse_loss as sparse_loss
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("check_sparse_values ran for valid data")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sparse_loss, "check_sparse_values", refuse)
+        for valid in (target, sampled):
+            kd_loss(student.clone().requires_grad_(), valid, torch.tensor([1, -100, 2])).backward()
+    assert rows_call(kernel, target) is not kernel.REFUSED
+    changed = []
+    for name, value in (("ids", 20), ("ids", -1), ("duplicate", None), ("values", math.nan),
+                        ("lse", math.nan), ("lse", -3.0)):
+        part = target.indices.clone() if name in ("ids", "duplicate") else \
+            target.values.clone() if name == "values" else target.lse.clone()
+        if name == "duplicate":
+            part[2, 1] = part[2, 0]
+        elif name == "lse":
+            part[1] = value   # -3: the kept mass is far past 1
+        else:
+            part[1, 2] = value
+        field = {"ids": "indices", "duplicate": "indices"}.get(name, name)
+        changed.append(target._replace(**{field: part}))
+    for bad in changed:
+        assert rows_call(kernel, bad) is kernel.REFUSED
+    assert rows_call(kernel, changed[-1], mass_temperature=None) is not kernel.REFUSED
+    assert rows_call(kernel, target, torch.tensor([0, 20, 1])) is kernel.REFUSED   # label
+    for counts in ([[1, 2, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]],
+                   [[1, -2, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]],
+                   [[1, math.inf, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]):
+        assert rows_call(kernel, sampled._replace(counts=torch.tensor(counts))) is kernel.REFUSED
+    # padding may repeat ids; an ignored row may hold anything but an out-of-range id
+    ids = target.indices.clone()
+    ids[0, 3] = ids[0, 0]
+    values = target.values.clone()
+    values[0, 3] = MINUS_INF
+    values[1] = math.nan
+    padded = target._replace(indices=ids, values=values)
+    assert rows_call(kernel, padded, torch.tensor([1, -100, 2])) is not kernel.REFUSED
+    ids[1, 0] = 20
+    assert rows_call(kernel, padded._replace(indices=ids),
+                     torch.tensor([1, -100, 2])) is kernel.REFUSED
+
+
+def test_a_row_flagged_by_the_kernel_but_within_the_mass_limit(kernel):
+    """The kernel's mass test errs towards flagging (a margin of 1e-5 below the limit): such a
+    row is then checked by fastkd.checks, passes, and its loss comes from the kernel."""
+    student = torch.randn(2, 20, generator=torch.Generator().manual_seed(42))
+    values = torch.log(torch.tensor([[1.000995, 1e-9], [0.5, 0.25]]))
+    target = TopKLogits(values, torch.tensor([[3, 4], [5, 6]]), torch.zeros(2))
+    assert rows_call(kernel, target) is kernel.REFUSED
+    check(student, target, None, "torch")
