@@ -27,7 +27,7 @@ CPU_KERNEL = Extension(
 SPARSE_CPU_KERNEL = Extension(
     "fastkd.kernels._kd_sparse_cpu",
     sources=["kernels/kd_sparse_cpu.c"],
-    depends=["kernels/kd_loss_cpu_math.h"],
+    depends=["kernels/kd_loss_cpu_math.h", "kernels/kd_sparse_cpu_parts.h"],
     extra_compile_args=list(CPU_KERNEL.extra_compile_args),
     extra_link_args=[],
     optional=True,

@@ -257,7 +257,8 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
     if student_logits.dim() == 3:   # (B, S, V) rows: flattened (a copy when not mergeable)
         rows_grad = None if grad is None else grad.reshape(-1, grad.shape[-1])
         row_loss = kd_sparse_forward_torch(
-            student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts, labels,
+            student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts,
+            labels,
             teacher_labels=teacher_labels, temperature=temperature, soft_weight=soft_weight,
             hard_weight=hard_weight, divergence=divergence, beta=beta, tail=tail,
             ignore_index=ignore_index, grad_scale=grad_scale, grad=rows_grad)

@@ -39,7 +39,7 @@ _state = {}
 
 
 class SparseCall(ctypes.Structure):
-    """The C struct ``SparseCall`` of kernels/kd_sparse_cpu.c, field for field."""
+    """The C struct ``SparseCall`` (kernels/kd_sparse_cpu_parts.h), field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in (
         "student", "grad", "ids", "values", "lse", "counts", "labels", "row_loss", "total",
         "label_counts")] + [
@@ -175,7 +175,8 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
     call.num_rows, call.rows_per_batch = num_rows, rows_per_batch
     call.num_classes, call.num_kept, call.ignore_index = num_classes, num_kept, int(ignore_index)
     call.temperature, call.soft_weight = float(temperature), float(soft_weight)
-    call.hard_weight, call.beta, call.grad_scale = float(hard_weight), float(beta), float(grad_scale)
+    call.hard_weight, call.beta = float(hard_weight), float(beta)
+    call.grad_scale = float(grad_scale)
     call.divergence, call.tail = _DIVERGENCE_CODES[divergence], _TAIL_CODES[tail]
     call.num_threads = (torch.get_num_threads()
                         if num_rows * num_classes >= THREADED_ELEMENTS else 1)
