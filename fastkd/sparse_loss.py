@@ -44,8 +44,8 @@ student_logits: (N, V) floating, last-dim stride 1, or (B, S, V) rows (e.g. a lo
     view) that the backend reads in place or flattens itself (grad then has the same shape).
 indices: (N, K) integer, last-dim stride 1, ids in [0, V), unique within a row among its real
     entries. Top-k targets: values (N, K) floating (no NaN; -inf entries are padding: not kept
-    ids, their classes in the rest bucket) and lse (N,) float32, counts None. Sampled targets: counts (N, K) (>= 0,
-    positive row sums; count-0 entries are padding), values and lse None.
+    ids, their classes in the rest bucket) and lse (N,) float32, counts None. Sampled targets:
+    counts (N, K) (>= 0, positive row sums; count-0 entries are padding), values and lse None.
 labels: (N,) int64 contiguous or None; teacher_labels: bool (labels None; the hard label is the id
     of the row's first largest real value / count; a row without real entries has no hard term).
 divergence: forward_kl, reverse_kl or jsd with 0 < beta < 1; tail: bucket, renormalize, ignore

@@ -344,10 +344,10 @@ static void process_rows(Slice *slice) {
  * (grad_scale * d row_loss / dz; reduction batchmean: divided by max(kept rows, 1) too).
  * label_counts receives (kept rows, kept labels outside [0, V)), counted first; with
  * refuse_bad_labels a bad label returns 1 before anything is written. total (when not NULL)
- * receives the sum of the row losses (batchmean: divided by max(kept, 1)). With check_values the data checks
- * (check_rows) run first. Returns 0, 1 (a bad label, refused: refuse_bad_labels or
- * check_values), 2 (a row may fail a data check) or -1 (no memory); nothing is written
- * before 0. */
+ * receives the sum of the row losses (batchmean: divided by max(kept, 1)). With check_values
+ * the data checks (check_rows) run first. Returns 0, 1 (a bad label, refused:
+ * refuse_bad_labels or check_values), 2 (a row may fail a data check) or -1 (no memory);
+ * nothing is written before 0. */
 int fastkd_kd_sparse_rows(SparseCall *call_in) {
     SparseCall call = *call_in;
     int64_t kept = call.num_rows, bad = 0;
