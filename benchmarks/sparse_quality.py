@@ -248,7 +248,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--teacher-dim", type=int, default=256)
     parser.add_argument("--teacher-layers", type=int, default=4)
-    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=1000)
     parser.add_argument("--student-dim", type=int, default=128)
     parser.add_argument("--steps", type=int, default=120, help="student steps")
     parser.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
