@@ -189,7 +189,7 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     chunk_rows = max(1, min(chunk_rows, num_kept))
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
-    kd_forward = _dispatch(backend, "sparse" if sparse else "dense")
+    kd_forward = _dispatch(backend, "sparse" if sparse else "dense", device)
     def chunk_buffer(dtype, wanted=True):
         return torch.empty((chunk_rows, num_classes), dtype=dtype, device=device) \
             if wanted and num_kept else None

@@ -164,6 +164,27 @@ def test_sparse_teachers(kind, tail, divergence):
     assert_close(got, unfused(case, teacher, case["labels"], softcap=6.0, **options), FP32_TOL)
 
 
+def test_sparse_teachers_on_cpu_run_in_the_compiled_kernel(monkeypatch):
+    """CPU chunks of a sparse teacher go to the compiled sparse CPU kernel (the one dispatch
+    point's choice for kd_loss too), with the float64 reference's numbers."""
+    from fastkd.dispatch import sparse_cpu_kernel
+    kernel = sparse_cpu_kernel()
+    if kernel is None:
+        pytest.skip("the compiled sparse CPU kernel is not built here")
+    calls = []
+    real = kernel.kd_sparse_forward_cpu
+
+    def recording(student, *args, **kwargs):
+        calls.append(student.shape[0])
+        return real(student, *args, **kwargs)
+    monkeypatch.setattr(kernel, "kd_sparse_forward_cpu", recording)
+    case = make_case(rows=(3, 7), seed=21)
+    teacher = teacher_of(case, "topk", temperature=2.0)
+    got = fused(case, teacher, case["labels"], chunk_rows=4, temperature=2.0)
+    assert calls and sum(calls) == int((case["labels"] != -100).sum())
+    assert_close(got, reference(case, teacher, case["labels"], temperature=2.0), FP32_TOL)
+
+
 def test_sparse_teacher_labels_and_bad_options():
     case = make_case(seed=21)
     teacher = teacher_of(case, "topk", k=40)   # K = V: bucket mode is dense KD exactly
@@ -217,8 +238,8 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     seen = []
     real = chunks._dispatch
 
-    def recording_dispatch(backend, family="dense"):
-        kernel = real(backend, family)
+    def recording_dispatch(backend, family="dense", device=None):
+        kernel = real(backend, family, device)
 
         def record(student, *args, **kwargs):
             seen.append(student.shape[0])
@@ -260,9 +281,9 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
     real = chunks._dispatch
-    monkeypatch.setattr(chunks, "_dispatch", lambda backend, family="dense": (
+    monkeypatch.setattr(chunks, "_dispatch", lambda backend, family="dense", device=None: (
         lambda student, *a, **k: seen.append(student.shape[0])
-        or real(backend, family)(student, *a, **k)))
+        or real(backend, family, device)(student, *a, **k)))
     case = make_case(rows=(30,), ignored=0.5, seed=3)
     kept = int((case["labels"] != -100).sum())
     assert 5 < kept < 25
