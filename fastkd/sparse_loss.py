@@ -16,7 +16,7 @@ over buckets (see ``kernels/kd_sparse.py`` for every gradient):
   log-sum-exp of the full row at temperature T). Sampled: ``P_k = c_k / sum c``, ``P_rest = 0``.
   Student: ``Q_k = p_s(id_k)``, ``Q_rest = sum_{j not in ids} p_s(j)``. With K = V this is dense KD.
 * ``tail="renormalize"``: K categories, ``P = softmax(v / T)``, ``Q = softmax(z_s[ids] / T)``
-  over the K ids (DistillKit's convention); no lse needed; the gradient is 0 outside the ids.
+  over the K ids (axolotl's normalize_topk, NeMo-RL's default); no lse needed; 0 gradient elsewhere.
 * ``tail="ignore"``: forward KL only, ``sum_k P_k log(P_k / Q_k)`` with the bucket ``P_k``,
   ``Q_k`` (verl's truncated KL); ``dD/du_j = p_s(j) sum_k P_k - [j in ids] P_j``.
 
