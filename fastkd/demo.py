@@ -16,9 +16,8 @@ from tqdm.auto import tqdm
 import fastkd
 from fastkd import models
 from fastkd.cache import resolve_device
-from fastkd.demo_cli import add_parser  # noqa: F401  (public name, kept here too)
 
-__all__ = ["add_parser", "run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
+__all__ = ["run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
            "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask", "seeded_loader",
            "reproducible_cpu"]
 

@@ -174,12 +174,15 @@ def _forward_impl(student_rows, teacher_rows, labels_1d, label_mode, temperature
                   and student_rows.device.type not in _SYNCING_DEVICES else None)
     if cpu_kernel is not None:
         # the compiled CPU kernel checks the labels, counts the kept rows and reduces too
-        loss = cpu_kernel.kd_loss_cpu(
-            student_rows, teacher_rows, labels_1d if label_mode == _LABEL_TENSOR else None,
-            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
-            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
-            ignore_index=ignore_index, reduction=reduction, grad=grad,
-            validate_labels=validate_labels)
+        try:
+            loss = cpu_kernel.kd_loss_cpu(
+                student_rows, teacher_rows, labels_1d if label_mode == _LABEL_TENSOR else None,
+                teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
+                soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence,
+                beta=beta, ignore_index=ignore_index, reduction=reduction, grad=grad,
+                validate_labels=validate_labels)
+        except cpu_kernel.BadLabelsError:
+            raise_bad_labels(labels_1d, num_classes, ignore_index)
         return loss, grad, None
     pending = None
     kept = num_rows

@@ -20,10 +20,9 @@ from typing import Optional
 
 import torch
 
-from fastkd.checks import raise_bad_labels
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_forward_cpu", "kd_loss_cpu",
-           "DTYPE_CODES"]
+           "BadLabelsError", "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
@@ -162,6 +161,11 @@ def kd_forward_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return row_loss
 
 
+class BadLabelsError(ValueError):
+    """A kept label outside ``[0, V)``: the kernel refused the call before writing anything
+    (the caller words the error, naming the label)."""
+
+
 def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
                 soft_weight: float, hard_weight: float, divergence: str, beta: float,
@@ -171,8 +175,9 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     count and the reduction are made by the kernel too (no ATen op around it). Returns the loss
     (0-d float32, or ``(N,)`` rows for ``reduction="none"``) and fills ``grad`` with its
     gradient for ``grad_output == 1`` (per row unscaled for ``"none"``). With
-    ``validate_labels`` a kept label outside ``[0, V)`` raises ``ValueError`` before anything
-    is written (``grad`` may be the student's own storage); without, its row is NaN."""
+    ``validate_labels`` a kept label outside ``[0, V)`` raises :class:`BadLabelsError` before
+    anything is written (``grad`` may be the student's own storage); without, its row is
+    NaN."""
     num_classes = student_logits.shape[-1]
     row_loss = torch.empty(student_logits.numel() // num_classes, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32)
@@ -184,5 +189,6 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      reduction=REDUCTIONS[reduction], refuse_bad_labels=bool(validate_labels),
                      total=total.data_ptr(), label_counts=label_counts)
     if status == 1:
-        raise_bad_labels(labels, num_classes, ignore_index)
+        raise BadLabelsError(f"a label is outside [0, {num_classes}) (ignore_index "
+                             f"{ignore_index})")
     return row_loss if reduction == "none" else total

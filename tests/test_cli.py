@@ -97,7 +97,8 @@ def test_names_behind_the_lazy_modules_still_import():
     from fastkd.cache import (CacheError, CachedDataset, LogitCache, TopKLogits, collate_padded,
                               resolve_device, write_cache)
     from fastkd.cache import manifest, reader, writer
-    from fastkd.demo import add_parser, run_demo  # noqa: F401
+    from fastkd.demo import run_demo  # noqa: F401
+    from fastkd.demo_cli import add_parser  # noqa: F401
     from fastkd.targets import TopKLogits as target_top_k
     assert CacheError is manifest.CacheError and issubclass(CacheError, ValueError)
     assert LogitCache is reader.LogitCache and CachedDataset is reader.CachedDataset
