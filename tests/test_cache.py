@@ -71,6 +71,7 @@ def test_cli_cache_matches_teacher(digits_cache, capsys):
     assert fastkd_main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "1797 samples" in info and "V=10" in info and "6 shards" in info
+    assert "weights sha256" in info
 
 
 def test_shards_are_plain_npy(digits_cache):

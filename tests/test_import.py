@@ -112,6 +112,10 @@ def test_shipped_sample_imports(tmp_path, capsys):
     status = fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "s"),
                           "--vocab-size", "64", "--top-k", "4"])
     assert status == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert fastkd_main(["info", str(tmp_path / "s")]) == 0   # the fingerprint is the files'
+    info = capsys.readouterr().out
+    assert "input files sha256" in info and "weights" not in info
     cache = LogitCache(tmp_path / "s")
     lines = [json.loads(line) for line in open(SAMPLE)]
     assert len(cache) == len(lines)

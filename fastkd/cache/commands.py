@@ -123,6 +123,15 @@ def add_parser(subparsers) -> None:
     served.set_defaults(func=run_import)
 
 
+# teacher classes of imported caches, whose fingerprint hashes the imported files
+IMPORTED_TEACHERS = ("served", "distillkit", "axolotl")
+
+
+def _teacher_hash_name(manifest: dict) -> str:
+    """What the teacher fingerprint hashes: the model's weights, or an import's input files."""
+    return "input files" if manifest["teacher"].get("class") in IMPORTED_TEACHERS else "weights"
+
+
 def _fail(message: str) -> int:
     print(f"fastkd: error: {message}", file=sys.stderr)
     return 1
@@ -214,7 +223,7 @@ def summary(directory: str, manifest: dict) -> str:
         f"v{manifest['format_version']}, fastkd {manifest['fastkd_version']})",
         f"created    {manifest['created']}",
         f"teacher    {manifest['teacher']['spec'] or manifest['teacher']['class']}  "
-        f"(weights sha256 {manifest['teacher']['fingerprint'][:16]}...)",
+        f"({_teacher_hash_name(manifest)} sha256 {manifest['teacher']['fingerprint'][:16]}...)",
         f"dataset    {manifest['dataset']['spec'] or manifest['dataset']['class']}  "
         f"({fingerprint['length']} items, sha256 {fingerprint['sha256'][:16]}...)",
         _rows_line(manifest),
