@@ -13,12 +13,12 @@ their time on). Set ``FASTKD_CPU_KERNEL=0`` to turn it off (e.g. for an A/B agai
 path); ``unavailable_reason()`` says why it is not used.
 """
 import ctypes
-import importlib.machinery
-import os
-import sys
 from typing import Optional
 
 import torch
+
+from fastkd.kernels import cpu_library
+from fastkd.kernels.cpu_library import CompiledFunction, row_layout
 
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_forward_cpu", "kd_loss_cpu",
@@ -33,39 +33,7 @@ REDUCTIONS = {"none": REDUCE_NONE, "sum": 1, "batchmean": 2}
 # kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
 
-_LIBRARY_NAME = "_kd_loss_cpu"   # setup.py's extension fastkd.kernels._kd_loss_cpu
-_state = {}   # "function" (the ctypes function) or "reason" (why there is none), once loaded
-
-
-def library_path() -> Optional[str]:
-    """The built shared library's path, or None when it was not built.
-
-    setup.py's build puts it beside this file. A source checkout used over a non-editable
-    install finds it in the installed copy's folder, the package's next search location (see
-    fastkd/__init__.py)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    package = sys.modules.get(__package__)
-    folders = [here] + [f for f in getattr(package, "__path__", []) if f != here]
-    for folder in folders:
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            path = os.path.join(folder, _LIBRARY_NAME + suffix)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _load():
-    if os.environ.get("FASTKD_CPU_KERNEL", "1") in ("0", "", "false", "no", "off"):
-        return None, "turned off by FASTKD_CPU_KERNEL=0"
-    path = library_path()
-    if path is None:
-        return None, ("the compiled CPU kernel was not built at install time (no C compiler? "
-                      "reinstall fastkd where `cc` works)")
-    try:
-        library = ctypes.CDLL(path)
-    except OSError as error:
-        return None, f"the compiled CPU kernel {path} cannot be loaded ({error})"
-    function = library.fastkd_kd_rows
+def _declare(function) -> None:
     i64, pointer, integer, double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
     function.argtypes = [pointer, i64, i64, integer,     # student, byte strides, dtype
                          pointer, i64, i64, integer,     # teacher
@@ -77,32 +45,16 @@ def _load():
                          integer, integer, pointer,      # reduction, refuse bad labels, total
                          ctypes.POINTER(i64)]            # (kept, bad) label counts
     function.restype = integer
-    return function, None
 
 
-def _function():
-    if not _state:
-        _state["function"], _state["reason"] = _load()
-    return _state["function"]
+# setup.py's extension fastkd.kernels._kd_loss_cpu
+_KERNEL = CompiledFunction("_kd_loss_cpu", "fastkd_kd_rows", "the compiled CPU kernel", _declare)
+available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
 
 
-def available() -> bool:
-    """Whether the compiled CPU kernel is built, loadable and not turned off."""
-    return _function() is not None
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why the compiled CPU kernel is not used (None when it is)."""
-    _function()
-    return _state["reason"]
-
-
-def _row_layout(tensor: torch.Tensor):
-    """(batch byte stride, row byte stride, rows per batch) of (N, V) or (B, S, V) rows."""
-    size = tensor.element_size()
-    if tensor.dim() == 2:
-        return 0, tensor.stride(0) * size, tensor.shape[0]
-    return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
+def library_path() -> Optional[str]:
+    """The built shared library's path, or None when it was not built."""
+    return cpu_library.library_path("_kd_loss_cpu")
 
 
 def _launch(student_logits, teacher_logits, labels, grad, row_loss, *, teacher_labels,
@@ -119,14 +71,14 @@ def _launch(student_logits, teacher_logits, labels, grad, row_loss, *, teacher_l
         label_mode, labels_pointer = LABELS_NONE, None
     threads = torch.get_num_threads() if num_rows * num_classes >= THREADED_ELEMENTS else 1
     if grad is not None:
-        grad_batch, grad_row, _ = _row_layout(grad)
+        grad_batch, grad_row, _ = row_layout(grad)
         grad_pointer, grad_dtype = grad.data_ptr(), DTYPE_CODES[grad.dtype]
     else:
         grad_batch = grad_row = grad_dtype = 0
         grad_pointer = None
-    student_batch, student_row, rows_per_batch = _row_layout(student_logits)
-    teacher_batch, teacher_row, _ = _row_layout(teacher_logits)
-    status = _function()(
+    student_batch, student_row, rows_per_batch = row_layout(student_logits)
+    teacher_batch, teacher_row, _ = row_layout(teacher_logits)
+    status = _KERNEL.function()(
         student_logits.data_ptr(), student_batch, student_row, DTYPE_CODES[student_logits.dtype],
         teacher_logits.data_ptr(), teacher_batch, teacher_row, DTYPE_CODES[teacher_logits.dtype],
         grad_pointer, grad_batch, grad_row, grad_dtype,

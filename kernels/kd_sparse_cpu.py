@@ -11,12 +11,12 @@ does the dense CPU kernel; :func:`unavailable_reason` says why it is not used. T
 imports nothing from the ``fastkd`` API layer.
 """
 import ctypes
-import importlib.machinery
-import os
-import sys
 from typing import Optional
 
 import torch
+
+from fastkd.kernels import cpu_library
+from fastkd.kernels.cpu_library import CompiledFunction, row_layout
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_forward_cpu",
            "kd_sparse_rows_cpu", "kd_sparse_loss_cpu", "REFUSED"]
@@ -34,8 +34,6 @@ REFUSED = "refused"   # kd_sparse_rows_cpu's status when a data check may fail
 # (the kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
 
-_LIBRARY_NAME = "_kd_sparse_cpu"   # setup.py's extension fastkd.kernels._kd_sparse_cpu
-_state = {}
 
 
 class SparseCall(ctypes.Structure):
@@ -56,60 +54,20 @@ class SparseCall(ctypes.Structure):
         ("mass_temperature", ctypes.c_double), ("values_unit", ctypes.c_double)]
 
 
-def library_path() -> Optional[str]:
-    """The built shared library's path (beside this file, or in an installed copy's folder of
-    the package), or None when it was not built."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    package = sys.modules.get(__package__)
-    folders = [here] + [f for f in getattr(package, "__path__", []) if f != here]
-    for folder in folders:
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            path = os.path.join(folder, _LIBRARY_NAME + suffix)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def _load():
-    if os.environ.get("FASTKD_CPU_KERNEL", "1") in ("0", "", "false", "no", "off"):
-        return None, "turned off by FASTKD_CPU_KERNEL=0"
-    path = library_path()
-    if path is None:
-        return None, ("the compiled sparse CPU kernel was not built at install time (no C "
-                      "compiler? reinstall fastkd where `cc` works)")
-    try:
-        library = ctypes.CDLL(path)
-    except OSError as error:
-        return None, f"the compiled sparse CPU kernel {path} cannot be loaded ({error})"
-    function = library.fastkd_kd_sparse_rows
+def _declare(function) -> None:
     function.argtypes = [ctypes.POINTER(SparseCall)]
     function.restype = ctypes.c_int
-    return function, None
 
 
-def _function():
-    if not _state:
-        _state["function"], _state["reason"] = _load()
-    return _state["function"]
+# setup.py's extension fastkd.kernels._kd_sparse_cpu
+_KERNEL = CompiledFunction("_kd_sparse_cpu", "fastkd_kd_sparse_rows",
+                           "the compiled sparse CPU kernel", _declare)
+available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
 
 
-def available() -> bool:
-    """Whether the compiled sparse CPU kernel is built, loadable and not turned off."""
-    return _function() is not None
-
-
-def unavailable_reason() -> Optional[str]:
-    """Why the compiled sparse CPU kernel is not used (None when it is)."""
-    _function()
-    return _state["reason"]
-
-
-def _row_layout(tensor: torch.Tensor):
-    """(batch byte stride, row byte stride, rows per batch) of (N, V) or (B, S, V) rows."""
-    size = tensor.element_size()
-    if tensor.dim() == 2:
-        return 0, tensor.stride(0) * size, tensor.shape[0]
-    return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
+def library_path() -> Optional[str]:
+    """The built shared library's path, or None when it was not built."""
+    return cpu_library.library_path("_kd_sparse_cpu")
 
 
 def _rows_of(tensor: torch.Tensor, allowed, fallback_dtype) -> torch.Tensor:
@@ -160,12 +118,12 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
         call.label_mode, call.labels = _LABELS_TENSOR, labels.data_ptr()
     else:
         call.label_mode = _LABELS_NONE
-    student_batch, student_row, rows_per_batch = _row_layout(student_logits)
+    student_batch, student_row, rows_per_batch = row_layout(student_logits)
     call.student = student_logits.data_ptr()
     call.student_strides[0], call.student_strides[1] = student_batch, student_row
     call.student_dtype = _DTYPE_CODES[student_logits.dtype]
     if grad is not None:
-        grad_batch, grad_row, _ = _row_layout(grad)
+        grad_batch, grad_row, _ = row_layout(grad)
         call.grad = grad.data_ptr()
         call.grad_strides[0], call.grad_strides[1] = grad_batch, grad_row
         call.grad_dtype = _DTYPE_CODES[grad.dtype]
@@ -186,7 +144,7 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
         call.mass_temperature = float(mass_temperature)
         call.values_unit = torch.finfo(values.dtype).eps / 2
     if num_rows:
-        status = _function()(ctypes.byref(call))
+        status = _KERNEL.function()(ctypes.byref(call))
         if status < 0:
             raise MemoryError(f"fastkd's sparse CPU kernel could not allocate its row buffers "
                               f"({num_classes} classes)")
