@@ -77,8 +77,8 @@ class _Counts:
         self.calls = {"written_pages": 0, "unprotected_pages": 0, "watch": 0, "maps": 0}
         for name in ("written_pages", "unprotected_pages", "watch"):
             monkeypatch.setattr(pages, name, self._counting(name, getattr(pages, name)))
-        monkeypatch.setattr(maps._MappedArray, "_new_lending_map",
-                            self._counting("maps", maps._MappedArray._new_lending_map))
+        monkeypatch.setattr(maps.MappedArray, "_new_lending_map",
+                            self._counting("maps", maps.MappedArray._new_lending_map))
 
     def _counting(self, name, function):
         def counted(*args):

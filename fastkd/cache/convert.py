@@ -11,14 +11,14 @@ from fastkd.cache import manifest as fmt
 SAMPLE_CHUNK_ELEMENTS = 1 << 24  # float64 CDF elements per sampling chunk (128 MiB)
 
 
-def _to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
+def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     """Cast on the teacher's device, then copy the (smaller) result to host memory."""
     if dtype == "bf16":
         return values.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     return values.to(torch.float16 if dtype == "fp16" else torch.float32).cpu().numpy()
 
 
-def _ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
+def ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
     """Class ids in the format's id dtype (uint16 when V <= 65536, else int32)."""
     return indices.to(torch.int32).cpu().numpy().astype(fmt.index_dtype(num_classes))
 
@@ -93,7 +93,7 @@ def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, proposal: 
     return distinct, ids, counts.double() / draws * log_ratio.exp()
 
 
-class _RowConverter:
+class RowConverter:
     """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values.
     Top-k and sampled rows take ``-inf`` logits (classes a model masks out, e.g. by an output
     bias of ``-inf``: probability 0, as a served teacher's log-probs have them); only NaN,
@@ -133,8 +133,8 @@ class _RowConverter:
             values, clamped = self._range(values, row_samples, minus_inf=True)
             lse = torch.stack([torch.logsumexp(rows if temperature == 1 else rows / temperature,
                                                dim=-1) for temperature in self.temperatures], -1)
-            return {"values": _to_storage(values, self.dtype),
-                    "indices": _ids_to_storage(indices, rows.shape[1]),
+            return {"values": to_storage(values, self.dtype),
+                    "indices": ids_to_storage(indices, rows.shape[1]),
                     "lse": lse.cpu().numpy()}, clamped
         if self.layout == "sampled":
             distinct, indices, weights = sample_rows(
@@ -144,7 +144,7 @@ class _RowConverter:
                                     weighted=self.proposal != self.temperatures[0])
             stored = {"distinct": distinct, "indices": indices, "counts": weights,
                       "weights": weights}
-            out = {name: _ids_to_storage(indices, rows.shape[1]) if name == "indices" else
+            out = {name: ids_to_storage(indices, rows.shape[1]) if name == "indices" else
                    stored[name].cpu().numpy().astype(np_dtype)
                    for name, (np_dtype, _) in arrays.items()}
             if "weights" in out:
@@ -154,7 +154,7 @@ class _RowConverter:
             clamped = np.zeros(rows.shape[0], np.int64)
         else:
             rows, clamped = self._range(rows, row_samples)
-        return {fmt.DENSE_ARRAY[self.layout]: _to_storage(rows, self.dtype)}, clamped
+        return {fmt.DENSE_ARRAY[self.layout]: to_storage(rows, self.dtype)}, clamped
 
     def _check_weights(self, weights: np.ndarray, distinct: np.ndarray,
                        row_samples: np.ndarray) -> None:

@@ -67,7 +67,7 @@ def _create_temp(path: str):
     return os.fdopen(os.open(path, flags, 0o644), "wb")
 
 
-def _write_atomic(path: str, write) -> None:
+def write_atomic(path: str, write) -> None:
     """``write(handle)`` into ``path.tmp``, flush, fsync, rename over ``path``. On any failure
     (disk full, interrupt) the temp file is removed, so nothing half-written is left."""
     tmp_path = path + TMP_SUFFIX
@@ -98,7 +98,7 @@ def write_npy_atomic(directory: str, name: str, array: np.ndarray) -> dict:
         nonlocal hashing
         hashing = _HashingFile(handle)
         np.lib.format.write_array(hashing, array, allow_pickle=False)
-    _write_atomic(os.path.join(directory, name), write)
+    write_atomic(os.path.join(directory, name), write)
     return {"file": name, "bytes": hashing.size, "sha256": hashing.sha256.hexdigest(),
             "dtype": array.dtype.str, "shape": list(array.shape)}
 

@@ -165,7 +165,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     """Write the top-K cache of served-teacher responses ``paths`` into ``out_dir`` (see the
     module docstring). Returns the manifest. Re-running resumes an interrupted import."""
     from fastkd.cache.specs import dataset_fingerprint
-    from fastkd.cache.writer import _validate
+    from fastkd.cache.writer import validate_settings
     if source != "vllm":
         raise ValueError(f"--from must be 'vllm', got {source!r}")
     for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
@@ -176,7 +176,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
                          f"stored as int32), got {vocab_size}")
     if top_k > vocab_size:
         raise ValueError(f"top_k={top_k} exceeds vocab_size={vocab_size}")
-    _validate(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k, None, 0)
+    validate_settings(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k, None, 0)
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise ValueError("give at least one response file")
@@ -202,10 +202,10 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
 
 def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k, progress):
     from fastkd import __version__
-    from fastkd.cache.shards import (_finalize, _labels_to_storage, _record_or_check_shape,
-                                     _ShardCutter, _ShardWriter)
-    from fastkd.cache.writer import _now, _prepare_directory
-    finished = _prepare_directory(out_dir, config, overwrite, 0, 1, None)
+    from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape,
+                                     ShardCutter, ShardWriter)
+    from fastkd.cache.writer import now_utc, prepare_directory
+    finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
     if os.path.exists(os.path.join(out_dir, fmt.MANIFEST_NAME)):
@@ -215,7 +215,7 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
     else:
-        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=_now(),
+        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=now_utc(),
                      status="incomplete", rank=0, sample_range=[0, len(dataset)],
                      num_classes=None, rows_per_sample=None, labels_per=None,
                      rows_per_shard=None, shards=[])
@@ -226,8 +226,8 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
     resume_at = last["sample_stop"] if last else 0
     arrays_spec = fmt.row_arrays("topk", dtype, vocab_size, top_k, num_temperatures=1)
     from tqdm.auto import tqdm
-    writer = _ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
-    cutter = _ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
+    writer = ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
+    cutter = ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
                           sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
                desc="fastkd import", dynamic_ncols=True)
@@ -242,9 +242,9 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
         }
         batch = {"arrays": arrays,
                  "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                 "labels": _labels_to_storage(torch.cat([s["labels"] for s in samples])),
+                 "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
                  "variable": True, "num_classes": vocab_size}
-        _record_or_check_shape(state, batch)
+        record_or_check_shape(state, batch)
         cutter.add(batch["arrays"], batch["lengths"], batch["labels"],
                    np.zeros(len(values), np.int64))
         bar.update(len(samples))
@@ -264,12 +264,12 @@ def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k
     finally:
         bar.close()
         writer.close()
-    return _finalize(out_dir, 1, len(dataset))
+    return finalize(out_dir, 1, len(dataset))
 
 
 def _storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    from fastkd.cache.writer import _to_storage
-    return _to_storage(values, dtype)
+    from fastkd.cache.writer import to_storage
+    return to_storage(values, dtype)
 
 
 # ----------------------------------------------------------------------------- sample responses

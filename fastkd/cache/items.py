@@ -137,7 +137,7 @@ def collate_groups(items):
     return collated
 
 
-def _call_teacher(teacher, inputs, device, names, first_sample, batch_len):
+def call_teacher(teacher, inputs, device, names, first_sample, batch_len):
     """``teacher(inputs)``; a failure becomes a :class:`TeacherError` naming the teacher, the
     dataset and the batch (almost always: the two do not fit together)."""
     try:

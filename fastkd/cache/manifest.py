@@ -46,7 +46,7 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from fastkd.cache.files import (  # noqa: F401  (re-exported: the cache's one file API)
-    HASH_CHUNK, PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, _write_atomic, check_file_name,
+    HASH_CHUNK, PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, write_atomic, check_file_name,
     file_sha256, fsync_directory, load_array, open_array, open_cache_descriptor, open_cache_file,
     read_array_header, write_npy_atomic)
 
@@ -267,7 +267,7 @@ def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) ->
     """Atomically replace ``directory/name`` with ``manifest`` (plus its own checksum)."""
     manifest = dict(manifest, manifest_sha256=_manifest_checksum(manifest))
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    _write_atomic(os.path.join(directory, name), lambda handle: handle.write(text.encode()))
+    write_atomic(os.path.join(directory, name), lambda handle: handle.write(text.encode()))
     fsync_directory(directory)
 
 

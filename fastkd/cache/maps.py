@@ -1,6 +1,6 @@
 """Memory maps of cache files for :mod:`fastkd.cache.reader`: one checked, private
 (copy-on-write) map per file that is never handed out, and the *lending map* whose rows
-zero-copy results are views of (see :class:`_MappedArray`). :mod:`fastkd.cache.pages` tells
+zero-copy results are views of (see :class:`MappedArray`). :mod:`fastkd.cache.pages` tells
 whether a result that is gone wrote into its rows, so unwritten rows are lent again without
 faulting their pages in anew.
 """
@@ -71,7 +71,7 @@ def replaced_error(path: str) -> fmt.CacheError:
                           f"would not be the opened cache's: open the cache again")
 
 
-class _MappedArray:
+class MappedArray:
     """One checked .npy file: its internal map (``.array``, never handed out) and fresh
     private views of row ranges (``.view_rows``). Every map is of a descriptor opened with
     :func:`fastkd.cache.manifest.open_cache_descriptor` (no symbolic link, a regular file): a

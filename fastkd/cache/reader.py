@@ -27,7 +27,7 @@ from fastkd.cache import manifest as fmt
 from fastkd.cache import ragged
 from fastkd.cache.collate import collate_padded  # noqa: F401  (re-exported)
 from fastkd.cache.items import split_item
-from fastkd.cache.maps import _MappedArray
+from fastkd.cache.maps import MappedArray
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
@@ -146,23 +146,23 @@ class LogitCache:
                 f"cache --overwrite`); its rows would not be the opened cache's: open the cache "
                 f"again (LogitCache({self.path!r}))")
 
-    def _map(self, entry: dict) -> _MappedArray:
+    def _map(self, entry: dict) -> MappedArray:
         """Map one listed file, refusing one that is not the file checked at the open."""
         try:
-            return _MappedArray(self.path, entry, self._identities.get(entry["file"]))
+            return MappedArray(self.path, entry, self._identities.get(entry["file"]))
         except fmt.CacheError:
             self._check_unchanged()   # a missing or odd file of a rewritten cache says so
             raise
 
     def _shard_maps(self, shard_number: int) -> dict:
-        """``{array name: _MappedArray}`` of one shard, mapped on first use in this process."""
+        """``{array name: MappedArray}`` of one shard, mapped on first use in this process."""
         maps = self._process_maps()
         if shard_number not in maps:
             files = self.manifest["shards"][shard_number]["files"]
             maps[shard_number] = {name: self._map(files[name]) for name in self.arrays}
         return maps[shard_number]
 
-    def _extra(self, key: str) -> Optional[_MappedArray]:
+    def _extra(self, key: str) -> Optional[MappedArray]:
         """The mapped ``labels`` (version 1) / ``offsets`` file (offsets checked)."""
         entry = self.manifest.get(key)
         if not entry:

@@ -1,12 +1,12 @@
 """Cutting rows into shards and writing them (the pieces ``fastkd cache`` and ``fastkd import``
 share; the files' format is :mod:`fastkd.cache.manifest`'s).
 
-- :class:`_ShardCutter` accumulates converted rows and cuts shards of whole samples at the
+- :class:`ShardCutter` accumulates converted rows and cuts shards of whole samples at the
   manifest's fixed row count, so shard boundaries depend only on the data, never on batching.
-- :class:`_ShardWriter` writes each shard on a background thread (temp file, fsync, rename,
+- :class:`ShardWriter` writes each shard on a background thread (temp file, fsync, rename,
   checksum while writing), then records it in the progress manifest.
-- :func:`_record_or_check_shape` records the first batch's shape in the manifest and checks the
-  rest; :func:`_finalize` merges the ranks' progress manifests into the final ``manifest.json``.
+- :func:`record_or_check_shape` records the first batch's shape in the manifest and checks the
+  rest; :func:`finalize` merges the ranks' progress manifests into the final ``manifest.json``.
 """
 import os
 import queue
@@ -21,7 +21,7 @@ from fastkd.cache import outdir
 QUEUE_DEPTH = 2   # shards waiting for the writer thread before the teacher waits for the disk
 
 
-class _ShardWriter:
+class ShardWriter:
     """Background thread that writes shards and records each one in the progress manifest."""
 
     def __init__(self, out_dir: str, manifest: dict, manifest_name: str):
@@ -74,7 +74,7 @@ class _ShardWriter:
         fmt.write_manifest(self.out_dir, self.manifest, self.manifest_name)
 
 
-class _ShardCutter:
+class ShardCutter:
     """Accumulates per-sample rows and cuts shards of whole samples at fixed row counts.
 
     Rows per shard, variable length and label kind are read from ``state`` (the progress
@@ -138,7 +138,7 @@ class _ShardCutter:
         self.pending = [(rest, remaining, labels, clamped[num_rows:])] if len(remaining) else []
 
 
-def _labels_to_storage(labels) -> np.ndarray:
+def labels_to_storage(labels) -> np.ndarray:
     """Dataset labels (a CPU integer tensor) as the format's label dtype (int32), refusing values
     it cannot hold."""
     info = np.iinfo(fmt.LABEL_DTYPE)
@@ -148,7 +148,7 @@ def _labels_to_storage(labels) -> np.ndarray:
     return labels.numpy().astype(fmt.LABEL_DTYPE)
 
 
-def _record_or_check_shape(state: dict, batch: dict) -> None:
+def record_or_check_shape(state: dict, batch: dict) -> None:
     """Record classes, rows per sample and label kind from the first batch; check the rest."""
     lengths, labels = batch["lengths"], batch["labels"]
     if labels is None:
@@ -171,7 +171,7 @@ def _record_or_check_shape(state: dict, batch: dict) -> None:
                              f"to {value!r} partway through the dataset")
 
 
-def _finalize(out_dir: str, world_size: int, num_samples: int) -> dict:
+def finalize(out_dir: str, world_size: int, num_samples: int) -> dict:
     """Merge the ranks' shard lists into manifest.json (status complete) with offsets/labels."""
     parts = [fmt.read_manifest(out_dir, fmt.progress_manifest_name(rank, world_size))
              for rank in range(world_size)]

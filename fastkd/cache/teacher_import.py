@@ -14,8 +14,8 @@ import numpy as np
 
 from fastkd.cache import manifest as fmt
 # the shard machinery is shared by the cache writers of this package
-from fastkd.cache.shards import _finalize, _record_or_check_shape, _ShardCutter, _ShardWriter
-from fastkd.cache.writer import _prepare_directory
+from fastkd.cache.shards import finalize, record_or_check_shape, ShardCutter, ShardWriter
+from fastkd.cache.writer import prepare_directory
 
 
 def _labels(labels) -> np.ndarray:
@@ -31,7 +31,7 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
                progress: bool, batch=(64, 2048)) -> dict:
     """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest."""
     from fastkd import __version__
-    finished = _prepare_directory(out_dir, config, overwrite, 0, 1, None)
+    finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
     if os.path.exists(os.path.join(out_dir, fmt.MANIFEST_NAME)):
@@ -53,8 +53,8 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
     resume_at = last["sample_stop"] if last else 0
     index_dtype = fmt.index_dtype(vocab_size)
     from tqdm.auto import tqdm
-    writer = _ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
-    cutter = _ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
+    writer = ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
+    cutter = ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
                           sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
                desc="fastkd import", dynamic_ncols=True)
@@ -68,7 +68,7 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
                 "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
                 "labels": _labels(torch.cat([s["labels"] for s in samples])),
                 "variable": True, "num_classes": vocab_size}
-        _record_or_check_shape(state, rows)
+        record_or_check_shape(state, rows)
         cutter.add(arrays, rows["lengths"], rows["labels"],
                    np.zeros(len(arrays["values"]), np.int64))
         bar.update(len(samples))
@@ -87,4 +87,4 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
     finally:
         bar.close()
         writer.close()
-    return _finalize(out_dir, 1, len(dataset))
+    return finalize(out_dir, 1, len(dataset))

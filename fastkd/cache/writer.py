@@ -23,12 +23,12 @@ from torch import nn
 from fastkd.cache import manifest as fmt
 from fastkd.cache import outdir
 # re-exported: the writer's pieces that other modules (tests) use from here
-from fastkd.cache.convert import (_RowConverter, _ids_to_storage, _to_storage,  # noqa: F401
+from fastkd.cache.convert import (RowConverter, ids_to_storage, to_storage,  # noqa: F401
                                   sample_rows)
-from fastkd.cache.items import (BatchProblem, TeacherError, _call_teacher,  # noqa: F401
+from fastkd.cache.items import (BatchProblem, TeacherError, call_teacher,  # noqa: F401
                                 collate_groups, default_output_fn, output_key_fn, split_item)
-from fastkd.cache.shards import (_finalize, _labels_to_storage, _record_or_check_shape,
-                                 _ShardCutter, _ShardWriter)
+from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape,
+                                 ShardCutter, ShardWriter)
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
 from fastkd.tokens import learned_positions
 
@@ -57,11 +57,11 @@ def _distributed():
     return None, 0, 1
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _validate(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed):
+def validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed):
     for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (name == "batch_size"):
             raise ValueError(f"{name} must be an int >= {int(name == 'batch_size')}, got {value!r}")
@@ -125,7 +125,7 @@ def _proposal(proposal_temperature, layout: str, temperatures: Optional[list]):
     return float(proposal_temperature)
 
 
-def _prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
+def prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, world_size: int,
                        dist, dataset=None) -> Optional[dict]:
     """Refuse, clear or resume. Returns the finished manifest when there is nothing to do.
     The caller holds ``out_dir``'s lock (:class:`fastkd.cache.outdir.DirectoryLock`)."""
@@ -222,7 +222,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
-    _validate(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed)
+    validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed)
     out_dir = os.fspath(out_dir)
     output_fn = output_fn or default_output_fn
     device = resolve_device(device)
@@ -271,7 +271,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
 def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size, device,
                   num_workers, output_fn, progress) -> dict:
     from fastkd import __version__
-    finished = _prepare_directory(out_dir, config, overwrite, rank, world_size, dist, dataset)
+    finished = prepare_directory(out_dir, config, overwrite, rank, world_size, dist, dataset)
     if finished is not None:
         return finished
 
@@ -288,7 +288,7 @@ def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, worl
                                  f"--overwrite to start again")
     else:
         state = dict(config, format=fmt.FORMAT_NAME,
-                     fastkd_version=__version__, created=_now(), status="incomplete",
+                     fastkd_version=__version__, created=now_utc(), status="incomplete",
                      rank=rank, sample_range=[rank_start, rank_stop], num_classes=None,
                      rows_per_sample=None, labels_per=None, rows_per_shard=None, shards=[])
     try:
@@ -310,7 +310,7 @@ def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, worl
         failure = error
     _agree(dist, rank, failure)
     try:
-        manifest = _finalize(out_dir, world_size, num_samples) if rank == 0 else None
+        manifest = finalize(out_dir, world_size, num_samples) if rank == 0 else None
     except OSError as error:
         failure = outdir.explain_os_error(error, out_dir)
     except Exception as error:
@@ -347,13 +347,13 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
         shuffle=False, num_workers=num_workers, collate_fn=collate_groups,
         pin_memory=device.type == "cuda")
     teacher = teacher.to(device).eval()
-    converter = _RowConverter(state)
+    converter = RowConverter(state)
     # token data ("rows": "learned"): positions whose next-token label is this are not cached
     unlearned = getattr(dataset, "ignore_index", -100) if state.get("rows") == "learned" else None
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
-    writer = _ShardWriter(out_dir, state, progress_name)
+    writer = ShardWriter(out_dir, state, progress_name)
     last = state["shards"][-1] if state["shards"] else None
-    cutter = _ShardCutter(writer.put, state, rank, next_index=len(state["shards"]),
+    cutter = ShardCutter(writer.put, state, rank, next_index=len(state["shards"]),
                           sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=rank_stop - rank_start, initial=resume_at - rank_start, unit="sample",
                disable=not show_progress, desc="fastkd cache", dynamic_ncols=True)
@@ -371,7 +371,7 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
             sample += batch_len
             if batch is None:
                 continue
-            _record_or_check_shape(state, batch)
+            record_or_check_shape(state, batch)
             cutter.add(batch["arrays"], batch["lengths"], batch["labels"], batch["clamped"])
             rows_done += int(batch["lengths"].sum())
             bytes_done += sum(array.nbytes for array in batch["arrays"].values())
@@ -395,7 +395,7 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
     outputs = []
     with torch.inference_mode():
         for positions, inputs, labels in groups:
-            output = output_fn(_call_teacher(teacher, inputs, device, names, first_sample,
+            output = output_fn(call_teacher(teacher, inputs, device, names, first_sample,
                                              batch_len))
             if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3) or \
                     not output.is_floating_point():
@@ -431,6 +431,6 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
         arrays, clamped = converter(rows, np.repeat(np.arange(first, first + len(lengths)),
                                                     lengths))
     if labels is not None:
-        labels = _labels_to_storage(torch.cat(list(labels)))
+        labels = labels_to_storage(torch.cat(list(labels)))
     return {"arrays": arrays, "lengths": lengths, "labels": labels, "clamped": clamped,
             "variable": variable, "num_classes": rows.shape[1]}
