@@ -87,7 +87,7 @@ class DistillKitRows:
         if missing:
             layout = "legacy (packed_indices, exact_values, coeffs)" if config.legacy else \
                 "current (compressed_logprobs, bytepacked_indices)"
-            hint = (f"; the data holds the other layout, so the config does not belong to it"
+            hint = ("; the data holds the other layout, so the config does not belong to it"
                     if all(name in columns for name in other) else "")
             raise TeacherDatasetError(f"the compression config is for the {layout} layout but "
                                       f"the data lacks {', '.join(missing)}{hint}")

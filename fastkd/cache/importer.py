@@ -194,82 +194,30 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
         "clamp": False,
     }
     from fastkd.cache import outdir
+    from fastkd.cache.teacher_import import write_rows
     outdir.make_directory(out_dir)
     with outdir.DirectoryLock(out_dir):  # one writer at a time, as for `fastkd cache`
-        return _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k,
-                              progress)
+        return write_rows(_StoredRows(dataset, dtype), out_dir, config, overwrite=overwrite,
+                          vocab_size=vocab_size, progress=progress,
+                          batch=(IMPORT_BATCH, IMPORT_ROWS))
 
 
-def _import_locked(dataset, out_dir, config, overwrite, dtype, vocab_size, top_k, progress):
-    from fastkd import __version__
-    from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape,
-                                     ShardCutter, ShardWriter)
-    from fastkd.cache.writer import now_utc, prepare_directory
-    finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
-    if finished is not None:
-        return finished
-    if os.path.exists(os.path.join(out_dir, fmt.MANIFEST_NAME)):
-        state = fmt.read_manifest(out_dir)
-        problems = fmt.check_sizes(out_dir, fmt.manifest_files(state))
-        if problems:
-            raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
-                                 f"--overwrite to start again")
-    else:
-        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=now_utc(),
-                     status="incomplete", rank=0, sample_range=[0, len(dataset)],
-                     num_classes=None, rows_per_sample=None, labels_per=None,
-                     rows_per_shard=None, shards=[])
-    for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
-        if fmt.is_temp_file(name):
-            os.remove(os.path.join(out_dir, name))
-    last = state["shards"][-1] if state["shards"] else None
-    resume_at = last["sample_stop"] if last else 0
-    arrays_spec = fmt.row_arrays("topk", dtype, vocab_size, top_k, num_temperatures=1)
-    from tqdm.auto import tqdm
-    writer = ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
-    cutter = ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
-                          sample_start=resume_at, row_start=last["row_stop"] if last else 0)
-    bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
-               desc="fastkd import", dynamic_ncols=True)
+class _StoredRows:
+    """:class:`ServedResponses`' samples as :func:`fastkd.cache.teacher_import.write_rows` takes
+    them: values in the storage ``dtype``, and ``lse`` 0 (the values are log-probs at T = 1)."""
 
-    def flush(samples):
-        values = np.concatenate([sample["values"] for sample in samples])
-        arrays = {
-            "values": _storage(torch.from_numpy(values), dtype),
-            "indices": np.concatenate([s["indices"] for s in samples]),
-            # values are log-probs: the log-sum-exp of every row is 0 (at T = 1)
-            "lse": np.zeros((len(values),) + arrays_spec["lse"][1], arrays_spec["lse"][0]),
-        }
-        batch = {"arrays": arrays,
-                 "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                 "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
-                 "variable": True, "num_classes": vocab_size}
-        record_or_check_shape(state, batch)
-        cutter.add(batch["arrays"], batch["lengths"], batch["labels"],
-                   np.zeros(len(values), np.int64))
-        bar.update(len(samples))
+    def __init__(self, dataset: ServedResponses, dtype: str):
+        self.dataset, self.dtype = dataset, dtype
 
-    try:
-        pending, rows = [], 0
-        for _, sample in dataset.iter_rows(resume_at):
-            sample["indices"] = sample["indices"].astype(arrays_spec["indices"][0])
-            pending.append(sample)
-            rows += len(sample["input_ids"])
-            if len(pending) >= IMPORT_BATCH or rows >= IMPORT_ROWS:
-                flush(pending)
-                pending, rows = [], 0
-        if pending:
-            flush(pending)
-        cutter.finish()
-    finally:
-        bar.close()
-        writer.close()
-    return finalize(out_dir, 1, len(dataset))
+    def __len__(self) -> int:
+        return len(self.dataset)
 
-
-def _storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    from fastkd.cache.writer import to_storage
-    return to_storage(values, dtype)
+    def iter_rows(self, start: int = 0) -> Iterator[Tuple[int, dict]]:
+        from fastkd.cache.convert import to_storage
+        for index, sample in self.dataset.iter_rows(start):
+            values = sample["values"]
+            yield index, dict(sample, values=to_storage(torch.from_numpy(values), self.dtype),
+                              lse=np.zeros(len(values), fmt.LSE_DTYPE))
 
 
 # ----------------------------------------------------------------------------- sample responses

@@ -1,35 +1,29 @@
-"""Writing imported top-k rows (a teacher dataset of another tool) as a fastkd cache, with the
-shard machinery ``fastkd cache`` and ``fastkd import --from vllm`` use: same manifest, files,
-checksums and resumption (an interrupted run restarts after its last finished shard).
+"""Writing imported top-k rows (a served teacher's responses, a teacher dataset of another tool)
+as a fastkd cache, with the shard machinery ``fastkd cache`` uses: same manifest, files,
+checksums and resumption (an interrupted run restarts after its last finished shard). Every
+``fastkd import`` source writes through :func:`write_rows`.
 
 ``dataset`` has ``len()`` and ``iter_rows(start)`` yielding ``(index, sample)`` in order, each
 sample ``{"input_ids" (n,), "labels" (n,) int64 tensors, "values" (n, K) storage array,
 "indices" (n, K) ints, "lse" (n,) float32}``. The caller holds ``out_dir``'s
 :class:`fastkd.cache.outdir.DirectoryLock`.
 """
-import datetime
 import os
 
 import numpy as np
 
 from fastkd.cache import manifest as fmt
 # the shard machinery is shared by the cache writers of this package
-from fastkd.cache.shards import finalize, record_or_check_shape, ShardCutter, ShardWriter
-from fastkd.cache.writer import prepare_directory
-
-
-def _labels(labels) -> np.ndarray:
-    info = np.iinfo(fmt.LABEL_DTYPE)
-    array = labels.numpy()
-    if array.size and (array.min() < info.min or array.max() > info.max):
-        raise ValueError(f"labels must fit in int32, found values in [{array.min()}, "
-                         f"{array.max()}]")
-    return array.astype(fmt.LABEL_DTYPE)
+from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape, ShardCutter,
+                                 ShardWriter)
+from fastkd.cache.writer import now_utc, prepare_directory
 
 
 def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_size: int,
-               progress: bool, batch=(64, 2048)) -> dict:
-    """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest."""
+               progress: bool, batch: tuple) -> dict:
+    """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest.
+    ``batch``: ``(samples, rows)``, the most handed to the shard cutter at a time (bounds
+    memory; does not change the bytes)."""
     from fastkd import __version__
     finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
@@ -41,8 +35,8 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
     else:
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__, created=now,
+        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__,
+                     created=now_utc(),
                      status="incomplete", rank=0, sample_range=[0, len(dataset)],
                      num_classes=None, rows_per_sample=None, labels_per=None,
                      rows_per_shard=None, shards=[])
@@ -66,7 +60,7 @@ def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_si
                   "lse": np.concatenate([s["lse"] for s in samples])[:, None]}
         rows = {"arrays": arrays,
                 "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                "labels": _labels(torch.cat([s["labels"] for s in samples])),
+                "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
                 "variable": True, "num_classes": vocab_size}
         record_or_check_shape(state, rows)
         cutter.add(arrays, rows["lengths"], rows["labels"],
