@@ -26,7 +26,7 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -36,7 +36,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> dict:
+def git_commit() -> dict:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -151,7 +151,7 @@ def capture_environment(measure_cpu_bandwidth: bool = True) -> dict:
     env = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # other processes' load while the benchmark ran (a shared machine makes timings noisy)
@@ -163,7 +163,7 @@ def capture_environment(measure_cpu_bandwidth: bool = True) -> dict:
         "triton": _version("triton"),
         "fastkd": fastkd.__version__,
         "liger_kernel": _liger_version(),
-        "git": _git_commit(),
+        "git": git_commit(),
         "gpu": gpu_info(),
     }
     if measure_cpu_bandwidth:

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.env import REPO_ROOT, capture_environment, device_slug, synchronize  # noqa: E402
-from benchmarks.memory import _proc_status_kib as _status_kib  # noqa: E402  (one /proc reader)
+from benchmarks.memory import proc_status_kib as _status_kib  # noqa: E402  (one /proc reader)
 
 PROVIDERS = ("fastkd", "unfused", "textbook", "liger", "liger-triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

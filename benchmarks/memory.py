@@ -38,7 +38,7 @@ from benchmarks.env import REPO_ROOT
 from benchmarks.providers import LossCase, make_inputs, make_provider, make_step
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -54,20 +54,30 @@ def _forget_last_call(student) -> None:
     gc.collect()
 
 
-def _cpu_peak_extra_in_this_process(step, student) -> int:
-    _forget_last_call(student)
+def resident_peak_extra(step) -> int:
+    """Bytes the process's resident high-water mark rises during ``step()`` (glibc's free
+    memory handed back first, the mark reset to the current resident size)."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before_kib = _proc_status_kib("VmRSS")
+    before_kib = proc_status_kib("VmRSS")
     step()
-    return (_proc_status_kib("VmHWM") - before_kib) * 1024
+    return (proc_status_kib("VmHWM") - before_kib) * 1024
+
+
+def _cpu_peak_extra_in_this_process(step, student) -> int:
+    _forget_last_call(student)
+    return resident_peak_extra(step)
 
 
 def _torch_cpu_peak_extra(step, student) -> int:
+    _forget_last_call(student)
+    return torch_cpu_peak(step)
+
+
+def torch_cpu_peak(step) -> int:
     """Peak bytes torch's CPU allocator holds during one ``step()`` beyond what it held before."""
     from torch.profiler import ProfilerActivity, profile
 
-    _forget_last_call(student)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
     # memory events in the order they were recorded (a stable sort keeps it for equal times)

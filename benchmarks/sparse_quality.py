@@ -35,23 +35,25 @@ to ``--out``; prints the markdown.
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fastkd
-from fastkd.cache import LogitCache
-from fastkd.cli import main as fastkd_main
-from fastkd.tokens import TokenDataset, collate_causal_lm
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastkd  # noqa: E402
+from benchmarks.env import cpu_model, git_commit  # noqa: E402
+from fastkd.cache import LogitCache  # noqa: E402
+from fastkd.cli import main as fastkd_main  # noqa: E402
+from fastkd.tokens import TokenDataset, collate_causal_lm  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ECE_BINS = 15
@@ -410,25 +412,6 @@ def summarize(runs) -> dict:
                 [by_seed[s].get("file_bytes_per_token", 0.0) for s in seeds]))
             table[setting][condition] = row
     return table
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else ():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    try:
-        return {"commit": git("rev-parse", "HEAD") or None,
-                "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
 
 
 def environment(args, started) -> dict:

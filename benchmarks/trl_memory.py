@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.env import REPO_ROOT, capture_environment, device_slug
+from benchmarks.memory import resident_peak_extra, torch_cpu_peak
 
 VARIANTS = ["gkd-fastkd", "gkd-fastkd-32mib", "gkd-trl", "gkd-trl-liger", "distill-fastkd",
             "distill-fastkd-32mib", "distill-trl", "distill-trl-liger"]
@@ -108,33 +109,9 @@ def _batch(variant, tokens, vocab, device):
     return batch, None
 
 
-def _status_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _allocator_peak_cpu(step):
-    """Peak bytes torch's CPU allocator holds during ``step()`` beyond what it held before."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step()
-    events = sorted((event for event in profiler.profiler.kineto_results.events()
-                     if event.name() == "[memory]"
-                     and event.device_type() == torch.autograd.DeviceType.CPU),
-                    key=lambda event: event.start_ns())
-    held = peak = 0
-    for event in events:
-        held += event.nbytes()
-        peak = max(peak, held)
-    return peak
-
-
 def measure(variant, *, vocab, hidden, tokens, device):
     """One variant in this process: a dict of its figures."""
     import tempfile
-    import ctypes
     import transformers
     transformers.logging.set_verbosity_error()
     student, teacher = _models(vocab, hidden)
@@ -172,13 +149,9 @@ def measure(variant, *, vocab, hidden, tokens, device):
         torch.cuda.synchronize()
         record["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        before_kib = _status_kib("VmRSS")
-        step()
-        record["resident_extra_bytes"] = (_status_kib("VmHWM") - before_kib) * 1024
+        record["resident_extra_bytes"] = resident_peak_extra(step)
         forget()
-        record["peak_extra_bytes"] = _allocator_peak_cpu(step)
+        record["peak_extra_bytes"] = torch_cpu_peak(step)
     record["peak_extra_logits"] = record["peak_extra_bytes"] / (tokens * vocab * 4)
     return record
 
