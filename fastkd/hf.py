@@ -1,18 +1,7 @@
-"""Hugging Face ``transformers`` integration (the only fastkd module that imports it; install
-with ``pip install fastkd[hf]``).
-
-- :func:`load_causal_lm`: a causal LM from a *local* directory (``fastkd cache --teacher
-  hf:<dir>``); never downloads.
-- :class:`DistillationLoss`: the distillation objective of a causal LM student, from the
-  student's last hidden state and output layer (fused linear + KD), against an online teacher
-  (a second model) or cached targets in the batch (dense, top-k, sampled); usable as the stock
-  ``Trainer``'s ``compute_loss_func``.
-- :class:`DistillationTrainer`: a ``transformers.Trainer`` that trains with it, honours
-  ``num_items_in_batch`` (gradient accumulation gives the loss of one big batch) and logs the
-  KD and CE parts (``kd_loss``, ``ce_loss``) through the Trainer's logging.
-
-Token data and the batch layout (next-token rows, ``shift_labels``) live in
-:mod:`fastkd.tokens`; see docs/llm-distillation.md.
+"""Hugging Face ``transformers`` integration (``pip install fastkd[hf]``): :func:`load_causal_lm`
+(local directories only), :class:`DistillationLoss` (fused linear + KD from a causal LM's last
+hidden state, against an online teacher or cached targets) and :class:`DistillationTrainer`.
+The batch layout lives in :mod:`fastkd.tokens`; see docs/llm-distillation.md.
 """
 import inspect
 import math
@@ -24,7 +13,7 @@ from torch import nn
 
 import fastkd
 from fastkd.hf_load import MODEL_DTYPES, load_causal_lm
-from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
+from fastkd.targets import SPARSE_TARGETS
 from fastkd.tokens import collate_causal_lm, next_token_labels, targets_from_dict
 
 try:
@@ -52,11 +41,8 @@ def vocab_size_of(model) -> Optional[int]:
 
 
 def logit_transforms(model) -> tuple:
-    """``(logit_scale, softcap)`` of a causal LM's logits after its output layer, read from its
-    text config exactly as TRL's ``DistillationTrainer`` reads them: the scale is
-    ``logit_scale`` (Cohere), else ``output_multiplier``, else ``lm_head_multiplier``
-    (Falcon-H1), else ``1 / logits_scaling`` (Granite, MiniCPM3; ``logits_scaling`` itself for
-    HyperCLOVA X), else 1; the softcap is ``final_logit_softcapping`` (Gemma-2) or None."""
+    """``(logit_scale, softcap)`` applied after a causal LM's output layer, read from its text
+    config as TRL's ``DistillationTrainer`` reads them."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
     scale = getattr(config, "logit_scale", None)
@@ -69,7 +55,6 @@ def logit_transforms(model) -> tuple:
         scale = scaling if config.model_type == "hyperclovax" else 1 / scaling
     softcap = getattr(config, "final_logit_softcapping", None)
     return (1.0 if scale is None else float(scale)), (float(softcap) if softcap else None)
-
 
 
 def output_transforms(model) -> dict:
@@ -85,47 +70,22 @@ def _apply_transforms(logits: torch.Tensor, transforms: dict) -> torch.Tensor:
     return logits
 
 
-def _select_rows(target, keep: torch.Tensor):
-    """Rows ``keep`` (a bool mask over the leading dims) of a dense or sparse target."""
-    if isinstance(target, SPARSE_TARGETS):
-        return target.map_tensors(lambda part: part[keep])
-    return target[keep]
-
-
-def _target_width(target) -> Optional[int]:
-    return target.shape[-1] if isinstance(target, torch.Tensor) else None
-
-
-# ----------------------------------------------------------------------------- the loss
 class DistillationLoss:
     """Knowledge distillation for a causal LM student, from its last hidden state.
 
     ``loss = (soft_weight * sum_rows T^2 D(p_t, p_s) + hard_weight * sum_rows CE) / n`` over the
-    rows whose next-token label is not ``ignore_index``, where ``n`` is ``num_items_in_batch``
-    when the Trainer gives it (the kept rows of the whole accumulated batch, so gradient
-    accumulation equals one big batch) and this batch's kept rows otherwise.
+    rows with a next-token label, ``n`` being ``num_items_in_batch`` when given (gradient
+    accumulation then equals one big batch), else this batch's kept rows. Student logits are
+    made chunk by chunk inside the fused loss, never whole.
 
-    The student's logits come from ``student_hidden @ lm_head.weight^T`` (+ bias, times the
-    config's ``logit_scale``, soft-capped by ``final_logit_softcapping``) inside the fused
-    loss, chunk by chunk, so full student logits are never materialized; ignored rows (padding,
-    prompt tokens) are dropped before the matmul.
+    ``teacher=None`` reads cached ``batch["teacher_targets"]``; an ``nn.Module`` runs online
+    (eval mode, no gradients, on its own device). Batches hold ``input_ids``,
+    ``attention_mask``, ``shift_labels`` (derived from HF ``labels`` when absent).
 
-    Teacher: ``teacher=None`` reads ``batch["teacher_targets"]`` (a cache through
-    :func:`fastkd.tokens.collate_causal_lm`: dense rows, ``TopKLogits`` or ``SampledTargets``);
-    an ``nn.Module`` runs online on the same ``input_ids``/``attention_mask`` (in eval mode,
-    without gradients, on its own device).
-
-    Batches: ``input_ids``, ``attention_mask``, ``shift_labels`` (next-token labels; derived
-    from HF ``labels`` when absent) and optionally ``teacher_targets``.
-
-    As the stock ``Trainer``'s ``compute_loss_func``: ``Trainer(model=student,
-    compute_loss_func=loss_fn, ...)``. The loss registers a forward pre-hook on the student that
-    takes ``teacher_targets``/``shift_labels`` out of the model's keyword arguments, asks for
-    hidden states and for the logits of the last position only (``logits_to_keep=1`` where the
-    model supports it). Use ``data_collator=fastkd.hf.trainer_collator`` (sparse targets as
-    dicts, which the stock Trainer can move between devices), set
-    ``remove_unused_columns=False`` in ``TrainingArguments``, and call
-    ``loss_fn.attach_logging(trainer)`` to log the parts.
+    As the stock ``Trainer``'s ``compute_loss_func``, a forward pre-hook on the student takes
+    the distillation keys out of its keyword arguments; use
+    ``data_collator=fastkd.hf.trainer_collator``, ``remove_unused_columns=False`` and
+    ``loss_fn.attach_logging(trainer)``.
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None, *,
@@ -157,7 +117,6 @@ class DistillationLoss:
         self._hook = student.register_forward_pre_hook(self._pre_hook, with_kwargs=True) \
             if hook else None
 
-    # ------------------------------------------------------------------------- checks
     def _check_vocab(self, teacher_vocab: int, what: str) -> None:
         student_vocab = vocab_size_of(self.student)
         if teacher_vocab != student_vocab:
@@ -167,12 +126,10 @@ class DistillationLoss:
                 f"output width (resize the student's embeddings, or slice the teacher's "
                 f"extra padding columns yourself)")
 
-    # ------------------------------------------------------------------------- core
     def student_kwargs(self, kwargs: dict) -> dict:
-        """The student's forward keyword arguments for distillation: hidden states on, and the
-        logits of the last position only where the model supports it (``logits_to_keep``;
-        ``num_logits_to_keep`` in transformers 4.45-4.49), so the full logits are never made.
-        The last hidden state (after the final norm) is ``hidden_states[-1]``."""
+        """The student's forward keyword arguments: hidden states on, and only the last
+        position's logits where the model supports it (``logits_to_keep`` or, in transformers
+        4.45-4.49, ``num_logits_to_keep``)."""
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
         kwargs["output_hidden_states"] = True
         parameters = inspect.signature(self.student.forward).parameters
@@ -183,12 +140,9 @@ class DistillationLoss:
         return kwargs
 
     def compute(self, inputs: dict, num_items_in_batch=None, student_hidden=None, model=None):
-        """``(loss, {"kd_loss", "ce_loss"})`` for one (micro-)batch; the parts are detached
-        0-dim tensors normalized like the loss. The student runs through ``model`` (the
-        Trainer's possibly wrapped model; default the student) unless ``student_hidden`` is
-        given. With the student in eval mode and no teacher (no online teacher and no
-        ``teacher_targets`` in the batch) the loss is the student's own next-token
-        cross-entropy (``ce_loss``; ``exp`` of it is the perplexity)."""
+        """``(loss, {"kd_loss", "ce_loss"})`` for one (micro-)batch, the parts detached. The
+        student runs through ``model`` (default the student) unless ``student_hidden`` is given.
+        In eval mode without any teacher the loss is the student's own cross-entropy."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
         labels = inputs.get("shift_labels")
@@ -233,18 +187,18 @@ class DistillationLoss:
         return self.teacher is not None or inputs.get("teacher_targets") is not None
 
     def _teacher_rows(self, inputs: dict, keep: torch.Tensor):
-        """The teacher's targets at the kept positions: cached rows from the batch, or the
-        online teacher's logits (or, with the fused path, its hidden states + head)."""
+        """The teacher's targets at the kept positions: cached rows, or the online teacher's
+        hidden states + head (its logits when it has no head)."""
         if self.teacher is None:
             targets = targets_from_dict(inputs.get("teacher_targets"))
             if targets is None:
                 raise ValueError("no teacher: pass teacher= (online) or batches with "
                                  "'teacher_targets' (fastkd.tokens.collate_causal_lm over a "
                                  "fastkd.CachedDataset)")
-            width = _target_width(targets)
-            if width is not None:
-                self._check_vocab(width, "the cached teacher")
-            return _select_rows(targets, keep.to(_device_of(targets)))
+            if not isinstance(targets, SPARSE_TARGETS):
+                self._check_vocab(targets.shape[-1], "the cached teacher")
+                return targets[keep.to(targets.device)]
+            return targets.map_tensors(lambda part: part[keep.to(part.device)])
         device = next(self.teacher.parameters()).device
         kwargs = {"input_ids": inputs["input_ids"].to(device)}
         if inputs.get("attention_mask") is not None:
@@ -294,7 +248,6 @@ class DistillationLoss:
             student_logit_scale=transforms["logit_scale"],
             student_softcap=transforms["softcap"], chunk_rows=self.chunk_rows, **options)
 
-    # ------------------------------------------------------------------------- stock Trainer
     def _pre_hook(self, module, args, kwargs):
         """Take the distillation keys out of the student's keyword arguments (the stock
         Trainer passes the whole batch to ``model(**inputs)``) and ask for hidden states."""
@@ -331,9 +284,8 @@ class DistillationLoss:
         self.parts = {key: 0.0 for key in self.parts}
 
     def take_parts(self, steps: int, parallel_mode=None, device=None) -> dict:
-        """The parts averaged over ``steps`` optimizer steps and over the processes (what the
-        Trainer does to its logged ``loss``: gathered with ``nested_gather`` under
-        ``parallel_mode``, then averaged); resets the sums."""
+        """The parts averaged over ``steps`` optimizer steps and over the processes, as the
+        Trainer averages its logged ``loss``; resets the sums."""
         from transformers.trainer_pt_utils import nested_gather
         keys = list(self.parts)
         values = torch.stack([torch.as_tensor(self.parts[key], dtype=torch.float32,
@@ -357,10 +309,8 @@ class DistillationLoss:
 
 def token_average_scale(trainer, num_items_in_batch) -> int:
     """The factor ``transformers.Trainer.compute_loss`` multiplies a loss normalized by
-    ``num_items_in_batch`` by. With ``average_tokens_across_devices`` the count covers the
-    tokens of every process while DDP averages the processes' gradients, so each process's sum
-    over its own tokens is scaled by the number of processes (tensor-parallel ranks share a
-    batch and count once; ``DataParallel`` uses its GPU count)."""
+    ``num_items_in_batch`` by: the number of data-parallel processes when the count covers every
+    process's tokens (``average_tokens_across_devices``), since DDP averages gradients."""
     args = trainer.args
     if num_items_in_batch is None or not getattr(args, "average_tokens_across_devices", False):
         return 1
@@ -398,24 +348,11 @@ def trainer_collator(items, **kwargs) -> dict:
     return collate_causal_lm(items, targets_as_dict=True, **kwargs)
 
 
-def _device_of(target) -> torch.device:
-    return (target.values if isinstance(target, TopKLogits) else
-            target.indices if isinstance(target, SampledTargets) else target).device
-
-
-# ----------------------------------------------------------------------------- the Trainer
 class DistillationTrainer(transformers.Trainer):
-    """``transformers.Trainer`` whose loss is :class:`DistillationLoss`.
-
-    ``DistillationTrainer(model=student, teacher=None | teacher_model, args=..., train_dataset=
-    ..., data_collator=fastkd.tokens.collate_causal_lm, temperature=..., soft_weight=...,
-    hard_weight=..., divergence=..., ...)``. With ``teacher=None`` the batches carry cached
-    ``teacher_targets`` (a :class:`fastkd.CachedDataset` collated by ``collate_causal_lm``).
-    Logs ``kd_loss`` and ``ce_loss`` beside ``loss``. Under DDP (``torchrun``) the loss, the
-    logged parts and the gradients equal one process's on the global batch, scaled as
-    ``Trainer.compute_loss`` scales a loss normalized by ``num_items_in_batch``.
-    ``evaluate()`` on plain token data (no cache, no teacher) reports the student's
-    cross-entropy as ``eval_loss`` and ``eval_perplexity``.
+    """``transformers.Trainer`` whose loss is :class:`DistillationLoss` (``teacher=None``: batches
+    of cached ``teacher_targets`` from ``collate_causal_lm``). Logs ``kd_loss`` and ``ce_loss``;
+    under DDP the loss and gradients equal one process's on the global batch. ``evaluate()``
+    without any teacher reports the student's cross-entropy and ``eval_perplexity``.
     """
 
     def __init__(self, *args, teacher: Optional[nn.Module] = None, temperature: float = 1.0,
@@ -470,9 +407,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
                         ignore_keys=None, metric_key_prefix="eval"):
-        """The Trainer's loop; when every batch had no teacher (plain token data, no online
-        teacher) the loss is the student's cross-entropy and ``<prefix>_perplexity`` is
-        ``exp`` of it."""
+        """The Trainer's loop, adding ``<prefix>_perplexity`` when no batch had a teacher."""
         self.distillation.evaluated = {key: 0 for key in self.distillation.evaluated}
         output = super().evaluation_loop(dataloader, description, prediction_loss_only,
                                          ignore_keys, metric_key_prefix)

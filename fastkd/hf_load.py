@@ -1,13 +1,6 @@
-"""Loading a teacher for ``fastkd cache --teacher hf:<dir>``: a causal language model from a
-*local* directory (re-exported as :func:`fastkd.hf.load_causal_lm`).
-
-Refused, each with one sentence naming the directory or file: a hub id or missing directory
-(fastkd never downloads), a directory without ``config.json``, a model that is not causal (a
-saved ``BertForMaskedLM``, or a model whose logits at a position change with later tokens: its
-cached rows would have seen the token they predict), custom code (``auto_map``) for a model type
-transformers does not know (never run unless ``trust_remote_code=True``), and weight files that
-are not plain weights (a ``pytorch_model.bin`` that ``torch.load(weights_only=True)`` refuses, a
-truncated or damaged ``*.safetensors``).
+"""A causal language model from a *local* directory, for ``fastkd cache --teacher hf:<dir>``
+(re-exported as :func:`fastkd.hf.load_causal_lm`). Hub ids, non-causal models, unknown custom
+code and weight files that are not plain weights are refused with one sentence each.
 """
 import glob
 import json
@@ -30,20 +23,10 @@ MODEL_DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,
 
 
 def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code: bool = False):
-    """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode,
-    with the KV cache off (caching runs whole sequences once).
-
-    ``path`` must be a local directory holding ``config.json`` and the weights (e.g. written
-    by ``save_pretrained`` or ``huggingface-cli download --local-dir``). A hub id such as
-    ``gpt2`` is refused: fastkd never downloads. ``dtype``: ``auto`` (the checkpoint's),
-    ``fp32``, ``fp16`` or ``bf16``. The model must be causal: the architecture saved in its
-    config must be a causal-LM class, and its logits at earlier positions must not change
-    when a later token does (checked on a few tokens after loading).
-
-    ``trust_remote_code``: the code a directory's ``config.json`` names in ``auto_map`` runs
-    only when this is True. Otherwise a model type transformers knows loads with
-    transformers' own class (as ``from_pretrained`` does), and an unknown one is refused.
-    """
+    """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode with
+    the KV cache off. ``dtype``: a :data:`MODEL_DTYPES` key. The model must be causal (its saved
+    architecture, and a probe: earlier logits do not change with a later token). Code named in
+    ``auto_map`` runs only with ``trust_remote_code=True``."""
     path = os.fspath(path)
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"--teacher-dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
@@ -106,8 +89,6 @@ def _read_config(path: str, config_file: str) -> dict:
 
 
 def _check_custom_code(path: str, config: dict, trust_remote_code: bool) -> None:
-    """Custom code named by ``auto_map`` runs only on request; without it, transformers' own
-    class for a known model type is used (what ``from_pretrained`` does), else refuse."""
     if trust_remote_code or not config.get("auto_map"):
         return
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
@@ -121,7 +102,6 @@ def _check_custom_code(path: str, config: dict, trust_remote_code: bool) -> None
 
 
 def _check_architecture(path: str, config: dict) -> None:
-    """The architecture saved by ``save_pretrained`` must be a causal-LM class."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not architectures:
@@ -136,8 +116,7 @@ def _check_architecture(path: str, config: dict) -> None:
 
 
 def _check_causal(path: str, model) -> None:
-    """Logits at positions before the last must not change when the last token changes (a
-    bidirectional model, e.g. BERT loaded as BertLMHeadModel without is_decoder, fails)."""
+    """Logits before the last position must not change when the last token changes."""
     vocab = int(getattr(model.config, "vocab_size", 0) or 0)
     if vocab < 2:
         return
@@ -150,11 +129,8 @@ def _check_causal(path: str, model) -> None:
             first = model(input_ids=tokens).logits[0, :-1].float()
             second = model(input_ids=changed).logits[0, :-1].float()
     except (RuntimeError, NotImplementedError):
-        # e.g. a half-precision op the CPU lacks, for a teacher meant to run on a GPU: the
-        # saved-architecture check above still applies
-        return
-    # a causal model computes earlier positions identically; the tolerance only absorbs
-    # kernels whose summation order varies between runs (atomics), at the model's precision
+        return  # e.g. a half-precision op the CPU lacks; the architecture check still holds
+    # the tolerance absorbs only summation-order noise (atomics) at the model's precision
     dtype = next(model.parameters()).dtype
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     scale = float(first.abs().max())
@@ -167,7 +143,6 @@ def _check_causal(path: str, model) -> None:
 
 
 def _bad_weights(path: str, pattern: str) -> str:
-    """One sentence naming the weight file that does not load (the first in name order)."""
     files = sorted(glob.glob(os.path.join(glob.escape(path), pattern)))
     for name in files:
         problem = _weight_file_problem(name)

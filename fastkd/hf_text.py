@@ -1,24 +1,13 @@
-"""Text and chat rows -> token rows, with a Hugging Face tokenizer (the only fastkd module that
-loads tokenizers; install with ``pip install 'fastkd[hf]'``).
+"""Text and chat rows -> HF token rows ``{"input_ids", "labels"}`` (labels unshifted, ``-100``
+where nothing is learned), with a local Hugging Face tokenizer (``pip install 'fastkd[hf]'``).
 
-A row of a ``jsonl:``/``parquet:``/``hf-disk:`` dataset may hold, instead of ``input_ids``:
+- ``text``: every token is learned.
+- ``prompt`` + ``completion``: the prompt with the tokenizer's special tokens, the completion
+  after it without them; only the completion is learned, as in TRL's SFT.
+- ``messages``: rendered with the chat template; only assistant turns are learned, each located
+  between the renderings up to it (with the generation prompt) and through it.
 
-- ``text``: a document. Every token is learned (labels = input ids).
-- ``prompt`` and ``completion`` (strings): the prompt is tokenized on its own (with the
-  tokenizer's special tokens, e.g. BOS), the completion after it without them; only the
-  completion's tokens are learned (the prompt's labels are ``-100``), as in TRL's SFT.
-- ``messages``: a chat, a list of ``{"role", "content"}``, rendered with the tokenizer's chat
-  template; only the assistant turns' tokens are learned. Each assistant turn is located by
-  rendering the conversation up to it with ``add_generation_prompt=True`` and up to its end,
-  and taking the tokens whose characters fall between the two.
-
-``text`` and ``completion`` get the tokenizer's EOS token at the end when it has one (so the
-student learns to stop). Truncation (``--max-length``) is the token dataset's, for every kind
-of row (:class:`fastkd.tokens.TokenDataset`).
-
-The result is the HF row ``{"input_ids", "labels"}`` (labels unshifted, ``-100`` where nothing
-is learned) that :func:`fastkd.tokens.prepare_tokens` turns into next-token rows; a cache of it
-holds rows only for learned positions (see :mod:`fastkd.tokens`).
+``text`` and ``completion`` end with the EOS token when the tokenizer has one.
 """
 import os
 from typing import List, Tuple
@@ -32,19 +21,15 @@ IGNORE_INDEX = -100
 
 
 class TextTokenizer:
-    """Turns text, prompt/completion and chat rows into token rows (see the module docstring).
-
-    ``tokenizer``: a ``transformers`` fast tokenizer (chat rows need its ``chat_template`` and
-    its character offsets).
-    """
+    """Text, prompt/completion and chat rows -> token rows, with a ``transformers`` fast
+    tokenizer (chat rows need its ``chat_template`` and character offsets)."""
 
     def __init__(self, tokenizer, *, name: str = "tokenizer"):
         self.tokenizer, self.name = tokenizer, name
 
     @classmethod
     def from_dir(cls, path) -> "TextTokenizer":
-        """``AutoTokenizer.from_pretrained(path, local_files_only=True)``: a local directory
-        (e.g. the teacher's own); never downloads and never runs code from the directory."""
+        """``AutoTokenizer.from_pretrained(path, local_files_only=True)``, running no code."""
         path = os.fspath(path)
         transformers = require("transformers", "hf", f"--tokenizer {path}")
         if not os.path.isdir(path):
@@ -63,7 +48,6 @@ class TextTokenizer:
     def __repr__(self) -> str:
         return f"TextTokenizer({self.name!r})"
 
-    # ------------------------------------------------------------------------- rows
     def __call__(self, row: dict, where: str) -> dict:
         """A text, prompt/completion or chat row -> ``{"input_ids", "labels"}`` (HF labels)."""
         if "messages" in row:
