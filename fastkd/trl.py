@@ -1,34 +1,19 @@
-"""fastkd's fused linear + KD loss inside TRL's distillation trainers (the only fastkd module that
-imports ``trl``; install with ``pip install 'fastkd[trl]'``).
+"""TRL's distillation trainers with fastkd's fused linear + KD loss (``pip install
+'fastkd[trl]'``): drop-in subclasses in which only the loss changes, computed from the student's
+last hidden state and ``lm_head`` so neither model's ``(tokens, V)`` logits are held. Each keeps
+TRL's loss value and normalization:
 
-Drop-in subclasses with TRL's constructors, configs, data handling, generation and logging; only
-the loss changes. It is :func:`fastkd.linear_kd_loss` on the student's last hidden state and
-``lm_head`` weight, so neither model's ``(tokens, V)`` logits are ever held:
+- :class:`GKDTrainer` (``trl.experimental.gkd``): generalized JSD at temperature 1 against the
+  online teacher as a :class:`fastkd.TeacherHead`.
+- :class:`DistillationTrainer` (``trl``): generalized JSD at ``temperature`` without ``T^2``,
+  plus TRL's entropy metric.
+- :class:`ServerDistillationTrainer` (``trl.experimental.server_distillation``): the served top-k
+  log-probabilities as :class:`fastkd.TopKLogits`, tail bucketed or renormalized.
 
-- :class:`GKDTrainer` (``trl.experimental.gkd``): generalized JSD at temperature 1 (TRL's
-  ``generalized_jsd_loss`` ignores ``temperature``, which only sets the sampling temperature),
-  summed over ``labels[:, 1:] != -100`` and divided by ``num_items_in_batch`` (or the batch's
-  own count when the Trainer gives none), as TRL does. The teacher runs online and enters the
-  loss as a :class:`fastkd.TeacherHead` (its hidden states and ``lm_head``).
-- :class:`DistillationTrainer` (``trl``): generalized JSD at ``temperature`` without a ``T^2``
-  factor, summed over ``completion_mask * tool_mask`` and divided by TRL's generation-batch
-  count over ``num_processes``; the entropy metric TRL logs is kept.
-- :class:`ServerDistillationTrainer` (``trl.experimental.server_distillation``): the teacher's
-  top-k log-probabilities from its vLLM server as :class:`fastkd.TopKLogits` (``beta = 0``: the
-  top-k ids; ``beta > 0``: the teacher's top-1 id and the sampled token), with the exact tail
-  bucket (``loss_add_tail``) or renormalized over the ids; per micro-batch mean over the local
-  completion tokens, divided by the accumulation steps, as TRL does.
-
-``beta`` keeps TRL's convention (0: forward KL, 1: reverse KL, between: generalized JSD), which is
-fastkd's ``divergence="jsd"``. Each model's output transforms are read from its (text) config as
-TRL reads them: the logit scale (``logit_scale``, ``output_multiplier``, ``lm_head_multiplier``,
-``logits_scaling``) before the softcap (``final_logit_softcapping``).
-
-Distributed: the student's backbone and the loss run inside the student wrapper's ``forward``
-(forward redirection), so DDP's ``prepare_for_backward`` and FSDP's unshard hooks fire; an FSDP2
-``lm_head`` weight that is still a ``DTensor`` is gathered with ``full_tensor()`` (its gradient
-goes back through the gather), and a DeepSpeed ZeRO-3 one is gathered for the loss with TRL's
-``maybe_gather_lm_head_ctx`` (not tested here: DeepSpeed is not installed).
+``beta`` keeps TRL's convention (fastkd's ``divergence="jsd"``). The backbone and the loss run
+inside the student wrapper's ``forward`` (forward redirection), so DDP and FSDP hooks fire; an
+FSDP2 ``DTensor`` head is gathered with ``full_tensor()``, a DeepSpeed ZeRO-3 one with TRL's
+``maybe_gather_lm_head_ctx``.
 """
 import warnings
 from typing import Optional
@@ -64,7 +49,6 @@ __all__ = ["GKDTrainer", "DistillationTrainer", "ServerDistillationTrainer", "lo
            "student_entropy_sum"]
 
 
-# ----------------------------------------------------------------------------- model pieces
 def _unpeft(model):
     """The causal LM under a PEFT wrapper (the model itself otherwise)."""
     if hasattr(model, "peft_config") and hasattr(model, "base_model") \
@@ -74,8 +58,7 @@ def _unpeft(model):
 
 
 def _full(tensor, dtype):
-    """An FSDP2 ``DTensor`` parameter gathered into a plain tensor (autograd-aware: its gradient
-    is reduce-scattered back to the shards) in the hidden states' dtype; others unchanged."""
+    """An FSDP2 ``DTensor`` parameter gathered (autograd-aware) into a plain ``dtype`` tensor."""
     if tensor is not None and isinstance(tensor, torch.distributed.tensor.DTensor):
         return tensor.full_tensor().to(dtype)
     return tensor
@@ -105,8 +88,7 @@ def backbone_hidden(model, input_ids, attention_mask):
 
 def redirect(wrapper, module, method, *args, **kwargs):
     """``method(*args, **kwargs)`` run as ``module``'s forward, called through ``wrapper`` (DDP,
-    FSDP, DeepSpeed; or ``module`` itself, e.g. under FSDP2's ``fully_shard``), so the forward
-    hooks of both fire around it: DDP's ``prepare_for_backward``, FSDP's unsharding."""
+    FSDP, DeepSpeed, or ``module`` itself), so both modules' forward hooks fire around it."""
     original = module.forward
 
     def forward(*inner_args, **inner_kwargs):
@@ -119,16 +101,12 @@ def redirect(wrapper, module, method, *args, **kwargs):
         module.forward = original
 
 
-# ----------------------------------------------------------------------------- the loss
 def fused_divergence(student_hidden, student, teacher, keep, *, beta: float,
                      temperature: float, t_squared: bool, tail: str = "bucket",
                      chunk_budget_bytes: Optional[int] = None):
-    """Sum over the rows ``keep`` of the generalized JSD (TRL's ``beta`` convention) between the
-    student's distribution (from ``student_hidden`` and ``student``'s output layer and
-    transforms) and ``teacher``, at ``temperature``; times ``T^2`` when ``t_squared`` (fastkd's
-    convention), without it otherwise (TRL's). ``teacher``: a :class:`fastkd.TeacherHead` or a
-    sparse target over the same leading dims (``tail`` as in :func:`fastkd.kd_loss`). Fused:
-    the logits are made a chunk at a time."""
+    """Sum over the rows ``keep`` of the generalized JSD (TRL's ``beta``) at ``temperature``
+    between the student (``student_hidden`` through ``student``'s output layer) and ``teacher``
+    (a :class:`fastkd.TeacherHead` or sparse target), times ``T^2`` when ``t_squared``."""
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
     if isinstance(teacher, fastkd.TeacherHead) and teacher.weight.device != weight.device:
         raise ValueError(f"the student's lm_head is on {weight.device} but the teacher's on "
@@ -161,9 +139,8 @@ def _normalized(total, keep, num_items_in_batch):
 @torch.no_grad()
 def student_entropy_sum(student_hidden, student, keep, temperature: float,
                         chunk_budget_bytes: Optional[int] = None):
-    """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)`` (the
-    metric TRL's ``DistillationTrainer`` logs), a chunk of rows at a time: about three float32
-    chunk buffers, sized to ``chunk_budget_bytes`` (default fastkd's chunk budget)."""
+    """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)``
+    (TRL's logged metric), a chunk of rows (three float32 buffers within the budget) at a time."""
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
     rows = student_hidden[keep]
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
@@ -181,27 +158,22 @@ def student_entropy_sum(student_hidden, student, keep, temperature: float,
     return total
 
 
-def _pop_options(kwargs):
-    budget = kwargs.pop("chunk_budget_bytes", None)
-    if budget is not None and (not isinstance(budget, int) or budget <= 0):
-        raise ValueError(f"chunk_budget_bytes must be a positive int, got {budget!r}")
-    return budget
-
-
-# ----------------------------------------------------------------------------- trainers
-class GKDTrainer(TRLGKDTrainer):
-    """``trl.experimental.gkd.GKDTrainer`` (same arguments, ``GKDConfig``) whose loss is fastkd's
-    fused linear + KD: the same value and gradients as TRL's ``generalized_jsd_loss`` on full
-    logits, without the student's or the teacher's logits. Extra keyword:
-    ``chunk_budget_bytes`` (fastkd's chunk memory budget; default
-    ``fastkd.linear.DEFAULT_CHUNK_BUDGET_BYTES``).
-
-    ``compute_loss(..., return_outputs=True)`` returns no logits (there are none): metrics that
-    need the student's logits are not available."""
+class _ChunkBudget:
+    """The trainers' extra keyword ``chunk_budget_bytes`` (default
+    ``fastkd.linear.DEFAULT_CHUNK_BUDGET_BYTES``)."""
 
     def __init__(self, *args, **kwargs):
-        self.chunk_budget_bytes = _pop_options(kwargs)
+        budget = kwargs.pop("chunk_budget_bytes", None)
+        if budget is not None and (not isinstance(budget, int) or budget <= 0):
+            raise ValueError(f"chunk_budget_bytes must be a positive int, got {budget!r}")
+        self.chunk_budget_bytes = budget
         super().__init__(*args, **kwargs)
+
+
+class GKDTrainer(_ChunkBudget, TRLGKDTrainer):
+    """``trl.experimental.gkd.GKDTrainer`` with fastkd's fused loss: TRL's
+    ``generalized_jsd_loss`` value and gradients without either model's logits
+    (``compute_loss(..., return_outputs=True)`` returns none)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student = self.accelerator.unwrap_model(model)
@@ -224,18 +196,10 @@ class GKDTrainer(TRLGKDTrainer):
         return _normalized(total, keep, num_items_in_batch)
 
 
-class DistillationTrainer(TRLDistillationTrainer):
-    """``trl.DistillationTrainer`` (same arguments, ``DistillationConfig``) whose loss is
-    fastkd's fused linear + KD in place of TRL's chunked divergence: the same value and
-    gradients (divergence at ``temperature`` without ``T^2``, TRL's normalization). Extra
-    keyword: ``chunk_budget_bytes``."""
+class DistillationTrainer(_ChunkBudget, TRLDistillationTrainer):
+    """``trl.DistillationTrainer`` with fastkd's fused loss: TRL's value and gradients."""
 
-    def __init__(self, *args, **kwargs):
-        self.chunk_budget_bytes = _pop_options(kwargs)
-        super().__init__(*args, **kwargs)
-
-    # TRL's compute_loss runs this inside the student wrapper's forward (forward redirection)
-    # and reduces the entropy metric; it returns (loss, entropy_sum, n_valid).
+    # TRL's compute_loss runs this inside the student wrapper's forward; (loss, entropy, n)
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
@@ -266,18 +230,10 @@ class DistillationTrainer(TRLDistillationTrainer):
         return _normalized(total, keep, num_items_in_batch), entropy, keep.sum()
 
 
-class ServerDistillationTrainer(TRLServerDistillationTrainer):
-    """``trl.experimental.server_distillation.ServerDistillationTrainer`` (same arguments,
-    ``ServerDistillationConfig``) whose loss is fastkd's fused linear + KD against the served
-    top-k log-probabilities as :class:`fastkd.TopKLogits`: the same value and gradients as TRL's
-    sparse path, without the student's logits. Extra keyword: ``chunk_budget_bytes``.
-
-    Every completion position that counts must have finite teacher log-probabilities (TRL drops
-    a ``-inf`` entry from the support; fastkd refuses it with a ``ValueError``)."""
-
-    def __init__(self, *args, **kwargs):
-        self.chunk_budget_bytes = _pop_options(kwargs)
-        super().__init__(*args, **kwargs)
+class ServerDistillationTrainer(_ChunkBudget, TRLServerDistillationTrainer):
+    """``trl.experimental.server_distillation.ServerDistillationTrainer`` with fastkd's fused
+    loss: TRL's sparse-path value and gradients. A counted position without finite teacher
+    log-probabilities is refused (TRL drops the entry)."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -326,15 +282,13 @@ class ServerDistillationTrainer(TRLServerDistillationTrainer):
         return total / keep.sum().clamp(min=1)
 
     def _target(self, ids, logprobs):
-        """Served log-probabilities at the loss temperature T as a ``TopKLogits`` for the loss
-        at T (``values = T * logprobs``, ``lse = 0``)."""
+        """Served log-probabilities as a ``TopKLogits`` for the loss at its temperature."""
         return fastkd.TopKLogits.from_logprobs(logprobs.float(), ids,
                                                temperature=float(self.temperature))
 
     def _support(self, teacher_result, tokens, keep):
         """``(ids, logprobs)`` ``(B, T, K)``: ``beta = 0``: the served top-k; ``beta = 1``: the
-        sampled token; else the teacher's top-1 then the sampled token. The tail bucket
-        (``loss_add_tail``) is the loss's ``tail="bucket"``; without it, ``"renormalize"``."""
+        sampled token; else the teacher's top-1 then the sampled token."""
         top_ids, top_logprobs = teacher_result["topk_token_ids"], teacher_result["topk_logprobs"]
         actual = teacher_result["actual_logprobs"]
         if self.beta == 0:
