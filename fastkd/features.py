@@ -1,19 +1,9 @@
-"""Feature distillation (FitNets-style hints) combined with output distillation.
+"""Feature distillation (FitNets hints, Romero et al. 2015) combined with output distillation:
+``lambda_feature * mean_pairs feature_loss(projector(f_s), f_t) + lambda_output * output_loss``.
 
-    loss = lambda_feature * L_F + lambda_output * L_O
-    L_F  = mean over pairs (s, t) of feature_loss(projector_s(f_s), f_t)      (default: MSE)
-    L_O  = output_loss(student_logits, teacher_logits, labels)                (default: KDLoss)
-
-``f_s`` / ``f_t`` are the outputs of named submodules of the student / teacher, captured with
-forward hooks. When their shapes differ, a learnable projector maps the student feature to the
-teacher's size: a 1x1 convolution over channels for ``(N, C, H, W)`` features, a linear map over
-the last dim for ``(N, D)`` and ``(N, L, D)`` features (Romero et al. 2015, "FitNets: Hints for
-Thin Deep Nets", use a convolutional regressor the same way). The teacher runs under ``no_grad``;
-gradients reach the student and the projectors only.
-
-Teacher features can also come from a cache: :class:`TeacherFeatures` wraps a teacher so that
-its forward returns one layer's output as ``(N, D)`` rows, which ``fastkd.cache.write_cache``
-stores like logits; pass the cached rows as ``teacher_features={name: rows}``.
+Features are named submodules' outputs, captured with forward hooks; a learnable projector (a
+1x1 conv over channels, or a linear map over the last dim) fixes differing sizes. Cached teacher
+features: :class:`TeacherFeatures` makes a teacher return one layer as rows for ``write_cache``.
 """
 import difflib
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -68,10 +58,8 @@ def _normalize_pairs(feature_pairs: FeaturePairs) -> List[Tuple[str, str]]:
 
 
 def _make_projector(student_shape, teacher_shape, pair) -> nn.Module:
-    """Identity for equal shapes, 1x1 conv (4-D) or linear over the last dim (2-D/3-D) otherwise.
-
-    Shapes are per sample (batch dim dropped). Raises ValueError for what a projector cannot fix.
-    """
+    """Identity for equal per-sample shapes, else a 1x1 conv (C, H, W) or a linear map (D or
+    L, D); a ValueError for what a projector cannot fix."""
     student_name, teacher_name = pair
     if student_shape == teacher_shape:
         return nn.Identity()
@@ -94,23 +82,14 @@ def _make_projector(student_shape, teacher_shape, pair) -> nn.Module:
 
 
 class FeatureDistillLoss(nn.Module):
-    """``lambda_feature * L_F + lambda_output * L_O`` over hooked intermediate features.
+    """The feature + output loss over hooked features (see the module docstring).
 
-    Args:
-        teacher, student: any ``nn.Module`` returning logits ``(..., V)``. The teacher is put in
-            ``eval()`` mode and only ever run under ``no_grad``.
-        feature_pairs: ``{student_module_name: teacher_module_name}``, a list of such pairs, or
-            a list of names present in both models.
-        example_input: one input batch (anything ``student(x)`` accepts); both models run on it
-            once at construction to learn the feature shapes and build the projectors.
-        lambda_feature, lambda_output: weights of the feature and output terms.
-        output_loss: ``fn(student_logits, teacher_logits, labels) -> scalar``; default
-            ``KDLoss(temperature=4.0)`` (``fastkd.kd_loss``, soft and hard weight 0.5).
-        feature_loss: ``fn(projected_student_feature, teacher_feature) -> scalar``; default MSE.
-
-    The projectors are this module's only parameters: add ``distill.parameters()`` (or
-    ``distill.projector_parameters()``) to the optimizer next to the student's. Hooks are
-    removed by :meth:`close` or on leaving a ``with`` block.
+    ``feature_pairs``: ``{student_module: teacher_module}``, a list of pairs, or names present in
+    both. ``example_input``: a batch both models run once to size the projectors. The teacher runs
+    in eval mode under ``no_grad``. ``output_loss(student_logits, teacher_logits, labels)``
+    defaults to ``KDLoss(temperature=4.0)``, ``feature_loss`` to MSE. The projectors are this
+    module's only parameters (optimize them with the student's); :meth:`close` or leaving a
+    ``with`` block removes the hooks.
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, feature_pairs: FeaturePairs, *,
@@ -139,7 +118,6 @@ class FeatureDistillLoss(nn.Module):
         self.student_logits: Optional[torch.Tensor] = None
         self.last_terms: Dict[str, torch.Tensor] = {}
 
-    # -- hooks ------------------------------------------------------------------------------
     def _hook(self, module: nn.Module, key: Tuple[str, str]) -> None:
         def capture(_module, _inputs, output):
             if self._captured is not None:
@@ -171,7 +149,6 @@ class FeatureDistillLoss(nn.Module):
         """The projectors' parameters (the same as ``self.parameters()``)."""
         return self.projectors.parameters()
 
-    # -- shapes and projectors ----------------------------------------------------------------
     def _run(self, model: nn.Module, inputs, role: str):
         """Run ``model`` with capture on; return (output, {module_name: feature})."""
         if not self._hooks:
@@ -214,16 +191,11 @@ class FeatureDistillLoss(nn.Module):
     def _key(student_name: str) -> str:
         return student_name.replace(".", "__")  # ModuleDict keys may not contain dots
 
-    # -- the loss -----------------------------------------------------------------------------
     def forward(self, inputs, labels=None, *, teacher_logits: Optional[torch.Tensor] = None,
                 teacher_features: Optional[Mapping[str, torch.Tensor]] = None) -> torch.Tensor:
-        """Scalar loss. Runs the student (and, unless cached values are given, the teacher).
-
-        ``teacher_logits`` ``(..., V)`` and ``teacher_features`` ``{teacher_module_name: (N, ...)}``
-        (e.g. ``(N, D)`` rows from a cache; reshaped to the layer's shape) replace the teacher
-        run; give both or neither. The student's logits are kept as ``self.student_logits`` and
-        the two terms (detached) as ``self.last_terms``.
-        """
+        """Scalar loss. Cached ``teacher_logits`` and ``teacher_features`` (``{teacher_module:
+        rows}``, reshaped to the layer's shape) replace the teacher run: both or neither. Keeps
+        ``self.student_logits`` and the detached terms as ``self.last_terms``."""
         from_cache = teacher_logits is not None or teacher_features is not None
         if from_cache and (teacher_logits is None or teacher_features is None):
             raise ValueError("pass both teacher_logits and teacher_features (cached teacher) or "
@@ -273,13 +245,9 @@ class FeatureDistillLoss(nn.Module):
 
 
 class TeacherFeatures(nn.Module):
-    """Wrap a teacher so its forward returns one layer's output as ``(N, D)`` rows.
-
-    ``D`` is the product of the layer's per-sample shape, e.g. ``C*H*W``; token models keep
-    ``(N, L, D)``. Use it as the teacher given to ``fastkd.cache.write_cache`` to cache features
-    in the same format as logits, then feed the rows back through
-    ``FeatureDistillLoss(..., teacher_features={module_name: rows})``.
-    """
+    """A teacher whose forward returns one layer's output as ``(N, D)`` rows (``(N, L, D)`` with
+    ``keep_sequence_dim``), for ``write_cache``; the rows go back in as
+    ``FeatureDistillLoss(..., teacher_features={module_name: rows})``."""
 
     def __init__(self, teacher: nn.Module, module_name: str, *, keep_sequence_dim: bool = False):
         super().__init__()

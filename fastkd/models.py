@@ -1,14 +1,7 @@
-"""Small models and data used by ``fastkd demo``, the examples and the method tests.
-
-- Digits (scikit-learn's bundled 8x8 handwritten digits, 1797 images, 10 classes; no download):
-  :func:`digits_dataset`, :func:`digits_split`, :func:`digits_train_dataset`,
-  :class:`DigitsTeacherCNN`, :class:`DigitsStudentCNN`.
-- CIFAR-shaped ``(3, 32, 32)`` images: :class:`CifarStudentCNN`.
-- Token data: :class:`TinyCausalLM` (a causal transformer language model, logits ``(B, L, V)``).
-- :func:`load_checkpoint`: warm-start any ``nn.Module`` from a local state dict.
-
-Everything here is importable by spec string (``fastkd.models:DigitsTeacherCNN``,
-``fastkd.models:digits_train_dataset``), which is how ``fastkd cache`` builds teacher and data.
+"""Small models and data for ``fastkd demo``, the examples and the method tests: scikit-learn's
+bundled 8x8 digits (no download) with a teacher and a student CNN, a CIFAR-shaped student, a tiny
+causal LM and :func:`load_checkpoint`. ``fastkd cache`` builds them by spec string
+(``fastkd.models:DigitsTeacherCNN``).
 """
 from functools import lru_cache
 from typing import Tuple
@@ -28,7 +21,6 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_HELD_OUT_FRACTION = 0.25
 
 
-# ----------------------------------------------------------------------------- digits data
 @lru_cache(maxsize=1)
 def _digits_arrays() -> Tuple[np.ndarray, np.ndarray]:
     digits = require("sklearn.datasets", "demo", "the digits data").load_digits()
@@ -63,7 +55,6 @@ def digits_held_out_dataset() -> torch.utils.data.Subset:
     return torch.utils.data.Subset(digits_dataset(), digits_split()[1].tolist())
 
 
-# ----------------------------------------------------------------------------- digits models
 def _as_digit_images(inputs: torch.Tensor) -> torch.Tensor:
     """Accept ``(N, 64)`` or ``(N, 1, 8, 8)`` digit batches; return ``(N, 1, 8, 8)``."""
     if inputs.dim() < 2 or inputs[0].numel() != 64:
@@ -72,11 +63,8 @@ def _as_digit_images(inputs: torch.Tensor) -> torch.Tensor:
 
 
 class DigitsTeacherCNN(nn.Module):
-    """Teacher for 8x8 digits: 3 conv layers (32-64-64 channels) + 2 linear; about 120k weights.
-
-    ``(N, 1, 8, 8) -> (N, 10)`` logits. Named stages for feature distillation: ``conv1``,
-    ``conv2`` (``(N, 64, 4, 4)`` after pooling), ``conv3`` (``(N, 64, 4, 4)``), ``fc1``, ``fc2``.
-    """
+    """Teacher for 8x8 digits, ``(N, 1, 8, 8) -> (N, 10)``: stages ``conv1``, ``conv2`` and
+    ``conv3`` (``(N, 64, 4, 4)``), ``fc1``, ``fc2``."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -92,10 +80,7 @@ class DigitsTeacherCNN(nn.Module):
 
 
 class DigitsStudentCNN(nn.Module):
-    """A deliberately tiny student: one conv layer (``channels`` maps) + pooling + one linear.
-
-    ``(N, 1, 8, 8) -> (N, 10)``. Named stages: ``conv`` (``(N, channels, 4, 4)``), ``fc``.
-    """
+    """A tiny digits student: stages ``conv`` (``(N, channels, 4, 4)``) and ``fc``."""
 
     def __init__(self, num_classes: int = 10, channels: int = 4):
         super().__init__()
@@ -106,14 +91,9 @@ class DigitsStudentCNN(nn.Module):
         return self.fc(self.conv(_as_digit_images(inputs)))
 
 
-# ----------------------------------------------------------------------------- CIFAR-shaped student
 class CifarStudentCNN(nn.Module):
-    """Small CNN for ``(N, 3, 32, 32)`` images -> ``(N, num_classes)``.
-
-    Stages: ``block1`` (``(N, 32, 16, 16)``), ``block2`` (``(N, 64, 8, 8)``), ``block3``
-    (``(N, 128, 4, 4)``, the same spatial size as torchvision resnet18's ``layer2`` on 32x32
-    inputs, so it pairs with it for feature distillation), ``head``.
-    """
+    """Small CNN for ``(N, 3, 32, 32)`` images: stages ``block1``, ``block2``, ``block3``
+    (``(N, 128, 4, 4)``, pairing with resnet18's ``layer2`` for feature distillation), ``head``."""
 
     def __init__(self, num_classes: int = 10, width: int = 32):
         super().__init__()
@@ -132,15 +112,9 @@ class CifarStudentCNN(nn.Module):
         return self.head(self.block3(self.block2(self.block1(images))))
 
 
-# ----------------------------------------------------------------------------- tiny language model
 class TinyCausalLM(nn.Module):
-    """A tiny causal transformer LM: ``input_ids`` ``(B, L)`` -> next-token logits ``(B, L, V)``.
-
-    Embedding + learned positions, ``num_layers`` pre-norm ``nn.TransformerEncoderLayer`` blocks
-    under a causal mask, a final LayerNorm (``norm``, useful as a feature layer) and a linear head.
-    Right padding needs no mask (causal attention never looks ahead); ``padding_mask`` (True at
-    padding) masks keys for other layouts.
-    """
+    """A tiny pre-norm causal transformer: ``input_ids (B, L)`` -> logits ``(B, L, V)``; ``norm``
+    is a feature layer. ``padding_mask`` (True at padding) is needed for left padding only."""
 
     def __init__(self, vocab_size: int, dim: int = 64, num_layers: int = 2, num_heads: int = 4,
                  max_len: int = 128):
@@ -168,15 +142,10 @@ class TinyCausalLM(nn.Module):
         return self.head(self.norm(hidden))
 
 
-# ----------------------------------------------------------------------------- warm start
 def load_checkpoint(model: nn.Module, path, *, skip_mismatched: bool = True) -> dict:
-    """Warm-start ``model`` from a local state dict (``torch.load(weights_only=True)``).
-
-    Entries whose shape differs from the model's (typically a classifier head trained for another
-    number of classes) are skipped when ``skip_mismatched`` and raise ``ValueError`` otherwise.
-    A checkpoint may also be a dict holding the state dict under ``"state_dict"`` or ``"model"``.
-    Returns ``{"loaded": [...], "skipped": [...], "missing": [...]}`` (parameter names).
-    """
+    """Warm-start ``model`` from a local state dict (or one under ``"state_dict"``/``"model"``),
+    skipping entries of another shape when ``skip_mismatched`` (else ``ValueError``). Returns
+    ``{"loaded", "skipped", "missing"}`` parameter-name lists."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
