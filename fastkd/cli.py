@@ -1,12 +1,6 @@
-"""The `fastkd` command line. Each sub-command lives in the module that owns its feature and
-registers itself through an ``add_parser(subparsers)`` function; this file only wires them up.
-
-Start-up cost: only the module of the command being run is imported. ``fastkd --help``,
-``fastkd --version`` and a mistyped command never import torch (the table below gives their
-one-line help); ``fastkd <command> --help`` and a command's argument error import that
-command's module, which defines the parser without importing torch (the command function
-imports what it needs once the arguments parse; tests/test_cli.py checks it). ``fastkd bench``
-takes its parser from benchmarks/run.py, which imports torch only once a run starts.
+"""The `fastkd` command line: each sub-command's module registers it with
+``add_parser(subparsers)``. Only the named command's module is imported, and argument parsing
+never imports torch (``fastkd --help`` uses the one-line help below).
 """
 import argparse
 import importlib
@@ -49,13 +43,7 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     for module_name in dict.fromkeys(module for module, _ in _COMMANDS.values()):
         if argv is not None and _COMMANDS.get(wanted, (None,))[0] != module_name:
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name == module_name:
-                continue  # feature not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     if argv is not None:
         for name, (_, help_text) in _COMMANDS.items():
             if name not in subparsers.choices:   # listed in --help, never run

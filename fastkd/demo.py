@@ -1,7 +1,4 @@
-"""The work behind ``fastkd demo``: data, training loop, teacher-logit cache, loss timing and
-the printed table. What the demo does, step by step, is :mod:`fastkd.demo_cli`'s docstring
-(also its ``--help`` text); that module parses the arguments without importing torch.
-"""
+"""The work behind ``fastkd demo`` (the steps are :mod:`fastkd.demo_cli`'s docstring)."""
 import contextlib
 import os
 import tempfile
@@ -18,19 +15,17 @@ from fastkd import models
 from fastkd.cache import resolve_device
 
 __all__ = ["run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
-           "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask", "seeded_loader",
-           "reproducible_cpu"]
+           "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask",
+           "seeded_loader", "reproducible_cpu"]
 
 TEACHER_SPEC = "fastkd.models:DigitsTeacherCNN"
 DATASET_SPEC = "fastkd.models:digits_train_dataset"
 IGNORE_INDEX = -100
 
 
-# ----------------------------------------------------------------------------- data
 class LabelledSubset(torch.utils.data.Dataset):
-    """Items of ``dataset`` (``(input, label, *rest)``) with the label replaced by
-    ``ignore_index`` outside ``labelled`` (a bool mask over the dataset); ``positions`` picks
-    which dataset indices are visible (all by default)."""
+    """Items ``(input, label, *rest)`` of ``dataset`` at ``positions`` (default all), the label
+    ``ignore_index`` outside the bool mask ``labelled``."""
 
     def __init__(self, dataset, labelled: torch.Tensor, positions: Optional[List[int]] = None,
                  ignore_index: int = IGNORE_INDEX):
@@ -57,12 +52,11 @@ def label_mask(num_items: int, fraction: float, seed: int) -> torch.Tensor:
 
 
 def seeded_loader(dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    """Shuffled loader whose order depends only on ``seed`` (same batches for every run)."""
+    """Shuffled loader whose order depends only on ``seed``."""
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
                                        generator=torch.Generator().manual_seed(seed))
 
 
-# ----------------------------------------------------------------------------- training
 def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over labelled rows (``ignore_index`` rows skipped; 0 if none)."""
     kept = (labels != IGNORE_INDEX).sum().clamp(min=1)
@@ -73,12 +67,9 @@ def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> torch
 def fit(model: nn.Module, loader, loss_fn: Callable, *, epochs: int, lr: float,
         device: torch.device, teacher: Optional[nn.Module] = None, progress: bool = True,
         desc: str = "train") -> List[float]:
-    """Adam training loop; returns the loss of every step.
-
-    ``loader`` yields ``(inputs, labels)`` or ``(inputs, labels, teacher_logits)`` (cached);
-    without cached logits and with a ``teacher`` given, the teacher runs online (``eval``,
-    ``no_grad``). ``loss_fn(student_logits, labels, teacher_logits_or_None) -> scalar``.
-    """
+    """Adam training loop over ``(inputs, labels[, cached teacher_logits])`` batches (else an
+    online ``teacher``, if given); ``loss_fn(student_logits, labels, teacher_logits_or_None)``.
+    Returns the loss of every step."""
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step_losses = []
@@ -121,7 +112,6 @@ def distillation_loss(temperature: float, hard_weight: float) -> Callable:
     return loss_fn
 
 
-# ----------------------------------------------------------------------------- loss throughput
 def textbook_kd_loss(student_logits, teacher_logits, labels, temperature=4.0, soft_weight=0.5,
                      hard_weight=0.5):
     """The usual eager composition (Hinton et al. 2015) that fastkd replaces, also the
@@ -157,24 +147,14 @@ def loss_throughput(loss_fn: Callable, rows: int, vocab: int, device: torch.devi
     return best
 
 
-# ----------------------------------------------------------------------------- the demo
-def _directory_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(root, name))
-               for root, _, names in os.walk(path) for name in names)
-
-
 def _parameter_count(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
 @contextlib.contextmanager
 def reproducible_cpu():
-    """Deterministic kernels and one CPU thread for the block (restores the caller's settings).
-
-    The demo's models are tiny: one thread is as fast as two on an idle machine, far faster on a
-    busy one (no OpenMP spin-waiting), and makes the float32 results independent of the core
-    count, so the accuracies printed are the same everywhere.
-    """
+    """Deterministic kernels and one CPU thread for the block: the tiny models' float32 results
+    then do not depend on the core count (and no OpenMP threads spin on a busy machine)."""
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     previous_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -235,7 +215,8 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
         # 2. cache the teacher's logits with `fastkd cache`
         cache_dir = cache_teacher_logits(teacher.cpu(), out_dir, device, quiet=not progress)
         cache = fastkd.LogitCache(cache_dir)
-        results["cache_bytes"] = _directory_bytes(cache_dir)
+        results["cache_bytes"] = sum(os.path.getsize(os.path.join(root, name))
+                                     for root, _, names in os.walk(cache_dir) for name in names)
         results["cache_rows"] = len(cache)
         results["cache_classes"] = cache.num_classes
 
@@ -298,8 +279,8 @@ def loss_path(device: torch.device) -> str:
 
 
 def throughput_lines(throughput, path: str = "") -> List[str]:
-    """One line per timed shape: both times, the speed-up, and a plain word when fastkd is not
-    faster there (small batches are dominated by per-call overhead, not memory traffic)."""
+    """One line per timed shape: both times, the speed-up, and a plain word where fastkd is not
+    faster."""
     through = f" ({path})" if path else ""
     lines = [f"  loss forward+backward, fp32, best of several calls{through}:",
              f"    {'shape':<38}{'fastkd.kd_loss':>16}{'textbook eager':>16}  speed-up"]

@@ -1,8 +1,5 @@
-"""Optional dependencies: the pieces outside the core (losses, cache, command line) and the
-extra that installs each.
-
-Each optional package is imported where its feature runs, through :func:`require`, so the core
-never imports it and a missing one ends in one sentence naming the extra to install.
+"""Optional dependencies: each is imported where its feature runs, through :func:`require`, so
+the core never imports it and a missing one ends in one sentence naming the extra to install.
 """
 import importlib
 
