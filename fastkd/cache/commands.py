@@ -1,12 +1,6 @@
-"""``fastkd cache``, ``fastkd verify``, ``fastkd info`` and ``fastkd import`` (registered by
-fastkd/cli.py).
-
-Argument parsing imports no torch: this module needs only numpy and the format module at
-import time; each command imports the writer, reader or importer (and so torch) when it runs.
-A mistyped option or a missing argument therefore fails in well under a second.
-
-``fastkd cache`` also runs under ``torchrun``: with ``WORLD_SIZE > 1`` in the environment it
-joins the process group (gloo on CPU, nccl on CUDA) and each rank caches its share.
+"""``fastkd cache``, ``verify``, ``info`` and ``import``. Argument parsing imports no torch; each
+command imports what it needs when it runs. Under ``torchrun`` (``WORLD_SIZE > 1``) ``fastkd
+cache`` joins the process group (gloo on CPU, nccl on CUDA) and each rank caches its share.
 """
 import os
 import sys
@@ -137,15 +131,32 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _fail_os(error: OSError) -> int:
+    """An environment problem outside the cache directory, in one line."""
+    where = f" ({error.filename})" if error.filename else ""
+    return _fail(f"{error.strerror or error}{where}")
+
+
+def _summarize(args, manifest: dict) -> int:
+    if not args.quiet:
+        print(summary(args.out, manifest))
+    return 0
+
+
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
-def run_cache(args) -> int:
+def _resuming(run, args) -> int:
+    """``run(args)``; interrupted, a note that the same command resumes."""
     try:
-        return _run_cache(args)
+        return run(args)
     except KeyboardInterrupt:
         print("fastkd: interrupted; re-run the same command to resume", file=sys.stderr)
         return INTERRUPTED
+
+
+def run_cache(args) -> int:
+    return _resuming(_run_cache, args)
 
 
 def _run_cache(args) -> int:
@@ -188,15 +199,12 @@ def _run_cache(args) -> int:
             output_fn=output_key_fn(args.output_key) if args.output_key else None)
     except (ValueError, TypeError, TeacherError) as error:  # CacheError is a ValueError
         return _fail(str(error))
-    except OSError as error:  # an environment problem outside the cache directory
-        where = f" ({error.filename})" if error.filename else ""
-        return _fail(f"{error.strerror or error}{where}")
+    except OSError as error:
+        return _fail_os(error)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
-        print(summary(args.out, manifest))
-    return 0
+    return _summarize(args, manifest) if int(os.environ.get("RANK", "0")) == 0 else 0
 
 
 def run_verify(args) -> int:
@@ -292,11 +300,26 @@ def run_info(args) -> int:
     return 0
 
 
+def _import_teacher_dataset(args) -> int:
+    from fastkd.cache.distillkit import import_teacher_dataset
+    try:
+        manifest = import_teacher_dataset(
+            args.files, args.out, source=args.source, vocab_size=args.vocab_size,
+            top_k=args.top_k, compression_config=args.compression_config, split=args.split,
+            row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
+            shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
+    except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
+        return _fail(str(error))
+    except OSError as error:
+        return _fail_os(error)
+    return _summarize(args, manifest)
+
+
 def run_import(args) -> int:
-    """``fastkd import``: :func:`fastkd.cache.importer.import_served` with the parsed options."""
-    if args.source != "vllm":  # teacher datasets of other tools: fastkd.cache.distillkit
-        from fastkd.cache.distillkit import run_import as run_teacher_dataset_import
-        return run_teacher_dataset_import(args, _fail, summary)
+    """``fastkd import``: :func:`fastkd.cache.importer.import_served` with the parsed options, or
+    a teacher dataset of another tool (:mod:`fastkd.cache.distillkit`)."""
+    if args.source != "vllm":
+        return _resuming(_import_teacher_dataset, args)
     missing = [flag for flag, value in (("--vocab-size", args.vocab_size),
                                         ("--top-k", args.top_k)) if value is None]
     if missing:  # a usage error, answered before torch is imported
@@ -311,6 +334,4 @@ def run_import(args) -> int:
                                  progress=not args.quiet, source=args.source)
     except (ValueError, TypeError, FileNotFoundError) as error:
         return _fail(str(error))
-    if not args.quiet:
-        print(summary(args.out, manifest))
-    return 0
+    return _summarize(args, manifest)

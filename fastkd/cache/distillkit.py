@@ -1,43 +1,17 @@
-"""``fastkd import --from distillkit`` and ``--from axolotl``: teacher datasets of other tools
--> a fastkd top-k cache (docs/teacher-datasets.md has the formats and the file paths of the
-tools' source they were read from).
+"""``fastkd import --from distillkit`` and ``--from axolotl``: other tools' teacher datasets -> a
+fastkd top-k cache (formats and sources: docs/teacher-datasets.md).
 
-**DistillKit** (and open-instruct, which writes the same files): per sequence ``input_ids``
-(``n`` tokens) and ``n - 1`` positions of compressed top-k log-probs and ids
-(:mod:`fastkd.cache.distillkit_codec`). Position ``j`` is vLLM's prompt log-probs entry
-``j + 1``: the distribution after tokens ``0 .. j``, which is fastkd's row ``j``. DistillKit
-appends one pad token before sampling (so that the last real token gets a position);
-open-instruct does not. A row cannot say which it is (DistillKit skips the pad when the text
-already ends with it, or is cut at the length limit), so both are imported the same way: the
-sample is the first ``n - 1`` tokens with their ``n - 1`` rows, and the last input id, which
-has no row in either tool, is left out (DistillKit's pad, or open-instruct's last token, whose
-next-token label is then not in the sample).
+- **DistillKit** / open-instruct: ``n`` input ids and ``n - 1`` compressed positions
+  (:mod:`fastkd.cache.distillkit_codec`), position ``j`` being fastkd's row ``j``; the sample is
+  the first ``n - 1`` tokens (the last id has no row in either tool).
+- **axolotl**: ``target_token_ids``, ``target_logprobs`` and ``target_mask`` per input id; row
+  ``p`` is the distribution over token ``p``, so fastkd's row ``j`` is row ``j + row_offset``
+  (default 1; 0 pairs them as axolotl's Liger-kernel path does). Masked rows get label -100.
 
-**axolotl** (a ``save_to_disk`` directory or parquet of its prepared KD dataset):
-``input_ids``, optional ``attention_mask`` and unshifted ``labels``, and per position
-``target_token_ids``, ``target_logprobs``, ``target_mask`` (``L`` rows of ``K``). axolotl's
-writers store row ``p`` as the distribution over token ``p`` (row 0, and rows without
-log-probs, are ``-inf`` padding) with ``target_mask[p] = labels[p] != -100``, so fastkd's row
-``j`` is axolotl's row ``j + 1`` (``row_offset=1``, the default) and the sample is the attended
-tokens but the last, which has no row. ``row_offset=0`` reads row ``p`` as fastkd's row ``p``,
-as axolotl's Liger-kernel trainer path pairs them. Rows whose ``target_mask`` is 0 get label
--100 (out of the loss, as in axolotl); with ``row_offset=1`` that is exactly where the
-next-token label is already -100.
-
-Rows are imported as stored, in rank order, as log-probabilities: ``lse = 0`` (exactly
-``fastkd.TopKLogits.from_logprobs``), so the tail mass ``1 - sum exp(values)`` is what the
-source leaves out. Neither tool stores a log-sum-exp or tail mass, and decompressed rows can
-hold a little more than all the probability: a row whose kept probabilities (as stored in the
-cache dtype) sum to ``1 < m <= 1 + max_excess_mass`` keeps its values and gets ``lse = log m``
-(its kept probabilities then sum to 1, tail 0); a row above that is refused. NaN and ``+inf``
-values, ids outside ``[0, V)`` and an id twice in a row are refused; every refusal is one
-sentence naming the file and row.
-
-Labels are next-token labels of the sample's tokens (the last -100), as a
-:class:`fastkd.tokens.TokenDataset` of those tokens gives them, so the dataset fingerprint
-matches and ``CachedDataset(TokenDataset(...), cache)`` works. The cache is written with the
-writer's shard machinery (same manifest, checksums, ``fastkd verify``), under the directory's
-lock, and an interrupted import resumes from its last finished shard.
+Rows are log-probabilities (``lse = 0``, the tail is what the source leaves out); a row whose kept
+probabilities sum to ``1 < m <= 1 + max_excess_mass`` gets ``lse = log m``, above that it is
+refused, as are NaN/+inf values and ids out of range or repeated. Labels are the next-token
+labels of the sample's tokens, so ``CachedDataset(TokenDataset(...), cache)`` matches.
 """
 import os
 from typing import Iterator, Optional, Sequence, Tuple
@@ -59,7 +33,6 @@ class TeacherDatasetError(ValueError):
     """A teacher dataset that cannot be imported (message names the file and row)."""
 
 
-# ----------------------------------------------------------------------------- formats
 def read_config(path: str):
     """``compression_config.yaml`` (or a DistillKit training config) -> a codec config."""
     from fastkd.extras import require
@@ -215,7 +188,6 @@ class AxolotlRows:
         return vector
 
 
-# ----------------------------------------------------------------------------- one sample
 def storage_values(values: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values -> the cache's storage array (fp16, bf16 as uint16 bits, fp32)."""
     if dtype == "fp16":
@@ -307,7 +279,6 @@ class TeacherRows:
         self.table.check_unchanged(self.stats)
 
 
-# ----------------------------------------------------------------------------- import
 def _positive_int(name: str, value) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise TeacherDatasetError(f"{name} must be an int >= 1, got {value!r}")
@@ -350,9 +321,8 @@ def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
                            max_excess_mass: float = DEFAULT_MAX_EXCESS_MASS,
                            dtype: str = "fp16", shard_size_mb: float = 256,
                            overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the top-K cache of a DistillKit / open-instruct (``source="distillkit"``) or
-    axolotl (``source="axolotl"``) teacher dataset into ``out_dir`` (see the module docstring).
-    Returns the manifest. Re-running resumes an interrupted import."""
+    """Write the top-K cache of a ``source`` teacher dataset into ``out_dir``; returns the
+    manifest. Re-running resumes an interrupted import."""
     from fastkd.cache import manifest as fmt
     from fastkd.cache import outdir
     from fastkd.cache.specs import dataset_fingerprint
@@ -393,7 +363,6 @@ def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
                           batch=(IMPORT_BATCH, IMPORT_ROWS))
 
 
-# ----------------------------------------------------------------------------- command line
 def add_arguments(parser) -> None:
     """The ``fastkd import`` options of ``--from distillkit`` / ``--from axolotl``."""
     group = parser.add_argument_group("--from distillkit / axolotl (teacher datasets)")
@@ -411,26 +380,3 @@ def add_arguments(parser) -> None:
                        help="a row whose kept probabilities sum to 1 < m <= 1 + TOL keeps its "
                             "values with lse = log m; above 1 + TOL it is refused (default "
                             f"{DEFAULT_MAX_EXCESS_MASS})")
-
-
-def run_import(args, fail, summary) -> int:
-    """``fastkd import --from distillkit|axolotl`` with the parsed options; ``fail`` prints one
-    error line and returns the exit status, ``summary`` describes the written cache."""
-    try:
-        manifest = import_teacher_dataset(
-            args.files, args.out, source=args.source, vocab_size=args.vocab_size,
-            top_k=args.top_k, compression_config=args.compression_config, split=args.split,
-            row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
-            shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
-    except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
-        return fail(str(error))
-    except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
-        return fail(f"{error.strerror or error}{where}")
-    except KeyboardInterrupt:
-        import sys
-        print("fastkd: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
-    if not args.quiet:
-        print(summary(args.out, manifest))
-    return 0
