@@ -468,7 +468,7 @@ def test_directory_export_resumes_and_refuses_foreign_parts(tmp_path, capsys):
 def test_export_verifies_the_cache_first_and_is_atomic(tmp_path, capsys, monkeypatch):
     assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
     # a failure while writing leaves neither the file nor a temp file
-    original = export._Rows.table
+    original = export.ExportRows.table
 
     def failing(self, pa_module, start, stop):
         if start > 0:
@@ -476,12 +476,12 @@ def test_export_verifies_the_cache_first_and_is_atomic(tmp_path, capsys, monkeyp
         return original(self, pa_module, start, stop)
 
     monkeypatch.setattr(export, "CHUNK_ROWS", 10)
-    monkeypatch.setattr(export._Rows, "table", failing)
+    monkeypatch.setattr(export.ExportRows, "table", failing)
     assert run("export", "--to", "parquet", tmp_path / "c", "--out", tmp_path / "x.parquet",
                "--quiet") == 1
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["c"]
-    monkeypatch.setattr(export._Rows, "table", original)
+    monkeypatch.setattr(export.ExportRows, "table", original)
     shard = next(entry for entry in fmt.manifest_files(LogitCache(tmp_path / "c").manifest)
                  if "values" in entry["file"])
     with open(tmp_path / "c" / shard["file"], "r+b") as handle:

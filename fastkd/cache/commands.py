@@ -126,15 +126,16 @@ def _teacher_hash_name(manifest: dict) -> str:
     return "input files" if manifest["teacher"].get("class") in IMPORTED_TEACHERS else "weights"
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """One ``fastkd: error:`` line on stderr; the exit status 1."""
     print(f"fastkd: error: {message}", file=sys.stderr)
     return 1
 
 
-def _fail_os(error: OSError) -> int:
+def fail_os(error: OSError) -> int:
     """An environment problem outside the cache directory, in one line."""
     where = f" ({error.filename})" if error.filename else ""
-    return _fail(f"{error.strerror or error}{where}")
+    return fail(f"{error.strerror or error}{where}")
 
 
 def _summarize(args, manifest: dict) -> int:
@@ -168,7 +169,7 @@ def _run_cache(args) -> int:
     try:
         device = resolve_device(args.device)
     except ValueError as error:
-        return _fail(str(error))
+        return fail(str(error))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per torchrun process
     distributed = world_size > 1
@@ -198,9 +199,9 @@ def _run_cache(args) -> int:
             teacher_spec=args.teacher, dataset_spec=args.dataset,
             output_fn=output_key_fn(args.output_key) if args.output_key else None)
     except (ValueError, TypeError, TeacherError) as error:  # CacheError is a ValueError
-        return _fail(str(error))
+        return fail(str(error))
     except OSError as error:
-        return _fail_os(error)
+        return fail_os(error)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
@@ -213,7 +214,7 @@ def run_verify(args) -> int:
         cache = LogitCache(args.dir)
         cache.verify()
     except (fmt.CacheError, OSError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     files = len(fmt.manifest_files(cache.manifest))
     print(f"ok: {args.dir}: {files} files match their sha256 ({len(cache)} samples, "
           f"{cache.num_rows} rows)")
@@ -295,7 +296,7 @@ def run_info(args) -> int:
     try:
         manifest = fmt.read_manifest(args.dir)
     except fmt.CacheError as error:
-        return _fail(str(error))
+        return fail(str(error))
     print(summary(args.dir, manifest))
     return 0
 
@@ -309,9 +310,9 @@ def _import_teacher_dataset(args) -> int:
             row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
             shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
     except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
-        return _fail(str(error))
+        return fail(str(error))
     except OSError as error:
-        return _fail_os(error)
+        return fail_os(error)
     return _summarize(args, manifest)
 
 
@@ -333,5 +334,5 @@ def run_import(args) -> int:
                                  shard_size_mb=args.shard_size_mb, overwrite=args.overwrite,
                                  progress=not args.quiet, source=args.source)
     except (ValueError, TypeError, FileNotFoundError) as error:
-        return _fail(str(error))
+        return fail(str(error))
     return _summarize(args, manifest)

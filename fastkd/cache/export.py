@@ -1,35 +1,15 @@
-"""``fastkd export --to parquet``: a fastkd cache's rows as parquet, for ``datasets`` users.
+"""``fastkd export --to parquet``: one parquet row per cache sample, in sample order, with the
+sample's teacher rows as lists of rows: ``sample``; top-k ``indices``, ``values`` (exact) and
+``lse`` (one per cached temperature); sampled ``indices`` with ``counts`` or ``weights`` (no
+weight-0 padding); dense ``logits`` / ``features``; ``labels`` (per row) or ``label``. The schema
+metadata key ``fastkd`` holds the layout, settings, manifest sha256 and sample range as JSON.
 
-One parquet row per cache sample, in sample order (a cache holds no input ids: sample ``i`` is
-item ``i`` of the dataset the cache was made from). Columns, each sample's teacher rows as a
-list of rows (one row for ``rows_per_sample == 1`` caches):
-
-- ``sample`` (int64): the sample's index;
-- top-k: ``indices`` list<list<int32>> (rank order), ``values`` list<list<float32>> (the
-  cached values, exact: fp16/bf16 widen to float32 losslessly) and ``lse`` list<list<float32>>
-  (per row, one log-sum-exp per cached temperature, in the order of the metadata's
-  ``temperatures``); the teacher's probability of id ``indices[r][j]`` at temperature ``T`` is
-  ``exp(values[r][j] / T - lse[r][t])``;
-- sampled: ``indices`` and ``counts`` list<list<int32>> (per row the distinct drawn ids and
-  their draws; ``weights`` list<list<float32>>, the importance weights, for a cache drawn from a
-  proposal temperature); weight-0 padding entries are not exported;
-- dense / features: ``logits`` / ``features`` list<list<float32>>;
-- labels when the cache has them: ``labels`` list<int32> (per row; fastkd's next-token labels,
-  -100 = ignored) or ``label`` int64 (per sample).
-
-The schema metadata key ``fastkd`` holds JSON: layout, num_classes, top_k / sample,
-temperatures, dtype, the cache manifest's sha256 and the part's sample range.
-
-``--out FILE.parquet`` writes one file; any other ``--out`` is a directory of
-``part-NNNNN.parquet`` files of ``--samples-per-file`` samples (``datasets.load_dataset("parquet",
-data_dir=DIR)`` reads them in order). Every file is written under a temporary name and renamed
-when complete, so a file is never seen half-written; an interrupted directory export resumes
-after its last complete part (a part is kept only when its metadata names this cache and its
-sample range). The cache is verified against its checksums first.
+``--out FILE.parquet`` writes one file, any other ``--out`` a directory of
+``part-NNNNN.parquet`` files. Files are renamed into place when complete; a directory export
+resumes after its last complete part. The cache is verified first.
 """
 import json
 import os
-import sys
 
 import numpy as np
 
@@ -49,23 +29,17 @@ def _modules():
     return require("pyarrow", "hf", FEATURE), require("pyarrow.parquet", "hf", FEATURE)
 
 
-def _nested(pa, flat, row_offsets, sample_offsets):
-    """``(R, W)`` numpy -> list<list<...>> per sample (``sample_offsets`` into the rows)."""
-    width = flat.shape[1]
-    inner = pa.ListArray.from_arrays(pa.array(row_offsets * width, pa.int32()),
-                                     pa.array(flat.reshape(-1)))
-    return pa.ListArray.from_arrays(pa.array(sample_offsets, pa.int32()), inner)
-
-
-def _ragged_nested(pa, flat, keep, sample_offsets):
-    """``(R, W)`` numpy, only the entries where ``keep`` -> list<list<...>> per sample."""
+def _nested(pa, flat, sample_offsets, keep=None):
+    """``(R, W)`` numpy (only the entries where ``keep``) -> list<list<...>> per sample."""
     row_offsets = np.zeros(len(flat) + 1, np.int64)
-    np.cumsum(keep.sum(1), out=row_offsets[1:])
-    inner = pa.ListArray.from_arrays(pa.array(row_offsets, pa.int32()), pa.array(flat[keep]))
+    np.cumsum(np.full(len(flat), flat.shape[1]) if keep is None else keep.sum(1),
+              out=row_offsets[1:])
+    inner = pa.ListArray.from_arrays(pa.array(row_offsets, pa.int32()),
+                                     pa.array(flat.reshape(-1) if keep is None else flat[keep]))
     return pa.ListArray.from_arrays(pa.array(sample_offsets, pa.int32()), inner)
 
 
-class _Rows:
+class ExportRows:
     """Reads a cache's samples as columns (all lse columns of a top-k cache)."""
 
     def __init__(self, path: str):
@@ -97,30 +71,27 @@ class _Rows:
     def table(self, pa, start: int, stop: int):
         """Samples ``[start, stop)`` as a pyarrow Table."""
         first, last = int(self.offsets[start]), int(self.offsets[stop])
-        count = last - first
-        row_offsets = np.arange(count + 1, dtype=np.int64)
         sample_offsets = (self.offsets[start:stop + 1] - first).astype(np.int64)
         columns = {"sample": pa.array(np.arange(start, stop, dtype=np.int64))}
         rows = self.cache.rows(first, last)
         if self.layout == "topk":
-            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32), row_offsets,
+            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32),
                                          sample_offsets)
-            columns["values"] = _nested(pa, rows.values.float().numpy(), row_offsets,
-                                        sample_offsets)
+            columns["values"] = _nested(pa, rows.values.float().numpy(), sample_offsets)
             lse = np.stack([cache.rows(first, last).lse.float().numpy()
                             for cache in self.per_temperature], axis=-1)
-            columns["lse"] = _nested(pa, lse.astype(np.float32), row_offsets, sample_offsets)
+            columns["lse"] = _nested(pa, lse.astype(np.float32), sample_offsets)
         elif self.layout == "sampled":
             weights = rows.counts.numpy()
             keep = weights > 0   # reads pad rows with weight-0 entries
-            columns["indices"] = _ragged_nested(pa, rows.indices.numpy().astype(np.int32), keep,
-                                                sample_offsets)
+            columns["indices"] = _nested(pa, rows.indices.numpy().astype(np.int32),
+                                         sample_offsets, keep)
             name, dtype = ("weights", np.float32) if weights.dtype.kind == "f" else \
                 ("counts", np.int32)
-            columns[name] = _ragged_nested(pa, weights.astype(dtype), keep, sample_offsets)
+            columns[name] = _nested(pa, weights.astype(dtype), sample_offsets, keep)
         else:
             name = "logits" if self.layout == "dense" else "features"
-            columns[name] = _nested(pa, rows.float().numpy(), row_offsets, sample_offsets)
+            columns[name] = _nested(pa, rows.float().numpy(), sample_offsets)
         if self.labels is not None:
             if self.manifest["labels_per"] == "row":
                 columns["labels"] = pa.ListArray.from_arrays(
@@ -146,7 +117,7 @@ def _temp_name(path: str) -> str:
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
 
 
-def _write_file(rows: _Rows, path: str, start: int, stop: int) -> None:
+def _write_file(rows: ExportRows, path: str, start: int, stop: int) -> None:
     pa, pq = _modules()
     temp = _temp_name(path)
     writer = None
@@ -173,7 +144,7 @@ def _write_file(rows: _Rows, path: str, start: int, stop: int) -> None:
             os.remove(temp)
 
 
-def _part_matches(path: str, rows: _Rows, start: int, stop: int) -> bool:
+def _part_matches(path: str, rows: ExportRows, start: int, stop: int) -> bool:
     _, pq = _modules()
     try:
         meta = pq.read_schema(path).metadata or {}
@@ -187,8 +158,7 @@ def _part_matches(path: str, rows: _Rows, start: int, stop: int) -> bool:
 
 def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PER_FILE,
                    overwrite: bool = False, progress: bool = True) -> list:
-    """Write cache ``cache_dir`` as parquet at ``out`` (see the module docstring); returns the
-    written (or kept) file paths."""
+    """Write cache ``cache_dir`` as parquet at ``out``; returns the written (or kept) paths."""
     from fastkd.cache.manifest import CacheError
     cache_dir, out = os.fspath(cache_dir), os.fspath(out)
     if isinstance(samples_per_file, bool) or not isinstance(samples_per_file, int) or \
@@ -197,7 +167,7 @@ def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PE
     _modules()
     if not os.path.isdir(cache_dir):
         raise CacheError(f"{cache_dir}: no such cache directory")
-    rows = _Rows(cache_dir)
+    rows = ExportRows(cache_dir)
     total = len(rows.cache)
     if out.endswith(".parquet"):
         if os.path.exists(out) and not overwrite:
@@ -237,7 +207,6 @@ def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PE
     return written
 
 
-# ----------------------------------------------------------------------------- command line
 def add_parser(subparsers) -> None:
     export = subparsers.add_parser(
         "export", help="write a cache's rows as parquet for `datasets` users",
@@ -259,17 +228,15 @@ def add_parser(subparsers) -> None:
 
 
 def run_export(args) -> int:
+    from fastkd.cache.commands import fail, fail_os
     from fastkd.cache.manifest import CacheError
     try:
         paths = export_parquet(args.dir, args.out, samples_per_file=args.samples_per_file,
                                overwrite=args.overwrite, progress=not args.quiet)
     except (ExportError, CacheError) as error:
-        print(f"fastkd: error: {error}", file=sys.stderr)
-        return 1
+        return fail(str(error))
     except OSError as error:
-        where = f" ({error.filename})" if error.filename else ""
-        print(f"fastkd: error: {error.strerror or error}{where}", file=sys.stderr)
-        return 1
+        return fail_os(error)
     if not args.quiet:
         print(f"ok: {args.dir} -> {len(paths)} parquet file(s) at {args.out}")
     return 0
