@@ -26,12 +26,12 @@ or a head, teacher hidden ``(N, H)`` and ``W_t (V, H)``):
 Each (case, provider) runs in a fresh subprocess: build the inputs, one warm-up step (full size
 for ``liger``, whose compiled chunk function must not recompile in the timed step; a few rows for
 the others, for lazy initialisation), then ``rounds`` timed steps (forward + backward, gradients
-cleared between rounds, untimed). The first timed step also gives the peak extra memory: on CPU
-``VmHWM - VmRSS`` after ``malloc_trim`` and a reset of the kernel's high-water mark (the method of
-``benchmarks/memory.py``, glibc's mmap threshold at 128 KiB so that freed buffers really leave),
-on CUDA ``max_memory_allocated`` minus the allocation before the step. "Extra" includes the
-gradients left in ``hidden.grad`` / ``weight.grad`` (every provider must produce them; the table
-also shows the peak without them).
+cleared between rounds, untimed). The first timed step also gives the peak extra memory, by the
+method of ``benchmarks/memory.py``: on CPU torch's allocator peak (the step runs under torch's
+profiler, whose per-op bookkeeping is small against a step of these shapes) plus the CPU kernel's
+row buffers (``kernel_work_bytes``), on CUDA ``max_memory_allocated`` minus the allocation before
+the step. "Extra" includes the gradients left in ``hidden.grad`` / ``weight.grad`` (every provider
+must produce them; the table also shows the peak without them).
 
 Each provider's loss and gradient norms are compared with ``unfused``'s (the exactness of
 ``linear_kd_loss`` itself is tested against the float64 reference in tests/test_linear.py).
@@ -39,7 +39,6 @@ Results: ``linear.json`` and ``linear.md`` in ``benchmarks/results/<device>/`` (
 with the environment (``benchmarks.env.capture_environment``).
 """
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -57,7 +56,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.env import REPO_ROOT, capture_environment, device_slug, synchronize  # noqa: E402
-from benchmarks.memory import proc_status_kib as _status_kib  # noqa: E402  (one /proc reader)
+from benchmarks.memory import cpu_step_peak, memory_metrics  # noqa: E402
 
 PROVIDERS = ("fastkd", "unfused", "textbook", "liger", "liger-triton")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -271,20 +270,23 @@ def measure(provider: str, case: LinearCase, device: str, rounds: int,
     _clear(inputs)
     del warm
     gc.collect()
+    seconds, first = [], {}
+
+    def first_step():
+        start = time.perf_counter()
+        first["loss"] = _step(loss_fn, inputs, device)
+        seconds.append(time.perf_counter() - start)
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        first_step()
+        memory = memory_metrics(torch.cuda.max_memory_allocated() - before, case)
     else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")   # VmHWM := VmRSS
-        before = _status_kib("VmRSS") * 1024
-    seconds = []
-    start = time.perf_counter()
-    loss = _step(loss_fn, inputs, device)
-    seconds.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else _status_kib("VmHWM") * 1024) - before
+        extra, work = cpu_step_peak(first_step)
+        memory = memory_metrics(extra, case, work)
+    loss = first["loss"]
     grad_norms = {"hidden": inputs["hidden"].grad.double().norm().item(),
                   "weight": inputs["weight"].grad.double().norm().item()}
     gradient_bytes = sum(inputs[key].grad.numel() * inputs[key].grad.element_size()
@@ -297,8 +299,7 @@ def measure(provider: str, case: LinearCase, device: str, rounds: int,
     ordered = sorted(seconds)
     return {"provider": provider, "case": {**asdict(case), "id": case.id},
             "median_s": ordered[len(ordered) // 2], "min_s": ordered[0], "rounds": len(seconds),
-            "seconds": seconds, "peak_extra_bytes": peak, "gradient_bytes": gradient_bytes,
-            "peak_extra_buffers": peak / case.logits_bytes, "loss": loss.item(),
+            "seconds": seconds, **memory, "gradient_bytes": gradient_bytes, "loss": loss.item(),
             "grad_norms": grad_norms, "threads": torch.get_num_threads()}
 
 
@@ -308,9 +309,8 @@ def run_in_subprocess(provider: str, case: LinearCase, device: str, rounds: int,
                "--case", json.dumps(asdict(case)), "--device", device, "--rounds", str(rounds)]
     if not liger_compiled:
         command.append("--liger-eager")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                                   os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout_s)
     if result.returncode != 0:

@@ -74,12 +74,11 @@ def _buffers(record):
     return record.get("peak_extra_buffers") if record else None
 
 
-def _allocator_detail(record) -> str:
-    """The CPU records' second figure: torch's allocator, and the resident one's resolution."""
-    if not record or "peak_extra_torch_buffers" not in record:
+def _kernel_detail(record) -> str:
+    """The CPU records' C kernel row buffers, which their peak counts beside torch's allocator."""
+    if not record or "kernel_work_bytes" not in record:
         return ""
-    return (f"torch's allocator: {record['peak_extra_torch_buffers']:.3f} buffers "
-            f"(resident figure +-{record['rss_resolution_buffers']:.3f})")
+    return f"of which C kernel row buffers: {record['kernel_work_bytes'] / 2**20:.2f} MiB"
 
 
 def sparse_goals(cases) -> list:
@@ -96,7 +95,7 @@ def sparse_goals(cases) -> list:
                                    _speedup(providers, baseline), factor,
                                    detail=_min_detail(providers, baseline)))
         densify = _buffers(providers.get("densify"))
-        details = [_allocator_detail(providers.get("fastkd")),
+        details = [_kernel_detail(providers.get("fastkd")),
                    "" if densify is None else f"densify: {densify:.2f} buffers"]
         goals.append(_at_most(f"{label}: fastkd extra peak memory",
                               _buffers(providers.get("fastkd")), 1.1, " buffers",
@@ -120,7 +119,7 @@ def evaluate_goals(records, device: str) -> list:
                                _speedup(target, "compile"), 1.0,
                                detail=_min_detail(target, "compile")))
         goals.append(_at_most(f"{label}: fastkd extra peak memory", _buffers(target.get("fastkd")),
-                              1.0, " buffers", detail=_allocator_detail(target.get("fastkd"))))
+                              1.0, " buffers", detail=_kernel_detail(target.get("fastkd"))))
         for case in SMALL_V_TARGETS:
             providers = cases.get(case.id, {})
             label = f"CPU small V {case.rows}x{case.vocab} fp32 fwd+bwd"
@@ -223,7 +222,7 @@ def loss_table(records) -> str:
             case = r["case"]
             speedup = _speedup(providers, provider) if provider != "fastkd" else None
             buffers = r.get("peak_extra_buffers")
-            allocator = r.get("peak_extra_torch_buffers")
+            work = r.get("kernel_work_bytes")
             rows.append([
                 case["group"], f"{case['rows']}x{case['vocab']}"
                 + (f" top-{case['teacher_k']}" if case.get("teacher_k") else ""),
@@ -232,12 +231,12 @@ def loss_table(records) -> str:
                 _number(r["rows_per_s"]),
                 f"{r['achieved_gbps']:.2f}", f"{r['pct_of_peak']:.1f}",
                 "-" if buffers is None else f"{buffers:.2f}",
-                "-" if allocator is None else f"{allocator:.2f}",
+                "-" if work is None else f"{work / 2**20:.2f}",
                 "-" if speedup is None else f"{speedup:.2f}x",
                 "ok" if r["check"]["ok"] else "**WRONG**"])
     header = ["group", "N x V", "dtypes", "mode", "provider", "median ms", "IQR ms", "min ms",
               "rounds", "rows/s",
-              "GB/s", "% peak", "extra mem (buffers)", "torch alloc (buffers)",
+              "GB/s", "% peak", "extra mem (buffers)", "of which C kernel (MiB)",
               "fastkd speedup", "vs float64"]
     return _table(header, rows)
 
@@ -337,7 +336,8 @@ def markdown(records, env: dict, preset: str, goals: list, plots=()) -> str:
              "once, write the gradient once), forward-only `N*V*(s + t)`, with `s`, `t` the "
              "student/teacher element sizes. GB/s = bytes / median time. Extra memory is the peak "
              "during one warm call minus the inputs, in student-logits-sized buffers "
-             "(the gradient counts). Loss = 0.5 * T^2 * KL(p_t || p_s) + 0.5 * CE, T = 2.",
+             "(the gradient counts; CPU: torch's allocator peak plus the C kernels' row "
+             "buffers, benchmarks/memory.py). Loss = 0.5 * T^2 * KL(p_t || p_s) + 0.5 * CE, T = 2.",
              "", "## Goals", "", goals_table(goals), ""]
     if loss_records(records):
         parts += ["## Loss", "", loss_table(records), ""]

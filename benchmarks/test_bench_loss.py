@@ -46,9 +46,6 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
             metrics = memory_metrics(cuda_peak_extra(step, student), loss_case)
             clear_grad()
         else:
-            measured = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
-            metrics = memory_metrics(measured["extra_bytes"], loss_case,
-                                     torch_extra_bytes=measured["torch_extra_bytes"],
-                                     resolution_bytes=measured["resolution_bytes"])
+            metrics = cpu_peak_extra(provider, loss_case, compile_backend=preset.compile_backend)
         benchmark.extra_info.update(metrics)
 

@@ -19,12 +19,10 @@ Variants (each in a fresh subprocess, so nothing one leaves behind is counted fo
   TRL's ``DistillationTrainer`` (its chunked divergence on hidden states), and with Liger.
 - ``*-fastkd-32mib``: fastkd with ``chunk_budget_bytes = 32 MiB`` (smaller chunks).
 
-Figures, per variant: ``peak_extra_bytes`` is torch's allocator peak during the step above what
-it held before (CPU: the running sum of the allocations and frees torch's profiler records with
-``profile_memory=True``, exact but blind to memory torch does not allocate; CUDA:
-``max_memory_allocated``); ``peak_extra_logits`` is that over one ``tokens x V`` float32 buffer;
-``resident_extra_bytes`` (CPU) is the process's resident-set high-water mark over the step
-(``VmHWM - VmRSS`` after ``clear_refs``; see benchmarks/memory.py for its resolution).
+Figures, per variant, by the method of benchmarks/memory.py: ``peak_extra_bytes`` is the peak
+during the step above what was allocated before (CPU: torch's allocator peak plus
+``kernel_work_bytes``, the row buffers fastkd's C kernel mallocs, which torch never sees; CUDA:
+``max_memory_allocated``); ``peak_extra_buffers`` is that over one ``tokens x V`` float32 buffer.
 The step's time is recorded with the machine's load average: on a shared machine it is noisy.
 A variant that cannot run (Liger's Triton kernels on a CPU) records its error instead.
 """
@@ -41,7 +39,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.env import REPO_ROOT, capture_environment, device_slug
-from benchmarks.memory import resident_peak_extra, torch_cpu_peak
+from benchmarks.memory import cpu_step_peak
 
 VARIANTS = ["gkd-fastkd", "gkd-fastkd-32mib", "gkd-trl", "gkd-trl-liger", "distill-fastkd",
             "distill-fastkd-32mib", "distill-trl", "distill-trl-liger"]
@@ -149,10 +147,8 @@ def measure(variant, *, vocab, hidden, tokens, device):
         torch.cuda.synchronize()
         record["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
     else:
-        record["resident_extra_bytes"] = resident_peak_extra(step)
-        forget()
-        record["peak_extra_bytes"] = torch_cpu_peak(step)
-    record["peak_extra_logits"] = record["peak_extra_bytes"] / (tokens * vocab * 4)
+        record["peak_extra_bytes"], record["kernel_work_bytes"] = cpu_step_peak(step)
+    record["peak_extra_buffers"] = record["peak_extra_bytes"] / (tokens * vocab * 4)
     return record
 
 
@@ -161,7 +157,7 @@ def run_variant(variant, args):
     command = [sys.executable, "-m", "benchmarks.trl_memory", "--variant", variant,
                "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--tokens",
                str(args.tokens), "--device", args.device]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "TRL_EXPERIMENTAL_SILENCE": "1",
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
@@ -185,21 +181,22 @@ def _markdown(results, env, args):
              f"fastkd commit {(env['git']['commit'] or '?')[:7]}"
              f"{' (dirty tree)' if env['git']['dirty'] else ''}.", "",
              "Peak extra = torch allocator peak during compute_loss + backward over what it "
-             "held before; in float32 logits buffers of tokens x V "
+             "held before, plus (CPU) the C kernel's row buffers; in float32 logits buffers of "
+             "tokens x V "
              f"({args.tokens * args.vocab * 4 / 2**20:.0f} MiB). Load = 1-minute load "
              "average when the variant ran (times are noisy on a shared machine).", "",
-             "| variant | peak extra (MiB) | in logits buffers | resident extra (MiB) | "
+             "| variant | peak extra (MiB) | in logits buffers | of which C kernel (KiB) | "
              "step (s) | load | loss |", "|---|---|---|---|---|---|---|"]
     for r in results:
         load = f"{r['load_average_1_5_15_min'][0]:.2f}"
         if "error" in r:
             lines.append(f"| {r['variant']} | did not run: {r['error'][:160]} | | | | {load} | |")
             continue
-        resident = r.get("resident_extra_bytes")
+        work = r.get("kernel_work_bytes")
         lines.append(
             f"| {r['variant']} | {r['peak_extra_bytes'] / 2**20:.1f} | "
-            f"{r['peak_extra_logits']:.2f} | "
-            f"{'' if resident is None else f'{resident / 2**20:.1f}'} | "
+            f"{r['peak_extra_buffers']:.2f} | "
+            f"{'' if work is None else f'{work / 2**10:.0f}'} | "
             f"{r['step_seconds']:.2f} | {load} | {r['loss']:.6f} |")
     return "\n".join(lines) + "\n"
 

@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import linear as bench  # noqa: E402
+from fastkd.kernels import kd_loss_cpu  # noqa: E402
 
 
 def test_smoke_preset_end_to_end(tmp_path):
@@ -36,6 +37,11 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert record["agrees"] is True, record
         assert record["median_s"] > 0 and record["rounds"] == preset.rounds
         assert record["peak_extra_bytes"] > 0 and record["gradient_bytes"] > 0
+        # CPU: torch's allocator peak plus the C kernel's row buffers, which only the providers
+        # built on fastkd's loss allocate (each measurement runs in its own process)
+        uses_kernel = provider in ("fastkd", "unfused") and kd_loss_cpu.available()
+        assert (record["kernel_work_bytes"] > 0) == uses_kernel, record
+        assert record["peak_extra_bytes"] >= record["gradient_bytes"] + record["kernel_work_bytes"]
     goals = {g["goal"] for g in results["goals"]}
     assert ("96x32x2000-head-fp32-jsd", "fastkd") in records   # the jsd objective ran
     assert "median_s" in records[("96x32x2000-head-fp32-jsd", "fastkd")]
