@@ -163,7 +163,8 @@ def run_cache(args) -> int:
 def _run_cache(args) -> int:
     import torch
     from fastkd.cache.specs import resolve_dataset, resolve_teacher
-    from fastkd.cache.writer import TeacherError, output_key_fn, resolve_device, write_cache
+    from fastkd.cache.items import TeacherError, output_key_fn
+    from fastkd.cache.writer import resolve_device, write_cache
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:

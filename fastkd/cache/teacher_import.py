@@ -1,48 +1,23 @@
-"""Writing imported top-k rows (a served teacher's responses, a teacher dataset of another tool)
-as a fastkd cache, with the shard machinery ``fastkd cache`` uses: same manifest, files,
-checksums and resumption (an interrupted run restarts after its last finished shard). Every
-``fastkd import`` source writes through :func:`write_rows`.
-
-``dataset`` has ``len()`` and ``iter_rows(start)`` yielding ``(index, sample)`` in order, each
-sample ``{"input_ids" (n,), "labels" (n,) int64 tensors, "values" (n, K) storage array,
-"indices" (n, K) ints, "lse" (n,) float32}``. The caller holds ``out_dir``'s
-:class:`fastkd.cache.outdir.DirectoryLock`.
-"""
-import os
-
+"""Every ``fastkd import`` source writes its top-k rows through :func:`write_rows`, with the
+shard machinery of ``fastkd cache`` (same manifest, checksums and resumption)."""
 import numpy as np
 
 from fastkd.cache import manifest as fmt
-# the shard machinery is shared by the cache writers of this package
 from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape, ShardCutter,
                                  ShardWriter)
-from fastkd.cache.writer import now_utc, prepare_directory
+from fastkd.cache.writer import prepare_directory, resume_state
 
 
 def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_size: int,
                progress: bool, batch: tuple) -> dict:
-    """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest.
-    ``batch``: ``(samples, rows)``, the most handed to the shard cutter at a time (bounds
-    memory; does not change the bytes)."""
-    from fastkd import __version__
+    """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest. The
+    caller holds ``out_dir``'s lock. ``dataset.iter_rows(start)`` yields ``(index, {"input_ids",
+    "labels", "values" (storage), "indices", "lse"})`` in order; ``batch``: ``(samples, rows)``,
+    the most handed to the shard cutter at a time (bounds memory, not the bytes)."""
     finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
-    if os.path.exists(os.path.join(out_dir, fmt.MANIFEST_NAME)):
-        state = fmt.read_manifest(out_dir)
-        problems = fmt.check_sizes(out_dir, fmt.manifest_files(state))
-        if problems:
-            raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
-                                 f"--overwrite to start again")
-    else:
-        state = dict(config, format=fmt.FORMAT_NAME, fastkd_version=__version__,
-                     created=now_utc(),
-                     status="incomplete", rank=0, sample_range=[0, len(dataset)],
-                     num_classes=None, rows_per_sample=None, labels_per=None,
-                     rows_per_shard=None, shards=[])
-    for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
-        if fmt.is_temp_file(name):
-            os.remove(os.path.join(out_dir, name))
+    state = resume_state(out_dir, config, 0, 1, [0, len(dataset)])
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else 0
     index_dtype = fmt.index_dtype(vocab_size)

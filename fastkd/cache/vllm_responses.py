@@ -1,26 +1,12 @@
-"""One line of a ``fastkd import --from vllm`` file: a vLLM completions response, checked against
-what a vLLM server guarantees, and the top-K rows it gives.
+"""One line of a ``fastkd import --from vllm`` file: a vLLM completions response (request
+``max_tokens=1, prompt_logprobs=K, logprobs=K, return_tokens_as_token_ids, return_token_ids``),
+checked against what vLLM guarantees, and the top-K rows it gives.
 
-What a vLLM server (``vllm/entrypoints/openai/completion/serving.py``) writes for the request
-``{"prompt": ..., "max_tokens": 1, "prompt_logprobs": K, "logprobs": K,
-"return_tokens_as_token_ids": true, "return_token_ids": true}``, per choice:
-
-- ``prompt_token_ids``: the prompt's ``n`` token ids;
-- ``prompt_logprobs``: ``n`` entries, the first ``null`` (the first token has no context); entry
-  ``j`` is the distribution that predicts prompt token ``j``, an object keyed by token ids as
-  decimal strings (always ids: a ``dict[int, Logprob]`` serialized to JSON) whose values are
-  ``{"logprob", "rank", "decoded_token"}``. It holds prompt token ``j`` with its true rank and
-  the top-K (ranks 1..K): K items when the prompt token is among the top-K, else K + 1;
-- ``logprobs.top_logprobs[0]``: the top-K after the whole prompt plus the generated token
-  (``token_ids[0]``), keyed ``"token_id:<id>"``. Without ``return_tokens_as_token_ids`` these
-  keys are the decoded *text* of each token, which is not a token id even when it reads as a
-  number (``"36"``, ``" 5"``), so only the ``token_id:`` form is accepted;
-- every log-prob of ``-inf`` is written as ``-9999.0`` (JSON has no infinity); it is read back
-  as ``-inf``.
-
-With ``echo=true`` the ``logprobs`` field covers the prompt too (its first entry is ``null``);
-such responses are refused with a sentence naming ``echo``. Every error is a
-:class:`ResponseError` whose message starts with ``file:line``.
+Per choice: ``prompt_token_ids`` (``n`` ids); ``prompt_logprobs``, ``n`` entries, the first
+null, entry ``j`` keyed by decimal ids and holding the top-K plus prompt token ``j`` (K or K + 1
+items); ``logprobs.top_logprobs[0]``, the position after the prompt, keyed ``"token_id:<id>"``
+(decoded-text keys are refused, as are ``echo=true`` responses). ``-9999.0`` reads as ``-inf``.
+Every error is a :class:`ResponseError` starting with ``file:line``.
 """
 import json
 import re
@@ -40,8 +26,7 @@ class ResponseError(ValueError):
 
 
 def _describe(value) -> str:
-    """A short description of a JSON value for a message (never ``str`` of a nested value,
-    which can exceed the recursion limit)."""
+    """A short description of a JSON value (never ``str`` of a nested one: recursion limit)."""
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list):
@@ -131,10 +116,8 @@ def _top_k(parsed: dict, where: str, top_k: int, what: str):
 
 
 def _requested_k(parsed: dict, token: int) -> set:
-    """The values of the request's K that an entry holding ``token`` (the prompt token or the
-    generated one) with the top-K fits: K = size when the token is among the top-K (its rank
-    is at most the size), K = size - 1 when it is the extra item (no other item is less
-    likely)."""
+    """The request's K values an entry of the top-K plus ``token`` fits: its size when the token
+    ranks within it, size - 1 when the token may be the extra item (no other is less likely)."""
     size = len(parsed)
     value, rank = parsed[token]
     if rank is None:  # no rank written: its rank among the items
@@ -145,7 +128,6 @@ def _requested_k(parsed: dict, token: int) -> set:
     return fits
 
 
-# ----------------------------------------------------------------------------- one response
 def _generated_token(choice: dict, logprobs: dict) -> Optional[int]:
     """The generated token: ``token_ids[0]`` (return_token_ids), else ``logprobs.tokens[0]``."""
     generated = choice.get("token_ids")

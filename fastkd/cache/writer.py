@@ -1,15 +1,10 @@
 """Run a teacher once over a dataset and write its outputs as a shard cache (format: manifest.py).
 
-Pipeline: DataLoader workers load and group items -> the teacher runs (eval, inference mode) ->
-rows are checked (NaN/inf, dtype range), converted and cut into shards -> a background writer
-thread (the shard pieces are :mod:`fastkd.cache.shards`) writes each shard (temp file, fsync, rename, checksum while writing) and then records it
-in the manifest, so the teacher never waits for the disk. Killed at any moment, the same call
-resumes after the last recorded shard and produces the same bytes: batches restart at the same
-dataset positions and shard boundaries depend only on shard size, classes, dtype and layout.
-
-Under ``torchrun`` (or any initialized ``torch.distributed``) rank ``r`` of ``W`` caches the
-contiguous samples ``[r*N//W, (r+1)*N//W)`` into its own shards; after a barrier rank 0 merges
-them into one manifest that reads exactly like a single-process cache.
+DataLoader workers load items, the teacher runs in inference mode, rows are checked, converted
+and cut into shards, and a background thread (:mod:`fastkd.cache.shards`) writes and records each
+shard. Killed at any moment, the same call resumes after the last recorded shard and writes the
+same bytes. Under ``torch.distributed`` rank ``r`` of ``W`` caches samples
+``[r*N//W, (r+1)*N//W)``; rank 0 then merges the ranks' shards into one manifest.
 """
 import datetime
 import math
@@ -22,11 +17,8 @@ from torch import nn
 
 from fastkd.cache import manifest as fmt
 from fastkd.cache import outdir
-# re-exported: the writer's pieces that other modules (tests) use from here
-from fastkd.cache.convert import (RowConverter, ids_to_storage, to_storage,  # noqa: F401
-                                  sample_rows)
-from fastkd.cache.items import (BatchProblem, TeacherError, call_teacher,  # noqa: F401
-                                collate_groups, default_output_fn, output_key_fn, split_item)
+from fastkd.cache.convert import RowConverter, sample_rows  # noqa: F401  (tests import it here)
+from fastkd.cache.items import BatchProblem, call_teacher, collate_groups, default_output_fn
 from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape,
                                  ShardCutter, ShardWriter)
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
@@ -36,7 +28,7 @@ from fastkd.tokens import learned_positions
 IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "top_k", "sample",
                    "temperatures", "proposal_temperature", "seed", "shard_size_mb", "batch_size",
                    "world_size", "clamp", "rows")
-# what a manifest without the field means (written before the field existed)
+# what a manifest without the field means
 IDENTITY_DEFAULTS = {"rows": "all", "proposal_temperature": None}
 
 
@@ -49,7 +41,6 @@ def resolve_device(device) -> torch.device:
     return device
 
 
-# ----------------------------------------------------------------------------- main entry
 def _distributed():
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
@@ -199,24 +190,18 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
                 num_workers: int = 0, device="cpu", dtype: str = "fp16",
                 shard_size_mb: float = 256, top_k: Optional[int] = None,
                 sample: Optional[int] = None, temperature=None,
-                proposal_temperature: Optional[float] = None, seed: int = 0, overwrite: bool = False, clamp: bool = False, progress: bool = True,
+                proposal_temperature: Optional[float] = None, seed: int = 0,
+                overwrite: bool = False, clamp: bool = False, progress: bool = True,
                 teacher_spec: Optional[str] = None, dataset_spec: Optional[str] = None,
                 output_fn: Optional[Callable] = None, layout: Optional[str] = None) -> dict:
-    """Cache ``output_fn(teacher(inputs))`` for every item of ``dataset`` into ``out_dir``.
+    """Cache ``output_fn(teacher(inputs))`` (``(B, V)`` or ``(B, L, V)`` rows) for every item of
+    ``dataset`` into ``out_dir``; returns the manifest and resumes an interrupted run.
 
-    Teacher outputs must be ``(B, V)`` (one row per sample) or ``(B, L, V)`` (``L`` rows per
-    sample, stored row-concatenated with offsets). By default dense rows are stored in ``dtype``.
-    ``top_k=k`` stores per row the k largest values, their ids and the fp32 log-sum-exp of the
-    row tempered by each of ``temperature`` (a number or a list; default 1), so a sparse loss at
-    that temperature is exact. ``sample=k`` stores per row the distinct ids among ``k`` draws
-    with their weights, a target for ``softmax(row / temperature)`` (one temperature, default
-    1): draws from ``softmax(row / proposal_temperature)`` (default ``temperature``: the counts
-    are the weights) with the importance weights ``(c / k) p / q`` when the proposal differs;
-    draws come from ``numpy.random.default_rng([seed, dataset index])``, so the cache is
-    reproducible.
-    Any ``(B, D)`` tensor works; pass ``layout="features"`` when the rows are intermediate
-    teacher features (e.g. via ``fastkd.features.TeacherFeatures``) so the manifest says so.
-    Returns the manifest (a dict). Resumes an interrupted run with the same settings.
+    Dense rows are stored in ``dtype``. ``top_k=k``: the k largest values, their ids and the
+    log-sum-exp at each ``temperature`` (default 1). ``sample=k``: the distinct ids of ``k``
+    draws from ``softmax(row / proposal_temperature)`` (default ``temperature``) with counts, or
+    importance weights when the proposal differs, seeded by ``[seed, dataset index]``.
+    ``layout="features"`` marks rows of teacher features.
     """
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module, got {type(teacher).__name__}")
@@ -268,20 +253,14 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         lock.release()
 
 
-def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size, device,
-                  num_workers, output_fn, progress) -> dict:
+def resume_state(out_dir: str, config: dict, rank: int, world_size: int,
+                 sample_range: list) -> dict:
+    """This rank's progress manifest (checked) to resume, or a new one; removes the temp files a
+    killed run of this rank left."""
     from fastkd import __version__
-    finished = prepare_directory(out_dir, config, overwrite, rank, world_size, dist, dataset)
-    if finished is not None:
-        return finished
-
-    progress_name = fmt.progress_manifest_name(rank, world_size)
-    progress_path = os.path.join(out_dir, progress_name)
-    num_samples = len(dataset)
-    rank_start = rank * num_samples // world_size
-    rank_stop = (rank + 1) * num_samples // world_size
-    if os.path.exists(progress_path):
-        state = fmt.read_manifest(out_dir, progress_name)
+    name = fmt.progress_manifest_name(rank, world_size)
+    if os.path.exists(os.path.join(out_dir, name)):
+        state = fmt.read_manifest(out_dir, name)
         problems = fmt.check_sizes(out_dir, fmt.manifest_files(state))
         if problems:
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
@@ -289,16 +268,28 @@ def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, worl
     else:
         state = dict(config, format=fmt.FORMAT_NAME,
                      fastkd_version=__version__, created=now_utc(), status="incomplete",
-                     rank=rank, sample_range=[rank_start, rank_stop], num_classes=None,
+                     rank=rank, sample_range=sample_range, num_classes=None,
                      rows_per_sample=None, labels_per=None, rows_per_shard=None, shards=[])
     try:
-        for name in os.listdir(out_dir):  # leftovers of a killed run (fastkd's own temp files)
+        for name in os.listdir(out_dir):
             if fmt.is_temp_file(name) and (world_size == 1 or
                                            name.startswith(f"shard-{rank:03d}-")):
                 os.remove(os.path.join(out_dir, name))
     except OSError as error:
         raise outdir.explain_os_error(error, out_dir) from error
+    return state
 
+
+def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size, device,
+                  num_workers, output_fn, progress) -> dict:
+    finished = prepare_directory(out_dir, config, overwrite, rank, world_size, dist, dataset)
+    if finished is not None:
+        return finished
+    progress_name = fmt.progress_manifest_name(rank, world_size)
+    num_samples = len(dataset)
+    rank_start = rank * num_samples // world_size
+    rank_stop = (rank + 1) * num_samples // world_size
+    state = resume_state(out_dir, config, rank, world_size, [rank_start, rank_stop])
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else rank_start
     failure = None
@@ -330,7 +321,7 @@ def _agree(dist, rank: int, failure: Optional[BaseException]) -> None:
         raise failure
     if dist is not None and any(messages):
         raise fmt.CacheError("fastkd cache failed on another rank: " +
-                           "; ".join(message for message in messages if message))
+                             "; ".join(message for message in messages if message))
 
 
 def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
@@ -388,10 +379,9 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,
                converter, names=("teacher", "dataset"), unlearned=None) -> Optional[dict]:
     """Teacher over one batch -> ``{arrays, lengths, labels, clamped, variable, num_classes}``
-    for the samples from ``keep_from`` on, in dataset order (None if there are none).
-    Checks, top-k, log-sum-exp and the dtype cast run on the teacher's device. With
-    ``unlearned`` (an ignore index), a sample's ``(L, V)`` rows keep only the positions whose
-    label differs from it, and the last position (:func:`fastkd.tokens.learned_positions`)."""
+    for the samples from ``keep_from`` on, in dataset order (None if there are none), converted
+    on the teacher's device. With ``unlearned`` (an ignore index) a sample keeps only the rows of
+    :func:`fastkd.tokens.learned_positions`."""
     outputs = []
     with torch.inference_mode():
         for positions, inputs, labels in groups:
