@@ -1,24 +1,8 @@
-"""``fastkd import --from vllm``: a served teacher's top-k log-probs -> a top-k cache.
-
-Input: JSONL files, one OpenAI-compatible *completions* response per line exactly as a vLLM
-server serializes it, for a request with::
-
-    {"prompt": [token ids], "max_tokens": 1, "prompt_logprobs": K, "logprobs": K,
-     "return_tokens_as_token_ids": true, "return_token_ids": true}
-
-:mod:`fastkd.cache.vllm_responses` says what each response must hold (and refuses what breaks
-vLLM's guarantees). fastkd row ``j`` is the distribution for token ``j + 1`` (see
-:mod:`fastkd.tokens`), so rows ``0 .. n-2`` are ``prompt_logprobs[1 .. n-1]`` and row ``n - 1``
-is the generated position's top-K: each prompt owns ``n`` rows, like ``fastkd cache`` of the
-same tokens. Each row keeps the K largest log-probs (descending), ``lse = 0`` (values are
-already log-probabilities, exactly ``fastkd.TopKLogits.from_logprobs``), so the tail mass
-``1 - sum exp(values)`` is exact. Labels are next-token labels from ``prompt_token_ids``. The
-cache is written with the writer's shard machinery: same manifest, checksums, resume and
-``fastkd verify``; its manifest records ``num_classes`` = ``--vocab-size``.
-
-Memory is bounded by one response, not by the input: a first pass checks every line and keeps
-only each sample's file offset; the second reads the lines again, one at a time, while the
-rows are written. Every line is parsed once per pass.
+"""``fastkd import --from vllm``: a served teacher's top-k log-probs (vLLM completions responses,
+one per JSONL line: :mod:`fastkd.cache.vllm_responses`) -> a top-k cache. A prompt of ``n``
+tokens owns ``n`` rows, as in ``fastkd cache`` of the same tokens: ``prompt_logprobs[1:]`` and the
+generated position, as log-probabilities (``lse = 0``). Memory is bounded by one response: a
+first pass checks every line and keeps its offset, the second reads them again while writing.
 """
 import hashlib
 import os
@@ -29,15 +13,15 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
-from fastkd.cache.vllm_responses import (LOGPROB_SLACK, ResponseError, choice_rows,  # noqa: F401
-                                         load_line, read_choices, response_model)
+from fastkd.cache.vllm_responses import (ResponseError, choice_rows, load_line, read_choices,
+                                         response_model)
+from fastkd.tokens import next_token_labels
 
 IMPORT_BATCH = 64  # samples handed to the shard cutter at a time (does not change the bytes)
 IMPORT_ROWS = 2048  # ... or fewer once they hold this many rows (bounds memory, same bytes)
 MAX_VOCAB = 2 ** 31  # class ids are stored as int32 when V > 65536
 
 
-# ----------------------------------------------------------------------------- reading
 def _open(path: str):
     try:
         return open(path, "rb")
@@ -46,14 +30,9 @@ def _open(path: str):
 
 
 class ServedResponses(torch.utils.data.Dataset):
-    """The prompts of response JSONL files as token items ``{"input_ids", "labels"}`` (the
-    same items a :class:`fastkd.tokens.TokenDataset` of those tokens gives, so the dataset
-    fingerprint matches and ``CachedDataset(TokenDataset(...), cache)`` works).
-
-    Construction reads every line once, checks each response's structure and that one
-    ``model`` served them all, and keeps per sample only its file, byte offset, line number
-    and choice; items are read from the files again when asked for. :meth:`iter_rows` reads
-    the lines once more, in order, and yields each sample's top-K rows."""
+    """The prompts of response JSONL files as the token items a
+    :class:`fastkd.tokens.TokenDataset` of them gives. Construction checks every line (one
+    ``model`` for all) and keeps only each sample's place; items are read again on access."""
 
     def __init__(self, paths: Sequence[str], *, top_k: int, vocab_size: int):
         self.paths, self.top_k, self.vocab_size = [os.fspath(p) for p in paths], top_k, \
@@ -114,9 +93,7 @@ class ServedResponses(torch.utils.data.Dataset):
     @staticmethod
     def _item(token_ids: List[int]) -> dict:
         ids = torch.tensor(token_ids, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        labels[:-1] = ids[1:]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": next_token_labels(ids)}
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
@@ -127,8 +104,7 @@ class ServedResponses(torch.utils.data.Dataset):
 
     def iter_rows(self, start: int = 0) -> Iterator[Tuple[int, dict]]:
         """``(index, {"input_ids", "labels", "values" (n, K), "indices" (n, K)})`` for every
-        sample from ``start`` on, reading each line once (the choices of one response share
-        it). Raises :class:`ResponseError` if a file changed since construction."""
+        sample from ``start`` on, reading each line once; refuses files changed meanwhile."""
         handle, handle_file, read_key, response, where = None, None, None, None, None
         try:
             for index in range(start, len(self)):
@@ -158,12 +134,11 @@ class ServedResponses(torch.utils.data.Dataset):
                 raise ResponseError(f"{path}: changed while it was imported; import again")
 
 
-# ----------------------------------------------------------------------------- writing
 def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
                   dtype: str = "fp16", shard_size_mb: float = 256, overwrite: bool = False,
                   progress: bool = True, source: str = "vllm") -> dict:
-    """Write the top-K cache of served-teacher responses ``paths`` into ``out_dir`` (see the
-    module docstring). Returns the manifest. Re-running resumes an interrupted import."""
+    """Write the top-K cache of served-teacher responses ``paths`` into ``out_dir``; returns the
+    manifest. Re-running resumes an interrupted import."""
     from fastkd.cache.specs import dataset_fingerprint
     from fastkd.cache.writer import validate_settings
     if source != "vllm":
@@ -220,16 +195,11 @@ class _StoredRows:
                               lse=np.zeros(len(values), fmt.LSE_DTYPE))
 
 
-# ----------------------------------------------------------------------------- sample responses
 def vllm_style_response(model, token_ids: Sequence[int], top_k: int,
                         model_name: str = "local", request_id: Optional[str] = None) -> dict:
-    """What a vLLM server returns for ``prompt=token_ids`` with ``max_tokens=1``,
-    ``prompt_logprobs=top_k``, ``logprobs=top_k``, ``return_tokens_as_token_ids=true``,
-    ``return_token_ids=true`` and greedy sampling, computed with a local causal LM ``model``
-    (its ``logits`` output). Used to make the sample file and the round-trip tests. As in
-    vLLM, a log-prob of ``-inf`` is written as ``-9999.0``; unlike vLLM, which writes the
-    decoded text there, ``decoded_token`` is ``"token_id:<id>"`` (no tokenizer is needed; the
-    importer does not read it)."""
+    """What a vLLM server returns for ``prompt=token_ids`` with the import's request and greedy
+    sampling, computed with a local causal LM ``model``, for the sample file and round-trip
+    tests (``decoded_token`` is ``"token_id:<id>"``: no tokenizer is needed)."""
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     with torch.no_grad():
         output = model(ids[None])
@@ -238,8 +208,7 @@ def vllm_style_response(model, token_ids: Sequence[int], top_k: int,
     written = logprobs.clamp(min=-9999.0)  # vLLM's JSON stand-in for -inf
 
     def top(position: int, extra: Optional[int]):
-        """vLLM's entry: the actual token first (when given), then the top-K in order, each
-        with its rank (1 + the number of more likely ids)."""
+        """vLLM's entry: the actual token first (when given), then the top-K, with ranks."""
         row = logprobs[position]
         indices = row.topk(top_k).indices.tolist()
         if extra is not None:
