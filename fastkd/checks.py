@@ -14,7 +14,7 @@ import torch
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
-           "TAILS", "check_temperature_value", "check_sparse_options", "check_sparse_target",
+           "TAILS", "check_temperature_value", "check_sparse_options",
            "check_target_classes",
            "check_sparse_values", "MASS_SLACK", "kept_mass_lower_bound", "TEACHER_EXTRA_COLUMNS",
            "check_linear_head", "check_logit_transform", "check_chunking"]
@@ -154,13 +154,13 @@ def check_temperature_value(name: str, value) -> float:
     return check_number(name, value, positive=True)
 
 
-def _check_tensor(name: str, tensor) -> None:
+def check_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
 
 
-def _check_integer_ids(name: str, tensor) -> None:
-    _check_tensor(name, tensor)
+def check_integer_ids(name: str, tensor) -> None:
+    check_tensor(name, tensor)
     if tensor.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of class ids, got {tensor.dtype}")
 
@@ -191,62 +191,6 @@ def check_target_classes(name: str, value, num_classes: int) -> None:
             f"vocabulary mismatch: {name}={value} (the teacher's vocabulary the targets were "
             f"made over) but the student has V = {num_classes} classes; teacher and student must "
             f"share a tokenizer and output width")
-
-
-def check_sparse_target(name: str, target, student_logits: torch.Tensor,
-                        num_classes: Optional[int] = None):
-    """Metadata checks of a ``TopKLogits`` / ``SampledTargets`` against ``student_logits``
-    ``(..., V)``: field types, shapes ``(..., K)`` / lse ``(...)`` with the student's leading
-    dims, K >= 1, same device, and the target's recorded ``num_classes`` (when not 0) equal to
-    the student's V (``num_classes`` when given, else ``student_logits.shape[-1]``). Returns the
-    target's temperature as a float (what it is for). No host sync (unless a field is
-    a GPU tensor of collated numbers): the values are checked by :func:`check_sparse_values`."""
-    from fastkd.targets import SampledTargets, TopKLogits
-    leading = tuple(student_logits.shape[:-1])
-    device = student_logits.device
-    if isinstance(target, TopKLogits):
-        _check_tensor(f"{name}.values", target.values)
-        if target.values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}.values must be float32, float16 or bfloat16, got "
-                            f"{target.values.dtype}")
-        _check_integer_ids(f"{name}.indices", target.indices)
-        _check_tensor(f"{name}.lse", target.lse)
-        if not target.lse.dtype.is_floating_point:
-            raise TypeError(f"{name}.lse must be a floating tensor, got {target.lse.dtype}")
-        fields = {"values": target.values, "indices": target.indices}
-        extra = {"lse": (target.lse, leading)}
-    elif isinstance(target, SampledTargets):
-        _check_integer_ids(f"{name}.indices", target.indices)
-        _check_tensor(f"{name}.counts", target.counts)
-        if target.counts.dtype.is_complex or target.counts.dtype == torch.bool:
-            raise TypeError(f"{name}.counts must be an integer or float tensor, got "
-                            f"{target.counts.dtype}")
-        fields = {"indices": target.indices, "counts": target.counts}
-        extra = {}
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor, TopKLogits or SampledTargets, got "
-                        f"{type(target).__name__}")
-    for field, tensor in fields.items():
-        if tensor.dim() < 1 or tuple(tensor.shape[:-1]) != leading or tensor.shape[-1] < 1:
-            raise ValueError(
-                f"{name}.{field} must have shape (..., K) with the leading dims {leading} of "
-                f"student_logits and K >= 1, got {tuple(tensor.shape)}")
-    shapes = {tuple(tensor.shape) for tensor in fields.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"{name}: " + " and ".join(
-            f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
-            + " must have the same shape (..., K)")
-    for field, (tensor, shape) in extra.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}.{field} must have shape {shape} (the leading dims of "
-                             f"student_logits), got {tuple(tensor.shape)}")
-    for field, tensor in {**fields, **{k: v[0] for k, v in extra.items()}}.items():
-        if tensor.device != device:
-            raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
-                             f"got {tensor.device}")
-    check_target_classes(f"{name}.num_classes", target.num_classes,
-                         student_logits.shape[-1] if num_classes is None else num_classes)
-    return check_temperature_value(f"{name}.temperature", target.temperature)
 
 
 def check_sparse_options(divergence: str, tail: str, sampled: bool, temperature: float,

@@ -1,35 +1,91 @@
-"""The one dispatch point of the loss kernels: :func:`resolve_backend` turns ``backend=`` ("auto",
-"triton", "torch") and the tensors' device into the backend that runs, :func:`dispatch` hands
-out that backend's implementation of a kernel family (imported on first use, so the eager CPU
-path never imports Triton). ``kd_loss``, ``kd_loss_sparse`` and the fused linear path all come
+"""The one dispatch point of the loss kernels: :func:`resolve_backend` turns ``backend=``
+("auto", "triton", "torch") and the tensors' device into the backend that runs, :func:`dispatch`
+hands out that backend's implementation of a kernel family (imported on first use, so the eager
+CPU path never imports Triton). ``kd_loss``, its sparse form and the fused linear path all come
 through here.
 
-Sparse teachers on CPU rows run in the compiled CPU kernel (kernels/kd_sparse_cpu.c) when it is
-built and not turned off (``FASTKD_CPU_KERNEL=0``); the ATen implementation
-(fastkd/fallback_sparse.py) serves ``backend="torch"`` on other devices and installs without a
-C compiler.
+Per family (``"dense"``, ``"sparse"``) and backend:
+
+* ``"triton"``: the Triton kernel (kernels/kd_loss.py, kernels/kd_sparse.py), on CUDA or in
+  Triton's interpreter;
+* ``"torch"`` on CPU rows: the compiled C kernel (kernels/kd_loss_cpu.c, kd_sparse_cpu.c) when
+  it is built and not turned off (``FASTKD_CPU_KERNEL=0``);
+* ``"torch"`` otherwise: the plain PyTorch reference (fastkd/reference_dense.py,
+  reference_sparse.py).
+
+Every implementation follows :class:`DenseBackend` / :class:`SparseBackend`. One that also owns
+the label check and the reduction (the C kernels) says so with a ``reduces = True`` attribute
+and takes ``reduction=`` too.
 """
+import importlib
 import os
+from typing import Optional, Protocol
 
 import torch
 
-__all__ = ["resolve_backend", "dispatch", "triton_available", "triton_interpreting",
-           "sparse_cpu_kernel"]
+__all__ = ["resolve_backend", "dispatch", "compiled_kernel", "triton_available",
+           "triton_interpreting", "DenseBackend", "SparseBackend"]
+
+
+class DenseBackend(Protocol):
+    def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                 labels: Optional[torch.Tensor], options, *, grad: Optional[torch.Tensor],
+                 grad_scale=1.0, labels_in_range: bool = False,
+                 all_rows_kept: bool = False) -> torch.Tensor:
+        """Row losses ``(N,)`` float32 (all accumulation in float32).
+
+        ``student_logits``, ``teacher_logits``: ``(N, V)`` floating tensors with last-dim
+        stride 1 (row stride free), dtypes may differ; or ``(B, S, V)`` with the same leading
+        shape and any leading strides (rows in row-major ``(b, s)`` order). ``labels``: ``(N,)``
+        int64 contiguous or None. ``options``: a :class:`fastkd.options.LossOptions`
+        (``divergence`` already mapped: ``jsd`` only with ``0 < beta < 1``; with
+        ``teacher_labels`` the hard label of a row is the first index of its teacher maximum,
+        and a teacher row holding a NaN gives a NaN loss). Rows whose label is
+        ``ignore_index`` get loss 0 and a zero gradient row; a kept label outside ``[0, V)``
+        is never read out of bounds: its row's loss is NaN.
+
+        ``grad``: None or a tensor of the student's shape and dtype, last-dim stride 1, possibly
+        the student tensor itself (every student element is read before its gradient is
+        written); it is filled with ``grad_scale * d row_loss / dz_s``. ``grad_scale``: a float
+        or a 0-d float32 tensor on the logits' device (no host sync needed).
+        ``labels_in_range``: the caller has checked every kept label; ``all_rows_kept``: and no
+        label is ``ignore_index`` (hints a backend may use to skip its own guards)."""
+
+
+class SparseBackend(Protocol):
+    def __call__(self, student_logits: torch.Tensor, indices: torch.Tensor,
+                 values: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                 counts: Optional[torch.Tensor], labels: Optional[torch.Tensor], options, *,
+                 grad: Optional[torch.Tensor], grad_scale=1.0) -> torch.Tensor:
+        """Row losses ``(N,)`` float32 against a sparse teacher.
+
+        ``student_logits``: ``(N, V)`` floating, last-dim stride 1 (a ``reduces`` backend also
+        takes ``(B, S, V)`` rows in place). ``indices``: ``(N, K)`` integer, last-dim stride 1,
+        ids in ``[0, V)``, unique within a row among its real entries. Top-k targets: ``values``
+        ``(N, K)`` floating (no NaN; ``-inf`` entries are padding: not kept ids, their classes
+        in the rest bucket) and ``lse`` ``(N,)`` float32, ``counts`` None. Sampled targets:
+        ``counts`` ``(N, K)`` (>= 0, positive row sums; count-0 entries are padding), ``values``
+        and ``lse`` None. ``labels``: ``(N,)`` int64 contiguous, every kept label in range, or
+        None; with ``options.teacher_labels`` the hard label is the id of the row's first
+        largest real value / count (a row without real entries has no hard term).
+        ``options``: divergence forward_kl, reverse_kl or jsd with ``0 < beta < 1``; tail
+        bucket, renormalize or ignore (combinations checked by
+        ``fastkd.checks.check_sparse_options``). Ignored rows get loss 0 and a zero gradient
+        row; ``grad`` as for :class:`DenseBackend`."""
 
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-_TRITON_IMPORTABLE = None
+_TRITON_IMPORTABLE = []
 
 
 def triton_available() -> bool:
-    global _TRITON_IMPORTABLE
-    if _TRITON_IMPORTABLE is None:
+    if not _TRITON_IMPORTABLE:
         import importlib.util
-        _TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
-    return _TRITON_IMPORTABLE
+        _TRITON_IMPORTABLE.append(importlib.util.find_spec("triton") is not None)
+    return _TRITON_IMPORTABLE[0]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -47,42 +103,39 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-_IMPLEMENTATIONS = {}   # (backend, family) -> function, imported on first use
+# (family, backend) -> (module, function); "cpu" is the compiled kernel of CPU rows
+_IMPLEMENTATIONS = {
+    ("dense", "triton"): ("fastkd.kernels.kd_loss", "kd_forward_triton"),
+    ("dense", "cpu"): ("fastkd.kernels.kd_loss_cpu", "kd_loss_cpu"),
+    ("dense", "torch"): ("fastkd.reference_dense", "kd_dense_torch"),
+    ("sparse", "triton"): ("fastkd.kernels.kd_sparse", "kd_sparse_forward_triton"),
+    ("sparse", "cpu"): ("fastkd.kernels.kd_sparse_cpu", "kd_sparse_cpu"),
+    ("sparse", "torch"): ("fastkd.reference_sparse", "kd_sparse_torch"),
+}
+_LOADED = {}
 
 
-_SPARSE_CPU_KERNEL = []   # [module or None] once looked up
+def _load(family: str, backend: str):
+    """The implementation, or None for a compiled CPU kernel that is not available."""
+    key = (family, backend)
+    if key not in _LOADED:
+        module = importlib.import_module(_IMPLEMENTATIONS[key][0])
+        available = getattr(module, "available", lambda: True)()
+        _LOADED[key] = getattr(module, _IMPLEMENTATIONS[key][1]) if available else None
+    return _LOADED[key]
 
 
-def sparse_cpu_kernel():
-    """The ``fastkd.kernels.kd_sparse_cpu`` module when the compiled sparse CPU kernel is built
-    and not turned off (``FASTKD_CPU_KERNEL=0``), else None; looked up once."""
-    if not _SPARSE_CPU_KERNEL:
-        from fastkd.kernels import kd_sparse_cpu
-        _SPARSE_CPU_KERNEL.append(kd_sparse_cpu if kd_sparse_cpu.available() else None)
-    return _SPARSE_CPU_KERNEL[0]
+def compiled_kernel(family: str):
+    """The compiled CPU kernel's entry point of ``family``, or None when it is not built or is
+    turned off."""
+    return _load(family, "cpu")
 
 
 def dispatch(backend: str, family: str = "dense", device=None):
-    """The one place that picks the implementation of a kernel family: ``"dense"`` (both follow
-    ``fastkd.loss._BACKEND_CONTRACT``) or ``"sparse"``
-    (``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``). ``device``: the student's device; sparse
-    CPU rows of ``backend="torch"`` get the compiled CPU kernel when it is available."""
-    if family == "sparse" and backend == "torch" and device is not None and \
-            torch.device(device).type == "cpu":
-        kernel = sparse_cpu_kernel()
-        if kernel is not None:
-            return kernel.kd_sparse_forward_cpu
-    implementation = _IMPLEMENTATIONS.get((backend, family))
-    if implementation is None:
-        if family == "sparse":
-            if backend == "triton":
-                from fastkd.kernels.kd_sparse import kd_sparse_forward_triton as implementation
-            else:
-                from fastkd.fallback_sparse import kd_sparse_forward_torch as implementation
-        elif backend == "triton":
-            from fastkd.kernels.kd_loss import kd_forward_triton as implementation
-        else:
-            from fastkd.fallback import kd_forward_torch as implementation
-        _IMPLEMENTATIONS[backend, family] = implementation
-    return implementation
-
+    """The implementation of kernel family ``family`` (``"dense"`` or ``"sparse"``) for a
+    resolved ``backend`` (``"triton"`` or ``"torch"``) and the student's ``device``."""
+    if backend == "torch" and device is not None and torch.device(device).type == "cpu":
+        compiled = compiled_kernel(family)
+        if compiled is not None:
+            return compiled
+    return _load(family, backend)

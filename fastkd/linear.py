@@ -1,7 +1,7 @@
 """Fused linear + KD loss: the distillation loss from hidden states, never holding ``(N, V)`` logits.
 
 Orchestration only: the loss math is the fused KD kernel family behind ``fastkd.dispatch.dispatch``
-(Triton or the PyTorch fallback, see ``_BACKEND_CONTRACT``), called on one chunk of rows at a
+(``fastkd.dispatch.DenseBackend`` / ``SparseBackend``), called on one chunk of rows at a
 time. Per chunk of ``C`` kept rows (rows whose label is ``ignore_index`` are dropped before the
 matmul, with ``index_select``)::
 
@@ -43,47 +43,35 @@ from typing import Optional, Union
 
 import torch
 
-from fastkd.checks import (TAILS, TEACHER_EXTRA_COLUMNS, check_choice, check_chunking,
-                           check_labels, check_linear_head, check_logit_transform, check_logits,
-                           check_options, check_sparse_options, check_sparse_target)
-from fastkd.dispatch import resolve_backend as _resolve_backend
-from fastkd.linear_chunks import (DEFAULT_CHUNK_BUDGET_BYTES, _NO_SOFTCAP, _TEACHER_HEAD,
-                                  _TEACHER_LOGITS, _TEACHER_SAMPLED, _TEACHER_TOPK,
-                                  _fused_forward)
-from fastkd.loss import _LABEL_NONE, _LABEL_TEACHER, _LABEL_TENSOR
-from fastkd.targets import SPARSE_TARGETS, SampledTargets, TeacherHead, TopKLogits
+from fastkd.checks import (TEACHER_EXTRA_COLUMNS, check_choice, check_chunking, check_labels,
+                           check_linear_head, check_logit_transform, check_logits,
+                           check_sparse_options)
+from fastkd.linear_chunks import (DEFAULT_CHUNK_BUDGET_BYTES, TEACHER_HEAD, TEACHER_LOGITS,
+                                  TEACHER_SAMPLED, TEACHER_TOPK, LinearOptions, fused_forward)
+from fastkd.options import LossOptions
+from fastkd.targets import (SPARSE_TARGETS, SampledTargets, TeacherHead, TopKLogits,
+                            check_sparse_target)
 
 __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
+
 # ----------------------------------------------------------------------------- autograd
-# Argument positions in the op's inputs (see _linear_kd_op's signature).
-_REDUCTION_ARG, _NEEDS_HIDDEN_ARG, _NEEDS_WEIGHT_ARG, _NEEDS_BIAS_ARG = 20, 26, 27, 28
-_TENSOR_ARGS = (0, 1, 2, 4, 5, 6, 7)   # hidden, weight, bias, teacher_0..2, labels
+def _run(tensors, opts: LinearOptions, row_weights=None):
+    """:func:`fused_forward` without autograd or autocast; unwanted gradients as ``(0,)``
+    tensors. The forward pass of per-row losses with a trainable head leaves the head's
+    gradients out (backward makes them)."""
+    if row_weights is None and opts.head_grad_in_backward:
+        opts = opts.replace(needs_weight=False, needs_bias=False)
+    with torch.no_grad(), torch.autocast(tensors[0].device.type, enabled=False):
+        return fused_forward(tensors[0], tensors[1], tensors[2], tensors[3:6], tensors[6], opts,
+                             row_weights=row_weights)
 
 
-def _head_grad_in_backward(inputs) -> bool:
-    """Per-row losses with a trainable head: the weight / bias gradient is a sum over rows that
-    ``grad_output`` weights, so it is made in backward, by a second chunked pass."""
-    return inputs[_REDUCTION_ARG] == "none" and (inputs[_NEEDS_WEIGHT_ARG]
-                                                 or inputs[_NEEDS_BIAS_ARG])
-
-
-def _run(*inputs, row_weights=None):
-    """``_fused_forward`` without autograd or autocast; unwanted gradients as ``(0,)`` tensors.
-    The forward pass of per-row losses with a trainable head leaves the head's gradients out."""
-    inputs = list(inputs)
-    if row_weights is None and _head_grad_in_backward(inputs):
-        inputs[_NEEDS_WEIGHT_ARG] = inputs[_NEEDS_BIAS_ARG] = False
-    with torch.no_grad(), torch.autocast(inputs[0].device.type, enabled=False):
-        return _fused_forward(*inputs, row_weights=row_weights)
-
-
-def _head_grads(inputs, grad_output):
+def _head_grads(tensors, opts: LinearOptions, grad_output):
     """The head's gradients of per-row losses: the chunked pass again, each row's logits
     gradient times ``grad_output[row]``."""
-    inputs = list(inputs)
-    inputs[_NEEDS_HIDDEN_ARG] = False
-    _, _, grad_weight, grad_bias = _run(*inputs, row_weights=grad_output.float())
+    _, _, grad_weight, grad_bias = _run(tensors, opts.replace(needs_hidden=False),
+                                        row_weights=grad_output.float())
     return grad_weight, grad_bias
 
 
@@ -97,144 +85,106 @@ def _scaled(grad, grad_output, per_row: bool):
     return grad * grad_output.to(grad.dtype)
 
 
-def _input_grads(saved_grads, grad_output, per_row, needs, num_inputs, head_grads=None):
-    """Backward: the saved gradients scaled (or, for per-row losses with a trainable head, the
-    head's from ``head_grads()``), None for every other input."""
-    if grad_output is None:
-        return (None,) * num_inputs
-    grad_hidden, grad_weight, grad_bias = saved_grads
-    if head_grads is not None:
-        grad_weight, grad_bias = head_grads()
-        weight_grads = (grad_weight if needs[1] else None, grad_bias if needs[2] else None)
-    else:
-        weight_grads = (_scaled(grad_weight, grad_output, False) if needs[1] else None,
-                        _scaled(grad_bias, grad_output, False) if needs[2] else None)
-    return ((_scaled(grad_hidden, grad_output, per_row) if needs[0] else None,) + weight_grads
-            + (None,) * (num_inputs - 3))
-
-
-def _save_inputs(ctx, inputs, grads):
+def _save(ctx, tensors, opts: LinearOptions, grads):
     """Save the gradients, and the tensor inputs when the head's gradient is made in backward."""
-    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
-    ctx.head_in_backward = _head_grad_in_backward(inputs)
-    if ctx.head_in_backward:
-        ctx.inputs = [None if i in _TENSOR_ARGS else value for i, value in enumerate(inputs)]
-        ctx.save_for_backward(*grads, *(inputs[i] for i in _TENSOR_ARGS))
+    ctx.opts = opts
+    if opts.head_grad_in_backward:
+        ctx.save_for_backward(*grads, *tensors)
     else:
         ctx.save_for_backward(*grads)
 
 
-def _saved(ctx):
-    """(gradients, a callable giving the head's gradients or None) from ``_save_inputs``."""
-    saved = ctx.saved_tensors
-    if not ctx.head_in_backward:
-        return saved, None
-    inputs = list(ctx.inputs)
-    for position, tensor in zip(_TENSOR_ARGS, saved[3:]):
-        inputs[position] = tensor
-    return saved[:3], inputs
+def _input_grads(ctx, grad_output, head_grads):
+    """Backward: the 3 saved gradients scaled (for per-row losses with a trainable head, the
+    head's from ``head_grads(tensors, opts, grad_output)``) and None for the other 5 inputs."""
+    if grad_output is None:
+        return (None,) * 8
+    opts, saved = ctx.opts, ctx.saved_tensors
+    grad_hidden, grad_weight, grad_bias = saved[:3]
+    per_row = opts.loss.reduction == "none"
+    if opts.head_grad_in_backward:
+        grad_weight, grad_bias = head_grads(saved[3:], opts, grad_output)
+    else:
+        grad_weight = _scaled(grad_weight, grad_output, False) if opts.needs_weight else None
+        grad_bias = _scaled(grad_bias, grad_output, False) if opts.needs_bias else None
+    grad_hidden = _scaled(grad_hidden, grad_output, per_row) if opts.needs_hidden else None
+    return (grad_hidden, grad_weight if opts.needs_weight else None,
+            grad_bias if opts.needs_bias else None) + (None,) * 5
 
 
 class _LinearKDFunction(torch.autograd.Function):
-    """Eager autograd wiring (no torch._dynamo import on the eager path, as for ``kd_loss``):
-    the gradients made in forward are saved and scaled in backward."""
+    """Eager wiring (no torch._dynamo import on the eager path, as for ``kd_loss``): the
+    gradients made in forward are saved and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        loss, *grads = _run(*inputs)
-        _save_inputs(ctx, inputs, grads)
+    def forward(ctx, hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, opts):
+        tensors = (hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels)
+        loss, *grads = _run(tensors, opts)
+        _save(ctx, tensors, opts, grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads, inputs = _saved(ctx)
-        head = (lambda: _head_grads(inputs, grad_output)) if inputs is not None else None
-        return _input_grads(grads, grad_output, ctx.per_row, ctx.needs_input_grad,
-                            len(ctx.needs_input_grad), head)
+        return _input_grads(ctx, grad_output, _head_grads)
 
 
 # Under torch.compile the same computation is a custom op (no graph break); only called while
 # tracing, so eager calls never import torch._dynamo.
 @torch.library.custom_op("fastkd::linear_kd_loss_forward", mutates_args=())
 def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  teacher_kind: int, teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
+                  teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
                   teacher_2: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                  label_mode: int, student_scale: float, student_softcap: float,
-                  teacher_scale: float, teacher_softcap: float, num_classes: int,
-                  temperature: float, soft_weight: float, hard_weight: float, divergence: str,
-                  beta: float, ignore_index: int, reduction: str, backend: str, tail: str,
-                  compute_dtype: str, chunk_rows: int, chunk_budget_bytes: int,
-                  needs_hidden: bool, needs_weight: bool,
-                  needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor]:
+                  options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     loss, grad_hidden, grad_weight, grad_bias = _run(
-        hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels, label_mode,
-        student_scale, student_softcap, teacher_scale, teacher_softcap, num_classes, temperature,
-        soft_weight, hard_weight, divergence, beta, ignore_index, reduction, backend, tail,
-        compute_dtype, chunk_rows, chunk_budget_bytes, needs_hidden, needs_weight, needs_bias)
+        (hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels),
+        LinearOptions.decode(options))
     # custom ops may not return views of their inputs
     return loss.clone() if loss._base is not None else loss, grad_hidden, grad_weight, grad_bias
 
 
 @_linear_kd_op.register_fake
-def _(*inputs):
-    hidden, weight, bias = inputs[:3]
-    per_row = inputs[_REDUCTION_ARG] == "none"
-    in_forward = not _head_grad_in_backward(inputs)
+def _(hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, options):
+    opts = LinearOptions.decode(options)
+    in_forward = not opts.head_grad_in_backward
+    per_row = opts.loss.reduction == "none"
     loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=torch.float32)
-    grad_hidden = hidden.new_empty(hidden.shape if inputs[_NEEDS_HIDDEN_ARG] else (0,))
-    grad_weight = weight.new_empty(weight.shape) if inputs[_NEEDS_WEIGHT_ARG] and in_forward \
+    grad_hidden = hidden.new_empty(hidden.shape if opts.needs_hidden else (0,))
+    grad_weight = weight.new_empty(weight.shape) if opts.needs_weight and in_forward \
         else hidden.new_empty((0,))
-    grad_bias = bias.new_empty(bias.shape) if inputs[_NEEDS_BIAS_ARG] and in_forward \
+    grad_bias = bias.new_empty(bias.shape) if opts.needs_bias and in_forward \
         else hidden.new_empty((0,))
     return loss, grad_hidden, grad_weight, grad_bias
 
 
 @torch.library.custom_op("fastkd::linear_kd_loss_head_grad", mutates_args=())
 def _linear_kd_head_grad_op(hidden: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], teacher_kind: int,
-                            teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
-                            teacher_2: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                            label_mode: int, student_scale: float, student_softcap: float,
-                            teacher_scale: float, teacher_softcap: float, num_classes: int,
-                            temperature: float, soft_weight: float, hard_weight: float,
-                            divergence: str, beta: float, ignore_index: int, reduction: str,
-                            backend: str, tail: str, compute_dtype: str, chunk_rows: int,
-                            chunk_budget_bytes: int, needs_hidden: bool, needs_weight: bool,
-                            needs_bias: bool,
+                            bias: Optional[torch.Tensor], teacher_0: torch.Tensor,
+                            teacher_1: Optional[torch.Tensor], teacher_2: Optional[torch.Tensor],
+                            labels: Optional[torch.Tensor], options: str,
                             row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's gradients of per-row losses (the backward pass of ``_linear_kd_op``)."""
-    inputs = (hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
-              label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
-              num_classes, temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-              reduction, backend, tail, compute_dtype, chunk_rows, chunk_budget_bytes,
-              needs_hidden, needs_weight, needs_bias)
-    return _head_grads(inputs, row_weights)
+    return _head_grads((hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels),
+                       LinearOptions.decode(options), row_weights)
 
 
 @_linear_kd_head_grad_op.register_fake
-def _(*inputs):
-    hidden, weight, bias = inputs[:3]
-    grad_weight = weight.new_empty(weight.shape) if inputs[_NEEDS_WEIGHT_ARG] \
-        else hidden.new_empty((0,))
-    grad_bias = bias.new_empty(bias.shape) if inputs[_NEEDS_BIAS_ARG] else hidden.new_empty((0,))
+def _(hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, options, row_weights):
+    opts = LinearOptions.decode(options)
+    grad_weight = weight.new_empty(weight.shape) if opts.needs_weight else hidden.new_empty((0,))
+    grad_bias = bias.new_empty(bias.shape) if opts.needs_bias else hidden.new_empty((0,))
     return grad_weight, grad_bias
 
 
-_NUM_OP_INPUTS = 29
-
-
 def _setup_context(ctx, inputs, output):
-    _save_inputs(ctx, inputs, output[1:])
+    _save(ctx, inputs[:7], LinearOptions.decode(inputs[7]), output[1:])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _op_backward(ctx, grad_output, *_grads_of_grads):
-    grads, inputs = _saved(ctx)
-    head = (lambda: _linear_kd_head_grad_op(*inputs, grad_output)) if inputs is not None else None
-    return _input_grads(grads, grad_output, ctx.per_row, ctx.needs_input_grad, _NUM_OP_INPUTS,
-                        head)
+    def head_grads(tensors, opts, grad_output):
+        return _linear_kd_head_grad_op(*tensors, opts.encode(), grad_output)
+    return _input_grads(ctx, grad_output, head_grads)
 
 
 _linear_kd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -351,66 +301,55 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         "student_", student_logit_scale, student_softcap)
     check_chunking(chunk_rows, chunk_budget_bytes)
     check_choice("teacher_extra_columns", teacher_extra_columns, TEACHER_EXTRA_COLUMNS)
-    check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                  reduction, backend)
     leading = student_hidden.shape[:-1]
     device = student_hidden.device
     num_classes = student_weight.shape[0]
+    options = LossOptions.build(
+        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+        divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
+        backend=backend, tail=tail, labels=labels, device=device)
     check_labels(labels, leading, device)
     target_temperature = _check_teacher(teacher, leading, num_classes, device,
                                         teacher_extra_columns)
-    check_choice("tail", tail, TAILS)
-    if isinstance(teacher, SPARSE_TARGETS):   # (jsd with beta 0 / 1 is forward / reverse KL)
-        mapped = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(float(beta)) \
-            if divergence == "jsd" else None
-        check_sparse_options(mapped or divergence, tail, isinstance(teacher, SampledTargets),
-                             float(temperature), target_temperature)
-    resolved = _resolve_backend(backend, device)
+    if isinstance(teacher, SPARSE_TARGETS):
+        check_sparse_options(options.divergence, tail, isinstance(teacher, SampledTargets),
+                             options.temperature, target_temperature)
 
     grad_on = torch.is_grad_enabled()
-    needs = (grad_on and student_hidden.requires_grad, grad_on and student_weight.requires_grad,
-             grad_on and student_bias is not None and student_bias.requires_grad)
-    hidden_2d = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_scale, teacher_softcap = 1.0, None
     if isinstance(teacher, TeacherHead):
-        teacher_kind = _TEACHER_HEAD
-        teacher_tensors = (teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
-                           teacher.bias)
+        teacher_kind = TEACHER_HEAD
+        teacher_parts = (teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight,
+                         teacher.bias)
         teacher_scale, teacher_softcap = teacher.logit_scale, teacher.softcap
     elif isinstance(teacher, SPARSE_TARGETS):
         num_ids = teacher.indices.shape[-1]
 
         def rows_of(part):   # (..., K) -> (N, K); lse (...) -> (N,)
             return part.detach().reshape((-1, num_ids) if part.dim() > len(leading) else (-1,))
-        if isinstance(teacher, TopKLogits):   # op inputs: (indices, values, lse)
-            teacher_kind = _TEACHER_TOPK
-            teacher_tensors = tuple(rows_of(part)
-                                    for part in (teacher.indices, teacher.values, teacher.lse))
+        if isinstance(teacher, TopKLogits):   # (indices, values, lse)
+            teacher_kind = TEACHER_TOPK
+            teacher_parts = tuple(rows_of(part)
+                                  for part in (teacher.indices, teacher.values, teacher.lse))
         else:                                   # (indices, counts, None)
-            teacher_kind = _TEACHER_SAMPLED
-            teacher_tensors = (rows_of(teacher.indices), rows_of(teacher.counts), None)
-        teacher_scale, teacher_softcap = 1.0, None
+            teacher_kind = TEACHER_SAMPLED
+            teacher_parts = (rows_of(teacher.indices), rows_of(teacher.counts), None)
     else:
-        teacher_kind = _TEACHER_LOGITS
-        teacher_tensors = (teacher.detach().reshape(-1, teacher.shape[-1]), None, None)
-        teacher_scale, teacher_softcap = 1.0, None
-    if isinstance(labels, torch.Tensor):
-        label_mode, labels_1d = _LABEL_TENSOR, labels.reshape(-1)
-    else:
-        label_mode = _LABEL_TEACHER if labels == "teacher" else _LABEL_NONE
-        labels_1d = None
-    args = (
-        hidden_2d, student_weight, student_bias, teacher_kind, *teacher_tensors, labels_1d,
-        label_mode, student_logit_scale,
-        student_softcap if student_softcap is not None else _NO_SOFTCAP, teacher_scale,
-        teacher_softcap if teacher_softcap is not None else _NO_SOFTCAP, num_classes,
-        float(temperature), float(soft_weight), float(hard_weight), divergence, float(beta),
-        int(ignore_index), reduction, resolved, tail, _autocast_dtype(device),
-        chunk_rows if chunk_rows is not None else 0,
-        int(chunk_budget_bytes) if chunk_budget_bytes is not None else 0, *needs)
+        teacher_kind = TEACHER_LOGITS
+        teacher_parts = (teacher.detach().reshape(-1, teacher.shape[-1]), None, None)
+    opts = LinearOptions(
+        options, teacher_kind, num_classes, student_logit_scale, student_softcap, teacher_scale,
+        teacher_softcap, _autocast_dtype(device), chunk_rows or 0, int(chunk_budget_bytes or 0),
+        needs_hidden=grad_on and student_hidden.requires_grad,
+        needs_weight=grad_on and student_weight.requires_grad,
+        needs_bias=grad_on and student_bias is not None and student_bias.requires_grad)
+    labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
+    tensors = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
+               student_bias, *teacher_parts, labels_1d)
     if torch.compiler.is_compiling():
-        loss = _linear_kd_op(*args)[0]
+        loss = _linear_kd_op(*tensors, opts.encode())[0]
     else:
-        loss = _LinearKDFunction.apply(*args)
+        loss = _LinearKDFunction.apply(*tensors, opts)
     return loss.reshape(leading) if reduction == "none" else loss
 
 
@@ -431,10 +370,11 @@ class LinearKDLoss(torch.nn.Module):
         check_logit_transform("student_", student_logit_scale, student_softcap)
         check_chunking(chunk_rows, chunk_budget_bytes)
         check_choice("teacher_extra_columns", teacher_extra_columns, TEACHER_EXTRA_COLUMNS)
-        check_choice("tail", tail, TAILS)
-        check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                      reduction, backend)
-        self.options = dict(tail=tail, 
+        LossOptions.build(temperature=temperature, soft_weight=soft_weight,
+                          hard_weight=hard_weight, divergence=divergence, beta=beta,
+                          ignore_index=ignore_index, reduction=reduction, backend=backend,
+                          tail=tail)
+        self.options = dict(tail=tail,
             student_logit_scale=student_logit_scale, student_softcap=student_softcap,
             chunk_rows=chunk_rows, chunk_budget_bytes=chunk_budget_bytes,
             teacher_extra_columns=teacher_extra_columns, temperature=temperature,

@@ -5,29 +5,69 @@ kept rows at a time and turns its logits gradient into the hidden-state, weight 
 gradients. No autograd here: :mod:`fastkd.linear` wires this pass into autograd and
 ``torch.compile``.
 """
+import ast
+import dataclasses
 from typing import Optional
 
 import torch
 
 from fastkd.checks import check_label_values, check_sparse_values
-from fastkd.dispatch import dispatch as _dispatch
-from fastkd.loss import _LABEL_TEACHER, _LABEL_TENSOR
+from fastkd.dispatch import dispatch
+from fastkd.options import LossOptions, field_values
+
+__all__ = ["LinearOptions", "fused_forward", "DEFAULT_CHUNK_BUDGET_BYTES", "TEACHER_LOGITS",
+           "TEACHER_HEAD", "TEACHER_TOPK", "TEACHER_SAMPLED"]
 
 # Default budget for the student's chunk-sized buffers (its logits, and their gradient with a
 # softcap); a teacher head's chunk logits get as much again (chunk_budget_bytes=None). 256 MiB is
 # ~520 rows at V = 128256 in fp32 and ~1000 in bf16, in the range of Liger-Kernel's chunking.
 # Every chunk streams both output layers and the weight gradient through memory once, so small
-# chunks cost time: on the 2-core CPU, 1024 x 1024 x 128256 fp32 with a teacher head took 13.7 s
-# in 65-row chunks, 10.0 s in 261-row chunks and 8.6 s in 523-row chunks (unfused: 8.9 s).
+# chunks cost time (figures in benchmarks/results/cpu-amd-epyc-2-threads-linear/).
 DEFAULT_CHUNK_BUDGET_BYTES = 256 * 2**20
 # What matters for time is the rows per chunk (each chunk's fixed cost is one pass over the
-# output layers, whatever V): past ~1000 rows it no longer shows (2048 x 1024 x 32000 with a
-# teacher head: 1048-row chunks as fast as the unfused path), so the default budget stops there
-# and small vocabularies keep their buffers small (Liger-Kernel's default chunk is 1024 rows).
+# output layers, whatever V): past ~1000 rows it stops showing, so the default budget stops
+# there and small vocabularies keep their buffers small (Liger-Kernel's default chunk is 1024
+# rows).
 DEFAULT_MAX_CHUNK_ROWS = 1024
 
-_TEACHER_LOGITS, _TEACHER_HEAD, _TEACHER_TOPK, _TEACHER_SAMPLED = 0, 1, 2, 3
-_NO_SOFTCAP = 0.0   # the custom op's encoding of softcap=None (a real softcap is > 0)
+TEACHER_LOGITS, TEACHER_HEAD, TEACHER_TOPK, TEACHER_SAMPLED = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOptions:
+    """The options of one fused linear + KD call: the loss's, the teacher's kind (one of the
+    ``TEACHER_*`` codes), both sides' logit transforms, the chunking (0: from the budget /
+    default) and which gradients are wanted. Crosses the custom-op boundary as one string."""
+    loss: LossOptions
+    teacher_kind: int
+    num_classes: int
+    student_scale: float = 1.0
+    student_softcap: Optional[float] = None
+    teacher_scale: float = 1.0
+    teacher_softcap: Optional[float] = None
+    compute_dtype: str = ""
+    chunk_rows: int = 0
+    chunk_budget_bytes: int = 0
+    needs_hidden: bool = False
+    needs_weight: bool = False
+    needs_bias: bool = False
+
+    @property
+    def head_grad_in_backward(self) -> bool:
+        """Per-row losses with a trainable head: the weight / bias gradient is a sum over rows
+        that ``grad_output`` weights, so it is made in backward, by a second chunked pass."""
+        return self.loss.reduction == "none" and (self.needs_weight or self.needs_bias)
+
+    def replace(self, **changes) -> "LinearOptions":
+        return dataclasses.replace(self, **changes)
+
+    def encode(self) -> str:
+        return repr(field_values(self))
+
+    @classmethod
+    def decode(cls, text: str) -> "LinearOptions":
+        loss, *values = ast.literal_eval(text)
+        return cls(LossOptions(*loss), *values)
 
 
 # ----------------------------------------------------------------------------- chunk pieces
@@ -105,30 +145,33 @@ class _Side:
 
 
 # ----------------------------------------------------------------------------- forward
-def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, teacher_2, labels,
-                   label_mode, student_scale, student_softcap, teacher_scale, teacher_softcap,
-                   num_classes, temperature, soft_weight, hard_weight, divergence, beta,
-                   ignore_index, reduction, backend, tail, compute_dtype, chunk_rows,
-                   chunk_budget_bytes, needs_hidden, needs_weight, needs_bias, row_weights=None):
+def fused_forward(hidden, weight, bias, teacher_parts, labels, opts: LinearOptions,
+                  row_weights=None):
     """``(loss, grad_hidden, grad_weight, grad_bias)`` for 2-D ``hidden (N, H)``; gradients
     already scaled for ``grad_output == 1`` (per row, unscaled, for ``reduction='none'``) and
-    empty ``(0,)`` tensors where not wanted. ``row_weights (N,)``: each row's logits gradient is
-    multiplied by its weight before the matmuls (the backward pass of per-row losses)."""
+    empty ``(0,)`` tensors where not wanted. ``teacher_parts``: 3 tensors or None (dense
+    logits; a head's hidden, weight, bias; top-k indices, values, lse; sampled indices,
+    counts). ``row_weights (N,)``: each row's logits gradient is multiplied by its weight
+    before the matmuls (the backward pass of per-row losses)."""
+    options = opts.loss
+    teacher_kind, num_classes = opts.teacher_kind, opts.num_classes
+    teacher_0, teacher_1, teacher_2 = teacher_parts
+    temperature, ignore_index = options.temperature, options.ignore_index
+    reduction, tail = options.reduction, options.tail
+    needs_hidden, needs_weight, needs_bias = opts.needs_hidden, opts.needs_weight, opts.needs_bias
+    student_scale, student_softcap = opts.student_scale, opts.student_softcap
+    chunk_rows, chunk_budget_bytes = opts.chunk_rows, opts.chunk_budget_bytes
     num_rows = hidden.shape[0]
     device = hidden.device
-    student_softcap = student_softcap if student_softcap != _NO_SOFTCAP else None
-    teacher_softcap = teacher_softcap if teacher_softcap != _NO_SOFTCAP else None
-    compute_dtype = getattr(torch, compute_dtype) if compute_dtype else None
+    compute_dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
     student = _Side(hidden, weight, bias, student_scale, student_softcap, compute_dtype,
                     num_classes)
 
     # Kept rows: everything, or the rows whose label is not ignore_index (dropped before any
     # matmul); batchmean divides by their number.
-    sparse = teacher_kind in (_TEACHER_TOPK, _TEACHER_SAMPLED)
-    if label_mode != _LABEL_TENSOR:
-        labels = None
+    sparse = teacher_kind in (TEACHER_TOPK, TEACHER_SAMPLED)
     if sparse:   # ids, values, lse, counts and labels checked together (one host sync)
-        values, lse, counts = ((teacher_1, teacher_2, None) if teacher_kind == _TEACHER_TOPK
+        values, lse, counts = ((teacher_1, teacher_2, None) if teacher_kind == TEACHER_TOPK
                                else (None, None, teacher_1))
         labels, num_kept = check_sparse_values(
             teacher_0, num_classes, values=values, lse=lse, counts=counts, labels=labels,
@@ -144,9 +187,6 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     if labels is not None and num_kept < num_rows:
         kept_index = (labels != ignore_index).nonzero().squeeze(1)
         labels = labels.index_select(0, kept_index)
-    # jsd with beta at an end point *is* forward/reverse KL (the contract wants it mapped).
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     grad_scale = 1.0 / num_kept if (reduction == "batchmean" and num_kept > 0) else 1.0
 
     wants_grad = needs_hidden or needs_weight or needs_bias
@@ -159,9 +199,9 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
 
     # Teacher: dense rows (sliced to V columns), an output layer of its own, or sparse rows.
     teacher_side = teacher_rows = None
-    if teacher_kind == _TEACHER_HEAD:
-        teacher_side = _Side(teacher_0, teacher_1, teacher_2, teacher_scale, teacher_softcap,
-                             compute_dtype, num_classes)
+    if teacher_kind == TEACHER_HEAD:
+        teacher_side = _Side(teacher_0, teacher_1, teacher_2, opts.teacher_scale,
+                             opts.teacher_softcap, compute_dtype, num_classes)
     elif not sparse:
         teacher_rows = teacher_0[:, :num_classes]
 
@@ -189,7 +229,7 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
     chunk_rows = max(1, min(chunk_rows, num_kept))
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
-    kd_forward = _dispatch(backend, "sparse" if sparse else "dense", device)
+    kd_forward = dispatch(options.backend, "sparse" if sparse else "dense", device)
     def chunk_buffer(dtype, wanted=True):
         return torch.empty((chunk_rows, num_classes), dtype=dtype, device=device) \
             if wanted and num_kept else None
@@ -209,7 +249,6 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
         if sparse:   # (indices, values, lse, counts) of the chunk's rows
             teacher_chunk = tuple(None if part is None else _rows(part, rows).contiguous()
                                   for part in (teacher_0, values, lse, counts))
-            sparse_options = {"tail": tail}
         else:
             if teacher_side is not None:
                 teacher_logits, _ = teacher_side.logits(
@@ -220,15 +259,12 @@ def _fused_forward(hidden, weight, bias, teacher_kind, teacher_0, teacher_1, tea
                 if teacher_logits.stride(-1) != 1:
                     teacher_logits = teacher_logits.contiguous()
             teacher_chunk = (teacher_logits,)
-            sparse_options = {}
         grad = None
         if wants_grad:   # in place over the logits unless z itself is needed after the kernel
             grad = grad_buffer[:count] if separate_grad else logits
         row_loss[start:stop] = kd_forward(
-            logits, *teacher_chunk, labels[start:stop] if labels is not None else None,
-            teacher_labels=label_mode == _LABEL_TEACHER, temperature=temperature,
-            soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
-            ignore_index=ignore_index, grad_scale=grad_scale, grad=grad, **sparse_options)
+            logits, *teacher_chunk, labels[start:stop] if labels is not None else None, options,
+            grad=grad, grad_scale=grad_scale)
         if not wants_grad:
             continue
         if row_weights is not None:

@@ -25,7 +25,12 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-__all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS", "TeacherHead"]
+from fastkd.checks import (FLOAT_DTYPES, check_integer_ids, check_linear_head,
+                           check_logit_transform, check_target_classes, check_temperature_value,
+                           check_tensor)
+
+__all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS", "TeacherHead",
+           "check_sparse_target"]
 
 
 class TopKLogits(NamedTuple):
@@ -61,7 +66,6 @@ class TopKLogits(NamedTuple):
         logits up to a per-row shift, so ``values / T - lse`` is the log-prob) and ``lse = 0``.
         ``-inf`` entries (served rows shorter than K) are padding: their classes join the
         tail. ``num_classes`` is the teacher's vocabulary size (0: unknown)."""
-        from fastkd.checks import check_temperature_value
         if not isinstance(logprobs, torch.Tensor):
             raise TypeError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
         temperature = check_temperature_value("temperature", temperature)
@@ -87,7 +91,6 @@ class TopKLogits(NamedTuple):
         This builds a full ``(N, V)`` tensor and changes the target (the rest mass is spread
         evenly); :func:`fastkd.kd_loss` takes the ``TopKLogits`` itself without either.
         """
-        from fastkd.checks import check_temperature_value
         temperature = check_temperature_value("TopKLogits.temperature", self.temperature)
         kept = self.values.float() / temperature - self.lse.float().unsqueeze(-1)
         k = kept.shape[-1]
@@ -166,7 +169,6 @@ class TeacherHead:
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor,
                  bias: Optional[torch.Tensor] = None, *, logit_scale: float = 1.0,
                  softcap: Optional[float] = None):
-        from fastkd.checks import check_linear_head, check_logit_transform
         check_linear_head("TeacherHead.", hidden, weight, bias)
         self.logit_scale, self.softcap = check_logit_transform("TeacherHead.", logit_scale,
                                                                softcap)
@@ -183,3 +185,58 @@ class TeacherHead:
         return (f"TeacherHead(hidden={tuple(self.hidden.shape)}, weight="
                 f"{tuple(self.weight.shape)}, bias={bias}, logit_scale={self.logit_scale}, "
                 f"softcap={self.softcap})")
+
+
+def check_sparse_target(name: str, target, student_logits: torch.Tensor,
+                        num_classes: Optional[int] = None):
+    """Metadata checks of a ``TopKLogits`` / ``SampledTargets`` against ``student_logits``
+    ``(..., V)``: field types, shapes ``(..., K)`` / lse ``(...)`` with the student's leading
+    dims, K >= 1, same device, and the target's recorded ``num_classes`` (when not 0) equal to
+    the student's V (``num_classes`` when given, else ``student_logits.shape[-1]``). Returns the
+    target's temperature as a float (what it is for). No host sync (unless a field is
+    a GPU tensor of collated numbers): the values are checked by :func:`check_sparse_values`."""
+    leading = tuple(student_logits.shape[:-1])
+    device = student_logits.device
+    if isinstance(target, TopKLogits):
+        check_tensor(f"{name}.values", target.values)
+        if target.values.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}.values must be float32, float16 or bfloat16, got "
+                            f"{target.values.dtype}")
+        check_integer_ids(f"{name}.indices", target.indices)
+        check_tensor(f"{name}.lse", target.lse)
+        if not target.lse.dtype.is_floating_point:
+            raise TypeError(f"{name}.lse must be a floating tensor, got {target.lse.dtype}")
+        fields = {"values": target.values, "indices": target.indices}
+        extra = {"lse": (target.lse, leading)}
+    elif isinstance(target, SampledTargets):
+        check_integer_ids(f"{name}.indices", target.indices)
+        check_tensor(f"{name}.counts", target.counts)
+        if target.counts.dtype.is_complex or target.counts.dtype == torch.bool:
+            raise TypeError(f"{name}.counts must be an integer or float tensor, got "
+                            f"{target.counts.dtype}")
+        fields = {"indices": target.indices, "counts": target.counts}
+        extra = {}
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor, TopKLogits or SampledTargets, got "
+                        f"{type(target).__name__}")
+    for field, tensor in fields.items():
+        if tensor.dim() < 1 or tuple(tensor.shape[:-1]) != leading or tensor.shape[-1] < 1:
+            raise ValueError(
+                f"{name}.{field} must have shape (..., K) with the leading dims {leading} of "
+                f"student_logits and K >= 1, got {tuple(tensor.shape)}")
+    shapes = {tuple(tensor.shape) for tensor in fields.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"{name}: " + " and ".join(
+            f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
+            + " must have the same shape (..., K)")
+    for field, (tensor, shape) in extra.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}.{field} must have shape {shape} (the leading dims of "
+                             f"student_logits), got {tuple(tensor.shape)}")
+    for field, tensor in {**fields, **{k: v[0] for k, v in extra.items()}}.items():
+        if tensor.device != device:
+            raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
+                             f"got {tensor.device}")
+    check_target_classes(f"{name}.num_classes", target.num_classes,
+                         student_logits.shape[-1] if num_classes is None else num_classes)
+    return check_temperature_value(f"{name}.temperature", target.temperature)

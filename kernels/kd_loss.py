@@ -395,16 +395,18 @@ def launch_config(num_classes, *, divergence, soft_weight, hard_weight, temperat
     return constexprs, num_warps
 
 
-def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels, temperature,
-                      soft_weight, hard_weight, divergence, beta, ignore_index, grad_scale, grad,
+def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, grad_scale=1.0,
                       labels_in_range=False, all_rows_kept=False, block_v=None,
                       block_rows=None):
     """Row losses ``(N,)`` float32 of the fused KD loss; fills ``grad`` (if not None) with
-    ``grad_scale * d row_loss / d student_logits``. Follows ``_BACKEND_CONTRACT`` in
-    ``fastkd/loss.py`` (``labels_in_range`` and ``all_rows_kept`` are accepted and unused: the
-    kernel's own guard costs nothing); ``block_v`` / ``block_rows`` (powers of two) override
+    ``grad_scale * d row_loss / d student_logits``. Follows ``fastkd.dispatch.DenseBackend``
+    (``labels_in_range`` and ``all_rows_kept`` are accepted and unused: the kernel's own guard
+    costs nothing); ``block_v`` / ``block_rows`` (powers of two) override
     :func:`block_settings`, for tests.
     """
+    teacher_labels, divergence = options.teacher_labels, options.divergence
+    temperature, soft_weight, hard_weight = (options.temperature, options.soft_weight,
+                                             options.hard_weight)
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -452,8 +454,8 @@ def kd_forward_triton(student_logits, teacher_logits, labels, *, teacher_labels,
             row_loss[offset:],
             student_strides[0], teacher_strides[0], grad_strides[0],
             student_strides[1], teacher_strides[1], grad_strides[1], rows_per_batch, num_rows,
-            num_classes, float(temperature), float(soft_weight), float(hard_weight),
-            float(beta), int(ignore_index), grad_scale,
+            num_classes, temperature, soft_weight, hard_weight, options.beta,
+            options.ignore_index, grad_scale,
             **constexprs,
             num_warps=num_warps,
         )

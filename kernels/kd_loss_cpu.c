@@ -1,11 +1,12 @@
 /* The fused KD loss on the CPU, compiled: loss and gradient of whole rows in one call.
  *
- * The CPU member of the dense kernel family (the Triton kernel is kernels/kd_loss.py, the ATen
- * twin fastkd/fallback.py): fastkd.fallback.cpu_kernel_takes sends every CPU row here when it is
- * built. Same contract as every dense backend (fastkd/loss.py, _BACKEND_CONTRACT), plus the label
- * check, the kept-row count and the reduction in the same call for kd_loss's eager path; tested
- * against the float64 reference (tests/reference.py) in tests/test_kernel_cpu.py. Loaded with
- * ctypes by kernels/kd_loss_cpu.py: plain C, no Python headers.
+ * The CPU member of the dense kernel family (the Triton kernel is kernels/kd_loss.py, the
+ * PyTorch reference fastkd/reference_dense.py): fastkd/dispatch.py sends every CPU row here when
+ * it is built. Same contract as every dense backend (fastkd.dispatch.DenseBackend), plus the
+ * label check, the kept-row count and the reduction in the same call; tested against the float64
+ * reference (tests/reference.py) in tests/test_kernel_cpu.py. Loaded with ctypes by
+ * kernels/kd_loss_cpu.py: plain C, no Python headers; the call's parameters come as one struct
+ * (KDArgs).
  *
  * Per row, with k = log2(e) / T, w = (z - max z) * k (base-2 tempered logits), e = 2^w,
  * S = sum_v e, log2 p = w - log2 S, and everything accumulated in float32:
@@ -338,80 +339,92 @@ static void process_rows(Slice *slice) {
 
 enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
 
+/* The one argument of fastkd_kd_rows (KDArgs in kernels/kd_loss_cpu.py, field for field).
+ * Row r of a tensor is at base + (r / rows_per_batch) * strides[0] + (r % rows_per_batch) *
+ * strides[1] (byte strides; 2-D inputs pass rows_per_batch = N). */
+typedef struct {
+    const void *student, *teacher;
+    void *grad;                          /* NULL: no gradient */
+    const int64_t *labels;               /* (rows,) when label_mode is LABELS_TENSOR */
+    float *row_loss;                     /* (rows,) out */
+    float *total;                        /* NULL, or the reduced loss out */
+    int64_t student_strides[2], teacher_strides[2], grad_strides[2];
+    int64_t num_rows, rows_per_batch, num_classes, ignore_index;
+    int64_t label_counts[2];             /* out: kept rows, kept labels outside [0, V) */
+    int64_t work_bytes;                  /* out: bytes of the row buffers the call allocated */
+    double temperature, soft_weight, hard_weight, beta, grad_scale;
+    int32_t student_dtype, teacher_dtype, grad_dtype, label_mode, divergence, num_threads;
+    int32_t reduction, refuse_bad_labels;
+} KDArgs;
+
 /* Row losses (N,) float32 into row_loss and, when grad is not NULL, the gradient rows.
- * Row r of a tensor is at base + (r / rows_per_batch) * stride_batch + (r % rows_per_batch) *
- * stride_row (byte strides; 2-D inputs pass rows_per_batch = N).
  *
  * The gradient is grad_scale * d(loss)/dz_s for the row losses (reduction none / sum), or for
- * their mean over kept rows (batchmean: grad_scale / max(kept, 1)). When label_counts is not
- * NULL it receives (kept rows, kept labels outside [0, V)), counted before any row; with
- * refuse_bad_labels a bad label returns 1 before anything is written. When total is not NULL it
- * receives the sum of the row losses (batchmean: divided by max(kept, 1)), summed in double.
+ * their mean over kept rows (batchmean: grad_scale / max(kept, 1)). label_counts receives
+ * (kept rows, kept labels outside [0, V)), counted before any row; with refuse_bad_labels a bad
+ * label returns 1 before anything is written. When total is not NULL it receives the sum of
+ * the row losses (batchmean: divided by max(kept, 1)), summed in double.
  * Returns 0, 1 (bad labels refused) or -1 (no memory for the row buffers; nothing written). */
-int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t student_stride_row,
-                   int student_dtype, const void *teacher, int64_t teacher_stride_batch,
-                   int64_t teacher_stride_row, int teacher_dtype, void *grad,
-                   int64_t grad_stride_batch, int64_t grad_stride_row, int grad_dtype,
-                   const int64_t *labels, int label_mode, int64_t num_rows,
-                   int64_t rows_per_batch, int64_t num_classes, double temperature,
-                   double soft_weight, double hard_weight, int divergence, double beta,
-                   int64_t ignore_index, double grad_scale, float *row_loss, int num_threads,
-                   int reduction, int refuse_bad_labels, float *total, int64_t *label_counts) {
+int fastkd_kd_rows(KDArgs *args) {
+    const int64_t num_rows = args->num_rows, num_classes = args->num_classes;
+    const int64_t *labels = args->labels;
     int64_t kept = num_rows, bad = 0;
-    if (label_mode == LABELS_TENSOR) {
+    if (args->label_mode == LABELS_TENSOR) {
         kept = 0;
         for (int64_t row = 0; row < num_rows; row++) {
             int64_t label = labels[row];
-            int is_kept = label != ignore_index;
+            int is_kept = label != args->ignore_index;
             kept += is_kept;
             bad += is_kept & (label < 0 || label >= num_classes);
         }
     }
-    if (label_counts) {
-        label_counts[0] = kept;
-        label_counts[1] = bad;
-    }
-    if (bad && refuse_bad_labels) return 1;
+    args->label_counts[0] = kept;
+    args->label_counts[1] = bad;
+    args->work_bytes = 0;
+    if (bad && args->refuse_bad_labels) return 1;
+    const int reduction = args->reduction;
     double mean_scale = reduction == REDUCE_BATCHMEAN ? 1.0 / (double)(kept > 0 ? kept : 1) : 1.0;
+    float *total = args->total;
     if (total) *total = 0.0f;
     if (num_rows <= 0) return 0;
     Call call;
     memset(&call, 0, sizeof call);
-    call.student = (const char *)student;
-    call.teacher = (const char *)teacher;
-    call.grad = (char *)grad;
-    call.student_dtype = student_dtype;
-    call.teacher_dtype = teacher_dtype;
-    call.grad_dtype = grad_dtype;
-    call.student_strides[0] = student_stride_batch;
-    call.student_strides[1] = student_stride_row;
-    call.teacher_strides[0] = teacher_stride_batch;
-    call.teacher_strides[1] = teacher_stride_row;
-    call.grad_strides[0] = grad_stride_batch;
-    call.grad_strides[1] = grad_stride_row;
-    call.rows_per_batch = rows_per_batch > 0 ? rows_per_batch : num_rows;
+    call.student = (const char *)args->student;
+    call.teacher = (const char *)args->teacher;
+    call.grad = (char *)args->grad;
+    call.student_dtype = args->student_dtype;
+    call.teacher_dtype = args->teacher_dtype;
+    call.grad_dtype = args->grad_dtype;
+    memcpy(call.student_strides, args->student_strides, sizeof call.student_strides);
+    memcpy(call.teacher_strides, args->teacher_strides, sizeof call.teacher_strides);
+    memcpy(call.grad_strides, args->grad_strides, sizeof call.grad_strides);
+    call.rows_per_batch = args->rows_per_batch > 0 ? args->rows_per_batch : num_rows;
     call.num_classes = num_classes;
     call.padded = (num_classes + VEC - 1) / VEC * VEC;
     call.labels = labels;
-    call.label_mode = label_mode;
-    call.divergence = divergence;
-    call.soft = soft_weight > 0.0;
-    call.hard = label_mode != LABELS_NONE && hard_weight > 0.0;
+    call.label_mode = args->label_mode;
+    call.divergence = args->divergence;
+    call.soft = args->soft_weight > 0.0;
+    call.hard = args->label_mode != LABELS_NONE && args->hard_weight > 0.0;
+    const double temperature = args->temperature;
     call.hard_power = temperature == 2.0 ? 2 : temperature == 3.0 ? 3 : temperature == 4.0 ? 4 : 0;
-    call.ignore_index = ignore_index;
+    call.ignore_index = args->ignore_index;
     call.temperature = (float)temperature;
-    call.soft_weight = (float)soft_weight;
-    call.hard_weight = (float)hard_weight;
-    call.beta = (float)beta;
-    call.grad_scale = (float)(grad_scale * mean_scale);
-    call.row_loss = row_loss;
+    call.soft_weight = (float)args->soft_weight;
+    call.hard_weight = (float)args->hard_weight;
+    call.beta = (float)args->beta;
+    call.grad_scale = (float)(args->grad_scale * mean_scale);
+    call.row_loss = args->row_loss;
 
+    int num_threads = args->num_threads;
     if (num_threads < 1) num_threads = 1;
     if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
     if (num_threads > num_rows) num_threads = (int)num_rows;
     size_t slice_floats = (size_t)call.padded * 6;   /* a multiple of 48 floats: 64-byte aligned */
-    float *work = aligned_alloc(64, slice_floats * sizeof(float) * (size_t)num_threads);
+    size_t work_bytes = slice_floats * sizeof(float) * (size_t)num_threads;
+    float *work = aligned_alloc(64, work_bytes);
     if (!work) return -1;
+    args->work_bytes = (int64_t)work_bytes;
     Slice slices[MAX_THREADS];
     int64_t per_thread = (num_rows + num_threads - 1) / num_threads;
     for (int t = 0; t < num_threads; t++) {
@@ -434,7 +447,7 @@ int fastkd_kd_rows(const void *student, int64_t student_stride_batch, int64_t st
     free(work);
     if (total && reduction != REDUCE_NONE) {
         double sum = 0.0;
-        for (int64_t row = 0; row < num_rows; row++) sum += row_loss[row];
+        for (int64_t row = 0; row < num_rows; row++) sum += args->row_loss[row];
         *total = (float)(sum * mean_scale);
     }
     return 0;

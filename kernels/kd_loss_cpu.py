@@ -1,16 +1,15 @@
 """Launcher of the compiled CPU kernel of the dense KD loss (``kernels/kd_loss_cpu.c``).
 
 The C file is built at install time into ``fastkd/kernels/_kd_loss_cpu*.so`` (``setup.py``; an
-optional extension: without a C compiler the install still succeeds and the PyTorch fallback's
-ATen path is used instead). It is plain C loaded with ``ctypes`` (no Python headers, no libtorch
-ABI): ``kd_forward_cpu`` passes it data pointers, byte strides and dtype codes.
+optional extension: without a C compiler the install still succeeds and the PyTorch reference
+``fastkd/reference_dense.py`` runs instead). Plain C loaded with ``ctypes``: one call takes one
+``KDArgs`` struct of data pointers, byte strides, dtype codes and options.
 
-For CPU tensors (``fastkd.fallback.cpu_kernel_takes``, the one place that decides)
-``fastkd.fallback.kd_forward_torch`` calls ``kd_forward_cpu``, which follows
-``fastkd.loss._BACKEND_CONTRACT``, and ``kd_loss``'s eager path calls ``kd_loss_cpu``, which also
-checks the labels and reduces (the per-call cost of ATen ops is what small vocabularies spent
-their time on). Set ``FASTKD_CPU_KERNEL=0`` to turn it off (e.g. for an A/B against the ATen
-path); ``unavailable_reason()`` says why it is not used.
+:func:`kd_loss_cpu` is the one entry point: ``fastkd.dispatch`` hands it out as the dense
+backend of CPU rows. It follows the dense backend contract (``fastkd.dispatch.DenseBackend``)
+and also owns the label check, the kept-row count and the reduction (``reduction=``), so the
+eager CPU path runs no ATen op around it. ``FASTKD_CPU_KERNEL=0`` turns it off;
+``unavailable_reason()`` says why it is not used. Imports nothing from the API layer.
 """
 import ctypes
 from typing import Optional
@@ -20,36 +19,42 @@ import torch
 from fastkd.kernels import cpu_library
 from fastkd.kernels.cpu_library import CompiledFunction, row_layout
 
-
-__all__ = ["available", "unavailable_reason", "library_path", "kd_forward_cpu", "kd_loss_cpu",
-           "BadLabelsError", "DTYPE_CODES"]
+__all__ = ["available", "unavailable_reason", "library_path", "kd_loss_cpu", "last_work_bytes",
+           "DTYPE_CODES"]
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
-LABELS_NONE, LABELS_TENSOR, LABELS_TEACHER = 0, 1, 2
-REDUCE_NONE = 0
-REDUCTIONS = {"none": REDUCE_NONE, "sum": 1, "batchmean": 2}
+REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 # Calls of at least this many elements split their rows over torch's intra-op threads (the
 # kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
 
+
+class KDArgs(ctypes.Structure):
+    """The C struct ``KDArgs`` (kernels/kd_loss_cpu.c), field for field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "student", "teacher", "grad", "labels", "row_loss", "total")] + [
+        (name, ctypes.c_int64 * 2) for name in (
+            "student_strides", "teacher_strides", "grad_strides")] + [
+        (name, ctypes.c_int64) for name in (
+            "num_rows", "rows_per_batch", "num_classes", "ignore_index")] + [
+        ("label_counts", ctypes.c_int64 * 2), ("work_bytes", ctypes.c_int64)] + [
+        (name, ctypes.c_double) for name in (
+            "temperature", "soft_weight", "hard_weight", "beta", "grad_scale")] + [
+        (name, ctypes.c_int32) for name in (
+            "student_dtype", "teacher_dtype", "grad_dtype", "label_mode", "divergence",
+            "num_threads", "reduction", "refuse_bad_labels")]
+
+
 def _declare(function) -> None:
-    i64, pointer, integer, double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    function.argtypes = [pointer, i64, i64, integer,     # student, byte strides, dtype
-                         pointer, i64, i64, integer,     # teacher
-                         pointer, i64, i64, integer,     # grad (NULL: none)
-                         pointer, integer,               # labels (int64), label mode
-                         i64, i64, i64,                  # rows, rows per batch, classes
-                         double, double, double, integer, double,  # T, weights, divergence, beta
-                         i64, double, pointer, integer,  # ignore_index, grad_scale, row_loss, threads
-                         integer, integer, pointer,      # reduction, refuse bad labels, total
-                         ctypes.POINTER(i64)]            # (kept, bad) label counts
-    function.restype = integer
+    function.argtypes = [ctypes.POINTER(KDArgs)]
+    function.restype = ctypes.c_int
 
 
 # setup.py's extension fastkd.kernels._kd_loss_cpu
 _KERNEL = CompiledFunction("_kd_loss_cpu", "fastkd_kd_rows", "the compiled CPU kernel", _declare)
 available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
+_LAST_WORK_BYTES = [0]
 
 
 def library_path() -> Optional[str]:
@@ -57,90 +62,72 @@ def library_path() -> Optional[str]:
     return cpu_library.library_path("_kd_loss_cpu")
 
 
-def _launch(student_logits, teacher_logits, labels, grad, row_loss, *, teacher_labels,
-            temperature, soft_weight, hard_weight, divergence, beta, ignore_index, grad_scale,
-            reduction=REDUCE_NONE, refuse_bad_labels=False, total=None, label_counts=None):
-    """One call of the C function on (N, V) / (B, S, V) CPU rows; returns its status."""
-    num_classes = student_logits.shape[-1]
-    num_rows = row_loss.shape[0]
-    if teacher_labels:
-        label_mode, labels_pointer = LABELS_TEACHER, None
-    elif labels is not None:
-        label_mode, labels_pointer = LABELS_TENSOR, labels.data_ptr()
-    else:
-        label_mode, labels_pointer = LABELS_NONE, None
-    threads = torch.get_num_threads() if num_rows * num_classes >= THREADED_ELEMENTS else 1
-    if grad is not None:
-        grad_batch, grad_row, _ = row_layout(grad)
-        grad_pointer, grad_dtype = grad.data_ptr(), DTYPE_CODES[grad.dtype]
-    else:
-        grad_batch = grad_row = grad_dtype = 0
-        grad_pointer = None
-    student_batch, student_row, rows_per_batch = row_layout(student_logits)
-    teacher_batch, teacher_row, _ = row_layout(teacher_logits)
-    status = _KERNEL.function()(
-        student_logits.data_ptr(), student_batch, student_row, DTYPE_CODES[student_logits.dtype],
-        teacher_logits.data_ptr(), teacher_batch, teacher_row, DTYPE_CODES[teacher_logits.dtype],
-        grad_pointer, grad_batch, grad_row, grad_dtype,
-        labels_pointer, label_mode, num_rows, rows_per_batch, num_classes,
-        temperature, soft_weight, hard_weight, DIVERGENCE_CODES[divergence], beta,
-        ignore_index, grad_scale, row_loss.data_ptr(), threads,
-        reduction, refuse_bad_labels, total, label_counts)
-    if status < 0:
-        raise MemoryError(f"fastkd's CPU kernel could not allocate its row buffers "
-                          f"({num_classes} classes)")
-    return status
+def last_work_bytes() -> int:
+    """Bytes of the row buffers the kernel's most recent call allocated (C memory, freed before
+    the call returns, invisible to torch's allocator)."""
+    return _LAST_WORK_BYTES[0]
 
 
-def kd_forward_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                   labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
-                   soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                   ignore_index: int, grad_scale: float, grad: Optional[torch.Tensor],
-                   **_unused) -> torch.Tensor:
-    """The backend contract (``fastkd.loss._BACKEND_CONTRACT``): row losses ``(N,)`` float32 of
-    CPU ``(N, V)`` / ``(B, S, V)`` logits (last-dim stride 1, float32 / float16 / bfloat16);
-    fills ``grad`` with ``grad_scale * d row_loss / dz_s``. ``labels``: ``(N,)`` contiguous
-    int64 or None; ``grad_scale`` a Python float. The kernel checks every label itself (a kept
-    label outside ``[0, V)`` makes its row NaN), so the ``labels_in_range`` /
-    ``all_rows_kept`` hints are not needed."""
-    num_classes = student_logits.shape[-1]
-    row_loss = torch.empty(student_logits.numel() // num_classes, dtype=torch.float32)
-    if row_loss.numel():
-        _launch(student_logits, teacher_logits, labels, grad, row_loss,
-                teacher_labels=teacher_labels, temperature=temperature, soft_weight=soft_weight,
-                hard_weight=hard_weight, divergence=divergence, beta=beta,
-                ignore_index=ignore_index, grad_scale=grad_scale)
-    return row_loss
-
-
-class BadLabelsError(ValueError):
-    """A kept label outside ``[0, V)``: the kernel refused the call before writing anything
-    (the caller words the error, naming the label)."""
+def _set_rows(args, prefix: str, tensor: torch.Tensor):
+    """Point ``args.<prefix>`` at ``tensor``'s rows; returns its rows per batch."""
+    batch_stride, row_stride, rows_per_batch = row_layout(tensor)
+    setattr(args, prefix, tensor.data_ptr())
+    strides = getattr(args, prefix + "_strides")
+    strides[0], strides[1] = batch_stride, row_stride
+    setattr(args, prefix + "_dtype", DTYPE_CODES[tensor.dtype])
+    return rows_per_batch
 
 
 def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                labels: Optional[torch.Tensor], *, teacher_labels: bool, temperature: float,
-                soft_weight: float, hard_weight: float, divergence: str, beta: float,
-                ignore_index: int, reduction: str, grad: Optional[torch.Tensor],
-                validate_labels: bool) -> torch.Tensor:
-    """The whole loss in one call, for ``fastkd.loss`` on the CPU: the label check, the kept-row
-    count and the reduction are made by the kernel too (no ATen op around it). Returns the loss
-    (0-d float32, or ``(N,)`` rows for ``reduction="none"``) and fills ``grad`` with its
-    gradient for ``grad_output == 1`` (per row unscaled for ``"none"``). With
-    ``validate_labels`` a kept label outside ``[0, V)`` raises :class:`BadLabelsError` before
-    anything is written (``grad`` may be the student's own storage); without, its row is
-    NaN."""
+                labels: Optional[torch.Tensor], options, *, grad: Optional[torch.Tensor],
+                grad_scale=1.0, reduction: str = "none", validate_labels: bool = False,
+                **_hints) -> Optional[torch.Tensor]:
+    """The dense KD loss of CPU ``(N, V)`` / ``(B, S, V)`` rows (last-dim stride 1, float32 /
+    float16 / bfloat16, read in place) in one call.
+
+    ``options``: temperature, soft_weight, hard_weight, divergence, beta, ignore_index and
+    teacher_labels (a ``fastkd.options.LossOptions``). ``labels``: ``(N,)`` contiguous int64 or
+    None. Fills ``grad`` (None, or the student's shape and dtype, possibly its own storage) with
+    ``grad_scale * d loss / dz_s``. ``reduction="none"`` returns the row losses ``(N,)``
+    float32 (the backend contract); ``"sum"`` / ``"batchmean"`` the 0-d reduced loss, with the
+    gradient of that reduction. A kept label outside ``[0, V)`` makes its row NaN, or with
+    ``validate_labels`` returns None before anything is written (the caller words the error).
+    The ``labels_in_range`` / ``all_rows_kept`` hints are not needed: the kernel checks every
+    label itself."""
     num_classes = student_logits.shape[-1]
-    row_loss = torch.empty(student_logits.numel() // num_classes, dtype=torch.float32)
+    num_rows = student_logits.numel() // num_classes
+    row_loss = torch.empty(num_rows, dtype=torch.float32)
     total = torch.zeros((), dtype=torch.float32)
-    label_counts = (ctypes.c_int64 * 2)()
-    status = _launch(student_logits, teacher_logits, labels, grad, row_loss,
-                     teacher_labels=teacher_labels, temperature=temperature,
-                     soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence,
-                     beta=beta, ignore_index=ignore_index, grad_scale=1.0,
-                     reduction=REDUCTIONS[reduction], refuse_bad_labels=bool(validate_labels),
-                     total=total.data_ptr(), label_counts=label_counts)
+    if isinstance(grad_scale, torch.Tensor):
+        grad_scale = grad_scale.item()
+    args = KDArgs()
+    args.rows_per_batch = _set_rows(args, "student", student_logits)
+    _set_rows(args, "teacher", teacher_logits)
+    if grad is not None:
+        _set_rows(args, "grad", grad)
+    if options.teacher_labels:
+        args.label_mode = 2
+    elif labels is not None:
+        args.label_mode, args.labels = 1, labels.data_ptr()
+    args.row_loss, args.total = row_loss.data_ptr(), total.data_ptr()
+    args.num_rows, args.num_classes = num_rows, num_classes
+    args.ignore_index = options.ignore_index
+    args.temperature, args.soft_weight = options.temperature, options.soft_weight
+    args.hard_weight, args.beta = options.hard_weight, options.beta
+    args.grad_scale = float(grad_scale)
+    args.divergence = DIVERGENCE_CODES[options.divergence]
+    args.num_threads = torch.get_num_threads() if num_rows * num_classes >= THREADED_ELEMENTS \
+        else 1
+    args.reduction = REDUCTIONS[reduction]
+    args.refuse_bad_labels = bool(validate_labels)
+    status = _KERNEL.function()(ctypes.byref(args))
+    _LAST_WORK_BYTES[0] = args.work_bytes
+    if status < 0:
+        raise MemoryError(f"fastkd's CPU kernel could not allocate its row buffers "
+                          f"({num_classes} classes)")
     if status == 1:
-        raise BadLabelsError(f"a label is outside [0, {num_classes}) (ignore_index "
-                             f"{ignore_index})")
+        return None
     return row_loss if reduction == "none" else total
+
+
+kd_loss_cpu.reduces = True   # owns the reduction and the label check (fastkd.loss reads this)

@@ -314,21 +314,19 @@ def _check_rows(name: str, tensor, shape, dtype=None) -> None:
                          f"strides {tensor.stride()}")
 
 
-def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, labels, *,
-                             teacher_labels, temperature, soft_weight, hard_weight, divergence,
-                             beta, tail, ignore_index, grad_scale, grad, block_v=None):
+def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, labels, options, *,
+                             grad, grad_scale=1.0, block_v=None):
     """Row losses ``(N,)`` float32 of the sparse KD loss; fills ``grad`` (if not None) with
-    ``grad_scale * d row_loss / d student_logits``. Follows ``_SPARSE_BACKEND_CONTRACT`` in
-    ``fastkd/sparse_loss.py``; ``block_v`` overrides the block size (a power of two, for tests).
+    ``grad_scale * d row_loss / d student_logits``. Follows the sparse backend contract
+    (``fastkd.dispatch.SparseBackend``); ``options`` carries temperature, soft_weight,
+    hard_weight, divergence, beta, tail, ignore_index and teacher_labels; ``block_v`` overrides
+    the block size (a power of two, for tests).
     """
     if student_logits.dim() == 3:   # (B, S, V) rows: flattened (a copy when not mergeable)
         rows_grad = None if grad is None else grad.reshape(-1, grad.shape[-1])
         row_loss = kd_sparse_forward_triton(
             student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts,
-            labels,
-            teacher_labels=teacher_labels, temperature=temperature, soft_weight=soft_weight,
-            hard_weight=hard_weight, divergence=divergence, beta=beta, tail=tail,
-            ignore_index=ignore_index, grad_scale=grad_scale, grad=rows_grad, block_v=block_v)
+            labels, options, grad_scale=grad_scale, grad=rows_grad, block_v=block_v)
         if grad is not None and rows_grad.data_ptr() != grad.data_ptr():
             grad.copy_(rows_grad.view(grad.shape))   # grad was not a view of rows
         return row_loss
@@ -347,7 +345,8 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     else:
         _check_rows("values", values, (num_rows, num_kept))
         _check_rows("lse", lse, (num_rows,), torch.float32)
-    _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
+    teacher_labels = options.teacher_labels
+    _check_labels_and_divergence(labels, teacher_labels, num_rows, options.divergence,
                                  _DIVERGENCE_CODES)
     if grad is not None:
         _check_rows("grad", grad, tuple(student_logits.shape), student_logits.dtype)
@@ -356,10 +355,10 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
     if num_rows == 0:
         return row_loss
     constexprs, num_warps = launch_config(
-        num_classes, num_kept, divergence=divergence, soft_weight=soft_weight,
-        hard_weight=hard_weight, tail=tail, sampled=counts is not None,
-        has_labels=labels is not None, teacher_labels=teacher_labels, temperature=temperature,
-        write_grad=grad is not None)
+        num_classes, num_kept, divergence=options.divergence, soft_weight=options.soft_weight,
+        hard_weight=options.hard_weight, tail=options.tail, sampled=counts is not None,
+        has_labels=labels is not None, teacher_labels=teacher_labels,
+        temperature=options.temperature, write_grad=grad is not None)
     if block_v is not None:
         constexprs["BLOCK_V"] = block_v
     placeholder = row_loss
@@ -375,8 +374,8 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
         values.stride(0) if values is not None else 0,
         counts.stride(0) if counts is not None else 0,
         grad.stride(0) if grad is not None else 0,
-        num_classes, num_kept, float(temperature), float(soft_weight), float(hard_weight),
-        float(beta), int(ignore_index), float(grad_scale),
+        num_classes, num_kept, options.temperature, options.soft_weight, options.hard_weight,
+        options.beta, options.ignore_index, float(grad_scale),
         **constexprs,
         num_warps=num_warps,
     )

@@ -1,9 +1,9 @@
 /* The fused KD loss against a sparse teacher on the CPU, compiled: loss and dense student
  * gradient of whole rows in one call.
  *
- * The CPU member of the sparse kernel family (Triton: kernels/kd_sparse.py, ATen twin:
- * fastkd/fallback_sparse.py), chosen by fastkd/dispatch.py for CPU rows when it is built. Same
- * contract (fastkd/sparse_loss.py, _SPARSE_BACKEND_CONTRACT) plus the data checks, the
+ * The CPU member of the sparse kernel family (Triton: kernels/kd_sparse.py, PyTorch reference:
+ * fastkd/reference_sparse.py), chosen by fastkd/dispatch.py for CPU rows when it is built. Same
+ * contract (fastkd.dispatch.SparseBackend) plus the data checks, the
  * kept-row count and the reduction in the same call; tested against the float64 reference
  * (tests/reference_sparse.py) in tests/test_kernel_cpu_sparse.py. Loaded with ctypes by
  * kernels/kd_sparse_cpu.py: plain C, no Python headers; the call's parameters come as one
@@ -21,7 +21,7 @@
  *   row_loss = soft_weight T^2 D(P, Q) + hard_weight (-log softmax(z)[y])
  * With G_b = dD/dQ_b, dD/du_j = w(j) (G_b(j) - <Q, G>) (w = p_s, or Q_k for renormalize), and
  * d(T^2 D)/dz = T dD/du: the classes outside S get p_s(j) * coef_rest, the K kept columns their
- * own value (the formulas are fastkd/fallback_sparse.py's bucket_terms, here in double).
+ * own value (the formulas are fastkd/reference_sparse.py's bucket_terms, here in double).
  * A row without real entries has P_rest = Q_rest = 1 (divergence 0) and, with
  * labels="teacher", no hard term.
  *
@@ -350,6 +350,7 @@ static void process_rows(Slice *slice) {
  * nothing is written before 0. */
 int fastkd_kd_sparse_rows(SparseCall *call_in) {
     SparseCall call = *call_in;
+    call_in->work_bytes = 0;
     int64_t kept = call.num_rows, bad = 0;
     if (call.label_mode == LABELS_TENSOR) {
         kept = 0;
@@ -386,6 +387,7 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
     size_t slice_bytes = 2 * row_bytes + shift_bytes + scratch_bytes + 2 * id_bytes;
     char *work = aligned_alloc(64, slice_bytes * (size_t)threads);
     if (!work) return -1;
+    call_in->work_bytes = (int64_t)(slice_bytes * (size_t)threads);
     Slice slices[MAX_THREADS];
     int64_t per_thread = (call.num_rows + threads - 1) / threads;
     for (int t = 0; t < threads; t++) {

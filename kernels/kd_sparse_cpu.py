@@ -2,13 +2,12 @@
 
 The C file is built at install time into ``fastkd/kernels/_kd_sparse_cpu*.so`` (``setup.py``;
 an optional extension: without a C compiler the install still succeeds and the ATen path of
-``fastkd/fallback_sparse.py`` runs instead). Plain C loaded with ``ctypes``: one call takes one
+``fastkd/reference_sparse.py`` runs instead). Plain C loaded with ``ctypes``: one call takes one
 ``SparseCall`` struct of data pointers, byte strides, dtype codes and options.
 
-``fastkd.dispatch`` hands out :func:`kd_sparse_forward_cpu` for CPU rows when :func:`available`
-(the backend contract of ``fastkd/sparse_loss.py``). ``FASTKD_CPU_KERNEL=0`` turns it off, as it
-does the dense CPU kernel; :func:`unavailable_reason` says why it is not used. This module
-imports nothing from the ``fastkd`` API layer.
+``fastkd.dispatch`` hands out :func:`kd_sparse_cpu` for CPU rows when :func:`available`.
+``FASTKD_CPU_KERNEL=0`` turns it off, as it does the dense CPU kernel; :func:`unavailable_reason`
+says why it is not used. This module imports nothing from the ``fastkd`` API layer.
 """
 import ctypes
 from typing import Optional
@@ -18,8 +17,8 @@ import torch
 from fastkd.kernels import cpu_library
 from fastkd.kernels.cpu_library import CompiledFunction, row_layout
 
-__all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_forward_cpu",
-           "kd_sparse_rows_cpu", "kd_sparse_loss_cpu", "REFUSED"]
+__all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_cpu",
+           "kd_sparse_rows_cpu", "last_work_bytes", "REFUSED"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ID_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2}
@@ -51,7 +50,8 @@ class SparseCall(ctypes.Structure):
             "student_dtype", "grad_dtype", "ids_dtype", "values_dtype", "label_mode",
             "divergence", "tail", "num_threads", "refuse_bad_labels", "reduction",
             "check_values")] + [
-        ("mass_temperature", ctypes.c_double), ("values_unit", ctypes.c_double)]
+        ("mass_temperature", ctypes.c_double), ("values_unit", ctypes.c_double),
+        ("work_bytes", ctypes.c_int64)]
 
 
 def _declare(function) -> None:
@@ -63,6 +63,13 @@ def _declare(function) -> None:
 _KERNEL = CompiledFunction("_kd_sparse_cpu", "fastkd_kd_sparse_rows",
                            "the compiled sparse CPU kernel", _declare)
 available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
+_LAST_WORK_BYTES = [0]
+
+
+def last_work_bytes() -> int:
+    """Bytes of the row buffers the kernel's most recent call allocated (C memory, freed before
+    the call returns, invisible to torch's allocator)."""
+    return _LAST_WORK_BYTES[0]
 
 
 def library_path() -> Optional[str]:
@@ -77,9 +84,8 @@ def _rows_of(tensor: torch.Tensor, allowed, fallback_dtype) -> torch.Tensor:
     return tensor.contiguous()
 
 
-def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, teacher_labels,
-                       temperature, soft_weight, hard_weight, divergence, beta, tail,
-                       ignore_index, grad_scale, grad, reduction="none", check_values=False,
+def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, options, *,
+                       grad_scale, grad, reduction="none", check_values=False,
                        mass_temperature=None):
     """One call of the C kernel: ``(row_loss (N,) float32, total, (kept rows, bad labels))``,
     or ``(REFUSED, None, (kept rows, bad labels))`` when ``check_values`` found a row that may
@@ -89,9 +95,11 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
     ``student_logits``: CPU ``(N, V)`` or ``(B, S, V)`` rows (last-dim stride 1, float32 /
     float16 / bfloat16), read in place; ``grad`` None or a tensor of the same shape and dtype
     (last-dim stride 1; it may be the student's storage). ``indices`` / ``values`` / ``counts``
-    ``(N, K)``, ``lse`` ``(N,)``, ``labels`` ``(N,)`` int64 or None. ``total`` is the sum of the
-    row losses as a float (divided by max(kept, 1) for ``reduction="batchmean"``, which also
-    scales the gradient by it); a kept label outside ``[0, V)`` makes its row NaN."""
+    ``(N, K)``, ``lse`` ``(N,)``, ``labels`` ``(N,)`` int64 or None. ``options``: temperature,
+    soft_weight, hard_weight, divergence, beta, tail, ignore_index, teacher_labels (a
+    ``fastkd.options.LossOptions``). ``total`` is the sum of the row losses as a float (divided
+    by max(kept, 1) for ``reduction="batchmean"``, which also scales the gradient by it); a kept
+    label outside ``[0, V)`` makes its row NaN."""
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // max(num_classes, 1)
     num_kept = indices.shape[-1]
@@ -111,7 +119,7 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
         call.values, call.values_stride = values.data_ptr(), values.stride(0)
         call.values_dtype = _DTYPE_CODES[values.dtype]
         call.lse = lse.data_ptr()
-    if teacher_labels:
+    if options.teacher_labels:
         call.label_mode = _LABELS_TEACHER
     elif labels is not None:
         labels = labels.reshape(num_rows).to(torch.int64).contiguous()
@@ -131,11 +139,15 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
     call.total = ctypes.addressof(total)
     call.label_counts = ctypes.addressof(label_counts)
     call.num_rows, call.rows_per_batch = num_rows, rows_per_batch
-    call.num_classes, call.num_kept, call.ignore_index = num_classes, num_kept, int(ignore_index)
-    call.temperature, call.soft_weight = float(temperature), float(soft_weight)
-    call.hard_weight, call.beta = float(hard_weight), float(beta)
+    call.num_classes, call.num_kept = num_classes, num_kept
+    call.ignore_index = options.ignore_index
+    call.temperature, call.soft_weight = options.temperature, options.soft_weight
+    call.hard_weight, call.beta = options.hard_weight, options.beta
+    if isinstance(grad_scale, torch.Tensor):
+        grad_scale = grad_scale.item()
     call.grad_scale = float(grad_scale)
-    call.divergence, call.tail = _DIVERGENCE_CODES[divergence], _TAIL_CODES[tail]
+    call.divergence = _DIVERGENCE_CODES[options.divergence]
+    call.tail = _TAIL_CODES[options.tail]
     call.num_threads = (torch.get_num_threads()
                         if num_rows * num_classes >= THREADED_ELEMENTS else 1)
     call.reduction = _REDUCTIONS[reduction]
@@ -145,6 +157,7 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
         call.values_unit = torch.finfo(values.dtype).eps / 2
     if num_rows:
         status = _KERNEL.function()(ctypes.byref(call))
+        _LAST_WORK_BYTES[0] = call.work_bytes
         if status < 0:
             raise MemoryError(f"fastkd's sparse CPU kernel could not allocate its row buffers "
                               f"({num_classes} classes)")
@@ -153,36 +166,22 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, *, 
     return row_loss, total.value, (label_counts[0], label_counts[1])
 
 
-def kd_sparse_forward_cpu(student_logits, indices, values, lse, counts, labels, *,
-                          teacher_labels, temperature, soft_weight, hard_weight, divergence,
-                          beta, tail, ignore_index, grad_scale, grad) -> torch.Tensor:
-    """The sparse backend contract (``fastkd/sparse_loss.py``) on CPU rows: row losses ``(N,)``
-    float32; fills ``grad`` with ``grad_scale * d row_loss / dz_s``."""
-    row_loss, _, _ = kd_sparse_rows_cpu(
-        student_logits, indices, values, lse, counts, labels, teacher_labels=teacher_labels,
-        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-        divergence=divergence, beta=beta, tail=tail, ignore_index=ignore_index,
-        grad_scale=grad_scale, grad=grad)
-    return row_loss
-
-
-def kd_sparse_loss_cpu(student_logits, indices, values, lse, counts, labels, *, teacher_labels,
-                       temperature, soft_weight, hard_weight, divergence, beta, tail,
-                       ignore_index, reduction, grad, mass_temperature):
-    """The whole loss in one call, with the data checks, the kept-row count and the reduction
-    (no ATen op around it): the loss (0-d float32, or ``(N,)`` rows for ``reduction="none"``)
-    with ``grad`` filled for ``grad_output == 1`` (batchmean: divided by the kept rows), or None
-    when a row may fail a data check (nothing written: the caller runs the check that names
-    it). ``mass_temperature``: the temperature of the kept-mass check, None to skip it."""
+def kd_sparse_cpu(student_logits, indices, values, lse, counts, labels, options, *, grad,
+                  grad_scale=1.0, reduction="none", check_values=False, mass_temperature=None):
+    """The one entry point, as ``fastkd.dispatch`` hands it out for CPU rows.
+    ``reduction="none"``: the sparse backend contract (``fastkd.dispatch.SparseBackend``), row
+    losses ``(N,)`` float32 with ``grad`` filled with ``grad_scale * d row_loss / dz_s``.
+    ``"sum"`` / ``"batchmean"``: the whole loss in one call (0-d float32, the gradient of that
+    reduction), with the data checks when ``check_values``: None when a row may fail one
+    (nothing written: the caller runs the check that names it). ``mass_temperature``: the
+    temperature of the kept-mass check, None to skip it."""
     row_loss, total, _ = kd_sparse_rows_cpu(
-        student_logits, indices, values, lse, counts, labels, teacher_labels=teacher_labels,
-        temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-        divergence=divergence, beta=beta, tail=tail, ignore_index=ignore_index, grad_scale=1.0,
-        grad=grad, reduction=reduction, check_values=True, mass_temperature=mass_temperature)
+        student_logits, indices, values, lse, counts, labels, options, grad_scale=grad_scale,
+        grad=grad, reduction=reduction, check_values=check_values,
+        mass_temperature=mass_temperature)
     if row_loss is REFUSED:
         return None
     return row_loss if reduction == "none" else torch.tensor(total, dtype=torch.float32)
 
 
-# the whole-loss entry of this backend (fastkd.sparse_loss uses it where dispatch hands this out)
-kd_sparse_forward_cpu.whole_loss = kd_sparse_loss_cpu
+kd_sparse_cpu.reduces = True   # owns the reduction and the data checks (fastkd.sparse_loss)

@@ -40,6 +40,7 @@ typedef struct {
     int32_t check_values;               /* run the data checks first (check_rows) */
     double mass_temperature;            /* > 0: the kept-mass check at this temperature */
     double values_unit;                 /* one rounding step of the values' dtype, relative */
+    int64_t work_bytes;                 /* out: bytes of the row buffers the call allocated */
 } SparseCall;
 
 typedef struct {

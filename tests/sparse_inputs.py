@@ -25,16 +25,16 @@ TOLERANCES = {
 @pytest.fixture(params=["cpu-kernel", "aten", "triton"])
 def backend(request, monkeypatch):
     """Every test taking ``backend`` runs on the three sparse paths: the compiled CPU kernel
-    (kernels/kd_sparse_cpu.c, backend="torch" on CPU wherever it is built), the ATen ops with it
+    (kernels/kd_sparse_cpu.c, backend="torch" on CPU wherever it is built), the PyTorch reference with it
     turned off (backend="torch" on a GPU and installs without a C compiler) and Triton (in the
     CPU interpreter)."""
     if request.param == "cpu-kernel":
-        if dispatch.sparse_cpu_kernel() is None:
+        if dispatch.compiled_kernel("sparse") is None:
             from fastkd.kernels import kd_sparse_cpu
             pytest.skip(f"sparse CPU kernel unavailable: {kd_sparse_cpu.unavailable_reason()}")
         return "torch"
     if request.param == "aten":
-        monkeypatch.setattr(dispatch, "_SPARSE_CPU_KERNEL", [None])
+        monkeypatch.setattr(dispatch, "compiled_kernel", lambda family: None)
         return "torch"
     return "triton"
 

@@ -1,12 +1,14 @@
-"""The PyTorch fallback (``backend="torch"``) against the float64 reference, value and gradient."""
+"""``backend="torch"`` against the float64 reference, value and gradient, on both of its paths:
+the compiled CPU kernel and the plain PyTorch reference (fastkd/reference_dense.py)."""
 import math
 
 import pytest
 import torch
 
 import fastkd
-import fastkd.fallback as fallback
-import fastkd.scratch as scratch
+import fastkd.dispatch as dispatch
+import fastkd.reference_dense as reference_dense
+from fastkd.options import LossOptions
 from reference import reference_kd_loss
 
 # (rtol, atol as a fraction of the largest reference magnitude), per dtype of the compared tensor.
@@ -29,18 +31,15 @@ REDUCTIONS = ("batchmean", "sum", "none")
 
 @pytest.fixture(autouse=True, params=["cpu-kernel", "aten"])
 def cpu_path(request, monkeypatch):
-    """Every test here runs on both CPU paths of the fallback: the compiled kernel
-    (kernels/kd_loss_cpu.c, the CPU path wherever it is built) and the ATen ops with the kernel
-    turned off (the path on machines without a C compiler, and of backend="torch" on a GPU).
-    Tests of the ATen path's own work buffers (marked aten_only) run on it alone."""
-    if request.node.get_closest_marker("aten_only") and request.param == "cpu-kernel":
-        pytest.skip("a test of the ATen path's own work buffers")
+    """Every test here runs on both CPU paths of backend="torch": the compiled kernel
+    (kernels/kd_loss_cpu.c, the CPU path wherever it is built) and the PyTorch reference with
+    the kernel turned off (the path on machines without a C compiler, and on a GPU)."""
     if request.param == "cpu-kernel":
         from fastkd.kernels import kd_loss_cpu
         if not kd_loss_cpu.available():
             pytest.skip(f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")
     else:
-        monkeypatch.setattr(fallback, "_NATIVE", [None])
+        monkeypatch.setattr(dispatch, "compiled_kernel", lambda family: None)
     return request.param
 
 
@@ -166,9 +165,8 @@ def test_teacher_labels_take_first_maximum():
     student, teacher, _ = make_inputs(2, 10)
     teacher[0, 3] = teacher[0, 8] = teacher[0].max() + 1.0  # tie: index 3 is the label
     grad = torch.empty_like(student)
-    fallback.kd_forward_torch(student, teacher, None, teacher_labels=True, temperature=1.0,
-                              soft_weight=0.0, hard_weight=1.0, divergence="forward_kl", beta=0.5,
-                              ignore_index=-100, grad_scale=1.0, grad=grad)
+    options = LossOptions(soft_weight=0.0, hard_weight=1.0, label_mode=2)
+    dispatch.dispatch("torch", "dense", "cpu")(student, teacher, None, options, grad=grad)
     softmax = torch.softmax(student.double(), -1)
     assert grad[0, 3].item() == pytest.approx(softmax[0, 3].item() - 1.0, abs=1e-6)
     assert grad[0, 8].item() == pytest.approx(softmax[0, 8].item(), abs=1e-6)
@@ -269,8 +267,7 @@ def test_chunk_boundaries(monkeypatch):
     """Chunks of 3 rows over 10 rows: a partial last chunk, a chunk with every row ignored, and
     -inf teacher entries (guarded recompute) in one chunk only."""
     num_classes = 200
-    monkeypatch.setattr(fallback, "CHUNK_BYTES", 3 * 4 * num_classes)
-    monkeypatch.setattr(fallback, "SHORT_ROW_CHUNK_FACTOR", 1)
+    monkeypatch.setattr(reference_dense, "CHUNK_ELEMENTS", 3 * num_classes)
     student, teacher, labels = make_inputs(10, num_classes)
     labels[3:6] = -100
     teacher[7, :50] = float("-inf")
@@ -323,99 +320,3 @@ def test_invariant_to_a_constant_per_row(divergence, beta):
         shifted = fastkd.kd_loss(student + shift, teacher + shift, labels, **options)
     # the shifted inputs are rounded differently (|z| ~ 50 has a 4e-6 ulp): compare loosely
     torch.testing.assert_close(shifted, loss, rtol=1e-4, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- kept work buffers
-def _kept_scratch_bytes():
-    """This thread's kept buffers, counted from the tensors themselves."""
-    return sum(buffer.numel() * buffer.element_size()
-               for buffer in scratch._SCRATCH.mine.buffers.values())
-
-
-@pytest.mark.aten_only
-def test_work_buffers_are_kept_between_calls_and_never_returned():
-    """The CPU work buffers outlive a call (no allocation per call), but nothing a call returns
-    lives in them: per-row losses and gradients of one call survive the next call."""
-    scratch.release_scratch()
-    student, teacher, labels = make_inputs(64, 3000)  # the chunked workspace path
-    first = run_both(student, teacher, labels, reduction="none", divergence="jsd")
-    buffers = {name: flat.data_ptr() for name, flat in
-               scratch._SCRATCH.mine.buffers.items()}
-    assert buffers, "the chunked path kept no work buffer"
-    kept_loss, kept_grad = first[0].clone(), first[1].clone()
-    run_both(student * 0.5, teacher.flip(0), labels.flip(0), reduction="none", divergence="jsd")
-    kept = scratch._SCRATCH.mine.buffers
-    assert {name: flat.data_ptr() for name, flat in kept.items()} == buffers
-    assert torch.equal(first[0], kept_loss) and torch.equal(first[1], kept_grad)
-
-
-@pytest.mark.aten_only
-def test_kept_work_buffers_are_bounded_and_released():
-    scratch.release_scratch()
-    for num_rows, num_classes in [(4, 50000), (3000, 700), (9, 7), (2000, 128)]:
-        for divergence, beta in DIVERGENCE_CASES:
-            student, teacher, labels = make_inputs(num_rows, num_classes)
-            student.requires_grad_()
-            fastkd.kd_loss(student, teacher, labels, divergence=divergence, beta=beta,
-                           backend="torch").backward()
-    assert 0 < _kept_scratch_bytes() <= scratch.SCRATCH_KEEP_BYTES
-    assert _kept_scratch_bytes() == scratch._SCRATCH.mine.kept_bytes
-    scratch.release_scratch()
-    assert _kept_scratch_bytes() == 0
-
-
-@pytest.mark.aten_only
-def test_threads_have_their_own_work_buffers():
-    """Two threads computing different losses at once each get their own buffers."""
-    import threading
-    student, teacher, labels = make_inputs(48, 3000)
-    inputs = [(student, teacher, labels), (teacher.flip(1), student * 2, labels.flip(0))]
-    expected = [fastkd.kd_loss(*case, reduction="none", backend="torch") for case in inputs]
-    results, errors = [[], []], []
-
-    def work(index):
-        try:
-            for _ in range(20):
-                results[index].append(fastkd.kd_loss(*inputs[index], reduction="none",
-                                                     backend="torch"))
-        except Exception as error:  # pragma: no cover - reported below
-            errors.append(error)
-    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    for index in range(2):
-        assert all(torch.equal(result, expected[index]) for result in results[index])
-
-
-@pytest.mark.aten_only
-def test_kept_work_buffers_are_bounded_across_threads(monkeypatch):
-    """A pool of threads keeps at most SCRATCH_KEEP_BYTES_TOTAL in all (the others allocate per
-    call, with the same results), and a thread's buffers go when it ends."""
-    import gc
-    import threading
-    student, teacher, labels = make_inputs(64, 3000)   # the chunked path: 768000-byte buffers
-    expected = fastkd.kd_loss(student, teacher, labels, reduction="none", backend="torch")
-    scratch.release_scratch()
-    monkeypatch.setattr(scratch, "SCRATCH_KEEP_BYTES_TOTAL", 5 * 64 * 3000 * 4)
-    done, finish, results = threading.Barrier(5), threading.Event(), []
-
-    def work():
-        for _ in range(3):
-            results.append(fastkd.kd_loss(student, teacher, labels, reduction="none",
-                                          backend="torch"))
-        done.wait()
-        finish.wait()
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    done.wait()   # every thread has made its calls and is still alive
-    assert 0 < scratch.kept_scratch_bytes() <= 5 * 64 * 3000 * 4
-    finish.set()
-    for thread in threads:
-        thread.join()
-    gc.collect()
-    assert scratch.kept_scratch_bytes() == 0   # this thread keeps none; the others ended
-    assert len(results) == 12 and all(torch.equal(result, expected) for result in results)

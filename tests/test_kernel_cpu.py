@@ -3,7 +3,7 @@ float64 reference, value and gradient, and bit for bit against itself where it m
 its fp16 / bf16 loads and stores against torch's conversions, its threads against one thread.
 
 ``tests/test_fallback.py`` runs its whole grid through this kernel too (its ``cpu_path``
-fixture), and through the ATen path with the kernel turned off.
+fixture), and through the PyTorch reference with the kernel turned off.
 """
 import os
 import shutil
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import fastkd
-import fastkd.fallback as fallback
+import fastkd.dispatch as dispatch
 from fastkd.kernels import kd_loss_cpu
+from fastkd.options import LossOptions
 from reference import reference_kd_loss, reference_row_losses
 
 # A C compiler was there at install time wherever one is here (CI installs in this machine's
@@ -38,10 +39,11 @@ def kernel(student, teacher, labels=None, *, grad=True, teacher_labels=False, te
     grad_buffer = None
     if grad:
         grad_buffer = torch.empty(student.shape, dtype=grad_dtype or student.dtype)
-    rows = kd_loss_cpu.kd_forward_cpu(
-        student, teacher, labels, teacher_labels=teacher_labels, temperature=temperature,
-        soft_weight=soft_weight, hard_weight=hard_weight, divergence=divergence, beta=beta,
-        ignore_index=-100, grad_scale=grad_scale, grad=grad_buffer)
+    options = LossOptions(temperature=temperature, soft_weight=soft_weight,
+                          hard_weight=hard_weight, divergence=divergence, beta=beta,
+                          label_mode=2 if teacher_labels else 0)
+    rows = kd_loss_cpu.kd_loss_cpu(student, teacher, labels, options, grad_scale=grad_scale,
+                                   grad=grad_buffer)
     return rows, grad_buffer
 
 
@@ -255,29 +257,26 @@ def test_turned_off_by_environment():
 
 
 def test_one_decision_sends_cpu_rows_to_the_kernel(monkeypatch):
-    """fallback.cpu_kernel_takes is the one choice, for kd_loss's eager path (kd_loss_cpu) and
-    for the backend contract (kd_forward_cpu, e.g. under the fused-linear path): CPU rows of any
-    length go to the kernel; with it turned off, to the ATen path."""
+    """fastkd.dispatch is the one choice, for kd_loss's eager path (the whole loss) and for the
+    row contract (e.g. the fused-linear path): CPU rows of any length go to the kernel; with it
+    turned off, to the PyTorch reference."""
     calls = []
 
-    class Counting:
-        def __getattr__(self, name):
-            def call(student, *args, **kwargs):
-                calls.append((name, student.shape[-1]))
-                return getattr(kd_loss_cpu, name)(student, *args, **kwargs)
-            return call
-    monkeypatch.setattr(fallback, "_NATIVE", [Counting()])
+    def counting(student, *args, **kwargs):
+        calls.append((kwargs.get("reduction", "none"), student.shape[-1]))
+        return kd_loss_cpu.kd_loss_cpu(student, *args, **kwargs)
+    counting.reduces = True
+    monkeypatch.setattr(dispatch, "compiled_kernel",
+                        lambda family: counting if family == "dense" else None)
     for num_classes in (10, 5000):
         student = torch.randn(5, num_classes, requires_grad=True)
         fastkd.kd_loss(student, torch.randn(5, num_classes)).backward()
-        fallback.kd_forward_torch(student.detach(), torch.randn(5, num_classes), None,
-                                  teacher_labels=False, temperature=1.0, soft_weight=1.0,
-                                  hard_weight=0.0, divergence="forward_kl", beta=0.5,
-                                  ignore_index=-100, grad_scale=1.0, grad=None)
-    assert calls == [("kd_loss_cpu", 10), ("kd_forward_cpu", 10), ("kd_loss_cpu", 5000),
-                     ("kd_forward_cpu", 5000)]
-    monkeypatch.setattr(fallback, "_NATIVE", [None])
-    assert fallback.cpu_kernel_takes(torch.randn(2, 10)) is None
+        fastkd.linear_kd_loss(torch.randn(5, 8), torch.randn(num_classes, 8),
+                              torch.randn(5, num_classes))
+    assert calls == [("batchmean", 10), ("none", 10), ("batchmean", 5000), ("none", 5000)]
+    monkeypatch.setattr(dispatch, "compiled_kernel", lambda family: None)
+    from fastkd.reference_dense import kd_dense_torch
+    assert dispatch.dispatch("torch", "dense", "cpu") is kd_dense_torch
 
 
 @pytest.mark.parametrize("grad_inplace", [False, True])

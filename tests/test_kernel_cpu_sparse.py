@@ -11,12 +11,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 import torch
 
 from fastkd import SampledTargets, TopKLogits, dispatch, kd_loss
+from fastkd.options import LossOptions
 from loss_inputs import assert_close_scaled, make_labels
 from sparse_inputs import check, make_topk, reference, run_loss
 
@@ -31,11 +31,11 @@ COMBOS.append(("forward_kl", 0.5, "ignore"))
 
 @pytest.fixture(autouse=True)
 def kernel():
-    module = dispatch.sparse_cpu_kernel()
-    if module is None:
+    if dispatch.compiled_kernel("sparse") is None:
         from fastkd.kernels import kd_sparse_cpu
         pytest.skip(f"sparse CPU kernel unavailable: {kd_sparse_cpu.unavailable_reason()}")
-    return module
+    from fastkd.kernels import kd_sparse_cpu
+    return kd_sparse_cpu
 
 
 def padded_target(shape, k, temperature, seed, dtype=torch.float32):
@@ -144,10 +144,10 @@ def test_batch_sequence_view_read_in_place(reduction, kernel, monkeypatch):
 
     def recording(student_logits, *args, **kwargs):
         seen.append((student_logits.data_ptr(), student_logits.dim()))
-        return kernel.kd_sparse_forward_cpu(student_logits, *args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "_SPARSE_CPU_KERNEL",
-                        [types.SimpleNamespace(kd_sparse_forward_cpu=recording)])
+        return kernel.kd_sparse_cpu(student_logits, *args, **kwargs)
+    recording.reduces = True
+    monkeypatch.setattr(dispatch, "compiled_kernel",
+                        lambda family: recording if family == "sparse" else None)
     leaf = full.clone().requires_grad_()
     short = target.map_tensors(lambda part: part[:, :-1])
     labels = make_labels((3, 4), 77, ignored=[5])
@@ -187,11 +187,9 @@ def test_threads_match_one_thread(kernel):
         for count in (1, 3):
             torch.set_num_threads(count)
             grad = torch.empty_like(student)
-            loss = kernel.kd_sparse_forward_cpu(
+            loss = kernel.kd_sparse_cpu(
                 student, target.indices, target.values, target.lse, None, labels,
-                teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
-                divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100,
-                grad_scale=1.0, grad=grad)
+                LossOptions(), grad=grad)
             results.append((loss, grad))
     finally:
         torch.set_num_threads(threads)
@@ -213,22 +211,21 @@ def test_label_count_sum_and_guards(kernel):
     ids[2, 1] = 1000
     labels = torch.tensor([0, -100, 3, 4, 99])
     grad = torch.empty_like(student)
-    options = dict(teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
-                   divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100,
-                   grad_scale=1.0, grad=grad)
+    options = dict(grad_scale=1.0, grad=grad)
     rows, total, counts = kernel.kd_sparse_rows_cpu(
-        student, ids, target.values, target.lse, None, labels, reduction="batchmean", **options)
+        student, ids, target.values, target.lse, None, labels, LossOptions(),
+        reduction="batchmean", **options)
     assert counts == (4, 1)
     assert torch.isfinite(rows[[0, 1]]).all() and rows[1] == 0 and not grad[1].any()
     assert torch.isnan(rows[[2, 3, 4]]).all() and torch.isnan(grad[[2, 3, 4]]).all()
     rows, total, _ = kernel.kd_sparse_rows_cpu(
         student[:1], ids[:1], target.values[:1], target.lse[:1], None, labels[:1],
-        reduction="batchmean", **dict(options, grad=grad[:1]))
+        LossOptions(), reduction="batchmean", **dict(options, grad=grad[:1]))
     assert total == pytest.approx(rows[0].item(), rel=1e-6)
     one_kept = grad[0].clone()
     rows, total, counts = kernel.kd_sparse_rows_cpu(
         student[:2], ids[:2], target.values[:2], target.lse[:2], None,
-        torch.tensor([0, 5]), reduction="batchmean", **dict(options, grad=grad[:2]))
+        torch.tensor([0, 5]), LossOptions(), reduction="batchmean", **dict(options, grad=grad[:2]))
     assert counts == (2, 0)
     assert total != total   # row 1 is NaN and kept
     torch.testing.assert_close(grad[0] * 2, one_kept)   # the gradient scaled by 1 / kept
@@ -241,7 +238,7 @@ def test_turned_off_by_the_environment():
         import torch
         from fastkd import TopKLogits, dispatch, kd_loss
         from fastkd.kernels import kd_sparse_cpu
-        assert dispatch.sparse_cpu_kernel() is None
+        assert dispatch.compiled_kernel("sparse") is None
         print(kd_sparse_cpu.unavailable_reason())
         top = torch.randn(3, 10).topk(2)
         print(float(kd_loss(torch.randn(3, 10), TopKLogits(top.values, top.indices,
@@ -283,9 +280,8 @@ def rows_call(kernel, target, labels=None, mass_temperature=1.0, student=None):
     return kernel.kd_sparse_rows_cpu(
         student, target.indices, None if sampled else target.values,
         None if sampled else target.lse, target.counts if sampled else None, labels,
-        teacher_labels=False, temperature=1.0, soft_weight=0.5, hard_weight=0.5,
-        divergence="forward_kl", beta=0.5, tail="bucket", ignore_index=-100, grad_scale=1.0,
-        grad=None, check_values=True, mass_temperature=mass_temperature)[0]
+        LossOptions(), grad_scale=1.0, grad=None, check_values=True,
+        mass_temperature=mass_temperature)[0]
 
 
 def test_the_kernel_checks_the_data(kernel, monkeypatch):

@@ -3,13 +3,13 @@
 Runs on CUDA when present, else in Triton's CPU interpreter (see conftest.py), so shapes are
 small; the large-V cases use one or two rows.
 """
-import os
 
 import pytest
 import torch
 
 from fastkd import kd_loss
 from fastkd.kernels.kd_loss import MAX_BLOCK_V, block_settings, kd_forward_triton
+from fastkd.options import LossOptions
 from loss_inputs import assert_close_scaled, make_labels
 from reference import reference_kd_loss, reference_row_losses
 
@@ -291,9 +291,8 @@ def test_grad_inplace_into_strided_rows_keeps_padding(kernel_device):
     expected = reference_kd_loss(student_ref, teacher.double().cpu(), labels.cpu(),
                                  temperature=2.0)
     (expected_grad,) = torch.autograd.grad(expected, student_ref)
-    grad = kd_forward_triton(view, teacher, labels, teacher_labels=False, temperature=2.0,
-                             soft_weight=0.5, hard_weight=0.5, divergence="forward_kl", beta=0.5,
-                             ignore_index=-100, grad_scale=1 / 3, grad=view)
+    grad = kd_forward_triton(view, teacher, labels, LossOptions(temperature=2.0),
+                             grad_scale=1 / 3, grad=view)
     assert grad.shape == (3,)
     assert_close_scaled(wide[:, :40], expected_grad, 1e-5)
     assert torch.equal(wide[:, 40:], padding)
@@ -303,10 +302,10 @@ def test_grad_inplace_into_strided_rows_keeps_padding(kernel_device):
 def _direct_call(student, teacher, labels, divergence, beta, block_v, grad=True,
                  teacher_labels=False, temperature=2.0, grad_scale=0.5, block_rows=None):
     buffer = torch.full_like(student, float("nan")) if grad else None
-    row_loss = kd_forward_triton(
-        student, teacher, labels, teacher_labels=teacher_labels, temperature=temperature,
-        soft_weight=0.6, hard_weight=0.3, divergence=divergence, beta=beta, ignore_index=-100,
-        grad_scale=grad_scale, grad=buffer, block_v=block_v, block_rows=block_rows)
+    options = LossOptions(temperature=temperature, soft_weight=0.6, hard_weight=0.3,
+                          divergence=divergence, beta=beta, label_mode=2 if teacher_labels else 0)
+    row_loss = kd_forward_triton(student, teacher, labels, options, grad_scale=grad_scale,
+                                 grad=buffer, block_v=block_v, block_rows=block_rows)
     return row_loss, buffer
 
 
@@ -430,25 +429,17 @@ def test_strided_3d_views_with_row_tiles(kernel_device):
 
 def test_direct_call_rejects_bad_buffers(kernel_device):
     student, teacher = make_logits((2, 8))
+    soft_only = LossOptions(soft_weight=1.0, hard_weight=0.0)
     with pytest.raises(ValueError, match="grad must be a"):
-        kd_forward_triton(student, teacher, None, teacher_labels=False, temperature=1.0,
-                          soft_weight=1.0, hard_weight=0.0, divergence="forward_kl", beta=0.5,
-                          ignore_index=-100, grad_scale=1.0, grad=torch.empty(2, 8).half())
+        kd_forward_triton(student, teacher, None, soft_only, grad=torch.empty(2, 8).half())
     with pytest.raises(ValueError, match="last-dim stride 1"):
-        kd_forward_triton(student.t(), teacher.t(), None, teacher_labels=False, temperature=1.0,
-                          soft_weight=1.0, hard_weight=0.0, divergence="forward_kl", beta=0.5,
-                          ignore_index=-100, grad_scale=1.0, grad=None)
+        kd_forward_triton(student.t(), teacher.t(), None, soft_only, grad=None)
 
 
 # Ahead-of-time compilation for sm_80 / sm_90 (register spills included): test_kernel_aot.py.
 
 
-# ----------------------------------------------------------------------------- vs the fallback
-fallback_available = os.path.exists(
-    os.path.join(os.path.dirname(__file__), "..", "fastkd", "fallback.py"))
-
-
-@pytest.mark.skipif(not fallback_available, reason="fastkd/fallback.py not written yet")
+# ----------------------------------------------------------------------------- vs backend="torch"
 @pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("jsd", 0.3)])
 def test_matches_torch_backend(divergence, beta, kernel_device):
     student, teacher = make_logits((4, 257))

@@ -167,17 +167,18 @@ def test_sparse_teachers(kind, tail, divergence):
 def test_sparse_teachers_on_cpu_run_in_the_compiled_kernel(monkeypatch):
     """CPU chunks of a sparse teacher go to the compiled sparse CPU kernel (the one dispatch
     point's choice for kd_loss too), with the float64 reference's numbers."""
-    from fastkd.dispatch import sparse_cpu_kernel
-    kernel = sparse_cpu_kernel()
-    if kernel is None:
+    from fastkd import dispatch
+    real = dispatch.compiled_kernel("sparse")
+    if real is None:
         pytest.skip("the compiled sparse CPU kernel is not built here")
     calls = []
-    real = kernel.kd_sparse_forward_cpu
 
     def recording(student, *args, **kwargs):
         calls.append(student.shape[0])
         return real(student, *args, **kwargs)
-    monkeypatch.setattr(kernel, "kd_sparse_forward_cpu", recording)
+    recording.reduces = True
+    monkeypatch.setattr(dispatch, "compiled_kernel",
+                        lambda family: recording if family == "sparse" else None)
     case = make_case(rows=(3, 7), seed=21)
     teacher = teacher_of(case, "topk", temperature=2.0)
     got = fused(case, teacher, case["labels"], chunk_rows=4, temperature=2.0)
@@ -236,7 +237,7 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     and one of a teacher head's logits here); chunk_rows overrides it."""
     import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
-    real = chunks._dispatch
+    real = chunks.dispatch
 
     def recording_dispatch(backend, family="dense", device=None):
         kernel = real(backend, family, device)
@@ -245,7 +246,7 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
             seen.append(student.shape[0])
             return kernel(student, *args, **kwargs)
         return record
-    monkeypatch.setattr(chunks, "_dispatch", recording_dispatch)
+    monkeypatch.setattr(chunks, "dispatch", recording_dispatch)
     case = make_case(rows=(50,), vocab=64, ignored=0)
     teacher = teacher_of(case, "head")
     per_row = 64 * 4 * 2
@@ -280,8 +281,8 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     gradient of an ignored row is exactly 0; 'none' gives 0 there."""
     import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
-    real = chunks._dispatch
-    monkeypatch.setattr(chunks, "_dispatch", lambda backend, family="dense", device=None: (
+    real = chunks.dispatch
+    monkeypatch.setattr(chunks, "dispatch", lambda backend, family="dense", device=None: (
         lambda student, *a, **k: seen.append(student.shape[0])
         or real(backend, family, device)(student, *a, **k)))
     case = make_case(rows=(30,), ignored=0.5, seed=3)

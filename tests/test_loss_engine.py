@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fastkd.autograd
 import fastkd.loss as loss_module
 from fastkd import kd_loss
 from reference import reference_kd_loss
@@ -249,7 +250,7 @@ class CountSyncs(TorchDispatchMode):
 @pytest.fixture
 def cpu_counts_as_device(monkeypatch):
     """Run the code paths meant for a GPU (deferred label check, device-side counts) on CPU."""
-    monkeypatch.setattr(loss_module, "_SYNCING_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(fastkd.autograd, "SYNCING_DEVICES", {"cuda", "cpu"})
 
 
 def _sync_inputs(vocab=16):

@@ -1,6 +1,6 @@
 """Sparse teacher targets through kd_loss (fastkd/sparse_loss.py, kernels/kd_sparse.py,
-fastkd/fallback_sparse.py) against the float64 reference (tests/reference_sparse.py): loss AND
-gradient, on every backend: the compiled CPU kernel, the ATen ops and Triton (in the CPU
+fastkd/reference_sparse.py) against the float64 reference (tests/reference_sparse.py): loss AND
+gradient, on every backend: the compiled CPU kernel, the PyTorch reference and Triton (in the CPU
 interpreter, hence small shapes). Tolerances: tests/sparse_inputs.py.
 """
 import math
@@ -14,7 +14,8 @@ import torch
 
 import fastkd
 from fastkd import SampledTargets, TopKLogits, kd_loss
-from fastkd.fallback_sparse import kd_sparse_forward_torch
+from fastkd.options import LossOptions
+from fastkd.reference_sparse import kd_sparse_torch
 from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
 from loss_inputs import assert_close_scaled, make_labels
 from sparse_inputs import backend, check, make_topk, run_loss  # noqa: F401 (backend: fixture)
@@ -78,13 +79,11 @@ def test_triton_streams_several_blocks(tail, temperature):
     student, target, _ = make_topk((3, 150), 12, temperature, seed=5)
     labels = make_labels((3,), 150, ignored=[0])
     outputs = []
-    for forward, extra in ((kd_sparse_forward_torch, {}),
-                           (kd_sparse_forward_triton, {"block_v": 16})):
+    options = LossOptions(temperature=temperature, soft_weight=0.6, hard_weight=0.3, tail=tail)
+    for forward, extra in ((kd_sparse_torch, {}), (kd_sparse_forward_triton, {"block_v": 16})):
         grad = torch.empty_like(student)
-        loss = forward(student, target.indices, target.values, target.lse, None, labels,
-                       teacher_labels=False, temperature=temperature, soft_weight=0.6,
-                       hard_weight=0.3, divergence="forward_kl", beta=0.5, tail=tail,
-                       ignore_index=-100, grad_scale=0.5, grad=grad, **extra)
+        loss = forward(student, target.indices, target.values, target.lse, None, labels, options,
+                       grad_scale=0.5, grad=grad, **extra)
         outputs.append((loss, grad))
     assert_close_scaled(outputs[1][0], outputs[0][0], 1e-5, floor=1.0)
     assert_close_scaled(outputs[1][1], outputs[0][1], 1e-5)
@@ -391,8 +390,8 @@ def test_compact_cache_dtypes(backend):
 def test_fallback_row_chunks(monkeypatch):
     """The fallback in chunks of 3 rows: a chunk with ignored rows, one with every row ignored,
     and a short last chunk."""
-    import fastkd.fallback_sparse as fallback_sparse
-    monkeypatch.setattr(fallback_sparse, "CHUNK_BYTES", 3 * 4 * 45)
+    import fastkd.reference_sparse as reference_sparse
+    monkeypatch.setattr(reference_sparse, "CHUNK_ELEMENTS", 3 * 45)
     student, target, _ = make_topk((11, 45), 6, seed=17)
     labels = make_labels((11,), 45, ignored=[1, 3, 4, 5])
     check(student, target, labels, "torch", divergence="jsd", beta=0.4)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.checks import check_sparse_target, check_sparse_values, check_temperature_value
+from fastkd.checks import check_sparse_values, check_temperature_value
+from fastkd.targets import check_sparse_target
 
 
 def test_exported_and_from_logprobs():

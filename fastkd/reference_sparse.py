@@ -1,9 +1,9 @@
-"""PyTorch twin of the fused sparse-teacher KD kernel (kernels/kd_sparse.py): same buckets, same
-formulas, same numbers, gradient produced during the forward pass.
-
-Follows ``fastkd.sparse_loss._SPARSE_BACKEND_CONTRACT``. Rows go in chunks whose fp32 work
-buffers (one or two ``(C, V)`` buffers, reused across chunks) stay in the CPU's caches; the only
-logits-sized tensor is the caller's ``grad``. The teacher side is ``(C, K)`` throughout.
+"""The sparse-teacher KD loss in plain PyTorch: the math of the sparse kernels
+(kernels/kd_sparse.py, kernels/kd_sparse_cpu.c) and the backend that runs where they do not
+(``backend="torch"`` on a GPU, an install without a C compiler). Same buckets, same formulas,
+same numbers; the gradient is written out by formula during the forward pass. Follows
+``fastkd.dispatch.SparseBackend`` on ``(N, V)`` rows; rows go in chunks of at most
+``CHUNK_ELEMENTS`` student elements. The teacher side is ``(C, K)`` throughout.
 
 Per chunk (``u = z_s / T``, ``e = exp((z_s - max z_s) / T)``, ``S`` = the K teacher ids):
 
@@ -21,22 +21,16 @@ bucket (their class stays in the rest bucket) and are never written (their scatt
 to the row's first real entry, with that entry's value; in a row without real entries it writes
 back the value already there).
 """
+import math
 from typing import Optional
 
 import torch
 
-from fastkd.fallback import CHUNK_BYTES as _DENSE_CHUNK_BYTES
-from fastkd.fallback import CHUNK_BYTES_DEVICE, _chunk_targets, _scaled_shift
-from fastkd.scratch import Workspace as _Workspace
+from fastkd.reference_dense import CHUNK_ELEMENTS
 
-__all__ = ["kd_sparse_forward_torch", "bucket_terms"]
+__all__ = ["kd_sparse_torch", "bucket_terms"]
 
 _MINUS_INF = float("-inf")
-# fp32 work-buffer size per chunk on CPU: 4x the dense fallback's, since only one or two (C, V)
-# buffers are live here (the dense path keeps ~5). Measured at 2048 x 32000 fp32, 2 threads,
-# under load: 2 MB chunks 202 ms, 8 MB 160 ms, 32 MB 153 ms (the K-sized math is ~100 small ops
-# per chunk, so fewer chunks save per-op overhead).
-CHUNK_BYTES = 4 * _DENSE_CHUNK_BYTES
 
 
 def _xlogy(weight, log_weight, log_other):
@@ -46,7 +40,6 @@ def _xlogy(weight, log_weight, log_other):
 
 def _log_mixture(log_q, log_p, beta):
     """log(beta p + (1 - beta) q) without underflow (logaddexp of the two weighted terms)."""
-    import math
     return torch.logaddexp(math.log(beta) + log_p, math.log1p(-beta) + log_q)
 
 
@@ -119,7 +112,7 @@ def _log_softmax_kept(scaled, active):
     return shifted - shifted.exp().sum(1, keepdim=True).log()
 
 
-def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts, work):
+def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts):
     """Row losses (C,) float32 of one chunk; fills ``grad`` (C, V) when it is not None."""
     rows, num_classes = student.shape
     temp, inv_temp = opts["temperature"], 1.0 / opts["temperature"]
@@ -150,7 +143,7 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         shift = torch.where(max_s == _MINUS_INF, torch.zeros_like(max_s), max_s)
     exp_s = sum_exp = None
     if stats:
-        exp_s = _scaled_shift(student, shift, inv_temp, work.get("exp", rows)).exp_()
+        exp_s = ((student.float() - shift) * inv_temp).exp_()
         if tail == "bucket":            # the kept columns are their own buckets
             exp_s.scatter_(1, ids, torch.where(row_active, 0.0, exp_s.gather(1, ids)))
         sum_exp = exp_s.sum(1)
@@ -188,7 +181,7 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
         if stats and temp == 1.0:
             log_sum_ce, exp_ce = log_sum_s, exp_s        # p_s is softmax(z_s) at T = 1
         else:
-            exp_ce = torch.sub(student, shift, out=work.get("exp_ce", rows)).exp_()
+            exp_ce = (student.float() - shift).exp_()
             log_sum_ce = exp_ce.sum(1).log()
         hard_term = log_sum_ce - (label_logit - shift.view(-1))
         if hard_on is not None:
@@ -245,54 +238,34 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts,
 
 
 @torch.no_grad()
-def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
-                            values: Optional[torch.Tensor], lse: Optional[torch.Tensor],
-                            counts: Optional[torch.Tensor], labels: Optional[torch.Tensor], *,
-                            teacher_labels: bool, temperature: float, soft_weight: float,
-                            hard_weight: float, divergence: str, beta: float, tail: str,
-                            ignore_index: int, grad_scale: float,
-                            grad: Optional[torch.Tensor]) -> torch.Tensor:
-    """Row losses ``(N,)`` float32; fills ``grad`` with ``grad_scale * d row_loss / dz_s``
-    when it is given (see the contract in ``fastkd.sparse_loss``)."""
-    if student_logits.dim() == 3:   # (B, S, V) rows: flattened (a copy when not mergeable)
-        rows_grad = None if grad is None else grad.reshape(-1, grad.shape[-1])
-        row_loss = kd_sparse_forward_torch(
-            student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts,
-            labels,
-            teacher_labels=teacher_labels, temperature=temperature, soft_weight=soft_weight,
-            hard_weight=hard_weight, divergence=divergence, beta=beta, tail=tail,
-            ignore_index=ignore_index, grad_scale=grad_scale, grad=rows_grad)
-        if grad is not None and rows_grad.data_ptr() != grad.data_ptr():
-            grad.copy_(rows_grad.view(grad.shape))   # grad was not a view of rows
-        return row_loss
+def kd_sparse_torch(student_logits: torch.Tensor, indices: torch.Tensor,
+                    values: Optional[torch.Tensor], lse: Optional[torch.Tensor],
+                    counts: Optional[torch.Tensor], labels: Optional[torch.Tensor], options, *,
+                    grad: Optional[torch.Tensor], grad_scale=1.0) -> torch.Tensor:
+    """Row losses ``(N,)`` float32 of ``(N, V)`` student rows; fills ``grad`` with
+    ``grad_scale * d row_loss / dz_s`` when it is given. The caller has checked every label."""
     num_rows, num_classes = student_logits.shape
     device = student_logits.device
     row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    if num_rows == 0:
-        return row_loss
-    opts = dict(temperature=float(temperature), soft_weight=float(soft_weight),
-                hard_weight=float(hard_weight), divergence=divergence, beta=float(beta),
-                tail=tail, grad_scale=float(grad_scale), soft=soft_weight > 0,
-                teacher_labels=bool(teacher_labels))
-    has_hard = hard_weight > 0 and (labels is not None or teacher_labels)
-    chunk_bytes = CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES_DEVICE
-    chunk_rows = max(1, min(num_rows, chunk_bytes // (4 * num_classes)))
-    work = _Workspace(chunk_rows, num_classes, device, family="sparse")
+    opts = dict(temperature=options.temperature, soft_weight=options.soft_weight,
+                hard_weight=options.hard_weight, divergence=options.divergence,
+                beta=options.beta, tail=options.tail, grad_scale=grad_scale,
+                soft=options.soft_weight > 0, teacher_labels=options.teacher_labels)
+    has_hard = options.hard_weight > 0 and (labels is not None or options.teacher_labels)
+    chunk_rows = max(1, CHUNK_ELEMENTS // max(num_classes, 1))
     for start in range(0, num_rows, chunk_rows):
-        stop = min(start + chunk_rows, num_rows)
-        part = slice(start, stop)
+        part = slice(start, start + chunk_rows)
         ids = indices[part].long()
         grad_chunk = grad[part] if grad is not None else None
         targets = keep = None
         if labels is not None:
-            # the caller checked every label (fastkd.checks.check_sparse_values): no clamping
-            targets, keep, _, kept = _chunk_targets(labels[part], ignore_index, num_classes,
-                                                    labels_in_range=True)
-            if kept == 0:
+            keep = labels[part] != options.ignore_index
+            if not bool(keep.any()):   # nothing kept: loss 0 (already), gradient 0
                 if grad_chunk is not None:
                     grad_chunk.zero_()
                 continue
-        elif teacher_labels:
+            targets = torch.where(keep, labels[part], 0)
+        elif options.teacher_labels:
             score = counts[part].float() if counts is not None else values[part].float()
             targets = ids.gather(1, score.argmax(1, keepdim=True)).view(-1)
         if not has_hard:
@@ -300,5 +273,5 @@ def kd_sparse_forward_torch(student_logits: torch.Tensor, indices: torch.Tensor,
         row_loss[part] = _process_chunk(
             student_logits[part], ids, values[part] if values is not None else None,
             lse[part] if lse is not None else None,
-            counts[part] if counts is not None else None, targets, keep, grad_chunk, opts, work)
+            counts[part] if counts is not None else None, targets, keep, grad_chunk, opts)
     return row_loss
