@@ -1,25 +1,12 @@
 """Token datasets for causal language models, and the collator that lines their teacher rows up
-with a student's logits. Pure PyTorch (``datasets``/``pyarrow`` only to read those formats).
+with a student's logits. The conventions, decided here:
 
-Conventions (the one place they are decided):
-
-- **Rows are next-token targets.** For a sequence of ``n`` attended tokens the teacher gives
-  ``n`` rows; row ``j`` is the teacher's logits at position ``j``, i.e. its distribution for
-  token ``j + 1``. A causal student's logits at position ``j`` predict the same token, so
-  ``student_logits[:, j]`` pairs with teacher row ``j`` with no shifting by the user.
-- **Labels.** Hugging Face ``labels`` are *unshifted* (``labels[j]`` is token ``j`` itself;
-  the model's loss shifts them). fastkd's items carry *next-token* labels:
-  ``labels[j] = hf_labels[j + 1]`` and the last position ``ignore_index`` (it has no next
-  token in the sample). A dataset without ``labels`` uses its ``input_ids`` (HF's causal-LM
-  convention), shifted the same way.
-- **Padding and masks produce no rows.** Positions with ``attention_mask == 0`` are dropped
-  before the teacher runs; the mask must be one contiguous run of ones (left or right
-  padding), so what remains is exactly the sequence the model saw.
-
-:class:`TokenDataset` reads ``jsonl:``, ``parquet:`` and ``hf-disk:`` sources (what
-``fastkd cache --dataset`` accepts); :func:`collate_causal_lm` pads a batch for a student
-(``input_ids``, ``attention_mask``, HF ``labels``, next-token ``shift_labels`` and, when items
-come from :class:`fastkd.CachedDataset`, the aligned ``teacher_targets``).
+- **Rows are next-token targets**: teacher row ``j`` is its distribution for token ``j + 1``, so
+  it pairs with ``student_logits[:, j]`` without shifting.
+- **Labels**: items carry next-token labels, ``labels[j] = hf_labels[j + 1]`` (HF ``labels``
+  are unshifted; default the ``input_ids``) and the last ``ignore_index``.
+- **Padding produces no rows**: unattended positions are dropped before the teacher runs; the
+  mask must be one contiguous run of ones.
 """
 import json
 import os
@@ -28,14 +15,12 @@ from typing import List, Optional, Sequence
 import torch
 
 from fastkd.extras import require
+from fastkd.hf_text import IGNORE_INDEX, TEXT_FIELDS, TextTokenizer
 from fastkd.targets import SampledTargets, TopKLogits
 
 __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to_dict",
            "targets_from_dict", "TOKEN_SOURCES"]
 
-IGNORE_INDEX = -100
-# the fields of a text row (tokenized by fastkd.hf_text), and of any row
-TEXT_FIELDS = ("text", "prompt", "completion", "messages")
 ROW_FIELDS = ("input_ids",) + TEXT_FIELDS
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
@@ -43,9 +28,7 @@ TOKEN_SOURCES = ("jsonl", "parquet", "hf-disk")
 
 def _int_list(value, what: str) -> List[int]:
     """A flat list of ints from a list / array / tensor, or a ValueError naming ``what``."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    elif hasattr(value, "tolist"):  # numpy, pyarrow scalars
+    if hasattr(value, "tolist"):  # tensors, numpy, pyarrow scalars
         value = value.tolist()
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(x, int) and not isinstance(x, bool) for x in value):
@@ -72,10 +55,8 @@ def _max_length(value: Optional[int]) -> Optional[int]:
 
 
 def learned_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``(L,)`` bool: the positions of one sequence that a token cache keeps rows for: those
-    whose next-token label is not ``ignore_index`` (a prompt's positions are not learned), and
-    the last position (its label is ``ignore_index`` only because the sequence ends there). A
-    sequence with no ignored label keeps every row."""
+    """``(L,)`` bool: the positions of one sequence a token cache keeps rows for: those with a
+    next-token label, and the last (ignored only because the sequence ends there)."""
     keep = torch.as_tensor(labels).reshape(-1) != ignore_index
     keep[-1:] = True
     return keep
@@ -120,23 +101,15 @@ def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX, *,
 
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Tokenized rows for a causal LM, read from a file or a saved ``datasets`` dataset.
+    """Tokenized rows for a causal LM: items ``{"input_ids": (n,), "labels": (n,)}`` of the
+    attended tokens and their next-token labels, validated on access.
 
-    Items: ``{"input_ids": (n_i,) int64, "labels": (n_i,) int64}``: the ``n_i`` attended
-    tokens and their next-token labels (see the module docstring). Rows are validated on
-    access (errors name the source and row).
-
-    Rows hold ``input_ids`` (optional ``attention_mask``, ``labels``), or text to tokenize:
-    ``text``, ``prompt`` + ``completion`` or chat ``messages`` (see :mod:`fastkd.hf_text`),
-    with ``tokenizer``: a :class:`fastkd.hf_text.TextTokenizer` or the path of a local
-    tokenizer directory (loaded on the first text row). ``max_length``: keep the first
-    ``max_length`` tokens of every row (right truncation, as ``transformers`` truncates by
-    default); the last kept position then has no next-token label.
+    Rows hold ``input_ids`` (optional ``attention_mask``, ``labels``), or text
+    (:mod:`fastkd.hf_text`) with ``tokenizer``: a :class:`fastkd.hf_text.TextTokenizer` or a
+    local tokenizer directory. ``max_length`` keeps the first ``max_length`` tokens of a row.
     """
 
-    # what `fastkd cache` stores of a sequence: the rows of its learned positions
-    # (:func:`learned_positions`)
-    cache_rows = "learned"
+    cache_rows = "learned"  # `fastkd cache` stores the rows of :func:`learned_positions`
 
     def __init__(self, rows, source: str = "rows", *, ignore_index: int = IGNORE_INDEX,
                  locations: Optional[Sequence[str]] = None, tokenizer=None,
@@ -148,7 +121,6 @@ class TokenDataset(torch.utils.data.Dataset):
         self.locations = locations
         self.tokenizer, self.max_length = tokenizer, _max_length(max_length)
 
-    # ------------------------------------------------------------------------- sources
     @classmethod
     def from_spec(cls, spec: str, split: Optional[str] = "train", *, tokenizer=None,
                   max_length: Optional[int] = None) -> "TokenDataset":
@@ -227,7 +199,6 @@ class TokenDataset(torch.utils.data.Dataset):
                              f"(columns: {loaded.column_names})")
         return cls(loaded, source=f"hf-disk:{path}")
 
-    # ------------------------------------------------------------------------- items
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -247,7 +218,6 @@ class TokenDataset(torch.utils.data.Dataset):
                              f"--tokenizer DIR (`fastkd cache` uses an hf: teacher's own by "
                              f"default; TokenDataset(..., tokenizer=DIR) in Python)")
         if isinstance(self.tokenizer, (str, os.PathLike)):
-            from fastkd.hf_text import TextTokenizer
             self.tokenizer = TextTokenizer.from_dir(self.tokenizer)
         return self.tokenizer
 
@@ -273,13 +243,10 @@ class _TableRows:
         return {name: self.table.column(name)[index].as_py() for name in self.table.column_names}
 
 
-# ----------------------------------------------------------------------------- collation
 def targets_to_dict(target):
-    """A sparse target as a plain dict (``{"kind": "topk", "values", "indices", "lse",
-    "temperature", "num_classes"}`` or ``{"kind": "sampled", "indices", "counts",
-    "num_classes", "temperature"}``): the form
-    ``transformers.Trainer`` can move between devices (it rebuilds tuples from a generator,
-    which named tuples do not accept). Dense tensors pass through."""
+    """A sparse target as a plain dict with a ``"kind"`` (``"topk"`` or ``"sampled"``), which
+    ``transformers.Trainer`` can move between devices (named tuples it cannot). Dense tensors
+    pass through."""
     if isinstance(target, TopKLogits):
         return {"kind": "topk", "values": target.values, "indices": target.indices,
                 "lse": target.lse, "temperature": target.temperature,
@@ -313,9 +280,8 @@ def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
 
 
 def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number: int):
-    """One sample's cached rows -> one row per position: a cache of every position as it is;
-    a cache of the learned positions (:func:`learned_positions`) with zero rows put at the
-    others (their labels are ``ignore_index``, so no loss sees them)."""
+    """One sample's cached rows -> one row per position (zero rows at the positions a cache of
+    :func:`learned_positions` leaves out; their labels are ignored)."""
     parts = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher.tensors())
     rows, length = parts[0].shape[0], labels.shape[0]
     if rows == length:
@@ -338,8 +304,7 @@ def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number:
 
 
 def _pad_targets(targets, length: int):
-    """Teacher rows per sample -> one batch target padded to ``length`` positions (padding
-    rows are zeros; their labels are ``ignore_index`` so no loss sees them)."""
+    """Teacher rows per sample -> one batch target padded with zero rows to ``length``."""
     first = targets[0]
     if isinstance(first, torch.Tensor):
         return _pad(targets, length, 0)
@@ -363,22 +328,12 @@ def _pad_targets(targets, length: int):
 def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX,
                       pad_to_multiple_of: Optional[int] = None,
                       targets_as_dict: bool = False) -> dict:
-    """Right-pad a batch for a causal LM student.
-
-    ``items``: :class:`TokenDataset` items (dicts) or :class:`fastkd.CachedDataset` items
-    ``(input dict, next-token labels, teacher rows)``. Returns a dict:
-
-    - ``input_ids (B, L)`` (padded with ``pad_token_id``), ``attention_mask (B, L)``;
-    - ``labels (B, L)``: Hugging Face convention (unshifted; ``-100``/``ignore_index`` at
-      position 0 and padding), so ``model(**batch)`` computes the usual LM loss and the
-      Trainer counts tokens exactly;
-    - ``shift_labels (B, L)``: next-token labels, ``shift_labels[:, j]`` is the target of the
-      logits at position ``j`` (``ignore_index`` at each sequence's last token and padding);
-    - ``teacher_targets`` (cached items only): ``(B, L, V)`` dense rows or a ``TopKLogits`` /
-      ``SampledTargets`` of ``(B, L, K)``, position ``j`` aligned with the student's logits
-      at ``j``: ``kd_loss(student_logits, batch["teacher_targets"], batch["shift_labels"])``.
-      With ``targets_as_dict=True`` sparse targets come as :func:`targets_to_dict` dicts
-      (for the stock ``transformers.Trainer``; :class:`fastkd.hf.DistillationLoss` reads both).
+    """Right-pad a batch of :class:`TokenDataset` items or :class:`fastkd.CachedDataset` items
+    ``(inputs, next-token labels, teacher rows)`` for a causal LM student: ``input_ids``,
+    ``attention_mask``, HF ``labels`` (unshifted), ``shift_labels`` (next-token) and, for cached
+    items, ``teacher_targets`` aligned with the student's logits:
+    ``kd_loss(student_logits, batch["teacher_targets"], batch["shift_labels"])``. With
+    ``targets_as_dict`` sparse targets come as :func:`targets_to_dict` dicts.
     """
     if not items:
         raise ValueError("collate_causal_lm: empty batch")
