@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["kd_forward_triton", "block_settings", "column_settings", "launch_config", "aot_specializations"]
+__all__ = ["kd_forward_triton", "block_settings", "column_settings", "launch_config",
+           "aot_specializations", "safe_max", "log_mixture", "check_labels_and_divergence"]
 
 # divergence codes (constexpr); NONE when soft_weight == 0
 _NONE, _FORWARD_KL, _REVERSE_KL, _JSD, _MSE = 0, 1, 2, 3, 4
@@ -101,14 +102,14 @@ def _load_tile(row_ptrs, cols, mask):
 
 
 @triton.jit
-def _safe_max(running_max):
+def safe_max(running_max):
     """The shift to subtract: the running max, or 0 while everything seen so far is -inf
     (keeps ``-inf - -inf`` out of exp; NaN passes through unchanged)."""
     return tl.where(running_max == float("-inf"), 0.0, running_max)
 
 
 @triton.jit
-def _log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta):
+def log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta):
     """``log(beta p_t + (1 - beta) p_s)`` as a log-sum-exp of two terms, exact when either
     probability underflows. Written with comparisons, not tl.maximum, so a NaN stays NaN."""
     from_teacher = log_beta + log_p_t
@@ -207,7 +208,7 @@ def _kd_loss_kernel(
             sum_sq += tl.sum(diff * diff, axis=1)
         if SOFTMAX_DIVERGENCE or HARD:
             new_max_s = tl.maximum(max_s, tl.max(z_s, axis=1))
-            shift_s = _safe_max(new_max_s)
+            shift_s = safe_max(new_max_s)
             # old-to-new max step in units of 1/T (<= 0; -inf when nothing was seen yet)
             step_s = (max_s - shift_s) * inv_temperature
             if HARD and not CE_SHARES_SOFTMAX:
@@ -215,7 +216,7 @@ def _kd_loss_kernel(
                               + tl.sum(tl.exp(z_s - shift_s[:, None]), axis=1))
             if SOFTMAX_DIVERGENCE:
                 new_max_t = tl.maximum(max_t, block_max_t)
-                shift_t = _safe_max(new_max_t)
+                shift_t = safe_max(new_max_t)
                 step_t = (max_t - shift_t) * inv_temperature
                 scaled_s = (z_s - shift_s[:, None]) * inv_temperature
                 scaled_t = (z_t - shift_t[:, None]) * inv_temperature
@@ -238,9 +239,9 @@ def _kd_loss_kernel(
     row_loss = zero
     divergence = zero
     if SOFTMAX_DIVERGENCE or HARD:
-        shift_s = _safe_max(max_s)
+        shift_s = safe_max(max_s)
     if SOFTMAX_DIVERGENCE:
-        shift_t = _safe_max(max_t)
+        shift_t = safe_max(max_t)
         log_sum_s = tl.log(sum_exp_s)
         log_sum_t = tl.log(sum_exp_t)
     if DIVERGENCE == 1:   # KL(p_t||p_s) = sum p_t (s_t - s_s) - log sum_t + log sum_s
@@ -261,7 +262,7 @@ def _kd_loss_kernel(
             z_t = _load_tile(teacher_rows, cols, mask)
             log_p_s = (z_s - shift_s[:, None]) * inv_temperature - log_sum_s[:, None]
             log_p_t = (z_t - shift_t[:, None]) * inv_temperature - log_sum_t[:, None]
-            log_m = _log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
+            log_m = log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
             g = (1.0 - beta) * (log_p_s - log_m)
             student_dot_g += tl.sum(
                 tl.where(log_p_s == float("-inf"), 0.0, tl.exp(log_p_s) * g), axis=1)
@@ -317,7 +318,7 @@ def _kd_loss_kernel(
                         log_p_s == float("-inf"), 0.0,
                         p_s * (log_p_s - log_p_t - divergence[:, None]))
                 if DIVERGENCE == 3:
-                    log_m = _log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
+                    log_m = log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
                     g = (1.0 - beta) * (log_p_s - log_m)
                     grad += soft_scale * tl.where(
                         log_p_s == float("-inf"), 0.0, p_s * (g - student_dot_g[:, None]))
@@ -342,7 +343,7 @@ def _check_matrix(name: str, tensor: torch.Tensor) -> None:
                          f"{tensor.stride()}")
 
 
-def _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence, codes) -> None:
+def check_labels_and_divergence(labels, teacher_labels, num_rows, divergence, codes) -> None:
     """The launch arguments the dense and the sparse launchers check alike: ``labels`` None or
     a contiguous ``(num_rows,)`` int64 tensor (None with ``teacher_labels``) and a ``divergence``
     the kernel has a code for."""
@@ -414,7 +415,7 @@ def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, 
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // max(num_classes, 1)
-    _check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
+    check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
                                  _DIVERGENCE_CODES)
     if grad is not None:
         _check_matrix("grad", grad)

@@ -48,8 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels.kd_loss import (_check_labels_and_divergence, _log_mixture, _safe_max,
-                                    column_settings)
+from fastkd.kernels.kd_loss import (check_labels_and_divergence, column_settings, log_mixture,
+                                    safe_max)
 
 __all__ = ["kd_sparse_forward_triton", "MAX_K"]
 
@@ -138,7 +138,7 @@ def _kd_sparse_kernel(
                 mask = cols < num_classes
                 z = tl.load(student_row + cols, mask=mask, other=minus_inf).to(tl.float32)
                 new_max = tl.maximum(max_s, tl.max(z, axis=0))
-                shift = _safe_max(new_max)
+                shift = safe_max(new_max)
                 if HARD and not CE_SHARES_SOFTMAX:
                     sum_exp_ce = (sum_exp_ce * tl.exp(max_s - shift)
                                   + tl.sum(tl.exp(z - shift), axis=0))
@@ -152,7 +152,7 @@ def _kd_sparse_kernel(
                     sum_exp = (sum_exp * tl.exp((max_s - shift) * inv_temperature)
                                + tl.sum(exp_block, axis=0))
                 max_s = new_max
-        shift_s = _safe_max(max_s)
+        shift_s = safe_max(max_s)
 
         # ---------------------------------------------------------------- bucket math (K-sized)
         row_loss = 0.0
@@ -162,7 +162,7 @@ def _kd_sparse_kernel(
         if DIVERGENCE != 0:
             # student bucket log-masses log Q_k and the weights w_k of the kept columns
             if TAIL == 1:
-                max_kept = _safe_max(tl.max(z_kept, axis=0))
+                max_kept = safe_max(tl.max(z_kept, axis=0))
                 scaled_kept = (z_kept - max_kept) * inv_temperature
                 log_q = scaled_kept - tl.log(tl.sum(tl.exp(scaled_kept), axis=0))
             else:
@@ -180,7 +180,7 @@ def _kd_sparse_kernel(
             if SAMPLED:
                 log_p = tl.log(counts) - tl.log(tl.sum(tl.where(active, counts, 0.0), axis=0))
             elif TAIL == 1:
-                max_v = _safe_max(tl.max(values, axis=0))
+                max_v = safe_max(tl.max(values, axis=0))
                 scaled_v = (values - max_v) * inv_temperature
                 log_p = scaled_v - tl.log(tl.sum(tl.exp(scaled_v), axis=0))
             else:
@@ -214,13 +214,13 @@ def _kd_sparse_kernel(
             if DIVERGENCE == 3:
                 log_beta = tl.log(beta)
                 log_one_minus_beta = tl.log(1.0 - beta)
-                log_m = _log_mixture(log_q, log_p, log_beta, log_one_minus_beta)
+                log_m = log_mixture(log_q, log_p, log_beta, log_one_minus_beta)
                 g_kept = (1.0 - beta) * (log_q - log_m)
                 student_dot_g = tl.sum(tl.where(q_kept == 0.0, 0.0, q_kept * g_kept), axis=0)
                 teacher_term = tl.sum(_masked_xlogy(p_kept, log_p, log_m), axis=0)
                 if HAS_REST:
                     q_rest = tl.exp(log_q_rest)
-                    log_m_rest = _log_mixture(log_q_rest, log_p_rest, log_beta,
+                    log_m_rest = log_mixture(log_q_rest, log_p_rest, log_beta,
                                               log_one_minus_beta)
                     g_rest = (1.0 - beta) * (log_q_rest - log_m_rest)
                     student_dot_g += tl.where(q_rest == 0.0, 0.0, q_rest * g_rest)
@@ -346,7 +346,7 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
         _check_rows("values", values, (num_rows, num_kept))
         _check_rows("lse", lse, (num_rows,), torch.float32)
     teacher_labels = options.teacher_labels
-    _check_labels_and_divergence(labels, teacher_labels, num_rows, options.divergence,
+    check_labels_and_divergence(labels, teacher_labels, num_rows, options.divergence,
                                  _DIVERGENCE_CODES)
     if grad is not None:
         _check_rows("grad", grad, tuple(student_logits.shape), student_logits.dtype)

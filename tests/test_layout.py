@@ -23,3 +23,85 @@ def test_kernels_import_nothing_from_the_api_layer():
                  if (module == "fastkd" or module.startswith("fastkd."))
                  and not module.startswith("fastkd.kernels")]
     assert not offending, offending
+
+
+def _library_modules():
+    """{module name: path} of every library module (fastkd/, its cache package, kernels/)."""
+    modules = {}
+    for folder, package in (("fastkd", "fastkd"), ("fastkd/cache", "fastkd.cache"),
+                            ("kernels", "fastkd.kernels")):
+        for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+            if name.endswith(".py"):
+                stem = name[:-3]
+                module = package if stem == "__init__" else f"{package}.{stem}"
+                modules[module] = os.path.join(ROOT, folder, name)
+    return modules
+
+
+def _imports(path):
+    """(module, names) of every absolute import in the file, inside functions too."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, ()
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module, tuple(alias.name for alias in node.names)
+
+
+def test_no_import_cycles():
+    """No two library modules import each other, directly or through others, not even with an
+    import inside a function (a package's ``__init__`` re-exporting its modules aside)."""
+    modules = _library_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = set()
+        for imported, names in _imports(path):
+            for candidate in [imported] + [f"{imported}.{name}" for name in names]:
+                if candidate in modules and candidate != module:
+                    targets.add(candidate)
+        graph[module] = {target for target in targets
+                         if not (module.endswith("__init__") or target == module.rsplit(".", 1)[0]
+                                 or modules[target].endswith("__init__.py"))}
+    cycles, state = [], {}
+
+    def visit(module, stack):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[module] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_names_across_modules():
+    """No library module imports another's underscore-private name, or reads one as an
+    attribute of a module it imported."""
+    modules = _library_modules()
+    offending = []
+    for module, path in modules.items():
+        aliases = set()
+        tree = ast.parse(open(path, encoding="utf-8").read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases.update(alias.asname for alias in node.names
+                               if alias.asname and alias.name in modules)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:
+                    if f"{node.module}.{alias.name}" in modules:
+                        aliases.add(alias.asname or alias.name)
+                    elif node.module in modules and _private(alias.name):
+                        offending.append(f"{module}: {node.module}.{alias.name}")
+        offending += [f"{module}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id in aliases and _private(node.attr)]
+    assert not offending, offending
