@@ -78,8 +78,8 @@ def block_settings(num_classes: int):
     (V = 10: 32 rows of 16 columns; V = 100: 4 x 128), else 1. Packed tiles use 4 warps; a
     single row one warp per 512 columns (16 elements per thread), between 1 and 8 warps.
 
-    Fixed rule instead of ``triton.autotune``: autotuning cannot be checked on this CPU-only
-    machine and would multiply the interpreter's run time by the number of configurations.
+    Fixed rule instead of ``triton.autotune``: autotuning cannot be checked in Triton's CPU
+    interpreter and would multiply its run time by the number of configurations.
     """
     block_v = min(triton.next_power_of_2(num_classes), MAX_BLOCK_V)
     block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_v))
