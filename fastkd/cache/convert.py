@@ -1,6 +1,5 @@
 """Teacher rows -> the arrays of a cache layout (dtype cast, top-k with log-sum-exp, seeded
-sampling from a proposal with importance weights), refusing NaN/inf and out-of-range values (sparse layouts take -inf: probability 0);
-used by the cache writer."""
+sampling with importance weights), refusing NaN/inf and out-of-range values."""
 from typing import Optional
 
 import numpy as np
@@ -24,10 +23,9 @@ def ids_to_storage(indices: torch.Tensor, num_classes: int) -> np.ndarray:
 
 
 def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
-    """``(R, draws)`` float64 uniforms in [0, 1): the rows of dataset sample ``i`` take the first
-    ``rows x draws`` numbers of ``numpy.random.default_rng([seed, i])``, in row order. A row's
-    draws depend only on the seed, its sample and its position there (not on batching, ranks
-    or resumption), so a cache is reproducible to the byte."""
+    """``(R, draws)`` float64 uniforms: the rows of dataset sample ``i`` take the first numbers of
+    ``numpy.random.default_rng([seed, i])`` in row order, independent of batching, ranks and
+    resumption."""
     uniforms = np.empty((len(row_samples), draws))
     starts = np.flatnonzero(np.r_[True, row_samples[1:] != row_samples[:-1]])
     for start, stop in zip(starts, np.r_[starts[1:], len(row_samples)]):
@@ -38,16 +36,11 @@ def _row_uniforms(row_samples: np.ndarray, draws: int, seed: int) -> np.ndarray:
 
 def sample_rows(rows: torch.Tensor, draws: int, temperature: float, uniforms: np.ndarray,
                 proposal_temperature: Optional[float] = None):
-    """Draw ``draws`` classes per row from the proposal ``q = softmax(rows / proposal)``
-    (``proposal_temperature``, default ``temperature``) by inverse CDF with the given ``(R,
-    draws)`` uniforms (float64 CDF, so classes far below float32 resolution keep their chance).
-
-    Returns ``(distinct, indices, weights)``: ``distinct (R,)`` int64 the number of distinct
-    ids drawn in each row, and ``indices`` / ``weights`` ``(E,)``, ``E = distinct.sum()``, row
-    after row the distinct ids (most drawn first, ties: smaller id first) and their weights:
-    the int64 draw counts ``c`` when the proposal is the target (``proposal == temperature``;
-    the target is ``c / draws``), else the float64 importance weights ``(c / draws) p / q``
-    with ``p = softmax(rows / temperature)``, whose expectation is ``p`` for every id."""
+    """Draw ``draws`` classes per row from ``q = softmax(rows / proposal_temperature)`` (default
+    ``temperature``) by inverse float64 CDF with the given uniforms. Returns ``(distinct (R,),
+    indices (E,), weights (E,))``: per row the distinct ids (most drawn first, then smaller id)
+    with their int64 counts ``c``, or, when the proposal differs, the float64 importance weights
+    ``(c / draws) p / q`` with ``p = softmax(rows / temperature)``."""
     proposal = temperature if proposal_temperature is None else proposal_temperature
     chunk = max(1, SAMPLE_CHUNK_ELEMENTS // rows.shape[1])
     parts = [_sample_chunk(rows[start:start + chunk], draws, temperature, proposal,
@@ -95,10 +88,8 @@ def _sample_chunk(rows: torch.Tensor, draws: int, temperature: float, proposal: 
 
 class RowConverter:
     """Teacher rows (float) -> the layout's arrays, refusing NaN/inf and out-of-range values.
-    Top-k and sampled rows take ``-inf`` logits (classes a model masks out, e.g. by an output
-    bias of ``-inf``: probability 0, as a served teacher's log-probs have them); only NaN,
-    ``+inf`` and rows without a finite logit are refused there. A top-k value of ``-inf`` (fewer
-    than K finite logits) is stored as ``-inf``."""
+    Sparse layouts take ``-inf`` logits (probability 0) and store them as such; they refuse only
+    NaN, ``+inf`` and rows without a finite logit."""
 
     def __init__(self, state: dict):
         self.layout, self.dtype, self.clamp = state["layout"], state["dtype"], state["clamp"]
@@ -109,11 +100,8 @@ class RowConverter:
 
     def __call__(self, rows: torch.Tensor, row_samples: np.ndarray):
         """``rows (R, V)`` float32 -> ``({array: (R, ...)}, clamped values per row (R,))``;
-        ``row_samples[r]`` is the dataset index of row ``r`` (for error messages and, in
-        sampled caches, the random stream of the row).
-
-        One ``aminmax`` pass decides the common case (all finite and in range: NaN and inf
-        propagate into it); only a failing batch is searched for the offending sample."""
+        ``row_samples[r]`` is row ``r``'s dataset index (for messages and sampling). One
+        ``aminmax`` pass decides the common case; only a failing batch is searched."""
         low, high = (float(bound) for bound in torch.aminmax(rows))
         finite = np.isfinite(low) and np.isfinite(high)
         sparse = self.layout in fmt.SPARSE_K_FIELD
@@ -158,8 +146,7 @@ class RowConverter:
 
     def _check_weights(self, weights: np.ndarray, distinct: np.ndarray,
                        row_samples: np.ndarray) -> None:
-        """Importance weights must survive float32: finite, and not all 0 in a row (p / q
-        beyond float32's range when the proposal is far from the target's temperature)."""
+        """Importance weights must survive float32: finite, and not all 0 in a row."""
         if not len(weights):
             return
         starts = np.zeros(len(distinct), np.int64)

@@ -1,12 +1,6 @@
-"""Cutting rows into shards and writing them (the pieces ``fastkd cache`` and ``fastkd import``
-share; the files' format is :mod:`fastkd.cache.manifest`'s).
-
-- :class:`ShardCutter` accumulates converted rows and cuts shards of whole samples at the
-  manifest's fixed row count, so shard boundaries depend only on the data, never on batching.
-- :class:`ShardWriter` writes each shard on a background thread (temp file, fsync, rename,
-  checksum while writing), then records it in the progress manifest.
-- :func:`record_or_check_shape` records the first batch's shape in the manifest and checks the
-  rest; :func:`finalize` merges the ranks' progress manifests into the final ``manifest.json``.
+"""Cutting rows into shards and writing them, for ``fastkd cache`` and ``fastkd import`` (format:
+:mod:`fastkd.cache.manifest`). Shards hold whole samples at the manifest's fixed row count, so
+their boundaries depend only on the data, never on batching.
 """
 import os
 import queue
@@ -37,14 +31,13 @@ class ShardWriter:
         raise RuntimeError(f"cache writer failed: {self.error}") from self.error
 
     def put(self, shard: dict) -> None:
-        while True:
-            if self.error is not None:
-                self._raise()
+        while self.error is None:
             try:
                 self.queue.put(shard, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                pass
+        self._raise()
 
     def close(self) -> None:
         """Finish the queued shards (or stop after an error) and re-raise a writer error."""
@@ -75,10 +68,8 @@ class ShardWriter:
 
 
 class ShardCutter:
-    """Accumulates per-sample rows and cuts shards of whole samples at fixed row counts.
-
-    Rows per shard, variable length and label kind are read from ``state`` (the progress
-    manifest), where the first batch records them."""
+    """Accumulates per-sample rows and cuts shards of whole samples at ``state``'s (the progress
+    manifest's) ``rows_per_shard``."""
 
     def __init__(self, emit: Callable[[dict], None], state: dict, rank: int, next_index: int,
                  sample_start: int, row_start: int):
@@ -108,7 +99,7 @@ class ShardCutter:
     def _cut(self, num_samples: int) -> None:
         arrays = {name: np.concatenate([batch[0][name] for batch in self.pending])
                   for name in self.pending[0][0]}
-        lengths = np.concatenate([batch[1] for batch in self.pending])
+        lengths = self._pending_lengths()
         labels = (None if self.pending[0][2] is None else
                   np.concatenate([batch[2] for batch in self.pending]))
         clamped = np.concatenate([batch[3] for batch in self.pending])
@@ -139,8 +130,7 @@ class ShardCutter:
 
 
 def labels_to_storage(labels) -> np.ndarray:
-    """Dataset labels (a CPU integer tensor) as the format's label dtype (int32), refusing values
-    it cannot hold."""
+    """Dataset labels (a CPU integer tensor) as the format's int32 label dtype, or a ValueError."""
     info = np.iinfo(fmt.LABEL_DTYPE)
     if labels.numel() and (int(labels.min()) < info.min or int(labels.max()) > info.max):
         raise ValueError(f"dataset labels must fit in int32 (class ids or a negative ignore "

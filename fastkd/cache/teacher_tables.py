@@ -1,11 +1,6 @@
-"""Row access to the tables other tools store teacher datasets in: parquet files (DistillKit's
-``data_N.parquet``, a Hugging Face Hub snapshot) or a directory written by ``datasets``'
-``save_to_disk`` (axolotl's prepared datasets). pyarrow and ``datasets`` come with the ``hf``
-extra.
-
-A source numbers its rows ``0 .. len - 1`` over all its files in order, reads a batch of rows
-from any index on (resumption) or one row (fingerprints), says where a row is for messages
-(``file: row r``, ``r`` counted from 0 in that file) and hashes its files' bytes.
+"""Row access to the tables other tools store teacher datasets in: parquet files or a
+``save_to_disk`` directory. A table numbers its rows over all its files, reads batches from any
+row on or one row, names a row's place (``file: row r``) and hashes its files.
 """
 import hashlib
 import os
@@ -179,8 +174,7 @@ class SavedTable:
 
 def open_table(paths: Sequence[str], split: str = "train"):
     """Parquet files, a directory of them (natural order; searched recursively when it holds
-    none itself) or a
-    ``save_to_disk`` directory -> a table source."""
+    none itself) or a ``save_to_disk`` directory -> a table."""
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise TableError("give a dataset directory or parquet file(s)")
