@@ -2,11 +2,11 @@
 
 - write: ``fastkd.cache.write_cache`` of a torchvision resnet18 teacher against the teacher's bare
   forward pass over the same loader (the overhead of caching is the difference).
-- read: a synthetic ``rows x vocab`` fp16 cache read back from the page cache by sequential slices
-  and by random batch gathers, each pass delivering every row once as a batch in memory.
-  ``cache.gather`` returns a copy; ``cache[i:j]`` is a zero-copy view of the memory map, so it is
-  copied into a preallocated staging buffer (as a training loop stages a batch before the
-  host-to-device copy): otherwise no page would be read at all.
+- read: a synthetic ``rows x vocab`` fp16 cache read back from the page cache by sequential
+  slices and by random batch gathers, each pass delivering every row once as a batch in memory:
+  slices by ``cache.rows(i, i + B, out=staging)`` into a preallocated staging buffer (as a
+  training loop stages a batch before the host-to-device copy), gathers by ``cache.gather``
+  into new tensors.
 - train: a small CNN student distilled with ``fastkd.kd_loss`` from cached logits vs from the
   resnet18 teacher run online each step.
 - bytes: bytes per token of a language-model teacher's cache (V = 32000): dense fp16 against
@@ -102,11 +102,12 @@ def staging_buffer(cache, batch_size: int) -> torch.Tensor:
 
 
 def read_sequential_pass(cache, batch_size: int, staging: torch.Tensor) -> int:
-    """Read every row by slices ``cache[i:i+B]``; returns the bytes read."""
+    """Read every row by slices into ``staging``, ``cache.rows(i, i + B, out=staging[:B])``;
+    returns the bytes read."""
     total = 0
-    for start in range(0, len(cache), batch_size):
-        batch = torch.as_tensor(cache[start:start + batch_size])
-        staging[:batch.shape[0]].copy_(batch)
+    for start in range(0, cache.num_rows, batch_size):
+        stop = min(start + batch_size, cache.num_rows)
+        batch = cache.rows(start, stop, out=staging[:stop - start])
         total += batch.numel() * batch.element_size()
     return total
 

@@ -86,7 +86,7 @@ def test_cache_read(benchmark, config, read_cache, pattern):
     median_s = benchmark.stats.stats.median
     _record(benchmark, f"read_{pattern}",
             f"{config.read_rows} x {config.read_vocab} {staging.dtype} cache, batch {config.read_batch}"
-            f", {'slices cache[i:i+B]' if pattern == 'sequential' else 'cache.gather(random indices)'}",
+            f", {'cache.rows(i, i+B, out=staging)' if pattern == 'sequential' else 'cache.gather(random indices)'}",
             gbps=bytes_read / median_s / 1e9, rows_per_s=config.read_rows / median_s,
             bytes_read=bytes_read)
 

@@ -33,8 +33,7 @@ TESTS_DIR = Path(__file__).parent
 def valid_caches(tmp_path_factory):
     """``{"dense": dir, "variable": dir, "wide": dir}``: a dense cache of the 100
     IndexedImages items (7 shards of 16 rows, labels per sample), a variable-length token cache
-    (labels and offsets per row) and a cache of 64 rows of width 4096 (rows big enough that a
-    slice is a view)."""
+    (labels and offsets per row) and a cache of 64 rows of width 4096 (256 KiB in 32 rows)."""
     root = tmp_path_factory.mktemp("valid")
     caches = {"dense": root / "dense", "variable": root / "variable", "wide": root / "wide"}
     write_cache(cache_helpers.digits_teacher(), cache_helpers.indexed_images(), caches["dense"],
@@ -248,7 +247,7 @@ def test_writing_into_returned_tensors_changes_no_later_read(valid_caches):
         cache = LogitCache(valid_caches[kind])
         expected = cache[:].clone()
         batch = cache[0:8]
-        batch.div_(4)  # the example from the issue
+        batch.div_(4)
         cache[3].numpy()[:] = 7  # through numpy, bypassing torch's version counter
         cache.gather([5, 1]).zero_()
         cache[:].fill_(1)
@@ -274,29 +273,55 @@ def test_writing_into_returned_tensors_changes_no_later_read(valid_caches):
     LogitCache(valid_caches["dense"]).verify()  # and the files never change
 
 
-def _mapped_file(tensor: torch.Tensor) -> str:
-    """The file mapped at ``tensor``'s first byte ("" for anonymous memory), from
-    /proc/self/maps."""
-    address = tensor.data_ptr()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            low, high = (int(part, 16) for part in fields[0].split("-"))
-            if low <= address < high:
-                return fields[5] if len(fields) > 5 else ""
-    return ""
+def test_reads_into_out(valid_caches, tmp_path):
+    """rows(..., out=) and gather(..., out=) write a dense cache's rows into the caller's
+    tensor (across shards too) and return it; later reads do not share its memory."""
+    cache = LogitCache(valid_caches["dense"])   # 7 shards of 16 rows
+    expected = cache[:].clone()
+    out = torch.full((40, 10), 5.0, dtype=expected.dtype,
+                     pin_memory=torch.cuda.is_available())
+    assert cache.rows(10, 50, out=out) is out and torch.equal(out, expected[10:50])
+    order = [99, 0, 17, 16, 50, 3] * 5 + [42] * 10
+    assert cache.gather(order, out=out) is out and torch.equal(out, expected[order])
+    strided = torch.zeros(10, 20, dtype=expected.dtype)[:, ::2]
+    assert torch.equal(cache.gather(order[:10], out=strided), expected[order[:10]])
+    out.zero_()
+    assert torch.equal(cache[:], expected)
+    variable = LogitCache(valid_caches["variable"])
+    rows = variable[0:3]
+    total = sum(len(sample) for sample in rows)
+    buffer = torch.empty((total, variable.num_classes), dtype=rows[0].dtype)
+    assert torch.equal(variable.rows(0, total, out=buffer), torch.cat(rows))
+    with pytest.raises(ValueError, match="out= does not apply to gather"):
+        variable.gather([0, 1], out=buffer)
+    torch.manual_seed(0)
+    write_cache(torch.nn.Linear(8, 12), torch.utils.data.TensorDataset(torch.randn(6, 8)),
+                tmp_path / "bf16", dtype="bf16", progress=False)
+    bf16 = LogitCache(tmp_path / "bf16")
+    assert torch.equal(bf16.rows(1, 5, out=torch.empty(4, 12, dtype=torch.bfloat16)), bf16[1:5])
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
-def test_large_slices_stay_zero_copy(valid_caches):
-    """A big slice inside one shard is a view of a file mapping of its own, not a copy."""
-    cache = LogitCache(valid_caches["wide"])
-    batch = cache[0:32]  # 32 x 4096 fp16 = 256 KiB
-    shard_file = valid_caches["wide"] / cache.manifest["shards"][0]["files"]["logits"]["file"]
-    assert batch.shape == (32, 4096)
-    assert _mapped_file(batch) == str(shard_file)
-    assert cache[0:32].data_ptr() != batch.data_ptr()  # another read, another mapping
-    assert _mapped_file(cache[0:1]) != str(shard_file)  # a small read is a copy
+@pytest.mark.parametrize("out", [
+    torch.empty(8, 10, dtype=torch.float32), torch.empty(8, 11, dtype=torch.float16),
+    torch.empty(7, 10, dtype=torch.float16),
+    torch.empty(8, 10, dtype=torch.float16, device="meta"), np.empty((8, 10), np.float16),
+], ids=["dtype", "columns", "rows", "device", "numpy"])
+def test_out_that_does_not_fit_is_refused_naming_it(valid_caches, out):
+    cache = LogitCache(valid_caches["dense"])
+    message = r"^out must be a CPU tensor of dtype torch.float16 and shape \(8, 10\) \(the rows read\); got "
+    for read in (lambda: cache.rows(0, 8, out=out), lambda: cache.gather(range(8), out=out)):
+        with pytest.raises(ValueError, match=message):
+            read()
+
+
+def test_out_is_refused_for_sparse_caches(tmp_path):
+    torch.manual_seed(0)
+    write_cache(torch.nn.Linear(8, 12), torch.utils.data.TensorDataset(torch.randn(6, 8)),
+                tmp_path / "topk", top_k=3, progress=False)
+    cache = LogitCache(tmp_path / "topk")
+    with pytest.raises(ValueError, match="out= applies to dense and feature caches; .* holds "
+                                         "top-3 rows"):
+        cache.rows(0, 2, out=torch.empty(2, 3))
 
 
 READ_UNDER_LOW_FD_LIMIT = """
@@ -345,29 +370,18 @@ def _hostile_copy(path: Path) -> bytes:
 
 
 def test_link_swapped_in_after_open_is_refused_by_the_next_map(copy_of):
-    """A big slice maps the shard again; a symbolic link put in its place after the cache was
-    opened (and its files checked and mapped) is refused by that open, never followed."""
+    """A symbolic link put in a shard's place after the cache was opened (and its files checked
+    and mapped) is never followed: reads go on from the map of the checked file, and a process
+    that maps the shard afresh (a pickled cache, as in DataLoader workers) refuses the link."""
     directory, manifest = copy_of("wide")
     cache = LogitCache(directory)
-    held = cache[0:32]   # maps the shard (checks passed); still alive, so the next read of
-    expected = held.clone()   # these rows needs a new lending map
+    expected = cache[0:32]   # maps the shard (checks passed)
     shard = directory / first_logits(manifest)["file"]
     _swap_for_link(shard, _hostile_copy(shard))
+    assert torch.equal(cache[0:32], expected) and torch.equal(cache.gather([3, 1]),
+                                                              expected[[3, 1]])
     with pytest.raises(CacheError, match="is a symbolic link"):
-        cache[0:32]
-    assert torch.equal(cache[0:2], expected[0:2])   # small reads: the map made at the check
-    assert torch.equal(held, expected)
-
-
-def test_rows_lent_again_come_from_the_checked_file(copy_of):
-    """Rows whose earlier result is gone are lent again from the map already made: a link
-    swapped in since is not even opened, and the data are the checked file's."""
-    directory, manifest = copy_of("wide")
-    cache = LogitCache(directory)
-    expected = cache[0:32].clone()
-    shard = directory / first_logits(manifest)["file"]
-    _swap_for_link(shard, _hostile_copy(shard))
-    assert torch.equal(cache[0:32], expected)
+        pickle.loads(pickle.dumps(cache))[0:32]
 
 
 def test_link_swapped_in_between_header_check_and_map_is_not_followed(copy_of, monkeypatch):
@@ -388,22 +402,23 @@ def test_link_swapped_in_between_header_check_and_map_is_not_followed(copy_of, m
     assert torch.equal(cache[0:4], expected[0:4])   # from the map of the checked file
     assert os.path.islink(shard)
     with pytest.raises(CacheError, match="is a symbolic link"):
-        cache[0:32]   # a fresh map opens the path again: refused
+        pickle.loads(pickle.dumps(cache))[0:32]   # a fresh map opens the path again: refused
 
 
 def test_file_replaced_after_open_is_refused(copy_of):
     """A regular file renamed over a shard after the cache mapped it is refused by the next
-    fresh map (it is not the file that was checked) instead of being read."""
+    fresh map (it is not the file that was checked) instead of being read; the map made before
+    goes on reading the checked file."""
     directory, manifest = copy_of("wide")
     cache = LogitCache(directory)
-    held = cache[0:32]   # alive: the next read of these rows needs a new lending map
+    expected = cache[0:32]   # maps the shard
     shard = directory / first_logits(manifest)["file"]
     replacement = directory.parent / "replacement.npy"
     replacement.write_bytes(_hostile_copy(shard))
     os.replace(replacement, shard)
     with pytest.raises(CacheError, match="replaced since the cache was opened"):
-        cache[0:32]
-    assert held.shape[0] == 32
+        pickle.loads(pickle.dumps(cache))[0:32]
+    assert torch.equal(cache[0:32], expected)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")

@@ -1,7 +1,7 @@
 """Offline teacher-logit caching: run the teacher once, stream its logits while training.
 
 - :func:`write_cache` (what ``fastkd cache`` runs) writes memory-mapped shards plus a manifest.
-- :class:`LogitCache` reads them (zero-copy where possible); :class:`CachedDataset` joins them to
+- :class:`LogitCache` reads them into tensors of their own; :class:`CachedDataset` joins them to
   the dataset by index; :func:`collate_padded` batches variable-length items.
 - The on-disk format lives in :mod:`fastkd.cache.manifest` (documented in docs/cache-format.md).
 

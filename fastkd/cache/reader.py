@@ -1,24 +1,15 @@
 """Read a shard cache: :class:`LogitCache` (index, slice, gather), :class:`CachedDataset`
 (dataset items joined with their cached teacher rows) and :func:`collate_padded`.
 
-Two kinds of memory map (made in :mod:`fastkd.cache.maps`), both private (copy-on-write:
-nothing written in memory ever reaches a file) and neither holding a file descriptor once made
-(``torch.from_file`` closes it), so a cache of any number of shards reads under any
-``ulimit -n``:
-
-- internal maps, one per file, opened lazily once per process (the PID is checked on access and
-  the maps are dropped when pickled, so a cache can go to ``DataLoader`` workers under fork or
-  spawn). Never handed out: gathers, small reads and cross-shard slices copy out of them.
-- a lending map per file for large results inside one shard (at least ``VIEW_MIN_BYTES``):
-  the returned tensor is a zero-copy view of it. Rows are lent again out of the same map only
-  when every earlier result over them is gone and never wrote into them (Linux's PAGEMAP_SCAN:
-  a written private page is no longer a file page); otherwise a new
-  lending map is made. So writing into a result changes nothing any other read returns, and a
-  streaming read does not fault its pages in again on every pass.
+Every read returns tensors of its own, copied out of the cache's memory maps (see
+:mod:`fastkd.cache.maps`), or written into a caller's ``out=`` buffer (e.g. pinned memory for a
+copy to the GPU). The maps are opened lazily once per process (the PID is checked on access and
+the maps are dropped when pickled, so a cache can go to ``DataLoader`` workers under fork or
+spawn) and are never handed out.
 """
 import os
 from bisect import bisect_right
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,14 +18,12 @@ from fastkd.cache import manifest as fmt
 from fastkd.cache import ragged
 from fastkd.cache.collate import collate_padded  # noqa: F401  (re-exported)
 from fastkd.cache.items import split_item
-from fastkd.cache.maps import MappedArray
+from fastkd.cache.maps import map_array
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
-
-# results of at least this many bytes inside one shard are zero-copy views of the file's lending
-# map; smaller ones are copies (a new map costs a few system calls, copying 256 KiB about as much)
-VIEW_MIN_BYTES = 1 << 18
+# the torch dtype of each cache dtype (what dense and feature reads return)
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _torch_rows(array: np.ndarray) -> torch.Tensor:
@@ -61,6 +50,8 @@ class LogitCache:
       its rows to the widest among them with id-0, weight-0 entries (padding to the loss).
     - ``cache[i:j]`` / ``cache.gather(indices)``: a batch, ``(n, V)`` (or sparse targets of
       ``(n, k)``); for variable-length caches a list of per-sample results.
+    - ``cache.rows(start, stop, out=...)`` / ``cache.gather(indices, out=...)``: dense and
+      feature rows written into ``out``, a CPU tensor of the cache's dtype (e.g. pinned memory).
     - ``.labels`` (int64 tensor or None), ``.offsets`` (variable-length), ``.manifest``,
       ``.temperatures`` (what a top-k cache stores lse for / a sampled cache drew at),
       ``.bytes_per_row``, ``.verify()``.
@@ -94,7 +85,6 @@ class LogitCache:
         self.version = self.manifest["format_version"]
         self._row_arrays = fmt.manifest_row_arrays(self.manifest)
         self.arrays = list(self._row_arrays)
-        self._row_bytes = fmt.arrays_row_bytes(self._row_arrays)
         self.temperatures = self.manifest.get("temperatures") or (
             [1.0] if self.layout == "topk" else None)
         self.temperature = None
@@ -146,23 +136,23 @@ class LogitCache:
                 f"cache --overwrite`); its rows would not be the opened cache's: open the cache "
                 f"again (LogitCache({self.path!r}))")
 
-    def _map(self, entry: dict) -> MappedArray:
+    def _map(self, entry: dict) -> np.ndarray:
         """Map one listed file, refusing one that is not the file checked at the open."""
         try:
-            return MappedArray(self.path, entry, self._identities.get(entry["file"]))
+            return map_array(self.path, entry, self._identities.get(entry["file"]))[1]
         except fmt.CacheError:
             self._check_unchanged()   # a missing or odd file of a rewritten cache says so
             raise
 
     def _shard_maps(self, shard_number: int) -> dict:
-        """``{array name: MappedArray}`` of one shard, mapped on first use in this process."""
+        """``{array name: mapped array}`` of one shard, mapped on first use in this process."""
         maps = self._process_maps()
         if shard_number not in maps:
             files = self.manifest["shards"][shard_number]["files"]
             maps[shard_number] = {name: self._map(files[name]) for name in self.arrays}
         return maps[shard_number]
 
-    def _extra(self, key: str) -> Optional[MappedArray]:
+    def _extra(self, key: str) -> Optional[np.ndarray]:
         """The mapped ``labels`` (version 1) / ``offsets`` file (offsets checked)."""
         entry = self.manifest.get(key)
         if not entry:
@@ -171,7 +161,7 @@ class LogitCache:
         if key not in maps:
             mapped = self._map(entry)
             if key == "offsets":
-                self._check_offsets(mapped.array)
+                self._check_offsets(mapped)
             maps[key] = mapped
         return maps[key]
 
@@ -205,8 +195,7 @@ class LogitCache:
         if self.manifest["labels_per"] is None:
             return None
         if self.version == 1:
-            labels = self._extra("labels")
-            return torch.from_numpy(labels.view_rows(0, labels.shape[0]))
+            return torch.from_numpy(self._extra("labels").copy())
         maps = self._process_maps()
         if "labels" not in maps:  # stored once, per shard: joined on first use
             maps["labels"] = np.concatenate(
@@ -224,7 +213,7 @@ class LogitCache:
         else:
             (start, stop), starts = self._sample_rows(index), self._row_starts
         if self.version == 1:
-            labels = self._extra("labels").array[start:stop]
+            labels = self._extra("labels")[start:stop]
         else:
             number = max(bisect_right(starts, start) - 1, 0)
             shard = self.manifest["shards"][number]
@@ -239,7 +228,7 @@ class LogitCache:
         maps = self._process_maps()
         key = ("labels", number)
         if key not in maps:
-            maps[key] = self._map(self.manifest["shards"][number]["files"]["labels"]).array
+            maps[key] = self._map(self.manifest["shards"][number]["files"]["labels"])
         return maps[key]
 
     @property
@@ -254,8 +243,7 @@ class LogitCache:
         """``(num_samples + 1,)`` row offsets of a variable-length cache, else None (a tensor of
         its own, like ``labels``)."""
         offsets = self._extra("offsets")
-        return None if offsets is None else torch.from_numpy(offsets.view_rows(
-            0, offsets.shape[0]))
+        return None if offsets is None else torch.from_numpy(offsets.copy())
 
     def verify(self) -> None:
         """Check every file's sha256 against the manifest (and the rows of a ragged sampled
@@ -270,8 +258,33 @@ class LogitCache:
                 self._ragged_offsets(number)
 
     # ------------------------------------------------------------------------- rows
-    def _wrap(self, arrays: dict):
-        """Arrays of some rows -> what the cache returns for them (see the class docstring)."""
+    def _new_rows(self, count: int, out: Optional[torch.Tensor]) -> Optional[dict]:
+        """``{array name: (count, ...) array}`` for a read to fill: new arrays, or the memory of
+        ``out``, which must be a CPU tensor of shape ``(count, V)`` and the cache's dtype (dense
+        and feature caches only). None for a ragged sampled cache (its reads pad per read)."""
+        if out is not None:
+            if self.layout not in fmt.DENSE_ARRAY:
+                raise ValueError(f"out= applies to dense and feature caches; {self.path} holds "
+                                 f"{fmt.describe_layout(self.manifest)} rows")
+            dtype, shape = TORCH_DTYPES[self.manifest["dtype"]], (count, self.num_classes)
+            found = f"{out.device.type} {out.dtype} {tuple(out.shape)}" if isinstance(
+                out, torch.Tensor) else f"a {type(out).__name__}"
+            if found != f"cpu {dtype} {shape}":
+                raise ValueError(f"out must be a CPU tensor of dtype {dtype} and shape {shape} "
+                                 f"(the rows read); got {found}")
+            array = out.detach().view(torch.int16 if dtype == torch.bfloat16 else dtype).numpy()
+            return {fmt.DENSE_ARRAY[self.layout]: array.view(fmt.STORAGE_DTYPES[
+                self.manifest["dtype"]])}
+        if self._ragged:
+            return None
+        return {name: np.empty((count,) + shape, dtype)
+                for name, (dtype, shape) in self._row_arrays.items()}
+
+    def _wrap(self, arrays: dict, out: Optional[torch.Tensor] = None):
+        """Arrays of some rows -> what the cache returns for them (see the class docstring):
+        ``out`` itself when the rows went into it."""
+        if out is not None:
+            return out
         dtype = self.manifest["dtype"]
         if self.layout in fmt.SPARSE_K_FIELD:
             # ids (uint16 on disk when V <= 65536) and counts (uint8/uint16) come back as int32
@@ -295,12 +308,13 @@ class LogitCache:
         maps = self._process_maps()
         key = ("entry offsets", number)
         if key not in maps:
-            arrays = self._shard_maps(number)
+            arrays, files = self._shard_maps(number), self.manifest["shards"][number]["files"]
             names = ("distinct", "indices", self._weights)
             maps[key] = ragged.check_shard(
-                *(arrays[name].array for name in names),
+                *(arrays[name] for name in names),
                 width=fmt.sampled_width(self.manifest["sample"], self.num_classes),
-                num_classes=self.num_classes, files=tuple(arrays[name].path for name in names))
+                num_classes=self.num_classes,
+                files=tuple(os.path.join(self.path, files[name]["file"]) for name in names))
         return maps[key]
 
     def _ragged_weight_dtype(self):
@@ -313,19 +327,11 @@ class LogitCache:
     def _ragged_rows(self, start: int, stop: int) -> SampledTargets:
         """Rows ``[start, stop)`` of a ragged sampled cache, padded to their widest row."""
         pieces = []
-        first = max(bisect_right(self._row_starts, start) - 1, 0)
-        for number in range(first, len(self._row_starts)):
-            shard = self.manifest["shards"][number]
-            lo, hi = max(start, shard["row_start"]), min(stop, shard["row_stop"])
-            if lo >= stop:
-                break
-            if lo >= hi:
-                continue
+        for number, lo, hi in self._spans(start, stop):
             offsets, maps = self._ragged_offsets(number), self._shard_maps(number)
-            lo, hi = lo - shard["row_start"], hi - shard["row_start"]
             begin, end = offsets[lo], offsets[hi]
-            pieces.append((maps["distinct"].array[lo:hi], maps["indices"].array[begin:end],
-                           maps[self._weights].array[begin:end]))
+            pieces.append((maps["distinct"][lo:hi], maps["indices"][begin:end],
+                           maps[self._weights][begin:end]))
         if pieces:
             distinct, ids, weights = (np.concatenate(parts) for parts in zip(*pieces))
         else:
@@ -341,42 +347,37 @@ class LogitCache:
             where = np.nonzero(shard_of == number)[0]
             local = indices[where] - self._sample_starts[number]
             parts.append((where, offsets[local], offsets[local + 1] - offsets[local],
-                          maps["indices"].array, maps[self._weights].array))
+                          maps["indices"], maps[self._weights]))
         return self._wrap_ragged(*ragged.gather_rows(parts, len(indices),
                                                      self._ragged_weight_dtype()))
 
-    def rows(self, start: int, stop: int):
-        """Teacher rows ``[start, stop)`` in row order. Never shares memory with another live or
-        written read: inside one shard and at least ``VIEW_MIN_BYTES`` a zero-copy view of the
-        file's lending map (see :mod:`fastkd.cache.maps`), otherwise a copy."""
-        if not 0 <= start <= stop <= self.num_rows:
-            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
-        if self._ragged:
-            return self._ragged_rows(start, stop)
-        first = max(bisect_right(self._row_starts, start) - 1, 0)
-        shard = self.manifest["shards"][first] if self.manifest["shards"] else None
-        if shard is not None and stop <= shard["row_stop"]:  # inside one shard
-            maps = self._shard_maps(first)
-            lo, hi = start - shard["row_start"], stop - shard["row_start"]
-            if (hi - lo) * self._row_bytes >= VIEW_MIN_BYTES:
-                return self._wrap({name: maps[name].view_rows(lo, hi) for name in self.arrays})
-            return self._wrap({name: maps[name].array[lo:hi].copy() for name in self.arrays})
-        parts = []
-        for number in range(first, len(self._row_starts)):
+    def _spans(self, start: int, stop: int):
+        """``(shard number, first row, stop row)`` in the shard of every shard holding rows
+        ``[start, stop)``, in row order."""
+        for number in range(max(bisect_right(self._row_starts, start) - 1, 0),
+                            len(self._row_starts)):
             shard = self.manifest["shards"][number]
             lo, hi = max(start, shard["row_start"]), min(stop, shard["row_stop"])
-            if lo >= hi and parts:
+            if lo >= stop:
                 break
+            if lo < hi:
+                yield number, lo - shard["row_start"], hi - shard["row_start"]
+
+    def rows(self, start: int, stop: int, *, out: Optional[torch.Tensor] = None):
+        """Teacher rows ``[start, stop)`` in row order, tensors of their own (dense and feature
+        rows written into ``out`` and ``out`` returned, when given; see :meth:`_new_rows`)."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
+        result = self._new_rows(stop - start, out)
+        if self._ragged:
+            return self._ragged_rows(start, stop)
+        done = 0
+        for number, lo, hi in self._spans(start, stop):
             maps = self._shard_maps(number)
-            parts.append({name: maps[name].array[lo - shard["row_start"]:hi - shard["row_start"]]
-                          for name in self.arrays})
-            if hi >= stop:
-                break
-        if not parts:  # an empty cache
-            return self._wrap({name: np.zeros((0,) + shape, dtype)
-                               for name, (dtype, shape) in self._row_arrays.items()})
-        return self._wrap({name: np.concatenate([part[name] for part in parts])
-                           for name in self.arrays})
+            for name in self.arrays:
+                result[name][done:done + hi - lo] = maps[name][lo:hi]
+            done += hi - lo
+        return self._wrap(result, out)
 
     def _check_index(self, index) -> int:
         if isinstance(index, torch.Tensor) and index.dim() == 0:
@@ -392,7 +393,7 @@ class LogitCache:
 
     def _sample_rows(self, index: int):
         if self.variable:
-            offsets = self._extra("offsets").array
+            offsets = self._extra("offsets")
             return int(offsets[index]), int(offsets[index + 1])
         return index, index + 1
 
@@ -413,9 +414,11 @@ class LogitCache:
             return result.map_tensors(lambda part: part[0])
         return result[0]
 
-    def gather(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray]):
-        """Samples ``indices`` in the given order (a copy): ``(n, V)`` / ``TopKLogits`` of
-        ``(n, k)``; for variable-length caches a list of per-sample results."""
+    def gather(self, indices: Union[Sequence[int], torch.Tensor, np.ndarray], *,
+               out: Optional[torch.Tensor] = None):
+        """Samples ``indices`` in the given order: ``(n, V)`` / ``TopKLogits`` of ``(n, k)``;
+        for variable-length caches a list of per-sample results. Dense and feature rows of a
+        fixed-length cache go into ``out`` when given (see :meth:`_new_rows`)."""
         indices = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
         if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
             raise TypeError(f"indices must be a 1-D sequence of ints, got {indices.dtype} "
@@ -425,25 +428,27 @@ class LogitCache:
             raise IndexError(f"gather indices out of range for {len(self)} samples")
         indices = np.where(indices < 0, indices + len(self), indices)
         if self.variable:
+            if out is not None:
+                raise ValueError(f"out= does not apply to gather from a variable-length cache "
+                                 f"({self.path}: one result per sample); use "
+                                 f"cache.rows(start, stop, out=...)")
             return [self[int(i)] for i in indices]
+        result = self._new_rows(len(indices), out)
         shard_of = np.searchsorted(self._sample_starts, indices, side="right") - 1
         if self._ragged:
             return self._ragged_gather(indices, shard_of)
-        out = {name: np.empty((len(indices),) + shape, dtype)
-               for name, (dtype, shape) in self._row_arrays.items()}
-        # torch's index_select: ~2.3x faster than numpy's fancy indexing here (256 random rows
-        # of 32000 fp16, 2 threads: 2.4 vs 5.5 ms), and straight into the result
+        # torch's index_select (faster than numpy's fancy indexing), straight into the result
         for number in np.unique(shard_of):
             maps = self._shard_maps(int(number))
             where = np.nonzero(shard_of == number)[0]
             local = torch.from_numpy(indices[where] - self._sample_starts[number])
             for name in self.arrays:
-                source, target = _torch_rows(maps[name].array), _torch_rows(out[name])
+                source, target = _torch_rows(maps[name]), _torch_rows(result[name])
                 if len(where) == len(indices):   # every sample in this shard
                     torch.index_select(source, 0, local, out=target)
                 else:
                     target.index_copy_(0, torch.from_numpy(where), source.index_select(0, local))
-        return self._wrap(out)
+        return self._wrap(result, out)
 
     def __repr__(self) -> str:
         m = self.manifest
