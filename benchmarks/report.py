@@ -114,12 +114,11 @@ def evaluate_goals(records, device: str) -> list:
         target = cases.get(CPU_TARGET.id, {})
         label = "CPU 2048x32000 fp32 fwd+bwd"
         goals.append(_at_least(f"{label}: fastkd vs eager composition", _speedup(target, "eager"),
-                               5, detail=_min_detail(target, "eager")))
-        goals.append(_at_least(f"{label}: fastkd vs torch.compile (no slower)",
-                               _speedup(target, "compile"), 1.0,
-                               detail=_min_detail(target, "compile")))
+                               6, detail=_min_detail(target, "eager")))
+        goals.append(_at_least(f"{label}: fastkd vs torch.compile", _speedup(target, "compile"),
+                               1.1, detail=_min_detail(target, "compile")))
         goals.append(_at_most(f"{label}: fastkd extra peak memory", _buffers(target.get("fastkd")),
-                              1.0, " buffers", detail=_kernel_detail(target.get("fastkd"))))
+                              1.05, " buffers", detail=_kernel_detail(target.get("fastkd"))))
         for case in SMALL_V_TARGETS:
             providers = cases.get(case.id, {})
             label = f"CPU small V {case.rows}x{case.vocab} fp32 fwd+bwd"
