@@ -184,8 +184,8 @@ def test_goal_evaluation_says_met_or_by_how_much():
                 "median_s": median_s, "min_s": median_s, **extra}
 
     small = SMALL_V_TARGETS[0]
-    records = [record("fastkd", 0.25, peak_extra_buffers=1.0), record("eager", 1.0),
-               record("compile", 0.2),
+    records = [record("fastkd", 0.25, peak_extra_buffers=1.04), record("eager", 1.0),
+               record("compile", 0.125),
                record("fastkd", 1e-4, small), record("eager", 1.2e-4, small),
                record("compile", 0.9e-4, small),
                {"kind": "cache", "metric": "write", "overhead_pct": 7.5},
@@ -198,8 +198,8 @@ def test_goal_evaluation_says_met_or_by_how_much():
     all_goals = {g["goal"]: g for g in evaluate_goals(records, "cpu")}
     goals = {name.split(": ", 1)[-1]: goal for name, goal in all_goals.items()
              if name.startswith("CPU 2048x32000") or not name.startswith("CPU")}
-    assert goals["fastkd vs eager composition"]["status"] == "missed by 1.25x"  # 4x of 5x
-    assert goals["fastkd vs torch.compile (no slower)"]["status"] == "missed by 1.25x"
+    assert goals["fastkd vs eager composition"]["status"] == "missed by 1.50x"  # 4x of 6x
+    assert goals["fastkd vs torch.compile"]["status"] == "missed by 2.20x"   # 0.5x of 1.1x
     assert goals["fastkd extra peak memory"]["status"] == "met"
     label = f"CPU small V {small.rows}x{small.vocab} fp32 fwd+bwd"
     assert all_goals[f"{label}: fastkd vs eager composition"]["status"] == "missed by 1.25x"
