@@ -212,28 +212,3 @@ def test_goal_evaluation_says_met_or_by_how_much():
         "`fastkd --help` and argument errors without importing torch"]
     assert cli_goal["status"] == "missed" and "argument error: torch imported" in cli_goal["measured"]
     assert goals["sequential slices"]["status"] == "not measured"
-
-
-@pytest.mark.slow   # five fresh processes (~20 s)
-def test_read_ab_runs_and_renders(tmp_path):
-    """benchmarks/read_ab.py end to end at a tiny size (this checkout on both sides): the table
-    has a row per pattern with both sides' times and the paired ratio, and --render of its JSON
-    gives the same text."""
-    out = tmp_path / "ab"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "read_ab.py"), "--baseline",
-         str(REPO_ROOT), "--rows", "64", "--vocab", "2048", "--batch", "32", "--passes", "1",
-         "--rounds", "2", "--patterns", "sequential", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    text = (out / "read-ab.md").read_text()
-    record = json.loads((out / "read-ab.json").read_text())
-    rounds = record["patterns"]["sequential"]["rounds_s"]
-    assert len(rounds["baseline"]) == len(rounds["candidate"]) == 2
-    assert all(seconds > 0 for side in rounds.values() for seconds in side)
-    row = next(line for line in text.splitlines() if line.startswith("| sequential |"))
-    assert row.count(" us (") == 2 and "2 rounds" in text
-    rendered = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "read_ab.py"),
-                               "--render", str(out / "read-ab.json")],
-                              capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
-    assert rendered.returncode == 0 and rendered.stdout == text
