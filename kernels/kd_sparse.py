@@ -316,20 +316,12 @@ def _check_rows(name: str, tensor, shape, dtype=None) -> None:
 
 def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, labels, options, *,
                              grad, grad_scale=1.0, block_v=None):
-    """Row losses ``(N,)`` float32 of the sparse KD loss; fills ``grad`` (if not None) with
-    ``grad_scale * d row_loss / d student_logits``. Follows the sparse backend contract
-    (``fastkd.dispatch.SparseBackend``); ``options`` carries temperature, soft_weight,
-    hard_weight, divergence, beta, tail, ignore_index and teacher_labels; ``block_v`` overrides
-    the block size (a power of two, for tests).
+    """Row losses ``(N,)`` float32 of the sparse KD loss of ``(N, V)`` student rows; fills
+    ``grad`` (if not None) with ``grad_scale * d row_loss / d student_logits``. Follows the
+    sparse backend contract (``fastkd.dispatch.SparseBackend``); ``options`` carries
+    temperature, soft_weight, hard_weight, divergence, beta, tail, ignore_index and
+    teacher_labels; ``block_v`` overrides the block size (a power of two, for tests).
     """
-    if student_logits.dim() == 3:   # (B, S, V) rows: flattened (a copy when not mergeable)
-        rows_grad = None if grad is None else grad.reshape(-1, grad.shape[-1])
-        row_loss = kd_sparse_forward_triton(
-            student_logits.reshape(-1, student_logits.shape[-1]), indices, values, lse, counts,
-            labels, options, grad_scale=grad_scale, grad=rows_grad, block_v=block_v)
-        if grad is not None and rows_grad.data_ptr() != grad.data_ptr():
-            grad.copy_(rows_grad.view(grad.shape))   # grad was not a view of rows
-        return row_loss
     if student_logits.dim() != 2 or (student_logits.stride(-1) != 1 and student_logits.numel()):
         raise ValueError("student_logits must be a 2-D (N, V) tensor with last-dim stride 1, got "
                          f"{tuple(student_logits.shape)} strides {student_logits.stride()}")
