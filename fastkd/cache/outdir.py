@@ -1,11 +1,6 @@
-"""The output directory of a ``fastkd cache`` run: its exclusive lock, what ``--overwrite`` may
-remove, and one-sentence errors for the environment problems of writing (disk full, read-only,
-not a directory).
-
-Locking: the writer holds ``flock(LOCK_EX)`` on the directory itself (its open descriptor) for
-the whole run. The kernel drops the lock when the process exits however it exits (``kill -9``
-included), so a stale lock cannot exist and no lock file is left in the cache. A second run on
-the same directory fails at once, before it reads or removes anything.
+"""The output directory of a ``fastkd cache`` run: its lock, what ``--overwrite`` may remove, and
+one-sentence errors for the environment problems of writing. The lock is a ``flock`` on the
+directory itself, which the kernel drops however the process ends: no stale lock, no lock file.
 """
 import errno
 import os
@@ -60,11 +55,8 @@ class DirectoryLock:
 
 
 def lock_holder(directory: str) -> str:
-    """Who holds ``directory``'s lock, in words: "another `fastkd import` run (pid N)" or
-    "another `fastkd cache` run (pid N)" from the holder's command line, "another process
-    (pid N)" when it is something else (e.g. a script calling the Python API), "another writer
-    in this process (pid N)", or "another run"
-    where the system does not say (the Linux kernel lists flock holders in /proc/locks)."""
+    """Who holds ``directory``'s lock, in words (from /proc/locks and the holder's command
+    line), or "another run" where the system does not say."""
     try:
         status = os.stat(directory)
         inode = f"{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}"
@@ -91,7 +83,7 @@ def lock_holder(directory: str) -> str:
 
 def explain_os_error(error: OSError, out_dir: str) -> fmt.CacheError:
     """A CacheError saying in a sentence what went wrong writing into ``out_dir`` and what to
-    do; finished shards stay recorded, so the advice is to re-run the same command."""
+    do (finished shards stay recorded: re-run the same command)."""
     what = f" ({error.filename})" if getattr(error, "filename", None) else ""
     if error.errno in _SPACE:
         return fmt.CacheError(

@@ -1,12 +1,5 @@
-"""Teacher and dataset SPEC strings, and the fingerprints that tie a cache to both.
-
-Teacher SPEC: ``package.module:attr`` (an ``nn.Module`` or a callable returning one; the current
-directory is importable) or ``torchvision:<model_name>`` (built without weights; load them with
-``--teacher-checkpoint``) or ``hf:<local dir>`` (a ``transformers`` causal LM, local files only;
-see :mod:`fastkd.hf`). Dataset SPEC: ``package.module:attr`` (a map-style dataset or a
-callable returning one), ``digits`` (scikit-learn's bundled digits),
-``torchvision:<DatasetClass>`` read from ``--data-root`` (never downloaded), or token data for
-causal LMs: ``jsonl:<file>``, ``parquet:<file>``, ``hf-disk:<dir>`` (see :mod:`fastkd.tokens`).
+"""Teacher and dataset SPEC strings (``fastkd cache --help`` lists them), and the fingerprints
+that tie a cache to both. Nothing is ever downloaded.
 """
 import hashlib
 import importlib
@@ -20,6 +13,7 @@ import torch
 from torch import nn
 
 from fastkd.extras import require
+from fastkd.tokens import TOKEN_SOURCES, TokenDataset
 
 FINGERPRINT_SAMPLES = 16
 FINGERPRINT_SEED = 0
@@ -145,7 +139,7 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
     names the options the user gave, which other datasets refuse."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--dataset must be a non-empty SPEC string, got {spec!r}")
-    if explicit and spec.partition(":")[0] not in ("jsonl", "parquet", "hf-disk"):
+    if explicit and spec.partition(":")[0] not in TOKEN_SOURCES:
         raise ValueError(f"{' and '.join(explicit)} {'apply' if len(explicit) > 1 else 'applies'}"
                          f" to token data (jsonl:, parquet:, hf-disk:), not to --dataset {spec}")
     if spec == "digits":
@@ -153,8 +147,7 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
         dataset = digits_dataset()
     elif spec.startswith("torchvision:"):
         dataset = _torchvision_dataset(spec.split(":", 1)[1], data_root, split)
-    elif spec.partition(":")[0] in ("jsonl", "parquet", "hf-disk"):
-        from fastkd.tokens import TokenDataset
+    elif spec.partition(":")[0] in TOKEN_SOURCES:
         dataset = TokenDataset.from_spec(spec, split, tokenizer=tokenizer, max_length=max_length)
     else:
         target = _import_attr(spec, "--dataset")
@@ -166,7 +159,6 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
     return dataset
 
 
-# ----------------------------------------------------------------------------- fingerprints
 def teacher_fingerprint(teacher: nn.Module) -> str:
     """sha256 over the state dict: names, dtypes, shapes and bytes of every tensor."""
     digest = hashlib.sha256(type(teacher).__name__.encode())
@@ -216,9 +208,8 @@ def dataset_fingerprint(dataset) -> dict:
 
 
 def fingerprint_hint(dataset, fingerprint: dict) -> str:
-    """A sentence to add when ``dataset`` does not match a cached fingerprint: whether the
-    dataset itself returns different items on each read (random transforms), computed only
-    when a mismatch is already being reported."""
+    """A sentence to add when ``dataset`` does not match a cached fingerprint and itself returns
+    different items on each read (random transforms)."""
     try:
         again = dataset_fingerprint(dataset)["sha256"]
     except Exception:  # a dataset that fails now fails again in a clearer place
