@@ -1,17 +1,9 @@
 """Compile Triton kernel specializations ahead of time for real GPUs, without a GPU.
 
-Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run here) never runs the GPU
-compiler, so a kernel can pass every interpreted test and still fail to compile, or spill
-registers, on a real device. This module compiles each kernel module's
-``aot_specializations()`` (Triton IR -> PTX -> cubin, with the ptxas that ships with Triton) for
-each target, and reports registers per thread, spill bytes and shared memory per program:
-
-    python -m fastkd.kernels.aot                 # all modules, sm_80 and sm_90, a table
-    python -m fastkd.kernels.aot --json out.json # the same as JSON records
-
-Used by ``tests/test_kernel_aot.py`` (fails on any compile error or spill) and by the
-``gpu-check`` benchmark preset (records the table with the results). ``TRITON_INTERPRET`` must
-be unset in the process (``@triton.jit`` reads it at import), so run it as a subprocess.
+Triton's interpreter never runs the GPU compiler, so this compiles each kernel module's
+``aot_specializations()`` to a cubin (with Triton's ptxas) per target and reports registers per
+thread, spill bytes and shared memory; ``python -m fastkd.kernels.aot [--json out.json]``. Run it
+as a subprocess with ``TRITON_INTERPRET`` unset (``@triton.jit`` reads it at import).
 """
 import argparse
 import importlib
@@ -34,19 +26,14 @@ _USED = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _report_cache_path(ptx: str, capability: int) -> str:
-    """Where the ptxas report of this PTX is kept, next to Triton's own compile cache (Triton
-    caches the compiled kernel; this keeps the re-run of an unchanged kernel fast)."""
+def _ptxas_report(ptx: str, capability: int) -> dict:
+    """Registers per thread and spill bytes from ``ptxas -v`` on the compiled PTX, kept beside
+    Triton's compile cache so an unchanged kernel's re-run is fast."""
     import hashlib
     root = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton",
                                                               "cache")
     digest = hashlib.sha256(f"{capability}\0{ptx}".encode()).hexdigest()[:32]
-    return os.path.join(root, "fastkd-ptxas", digest + ".json")
-
-
-def _ptxas_report(ptx: str, capability: int) -> dict:
-    """Registers per thread and spill bytes from ``ptxas -v`` on the compiled PTX."""
-    cached = _report_cache_path(ptx, capability)
+    cached = os.path.join(root, "fastkd-ptxas", digest + ".json")
     if os.path.exists(cached):
         with open(cached) as handle:
             return json.load(handle)
@@ -113,13 +100,11 @@ def format_table(records) -> str:
     lines = ["| module | specialization | arch | warps | registers/thread | spill bytes "
              "(store/load) | shared bytes |", "|---|---|---|---|---|---|---|"]
     for r in records:
-        if "error" in r:
-            lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | {r['num_warps']} | "
-                         f"**compile error** | - | - |")
-            continue
+        figures = "**compile error** | - | -" if "error" in r else \
+            f"{r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | " \
+            f"{r['shared_bytes']}"
         lines.append(f"| {r['module']} | {r['name']} | {r['arch']} | {r['num_warps']} | "
-                     f"{r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
-                     f"{r['shared_bytes']} |")
+                     f"{figures} |")
     return "\n".join(lines)
 
 
