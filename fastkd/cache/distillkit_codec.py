@@ -23,11 +23,8 @@ The *legacy* layout holds per position ``packed_indices`` (uint64 words, each ho
 optionally ``sqrt(a)``.
 
 Arithmetic follows DistillKit's decoder step by step (each operation rounded to the dtype it
-runs in, the delta running sum accumulated in float64 as PyTorch's CPU ``cumsum`` does).
-Compared with DistillKit's own decoder on CPU over 457 configurations: bit-equal for curves of
-up to four terms without ``exp`` or ``normalize_t``; otherwise within one unit in the last place
-of ``exact_dtype`` (PyTorch sums five or more terms, evaluates ``exp`` and a 16-bit
-``linspace`` in an order this module does not reproduce).
+runs in, the delta running sum in float64 as PyTorch's CPU ``cumsum``): bit-equal for curves of
+up to four terms without ``exp`` or ``normalize_t``, else within one unit in the last place.
 """
 from dataclasses import dataclass
 from typing import Tuple
@@ -47,7 +44,16 @@ class FormatError(ValueError):
     """A compression config or compressed row that cannot be decoded (message names where)."""
 
 
-# ----------------------------------------------------------------------------- float helpers
+def _check_fields(data: dict, where: str, fields: tuple, required: tuple, kind: str) -> None:
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise FormatError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                          f"expected DistillKit's {kind}{', '.join(fields)}")
+    for name in required:
+        if name not in data:
+            raise FormatError(f"{where}: missing '{name}'")
+
+
 def _wide(dtype: str):
     return np.float64 if dtype == "float64" else np.float32
 
@@ -87,7 +93,6 @@ def _promote(first: str, second: str) -> str:
     return "float32" if wider in ("float16", "bfloat16") else wider
 
 
-# ----------------------------------------------------------------------------- bit fields
 def unpack_bits(raw: np.ndarray, bits: int, count: int) -> np.ndarray:
     """``(P, B)`` uint8 -> ``(P, count)`` int64 of ``bits``-bit fields, most significant bit
     first (the stream's first bit is the first field's highest)."""
@@ -112,7 +117,6 @@ def index_bits(vocab_size: int) -> int:
     return (vocab_size - 1).bit_length()
 
 
-# ----------------------------------------------------------------------------- configs
 def _field(data: dict, name: str, where: str, kind, default=None, minimum=None):
     value = data.get(name, default)
     if kind is int:
@@ -154,13 +158,7 @@ class CompressionConfig:
 
     @classmethod
     def from_mapping(cls, data: dict, where: str) -> "CompressionConfig":
-        unknown = sorted(set(data) - set(CONFIG_FIELDS))
-        if unknown:
-            raise FormatError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                              f"expected DistillKit's {', '.join(CONFIG_FIELDS)}")
-        for name in ("d", "k", "exact_k"):
-            if name not in data:
-                raise FormatError(f"{where}: missing '{name}'")
+        _check_fields(data, where, CONFIG_FIELDS, ("d", "k", "exact_k"), "")
         d, k = _field(data, "d", where, int, minimum=2), _field(data, "k", where, int, minimum=1)
         exact_k = _field(data, "exact_k", where, int, minimum=0)
         if exact_k > k:
@@ -243,13 +241,7 @@ class LegacyConfig:
 
     @classmethod
     def from_mapping(cls, data: dict, where: str) -> "LegacyConfig":
-        unknown = sorted(set(data) - set(LEGACY_FIELDS))
-        if unknown:
-            raise FormatError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                              f"expected DistillKit's legacy {', '.join(LEGACY_FIELDS)}")
-        for name in ("k", "exact_k", "polynomial_degree", "vocab_size"):
-            if name not in data:
-                raise FormatError(f"{where}: missing '{name}'")
+        _check_fields(data, where, LEGACY_FIELDS, LEGACY_FIELDS[:4], "legacy ")
         config = cls(_field(data, "k", where, int, minimum=1),
                      _field(data, "exact_k", where, int, minimum=0),
                      _field(data, "polynomial_degree", where, int, minimum=0),
@@ -292,7 +284,6 @@ def parse_config(data, where: str):
     return CompressionConfig.from_mapping(data, where)
 
 
-# ----------------------------------------------------------------------------- decoding
 def _powers(points: np.ndarray, exponent: int, dtype: str) -> np.ndarray:
     """``points ** exponent`` as PyTorch computes it in ``dtype`` (squares and cubes by
     multiplication, reciprocals by division, the rest by ``pow``; each step rounded)."""
@@ -315,9 +306,8 @@ def _powers(points: np.ndarray, exponent: int, dtype: str) -> np.ndarray:
 
 def _linspace(count: int, dtype: str) -> np.ndarray:
     """PyTorch's CPU ``linspace(0, 1, count)``: ``step * i`` for the first half and
-    ``1 - step * (count - 1 - i)`` for the rest, each a fused multiply-add (one rounding).
-    Exact for float32 and float64; for the 16-bit dtypes the points are computed in float32 and
-    rounded, which can differ from PyTorch's by one unit in the last place."""
+    ``1 - step * (count - 1 - i)`` for the rest, each with one rounding (16-bit dtypes: computed
+    in float32 and rounded, within one unit in the last place of PyTorch's)."""
     if count == 1:
         return np.zeros(1, _wide(dtype))
     wide = np.longdouble if dtype == "float64" else np.float64  # holds the exact product
