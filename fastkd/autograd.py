@@ -1,37 +1,59 @@
-"""The autograd wiring of the dense and sparse KD losses, written once.
+"""The autograd wiring of every loss family (dense, sparse, fused linear), written once.
 
-A loss family registers one forward function (:func:`register_family`)::
-
-    forward(student, teacher_parts, labels, options, needs_grad, grad_buffer=None,
-            defer_check=False) -> (loss, grad, pending)
-
-``student``: the ``(N, V)`` / ``(B, S, V)`` rows; ``teacher_parts``: a 4-tuple of tensors or
-None (dense: ``(teacher, None, None, None)``; sparse: ``(indices, values, lse, counts)``);
-``labels``: ``(N,)`` or None; ``options``: :class:`fastkd.options.LossOptions`. ``loss`` is a
-0-d float32 or ``(N,)`` rows, ``grad`` the gradient for ``grad_output == 1`` (per row,
-unscaled, for ``reduction="none"``; ``None`` without ``needs_grad``), ``pending`` a label check
-left on the device for backward to read, or None.
+A family registers a :class:`Family`. Its ``forward`` takes up to 7 input tensors (dense and
+sparse: the student rows, the teacher parts, the labels; fused linear: hidden states, weight,
+bias, the teacher parts, the labels) and the family's options, and returns ``(loss, grads,
+pending)``: ``loss`` a 0-d float32 or ``(N,)`` rows, ``grads`` the gradients of the first three
+inputs for ``grad_output == 1`` (per row, unscaled, for ``reduction="none"``; None where not
+made), ``pending`` a label check left on the device for backward to read, or None.
 
 :func:`run_loss` calls it three ways: without a gradient directly; in eager through a plain
 ``torch.autograd.Function`` (cheapest per call, nothing of ``torch._dynamo`` imported); under
 ``torch.compile`` through the ``torch.library`` custom op ``fastkd::kd_loss_forward`` (no graph
-break). Backward only scales the saved gradient by ``grad_output``.
+break; the options cross it as one string). Backward only scales the saved gradients by
+``grad_output``, except where the family says a gradient needs a second pass over the inputs
+(the head of a fused linear loss with per-row losses: each row's share is weighted by its
+``grad_output``).
 """
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 
 from fastkd.checks import check_inplace_target, raise_bad_labels
-from fastkd.options import LossOptions
 
-__all__ = ["register_family", "run_loss", "PendingLabelCheck", "SYNCING_DEVICES", "syncs",
-           "scale_grad"]
+__all__ = ["Family", "register_family", "run_loss", "PendingLabelCheck", "SYNCING_DEVICES",
+           "syncs", "scale_grad"]
 
 # Device types on which reading a value back to the host stalls the device queue (tests add
 # "cpu" here to run the deferred, sync-free code paths without a GPU).
 SYNCING_DEVICES = {"cuda"}
 
-FORWARDS = {}   # family name -> its forward function
+NUM_INPUTS = 7
+
+
+def _first_input_only(options, needs_grad):
+    return (needs_grad, False, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A loss family's part in the wiring.
+
+    ``forward(tensors, options, needs_grad, grad_buffer=None, defer_check=False)`` as in the
+    module docstring; ``options_type`` decodes the options string at the custom-op boundary;
+    ``grads_in_forward(options, needs_grad)``: which of the first three inputs' gradients
+    ``forward`` makes; ``second_pass(tensors, options, grad_output)``, when
+    ``options.second_pass`` is set: the gradients of inputs 1 and 2, made in backward (their
+    shapes are the inputs' where ``second_pass_wanted(options)`` says so)."""
+    forward: Callable
+    options_type: type
+    grads_in_forward: Callable = _first_input_only
+    second_pass: Optional[Callable] = None
+    second_pass_wanted: Optional[Callable] = None
+
+
+FAMILIES = {}
 
 
 def syncs(device: torch.device) -> bool:
@@ -39,8 +61,8 @@ def syncs(device: torch.device) -> bool:
     return device.type in SYNCING_DEVICES
 
 
-def register_family(name: str, forward) -> None:
-    FORWARDS[name] = forward
+def register_family(name: str, family: Family) -> None:
+    FAMILIES[name] = family
 
 
 class PendingLabelCheck:
@@ -82,99 +104,155 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool,
     return grad * grad_output.to(grad.dtype)
 
 
+def _second_pass_needed(options) -> bool:
+    return getattr(options, "second_pass", False)
+
+
+def _scaled_grads(grads, grad_output, per_row, pending=None, in_place=False, second=None):
+    """Backward's gradients of the first three inputs: the saved ones scaled by ``grad_output``
+    (input 0 per row for per-row losses), or inputs 1 and 2 from ``second()``."""
+    first = grads[0] if grads[0] is None else scale_grad(grads[0], grad_output, per_row,
+                                                         pending, in_place)
+    if second is not None:
+        return (first,) + tuple(second())
+    return (first,) + tuple(None if grad is None else scale_grad(grad, grad_output, False)
+                            for grad in grads[1:])
+
+
 class _GradInForward(torch.autograd.Function):
-    """Eager wiring: the gradient made in forward is saved and scaled in backward. With
-    ``grad_inplace`` it is written into the student logits' own storage."""
+    """Eager wiring: the gradients made in forward are saved and scaled in backward. With
+    ``grad_inplace`` the first input's gradient is written into its own storage."""
 
     @staticmethod
-    def forward(ctx, student, teacher_0, teacher_1, teacher_2, teacher_3, labels, family,
-                options, grad_inplace):
-        syncing = syncs(student.device)
-        loss, grad, pending = FORWARDS[family](
-            student, (teacher_0, teacher_1, teacher_2, teacher_3), labels, options, True,
-            grad_buffer=student if grad_inplace else None, defer_check=syncing)
+    def forward(ctx, name, options, grad_inplace, *tensors):
+        family = FAMILIES[name]
+        syncing = syncs(tensors[0].device)
+        loss, grads, pending = family.forward(
+            tensors, options, True, grad_buffer=tensors[0] if grad_inplace else None,
+            defer_check=syncing)
         if grad_inplace:
             # The logits' values are gone: bump the version so that any other saved use of
             # them fails loudly in backward instead of reading the gradient as logits.
-            torch.autograd.graph.increment_version(student)
-        ctx.save_for_backward(grad)
+            torch.autograd.graph.increment_version(tensors[0])
+        ctx.family, ctx.options = family, options
         ctx.per_row = options.reduction == "none"
         ctx.pending = pending
         ctx.scale_in_place = syncing and not options.validate_labels
+        ctx.second = _second_pass_needed(options)
+        ctx.save_for_backward(*grads, *(tensors if ctx.second else ()))
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return (scale_grad(grad, grad_output, ctx.per_row, ctx.pending, ctx.scale_in_place),
-                ) + (None,) * 8
+        saved = ctx.saved_tensors
+        second = (lambda: ctx.family.second_pass(saved[3:], ctx.options, grad_output)) \
+            if ctx.second else None
+        grads = _scaled_grads(saved[:3], grad_output, ctx.per_row, ctx.pending,
+                              ctx.scale_in_place, second)
+        return (None, None, None) + grads + (None,) * (NUM_INPUTS - 3)
 
 
-# Registered at import (cheap: it imports nothing new) but only called while torch.compile
-# traces; its first call would import torch._dynamo, eager calls never make it.
+# Registered at import (cheap: they import nothing new) but only called while torch.compile
+# traces; their first call would import torch._dynamo, eager calls never make it.
 @torch.library.custom_op("fastkd::kd_loss_forward", mutates_args=())
-def _loss_op(student: torch.Tensor, teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
-             teacher_2: Optional[torch.Tensor], teacher_3: Optional[torch.Tensor],
-             labels: Optional[torch.Tensor], family: str, options: str,
-             needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad, _ = FORWARDS[family](student, (teacher_0, teacher_1, teacher_2, teacher_3),
-                                     labels, LossOptions.decode(options), needs_grad)
-    if grad is None:
-        grad = student.new_empty((0,))
-    # custom ops may not return views of their inputs
-    return loss.clone() if loss._base is not None else loss, grad
+def _loss_op(x0: torch.Tensor, x1: Optional[torch.Tensor], x2: Optional[torch.Tensor],
+             x3: Optional[torch.Tensor], x4: Optional[torch.Tensor], x5: Optional[torch.Tensor],
+             x6: Optional[torch.Tensor], family: str, options: str,
+             needs_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kind = FAMILIES[family]
+    loss, grads, _ = kind.forward((x0, x1, x2, x3, x4, x5, x6),
+                                  kind.options_type.decode(options), needs_grad)
+    # custom ops may not return views of their inputs, nor outputs that alias each other
+    return ((loss.clone() if loss._base is not None else loss,)
+            + tuple(x0.new_empty((0,)) if grad is None else grad for grad in grads))
 
 
 @_loss_op.register_fake
-def _(student, teacher_0, teacher_1, teacher_2, teacher_3, labels, family, options, needs_grad):
-    num_rows = student.numel() // max(student.shape[-1], 1)
-    per_row = LossOptions.decode(options).reduction == "none"
-    loss = student.new_empty((num_rows,) if per_row else (), dtype=torch.float32)
-    return loss, student.new_empty(student.shape if needs_grad else (0,))
+def _(x0, x1, x2, x3, x4, x5, x6, family, options, needs_grad):
+    kind = FAMILIES[family]
+    decoded = kind.options_type.decode(options)
+    num_rows = x0.numel() // max(x0.shape[-1], 1)
+    loss = x0.new_empty((num_rows,) if decoded.reduction == "none" else (), dtype=torch.float32)
+    made = kind.grads_in_forward(decoded, needs_grad)
+    return (loss,) + tuple(tensor.new_empty(tensor.shape) if wanted else x0.new_empty((0,))
+                           for tensor, wanted in zip((x0, x1, x2), made))
+
+
+@torch.library.custom_op("fastkd::kd_loss_second_pass", mutates_args=())
+def _second_pass_op(x0: torch.Tensor, x1: Optional[torch.Tensor], x2: Optional[torch.Tensor],
+                    x3: Optional[torch.Tensor], x4: Optional[torch.Tensor],
+                    x5: Optional[torch.Tensor], x6: Optional[torch.Tensor], family: str,
+                    options: str, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kind = FAMILIES[family]
+    grads = kind.second_pass((x0, x1, x2, x3, x4, x5, x6), kind.options_type.decode(options),
+                             grad_output)
+    return tuple(x0.new_empty((0,)) if grad is None else grad for grad in grads)
+
+
+@_second_pass_op.register_fake
+def _(x0, x1, x2, x3, x4, x5, x6, family, options, grad_output):
+    kind = FAMILIES[family]
+    wanted = kind.second_pass_wanted(kind.options_type.decode(options))
+    return tuple(tensor.new_empty(tensor.shape) if want else x0.new_empty((0,))
+                 for tensor, want in zip((x1, x2), wanted))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.per_row = LossOptions.decode(inputs[7]).reduction == "none"
-    # The gradient output is never differentiated; without this autograd would materialize a
-    # logits-sized zeros tensor as its incoming gradient on every backward.
-    ctx.mark_non_differentiable(output[1])
+    kind = FAMILIES[inputs[7]]
+    options = kind.options_type.decode(inputs[8])
+    ctx.name, ctx.options_text = inputs[7], inputs[8]
+    ctx.per_row = options.reduction == "none"
+    ctx.made = kind.grads_in_forward(options, inputs[9])
+    ctx.second = _second_pass_needed(options)
+    ctx.save_for_backward(*output[1:], *(inputs[:NUM_INPUTS] if ctx.second else ()))
+    # The gradient outputs are never differentiated; without this autograd would materialize
+    # logits-sized zeros as their incoming gradients on every backward.
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
-def _op_backward(ctx, grad_output, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
+def _op_backward(ctx, grad_output, *_grads_of_grads):
     if grad_output is None:
-        return (None,) * 9
-    scale = grad_output.to(grad.dtype)
-    scaled = grad * (scale.reshape(grad.shape[:-1] + (1,)) if ctx.per_row else scale)
-    return (scaled,) + (None,) * 8
+        return (None,) * (NUM_INPUTS + 3)
+    saved = ctx.saved_tensors
+    grads = [grad if made else None for grad, made in zip(saved[:3], ctx.made)]
+    first = grads[0]
+    if first is not None:
+        scale = grad_output.to(first.dtype)
+        first = first * (scale.reshape(first.shape[:-1] + (1,)) if ctx.per_row else scale)
+    if ctx.second:
+        rest = _second_pass_op(*saved[3:], ctx.name, ctx.options_text, grad_output)
+    else:
+        rest = tuple(None if grad is None else grad * grad_output.to(grad.dtype)
+                     for grad in grads[1:])
+    return (first,) + tuple(rest) + (None,) * (NUM_INPUTS - 3 + 3)
 
 
 _loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def run_loss(family: str, student_rows: torch.Tensor, teacher_parts, labels, options,
-             *, requires_grad: bool, grad_inplace: bool = False, student_logits=None,
-             part_names=()) -> torch.Tensor:
+def run_loss(family: str, tensors, options, *, requires_grad: bool, grad_inplace: bool = False,
+             student_logits=None, part_names=()) -> torch.Tensor:
     """The loss of one call: no-grad, eager autograd or the custom op under ``torch.compile``.
-    ``requires_grad``: whether the caller's student logits want a gradient. With
-    ``grad_inplace`` the rows must be a view of ``student_logits`` (checked) that no teacher
-    part (named by ``part_names``) overlaps."""
-    parts = tuple(teacher_parts) + (None,) * (4 - len(teacher_parts))
+    ``tensors``: the family's inputs (at most 7; missing ones are None). ``requires_grad``:
+    whether any input wants a gradient. With ``grad_inplace`` the first input (the student rows)
+    must be a view of ``student_logits`` (checked) that no other input (named by
+    ``part_names``, from the second on) overlaps."""
+    tensors = tuple(tensors) + (None,) * (NUM_INPUTS - len(tensors))
     needs_grad = torch.is_grad_enabled() and requires_grad
     if torch.compiler.is_compiling():
         if grad_inplace and needs_grad:
             raise ValueError("grad_inplace=True is not supported under torch.compile")
-        return _loss_op(student_rows, *parts, labels, family, options.encode(), needs_grad)[0]
+        return _loss_op(*tensors, family, options.encode(), needs_grad)[0]
     if not needs_grad:
-        return FORWARDS[family](student_rows, parts, labels, options, False)[0]
+        return FAMILIES[family].forward(tensors, options, False)[0]
     if grad_inplace:
+        student_rows = tensors[0]
         if (student_rows.data_ptr() != student_logits.data_ptr()
                 or student_rows.stride(-1) != 1):
             raise ValueError("grad_inplace=True needs student_logits whose rows are a view "
                              "(last-dim stride 1, leading dims mergeable without a copy)")
-        check_inplace_target(student_rows, *((name, part) for name, part in zip(part_names, parts)
+        check_inplace_target(student_rows, *((name, part)
+                                             for name, part in zip(part_names, tensors[1:])
                                              if part is not None))
-    return _GradInForward.apply(student_rows, *parts, labels, family, options,
-                                bool(grad_inplace))
+    return _GradInForward.apply(family, options, bool(grad_inplace), *tensors)

@@ -18,7 +18,7 @@ losses with a trainable head: the head's gradient is then weighted row by row, s
 the chunked pass again with ``g`` scaled by ``grad_output``). A teacher given
 as a :class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient)
 and dropped after the kernel has read them; a sparse teacher (``TopKLogits``, ``SampledTargets``)
-goes with its chunk rows to the sparse kernel family (``_dispatch(backend, "sparse")``), which
+goes with its chunk rows to the sparse kernel family (``dispatch(backend, "sparse")``), which
 reads K entries per row and writes the dense student gradient the same way.
 
 A softcap on a float16 / bfloat16 side (student or teacher head) runs in float32, as in a loss
@@ -32,9 +32,9 @@ low-precision softcap), plus the gradients themselves; independent of ``N``.
 
 ``C`` comes from a memory budget for all chunk-sized buffers together (``chunk_budget_bytes``;
 by default :data:`DEFAULT_CHUNK_BUDGET_BYTES` for the student's and as much again for a teacher
-head's) or is set with ``chunk_rows``. The chunked pass itself (chunk planning, logit transforms, the loop above) is
-:mod:`fastkd.linear_chunks`; this module holds the autograd and custom-op wiring and the
-public API. Under ``torch.autocast`` the chunk logits are in the autocast dtype (bf16 / fp16,
+head's) or is set with ``chunk_rows``. The chunked pass itself (chunk planning, logit
+transforms, the loop above) is :mod:`fastkd.linear_chunks`; this module holds the family's
+part in the shared autograd wiring (fastkd/autograd.py) and the public API. Under ``torch.autocast`` the chunk logits are in the autocast dtype (bf16 / fp16,
 as ``F.linear`` gives under autocast: same numbers as the unfused path, half the buffer); the
 kernel accumulates in float32, the logits gradient is rounded once to that dtype, and the weight
 and bias gradients are accumulated over chunks in float32 and returned in the parameters' dtypes.
@@ -43,6 +43,7 @@ from typing import Optional, Union
 
 import torch
 
+from fastkd.autograd import Family, register_family, run_loss
 from fastkd.checks import (TEACHER_EXTRA_COLUMNS, check_choice, check_chunking, check_labels,
                            check_linear_head, check_logit_transform, check_logits,
                            check_sparse_options)
@@ -56,138 +57,36 @@ __all__ = ["linear_kd_loss", "LinearKDLoss", "DEFAULT_CHUNK_BUDGET_BYTES"]
 
 
 # ----------------------------------------------------------------------------- autograd
-def _run(tensors, opts: LinearOptions, row_weights=None):
-    """:func:`fused_forward` without autograd or autocast; unwanted gradients as ``(0,)``
-    tensors. The forward pass of per-row losses with a trainable head leaves the head's
-    gradients out (backward makes them)."""
-    if row_weights is None and opts.head_grad_in_backward:
+def _linear_forward(tensors, opts: LinearOptions, needs_grad, grad_buffer=None,
+                    defer_check=False, row_weights=None):
+    """The fused linear family's forward (the contract in fastkd/autograd.py) of ``tensors =
+    (hidden (N, H), weight, bias, teacher parts 0-2, labels)``: :func:`fused_forward` without
+    autograd or autocast. The forward pass of per-row losses with a trainable head leaves the
+    head's gradients to the second pass."""
+    if row_weights is None and opts.second_pass:
         opts = opts.replace(needs_weight=False, needs_bias=False)
     with torch.no_grad(), torch.autocast(tensors[0].device.type, enabled=False):
-        return fused_forward(tensors[0], tensors[1], tensors[2], tensors[3:6], tensors[6], opts,
-                             row_weights=row_weights)
+        loss, *grads = fused_forward(tensors[0], tensors[1], tensors[2], tensors[3:6],
+                                     tensors[6], opts, row_weights=row_weights)
+    wanted = (opts.needs_hidden, opts.needs_weight, opts.needs_bias)
+    return loss, tuple(grad if want else None for grad, want in zip(grads, wanted)), None
 
 
-def _head_grads(tensors, opts: LinearOptions, grad_output):
+def _grads_in_forward(opts: LinearOptions, needs_grad):
+    in_forward = not opts.second_pass
+    return opts.needs_hidden, opts.needs_weight and in_forward, opts.needs_bias and in_forward
+
+
+def _second_pass(tensors, opts: LinearOptions, grad_output):
     """The head's gradients of per-row losses: the chunked pass again, each row's logits
     gradient times ``grad_output[row]``."""
-    _, _, grad_weight, grad_bias = _run(tensors, opts.replace(needs_hidden=False),
-                                        row_weights=grad_output.float())
+    _, (_, grad_weight, grad_bias), _ = _linear_forward(
+        tensors, opts.replace(needs_hidden=False), True, row_weights=grad_output.float())
     return grad_weight, grad_bias
 
 
-def _scaled(grad, grad_output, per_row: bool):
-    """``grad * grad_output`` (per row: row i times ``grad_output[i]``). Eager: a scalar
-    ``grad_output`` of exactly 1 (``loss.backward()``) hands ``grad`` over without a pass."""
-    if per_row:
-        return grad * grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
-    if not torch.compiler.is_compiling() and grad_output.item() == 1.0:
-        return grad
-    return grad * grad_output.to(grad.dtype)
-
-
-def _save(ctx, tensors, opts: LinearOptions, grads):
-    """Save the gradients, and the tensor inputs when the head's gradient is made in backward."""
-    ctx.opts = opts
-    if opts.head_grad_in_backward:
-        ctx.save_for_backward(*grads, *tensors)
-    else:
-        ctx.save_for_backward(*grads)
-
-
-def _input_grads(ctx, grad_output, head_grads):
-    """Backward: the 3 saved gradients scaled (for per-row losses with a trainable head, the
-    head's from ``head_grads(tensors, opts, grad_output)``) and None for the other 5 inputs."""
-    if grad_output is None:
-        return (None,) * 8
-    opts, saved = ctx.opts, ctx.saved_tensors
-    grad_hidden, grad_weight, grad_bias = saved[:3]
-    per_row = opts.loss.reduction == "none"
-    if opts.head_grad_in_backward:
-        grad_weight, grad_bias = head_grads(saved[3:], opts, grad_output)
-    else:
-        grad_weight = _scaled(grad_weight, grad_output, False) if opts.needs_weight else None
-        grad_bias = _scaled(grad_bias, grad_output, False) if opts.needs_bias else None
-    grad_hidden = _scaled(grad_hidden, grad_output, per_row) if opts.needs_hidden else None
-    return (grad_hidden, grad_weight if opts.needs_weight else None,
-            grad_bias if opts.needs_bias else None) + (None,) * 5
-
-
-class _LinearKDFunction(torch.autograd.Function):
-    """Eager wiring (no torch._dynamo import on the eager path, as for ``kd_loss``): the
-    gradients made in forward are saved and scaled in backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, opts):
-        tensors = (hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels)
-        loss, *grads = _run(tensors, opts)
-        _save(ctx, tensors, opts, grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return _input_grads(ctx, grad_output, _head_grads)
-
-
-# Under torch.compile the same computation is a custom op (no graph break); only called while
-# tracing, so eager calls never import torch._dynamo.
-@torch.library.custom_op("fastkd::linear_kd_loss_forward", mutates_args=())
-def _linear_kd_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  teacher_0: torch.Tensor, teacher_1: Optional[torch.Tensor],
-                  teacher_2: Optional[torch.Tensor], labels: Optional[torch.Tensor],
-                  options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, grad_hidden, grad_weight, grad_bias = _run(
-        (hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels),
-        LinearOptions.decode(options))
-    # custom ops may not return views of their inputs
-    return loss.clone() if loss._base is not None else loss, grad_hidden, grad_weight, grad_bias
-
-
-@_linear_kd_op.register_fake
-def _(hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, options):
-    opts = LinearOptions.decode(options)
-    in_forward = not opts.head_grad_in_backward
-    per_row = opts.loss.reduction == "none"
-    loss = hidden.new_empty((hidden.shape[0],) if per_row else (), dtype=torch.float32)
-    grad_hidden = hidden.new_empty(hidden.shape if opts.needs_hidden else (0,))
-    grad_weight = weight.new_empty(weight.shape) if opts.needs_weight and in_forward \
-        else hidden.new_empty((0,))
-    grad_bias = bias.new_empty(bias.shape) if opts.needs_bias and in_forward \
-        else hidden.new_empty((0,))
-    return loss, grad_hidden, grad_weight, grad_bias
-
-
-@torch.library.custom_op("fastkd::linear_kd_loss_head_grad", mutates_args=())
-def _linear_kd_head_grad_op(hidden: torch.Tensor, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor], teacher_0: torch.Tensor,
-                            teacher_1: Optional[torch.Tensor], teacher_2: Optional[torch.Tensor],
-                            labels: Optional[torch.Tensor], options: str,
-                            row_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The head's gradients of per-row losses (the backward pass of ``_linear_kd_op``)."""
-    return _head_grads((hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels),
-                       LinearOptions.decode(options), row_weights)
-
-
-@_linear_kd_head_grad_op.register_fake
-def _(hidden, weight, bias, teacher_0, teacher_1, teacher_2, labels, options, row_weights):
-    opts = LinearOptions.decode(options)
-    grad_weight = weight.new_empty(weight.shape) if opts.needs_weight else hidden.new_empty((0,))
-    grad_bias = bias.new_empty(bias.shape) if opts.needs_bias else hidden.new_empty((0,))
-    return grad_weight, grad_bias
-
-
-def _setup_context(ctx, inputs, output):
-    _save(ctx, inputs[:7], LinearOptions.decode(inputs[7]), output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
-
-
-def _op_backward(ctx, grad_output, *_grads_of_grads):
-    def head_grads(tensors, opts, grad_output):
-        return _linear_kd_head_grad_op(*tensors, opts.encode(), grad_output)
-    return _input_grads(ctx, grad_output, head_grads)
-
-
-_linear_kd_op.register_autograd(_op_backward, setup_context=_setup_context)
+register_family("linear", Family(_linear_forward, LinearOptions, _grads_in_forward,
+                                 _second_pass, lambda opts: (opts.needs_weight, opts.needs_bias)))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -346,10 +245,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
     labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
     tensors = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
                student_bias, *teacher_parts, labels_1d)
-    if torch.compiler.is_compiling():
-        loss = _linear_kd_op(*tensors, opts.encode())[0]
-    else:
-        loss = _LinearKDFunction.apply(*tensors, opts)
+    loss = run_loss("linear", tensors, opts,
+                    requires_grad=opts.needs_hidden or opts.needs_weight or opts.needs_bias)
     return loss.reshape(leading) if reduction == "none" else loss
 
 

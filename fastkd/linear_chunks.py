@@ -53,10 +53,18 @@ class LinearOptions:
     needs_bias: bool = False
 
     @property
-    def head_grad_in_backward(self) -> bool:
+    def second_pass(self) -> bool:
         """Per-row losses with a trainable head: the weight / bias gradient is a sum over rows
         that ``grad_output`` weights, so it is made in backward, by a second chunked pass."""
         return self.loss.reduction == "none" and (self.needs_weight or self.needs_bias)
+
+    @property
+    def reduction(self) -> str:
+        return self.loss.reduction
+
+    @property
+    def validate_labels(self) -> bool:
+        return True
 
     def replace(self, **changes) -> "LinearOptions":
         return dataclasses.replace(self, **changes)

@@ -26,7 +26,7 @@ from typing import Union
 
 import torch
 
-from fastkd.autograd import PendingLabelCheck, register_family, run_loss, syncs
+from fastkd.autograd import Family, PendingLabelCheck, register_family, run_loss, syncs
 from fastkd.checks import check_labels, check_logits, label_status, raise_bad_labels
 from fastkd.dispatch import dispatch
 from fastkd.options import LossOptions
@@ -91,13 +91,13 @@ def _row_views(student_logits, teacher_logits):
 
 
 # ----------------------------------------------------------------------------- forward
-def dense_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, grad_buffer=None,
-                  defer_check=False):
-    """The dense family's forward (the contract in fastkd/autograd.py): ``(loss, grad,
+def dense_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=False):
+    """The dense family's forward (the contract in fastkd/autograd.py) of ``tensors = (student
+    rows, teacher rows, _, _, _, labels (N,) or None, _)``: ``(loss, (grad, None, None),
     pending)``. ``loss`` is a scalar (batchmean/sum) or ``(N,)`` rows; ``grad`` is already
     scaled for ``grad_output == 1`` (per row, unscaled, for 'none'); ``pending`` is a label
     check left for backward to read (or None)."""
-    teacher_rows = teacher_parts[0]
+    student_rows, teacher_rows, labels_1d = tensors[0], tensors[1], tensors[5]
     num_classes = student_rows.shape[-1]
     num_rows = student_rows.numel() // max(num_classes, 1)
     device = student_rows.device
@@ -116,7 +116,7 @@ def dense_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, g
                           reduction=options.reduction, validate_labels=options.validate_labels)
         if loss is None:
             raise_bad_labels(labels_1d, num_classes, options.ignore_index)
-        return loss, grad, None
+        return loss, (grad, None, None), None
     pending = None
     kept = num_rows
     labels_in_range = all_rows_kept = False
@@ -155,10 +155,10 @@ def dense_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, g
         loss = row_loss
     else:
         loss = row_loss.sum() * grad_scale
-    return loss, grad, pending
+    return loss, (grad, None, None), pending
 
 
-register_family("dense", dense_forward)
+register_family("dense", Family(dense_forward, LossOptions))
 
 
 # ----------------------------------------------------------------------------- public API
@@ -220,7 +220,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits,
         validate_labels=validate_labels)
     student_rows, teacher_rows = _row_views(student_logits, teacher_logits.detach())
     labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
-    loss = run_loss("dense", student_rows, (teacher_rows,), labels_1d, options,
+    loss = run_loss("dense", (student_rows, teacher_rows, None, None, None, labels_1d), options,
                     requires_grad=student_logits.requires_grad, grad_inplace=grad_inplace,
                     student_logits=student_logits, part_names=("teacher_logits",))
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -26,7 +26,7 @@ and kept; backward scales it by ``grad_output`` (fastkd/autograd.py). Backends f
 """
 import torch
 
-from fastkd.autograd import register_family, run_loss
+from fastkd.autograd import Family, register_family, run_loss
 from fastkd.checks import (check_labels, check_logits, check_sparse_options,
                            check_sparse_values)
 from fastkd.dispatch import dispatch
@@ -36,13 +36,13 @@ from fastkd.targets import SampledTargets, check_sparse_target
 __all__ = ["sparse_kd_loss", "sparse_forward"]
 
 
-def sparse_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, grad_buffer=None,
-                   defer_check=False):
-    """The sparse family's forward (the contract in fastkd/autograd.py): value checks (one host
-    sync), then the backend; ``(loss, grad, None)``. A backend that ``reduces`` (the CPU
+def sparse_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=False):
+    """The sparse family's forward (the contract in fastkd/autograd.py) of ``tensors = (student
+    rows, indices, values, lse, counts, labels (N,) or None, _)``: value checks (one host sync),
+    then the backend; ``(loss, (grad, None, None), None)``. A backend that ``reduces`` (the CPU
     kernel) checks the data, counts the kept rows and reduces in the same call; when it finds
     a row that may fail a check, :func:`check_sparse_values` runs and names the problem."""
-    indices, values, lse, counts = teacher_parts
+    student_rows, indices, values, lse, counts, labels_1d = tensors[:6]
     num_classes = student_rows.shape[-1]
     implementation = dispatch(options.backend, "sparse", student_rows.device)
     if student_rows.stride(-1) != 1:
@@ -57,7 +57,7 @@ def sparse_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, 
             student_rows, indices, values, lse, counts, labels_1d, options, grad=grad,
             reduction=options.reduction, check_values=True, mass_temperature=mass_temperature)
         if loss is not None:
-            return loss, grad, None
+            return loss, (grad, None, None), None
     labels_1d, kept = check_sparse_values(
         indices, num_classes, values=values, lse=lse, counts=counts, labels=labels_1d,
         ignore_index=options.ignore_index, temperature=mass_temperature)
@@ -77,10 +77,10 @@ def sparse_forward(student_rows, teacher_parts, labels_1d, options, needs_grad, 
     if grad is not None and rows_grad.data_ptr() != grad.data_ptr():
         grad.copy_(rows_grad.view(grad.shape))   # grad was not a view of the rows
     loss = row_loss if options.reduction == "none" else row_loss.sum() * grad_scale
-    return loss, grad, None
+    return loss, (grad, None, None), None
 
 
-register_family("sparse", sparse_forward)
+register_family("sparse", Family(sparse_forward, LossOptions))
 
 
 def _student_rows(student_logits):
@@ -124,7 +124,7 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
     parts = (rows(teacher.indices), None, None, rows(teacher.counts)) if sampled else \
         (rows(teacher.indices), rows(teacher.values), rows(teacher.lse, (-1,)), None)
     labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
-    loss = run_loss("sparse", _student_rows(student_logits), parts, labels_1d, options,
+    loss = run_loss("sparse", (_student_rows(student_logits),) + parts + (labels_1d,), options,
                     requires_grad=student_logits.requires_grad, grad_inplace=grad_inplace,
                     student_logits=student_logits,
                     part_names=tuple("teacher_logits." + name
