@@ -10,6 +10,15 @@ import numpy as np
 from fastkd.cache import manifest as fmt
 
 
+def _output_options(parser, overwrite_help: str) -> None:
+    """The options ``fastkd cache`` and ``fastkd import`` share."""
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
+    parser.add_argument("--shard-size-mb", type=float, default=256.0)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+
+
 def add_parser(subparsers) -> None:
     cache = subparsers.add_parser(
         "cache", help="run a teacher once over a dataset and cache its logits as fp16 shards",
@@ -24,7 +33,8 @@ def add_parser(subparsers) -> None:
                        help="package.module:attr (map-style dataset or callable returning one), "
                             "'digits', torchvision:<DatasetClass> (with --data-root), or token "
                             "data: jsonl:<file>, parquet:<file>, hf-disk:<dir>")
-    cache.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    _output_options(cache, "replace an existing cache made with other settings (removes only "
+                           "the files its manifest lists and fastkd's temp files)")
     cache.add_argument("--teacher-checkpoint", metavar="PATH",
                        help="state dict to load into the teacher (torch.load weights_only=True)")
     cache.add_argument("--data-root", metavar="DIR", help="root of a torchvision dataset")
@@ -39,10 +49,8 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--batch-size", type=int, default=256)
     cache.add_argument("--num-workers", type=int, default=0)
     cache.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    cache.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
     cache.add_argument("--teacher-dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="dtype an hf: teacher runs in (default: the checkpoint's)")
-    cache.add_argument("--shard-size-mb", type=float, default=256.0)
     sparse = cache.add_mutually_exclusive_group()
     sparse.add_argument("--top-k", type=int, metavar="K",
                         help="store only the K largest logits per row (+ ids and the row's "
@@ -68,10 +76,6 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--output-key", metavar="KEY",
                        help="the teacher returns a dict, ModelOutput or tuple: cache "
                             "output[KEY] (default: the tensor itself, .logits, or element 0)")
-    cache.add_argument("--overwrite", action="store_true",
-                       help="replace an existing cache made with other settings (removes only "
-                            "the files its manifest lists and fastkd's temp files)")
-    cache.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     cache.set_defaults(func=run_cache)
 
     verify = subparsers.add_parser(
@@ -100,18 +104,13 @@ def add_parser(subparsers) -> None:
                              "directory or parquet file(s)")
     served.add_argument("--from", dest="source", required=True,
                         choices=("vllm", "distillkit", "axolotl"))
-    served.add_argument("--out", required=True, metavar="DIR", help="cache directory")
+    _output_options(served, "replace an existing cache made from other files or settings")
     served.add_argument("--vocab-size", type=int, metavar="V",
                         help="the teacher's vocabulary size (ids >= V are refused; required "
                              "for vllm and axolotl, distillkit's default is its config's d)")
     served.add_argument("--top-k", type=int, metavar="K",
                         help="log-probs kept per position (vllm: required, the request's "
                              "prompt_logprobs; distillkit / axolotl: checked against the data)")
-    served.add_argument("--dtype", default="fp16", choices=sorted(fmt.STORAGE_DTYPES))
-    served.add_argument("--shard-size-mb", type=float, default=256.0)
-    served.add_argument("--overwrite", action="store_true",
-                        help="replace an existing cache made from other files or settings")
-    served.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     from fastkd.cache.distillkit import add_arguments as add_teacher_dataset_arguments
     add_teacher_dataset_arguments(served)  # --from distillkit / axolotl (no torch import)
     served.set_defaults(func=run_import)
