@@ -139,18 +139,25 @@ TAILS = ("bucket", "renormalize", "ignore")
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint16, torch.uint8, torch.int8)
 
 
+def _one_value(name: str, value: torch.Tensor, what: str, expected: str, error, allowed):
+    """The one value of a tensor whose entries must all be the same (what ``DataLoader``'s
+    default collate makes of a number field): ``allowed(dtype)`` or ``error`` naming it."""
+    if value.numel() == 0 or not allowed(value.dtype):
+        raise error(f"{name} must be {expected}, got a {value.dtype} tensor of shape "
+                    f"{tuple(value.shape)}")
+    first = value.flatten()[0]
+    if bool((value != first).any()):
+        raise ValueError(f"{name} must be one {what} for the whole batch, got different values "
+                         f"{value.unique().tolist()[:4]}")
+    return first.item()
+
+
 def check_temperature_value(name: str, value) -> float:
     """A target's temperature: a positive finite number, or a tensor whose entries are all the
-    same such number (what ``DataLoader``'s default collate makes of a float field)."""
+    same such number."""
     if isinstance(value, torch.Tensor):
-        if value.numel() == 0 or value.dtype.is_complex or value.dtype == torch.bool:
-            raise ValueError(f"{name} must be a positive number, got a {value.dtype} tensor "
-                             f"of shape {tuple(value.shape)}")
-        first = value.flatten()[0]
-        if bool((value != first).any()):
-            raise ValueError(f"{name} must be one temperature for the whole batch, got "
-                             f"different values {value.unique().tolist()[:4]}")
-        value = float(first)
+        value = float(_one_value(name, value, "temperature", "a positive number", ValueError,
+                                 lambda dtype: not dtype.is_complex and dtype != torch.bool))
     return check_number(name, value, positive=True)
 
 
@@ -171,15 +178,9 @@ def check_target_classes(name: str, value, num_classes: int) -> None:
     the student's ``num_classes``."""
     original = value
     if isinstance(value, torch.Tensor):
-        if value.numel() == 0 or value.dtype.is_floating_point or value.dtype.is_complex or \
-                value.dtype == torch.bool:
-            raise TypeError(f"{name} must be an int, got a {value.dtype} tensor of shape "
-                            f"{tuple(value.shape)}")
-        first = value.flatten()[0]
-        if bool((value != first).any()):
-            raise ValueError(f"{name} must be one vocabulary size for the whole batch, got "
-                             f"different values {value.unique().tolist()[:4]}")
-        value = int(first)
+        value = int(_one_value(name, value, "vocabulary size", "an int", TypeError,
+                               lambda dtype: not (dtype.is_floating_point or dtype.is_complex
+                                                  or dtype == torch.bool)))
     try:
         value = operator.index(value) if not isinstance(value, bool) else None
     except TypeError:
