@@ -1,6 +1,6 @@
 """Distil a Hugging Face causal LM into a smaller one, end to end, with no downloads.
 
-    python examples/hf_distill.py            # a few minutes on 2 CPU cores
+    python examples/hf_distill.py            # the full run
     python examples/hf_distill.py --smoke    # seconds (what the test suite runs)
 
 1. Corpus: real English text that ships with Python itself (the reference documentation in

@@ -1,6 +1,6 @@
 """On-policy distillation through TRL with fastkd's fused loss, end to end, with no downloads.
 
-    python examples/trl_onpolicy.py            # about 15 seconds on 2 CPU cores
+    python examples/trl_onpolicy.py            # the full run
     python examples/trl_onpolicy.py --smoke    # seconds (what the test suite runs)
 
 1. Text: a few hundred lines of the Python reference documentation that ships with Python

@@ -1,4 +1,4 @@
-"""``fastkd demo``: the whole product on real data in about half a minute on a laptop CPU.
+"""``fastkd demo``: the whole product on real data, in a short CPU run.
 
 1. Train a small CNN teacher (:class:`fastkd.models.DigitsTeacherCNN`) on the training split of
    scikit-learn's bundled digits (1797 8x8 images; fixed, stratified 75/25 split; no download).
