@@ -444,13 +444,13 @@ def test_verify_reports_a_link_swapped_in_after_the_size_check(copy_of, monkeypa
     directory, manifest = copy_of("dense")
     cache = LogitCache(directory)   # opened before the swap
     shard = directory / first_logits(manifest)["file"]
-    real_check = fmt._size_problem
+    real_check = files._size_problem
 
     def check_then_swap(directory_, entry):
         problem = real_check(directory_, entry)
         if entry["file"] == shard.name:
             _swap_for_link(shard, shard.read_bytes())   # same bytes, but not the cache's file
         return problem
-    monkeypatch.setattr(fmt, "_size_problem", check_then_swap)
+    monkeypatch.setattr(files, "_size_problem", check_then_swap)
     with pytest.raises(CacheError, match=r"logits.npy: is a symbolic link \(refused\)$"):
         cache.verify()

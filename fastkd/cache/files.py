@@ -3,14 +3,15 @@ format): atomic writes (temp file, fsync, rename, never through a symbolic link)
 reads. A cache is untrusted input: every file is opened by a plain name inside the cache
 directory, with ``O_NOFOLLOW``, and refused unless it is a regular file; the data is read or
 mapped through the descriptor that was checked; ``.npy`` headers are checked against the
-manifest and nothing is ever unpickled.
+manifest and nothing is ever unpickled. Listed files are checked against their manifest entries
+(size, no link, sha256) and identified (:func:`file_identity`) to tell a rewritten cache.
 """
 import errno
 import hashlib
 import os
 import re
 import stat
-from typing import Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -198,3 +199,59 @@ def load_array(directory: str, entry: dict) -> np.ndarray:
         handle.seek(offset)
         return np.fromfile(handle, dtype=np.dtype(entry["dtype"]),
                            count=int(np.prod(entry["shape"]))).reshape(entry["shape"])
+
+
+# ----------------------------------------------------------------------------- checks
+def file_identity(info: os.stat_result) -> tuple:
+    """What tells one version of a cache file from another: ``(device, inode, size, mtime in
+    ns)``. Rewriting a cache (``--overwrite``: remove, write a temp file, rename) makes new files,
+    so their inode or modification time differs even where a freed inode number is reused; a
+    file's metadata changes (permissions, links) leave it alone."""
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _size_problem(directory: str, entry: dict,
+                  identities: Optional[dict] = None) -> Optional[str]:
+    path = os.path.join(directory, check_file_name(entry["file"], directory))
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return f"{path}: missing"
+    if identities is not None:
+        identities[entry["file"]] = file_identity(info)
+    if stat.S_ISLNK(info.st_mode):
+        return f"{path}: is a symbolic link (refused: a cache's files must be its own)"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{path}: not a regular file"
+    if info.st_size != entry["bytes"]:
+        return (f"{path}: {info.st_size} bytes on disk, manifest says {entry['bytes']} "
+                f"({'truncated' if info.st_size < entry['bytes'] else 'grown'})")
+    return None
+
+
+def check_sizes(directory: str, entries: Iterable[dict],
+                identities: Optional[dict] = None) -> List[str]:
+    """Problems (one line each, naming the file) with missing, wrongly sized or linked files.
+    ``identities``, a dict, receives ``{file name: file_identity}`` of the files found."""
+    return [problem for problem in (_size_problem(directory, entry, identities)
+                                    for entry in entries) if problem]
+
+
+def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:
+    """Problems with missing, wrongly sized, linked or altered files (sha256 differs from the
+    manifest). Only regular files inside ``directory`` are ever opened."""
+    problems = []
+    for entry in entries:
+        path = os.path.join(directory, entry["file"])
+        problem = _size_problem(directory, entry)
+        if problem is None:
+            try:
+                if file_sha256(path) != entry["sha256"]:
+                    problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
+            except OSError as error:
+                problem = f"{path}: cannot read ({error.strerror or error})"
+            except CacheError as error:   # swapped for a link or a non-file after the check
+                problem = str(error)
+        if problem:
+            problems.append(problem)
+    return problems

@@ -1,14 +1,14 @@
 """The on-disk cache format. This is the only module that knows file names, array layouts and
-the manifest's fields; the writer, the reader and the CLI go through it. See docs/cache-format.md.
-Opening, reading and atomically writing the files is :mod:`fastkd.cache.files` (re-exported here).
+the manifest's fields (every one checked by :func:`validate_manifest` when a manifest is read);
+the writer, the reader and the CLI go through it. See docs/cache-format.md. Opening, reading,
+checking and atomically writing the files is :mod:`fastkd.cache.files` (re-exported here).
 
 A cache is a directory::
 
     manifest.json                      the index (written last-complete-shard-at-a-time, atomically)
     shard-<rank>-<index>.<array>.npy   one .npy file per array per shard
     offsets.npy                        (num_samples + 1,) int64 row offsets, variable-length only
-    labels.npy                         dataset labels (format version 1 only; version 2 keeps
-                                       them once, in the shards)
+    labels.npy                         dataset labels (format version 1 only)
 
 Arrays per layout (``R`` = rows of the shard, ``V`` = classes, ``k`` = top-k or draws,
 ``n_T`` = stored temperatures), format version 3:
@@ -46,9 +46,9 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from fastkd.cache.files import (  # noqa: F401  (re-exported: the cache's one file API)
-    HASH_CHUNK, PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, write_atomic, check_file_name,
-    file_sha256, fsync_directory, load_array, open_array, open_cache_descriptor, open_cache_file,
-    read_array_header, write_npy_atomic)
+    HASH_CHUNK, PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, check_checksums, check_file_name,
+    check_sizes, file_identity, file_sha256, fsync_directory, load_array, open_array,
+    open_cache_descriptor, open_cache_file, read_array_header, write_atomic, write_npy_atomic)
 
 FORMAT_NAME = "fastkd-logit-cache"
 FORMAT_VERSION = 3
@@ -271,14 +271,6 @@ def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) ->
     fsync_directory(directory)
 
 
-def file_identity(info: os.stat_result) -> tuple:
-    """What tells one version of a cache file from another: ``(device, inode, size, mtime in
-    ns)``. Rewriting a cache (``--overwrite``: remove, write a temp file, rename) makes new files,
-    so their inode or modification time differs even where a freed inode number is reused; a
-    file's metadata changes (permissions, links) leave it alone."""
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
-
-
 def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
     """The JSON object in ``directory/name``, unchecked beyond being a JSON object with this
     format's name; raises :class:`CacheError` naming the file otherwise."""
@@ -299,9 +291,8 @@ def _parse_manifest_file(directory: str, name: str):
             raise CacheError(f"{path} is not a regular file (symbolic links are refused)")
         with open_cache_file(path) as handle:   # a link swapped in since the lstat is refused
             identity = file_identity(os.fstat(handle.fileno()))
-            size = identity[2]
-            if size > MAX_MANIFEST_BYTES:
-                raise CacheError(f"{path} is {size} bytes, far too large for a cache "
+            if identity[2] > MAX_MANIFEST_BYTES:
+                raise CacheError(f"{path} is {identity[2]} bytes, far too large for a cache "
                                  f"manifest; it is not one")
             manifest = json.loads(handle.read().decode("utf-8"))
     except OSError as error:
@@ -317,8 +308,7 @@ def _parse_manifest_file(directory: str, name: str):
 
 def read_manifest(directory: str, name: str = MANIFEST_NAME) -> dict:
     """Load and self-check a manifest: JSON, format and version, its own checksum and every
-    field the reader and writer use (:func:`fastkd.cache.validate.validate_manifest`). Raises
-    :class:`CacheError` naming the file on any problem."""
+    field (:func:`validate_manifest`); :class:`CacheError` naming the file on any problem."""
     return read_manifest_and_identity(directory, name)[0]
 
 
@@ -337,7 +327,6 @@ def read_manifest_and_identity(directory: str, name: str = MANIFEST_NAME):
     if manifest.get("manifest_sha256") != checksum:
         raise CacheError(f"{path} was modified after it was written (its manifest_sha256 does "
                          f"not match its contents)")
-    from fastkd.cache.validate import validate_manifest
     validate_manifest(manifest, path)
     return manifest, identity
 
@@ -352,9 +341,7 @@ def manifest_files(manifest: dict) -> List[dict]:
 
 def check_structure(manifest: dict, where: str) -> None:
     """Row/sample ranges contiguous and adding up; shapes agree with ranges."""
-    expected_arrays = set(manifest_row_arrays(manifest))
-    expected_arrays |= {"labels"} if manifest["labels_per"] else set()
-    expected_arrays |= {"lengths"} if manifest["rows_per_sample"] == "variable" else set()
+    expected_arrays = set(entry_arrays(manifest))
     per_entry = set(entry_array_names(manifest))
     sample, row = 0, 0
     for number, shard in enumerate(manifest["shards"]):
@@ -383,50 +370,136 @@ def check_structure(manifest: dict, where: str) -> None:
                          f"says {manifest['num_samples']} / {manifest['num_rows']}")
 
 
-def _size_problem(directory: str, entry: dict,
-                  identities: Optional[dict] = None) -> Optional[str]:
-    path = os.path.join(directory, check_file_name(entry["file"], directory))
-    try:
-        info = os.lstat(path)
-    except OSError:
-        return f"{path}: missing"
-    if identities is not None:
-        identities[entry["file"]] = file_identity(info)
-    if stat.S_ISLNK(info.st_mode):
-        return f"{path}: is a symbolic link (refused: a cache's files must be its own)"
-    if not stat.S_ISREG(info.st_mode):
-        return f"{path}: not a regular file"
-    if info.st_size != entry["bytes"]:
-        return (f"{path}: {info.st_size} bytes on disk, manifest says {entry['bytes']} "
-                f"({'truncated' if info.st_size < entry['bytes'] else 'grown'})")
-    return None
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def check_sizes(directory: str, entries: Iterable[dict],
-                identities: Optional[dict] = None) -> List[str]:
-    """Problems (one line each, naming the file) with missing, wrongly sized or linked files.
-    ``identities``, a dict, receives ``{file name: file_identity}`` of the files found."""
-    return [problem for problem in (_size_problem(directory, entry, identities)
-                                    for entry in entries) if problem]
+def _expect(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise CacheError(f"{where}: {message}")
 
 
-def check_checksums(directory: str, entries: Iterable[dict]) -> List[str]:
-    """Problems with missing, wrongly sized, linked or altered files (sha256 differs from the
-    manifest). Only regular files inside ``directory`` are ever opened."""
-    problems = []
-    for entry in entries:
-        path = os.path.join(directory, entry["file"])
-        problem = _size_problem(directory, entry)
-        if problem is None:
-            try:
-                if file_sha256(path) != entry["sha256"]:
-                    problem = f"{path}: sha256 differs from the manifest (file altered or corrupt)"
-            except OSError as error:
-                problem = f"{path}: cannot read ({error.strerror or error})"
-            except CacheError as error:   # swapped for a link or a non-file after the check
-                problem = str(error)
-        if problem:
-            problems.append(problem)
-    return problems
+def _check_entry(entry, where: str, dtype: np.dtype, row_shape: tuple) -> None:
+    _expect(isinstance(entry, dict), where, f"file entry {entry!r} is not an object")
+    check_file_name(entry.get("file"), where)
+    name = entry["file"]
+    _expect(_is_int(entry.get("bytes")), where, f"{name}: 'bytes' must be an integer >= 0")
+    _expect(isinstance(entry.get("sha256"), str) and
+            SHA256_HEX.fullmatch(entry["sha256"]) is not None, where,
+            f"{name}: 'sha256' must be 64 lowercase hex digits")
+    _expect(entry.get("dtype") == dtype.str, where,
+            f"{name}: dtype {entry.get('dtype')!r}; this array is stored as {dtype.str!r}")
+    shape = entry.get("shape")
+    _expect(isinstance(shape, list) and len(shape) == 1 + len(row_shape) and
+            all(_is_int(size) for size in shape) and tuple(shape[1:]) == row_shape, where,
+            f"{name}: shape {shape!r}; expected [rows{''.join(f', {n}' for n in row_shape)}]")
 
 
+def entry_arrays(manifest: dict) -> Dict[str, tuple]:
+    """``{array name: (numpy dtype, per-row shape)}`` of every array a shard of ``manifest``
+    holds (the layout's arrays plus ``labels`` and ``lengths`` where present)."""
+    arrays = dict(manifest_row_arrays(manifest))
+    if manifest["labels_per"]:
+        arrays["labels"] = (label_dtype(manifest["format_version"]), ())
+    if manifest["rows_per_sample"] == "variable":
+        arrays["lengths"] = (LENGTH_DTYPE, ())
+    return arrays
+
+
+def validate_manifest(manifest: dict, where: str) -> None:
+    """Types and values of every field the reader, the writer and ``fastkd info`` use, so an
+    edited or hostile manifest fails here with a sentence instead of deep inside them."""
+    _expect(manifest.get("status") in ("complete", "incomplete"), where,
+            f"status {manifest.get('status')!r}; expected 'complete' or 'incomplete'")
+    _expect(manifest.get("dtype") in STORAGE_DTYPES, where,
+            f"dtype {manifest.get('dtype')!r}; expected one of {sorted(STORAGE_DTYPES)}")
+    _expect(manifest.get("layout") in LAYOUTS, where,
+            f"layout {manifest.get('layout')!r}; expected one of {list(LAYOUTS)}")
+    _expect(manifest["layout"] != "sampled" or manifest["format_version"] >= 2, where,
+            "the sampled layout needs format version 2")
+    for layout, field in SPARSE_K_FIELD.items():
+        value = manifest.get(field)
+        _expect(_is_int(value, 1) if manifest["layout"] == layout else value is None, where,
+                f"{field} {value!r} does not fit layout {manifest['layout']!r}")
+    temperatures = manifest.get("temperatures")
+    _expect(temperatures is None or (
+        isinstance(temperatures, list) and temperatures and all(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and
+            0 < value < float("inf") for value in temperatures)), where,
+        f"temperatures {temperatures!r}; expected null or a list of positive numbers")
+    proposal = manifest.get("proposal_temperature")
+    if is_ragged(manifest):
+        _expect(isinstance(proposal, (int, float)) and not isinstance(proposal, bool) and
+                0 < proposal < float("inf") and temperatures is not None and
+                len(temperatures) == 1, where,
+                f"a sampled cache needs one target temperature and a positive proposal_"
+                f"temperature; found temperatures {temperatures!r}, proposal_temperature "
+                f"{proposal!r}")
+    else:
+        _expect(proposal is None, where, f"proposal_temperature {proposal!r} applies to sampled "
+                f"caches of format version 3 only")
+    for key in ("teacher", "dataset"):
+        _expect(isinstance(manifest.get(key), dict), where, f"'{key}' must be an object")
+    _expect(isinstance(manifest["teacher"].get("fingerprint"), str), where,
+            "teacher fingerprint must be a string")
+    fingerprint = manifest["dataset"].get("fingerprint")
+    _expect(isinstance(fingerprint, dict) and _is_int(fingerprint.get("length")) and
+            isinstance(fingerprint.get("sha256"), str), where,
+            "dataset fingerprint must be {length, sha256, ...}")
+    for key in ("shard_size_mb",):
+        _expect(isinstance(manifest.get(key), (int, float)) and not isinstance(
+            manifest[key], bool) and manifest[key] > 0, where, f"'{key}' must be positive")
+    for key in ("batch_size", "world_size"):
+        _expect(_is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
+    _expect(manifest.get("rows_per_sample") in (None, 1, "variable"), where,
+            f"rows_per_sample {manifest.get('rows_per_sample')!r}; expected 1 or 'variable'")
+    _expect(manifest.get("labels_per") in (None, "sample", "row"), where,
+            f"labels_per {manifest.get('labels_per')!r}; expected null, 'sample' or 'row'")
+    for key in ("num_classes", "rows_per_shard"):
+        _expect(manifest.get(key) is None or _is_int(manifest[key], 1), where,
+                f"'{key}' must be null or an integer >= 1")
+    shards = manifest.get("shards")
+    _expect(isinstance(shards, list), where, "'shards' must be a list")
+    complete = manifest["status"] == "complete"
+    if complete:
+        for key in ("num_samples", "num_rows"):
+            _expect(_is_int(manifest.get(key)), where, f"'{key}' must be an integer >= 0")
+    else:
+        sample_range = manifest.get("sample_range")
+        _expect(isinstance(sample_range, list) and len(sample_range) == 2 and
+                all(_is_int(value) for value in sample_range), where,
+                "'sample_range' must be [start, stop]")
+    if shards or complete:
+        _expect(manifest["num_classes"] is not None and manifest["rows_per_sample"] is not None,
+                where, "num_classes and rows_per_sample must be set once shards exist")
+    arrays = entry_arrays(manifest) if manifest["num_classes"] is not None else {}
+    for number, shard in enumerate(shards):
+        here = f"{where}: shard {number}"
+        _expect(isinstance(shard, dict), here, "is not an object")
+        for key in ("index", "rank", "sample_start", "sample_stop", "row_start", "row_stop",
+                    "clamped") + (("entries",) if is_ragged(manifest) else ()):
+            _expect(_is_int(shard.get(key)), here, f"'{key}' must be an integer >= 0")
+        _expect(shard["sample_start"] < shard["sample_stop"] and
+                shard["row_start"] <= shard["row_stop"], here, "has an empty or reversed range")
+        files = shard.get("files")
+        if not (isinstance(files, dict) and set(files) == set(arrays)):
+            raise CacheError(f"{here} lists arrays "
+                             f"{sorted(files) if isinstance(files, dict) else files!r}; "
+                             f"expected {sorted(arrays)}")
+        for array, (dtype, row_shape) in arrays.items():
+            _check_entry(files[array], here, dtype, row_shape)
+    for key, dtype in (("offsets", LENGTH_DTYPE), ("labels", V1_LABEL_DTYPE)):
+        entry = manifest.get(key)
+        if entry is not None:
+            _expect(complete, where, f"'{key}' is set on an incomplete cache")
+            _check_entry(entry, f"{where}: {key}", dtype, ())
+    if complete:
+        _expect((manifest.get("offsets") is not None) == (manifest["rows_per_sample"] ==
+                                                          "variable"), where,
+                "'offsets' must be present exactly for variable-length caches")
+        has_labels_file = manifest["labels_per"] is not None and manifest["format_version"] == 1
+        _expect((manifest.get("labels") is not None) == has_labels_file, where,
+                "'labels' must be present exactly when labels_per is set (version 1; version 2 "
+                "keeps labels in the shards only)")
+    names = [entry["file"] for entry in manifest_files(manifest)]
+    _expect(len(set(names)) == len(names), where, "lists the same file twice")

@@ -13,14 +13,15 @@ from typing import Tuple
 
 import numpy as np
 
+from fastkd.cache.files import CacheError
+
 
 def check_shard(distinct, indices, weights, *, width: int, num_classes: int,
                 files: Tuple[str, str, str]) -> np.ndarray:
     """The ``(R + 1,)`` int64 entry offsets of one shard's rows (row ``r``'s entries are
     ``offsets[r]:offsets[r + 1]``) after checking its arrays; ``files`` are the paths of the
     ``distinct``, ``indices`` and ``counts`` / ``weights`` files (named in the errors).
-    Raises :class:`fastkd.cache.manifest.CacheError`."""
-    from fastkd.cache.manifest import CacheError
+    Raises :class:`fastkd.cache.files.CacheError`."""
     distinct_file, indices_file, weights_file = files
     sizes = np.asarray(distinct, dtype=np.int64)
     if sizes.size and (int(sizes.min()) < 1 or int(sizes.max()) > width):
