@@ -69,7 +69,7 @@ PAIRS = {
 }
 
 
-def _pair(name):
+def model_pair(name):
     (student_kind, student_extra), (teacher_kind, teacher_extra) = PAIRS[name]
     return (_model(student_kind, 1, **student_extra),
             _model(teacher_kind, 2, **teacher_extra).eval())
@@ -106,7 +106,7 @@ def _config_args(tmp_path, **overrides):
 
 
 # ----------------------------------------------------------------------------- GKD
-def _gkd_rows(count=8, width=14, seed=0):
+def gkd_rows(count=8, width=14, seed=0):
     """Right-padded rows with a prompt (label -100) and a completion of varying lengths."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -121,7 +121,7 @@ def _gkd_rows(count=8, width=14, seed=0):
     return rows
 
 
-def _gkd_collate(rows):
+def gkd_collate(rows):
     batch = {key: torch.tensor([row[key] for row in rows])
              for key in ("input_ids", "attention_mask", "labels")}
     width = max(len(row["prompts"]) for row in rows)   # left-padded prompts
@@ -132,20 +132,20 @@ def _gkd_collate(rows):
     return batch
 
 
-def _gkd_trainer(cls, student, teacher, tmp_path, **config):
+def gkd_trainer(cls, student, teacher, tmp_path, **config):
     from trl.experimental.gkd import GKDConfig
     args = GKDConfig(**_config_args(tmp_path, lmbda=0.0, **config))
-    return cls(model=student, teacher_model=teacher, args=args, data_collator=_gkd_collate,
-               train_dataset=datasets.Dataset.from_list(_gkd_rows()),
+    return cls(model=student, teacher_model=teacher, args=args, data_collator=gkd_collate,
+               train_dataset=datasets.Dataset.from_list(gkd_rows()),
                processing_class=EX.byte_tokenizer())
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_gkd_loss_and_grads_equal_trl(pair, tmp_path):
-    student, teacher = _pair(pair)
-    trainer = _gkd_trainer(fastkd.trl.GKDTrainer, student, teacher, tmp_path)
+    student, teacher = model_pair(pair)
+    trainer = gkd_trainer(fastkd.trl.GKDTrainer, student, teacher, tmp_path)
     trl_class = fastkd.trl.TRLGKDTrainer
-    batch = _gkd_collate(_gkd_rows(4, seed=1))
+    batch = gkd_collate(gkd_rows(4, seed=1))
     batch["labels"][0, :] = -100   # a row with nothing to learn
     model = trainer.model
     model.train()
@@ -168,8 +168,8 @@ def test_gkd_training_steps_equal_trl(tmp_path):
     each step equal TRL's (num_items_in_batch over the accumulation window, as TRL uses it)."""
     results = []
     for cls in (fastkd.trl.GKDTrainer, fastkd.trl.TRLGKDTrainer):
-        student, teacher = _pair("softcap")
-        trainer = _gkd_trainer(cls, student, teacher, tmp_path / cls.__module__,
+        student, teacher = model_pair("softcap")
+        trainer = gkd_trainer(cls, student, teacher, tmp_path / cls.__module__,
                                gradient_accumulation_steps=2, max_steps=2, beta=0.5,
                                temperature=0.7)
         trainer.train()
@@ -178,7 +178,7 @@ def test_gkd_training_steps_equal_trl(tmp_path):
     (got_losses, got_params), (want_losses, want_params) = results
     assert len(want_losses) == 2
     assert got_losses == pytest.approx(want_losses, rel=1e-5)
-    initial = _pair("softcap")[0].state_dict()
+    initial = model_pair("softcap")[0].state_dict()
     for name, want in want_params.items():
         moved = float((want - initial[name]).abs().max())
         torch.testing.assert_close(got_params[name], want, rtol=0, atol=1e-4 * max(moved, 1e-3))
@@ -204,7 +204,7 @@ def _completion_batch(rows=4, prompt=6, completion=7, seed=3):
             "num_items_in_batch": completion_mask.sum() + 3}
 
 
-def _distillation_trainer(cls, student, teacher, tmp_path, **config):
+def distillation_trainer(cls, student, teacher, tmp_path, **config):
     from trl import DistillationConfig
     args = DistillationConfig(**_config_args(tmp_path, max_completion_length=6, **config))
     return cls(model=student, teacher_model=teacher, args=args,
@@ -216,8 +216,8 @@ def _distillation_trainer(cls, student, teacher, tmp_path, **config):
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_distillation_loss_and_grads_equal_trl(pair, tmp_path):
-    student, teacher = _pair(pair)
-    trainer = _distillation_trainer(fastkd.trl.DistillationTrainer, student, teacher, tmp_path)
+    student, teacher = model_pair(pair)
+    trainer = distillation_trainer(fastkd.trl.DistillationTrainer, student, teacher, tmp_path)
     trl_class = fastkd.trl.TRLDistillationTrainer
     batch = _completion_batch()
     model = trainer.model
@@ -248,8 +248,8 @@ def test_distillation_training_step_equals_trl(tmp_path):
     same seed gives the same completions, so the logged loss and the weights equal TRL's."""
     results = []
     for cls in (fastkd.trl.DistillationTrainer, fastkd.trl.TRLDistillationTrainer):
-        student, teacher = _pair("both-softcap")
-        trainer = _distillation_trainer(cls, student, teacher, tmp_path / cls.__name__,
+        student, teacher = model_pair("both-softcap")
+        trainer = distillation_trainer(cls, student, teacher, tmp_path / cls.__name__,
                                         gradient_accumulation_steps=2, max_steps=1, beta=0.5,
                                         temperature=1.5)
         trainer.train()
@@ -305,7 +305,7 @@ def _server_trainer(student, teacher, tmp_path, monkeypatch, **config):
 @pytest.mark.parametrize("beta,top_k,tail", [(0.0, 4, True), (0.0, 4, False), (0.0, 1, True),
                                              (0.5, 1, True), (0.5, 1, False), (1.0, 1, True)])
 def test_server_loss_and_grads_equal_trl(beta, top_k, tail, tmp_path, monkeypatch):
-    student, teacher = _pair("softcap")
+    student, teacher = model_pair("softcap")
     trainer = _server_trainer(student, teacher, tmp_path, monkeypatch, beta=beta,
                               loss_top_k=top_k, loss_add_tail=tail)
     trl_class = fastkd.trl.TRLServerDistillationTrainer
@@ -339,7 +339,7 @@ def test_server_training_step_equals_trl(tmp_path, monkeypatch):
     logged loss and weights as TRL's trainer."""
     results = []
     for fastkd_loss in (True, False):
-        student, teacher = _pair("softcap")
+        student, teacher = model_pair("softcap")
         trainer = _server_trainer(student, teacher, tmp_path / str(fastkd_loss), monkeypatch,
                                   beta=0.0, loss_top_k=3, gradient_accumulation_steps=2,
                                   max_steps=1, temperature=1.3)
@@ -394,9 +394,9 @@ def test_logit_transforms_reproduce_the_models_forward(kind, extra):
 
 
 def test_chunk_budget_bytes_is_checked(tmp_path):
-    student, teacher = _pair("plain")
+    student, teacher = model_pair("plain")
     with pytest.raises(ValueError, match="chunk_budget_bytes must be a positive int"):
-        _gkd_trainer(lambda **kw: fastkd.trl.GKDTrainer(chunk_budget_bytes=0, **kw), student,
+        gkd_trainer(lambda **kw: fastkd.trl.GKDTrainer(chunk_budget_bytes=0, **kw), student,
                      teacher, tmp_path)
 
 
@@ -411,7 +411,7 @@ def test_example_smoke_runs():
 def test_adapter_on_the_head_is_refused():
     """A PEFT-style adapter layer around lm_head (``base_layer``) would be bypassed by a loss
     that reads lm_head.weight: refused."""
-    student, teacher = _pair("plain")
+    student, teacher = model_pair("plain")
 
     class AdapterLayer(torch.nn.Module):
         def __init__(self, base):

@@ -24,7 +24,7 @@ def train_pair(build, tmp, **config):
     """Train fastkd's and TRL's trainer one step from the same weights: their parameters."""
     out = {}
     for name in ("fastkd", "trl"):
-        student, teacher = T._pair("softcap")
+        student, teacher = T.model_pair("softcap")
         initial = flat_params(student)
         trainer = build(name, student, teacher, Path(tmp) / name, **config)
         trainer.train()
@@ -36,12 +36,12 @@ def train_pair(build, tmp, **config):
 
 def build_gkd(name, student, teacher, path, **config):
     cls = fastkd.trl.GKDTrainer if name == "fastkd" else fastkd.trl.TRLGKDTrainer
-    return T._gkd_trainer(cls, student, teacher, path, **config)
+    return T.gkd_trainer(cls, student, teacher, path, **config)
 
 
 def build_distillation(name, student, teacher, path, **config):
     cls = fastkd.trl.DistillationTrainer if name == "fastkd" else fastkd.trl.TRLDistillationTrainer
-    return T._distillation_trainer(cls, student, teacher, path, **config)
+    return T.distillation_trainer(cls, student, teacher, path, **config)
 
 
 def sharded_head_check():
@@ -50,7 +50,7 @@ def sharded_head_check():
     sharded weight's gradient is the plain one's shard."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
-    student, teacher = T._pair("softcap")
+    student, teacher = T.model_pair("softcap")
     generator = torch.Generator().manual_seed(0)
     hidden = torch.randn(3, 5, 32, generator=generator, requires_grad=True)
     teacher_hidden = torch.randn(3, 5, 32, generator=generator)
@@ -81,7 +81,7 @@ def fsdp2_check():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    student, teacher = T._pair("softcap")
+    student, teacher = T.model_pair("softcap")
     reference = copy.deepcopy(student)
     for layer in student.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -89,7 +89,7 @@ def fsdp2_check():
     trainer = types.SimpleNamespace(beta=0.5, chunk_budget_bytes=None, teacher_model=teacher,
                                     accelerator=types.SimpleNamespace(unwrap_model=lambda m: m))
     trainer._fused_loss = types.MethodType(fastkd.trl.GKDTrainer._fused_loss, trainer)
-    batch = T._gkd_collate(T._gkd_rows(4, seed=1 + dist.get_rank()))
+    batch = T.gkd_collate(T.gkd_rows(4, seed=1 + dist.get_rank()))
     items = torch.tensor(20.0)
     losses = []
     for model in (student, reference):
