@@ -12,15 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from fastkd.hf_load import MODEL_DTYPES, load_causal_lm
+# transformers through hf_load, whose import names the extra to install when it is missing
+from fastkd.hf_load import MODEL_DTYPES, load_causal_lm, transformers
 from fastkd.targets import SPARSE_TARGETS
 from fastkd.tokens import collate_causal_lm, next_token_labels, targets_from_dict
-
-try:
-    import transformers
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("fastkd.hf needs the 'transformers' package: pip install 'fastkd[hf]'") \
-        from error
 
 __all__ = ["load_causal_lm", "DistillationLoss", "DistillationTrainer", "trainer_collator",
            "MODEL_DTYPES", "logit_transforms", "output_transforms", "token_average_scale"]
