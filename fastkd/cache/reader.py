@@ -144,30 +144,29 @@ class LogitCache:
             self._check_unchanged()   # a missing or odd file of a rewritten cache says so
             raise
 
-    def _shard_maps(self, shard_number: int) -> dict:
-        """``{array name: mapped array}`` of one shard, mapped on first use in this process."""
+    def _once(self, key, make):
+        """``make()``, made on first use in this process and kept with its maps."""
         maps = self._process_maps()
-        if shard_number not in maps:
-            files = self.manifest["shards"][shard_number]["files"]
-            maps[shard_number] = {name: self._map(files[name]) for name in self.arrays}
-        return maps[shard_number]
+        if key not in maps:
+            maps[key] = make()
+        return maps[key]
+
+    def _shard_maps(self, number: int) -> dict:
+        """``{array name: mapped array}`` of shard ``number``."""
+        files = self.manifest["shards"][number]["files"]
+        return self._once(number, lambda: {name: self._map(files[name]) for name in self.arrays})
 
     def _extra(self, key: str) -> Optional[np.ndarray]:
         """The mapped ``labels`` (version 1) / ``offsets`` file (offsets checked)."""
         entry = self.manifest.get(key)
         if not entry:
             return None
-        maps = self._process_maps()
-        if key not in maps:
-            mapped = self._map(entry)
-            if key == "offsets":
-                self._check_offsets(mapped)
-            maps[key] = mapped
-        return maps[key]
+        check = self._check_offsets if key == "offsets" else (lambda array: array)
+        return self._once(key, lambda: check(self._map(entry)))
 
-    def _check_offsets(self, offsets: np.ndarray) -> None:
-        """Offsets must start at 0, never decrease, end at num_rows and put every shard's first
-        sample at that shard's first row, so a sample's rows always lie inside its shard."""
+    def _check_offsets(self, offsets: np.ndarray) -> np.ndarray:
+        """``offsets``, which must start at 0, never decrease, end at num_rows and put every
+        shard's first sample at that shard's first row (a sample's rows lie inside its shard)."""
         starts = np.asarray(self._sample_starts, np.int64)
         if (offsets.shape != (len(self) + 1,) or offsets[0] != 0 or
                 offsets[-1] != self.num_rows or bool(np.any(offsets[1:] < offsets[:-1])) or
@@ -175,6 +174,7 @@ class LogitCache:
             raise fmt.CacheError(f"{os.path.join(self.path, fmt.OFFSETS_NAME)}: row offsets are "
                                  f"inconsistent with the shards (not increasing from 0 to "
                                  f"num_rows along the shard boundaries); the cache is damaged")
+        return offsets
 
     # ------------------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -196,12 +196,10 @@ class LogitCache:
             return None
         if self.version == 1:
             return torch.from_numpy(self._extra("labels").copy())
-        maps = self._process_maps()
-        if "labels" not in maps:  # stored once, per shard: joined on first use
-            maps["labels"] = np.concatenate(
-                [self._shard_labels(number) for number in range(len(self.manifest["shards"]))]
-            ).astype(np.int64)
-        return torch.from_numpy(maps["labels"].copy())
+        labels = self._once("labels", lambda: np.concatenate(  # stored per shard: joined once
+            [self._shard_labels(number) for number in range(len(self.manifest["shards"]))]
+        ).astype(np.int64))
+        return torch.from_numpy(labels.copy())
 
     def sample_labels(self, index: int) -> Optional[torch.Tensor]:
         """Sample ``index``'s label (0-d) or per-row labels ``(L_i,)`` as int64, or None."""
@@ -225,11 +223,8 @@ class LogitCache:
         return labels[0] if self.manifest["labels_per"] == "sample" else labels
 
     def _shard_labels(self, number: int) -> np.ndarray:
-        maps = self._process_maps()
-        key = ("labels", number)
-        if key not in maps:
-            maps[key] = self._map(self.manifest["shards"][number]["files"]["labels"])
-        return maps[key]
+        return self._once(("labels", number), lambda: self._map(
+            self.manifest["shards"][number]["files"]["labels"]))
 
     @property
     def bytes_per_row(self) -> dict:
@@ -305,17 +300,15 @@ class LogitCache:
     def _ragged_offsets(self, number: int) -> np.ndarray:
         """Shard ``number``'s ``(R + 1,)`` entry offsets, its arrays checked on first use in
         this process (:func:`fastkd.cache.ragged.check_shard`)."""
-        maps = self._process_maps()
-        key = ("entry offsets", number)
-        if key not in maps:
+        def check():
             arrays, files = self._shard_maps(number), self.manifest["shards"][number]["files"]
             names = ("distinct", "indices", self._weights)
-            maps[key] = ragged.check_shard(
+            return ragged.check_shard(
                 *(arrays[name] for name in names),
                 width=fmt.sampled_width(self.manifest["sample"], self.num_classes),
                 num_classes=self.num_classes,
                 files=tuple(os.path.join(self.path, files[name]["file"]) for name in names))
-        return maps[key]
+        return self._once(("entry offsets", number), check)
 
     def _ragged_weight_dtype(self):
         return np.float32 if self._weights == "weights" else np.int32
