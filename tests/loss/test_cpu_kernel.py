@@ -2,8 +2,8 @@
 float64 reference, value and gradient, and bit for bit against itself where it must be exact:
 its fp16 / bf16 loads and stores against torch's conversions, its threads against one thread.
 
-``tests/test_fallback.py`` runs its whole grid through this kernel too (its ``cpu_path``
-fixture), and through the PyTorch reference with the kernel turned off.
+test_dense_grid.py runs the backend-wide grid through this kernel too (its ``backend``
+fixture), beside the PyTorch reference with the kernel turned off and Triton.
 """
 import os
 import shutil
@@ -23,10 +23,11 @@ from reference import reference_kd_loss, reference_row_losses
 # A C compiler was there at install time wherever one is here (CI installs in this machine's
 # image); without one the kernel is legitimately absent and these tests are skipped.
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
-pytestmark = pytest.mark.skipif(not kd_loss_cpu.available(),
-                                reason=f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    not kd_loss_cpu.available(),
+    reason=f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")
 
-# (rtol, atol as a fraction of the largest reference magnitude); see tests/test_fallback.py
+# (rtol, atol as a fraction of the largest reference magnitude); see test_dense_grid.py
 TOLERANCES = {"loss": (1e-4, 2e-6), torch.float32: (1e-4, 5e-5), torch.float16: (2e-3, 1e-4),
               torch.bfloat16: (1e-2, 1e-3)}
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("jsd", 0.9), ("mse", 0.5)]

@@ -1,4 +1,7 @@
-"""The fused Triton kernel (kernels/kd_loss.py) against the float64 reference: loss AND gradient.
+"""The fused Triton kernel (kernels/kd_loss.py) against the float64 reference: loss AND gradient,
+at Triton's own tolerances, and what only Triton has: block settings, rows per program and
+streamed column blocks, strided and batched views, the grid limit, direct-call errors.
+test_dense_grid.py runs the backend-wide grid on Triton too.
 
 Runs on CUDA when present, else in Triton's CPU interpreter (see conftest.py), so shapes are
 small; the large-V cases use one or two rows.
