@@ -1,4 +1,4 @@
-"""Helpers shared by the dense and the sparse kernel tests (test_kernel_triton.py,
+"""Helpers shared by the dense and the sparse kernel tests (loss/test_triton_kernel.py,
 test_sparse.py): labels with ignored positions and a max-scaled closeness check."""
 import torch
 

@@ -3,7 +3,7 @@ exact lse, the ``backend`` fixture (every sparse path), and the check of kd_loss
 gradient against the float64 reference (tests/reference_sparse.py).
 
 Tolerances per student dtype (loss rtol, gradient rtol), absolute parts scaled by the largest
-expected value as in test_kernel_triton.py: fp32 1e-5 / 1e-5 (fp32 accumulation); fp16 and bf16
+expected value as in loss/test_triton_kernel.py: fp32 1e-5 / 1e-5 (fp32 accumulation); fp16 and bf16
 students: the reference runs on the same rounded logits and the backends compute in fp32, so the
 loss keeps fp32 accuracy; the gradient is stored in the low dtype and scaled once more by
 grad_output there: two roundings of 2^-11 (fp16) or 2^-8 (bf16).
