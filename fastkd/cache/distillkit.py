@@ -52,14 +52,12 @@ class DistillKitRows:
 
     def __init__(self, config, columns: set, vocab_size: Optional[int]):
         self.config = config
-        needed = ("packed_indices", "exact_values", "coeffs") if config.legacy else \
-            ("compressed_logprobs", "bytepacked_indices")
-        other = ("compressed_logprobs", "bytepacked_indices") if config.legacy else \
-            ("packed_indices", "exact_values", "coeffs")
+        layouts = {True: ("packed_indices", "exact_values", "coeffs"),
+                   False: ("compressed_logprobs", "bytepacked_indices")}
+        needed, other = layouts[config.legacy], layouts[not config.legacy]
         missing = [name for name in ("input_ids",) + needed if name not in columns]
         if missing:
-            layout = "legacy (packed_indices, exact_values, coeffs)" if config.legacy else \
-                "current (compressed_logprobs, bytepacked_indices)"
+            layout = f"{'legacy' if config.legacy else 'current'} ({', '.join(needed)})"
             hint = ("; the data holds the other layout, so the config does not belong to it"
                     if all(name in columns for name in other) else "")
             raise TeacherDatasetError(f"the compression config is for the {layout} layout but "
