@@ -109,15 +109,14 @@ def safe_max(running_max):
 
 
 @triton.jit
-def log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta):
-    """``log(beta p_t + (1 - beta) p_s)`` as a log-sum-exp of two terms, exact when either
-    probability underflows. Written with comparisons, not tl.maximum, so a NaN stays NaN."""
-    from_teacher = log_beta + log_p_t
-    from_student = log_one_minus_beta + log_p_s
-    teacher_larger = from_teacher > from_student
-    larger = tl.where(teacher_larger, from_teacher, from_student)
-    smaller = tl.where(teacher_larger, from_student, from_teacher)
-    return larger + tl.log(1.0 + tl.exp(smaller - larger))
+def log_mixture(log_p_s, log_p_t, beta):
+    """``log(beta p_t + (1 - beta) p_s)`` formed relative to the larger of the two
+    log-probabilities: no underflow, and exactly ``log p`` where ``p_t = p_s`` (``beta + (1 -
+    beta)`` is exactly 1 in float32). Written with comparisons, not tl.maximum, so a NaN stays
+    NaN."""
+    top = tl.where(log_p_t > log_p_s, log_p_t, log_p_s)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    return top + tl.log(beta * tl.exp(log_p_t - top) + (1.0 - beta) * tl.exp(log_p_s - top))
 
 
 @triton.jit
@@ -252,8 +251,6 @@ def _kd_loss_kernel(
     # -------------------------------------------------------------------- pass 2 (jsd only)
     student_dot_g = zero   # <p_s, g>, g = (1 - beta) log(p_s / m)
     if DIVERGENCE == 3:
-        log_beta = tl.log(beta)
-        log_one_minus_beta = tl.log(1.0 - beta)
         teacher_term = zero   # sum p_t (log p_t - log m)
         for start in range(0, num_classes, BLOCK_V):
             cols = start + block_cols
@@ -262,7 +259,7 @@ def _kd_loss_kernel(
             z_t = _load_tile(teacher_rows, cols, mask)
             log_p_s = (z_s - shift_s[:, None]) * inv_temperature - log_sum_s[:, None]
             log_p_t = (z_t - shift_t[:, None]) * inv_temperature - log_sum_t[:, None]
-            log_m = log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
+            log_m = log_mixture(log_p_s, log_p_t, beta)
             g = (1.0 - beta) * (log_p_s - log_m)
             student_dot_g += tl.sum(
                 tl.where(log_p_s == float("-inf"), 0.0, tl.exp(log_p_s) * g), axis=1)
@@ -318,7 +315,7 @@ def _kd_loss_kernel(
                         log_p_s == float("-inf"), 0.0,
                         p_s * (log_p_s - log_p_t - divergence[:, None]))
                 if DIVERGENCE == 3:
-                    log_m = log_mixture(log_p_s, log_p_t, log_beta, log_one_minus_beta)
+                    log_m = log_mixture(log_p_s, log_p_t, beta)
                     g = (1.0 - beta) * (log_p_s - log_m)
                     grad += soft_scale * tl.where(
                         log_p_s == float("-inf"), 0.0, p_s * (g - student_dot_g[:, None]))

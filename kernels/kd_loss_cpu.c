@@ -4,7 +4,7 @@
  * PyTorch reference fastkd/reference_dense.py): fastkd/dispatch.py sends every CPU row here when
  * it is built. Same contract as every dense backend (fastkd.dispatch.DenseBackend), plus the
  * label check, the kept-row count and the reduction in the same call; tested against the float64
- * reference (tests/reference.py) in tests/test_kernel_cpu.py. Loaded with ctypes by
+ * reference (tests/reference.py) in tests/loss/test_cpu_kernel.py and tests/loss/test_dense_grid.py. Loaded with ctypes by
  * kernels/kd_loss_cpu.py: plain C, no Python headers; the call's parameters come as one struct
  * (KDArgs).
  *

@@ -212,16 +212,13 @@ def _kd_sparse_kernel(
                     coef_rest = log_q_rest - log_p_rest - divergence
                 kept_du = tl.where(q_kept == 0.0, 0.0, q_kept * (log_q - log_p - divergence))
             if DIVERGENCE == 3:
-                log_beta = tl.log(beta)
-                log_one_minus_beta = tl.log(1.0 - beta)
-                log_m = log_mixture(log_q, log_p, log_beta, log_one_minus_beta)
+                log_m = log_mixture(log_q, log_p, beta)
                 g_kept = (1.0 - beta) * (log_q - log_m)
                 student_dot_g = tl.sum(tl.where(q_kept == 0.0, 0.0, q_kept * g_kept), axis=0)
                 teacher_term = tl.sum(_masked_xlogy(p_kept, log_p, log_m), axis=0)
                 if HAS_REST:
                     q_rest = tl.exp(log_q_rest)
-                    log_m_rest = log_mixture(log_q_rest, log_p_rest, log_beta,
-                                              log_one_minus_beta)
+                    log_m_rest = log_mixture(log_q_rest, log_p_rest, beta)
                     g_rest = (1.0 - beta) * (log_q_rest - log_m_rest)
                     student_dot_g += tl.where(q_rest == 0.0, 0.0, q_rest * g_rest)
                     teacher_term += _masked_xlogy(p_rest, log_p_rest, log_m_rest)

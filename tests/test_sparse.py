@@ -387,8 +387,8 @@ def test_compact_cache_dtypes(backend):
     check(student, sampled, None, backend, soft_weight=1.0)
 
 
-def test_fallback_row_chunks(monkeypatch):
-    """The fallback in chunks of 3 rows: a chunk with ignored rows, one with every row ignored,
+def test_reference_row_chunks(monkeypatch):
+    """The PyTorch reference in chunks of 3 rows: a chunk with ignored rows, one with every row ignored,
     and a short last chunk."""
     import fastkd.reference_sparse as reference_sparse
     monkeypatch.setattr(reference_sparse, "CHUNK_ELEMENTS", 3 * 45)
