@@ -34,7 +34,7 @@ the step. "Extra" includes the gradients left in ``hidden.grad`` / ``weight.grad
 must produce them; the table also shows the peak without them).
 
 Each provider's loss and gradient norms are compared with ``unfused``'s (the exactness of
-``linear_kd_loss`` itself is tested against the float64 reference in tests/test_linear.py).
+``linear_kd_loss`` itself is tested against the float64 reference in tests/loss/test_linear.py).
 Results: ``linear.json`` and ``linear.md`` in ``benchmarks/results/<device>/`` (or ``--out``),
 with the environment (``benchmarks.env.capture_environment``).
 """

@@ -466,7 +466,7 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 def aot_specializations():
     """The kernel specializations to compile ahead of time (no GPU needed) for every target in
-    ``tests/test_kernel_aot.py``: those the benchmarks launch (forward_kl at T = 2 with hard
+    ``tests/loss/test_kernel_aot.py``: those the benchmarks launch (forward_kl at T = 2 with hard
     labels and the kept-row count on the device, forward only and forward+backward, fp32 / bf16 /
     bf16 + fp16 teacher, the tile shapes of V = 10, 100, 1000 and >= 32000) and one per
     divergence, label mode and host-scale variant (direct callers such as the fused-linear path)

@@ -374,7 +374,7 @@ def kd_sparse_forward_triton(student_logits, indices, values, lse, counts, label
 # ----------------------------------------------------------------------------- AOT compile list
 def aot_specializations():
     """The sparse kernel specializations to compile ahead of time (no GPU needed) for every
-    target in ``tests/test_kernel_aot.py``: those the benchmarks launch (top-32 ``TopKLogits``
+    target in ``tests/loss/test_kernel_aot.py``: those the benchmarks launch (top-32 ``TopKLogits``
     with int32 ids, forward_kl + hard labels at T = 1, bucket tail, forward+backward, fp32 and
     bf16, V = 32000 and 128256; the fused-linear path launches the same ones on its chunks) and
     one per divergence, tail, target kind and label mode the tests run. Same record layout as

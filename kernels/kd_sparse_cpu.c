@@ -5,7 +5,7 @@
  * fastkd/reference_sparse.py), chosen by fastkd/dispatch.py for CPU rows when it is built. Same
  * contract (fastkd.dispatch.SparseBackend) plus the data checks, the
  * kept-row count and the reduction in the same call; tested against the float64 reference
- * (tests/reference_sparse.py) in tests/test_kernel_cpu_sparse.py. Loaded with ctypes by
+ * (tests/reference_sparse.py) in tests/loss/test_kernel_cpu_sparse.py. Loaded with ctypes by
  * kernels/kd_sparse_cpu.py: plain C, no Python headers; the call's parameters come as one
  * struct (SparseCall, in kernels/kd_sparse_cpu_parts.h with the K-sized math and the checks).
  *

@@ -1,6 +1,7 @@
-"""Run by tests/test_trl.py under ``torchrun --nproc_per_node 2`` (gloo, CPU): fastkd.trl's
-trainers against TRL's under DDP, the loss with an FSDP2-style sharded (``DTensor``)
-``lm_head`` weight, and GKD's loss on a student sharded with FSDP2's ``fully_shard``. Rank 0 prints one JSON line of figures; the test asserts on them."""
+"""Run by tests/integrations/test_trl.py under ``torchrun --nproc_per_node 2`` (gloo, CPU):
+fastkd.trl's trainers against TRL's under DDP, the loss with an FSDP2-style sharded
+(``DTensor``) ``lm_head`` weight, and GKD's loss on a student sharded with FSDP2's
+``fully_shard``. Rank 0 prints one JSON line of figures; the test asserts on them."""
 import json
 import os
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.join(HERE, "integrations")]
 import test_trl as T  # noqa: E402  (the tiny models and trainer builders)
 
 import fastkd.trl  # noqa: E402

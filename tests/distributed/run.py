@@ -3,7 +3,7 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed/run.py OUT_DIR
 
 Every rank runs each check; rank 0 saves what the one-process references are compared with
-(tests/test_distributed.py does that) to ``OUT_DIR/results.pt``:
+(tests/integrations/test_distributed.py does that) to ``OUT_DIR/results.pt``:
 
 - ``trainer``: one step of ``DistillationTrainer`` and of the stock Trainer with
   ``DistillationLoss``, with ``average_tokens_across_devices`` on and off (trainer_checks.py);

@@ -1,6 +1,6 @@
 """One SGD step of ``fastkd.hf.DistillationTrainer`` or of the stock ``transformers.Trainer`` with
 ``fastkd.hf.DistillationLoss``, run the same way by every rank of a ``torchrun`` job and by one
-process (the reference): tests/distributed/run.py and tests/test_distributed.py use it.
+process (the reference): tests/distributed/run.py and tests/integrations/test_distributed.py use it.
 
 The step is plain SGD at learning rate 1 without weight decay or clipping, so the change of each
 parameter is minus its gradient, and the logged ``grad_norm`` is the norm of that change.

@@ -31,8 +31,9 @@ from fastkd.cache.writer import sample_rows
 from fastkd.cli import main as fastkd_main
 from fastkd.models import digits_dataset
 from fastkd.tokens import collate_causal_lm, targets_from_dict
+from paths import FIXTURES
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_DIR = Path(FIXTURES)
 VOCAB = cache_helpers.TOKEN_VOCAB
 
 
@@ -384,7 +385,7 @@ def test_cli_proposal_temperature(tmp_path, capsys):
 
 
 def test_a_version_2_sampled_cache_still_reads(tmp_path, capsys):
-    shutil.copytree(FIXTURES / "v2-sampled-tokens", tmp_path / "v2")
+    shutil.copytree(FIXTURE_DIR / "v2-sampled-tokens", tmp_path / "v2")
     cache = LogitCache(tmp_path / "v2")
     cache.verify()
     assert cache.manifest["format_version"] == 2 and cache.temperature == 2.0

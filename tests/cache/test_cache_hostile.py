@@ -24,8 +24,9 @@ from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
 from fastkd.cache import files
 from fastkd.cache import manifest as fmt
 from fastkd.cli import main as fastkd_main
+from paths import TESTS
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(TESTS)
 
 
 # ----------------------------------------------------------------------------- factory

@@ -15,6 +15,7 @@ import cache_helpers
 import fastkd
 from fastkd.cache import CachedDataset, LogitCache, collate_padded, write_cache
 from fastkd.cli import main as fastkd_main
+from paths import FIXTURES
 
 FP16 = dict(rtol=2 ** -10, atol=1e-4)
 
@@ -86,7 +87,7 @@ def test_distillation_loss_refuses_a_sparse_cache_of_another_vocabulary(tmp_path
 def test_version_1_sparse_cache_carries_its_vocabulary():
     """Caches written before targets carried V still read, and their manifest's num_classes
     (recorded since format version 1) protects them the same way."""
-    fixture = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+    fixture = os.path.join(FIXTURES,
                            "v1-topk-tokens")
     cache = LogitCache(fixture)
     target = cache[0]

@@ -20,8 +20,9 @@ from fastkd.cache import LogitCache, importer  # noqa: E402
 from fastkd.cache.importer import import_served, vllm_style_response  # noqa: E402
 from fastkd.cli import main as fastkd_main  # noqa: E402
 from fastkd.tokens import TokenDataset  # noqa: E402
+from paths import FIXTURES
 
-FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "vllm-0.32.0")
+FIXTURE = os.path.join(FIXTURES, "vllm-0.32.0")
 RESPONSES = os.path.join(FIXTURE, "responses.jsonl")
 TOKENS = os.path.join(FIXTURE, "tokens.jsonl")
 TEACHER = os.path.join(FIXTURE, "teacher")

@@ -17,6 +17,7 @@ import pytest
 from fastkd.kernels import aot
 from fastkd.kernels import kd_loss as dense
 from fastkd.kernels import kd_sparse as sparse
+from paths import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_no_register_spills_at_default_settings(aot_records):
 
 def test_the_list_covers_what_the_benchmarks_launch():
     """Each (V, dtypes, mode) of the GPU presets launches a specialization in the AOT list."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     from benchmarks.presets import get_preset
     compiled = {(tuple(sorted(spec["constexprs"].items())), spec["signature"]["student_ptr"],
                  spec["signature"]["teacher_ptr"], spec["num_warps"])
@@ -76,7 +77,7 @@ def test_the_sparse_list_covers_what_the_benchmarks_launch():
     """Each sparse-teacher case of the GPU and sparse presets (top-k ``TopKLogits`` with int32
     ids, bucket tail, hard labels) launches a specialization in the sparse AOT list; the fused
     linear + KD path launches the same kernels on its chunks (same V, dtypes and options)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, ROOT)
     from benchmarks.presets import get_preset
     compiled = {(tuple(sorted(spec["constexprs"].items())), spec["signature"]["student_ptr"],
                  spec["signature"]["values_ptr"], spec["signature"]["ids_ptr"], spec["num_warps"])

@@ -22,9 +22,10 @@ from fastkd.cache import LogitCache, importer, manifest as fmt  # noqa: E402
 from fastkd.cache.importer import ServedResponses, vllm_style_response  # noqa: E402
 from fastkd.cli import main as fastkd_main  # noqa: E402
 from fastkd.tokens import TokenDataset  # noqa: E402
+from paths import ROOT
 
 TOP_K = 5
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT
 SAMPLE = os.path.join(REPO, "examples", "data", "vllm_prompt_logprobs.jsonl")
 
 

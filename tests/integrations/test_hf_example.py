@@ -5,10 +5,11 @@ import math
 import os
 
 import pytest
+from paths import ROOT
 
 pytest.importorskip("transformers")
 
-EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+EXAMPLE = os.path.join(ROOT, "examples",
                        "hf_distill.py")
 
 

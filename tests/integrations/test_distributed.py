@@ -21,11 +21,13 @@ import sys
 import pytest
 import torch
 
+from paths import TESTS
+
 pytest.importorskip("transformers")
 if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = TESTS
 sys.path.insert(0, os.path.join(HERE, "distributed"))
 
 import linear_checks  # noqa: E402

@@ -21,8 +21,8 @@ datasets = pytest.importorskip("datasets")
 
 import fastkd.trl  # noqa: E402
 from fastkd.trl import logit_transforms  # noqa: E402
+from paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "trl_onpolicy.py")
 
 pytestmark = pytest.mark.usefixtures("reproducible_cpu")

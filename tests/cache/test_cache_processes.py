@@ -19,8 +19,9 @@ from fastkd.cache import CacheError, LogitCache, write_cache
 from fastkd.cache import manifest as fmt
 
 import cache_helpers
+from paths import TESTS
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(TESTS)
 ROWS_PER_SHARD = 100
 SHARD_MB = str(ROWS_PER_SHARD * 10 * 2 / 2 ** 20)  # V=10 fp16 rows
 TIME_DIFFERING_FIELDS = ("created", "manifest_sha256")

@@ -22,8 +22,8 @@ from fastkd.cache.distillkit_codec import parse_config  # noqa: E402
 from distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
 from fastkd.cache.reader import LogitCache  # noqa: E402
 from fastkd.cli import main  # noqa: E402
+from paths import FIXTURES
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 SAMPLE = os.path.join(FIXTURES, "distillkit-sample")
 AXOLOTL = os.path.join(FIXTURES, "axolotl-sample")
 _spec = importlib.util.spec_from_file_location("make_samples",

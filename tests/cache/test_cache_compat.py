@@ -18,8 +18,8 @@ from fastkd.cache import CachedDataset, LogitCache, collate_padded
 from fastkd.cache import manifest as fmt
 from fastkd.cli import main as fastkd_main
 from fastkd.models import digits_dataset
+from paths import FIXTURES
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 FP16 = dict(rtol=2 ** -10, atol=1e-4)
 
 

@@ -1,7 +1,7 @@
 """Sparse cache layouts: compact top-k rows with the log-sum-exp at several temperatures,
 sampled rows (distinct ids with counts, ragged), their bytes per row, resume, reading and
 batching into the sparse targets the loss takes (importance weights and the ragged storage in
-detail: tests/test_cache_sampled.py).
+detail: tests/cache/test_cache_sampled.py).
 
 Tolerances: top-k values are fp16 (rtol 2**-10, atol 1e-4 against the float32 teacher); the
 float32 lse against float32 ``torch.logsumexp`` of the same tempered rows, rtol/atol 1e-6.
@@ -349,7 +349,7 @@ def test_cli_sample_and_temperature(tmp_path, capsys):
 
 def test_a_version_1_cache_is_not_resumed_or_extended(tmp_path):
     import shutil
-    from test_cache_compat import FIXTURES
+    from paths import FIXTURES
     shutil.copytree(f"{FIXTURES}/v1-dense-digits", tmp_path / "v1")
     data = torch.utils.data.Subset(digits_dataset(), range(12))
     with pytest.raises(CacheError, match="format_version: cache has 1, asked 3"):

@@ -10,8 +10,9 @@ import torch
 import fastkd
 from fastkd.models import TinyCausalLM
 from reference import reference_kd_loss
+from paths import ROOT
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+EXAMPLES = os.path.join(ROOT, "examples")
 
 
 def _load_example(name):

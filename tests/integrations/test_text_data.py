@@ -15,8 +15,9 @@ from fastkd import CachedDataset, LogitCache, kd_loss  # noqa: E402
 from fastkd.cli import main as fastkd_main  # noqa: E402
 from fastkd.hf_text import TextTokenizer  # noqa: E402
 from fastkd.tokens import TokenDataset, collate_causal_lm, learned_positions  # noqa: E402
+from paths import FIXTURES
 
-TOKENIZER_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "vllm-0.32.0", "teacher")
+TOKENIZER_DIR = os.path.join(FIXTURES, "vllm-0.32.0", "teacher")
 VOCAB = 4096
 # a minimal ChatML-style template: what a chat model's tokenizer_config.json carries
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"

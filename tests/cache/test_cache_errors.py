@@ -23,8 +23,9 @@ import cache_helpers
 from fastkd.cache import CacheError, CachedDataset, LogitCache, write_cache
 from fastkd.cache import manifest as fmt
 from fastkd.cli import main as fastkd_main
+from paths import TESTS
 
-TESTS_DIR = Path(__file__).parent
+TESTS_DIR = Path(TESTS)
 SHARD_MB = str(16 * 20 / 2 ** 20)  # 16 rows of V=10 fp16 per shard
 
 
