@@ -4,7 +4,6 @@ targets, the fused-linear path, the cache and the CLI): one wording, one place.
 Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, bad value)
 with a message that names the argument and says what was expected.
 """
-import functools
 import math
 import operator
 from typing import Optional
@@ -66,22 +65,7 @@ def check_logits(name: str, tensor) -> None:
 
 def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                   reduction, backend) -> None:
-    """The scalar options shared by kd_loss, KDLoss and the fused-linear loss. A set of plain
-    Python scalars that passed once is remembered: a training loop repeats the same options on
-    every call, and the check is a visible part of a small-V loss call."""
-    options = (temperature, soft_weight, hard_weight, divergence, beta, ignore_index, reduction,
-               backend)
-    if all(type(option) in _PLAIN_SCALARS for option in options):
-        _check_plain_options(*options)
-    else:
-        _check_options(*options)
-
-
-_PLAIN_SCALARS = (int, float, str)
-
-
-def _check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                   reduction, backend) -> None:
+    """The scalar options shared by kd_loss, KDLoss and the fused-linear loss."""
     check_number("temperature", temperature, positive=True)
     if temperature > MAX_TEMPERATURE:
         raise ValueError(
@@ -96,11 +80,6 @@ def _check_options(temperature, soft_weight, hard_weight, divergence, beta, igno
     check_choice("backend", backend, BACKENDS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-
-
-# typed: 1 and 1.0 are cached apart (and True never reaches here: bool is not a plain scalar);
-# a call that raises is never cached.
-_check_plain_options = functools.lru_cache(maxsize=64, typed=True)(_check_options)
 
 
 def check_labels(labels, leading_shape, device) -> None:
@@ -306,9 +285,7 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
     results = dict(zip(flags, torch.stack([flag.to(torch.int64) for flag in flags.values()])
                        .tolist()))   # the one host sync
     if results.get("labels"):
-        bad = labels[((labels < 0) | (labels >= num_classes)) & keep].flatten()[0].item()
-        raise ValueError(f"labels must be in [0, {num_classes}) or equal "
-                         f"ignore_index={ignore_index}; found {bad}")
+        raise_bad_labels(labels, num_classes, ignore_index)
     if results.get("ids"):
         bad = ids[(ids < 0) | (ids >= num_classes)].flatten()[0].item()
         raise ValueError(f"teacher indices must be class ids in [0, {num_classes}); found {bad}")
@@ -446,12 +423,10 @@ def check_logit_transform(prefix: str, logit_scale, softcap) -> tuple:
 
 def check_chunking(chunk_rows, chunk_budget_bytes) -> None:
     """``chunk_rows`` and ``chunk_budget_bytes`` each None or an int >= 1."""
-    for name, value, optional in (("chunk_rows", chunk_rows, True),
-                                  ("chunk_budget_bytes", chunk_budget_bytes, True)):
-        if value is None and optional:
+    for name, value in (("chunk_rows", chunk_rows), ("chunk_budget_bytes", chunk_budget_bytes)):
+        if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got "
-                            f"{type(value).__name__}")
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
