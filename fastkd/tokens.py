@@ -243,17 +243,17 @@ class _TableRows:
         return {name: self.table.column(name)[index].as_py() for name in self.table.column_names}
 
 
+# the "kind" of each sparse target type in :func:`targets_to_dict` dicts
+TARGET_KINDS = {"topk": TopKLogits, "sampled": SampledTargets}
+
+
 def targets_to_dict(target):
-    """A sparse target as a plain dict with a ``"kind"`` (``"topk"`` or ``"sampled"``), which
-    ``transformers.Trainer`` can move between devices (named tuples it cannot). Dense tensors
-    pass through."""
-    if isinstance(target, TopKLogits):
-        return {"kind": "topk", "values": target.values, "indices": target.indices,
-                "lse": target.lse, "temperature": target.temperature,
-                "num_classes": target.num_classes}
-    if isinstance(target, SampledTargets):
-        return {"kind": "sampled", "indices": target.indices, "counts": target.counts,
-                "num_classes": target.num_classes, "temperature": target.temperature}
+    """A sparse target as a plain dict of its fields with a ``"kind"`` (``"topk"`` or
+    ``"sampled"``), which ``transformers.Trainer`` can move between devices (named tuples it
+    cannot). Dense tensors pass through."""
+    for kind, target_type in TARGET_KINDS.items():
+        if isinstance(target, target_type):
+            return {"kind": kind, **target._asdict()}
     return target
 
 
@@ -261,15 +261,12 @@ def targets_from_dict(target):
     """Inverse of :func:`targets_to_dict` (targets already in object form pass through)."""
     if not isinstance(target, dict):
         return target
-    kind = target.get("kind")
-    if kind == "topk":
-        return TopKLogits(target["values"], target["indices"], target["lse"],
-                          target.get("temperature", 1.0), target.get("num_classes", 0))
-    if kind == "sampled":
-        return SampledTargets(target["indices"], target["counts"], target.get("num_classes", 0),
-                              target.get("temperature", 1.0))
-    raise ValueError(f"teacher_targets dict of unknown kind {kind!r}; expected 'topk' or "
-                     f"'sampled'")
+    target_type = TARGET_KINDS.get(target.get("kind"))
+    if target_type is None:
+        raise ValueError(f"teacher_targets dict of unknown kind {target.get('kind')!r}; "
+                         f"expected 'topk' or 'sampled'")
+    return target_type(**{field: target[field] for field in target_type._fields
+                           if field in target})
 
 
 def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
@@ -282,8 +279,8 @@ def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
 def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number: int):
     """One sample's cached rows -> one row per position (zero rows at the positions a cache of
     :func:`learned_positions` leaves out; their labels are ignored)."""
-    parts = [teacher] if isinstance(teacher, torch.Tensor) else list(teacher.tensors())
-    rows, length = parts[0].shape[0], labels.shape[0]
+    rows = (teacher if isinstance(teacher, torch.Tensor) else teacher.indices).shape[0]
+    length = labels.shape[0]
     if rows == length:
         return teacher
     keep = learned_positions(labels, ignore_index)
@@ -291,16 +288,12 @@ def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number:
         raise ValueError(f"item {number}: {rows} teacher rows for {length} tokens, of which "
                          f"{int(keep.sum())} are learned (the cache was made from other token "
                          f"data)")
-    placed = []
-    for part in parts:
+
+    def place(part):
         full = part.new_zeros((length,) + tuple(part.shape[1:]))
         full[keep] = part
-        placed.append(full)
-    if isinstance(teacher, torch.Tensor):
-        return placed[0]
-    if isinstance(teacher, TopKLogits):
-        return TopKLogits(*placed, teacher.temperature, teacher.num_classes)
-    return SampledTargets(*placed, teacher.num_classes, teacher.temperature)
+        return full
+    return place(teacher) if isinstance(teacher, torch.Tensor) else teacher.map_tensors(place)
 
 
 def _pad_targets(targets, length: int):
