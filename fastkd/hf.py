@@ -40,11 +40,9 @@ def logit_transforms(model) -> tuple:
     config as TRL's ``DistillationTrainer`` reads them."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
         else model.config
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
+    scale = next((getattr(config, name) for name in ("logit_scale", "output_multiplier",
+                                                     "lm_head_multiplier")
+                  if getattr(config, name, None) is not None), None)
     if scale is None and getattr(config, "logits_scaling", None) is not None:
         scaling = config.logits_scaling
         scale = scaling if config.model_type == "hyperclovax" else 1 / scaling

@@ -8,12 +8,11 @@ import os
 import pickle
 
 import torch
+from packaging.version import Version
 
-try:
-    import transformers
-except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError("fastkd.hf needs the 'transformers' package: pip install 'fastkd[hf]'") \
-        from error
+from fastkd.extras import require
+
+transformers = require("transformers", "hf", "fastkd.hf")
 
 __all__ = ["load_causal_lm", "MODEL_DTYPES"]
 
@@ -44,15 +43,16 @@ def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code:
     _check_architecture(path, config)
     kwargs = {"local_files_only": True, "trust_remote_code": bool(trust_remote_code)}
     # transformers >= 4.56 calls it `dtype`; older releases `torch_dtype`
-    dtype_key = "dtype" if _version_at_least(4, 56) else "torch_dtype"
+    dtype_key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
     kwargs[dtype_key] = MODEL_DTYPES[dtype]
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError:
         raise ValueError(_bad_weights(path, "*.bin")) from None
     except (OSError, ValueError, KeyError) as error:
+        reason = (str(error).strip() or type(error).__name__).partition("\n")[0]
         raise ValueError(f"--teacher hf:{path}: cannot load a causal LM from it with local "
-                         f"files only ({str(error).strip().splitlines()[0]})") from None
+                         f"files only ({reason})") from None
     except Exception as error:
         if type(error).__name__ == "SafetensorError":  # safetensors' own Exception subclass
             raise ValueError(_bad_weights(path, "*.safetensors")) from None
@@ -64,14 +64,6 @@ def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code:
     model.eval()
     _check_causal(path, model)
     return model
-
-
-def _version_at_least(major: int, minor: int) -> bool:
-    parts = transformers.__version__.split(".")
-    try:
-        return (int(parts[0]), int(parts[1])) >= (major, minor)
-    except (ValueError, IndexError):
-        return True
 
 
 def _read_config(path: str, config_file: str) -> dict:
@@ -160,7 +152,7 @@ def _weight_file_problem(name: str):
             with safe_open(name, framework="pt") as handle:
                 handle.keys()
         except Exception as error:  # SafetensorError, OSError
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            detail = str(error).strip().partition("\n")[0]
             return (f"is not a valid safetensors file ({detail}): truncated or damaged; "
                     f"download or save it again")
         return None

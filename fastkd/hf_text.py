@@ -39,8 +39,7 @@ class TextTokenizer:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else \
-                type(error).__name__
+            first = (str(error).strip() or type(error).__name__).partition("\n")[0]
             raise ValueError(f"--tokenizer {path}: cannot load a tokenizer from it with local "
                              f"files only ({first})") from None
         return cls(tokenizer, name=path)
