@@ -8,7 +8,8 @@ import torch
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 
-def _pad_stack(tensors: List[torch.Tensor], value) -> torch.Tensor:
+def pad_stack(tensors: List[torch.Tensor], value) -> torch.Tensor:
+    """Tensors ``(L_i, ...)`` -> one ``(B, max L_i, ...)`` tensor, right-padded with ``value``."""
     length = max(tensor.shape[0] for tensor in tensors)
     out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
     for row, tensor in enumerate(tensors):
@@ -87,15 +88,15 @@ def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
     for sampled caches, whose rows differ in width."""
     inputs, labels, teachers = zip(*batch)
     if isinstance(inputs[0], dict):
-        inputs = {key: _pad_stack([torch.as_tensor(item[key]) for item in inputs], pad_value)
+        inputs = {key: pad_stack([torch.as_tensor(item[key]) for item in inputs], pad_value)
                   for key in inputs[0]}
     else:
-        inputs = _pad_stack([torch.as_tensor(item) for item in inputs], pad_value)
+        inputs = pad_stack([torch.as_tensor(item) for item in inputs], pad_value)
     labels = [torch.as_tensor(label).reshape(-1) for label in labels]
-    labels = _pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
+    labels = pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
         len(label) != 1 for label in labels) else torch.cat(labels)
     if isinstance(teachers[0], SPARSE_TARGETS):
         teacher = _pad_sparse(teachers)
     else:
-        teacher = _pad_stack(list(teachers), 0)
+        teacher = pad_stack(list(teachers), 0)
     return inputs, labels, teacher

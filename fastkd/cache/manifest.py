@@ -46,9 +46,9 @@ from typing import Dict, Iterable, List, Optional
 import numpy as np
 
 from fastkd.cache.files import (  # noqa: F401  (re-exported: the cache's one file API)
-    HASH_CHUNK, PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, check_checksums, check_file_name,
-    check_sizes, file_identity, file_sha256, fsync_directory, load_array, open_array,
-    open_cache_descriptor, open_cache_file, read_array_header, write_atomic, write_npy_atomic)
+    PLAIN_FILE_NAME, TMP_SUFFIX, CacheError, check_checksums, check_file_name, check_sizes,
+    file_identity, file_sha256, fsync_directory, load_array, open_array, open_cache_file,
+    write_atomic, write_npy_atomic)
 
 FORMAT_NAME = "fastkd-logit-cache"
 FORMAT_VERSION = 3
@@ -103,7 +103,7 @@ def is_temp_file(name: str) -> bool:
 
 
 def is_progress_manifest(name: str) -> bool:
-    return name == MANIFEST_NAME or re.fullmatch(r"manifest\.rank\d+-of-\d+\.json", name) is not None
+    return name == MANIFEST_NAME or bool(re.fullmatch(r"manifest\.rank\d+-of-\d+\.json", name))
 
 
 def other_world_progress_files(names: Iterable[str], world_size: int) -> List[str]:
@@ -119,8 +119,7 @@ def index_dtype(num_classes: int, version: int = FORMAT_VERSION) -> np.dtype:
 
 def count_dtype(draws: int) -> np.dtype:
     """Storage dtype of sampled counts (each at most ``draws``): uint8, uint16 or int32."""
-    return np.dtype("<u1") if draws <= 255 else np.dtype("<u2") if draws <= 65535 else \
-        np.dtype("<i4")
+    return np.dtype("<u1" if draws <= 255 else "<u2" if draws <= 65535 else "<i4")
 
 
 def sampled_width(draws: int, num_classes: int) -> int:
@@ -218,8 +217,8 @@ def label_dtype(version: int = FORMAT_VERSION) -> np.dtype:
 
 def bytes_per_row(manifest: dict) -> Dict[str, float]:
     """``{"teacher", "labels", "files"}``: bytes per row of the teacher arrays, of the labels
-    (per-sample labels spread over the rows; both copies in version 1) and of every listed file (``.npy`` headers,
-    lengths, offsets included) divided by the rows written so far."""
+    (per-sample labels spread over the rows; both copies in version 1) and of every listed file
+    (``.npy`` headers, lengths, offsets included) divided by the rows written so far."""
     rows = sum(shard["row_stop"] - shard["row_start"] for shard in manifest["shards"])
     samples = sum(shard["sample_stop"] - shard["sample_start"] for shard in manifest["shards"])
     labels = 0.0
@@ -239,11 +238,8 @@ def bytes_per_row(manifest: dict) -> Dict[str, float]:
 
 def describe_layout(manifest: dict) -> str:
     """``dense``, ``features``, ``top-<k>`` or ``sample-<k>``: the layout as people read it."""
-    if manifest["layout"] == "topk":
-        return f"top-{manifest['top_k']}"
-    if manifest["layout"] == "sampled":
-        return f"sample-{manifest['sample']}"
-    return manifest["layout"]
+    prefix = {"topk": "top", "sampled": "sample"}.get(manifest["layout"])
+    return f"{prefix}-{manifest_k(manifest)}" if prefix else manifest["layout"]
 
 
 def arrays_row_bytes(arrays: Dict[str, tuple]) -> int:
@@ -271,14 +267,10 @@ def write_manifest(directory: str, manifest: dict, name: str = MANIFEST_NAME) ->
     fsync_directory(directory)
 
 
-def parse_manifest_file(directory: str, name: str = MANIFEST_NAME) -> dict:
-    """The JSON object in ``directory/name``, unchecked beyond being a JSON object with this
-    format's name; raises :class:`CacheError` naming the file otherwise."""
-    return _parse_manifest_file(directory, name)[0]
-
-
-def _parse_manifest_file(directory: str, name: str):
-    """:func:`parse_manifest_file` and the :func:`file_identity` of the file it read."""
+def parse_manifest_file(directory: str, name: str = MANIFEST_NAME):
+    """``(manifest, identity)``: the JSON object in ``directory/name``, unchecked beyond being a
+    JSON object with this format's name (:class:`CacheError` naming the file otherwise), and
+    the :func:`file_identity` of the file it read."""
     path = os.path.join(directory, name)
     if not os.path.isdir(directory):
         raise CacheError(f"cache directory {directory} does not exist")
@@ -316,7 +308,7 @@ def read_manifest_and_identity(directory: str, name: str = MANIFEST_NAME):
     """``(manifest, identity)``: :func:`read_manifest` and the :func:`file_identity` of the
     manifest file it read (what a reader compares later to tell that the cache was rewritten)."""
     path = os.path.join(directory, name)
-    manifest, identity = _parse_manifest_file(directory, name)
+    manifest, identity = parse_manifest_file(directory, name)
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise CacheError(f"{path} has format version {manifest.get('format_version')!r}; this "
                          f"fastkd reads versions {', '.join(map(str, READABLE_VERSIONS))}")
@@ -370,8 +362,18 @@ def check_structure(manifest: dict, where: str) -> None:
                          f"says {manifest['num_samples']} / {manifest['num_rows']}")
 
 
-def _is_int(value, minimum: int = 0) -> bool:
+def is_int(value, minimum: int = 0) -> bool:
+    """An int (not a bool) ``>= minimum``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_positive(value) -> bool:
+    """A positive finite int or float (not a bool)."""
+    return _is_number(value) and 0 < value < float("inf")
 
 
 def _expect(condition: bool, where: str, message: str) -> None:
@@ -383,7 +385,7 @@ def _check_entry(entry, where: str, dtype: np.dtype, row_shape: tuple) -> None:
     _expect(isinstance(entry, dict), where, f"file entry {entry!r} is not an object")
     check_file_name(entry.get("file"), where)
     name = entry["file"]
-    _expect(_is_int(entry.get("bytes")), where, f"{name}: 'bytes' must be an integer >= 0")
+    _expect(is_int(entry.get("bytes")), where, f"{name}: 'bytes' must be an integer >= 0")
     _expect(isinstance(entry.get("sha256"), str) and
             SHA256_HEX.fullmatch(entry["sha256"]) is not None, where,
             f"{name}: 'sha256' must be 64 lowercase hex digits")
@@ -391,7 +393,7 @@ def _check_entry(entry, where: str, dtype: np.dtype, row_shape: tuple) -> None:
             f"{name}: dtype {entry.get('dtype')!r}; this array is stored as {dtype.str!r}")
     shape = entry.get("shape")
     _expect(isinstance(shape, list) and len(shape) == 1 + len(row_shape) and
-            all(_is_int(size) for size in shape) and tuple(shape[1:]) == row_shape, where,
+            all(is_int(size) for size in shape) and tuple(shape[1:]) == row_shape, where,
             f"{name}: shape {shape!r}; expected [rows{''.join(f', {n}' for n in row_shape)}]")
 
 
@@ -419,20 +421,16 @@ def validate_manifest(manifest: dict, where: str) -> None:
             "the sampled layout needs format version 2")
     for layout, field in SPARSE_K_FIELD.items():
         value = manifest.get(field)
-        _expect(_is_int(value, 1) if manifest["layout"] == layout else value is None, where,
+        _expect(is_int(value, 1) if manifest["layout"] == layout else value is None, where,
                 f"{field} {value!r} does not fit layout {manifest['layout']!r}")
     temperatures = manifest.get("temperatures")
     _expect(temperatures is None or (
-        isinstance(temperatures, list) and temperatures and all(
-            isinstance(value, (int, float)) and not isinstance(value, bool) and
-            0 < value < float("inf") for value in temperatures)), where,
-        f"temperatures {temperatures!r}; expected null or a list of positive numbers")
+        isinstance(temperatures, list) and temperatures and all(map(is_positive, temperatures))),
+        where, f"temperatures {temperatures!r}; expected null or a list of positive numbers")
     proposal = manifest.get("proposal_temperature")
     if is_ragged(manifest):
-        _expect(isinstance(proposal, (int, float)) and not isinstance(proposal, bool) and
-                0 < proposal < float("inf") and temperatures is not None and
-                len(temperatures) == 1, where,
-                f"a sampled cache needs one target temperature and a positive proposal_"
+        _expect(is_positive(proposal) and temperatures is not None and len(temperatures) == 1,
+                where, f"a sampled cache needs one target temperature and a positive proposal_"
                 f"temperature; found temperatures {temperatures!r}, proposal_temperature "
                 f"{proposal!r}")
     else:
@@ -443,31 +441,30 @@ def validate_manifest(manifest: dict, where: str) -> None:
     _expect(isinstance(manifest["teacher"].get("fingerprint"), str), where,
             "teacher fingerprint must be a string")
     fingerprint = manifest["dataset"].get("fingerprint")
-    _expect(isinstance(fingerprint, dict) and _is_int(fingerprint.get("length")) and
+    _expect(isinstance(fingerprint, dict) and is_int(fingerprint.get("length")) and
             isinstance(fingerprint.get("sha256"), str), where,
             "dataset fingerprint must be {length, sha256, ...}")
-    for key in ("shard_size_mb",):
-        _expect(isinstance(manifest.get(key), (int, float)) and not isinstance(
-            manifest[key], bool) and manifest[key] > 0, where, f"'{key}' must be positive")
+    size = manifest.get("shard_size_mb")
+    _expect(_is_number(size) and size > 0, where, "'shard_size_mb' must be positive")
     for key in ("batch_size", "world_size"):
-        _expect(_is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
+        _expect(is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
     _expect(manifest.get("rows_per_sample") in (None, 1, "variable"), where,
             f"rows_per_sample {manifest.get('rows_per_sample')!r}; expected 1 or 'variable'")
     _expect(manifest.get("labels_per") in (None, "sample", "row"), where,
             f"labels_per {manifest.get('labels_per')!r}; expected null, 'sample' or 'row'")
     for key in ("num_classes", "rows_per_shard"):
-        _expect(manifest.get(key) is None or _is_int(manifest[key], 1), where,
+        _expect(manifest.get(key) is None or is_int(manifest[key], 1), where,
                 f"'{key}' must be null or an integer >= 1")
     shards = manifest.get("shards")
     _expect(isinstance(shards, list), where, "'shards' must be a list")
     complete = manifest["status"] == "complete"
     if complete:
         for key in ("num_samples", "num_rows"):
-            _expect(_is_int(manifest.get(key)), where, f"'{key}' must be an integer >= 0")
+            _expect(is_int(manifest.get(key)), where, f"'{key}' must be an integer >= 0")
     else:
         sample_range = manifest.get("sample_range")
         _expect(isinstance(sample_range, list) and len(sample_range) == 2 and
-                all(_is_int(value) for value in sample_range), where,
+                all(is_int(value) for value in sample_range), where,
                 "'sample_range' must be [start, stop]")
     if shards or complete:
         _expect(manifest["num_classes"] is not None and manifest["rows_per_sample"] is not None,
@@ -478,7 +475,7 @@ def validate_manifest(manifest: dict, where: str) -> None:
         _expect(isinstance(shard, dict), here, "is not an object")
         for key in ("index", "rank", "sample_start", "sample_stop", "row_start", "row_stop",
                     "clamped") + (("entries",) if is_ragged(manifest) else ()):
-            _expect(_is_int(shard.get(key)), here, f"'{key}' must be an integer >= 0")
+            _expect(is_int(shard.get(key)), here, f"'{key}' must be an integer >= 0")
         _expect(shard["sample_start"] < shard["sample_stop"] and
                 shard["row_start"] <= shard["row_stop"], here, "has an empty or reversed range")
         files = shard.get("files")

@@ -138,7 +138,7 @@ def owned_files(out_dir: str, names: Iterable[str]) -> Optional[Set[str]]:
     manifests = {name for name in names if fmt.is_progress_manifest(name)}
     owned = {name for name in names if fmt.is_temp_file(name)} | manifests
     for name in manifests:
-        manifest = fmt.parse_manifest_file(out_dir, name)  # unreadable: CacheError, stop
+        manifest = fmt.parse_manifest_file(out_dir, name)[0]  # unreadable: CacheError, stop
         owned |= _listed_files(manifest) & names
     if not manifests and names - owned:
         return None
