@@ -15,9 +15,9 @@ matmul, with ``index_select``)::
 
 all in the forward pass; backward only scales these gradients by ``grad_output`` (except per-row
 losses with a trainable head: the head's gradient is then weighted row by row, so backward runs
-the chunked pass again with ``g`` scaled by ``grad_output``). A teacher given
-as a :class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient)
-and dropped after the kernel has read them; a sparse teacher (``TopKLogits``, ``SampledTargets``)
+the chunked pass again with ``g`` scaled by ``grad_output``). A teacher given as a
+:class:`~fastkd.targets.TeacherHead` gets its chunk logits made the same way (no gradient) and
+dropped after the kernel has read them; a sparse teacher (``TopKLogits``, ``SampledTargets``)
 goes with its chunk rows to the sparse kernel family (``dispatch(backend, "sparse")``), which
 reads K entries per row and writes the dense student gradient the same way.
 
@@ -30,14 +30,14 @@ memory: for the student one ``C x V`` buffer, two with a softcap (float32: ``g``
 low precision: ``r`` beside the float32 ``z``), one for a teacher head's logits (two with a
 low-precision softcap), plus the gradients themselves; independent of ``N``.
 
-``C`` comes from a memory budget for all chunk-sized buffers together (``chunk_budget_bytes``;
-by default :data:`DEFAULT_CHUNK_BUDGET_BYTES` for the student's and as much again for a teacher
-head's) or is set with ``chunk_rows``. The chunked pass itself (chunk planning, logit
-transforms, the loop above) is :mod:`fastkd.linear_chunks`; this module holds the family's
-part in the shared autograd wiring (fastkd/autograd.py) and the public API. Under ``torch.autocast`` the chunk logits are in the autocast dtype (bf16 / fp16,
-as ``F.linear`` gives under autocast: same numbers as the unfused path, half the buffer); the
-kernel accumulates in float32, the logits gradient is rounded once to that dtype, and the weight
-and bias gradients are accumulated over chunks in float32 and returned in the parameters' dtypes.
+``C`` comes from ``chunk_budget_bytes`` or ``chunk_rows`` (see :func:`linear_kd_loss`). The
+chunked pass itself (chunk planning, logit transforms, the loop above) is
+:mod:`fastkd.linear_chunks`; this module holds the family's part in the shared autograd wiring
+(fastkd/autograd.py) and the public API. Under ``torch.autocast`` the chunk logits are in the
+autocast dtype (bf16 / fp16, as ``F.linear`` gives under autocast: same numbers as the unfused
+path, half the buffer); the kernel accumulates in float32, the logits gradient is rounded once to
+that dtype, and the weight and bias gradients are accumulated over chunks in float32 and
+returned in the parameters' dtypes.
 """
 from typing import Optional, Union
 
@@ -101,31 +101,29 @@ def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
     """Teacher checks (metadata only; a sparse teacher's values are checked in the op). Returns
     a sparse target's temperature (None for the other kinds)."""
     if isinstance(teacher, SPARSE_TARGETS):   # shapes against the student logits' leading dims
-        return check_sparse_target("teacher", teacher, _logits_shape_probe(leading, device),
-                                   num_classes)
+        # the shared checks read only the leading dims and device of an empty logits probe
+        probe = torch.empty(tuple(leading) + (0,), device=device)
+        return check_sparse_target("teacher", teacher, probe, num_classes)
     if isinstance(teacher, TeacherHead):
         if tuple(teacher.hidden.shape[:-1]) != tuple(leading):
             raise ValueError(
                 f"teacher.hidden must have the leading dims {tuple(leading)} of student_hidden, "
                 f"got {tuple(teacher.hidden.shape)}")
-        if teacher.hidden.device != device:
-            raise ValueError(f"teacher must be on student_hidden's device {device}, got "
-                             f"{teacher.hidden.device}")
-        teacher_classes = teacher.num_classes
+        teacher_device, teacher_classes = teacher.hidden.device, teacher.num_classes
     elif isinstance(teacher, torch.Tensor):
         check_logits("teacher", teacher)
         if tuple(teacher.shape[:-1]) != tuple(leading):
             raise ValueError(
                 f"teacher logits must have shape (..., V_t) with the leading dims "
                 f"{tuple(leading)} of student_hidden, got {tuple(teacher.shape)}")
-        if teacher.device != device:
-            raise ValueError(f"teacher must be on student_hidden's device {device}, got "
-                             f"{teacher.device}")
-        teacher_classes = teacher.shape[-1]
+        teacher_device, teacher_classes = teacher.device, teacher.shape[-1]
     else:
         raise TypeError("teacher must be dense teacher logits (a tensor (..., V)), a "
                         "fastkd.TeacherHead, TopKLogits or SampledTargets, got "
                         f"{type(teacher).__name__}")
+    if teacher_device != device:
+        raise ValueError(f"teacher must be on student_hidden's device {device}, got "
+                         f"{teacher_device}")
     if teacher_classes < num_classes:
         raise ValueError(f"the teacher's vocabulary ({teacher_classes}) is smaller than the "
                          f"student's (V = {num_classes} rows of student_weight)")
@@ -136,12 +134,6 @@ def _check_teacher(teacher, leading, num_classes, device, teacher_extra_columns)
             "padded to a multiple of 64), pass teacher_extra_columns='drop' to use the first "
             f"{num_classes} teacher columns")
     return None
-
-
-def _logits_shape_probe(leading, device) -> torch.Tensor:
-    """An empty ``(..., 0)`` tensor with the student logits' leading dims and device, for the
-    shared sparse-target checks (which read only those)."""
-    return torch.empty(tuple(leading) + (0,), device=device)
 
 
 def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -176,9 +168,9 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
         chunk_rows: rows per chunk; overrides ``chunk_budget_bytes``.
         chunk_budget_bytes: memory for the chunk-sized buffers together (student chunk logits,
             their gradient or raw logits when there is a softcap, a teacher head's chunk
-            logits). None (the
-            default): ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB) for the student's buffers and
-            as much again for a teacher head's, and at most 1024 rows per chunk.
+            logits). None (the default): ``DEFAULT_CHUNK_BUDGET_BYTES`` (256 MiB) for the
+            student's buffers and as much again for a teacher head's, and at most 1024 rows
+            per chunk.
         teacher_extra_columns: ``"error"`` (default) when the teacher's vocabulary is wider than
             the student's, or ``"drop"`` to use its first V columns (padding columns of an
             embedding matrix).

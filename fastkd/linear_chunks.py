@@ -281,31 +281,29 @@ def fused_forward(hidden, weight, bias, teacher_parts, labels, opts: LinearOptio
             grad = raw.copy_(_softcap_grad_(grad, raw, student_scale, student_softcap))
         elif student_softcap is not None:   # d z / d r = scale * (1 - (z / cap)^2)
             grad.mul_(logits.div_(student_softcap).square_().neg_().add_(1.0))
-        scale = student_scale
         if needs_hidden:
             rows_grad = torch.mm(grad, student.weight)
-            if scale != 1.0:
-                rows_grad.mul_(scale)
+            if student_scale != 1.0:
+                rows_grad.mul_(student_scale)
             if kept_index is None:
                 grad_hidden[start:stop] = rows_grad
             else:
                 grad_hidden.index_copy_(0, rows, rows_grad.to(grad_hidden.dtype))
         if needs_weight:
             if student.dtype == torch.float32:
-                grad_weight.addmm_(grad.t(), hidden_rows, alpha=scale)
+                grad_weight.addmm_(grad.t(), hidden_rows, alpha=student_scale)
             else:   # half-precision product, float32 sum over chunks
-                grad_weight.add_(torch.mm(grad.t(), hidden_rows), alpha=scale)
+                grad_weight.add_(torch.mm(grad.t(), hidden_rows), alpha=student_scale)
         if needs_bias:
-            grad_bias.add_(grad.sum(0, dtype=torch.float32), alpha=scale)
+            grad_bias.add_(grad.sum(0, dtype=torch.float32), alpha=student_scale)
 
-    if reduction == "none":
-        if kept_index is not None:
-            loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
-            loss.index_copy_(0, kept_index, row_loss)
-        else:
-            loss = row_loss
-    else:
+    if reduction != "none":
         loss = row_loss.sum() * grad_scale
+    elif kept_index is not None:
+        loss = torch.zeros(num_rows, dtype=torch.float32, device=device).index_copy_(
+            0, kept_index, row_loss)
+    else:
+        loss = row_loss
     def empty():   # one per unwanted gradient: custom op outputs may not alias each other
         return hidden.new_empty((0,))
     return (loss,
