@@ -132,13 +132,10 @@ class TinyCausalLM(nn.Module):
         length = input_ids.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
-        causal = torch.triu(torch.full((length, length), float("-inf"), device=input_ids.device), 1)
+        # bool, like `padding_mask` (PyTorch warns when the two masks' types differ)
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).triu(1)
         hidden = self.embed(input_ids) + self.positions[:length]
-        key_padding = None
-        if padding_mask is not None:  # float mask like `causal`, so PyTorch does not warn
-            key_padding = torch.zeros(padding_mask.shape, device=input_ids.device)
-            key_padding = key_padding.masked_fill(padding_mask, float("-inf"))
-        hidden = self.blocks(hidden, mask=causal, src_key_padding_mask=key_padding)
+        hidden = self.blocks(hidden, mask=causal, src_key_padding_mask=padding_mask)
         return self.head(self.norm(hidden))
 
 

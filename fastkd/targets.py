@@ -15,11 +15,8 @@ Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student'
 ``lse`` is ``(...)``. ``num_classes`` is the vocabulary size ``V`` the targets were made over
 (caches record it; 0: not recorded): the losses refuse a student with another ``V``, as they
 refuse dense teacher rows of another width. Both are ``NamedTuple`` s, so
-``torch.utils.data``'s default collate and ``torch.compile`` handle them. The loss over them is :func:`fastkd.kd_loss` (see
-``fastkd/sparse_loss.py``); their argument checks live in :mod:`fastkd.checks`.
-
-(This module is the one home of every target type: ``TopKLogits``, ``SampledTargets``,
-``TeacherHead``.)
+``torch.utils.data``'s default collate and ``torch.compile`` handle them. The loss over them is
+:func:`fastkd.kd_loss` (``fastkd/sparse_loss.py``).
 """
 from typing import NamedTuple, Optional, Union
 
