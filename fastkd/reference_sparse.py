@@ -178,62 +178,42 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts)
                                                sampled, divergence, opts["beta"], tail, full)
         row_loss += opts["soft_weight"] * temp * temp * div
     if hard:
-        if stats and temp == 1.0:
-            log_sum_ce, exp_ce = log_sum_s, exp_s        # p_s is softmax(z_s) at T = 1
-        else:
-            exp_ce = (student.float() - shift).exp_()
-            log_sum_ce = exp_ce.sum(1).log()
+        exp_ce = (student.float() - shift).exp()
+        log_sum_ce = exp_ce.sum(1).log()
         hard_term = log_sum_ce - (label_logit - shift.view(-1))
         if hard_on is not None:
             hard_term = torch.where(hard_on > 0, hard_term, torch.zeros_like(hard_term))
         row_loss += opts["hard_weight"] * hard_term
     if keep is not None:
         row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
+    if grad is None:
+        return row_loss
 
-    if grad is not None:
-        # Everything read: grad may alias the student chunk from here on.
-        soft_scale = opts["grad_scale"] * opts["soft_weight"] * temp
-        hard_scale = opts["grad_scale"] * opts["hard_weight"]
-        if hard_on is not None:
-            hard_scale = hard_scale * hard_on      # (C,): 0 in rows without a teacher label
-        shares = hard and exp_ce is exp_s
-        kept_grad = soft_scale * kept_du if soft else torch.zeros_like(z_kept)
-        # the whole row, written once: source * coef (coef None: source is the gradient)
-        source = coef = None
-        if hard:
-            scale_ce = hard_scale * (-log_sum_ce).exp()
-        if stats:   # p_s * soft_scale * coef_rest (+ hard_scale * softmax(z): the same p_s at T = 1)
-            source, coef = exp_s, soft_scale * coef_rest * (-log_sum_s).exp()
-            if shares:
-                coef = coef + scale_ce
-            elif hard:   # T != 1: add the hard CE's softmax in the fp32 buffer first
-                source = exp_s.mul_(coef.unsqueeze(1)).addcmul_(exp_ce, scale_ce.unsqueeze(1))
-                coef = None
-        elif hard:
-            source, coef = exp_ce, scale_ce
-        if source is None:
-            grad.zero_()
-        elif coef is None:
-            grad.copy_(source)
-        else:
-            torch.mul(source, coef.unsqueeze(1), out=grad)
-        if hard:
-            # the label column: - hard_scale, added in fp32 and rounded once (a kept label
-            # column is rewritten with the kept gradient below, which includes it)
-            label_column = targets.unsqueeze(1)
-            at_label = source.gather(1, label_column)
-            if coef is not None:
-                at_label = at_label * coef.unsqueeze(1)
-            row_hard_scale = (hard_scale.unsqueeze(1) if isinstance(hard_scale, torch.Tensor)
-                              else hard_scale)
-            grad.scatter_(1, label_column, (at_label - row_hard_scale).to(grad.dtype))
-            q_ce = (z_kept - shift - log_sum_ce.unsqueeze(1)).exp()
-            kept_grad += row_hard_scale * (q_ce - (ids == label_column).float())
-        kept_grad = torch.where(active, kept_grad, kept_grad.gather(1, first_active))
-        kept_grad = torch.where(row_active, kept_grad, grad.gather(1, ids).float())
-        grad.scatter_(1, ids, kept_grad.to(grad.dtype))
-        if keep is not None:
-            grad.masked_fill_(~keep.unsqueeze(1), 0.0)
+    # Everything read: grad may alias the student chunk from here on. Every column outside the
+    # kept ids: soft p_s(j) coef_rest + hard (softmax(z)_j - [j = y]); the kept columns are
+    # written last with their own gradient (kept_du and the hard term at the ids).
+    soft_scale = opts["grad_scale"] * opts["soft_weight"] * temp
+    hard_scale = opts["grad_scale"] * opts["hard_weight"] * torch.ones(rows, 1, device=grad.device)
+    if hard_on is not None:
+        hard_scale = hard_scale * hard_on.unsqueeze(1)   # 0 in rows without a teacher label
+    full = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
+    kept_grad = soft_scale * kept_du if soft else torch.zeros_like(z_kept)
+    if stats:
+        full += (soft_scale * coef_rest * (-log_sum_s).exp()).unsqueeze(1) * exp_s
+    if hard:
+        full += hard_scale * (-log_sum_ce).exp().unsqueeze(1) * exp_ce
+        label_column = targets.unsqueeze(1)
+        full.scatter_add_(1, label_column, -hard_scale)
+        q_ce = (z_kept - shift - log_sum_ce.unsqueeze(1)).exp()
+        kept_grad += hard_scale * (q_ce - (ids == label_column).float())
+    # padding entries write their row's first real entry again; a row without real entries
+    # writes back what is there
+    kept_grad = torch.where(active, kept_grad, kept_grad.gather(1, first_active))
+    kept_grad = torch.where(row_active, kept_grad, full.gather(1, ids))
+    full.scatter_(1, ids, kept_grad)
+    if keep is not None:
+        full.masked_fill_(~keep.unsqueeze(1), 0.0)
+    grad.copy_(full)
     return row_loss
 
 
