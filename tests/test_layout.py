@@ -105,3 +105,23 @@ def test_no_private_names_across_modules():
                       if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                       and node.value.id in aliases and _private(node.attr)]
     assert not offending, offending
+
+
+def test_the_layout_in_the_design_notes_matches_the_tree():
+    """docs/design.md's Layout section names every library file (by path or, inside its
+    folder's row, by name), and every path it names exists."""
+    import glob
+    import re
+    text = open(os.path.join(ROOT, "docs", "design.md"), encoding="utf-8").read()
+    layout = text[text.index("## Layout"):]
+    layout = layout[:layout.find("\n## ", 1)] if "\n## " in layout[1:] else layout
+    named = set(re.findall(r"`([^`\s]+)`", layout))
+    missing_paths = [name for name in sorted(named) if "/" in name and not name.startswith("--")
+                     and not glob.glob(os.path.join(ROOT, name.rstrip("/")))]
+    assert not missing_paths, missing_paths
+    library = [os.path.relpath(path, ROOT) for path in _library_modules().values()]
+    library += [os.path.relpath(path, ROOT)
+                for path in glob.glob(os.path.join(ROOT, "kernels", "*.[ch]"))]
+    unnamed = [path for path in sorted(library)
+               if path not in named and os.path.basename(path) not in named]
+    assert not unnamed, unnamed
