@@ -15,15 +15,13 @@ from fastkd._lazy import lazy_exports  # noqa: E402
 def _bind_checkout_kernels() -> None:
     """Make ``fastkd.kernels`` importable when this package runs from a source checkout.
 
-    ``fastkd.kernels`` ships from the repository's top-level ``kernels/`` folder (pyproject's
-    package-dir). That folder has no ``__init__.py``: a folder with one would shadow any other
-    installed top-level ``kernels`` package (Hugging Face's, which ``transformers`` imports)
-    whenever Python runs from the repository root. An installed copy has ``fastkd/kernels/``
-    beside this file and needs nothing here. In a checkout (an editable install, or the
-    repository root on ``sys.path`` over a non-editable install), ``fastkd.kernels`` becomes a
-    namespace package over the checkout's ``kernels/`` folder, then any installed
-    ``fastkd/kernels`` folder on ``sys.path`` (where a non-editable install keeps the compiled
-    CPU kernel).
+    ``fastkd.kernels`` ships from the repository's top-level ``kernels/`` folder, which has no
+    ``__init__.py``: one would shadow any other installed top-level ``kernels`` package (Hugging
+    Face's, which ``transformers`` imports) whenever Python runs from the repository root. An
+    installed copy has ``fastkd/kernels/`` beside this file. In a checkout, ``fastkd.kernels``
+    becomes a namespace package over the checkout's ``kernels/`` folder, then any installed
+    ``fastkd/kernels`` on ``sys.path`` (where a non-editable install keeps the compiled CPU
+    kernel).
     """
     here = _os.path.dirname(_os.path.abspath(__file__))
     if _os.path.isdir(_os.path.join(here, "kernels")):

@@ -254,12 +254,11 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
     results["loss_path"] = loss_path(device)
     results["throughput"] = []
     for label, (rows, vocab) in shapes:
+        repeats = 20 if rows * vocab < 1e5 else 3
         results["throughput"].append({
             "label": label, "rows": rows, "vocab": vocab,
-            "fused_seconds": loss_throughput(fused, rows, vocab, device,
-                                             repeats=20 if rows * vocab < 1e5 else 3),
-            "textbook_seconds": loss_throughput(textbook_kd_loss, rows, vocab, device,
-                                                repeats=20 if rows * vocab < 1e5 else 3)})
+            "fused_seconds": loss_throughput(fused, rows, vocab, device, repeats),
+            "textbook_seconds": loss_throughput(textbook_kd_loss, rows, vocab, device, repeats)})
     large = results["throughput"][-1]
     results["bench_shape"] = (large["rows"], large["vocab"])
     results["fused_seconds"] = large["fused_seconds"]

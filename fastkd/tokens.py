@@ -238,9 +238,7 @@ class _TableRows:
         return self.table.num_rows
 
     def __getitem__(self, index):
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return {name: self.table.column(name)[index].as_py() for name in self.table.column_names}
+        return self.table.slice(index, 1).to_pylist()[0]   # IndexError past either end
 
 
 # the "kind" of each sparse target type in :func:`targets_to_dict` dicts

@@ -131,9 +131,7 @@ def _normalized(total, keep, num_items_in_batch):
     """``total / num_items_in_batch``, or over the kept rows (at least 1) when it is None."""
     if num_items_in_batch is None:
         return total / keep.sum().clamp(min=1)
-    if isinstance(num_items_in_batch, torch.Tensor):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return total / torch.as_tensor(num_items_in_batch, device=total.device)
 
 
 @torch.no_grad()
