@@ -120,13 +120,9 @@ def make_datasets(args):
 
 def pad_batch(items):
     """Online collate: ``(input_ids (B, L) padded with 0, labels (B, L) padded with -100)``."""
-    length = max(len(item["input_ids"]) for item in items)
-    input_ids = torch.zeros(len(items), length, dtype=torch.long)
-    labels = torch.full((len(items), length), IGNORE_INDEX, dtype=torch.long)
-    for row, item in enumerate(items):
-        input_ids[row, :len(item["input_ids"])] = item["input_ids"]
-        labels[row, :len(item["labels"])] = item["labels"]
-    return input_ids, labels
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad([item["input_ids"] for item in items], batch_first=True),
+            pad([item["labels"] for item in items], batch_first=True, padding_value=IGNORE_INDEX))
 
 
 def cached_batch(items):

@@ -193,9 +193,8 @@ class DistillationLoss:
                 return targets[keep.to(targets.device)]
             return targets.map_tensors(lambda part: part[keep.to(part.device)])
         device = next(self.teacher.parameters()).device
-        kwargs = {"input_ids": inputs["input_ids"].to(device)}
-        if inputs.get("attention_mask") is not None:
-            kwargs["attention_mask"] = inputs["attention_mask"].to(device)
+        kwargs = {key: inputs[key].to(device) for key in ("input_ids", "attention_mask")
+                  if inputs.get(key) is not None}
         self.teacher.eval()
         with torch.no_grad():
             head = self.teacher.get_output_embeddings() if hasattr(
@@ -247,8 +246,7 @@ class DistillationLoss:
         if "teacher_targets" not in kwargs and "shift_labels" not in kwargs:
             return None
         self._stash = {key: kwargs.pop(key, None) for key in ("teacher_targets", "shift_labels")}
-        self._stash["input_ids"] = kwargs.get("input_ids")
-        self._stash["attention_mask"] = kwargs.get("attention_mask")
+        self._stash.update({key: kwargs.get(key) for key in ("input_ids", "attention_mask")})
         return args, self.student_kwargs(kwargs)
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
@@ -377,9 +375,8 @@ class DistillationTrainer(transformers.Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        for key in ("teacher_targets", "shift_labels"):
-            if key not in self._signature_columns:
-                self._signature_columns.append(key)
+        self._signature_columns += [key for key in ("teacher_targets", "shift_labels")
+                                    if key not in self._signature_columns]
 
     def _prepare_input(self, data):
         if isinstance(data, SPARSE_TARGETS):  # the base class cannot rebuild named tuples
@@ -394,9 +391,7 @@ class DistillationTrainer(transformers.Trainer):
         loss = loss * scale if scale != 1 else loss
         if model.training:
             self.distillation.accumulate({key: value * scale for key, value in parts.items()})
-        if return_outputs:
-            return loss, {"loss": loss}
-        return loss
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
                         ignore_keys=None, metric_key_prefix="eval"):
