@@ -40,9 +40,6 @@ ever taken of an unshifted logit. ``-inf`` logits are probability 0 exactly (the
 ``0 * log 0`` terms are dropped), and a NaN in any input of a kept row makes its loss NaN: NaN
 enters every sum of exps it touches, and no ``where`` guard on ``-inf`` can select it away.
 Ignored rows are never read (their loads are masked) and get loss 0 and a zero gradient row.
-
-Rows are addressed as ``(r // S, r % S)`` with a batch and a row stride, so a (B, S, V) view
-such as ``logits[:, :-1]`` is read in place.
 """
 import torch
 import triton
@@ -57,16 +54,12 @@ _DIVERGENCE_CODES = {"forward_kl": _FORWARD_KL, "reverse_kl": _REVERSE_KL, "jsd"
                      "mse": _MSE}
 
 # Largest block of columns a program holds at once; longer rows are streamed. 4096 columns over
-# 8 warps is 16 per thread and tensor. ptxas (sm_90, triton 3.8, bf16 student + fp16 teacher,
-# hard CE from the teacher argmax, gradient written) reports 91-109 registers per thread and no
-# spills at 4096, but ~200 registers at 8192, close to the 255 limit where whole-row kernels
-# start spilling (design notes: they degrade past ~32-64k columns).
+# 8 warps is 16 per thread and tensor, which compiles without spills (ptxas figures:
+# benchmarks/results/kernel-resources-aot); 8192 nears the 255-register limit.
 MAX_BLOCK_V = 4096
 # Elements per tile when several rows share a program (small V), at 4 warps: 4 per thread.
 # Every row keeps ~20 running statistics in registers, replicated over the threads that share
-# the row, so packed rows cost far more registers than their elements: ptxas (sm_90, fp32,
-# forward_kl + hard CE, gradient written) reports 80 registers at 32 x 16 and 64 at 4 x 128,
-# but 255 registers and 120-550 bytes of spills at 2048-element tiles (128 x 16, 16 x 128).
+# the row, so packed rows cost far more registers than their elements: 2048-element tiles spill.
 TILE_ELEMENTS = 512
 MAX_BLOCK_ROWS = 32
 _MAX_GRID_Y = 65535
@@ -81,10 +74,9 @@ def block_settings(num_classes: int):
     Fixed rule instead of ``triton.autotune``: autotuning cannot be checked in Triton's CPU
     interpreter and would multiply its run time by the number of configurations.
     """
-    block_v = min(triton.next_power_of_2(num_classes), MAX_BLOCK_V)
+    block_v, num_warps = column_settings(num_classes)
     block_rows = max(1, min(MAX_BLOCK_ROWS, TILE_ELEMENTS // block_v))
-    num_warps = 4 if block_rows > 1 else max(1, min(8, block_v // 512))
-    return block_rows, block_v, num_warps
+    return block_rows, block_v, 4 if block_rows > 1 else num_warps
 
 
 def column_settings(num_classes: int):
@@ -140,8 +132,9 @@ def _kd_loss_kernel(
 ):
     """``BLOCK_ROWS`` rows per program: ``row_loss[rows]`` and, if WRITE_GRAD, ``grad[rows, :]``.
 
-    A (B, S, V) view (BATCHED) runs on a 2-D grid, program (i, b) taking rows
-    ``b * S + i * BLOCK_ROWS ...`` (no division per row); a 2-D (N, V) tensor on a 1-D grid.
+    A (B, S, V) view (BATCHED) such as ``logits[:, :-1]`` is read in place on a 2-D grid,
+    program (i, b) taking rows ``b * S + i * BLOCK_ROWS ...`` (no division per row); a 2-D
+    (N, V) tensor on a 1-D grid.
     Statistics are vectors over the rows."""
     if BATCHED:   # (B, S, V) view: grid (S blocks, B); flat row r = b * S + s
         batch = tl.program_id(1).to(tl.int64)
@@ -273,10 +266,7 @@ def _kd_loss_kernel(
     if DIVERGENCE == 4:
         row_loss += soft_weight * sum_sq / num_classes
     if HARD:
-        if CE_SHARES_SOFTMAX:
-            log_sum_ce = log_sum_s
-        else:
-            log_sum_ce = tl.log(sum_exp_ce)
+        log_sum_ce = log_sum_s if CE_SHARES_SOFTMAX else tl.log(sum_exp_ce)
         if TEACHER_LABELS:
             label = best_idx.to(tl.int64)
         # read before the gradient pass may overwrite the row (in-place)
@@ -322,10 +312,8 @@ def _kd_loss_kernel(
             if DIVERGENCE == 4:
                 grad += (grad_scale * soft_weight * 2.0 / num_classes) * (z_s - z_t)
             if HARD:
-                if CE_SHARES_SOFTMAX:
-                    q = p_s
-                else:
-                    q = tl.exp(z_s - shift_s[:, None] - log_sum_ce[:, None])
+                q = (p_s if CE_SHARES_SOFTMAX
+                     else tl.exp(z_s - shift_s[:, None] - log_sum_ce[:, None]))
                 grad += hard_scale * tl.where(cols[None, :] == label[:, None], q - 1.0, q)
             grad = tl.where(keep[:, None], grad + poison[:, None], 0.0)
             tl.store(grad_rows[:, None] + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
@@ -368,8 +356,7 @@ def launch_config(num_classes, *, divergence, soft_weight, hard_weight, temperat
     launcher and the ahead-of-time compile test (``aot_specializations``) share this rule."""
     rows, block, num_warps = block_settings(num_classes)
     if block_v is not None:
-        block = block_v
-        rows = 1 if block_rows is None else rows
+        block, rows = block_v, 1
     if block_rows is not None:
         rows = block_rows
     code = _DIVERGENCE_CODES[divergence] if soft_weight > 0 else _NONE
@@ -402,9 +389,6 @@ def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, 
     costs nothing); ``block_v`` / ``block_rows`` (powers of two) override
     :func:`block_settings`, for tests.
     """
-    teacher_labels, divergence = options.teacher_labels, options.divergence
-    temperature, soft_weight, hard_weight = (options.temperature, options.soft_weight,
-                                             options.hard_weight)
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_logits", teacher_logits)
     if teacher_logits.shape != student_logits.shape:
@@ -412,7 +396,7 @@ def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, 
                          f"{tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // max(num_classes, 1)
-    check_labels_and_divergence(labels, teacher_labels, num_rows, divergence,
+    check_labels_and_divergence(labels, options.teacher_labels, num_rows, options.divergence,
                                  _DIVERGENCE_CODES)
     if grad is not None:
         _check_matrix("grad", grad)
@@ -428,13 +412,12 @@ def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, 
     teacher_strides = _row_strides(teacher_logits)
     grad_strides = _row_strides(grad) if grad is not None else (0, 0)
     scale_in_memory = isinstance(grad_scale, torch.Tensor)
-    if scale_in_memory:
-        grad_scale = grad_scale.to(device=student_logits.device, dtype=torch.float32).reshape(1)
-    else:
-        grad_scale = float(grad_scale)
+    grad_scale = (grad_scale.to(device=student_logits.device, dtype=torch.float32).reshape(1)
+                  if scale_in_memory else float(grad_scale))
     constexprs, num_warps = launch_config(
-        num_classes, divergence=divergence, soft_weight=soft_weight, hard_weight=hard_weight,
-        temperature=temperature, has_labels=labels is not None, teacher_labels=teacher_labels,
+        num_classes, divergence=options.divergence, soft_weight=options.soft_weight,
+        hard_weight=options.hard_weight, temperature=options.temperature,
+        has_labels=labels is not None, teacher_labels=options.teacher_labels,
         write_grad=grad is not None, scale_in_memory=scale_in_memory,
         batched=student_logits.dim() == 3, block_v=block_v, block_rows=block_rows)
     row_blocks = triton.cdiv(rows_per_batch, constexprs["BLOCK_ROWS"])
@@ -452,8 +435,8 @@ def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, 
             row_loss[offset:],
             student_strides[0], teacher_strides[0], grad_strides[0],
             student_strides[1], teacher_strides[1], grad_strides[1], rows_per_batch, num_rows,
-            num_classes, temperature, soft_weight, hard_weight, options.beta,
-            options.ignore_index, grad_scale,
+            num_classes, options.temperature, options.soft_weight, options.hard_weight,
+            options.beta, options.ignore_index, grad_scale,
             **constexprs,
             num_warps=num_warps,
         )
@@ -472,21 +455,15 @@ def aot_specializations():
     divergence, label mode and host-scale variant (direct callers such as the fused-linear path)
     the tests run. Returns dicts with ``name``, ``kernel``, ``signature``,
     ``constexprs`` and ``num_warps``."""
-    cases = []
-    # the GPU presets: V in {10, 1000} (fp32, bf16) and V >= 32000 (one 4096-column tile for
-    # every larger V; fp32, bf16, bf16 + fp16 teacher), forward and forward+backward
-    for vocab, dtype_pairs in ((10, ("fp32-fp32", "bf16-bf16")),
-                               (1000, ("fp32-fp32", "bf16-bf16")),
-                               (32000, ("fp32-fp32", "bf16-bf16", "bf16-fp16"))):
-        for pair in dtype_pairs:
-            student, teacher = pair.split("-")
-            for write_grad in (True, False):
-                cases.append((f"bench-V{vocab}-{pair}-grad{int(write_grad)}", vocab, student,
-                              teacher, dict(divergence="forward_kl", soft_weight=0.5,
-                                            hard_weight=0.5, temperature=2.0, has_labels=True,
-                                            teacher_labels=False, write_grad=write_grad,
-                                            scale_in_memory=True)))
-    test_variants = [  # (name, V, student, teacher, options): the tests' other branches
+    base = dict(divergence="forward_kl", soft_weight=0.5, hard_weight=0.5, temperature=2.0,
+                has_labels=True, teacher_labels=False, write_grad=True, scale_in_memory=True)
+    # the benchmarks' presets; V = 32000 has the one 4096-column tile of every larger V
+    presets = ((10, ("fp32-fp32", "bf16-bf16")), (1000, ("fp32-fp32", "bf16-bf16")),
+               (32000, ("fp32-fp32", "bf16-bf16", "bf16-fp16")))
+    cases = [(f"bench-V{vocab}-{pair}-grad{int(write_grad)}", vocab, *pair.split("-"),
+              dict(base, write_grad=write_grad))
+             for vocab, pairs in presets for pair in pairs for write_grad in (True, False)]
+    test_variants = [  # (name, V, student, teacher, overrides): the tests' other branches
         ("reverse_kl-teacher_labels", 100, "fp32", "fp16",
          dict(divergence="reverse_kl", teacher_labels=True, has_labels=False)),
         ("jsd-T1-shared_softmax", 32000, "fp16", "bf16", dict(divergence="jsd",
@@ -500,13 +477,9 @@ def aot_specializations():
         ("forward_kl-host_scale-batched_view", 100, "bf16", "bf16",
          dict(scale_in_memory=False, batched=True)),
     ]
-    for name, vocab, student, teacher, overrides in test_variants:
-        options = dict(divergence="forward_kl", soft_weight=0.5, hard_weight=0.5,
-                       temperature=2.0, has_labels=True, teacher_labels=False, write_grad=True,
-                       scale_in_memory=True)
-        options.update(overrides)
-        cases.append((f"test-{name}-V{vocab}-{student}-{teacher}", vocab, student, teacher,
-                      options))
+    cases += [(f"test-{name}-V{vocab}-{student}-{teacher}", vocab, student, teacher,
+               dict(base, **overrides))
+              for name, vocab, student, teacher, overrides in test_variants]
     specs = []
     for name, vocab, student, teacher, options in cases:
         constexprs, num_warps = launch_config(vocab, **options)
