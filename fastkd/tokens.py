@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastkd.cache.collate import pad_stack
 from fastkd.extras import require
 from fastkd.hf_text import IGNORE_INDEX, TEXT_FIELDS, TextTokenizer
 from fastkd.targets import SampledTargets, TopKLogits
@@ -268,10 +269,12 @@ def targets_from_dict(target):
 
 
 def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
-    out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
-    for row, tensor in enumerate(tensors):
-        out[row, :tensor.shape[0]] = tensor
-    return out
+    """:func:`fastkd.cache.collate.pad_stack` right-padded on to ``length`` rows."""
+    out = pad_stack(list(tensors), value)
+    if out.shape[1] == length:
+        return out
+    return torch.nn.functional.pad(out, (0, 0) * (out.dim() - 2) + (0, length - out.shape[1]),
+                                   value=value)
 
 
 def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number: int):
