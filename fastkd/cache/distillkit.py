@@ -27,6 +27,7 @@ DEFAULT_MAX_EXCESS_MASS = 0.01
 IMPORT_BATCH = 64  # samples handed to the shard cutter at a time (does not change the bytes)
 IMPORT_ROWS = 2048  # ... or fewer once they hold this many rows
 IGNORE_INDEX = -100
+AXOLOTL_COLUMNS = ("input_ids", "target_token_ids", "target_logprobs", "target_mask")
 
 
 class TeacherDatasetError(ValueError):
@@ -119,8 +120,7 @@ class AxolotlRows:
 
     def __init__(self, columns: set, vocab_size: Optional[int], top_k: Optional[int],
                  row_offset: int):
-        missing = [name for name in ("input_ids", "target_token_ids", "target_logprobs",
-                                     "target_mask") if name not in columns]
+        missing = [name for name in AXOLOTL_COLUMNS if name not in columns]
         if missing:
             raise TeacherDatasetError(f"the data lacks axolotl's KD column(s) "
                                       f"{', '.join(missing)}")
@@ -129,8 +129,8 @@ class AxolotlRows:
                                       "not record the teacher's vocabulary size)")
         if row_offset not in (0, 1):
             raise TeacherDatasetError(f"--row-offset must be 0 or 1, got {row_offset!r}")
-        self.columns = ["input_ids", "target_token_ids", "target_logprobs", "target_mask"] + [
-            name for name in ("attention_mask", "labels") if name in columns]
+        self.columns = [*AXOLOTL_COLUMNS, *(name for name in ("attention_mask", "labels")
+                                            if name in columns)]
         self.vocab_size, self.top_k, self.row_offset = vocab_size, top_k, row_offset
         self.describe = {"layout": "axolotl", "row_offset": row_offset}
 
@@ -322,7 +322,6 @@ def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
     """Write the top-K cache of a ``source`` teacher dataset into ``out_dir``; returns the
     manifest. Re-running resumes an interrupted import."""
     from fastkd.cache import manifest as fmt
-    from fastkd.cache import outdir
     from fastkd.cache.specs import dataset_fingerprint
     from fastkd.cache.teacher_import import write_rows
     if dtype not in fmt.STORAGE_DTYPES:
@@ -342,23 +341,13 @@ def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
     token_fingerprint = dataset_fingerprint(dataset)  # decodes (and checks) a few samples
     if reader.top_k is None:
         raise TeacherDatasetError(f"{', '.join(paths)}: no rows")
-    config = {
-        "teacher": dict({"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths),
-                         "class": source, "fingerprint": table.fingerprint(),
-                         "max_excess_mass": float(max_excess_mass)}, **reader.describe),
-        "dataset": {"spec": f"{source}-input_ids", "class": "TokenDataset",
-                    "fingerprint": token_fingerprint},
-        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
-        "top_k": reader.top_k, "sample": None, "temperatures": [1.0], "seed": None,
-        "shard_size_mb": shard_size_mb, "batch_size": IMPORT_BATCH, "world_size": 1,
-        "clamp": False, "rows": "all",
-    }
-    out_dir = os.fspath(out_dir)
-    outdir.make_directory(out_dir)
-    with outdir.DirectoryLock(out_dir):  # one writer at a time, as for `fastkd cache`
-        return write_rows(dataset, out_dir, config, overwrite=overwrite,
-                          vocab_size=reader.vocab_size, progress=progress,
-                          batch=(IMPORT_BATCH, IMPORT_ROWS))
+    return write_rows(
+        dataset, out_dir, source=source, paths=paths,
+        teacher=dict({"class": source, "fingerprint": table.fingerprint(),
+                      "max_excess_mass": float(max_excess_mass)}, **reader.describe),
+        dataset_spec=f"{source}-input_ids", fingerprint=token_fingerprint, top_k=reader.top_k,
+        vocab_size=reader.vocab_size, dtype=dtype, shard_size_mb=shard_size_mb,
+        batch=(IMPORT_BATCH, IMPORT_ROWS), overwrite=overwrite, progress=progress, rows="all")
 
 
 def add_arguments(parser) -> None:

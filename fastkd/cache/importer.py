@@ -144,7 +144,7 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     if source != "vllm":
         raise ValueError(f"--from must be 'vllm', got {source!r}")
     for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not fmt.is_int(value, 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab_size (--vocab-size) must be at most 2**31 (class ids are "
@@ -155,26 +155,14 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise ValueError("give at least one response file")
-    out_dir = os.fspath(out_dir)
     dataset = ServedResponses(paths, top_k=top_k, vocab_size=vocab_size)
-    config = {
-        "teacher": {"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths),
-                    "class": "served", "model": dataset.model,
-                    "fingerprint": dataset.fingerprint},
-        "dataset": {"spec": f"{source}-prompts", "class": "TokenDataset",
-                    "fingerprint": dataset_fingerprint(dataset)},
-        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
-        "top_k": top_k, "sample": None, "temperatures": [1.0], "seed": None,
-        "shard_size_mb": shard_size_mb, "batch_size": IMPORT_BATCH, "world_size": 1,
-        "clamp": False,
-    }
-    from fastkd.cache import outdir
     from fastkd.cache.teacher_import import write_rows
-    outdir.make_directory(out_dir)
-    with outdir.DirectoryLock(out_dir):  # one writer at a time, as for `fastkd cache`
-        return write_rows(_StoredRows(dataset, dtype), out_dir, config, overwrite=overwrite,
-                          vocab_size=vocab_size, progress=progress,
-                          batch=(IMPORT_BATCH, IMPORT_ROWS))
+    return write_rows(
+        _StoredRows(dataset, dtype), out_dir, source=source, paths=paths,
+        teacher={"class": "served", "model": dataset.model, "fingerprint": dataset.fingerprint},
+        dataset_spec=f"{source}-prompts", fingerprint=dataset_fingerprint(dataset), top_k=top_k,
+        vocab_size=vocab_size, dtype=dtype, shard_size_mb=shard_size_mb,
+        batch=(IMPORT_BATCH, IMPORT_ROWS), overwrite=overwrite, progress=progress)
 
 
 class _StoredRows:

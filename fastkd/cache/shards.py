@@ -2,6 +2,7 @@
 :mod:`fastkd.cache.manifest`). Shards hold whole samples at the manifest's fixed row count, so
 their boundaries depend only on the data, never on batching.
 """
+import contextlib
 import os
 import queue
 import threading
@@ -67,22 +68,42 @@ class ShardWriter:
         fmt.write_manifest(self.out_dir, self.manifest, self.manifest_name)
 
 
+@contextlib.contextmanager
+def shard_output(out_dir: str, state: dict, manifest_name: str):
+    """A :class:`ShardCutter` whose shards a :class:`ShardWriter` writes and records in
+    ``manifest_name``; on leaving, the rest is cut (unless an error leaves) and the writer is
+    closed, re-raising its error."""
+    writer = ShardWriter(out_dir, state, manifest_name)
+    try:
+        cutter = ShardCutter(writer.put, state)
+        yield cutter
+        cutter.finish()
+    finally:
+        writer.close()
+
+
 class ShardCutter:
     """Accumulates per-sample rows and cuts shards of whole samples at ``state``'s (the progress
-    manifest's) ``rows_per_shard``."""
+    manifest's) ``rows_per_shard``, continuing after the shards ``state`` lists."""
 
-    def __init__(self, emit: Callable[[dict], None], state: dict, rank: int, next_index: int,
-                 sample_start: int, row_start: int):
-        self.emit, self.state, self.rank, self.index = emit, state, rank, next_index
-        self.sample_start, self.row_start = sample_start, row_start
+    def __init__(self, emit: Callable[[dict], None], state: dict):
+        last = state["shards"][-1] if state["shards"] else None
+        self.emit, self.state, self.rank = emit, state, state["rank"]
+        self.index = len(state["shards"])
+        self.sample_start = last["sample_stop"] if last else state["sample_range"][0]
+        self.row_start = last["row_stop"] if last else 0
         self.pending = []  # [(arrays, lengths, labels, clamped per row)] per batch, in order
 
     def _pending_lengths(self) -> np.ndarray:
         return np.concatenate([batch[1] for batch in self.pending]) if self.pending else \
             np.zeros(0, np.int64)
 
-    def add(self, arrays: dict, lengths: np.ndarray, labels, clamped: np.ndarray) -> None:
-        self.pending.append((arrays, lengths, labels, clamped))
+    def add(self, batch: dict) -> None:
+        """``batch``: ``{arrays, lengths, labels, clamped, variable, num_classes}`` of whole
+        samples in order (its shape recorded or checked by :func:`record_or_check_shape`)."""
+        record_or_check_shape(self.state, batch)
+        self.pending.append(tuple(batch[key] for key in ("arrays", "lengths", "labels",
+                                                           "clamped")))
         lengths_all = self._pending_lengths()
         while len(lengths_all):
             full = np.nonzero(np.cumsum(lengths_all) >= self.state["rows_per_shard"])[0]

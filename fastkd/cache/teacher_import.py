@@ -1,59 +1,71 @@
 """Every ``fastkd import`` source writes its top-k rows through :func:`write_rows`, with the
 shard machinery of ``fastkd cache`` (same manifest, checksums and resumption)."""
+import os
+
 import numpy as np
 
 from fastkd.cache import manifest as fmt
-from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape, ShardCutter,
-                                 ShardWriter)
+from fastkd.cache import outdir
+from fastkd.cache.shards import finalize, labels_to_storage, shard_output
 from fastkd.cache.writer import prepare_directory, resume_state
 
 
-def write_rows(dataset, out_dir: str, config: dict, *, overwrite: bool, vocab_size: int,
-               progress: bool, batch: tuple) -> dict:
-    """Write (or resume) the cache of ``dataset``'s rows; returns the finished manifest. The
-    caller holds ``out_dir``'s lock. ``dataset.iter_rows(start)`` yields ``(index, {"input_ids",
-    "labels", "values" (storage), "indices", "lse"})`` in order; ``batch``: ``(samples, rows)``,
-    the most handed to the shard cutter at a time (bounds memory, not the bytes)."""
+def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_spec: str,
+               fingerprint: dict, top_k: int, vocab_size: int, dtype: str, shard_size_mb,
+               batch: tuple, overwrite: bool, progress: bool, **fields) -> dict:
+    """Write (or resume) the top-``top_k`` cache of ``dataset``'s rows under ``out_dir``'s lock
+    (one writer at a time, as for ``fastkd cache``); returns the finished manifest.
+    ``dataset.iter_rows(start)`` yields ``(index, {"input_ids", "labels", "values" (storage),
+    "indices", "lse"})`` in order; ``batch``: ``(samples, rows)``, the most handed to the shard
+    cutter at a time (bounds memory, not the bytes). ``teacher`` (beside its ``spec``, the
+    source and ``paths``) and ``fields`` are what the source adds to the manifest."""
+    config = {
+        "teacher": dict({"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths)},
+                        **teacher),
+        "dataset": {"spec": dataset_spec, "class": "TokenDataset", "fingerprint": fingerprint},
+        "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": "topk",
+        "top_k": top_k, "sample": None, "temperatures": [1.0], "seed": None,
+        "shard_size_mb": shard_size_mb, "batch_size": batch[0], "world_size": 1,
+        "clamp": False, **fields,
+    }
+    out_dir = os.fspath(out_dir)
+    outdir.make_directory(out_dir)
+    with outdir.DirectoryLock(out_dir):
+        return _write_locked(dataset, out_dir, config, overwrite, vocab_size, progress, batch)
+
+
+def _write_locked(dataset, out_dir: str, config: dict, overwrite: bool, vocab_size: int,
+                  progress: bool, batch: tuple) -> dict:
     finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
     if finished is not None:
         return finished
     state = resume_state(out_dir, config, 0, 1, [0, len(dataset)])
-    last = state["shards"][-1] if state["shards"] else None
-    resume_at = last["sample_stop"] if last else 0
+    resume_at = state["shards"][-1]["sample_stop"] if state["shards"] else 0
     index_dtype = fmt.index_dtype(vocab_size)
     from tqdm.auto import tqdm
-    writer = ShardWriter(out_dir, state, fmt.MANIFEST_NAME)
-    cutter = ShardCutter(writer.put, state, 0, next_index=len(state["shards"]),
-                          sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
                desc="fastkd import", dynamic_ncols=True)
 
-    def flush(samples):
+    def flush(cutter, samples):
         import torch
         arrays = {"values": np.concatenate([s["values"] for s in samples]),
                   "indices": np.concatenate([s["indices"] for s in samples]).astype(index_dtype),
                   "lse": np.concatenate([s["lse"] for s in samples])[:, None]}
-        rows = {"arrays": arrays,
-                "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
-                "variable": True, "num_classes": vocab_size}
-        record_or_check_shape(state, rows)
-        cutter.add(arrays, rows["lengths"], rows["labels"],
-                   np.zeros(len(arrays["values"]), np.int64))
+        cutter.add({"arrays": arrays,
+                    "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
+                    "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
+                    "clamped": np.zeros(len(arrays["values"]), np.int64),
+                    "variable": True, "num_classes": vocab_size})
         bar.update(len(samples))
 
-    try:
+    with bar, shard_output(out_dir, state, fmt.MANIFEST_NAME) as cutter:
         pending, count = [], 0
         for _, sample in dataset.iter_rows(resume_at):
             pending.append(sample)
             count += len(sample["input_ids"])
             if len(pending) >= batch[0] or count >= batch[1]:
-                flush(pending)
+                flush(cutter, pending)
                 pending, count = [], 0
         if pending:
-            flush(pending)
-        cutter.finish()
-    finally:
-        bar.close()
-        writer.close()
+            flush(cutter, pending)
     return finalize(out_dir, 1, len(dataset))

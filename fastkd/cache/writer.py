@@ -7,7 +7,6 @@ same bytes. Under ``torch.distributed`` rank ``r`` of ``W`` caches samples
 ``[r*N//W, (r+1)*N//W)``; rank 0 then merges the ranks' shards into one manifest.
 """
 import datetime
-import math
 import os
 from typing import Callable, Optional
 
@@ -17,10 +16,9 @@ from torch import nn
 
 from fastkd.cache import manifest as fmt
 from fastkd.cache import outdir
-from fastkd.cache.convert import RowConverter, sample_rows  # noqa: F401  (tests import it here)
+from fastkd.cache.convert import RowConverter
 from fastkd.cache.items import BatchProblem, call_teacher, collate_groups, default_output_fn
-from fastkd.cache.shards import (finalize, labels_to_storage, record_or_check_shape,
-                                 ShardCutter, ShardWriter)
+from fastkd.cache.shards import finalize, labels_to_storage, shard_output
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
 from fastkd.tokens import learned_positions
 
@@ -54,24 +52,22 @@ def now_utc() -> str:
 
 def validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed):
     for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (name == "batch_size"):
+        if not fmt.is_int(value, name == "batch_size"):
             raise ValueError(f"{name} must be an int >= {int(name == 'batch_size')}, got {value!r}")
     if dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got {dtype!r}")
-    if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, (int, float)) or \
-            not (math.isfinite(shard_size_mb) and shard_size_mb > 0):
+    if not fmt.is_positive(shard_size_mb):
         raise ValueError(f"shard_size_mb (--shard-size-mb) must be a positive finite number of "
                          f"megabytes, got {shard_size_mb!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and not fmt.is_int(top_k, 1):
         raise ValueError(f"top_k must be None (dense) or an int >= 1, got {top_k!r}")
-    if sample is not None and (isinstance(sample, bool) or not isinstance(sample, int) or
-                               not 1 <= sample < 2 ** 31):
+    if sample is not None and not (fmt.is_int(sample, 1) and sample < 2 ** 31):
         raise ValueError(f"sample must be None or an int in [1, 2**31) (draws per row), got "
                          f"{sample!r}")
     if top_k is not None and sample is not None:
         raise ValueError(f"top_k and sample are two layouts; give one (got top_k={top_k!r}, "
                          f"sample={sample!r})")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if not fmt.is_int(seed):
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
 
 
@@ -86,8 +82,7 @@ def _temperatures(temperature, layout: str) -> Optional[list]:
     if temperature is None:
         return [1.0]
     values = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature]
-    if not values or any(isinstance(value, bool) or not isinstance(value, (int, float)) or
-                         not (0 < value < float("inf")) for value in values):
+    if not values or not all(map(fmt.is_positive, values)):
         raise ValueError(f"temperature must be a positive finite number or a non-empty list of "
                          f"them, got {temperature!r}")
     values = [float(value) for value in values]
@@ -108,9 +103,7 @@ def _proposal(proposal_temperature, layout: str, temperatures: Optional[list]):
         return None
     if proposal_temperature is None:
         return temperatures[0]
-    if isinstance(proposal_temperature, bool) or \
-            not isinstance(proposal_temperature, (int, float)) or \
-            not 0 < proposal_temperature < float("inf"):
+    if not fmt.is_positive(proposal_temperature):
         raise ValueError(f"proposal_temperature (--proposal-temperature) must be a positive "
                          f"finite number, got {proposal_temperature!r}")
     return float(proposal_temperature)
@@ -120,20 +113,16 @@ def prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, wo
                        dist, dataset=None) -> Optional[dict]:
     """Refuse, clear or resume. Returns the finished manifest when there is nothing to do.
     The caller holds ``out_dir``'s lock (:class:`fastkd.cache.outdir.DirectoryLock`)."""
-    failure = None
-    if rank == 0:
-        try:
-            outdir.make_directory(out_dir)
-            names = os.listdir(out_dir)
-            if overwrite:  # refuses a directory that is not a fastkd cache
-                outdir.clear_for_overwrite(out_dir)
-            elif any(not fmt.is_cache_file(name) for name in names) and \
-                    fmt.MANIFEST_NAME not in names:
-                raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part "
-                                     f"of a fastkd cache; choose an empty directory")
-        except Exception as error:
-            failure = error
-    _agree(dist, rank, failure)
+    def clear_or_check():
+        outdir.make_directory(out_dir)
+        names = os.listdir(out_dir)
+        if overwrite:  # refuses a directory that is not a fastkd cache
+            outdir.clear_for_overwrite(out_dir)
+        elif any(not fmt.is_cache_file(name) for name in names) and \
+                fmt.MANIFEST_NAME not in names:
+            raise fmt.CacheError(f"--out {out_dir} exists and holds files that are not part "
+                                 f"of a fastkd cache; choose an empty directory")
+    _agreed(dist, rank, clear_or_check)
     stale = fmt.other_world_progress_files(os.listdir(out_dir), world_size)
     if stale:
         raise fmt.CacheError(f"{out_dir} holds a partial cache from a run with another number of "
@@ -238,15 +227,8 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     }
     _check_ranks_agree(dist, config, dataset)
     lock = outdir.DirectoryLock(out_dir)
-    failure = None
-    if rank == 0:  # the run's lock, held by rank 0 until every rank is done
-        try:
-            outdir.make_directory(out_dir)
-            lock.acquire()
-        except Exception as error:
-            failure = error
-    try:
-        _agree(dist, rank, failure)
+    try:  # the run's lock, held by rank 0 until every rank is done
+        _agreed(dist, rank, lambda: (outdir.make_directory(out_dir), lock.acquire()))
         return _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size,
                              device, num_workers, output_fn, progress)
     finally:
@@ -292,27 +274,32 @@ def _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, worl
     state = resume_state(out_dir, config, rank, world_size, [rank_start, rank_stop])
     last = state["shards"][-1] if state["shards"] else None
     resume_at = last["sample_stop"] if last else rank_start
-    failure = None
-    try:
+
+    def cache_the_rest():
         if resume_at < rank_stop:
             _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
-                         output_fn, rank, (resume_at, rank_stop), progress and rank == 0)
-    except Exception as error:
-        failure = error
-    _agree(dist, rank, failure)
-    try:
-        manifest = finalize(out_dir, world_size, num_samples) if rank == 0 else None
-    except OSError as error:
-        failure = outdir.explain_os_error(error, out_dir)
-    except Exception as error:
-        failure = error
-    _agree(dist, rank, failure)
+                         output_fn, (resume_at, rank_stop), progress and rank == 0)
+
+    def merge():
+        try:
+            return finalize(out_dir, world_size, num_samples)
+        except OSError as error:
+            raise outdir.explain_os_error(error, out_dir) from error
+    _agreed(dist, rank, cache_the_rest, everyone=True)
+    manifest = _agreed(dist, rank, merge)
     return manifest if rank == 0 else fmt.read_manifest(out_dir)
 
 
-def _agree(dist, rank: int, failure: Optional[BaseException]) -> None:
-    """Re-raise ``failure``; under torch.distributed every rank first learns whether any rank
-    failed (instead of hanging in a barrier), and the others raise naming it."""
+def _agreed(dist, rank: int, run: Callable, everyone: bool = False):
+    """``run()`` on rank 0 (on every rank with ``everyone``) and its result; a failure is
+    re-raised, and under torch.distributed every rank first learns whether any rank failed
+    (instead of hanging in a barrier), the others raising an error naming it."""
+    result, failure = None, None
+    if everyone or rank == 0:
+        try:
+            result = run()
+        except Exception as error:
+            failure = error
     if dist is not None:
         messages = [None] * dist.get_world_size()
         dist.all_gather_object(messages, None if failure is None else
@@ -322,10 +309,11 @@ def _agree(dist, rank: int, failure: Optional[BaseException]) -> None:
     if dist is not None and any(messages):
         raise fmt.CacheError("fastkd cache failed on another rank: " +
                              "; ".join(message for message in messages if message))
+    return result
 
 
 def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_workers,
-                 output_fn, rank, sample_range, show_progress):
+                 output_fn, sample_range, show_progress):
     """Cache samples ``[resume_at, rank_stop)`` (``sample_range``) with the settings in
     ``state`` (the progress manifest), appending finished shards to it."""
     from tqdm.auto import tqdm
@@ -342,14 +330,10 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     # token data ("rows": "learned"): positions whose next-token label is this are not cached
     unlearned = getattr(dataset, "ignore_index", -100) if state.get("rows") == "learned" else None
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
-    writer = ShardWriter(out_dir, state, progress_name)
-    last = state["shards"][-1] if state["shards"] else None
-    cutter = ShardCutter(writer.put, state, rank, next_index=len(state["shards"]),
-                          sample_start=resume_at, row_start=last["row_stop"] if last else 0)
     bar = tqdm(total=rank_stop - rank_start, initial=resume_at - rank_start, unit="sample",
                disable=not show_progress, desc="fastkd cache", dynamic_ncols=True)
     rows_done, bytes_done = 0, 0
-    try:
+    with bar, shard_output(out_dir, state, progress_name) as cutter:
         sample = batch_start
         names = tuple(state[key]["spec"] or state[key]["class"] for key in ("teacher", "dataset"))
         for groups in batches:
@@ -362,18 +346,13 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
             sample += batch_len
             if batch is None:
                 continue
-            record_or_check_shape(state, batch)
-            cutter.add(batch["arrays"], batch["lengths"], batch["labels"], batch["clamped"])
+            cutter.add(batch)
             rows_done += int(batch["lengths"].sum())
             bytes_done += sum(array.nbytes for array in batch["arrays"].values())
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix_str(f"{rows_done / elapsed:,.0f} rows/s, "
                                 f"{bytes_done / elapsed / 2 ** 20:,.2f} MB/s", refresh=False)
             bar.update(batch_len - keep_from)
-        cutter.finish()
-    finally:
-        bar.close()
-        writer.close()
 
 
 def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, output_fn,

@@ -27,7 +27,7 @@ import cache_helpers
 import fastkd
 from fastkd.cache import CacheError, CachedDataset, LogitCache, collate_padded, write_cache
 from fastkd.cache import manifest as fmt
-from fastkd.cache.writer import sample_rows
+from fastkd.cache.convert import sample_rows
 from fastkd.cli import main as fastkd_main
 from fastkd.models import digits_dataset
 from fastkd.tokens import collate_causal_lm, targets_from_dict

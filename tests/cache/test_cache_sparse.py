@@ -22,8 +22,8 @@ import cache_helpers
 import fastkd
 from fastkd.cache import CacheError, CachedDataset, LogitCache, collate_padded, write_cache
 from fastkd.cache import manifest as fmt
+from fastkd.cache.convert import sample_rows
 from fastkd.cache.ragged import pad_rows
-from fastkd.cache.writer import sample_rows
 from fastkd.cli import main as fastkd_main
 from fastkd.models import TinyCausalLM, digits_dataset
 
