@@ -9,13 +9,17 @@ import ctypes
 import importlib.machinery
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-__all__ = ["library_path", "CompiledFunction", "row_layout"]
+__all__ = ["library_path", "CompiledFunction", "row_layout", "set_rows", "DTYPE_CODES",
+           "REDUCTIONS"]
 
 TURNED_OFF = ("0", "", "false", "no", "off")
+# the C kernels' codes of the float dtypes they read and write, and of the reductions
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 
 
 def library_path(name: str) -> Optional[str]:
@@ -36,14 +40,14 @@ def library_path(name: str) -> Optional[str]:
 
 
 class CompiledFunction:
-    """One C function of a compiled kernel library, opened on first use.
+    """One C function ``int symbol(struct *)`` of a compiled kernel library, opened on first
+    use; ``struct`` is its argument's ctypes Structure (with an ``int64 work_bytes`` field the
+    call fills) and ``what`` names the kernel in the reasons it is not used."""
 
-    ``declare(function)`` sets its ``argtypes`` and ``restype``; ``what`` names the kernel in
-    the reasons it is not used."""
-
-    def __init__(self, library: str, symbol: str, what: str, declare: Callable):
-        self.library, self.symbol, self.what, self.declare = library, symbol, what, declare
+    def __init__(self, library: str, symbol: str, what: str, struct: type):
+        self.library, self.symbol, self.what, self.struct = library, symbol, what, struct
         self._loaded = None   # (function or None, reason or None), once looked up
+        self._work_bytes = 0
 
     def _load(self):
         if os.environ.get("FASTKD_CPU_KERNEL", "1") in TURNED_OFF:
@@ -56,7 +60,8 @@ class CompiledFunction:
             function = getattr(ctypes.CDLL(path), self.symbol)
         except (OSError, AttributeError) as error:
             return None, f"{self.what} {path} cannot be loaded ({error})"
-        self.declare(function)
+        function.argtypes = [ctypes.POINTER(self.struct)]
+        function.restype = ctypes.c_int
         return function, None
 
     def function(self):
@@ -64,6 +69,12 @@ class CompiledFunction:
         if self._loaded is None:
             self._loaded = self._load()
         return self._loaded[0]
+
+    def __call__(self, args) -> int:
+        """The C function's status for ``args`` (a ``struct``); records its work bytes."""
+        status = self.function()(ctypes.byref(args))
+        self._work_bytes = args.work_bytes
+        return status
 
     def available(self) -> bool:
         """Whether the kernel is built, loadable and not turned off."""
@@ -74,6 +85,15 @@ class CompiledFunction:
         self.function()
         return self._loaded[1]
 
+    def library_path(self) -> Optional[str]:
+        """The built shared library's path, or None when it was not built."""
+        return library_path(self.library)
+
+    def last_work_bytes(self) -> int:
+        """Bytes of the row buffers the kernel's most recent call allocated (C memory, freed
+        before the call returns, invisible to torch's allocator)."""
+        return self._work_bytes
+
 
 def row_layout(tensor: torch.Tensor):
     """(batch byte stride, row byte stride, rows per batch) of ``(N, V)`` or ``(B, S, V)`` rows."""
@@ -81,3 +101,14 @@ def row_layout(tensor: torch.Tensor):
     if tensor.dim() == 2:
         return 0, tensor.stride(0) * size, tensor.shape[0]
     return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
+
+
+def set_rows(args, prefix: str, tensor: torch.Tensor):
+    """Point ``args.<prefix>`` (with ``<prefix>_strides`` and ``<prefix>_dtype``) at
+    ``tensor``'s rows; returns its rows per batch."""
+    batch_stride, row_stride, rows_per_batch = row_layout(tensor)
+    setattr(args, prefix, tensor.data_ptr())
+    strides = getattr(args, prefix + "_strides")
+    strides[0], strides[1] = batch_stride, row_stride
+    setattr(args, prefix + "_dtype", DTYPE_CODES[tensor.dtype])
+    return rows_per_batch

@@ -16,15 +16,12 @@ from typing import Optional
 
 import torch
 
-from fastkd.kernels import cpu_library
-from fastkd.kernels.cpu_library import CompiledFunction, row_layout
+from fastkd.kernels.cpu_library import DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_loss_cpu", "last_work_bytes",
            "DTYPE_CODES"]
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
-REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 # Calls of at least this many elements split their rows over torch's intra-op threads (the
 # kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
@@ -46,36 +43,10 @@ class KDArgs(ctypes.Structure):
             "num_threads", "reduction", "refuse_bad_labels")]
 
 
-def _declare(function) -> None:
-    function.argtypes = [ctypes.POINTER(KDArgs)]
-    function.restype = ctypes.c_int
-
-
 # setup.py's extension fastkd.kernels._kd_loss_cpu
-_KERNEL = CompiledFunction("_kd_loss_cpu", "fastkd_kd_rows", "the compiled CPU kernel", _declare)
+_KERNEL = CompiledFunction("_kd_loss_cpu", "fastkd_kd_rows", "the compiled CPU kernel", KDArgs)
 available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
-_LAST_WORK_BYTES = [0]
-
-
-def library_path() -> Optional[str]:
-    """The built shared library's path, or None when it was not built."""
-    return cpu_library.library_path("_kd_loss_cpu")
-
-
-def last_work_bytes() -> int:
-    """Bytes of the row buffers the kernel's most recent call allocated (C memory, freed before
-    the call returns, invisible to torch's allocator)."""
-    return _LAST_WORK_BYTES[0]
-
-
-def _set_rows(args, prefix: str, tensor: torch.Tensor):
-    """Point ``args.<prefix>`` at ``tensor``'s rows; returns its rows per batch."""
-    batch_stride, row_stride, rows_per_batch = row_layout(tensor)
-    setattr(args, prefix, tensor.data_ptr())
-    strides = getattr(args, prefix + "_strides")
-    strides[0], strides[1] = batch_stride, row_stride
-    setattr(args, prefix + "_dtype", DTYPE_CODES[tensor.dtype])
-    return rows_per_batch
+library_path, last_work_bytes = _KERNEL.library_path, _KERNEL.last_work_bytes
 
 
 def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -101,10 +72,10 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if isinstance(grad_scale, torch.Tensor):
         grad_scale = grad_scale.item()
     args = KDArgs()
-    args.rows_per_batch = _set_rows(args, "student", student_logits)
-    _set_rows(args, "teacher", teacher_logits)
+    args.rows_per_batch = set_rows(args, "student", student_logits)
+    set_rows(args, "teacher", teacher_logits)
     if grad is not None:
-        _set_rows(args, "grad", grad)
+        set_rows(args, "grad", grad)
     if options.teacher_labels:
         args.label_mode = 2
     elif labels is not None:
@@ -120,8 +91,7 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         else 1
     args.reduction = REDUCTIONS[reduction]
     args.refuse_bad_labels = bool(validate_labels)
-    status = _KERNEL.function()(ctypes.byref(args))
-    _LAST_WORK_BYTES[0] = args.work_bytes
+    status = _KERNEL(args)
     if status < 0:
         raise MemoryError(f"fastkd's CPU kernel could not allocate its row buffers "
                           f"({num_classes} classes)")

@@ -10,29 +10,24 @@ an optional extension: without a C compiler the install still succeeds and the A
 says why it is not used. This module imports nothing from the ``fastkd`` API layer.
 """
 import ctypes
-from typing import Optional
 
 import torch
 
-from fastkd.kernels import cpu_library
-from fastkd.kernels.cpu_library import CompiledFunction, row_layout
+from fastkd.kernels.cpu_library import DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_cpu",
            "kd_sparse_rows_cpu", "last_work_bytes", "REFUSED"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ID_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2}
 if hasattr(torch, "uint16"):
     _ID_CODES[torch.uint16] = 3
 _DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
-_LABELS_NONE, _LABELS_TENSOR, _LABELS_TEACHER = 0, 1, 2
-_REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+_LABELS_TENSOR, _LABELS_TEACHER = 1, 2   # 0: no labels
 REFUSED = "refused"   # kd_sparse_rows_cpu's status when a data check may fail
 # Calls of at least this many student elements split their rows over torch's intra-op threads
 # (the kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
-
 
 
 class SparseCall(ctypes.Structure):
@@ -54,27 +49,11 @@ class SparseCall(ctypes.Structure):
         ("work_bytes", ctypes.c_int64)]
 
 
-def _declare(function) -> None:
-    function.argtypes = [ctypes.POINTER(SparseCall)]
-    function.restype = ctypes.c_int
-
-
 # setup.py's extension fastkd.kernels._kd_sparse_cpu
 _KERNEL = CompiledFunction("_kd_sparse_cpu", "fastkd_kd_sparse_rows",
-                           "the compiled sparse CPU kernel", _declare)
+                           "the compiled sparse CPU kernel", SparseCall)
 available, unavailable_reason = _KERNEL.available, _KERNEL.unavailable_reason
-_LAST_WORK_BYTES = [0]
-
-
-def last_work_bytes() -> int:
-    """Bytes of the row buffers the kernel's most recent call allocated (C memory, freed before
-    the call returns, invisible to torch's allocator)."""
-    return _LAST_WORK_BYTES[0]
-
-
-def library_path() -> Optional[str]:
-    """The built shared library's path, or None when it was not built."""
-    return cpu_library.library_path("_kd_sparse_cpu")
+library_path, last_work_bytes = _KERNEL.library_path, _KERNEL.last_work_bytes
 
 
 def _rows_of(tensor: torch.Tensor, allowed, fallback_dtype) -> torch.Tensor:
@@ -114,27 +93,19 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, opt
         counts = counts.reshape(num_rows, num_kept).to(torch.float32).contiguous()
         call.counts, call.counts_stride = counts.data_ptr(), counts.stride(0)
     else:
-        values = _rows_of(values.reshape(num_rows, num_kept), _DTYPE_CODES, torch.float32)
+        values = _rows_of(values.reshape(num_rows, num_kept), DTYPE_CODES, torch.float32)
         lse = lse.reshape(num_rows).to(torch.float32).contiguous()
         call.values, call.values_stride = values.data_ptr(), values.stride(0)
-        call.values_dtype = _DTYPE_CODES[values.dtype]
+        call.values_dtype = DTYPE_CODES[values.dtype]
         call.lse = lse.data_ptr()
     if options.teacher_labels:
         call.label_mode = _LABELS_TEACHER
     elif labels is not None:
         labels = labels.reshape(num_rows).to(torch.int64).contiguous()
         call.label_mode, call.labels = _LABELS_TENSOR, labels.data_ptr()
-    else:
-        call.label_mode = _LABELS_NONE
-    student_batch, student_row, rows_per_batch = row_layout(student_logits)
-    call.student = student_logits.data_ptr()
-    call.student_strides[0], call.student_strides[1] = student_batch, student_row
-    call.student_dtype = _DTYPE_CODES[student_logits.dtype]
+    rows_per_batch = set_rows(call, "student", student_logits)
     if grad is not None:
-        grad_batch, grad_row, _ = row_layout(grad)
-        call.grad = grad.data_ptr()
-        call.grad_strides[0], call.grad_strides[1] = grad_batch, grad_row
-        call.grad_dtype = _DTYPE_CODES[grad.dtype]
+        set_rows(call, "grad", grad)
     call.row_loss = row_loss.data_ptr()
     call.total = ctypes.addressof(total)
     call.label_counts = ctypes.addressof(label_counts)
@@ -150,14 +121,13 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, opt
     call.tail = _TAIL_CODES[options.tail]
     call.num_threads = (torch.get_num_threads()
                         if num_rows * num_classes >= THREADED_ELEMENTS else 1)
-    call.reduction = _REDUCTIONS[reduction]
+    call.reduction = REDUCTIONS[reduction]
     call.check_values = bool(check_values)
     if mass_temperature is not None and counts is None:
         call.mass_temperature = float(mass_temperature)
         call.values_unit = torch.finfo(values.dtype).eps / 2
     if num_rows:
-        status = _KERNEL.function()(ctypes.byref(call))
-        _LAST_WORK_BYTES[0] = call.work_bytes
+        status = _KERNEL(call)
         if status < 0:
             raise MemoryError(f"fastkd's sparse CPU kernel could not allocate its row buffers "
                               f"({num_classes} classes)")
