@@ -4,9 +4,9 @@
  * PyTorch reference fastkd/reference_dense.py): fastkd/dispatch.py sends every CPU row here when
  * it is built. Same contract as every dense backend (fastkd.dispatch.DenseBackend), plus the
  * label check, the kept-row count and the reduction in the same call; tested against the float64
- * reference (tests/reference.py) in tests/loss/test_cpu_kernel.py and tests/loss/test_dense_grid.py. Loaded with ctypes by
- * kernels/kd_loss_cpu.py: plain C, no Python headers; the call's parameters come as one struct
- * (KDArgs).
+ * reference (tests/reference.py) in tests/loss/test_cpu_kernel.py and
+ * tests/loss/test_dense_grid.py. Loaded with ctypes by kernels/kd_loss_cpu.py: plain C, no
+ * Python headers; the call's parameters come as one struct (KDArgs).
  *
  * Per row, with k = log2(e) / T, w = (z - max z) * k (base-2 tempered logits), e = 2^w,
  * S = sum_v e, log2 p = w - log2 S, and everything accumulated in float32:
@@ -42,10 +42,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kd_loss_cpu_math.h"   /* vfloat, vexp2, vlog2, fp16 / bf16 loads and stores */
+#include "kd_loss_cpu_math.h"   /* vfloat, vexp2, vlog2, fp16 / bf16 loads and stores, plumbing */
 
 enum { DIV_FORWARD_KL = 0, DIV_REVERSE_KL = 1, DIV_JSD = 2, DIV_MSE = 3 };
-enum { LABELS_NONE = 0, LABELS_TENSOR = 1, LABELS_TEACHER = 2 };
 
 /* ----------------------------------------------------------------------------- one call */
 typedef struct {
@@ -287,13 +286,9 @@ static void process_rows(Slice *slice) {
     int64_t batch = slice->first_row / call->rows_per_batch;
     int64_t position = slice->first_row % call->rows_per_batch;
     for (int64_t row = slice->first_row; row < slice->end_row; row++) {
-        const char *student_in = call->student + batch * call->student_strides[0]
-                                 + position * call->student_strides[1];
-        const char *teacher_in = call->teacher + batch * call->teacher_strides[0]
-                                 + position * call->teacher_strides[1];
-        char *grad_out = call->grad ? call->grad + batch * call->grad_strides[0]
-                                      + position * call->grad_strides[1]
-                                    : NULL;
+        const char *student_in = row_at(call->student, call->student_strides, batch, position);
+        const char *teacher_in = row_at(call->teacher, call->teacher_strides, batch, position);
+        char *grad_out = row_at(call->grad, call->grad_strides, batch, position);
         if (++position == call->rows_per_batch) {
             position = 0;
             batch++;
@@ -335,10 +330,6 @@ static void process_rows(Slice *slice) {
     }
 }
 
-#define MAX_THREADS 64
-
-enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
-
 /* The one argument of fastkd_kd_rows (KDArgs in kernels/kd_loss_cpu.py, field for field).
  * Row r of a tensor is at base + (r / rows_per_batch) * strides[0] + (r % rows_per_batch) *
  * strides[1] (byte strides; 2-D inputs pass rows_per_batch = N). */
@@ -369,15 +360,8 @@ int fastkd_kd_rows(KDArgs *args) {
     const int64_t num_rows = args->num_rows, num_classes = args->num_classes;
     const int64_t *labels = args->labels;
     int64_t kept = num_rows, bad = 0;
-    if (args->label_mode == LABELS_TENSOR) {
-        kept = 0;
-        for (int64_t row = 0; row < num_rows; row++) {
-            int64_t label = labels[row];
-            int is_kept = label != args->ignore_index;
-            kept += is_kept;
-            bad += is_kept & (label < 0 || label >= num_classes);
-        }
-    }
+    if (args->label_mode == LABELS_TENSOR)
+        count_labels(labels, num_rows, args->ignore_index, num_classes, &kept, &bad);
     args->label_counts[0] = kept;
     args->label_counts[1] = bad;
     args->work_bytes = 0;
@@ -416,10 +400,7 @@ int fastkd_kd_rows(KDArgs *args) {
     call.grad_scale = (float)(args->grad_scale * mean_scale);
     call.row_loss = args->row_loss;
 
-    int num_threads = args->num_threads;
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
-    if (num_threads > num_rows) num_threads = (int)num_rows;
+    const int num_threads = thread_count(args->num_threads, num_rows);
     size_t slice_floats = (size_t)call.padded * 6;   /* a multiple of 48 floats: 64-byte aligned */
     size_t work_bytes = slice_floats * sizeof(float) * (size_t)num_threads;
     float *work = aligned_alloc(64, work_bytes);

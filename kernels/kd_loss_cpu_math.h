@@ -1,7 +1,8 @@
-/* Vector math and element types for the CPU kernel (kernels/kd_loss_cpu.c): GCC/Clang vector
- * extensions of VEC float32 lanes, exp2 / log2 polynomials that vectorize (libm's do not), and
- * exact fp16 / bf16 <-> float32 conversions (round to nearest even, as torch's .to()). Every
- * function is inlined into the row code, so it is compiled once per target_clones copy. */
+/* Vector math, element types and call plumbing for the CPU kernels (kernels/kd_loss_cpu.c,
+ * kernels/kd_sparse_cpu.c): GCC/Clang vector extensions of VEC float32 lanes, exp2 / log2
+ * polynomials that vectorize (libm's do not), and exact fp16 / bf16 <-> float32 conversions
+ * (round to nearest even, as torch's .to()). Every INLINE function is inlined into the row code,
+ * so it is compiled once per target_clones copy. */
 #ifndef FASTKD_KD_LOSS_CPU_MATH_H
 #define FASTKD_KD_LOSS_CPU_MATH_H
 
@@ -25,6 +26,9 @@ typedef int32_t vint __attribute__((vector_size(VEC * 4)));
 #define INLINE static inline __attribute__((always_inline))
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_FLOAT16 = 1, DTYPE_BFLOAT16 = 2 };
+enum { LABELS_NONE = 0, LABELS_TENSOR = 1, LABELS_TEACHER = 2 };
+enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
+#define MAX_THREADS 64
 
 #define LN2 0.693147180559945309f
 #define LOG2E 1.442695040888963407f
@@ -174,6 +178,31 @@ INLINE void fill_row(int dtype, int64_t count, void *target, float value) {
         uint16_t *out = (uint16_t *)target;
         for (int64_t i = 0; i < count; i++) out[i] = bits;
     }
+}
+
+/* ----------------------------------------------------------------------------- call plumbing */
+/* Row (batch, position) of a tensor: base + batch * strides[0] + position * strides[1] (byte
+ * strides); NULL when base is NULL. */
+INLINE char *row_at(const void *base, const int64_t strides[2], int64_t batch, int64_t position) {
+    return base ? (char *)base + batch * strides[0] + position * strides[1] : NULL;
+}
+
+/* *kept = rows whose label is not ignore_index, *bad = those of them outside [0, V) */
+static inline void count_labels(const int64_t *labels, int64_t num_rows, int64_t ignore_index,
+                                int64_t num_classes, int64_t *kept, int64_t *bad) {
+    *kept = *bad = 0;
+    for (int64_t row = 0; row < num_rows; row++) {
+        int is_kept = labels[row] != ignore_index;
+        *kept += is_kept;
+        *bad += is_kept & (labels[row] < 0 || labels[row] >= num_classes);
+    }
+}
+
+/* The requested thread count within [1, MAX_THREADS] and at most one per row (num_rows > 0). */
+static inline int thread_count(int requested, int64_t num_rows) {
+    if (requested > MAX_THREADS) requested = MAX_THREADS;
+    if (requested > num_rows) requested = (int)num_rows;
+    return requested < 1 ? 1 : requested;
 }
 
 #endif /* FASTKD_KD_LOSS_CPU_MATH_H */

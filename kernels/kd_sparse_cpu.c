@@ -3,27 +3,17 @@
  *
  * The CPU member of the sparse kernel family (Triton: kernels/kd_sparse.py, PyTorch reference:
  * fastkd/reference_sparse.py), chosen by fastkd/dispatch.py for CPU rows when it is built. Same
- * contract (fastkd.dispatch.SparseBackend) plus the data checks, the
- * kept-row count and the reduction in the same call; tested against the float64 reference
- * (tests/reference_sparse.py) in tests/loss/test_kernel_cpu_sparse.py. Loaded with ctypes by
- * kernels/kd_sparse_cpu.py: plain C, no Python headers; the call's parameters come as one
- * struct (SparseCall, in kernels/kd_sparse_cpu_parts.h with the K-sized math and the checks).
+ * contract (fastkd.dispatch.SparseBackend) plus the data checks, the kept-row count and the
+ * reduction in the same call; tested against the float64 reference (tests/reference_sparse.py)
+ * in tests/loss/test_kernel_cpu_sparse.py. Loaded with ctypes by kernels/kd_sparse_cpu.py: plain
+ * C, no Python headers; the call's parameters come as one struct (SparseCall, in
+ * kernels/kd_sparse_cpu_parts.h with the K-sized math and the checks).
  *
- * Buckets (u = z / T, p_s = softmax(u) over all V classes, S = the real teacher ids of the row;
- * padding entries, a count of 0 or a value of -inf, are no bucket and their class stays in the
- * rest):
- *   bucket       each id of S, plus one bucket for every other class;
- *                P_k = exp(v_k / T - lse) or c_k / sum c, P_rest = 1 - sum_k P_k (0 for sampled
- *                targets and when S covers all V classes); Q_k = p_s(k), Q_rest = sum_{j not
- *                in S} p_s(j), summed over those classes (no 1 - sum cancellation)
- *   renormalize  P = softmax(v / T), Q = softmax(u[S]) over S; gradient 0 outside S
- *   ignore       forward KL over S only, P_k as for bucket, Q_k = p_s(k)
- *   row_loss = soft_weight T^2 D(P, Q) + hard_weight (-log softmax(z)[y])
- * With G_b = dD/dQ_b, dD/du_j = w(j) (G_b(j) - <Q, G>) (w = p_s, or Q_k for renormalize), and
- * d(T^2 D)/dz = T dD/du: the classes outside S get p_s(j) * coef_rest, the K kept columns their
- * own value (the formulas are fastkd/reference_sparse.py's bucket_terms, here in double).
- * A row without real entries has P_rest = Q_rest = 1 (divergence 0) and, with
- * labels="teacher", no hard term.
+ * The buckets (tails bucket, renormalize, ignore), the loss and its gradient are those of
+ * kernels/kd_sparse.py's docstring: the classes outside S (the real teacher ids) get
+ * p_s(j) * coef_rest, the K kept columns their own value (the formulas are
+ * fastkd/reference_sparse.py's bucket_terms, here in double). The rest mass Q_rest is summed
+ * over the classes outside S (no 1 - sum cancellation).
  *
  * Per row: the K entries; the student row read once into a float32 buffer (converted from
  * fp32 / fp16 / bf16, its maximum on the way); the kept columns masked to -inf there (bucket
@@ -312,11 +302,8 @@ static void process_rows(Slice *slice) {
     int64_t batch = slice->first_row / call->rows_per_batch;
     int64_t position = slice->first_row % call->rows_per_batch;
     for (int64_t row = slice->first_row; row < slice->end_row; row++) {
-        const char *student_in = (const char *)call->student + batch * call->student_strides[0]
-                                 + position * call->student_strides[1];
-        char *grad_out = call->grad ? (char *)call->grad + batch * call->grad_strides[0]
-                                      + position * call->grad_strides[1]
-                                    : NULL;
+        const char *student_in = row_at(call->student, call->student_strides, batch, position);
+        char *grad_out = row_at(call->grad, call->grad_strides, batch, position);
         if (++position == call->rows_per_batch) {
             position = 0;
             batch++;
@@ -338,8 +325,6 @@ static void process_rows(Slice *slice) {
     }
 }
 
-#define MAX_THREADS 64
-
 /* Row losses into call->row_loss and, when call->grad is not NULL, the gradient rows
  * (grad_scale * d row_loss / dz; reduction batchmean: divided by max(kept rows, 1) too).
  * label_counts receives (kept rows, kept labels outside [0, V)), counted first; with
@@ -352,15 +337,8 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
     SparseCall call = *call_in;
     call_in->work_bytes = 0;
     int64_t kept = call.num_rows, bad = 0;
-    if (call.label_mode == LABELS_TENSOR) {
-        kept = 0;
-        for (int64_t row = 0; row < call.num_rows; row++) {
-            int64_t label = call.labels[row];
-            int is_kept = label != call.ignore_index;
-            kept += is_kept;
-            bad += is_kept & (label < 0 || label >= call.num_classes);
-        }
-    }
+    if (call.label_mode == LABELS_TENSOR)
+        count_labels(call.labels, call.num_rows, call.ignore_index, call.num_classes, &kept, &bad);
     if (call.label_counts) {
         call.label_counts[0] = kept;
         call.label_counts[1] = bad;
@@ -372,10 +350,7 @@ int fastkd_kd_sparse_rows(SparseCall *call_in) {
     if (call.num_rows <= 0) return 0;
     if (call.rows_per_batch <= 0) call.rows_per_batch = call.num_rows;
     call.grad_scale *= mean_scale;
-    int threads = call.num_threads;
-    if (threads < 1) threads = 1;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads > call.num_rows) threads = (int)call.num_rows;
+    const int threads = thread_count(call.num_threads, call.num_rows);
     const int64_t padded = (call.num_classes + VEC - 1) / VEC * VEC;
     const int64_t num_kept = call.num_kept > 0 ? call.num_kept : 1;
     const int64_t num_chunks = (padded + CHUNK - 1) / CHUNK;

@@ -9,13 +9,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kd_loss_cpu_math.h"   /* vfloat, vexp2, fp16 / bf16 conversions */
+#include "kd_loss_cpu_math.h"   /* vfloat, vexp2, fp16 / bf16 conversions, call plumbing */
 
 enum { DIV_FORWARD_KL = 0, DIV_REVERSE_KL = 1, DIV_JSD = 2 };
 enum { TAIL_BUCKET = 0, TAIL_RENORMALIZE = 1, TAIL_IGNORE = 2 };
-enum { LABELS_NONE = 0, LABELS_TENSOR = 1, LABELS_TEACHER = 2 };
 enum { IDS_INT64 = 0, IDS_INT32 = 1, IDS_INT16 = 2, IDS_UINT16 = 3 };
-enum { REDUCE_NONE = 0, REDUCE_SUM = 1, REDUCE_BATCHMEAN = 2 };
 #define CHUNK 1024   /* floats of a row chunk: 4 KB, in L1 between its load and its exponentials */
 
 /* Everything one call needs (kernels/kd_sparse_cpu.py fills the same layout with ctypes). */
