@@ -21,10 +21,11 @@ divergence, with ``G_b = dD/dQ_b`` and ``w(j)`` the student probability that for
 (``p_s(j)``, or ``Q_k`` at the kept ids and 0 elsewhere for "renormalize")::
 
     dD/du_j = w(j) * (G_{b(j)} - <Q, G>)          (d(T^2 D)/dz_s = T dD/du)
-    forward_kl  G_b = -P_b / Q_b     -> kept: w_k sum_b P_b - P_k;  rest: p_s(j) (sum_b P_b - P_rest / Q_rest)
+    forward_kl  G_b = -P_b / Q_b     -> kept: w_k sum_b P_b - P_k
+                                        rest: p_s(j) (sum_b P_b - P_rest / Q_rest)
     reverse_kl  G_b = log(Q_b / P_b) + 1  -> w(j) (log(Q_b / P_b) - D)
     jsd         G_b = (1 - beta) log(Q_b / M_b), M = beta P + (1 - beta) Q  -> w(j) (G_b - <Q, G>)
-    ignore      forward KL with the rest term dropped: kept w_k sum_k P_k - P_k; rest p_s(j) sum_k P_k
+    ignore      forward KL without the rest term: kept w_k sum_k P_k - P_k, rest p_s(j) sum_k P_k
 
 One program per row:
 
@@ -229,10 +230,7 @@ def _kd_sparse_kernel(
                 coef_rest = tl.where(rest_sum == 0.0, 0.0, coef_rest)
             row_loss += soft_weight * temperature * temperature * divergence
         if HARD:
-            if CE_SHARES_SOFTMAX:
-                log_sum_ce = log_sum_s
-            else:
-                log_sum_ce = tl.log(sum_exp_ce)
+            log_sum_ce = log_sum_s if CE_SHARES_SOFTMAX else tl.log(sum_exp_ce)
             row_loss += hard_on * hard_weight * (log_sum_ce - (label_logit - shift_s))
         tl.store(row_loss_ptr + row, row_loss)
 
@@ -250,10 +248,7 @@ def _kd_sparse_kernel(
                     p_s = tl.exp((z - shift_s) * inv_temperature - log_sum_s)
                     grad += soft_scale * tl.where(p_s == 0.0, 0.0, p_s * coef_rest)
                 if HARD:
-                    if CE_SHARES_SOFTMAX:
-                        q = p_s
-                    else:
-                        q = tl.exp(z - shift_s - log_sum_ce)
+                    q = p_s if CE_SHARES_SOFTMAX else tl.exp(z - shift_s - log_sum_ce)
                     grad += hard_scale * tl.where(cols == label, q - 1.0, q)
                 tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             # the kept columns: their own soft gradient and the hard-CE term, written after
