@@ -95,9 +95,8 @@ def perplexity(model, dataset, batch_size=32):
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_causal_lm([dataset[i] for i in range(start, min(start + batch_size,
-                                                                       len(dataset)))])
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                             collate_fn=collate_causal_lm):
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
         labels = batch["shift_labels"].to(device)

@@ -24,28 +24,14 @@ VOCAB = 259   # <pad>, <s>, </s>, then the 256 bytes
 PAD, BOS, EOS = 0, 1, 2
 
 
-def byte_alphabet() -> list:
-    """GPT-2's printable stand-in character for each byte value 0..255 (what the ByteLevel
-    pre-tokenizer turns bytes into), in byte order."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-                 + list(range(ord("\xae"), ord("\xff") + 1)))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[byte] = chr(byte)
-        else:
-            chars[byte] = chr(256 + extra)
-            extra += 1
-    return [chars[byte] for byte in range(256)]
-
-
 def byte_tokenizer(padding_side: str = "left"):
     """A byte-level ``PreTrainedTokenizerFast`` built offline: ids 0-2 are ``<pad>``, ``<s>``,
     ``</s>``, then id ``3 + b`` is byte ``b`` (GPT-2's byte alphabet, no merges)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
     vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
-    for byte, char in enumerate(byte_alphabet()):
+    for byte, char in bytes_to_unicode().items():   # GPT-2's printable stand-in for each byte
         vocab[char] = 3 + byte   # token id = 3 + byte value
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
