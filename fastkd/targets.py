@@ -204,7 +204,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
         if not target.lse.dtype.is_floating_point:
             raise TypeError(f"{name}.lse must be a floating tensor, got {target.lse.dtype}")
         fields = {"values": target.values, "indices": target.indices}
-        extra = {"lse": (target.lse, leading)}
+        per_row = {"lse": target.lse}   # one value per row: shape (...)
     elif isinstance(target, SampledTargets):
         check_integer_ids(f"{name}.indices", target.indices)
         check_tensor(f"{name}.counts", target.counts)
@@ -212,7 +212,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
             raise TypeError(f"{name}.counts must be an integer or float tensor, got "
                             f"{target.counts.dtype}")
         fields = {"indices": target.indices, "counts": target.counts}
-        extra = {}
+        per_row = {}
     else:
         raise TypeError(f"{name} must be a torch.Tensor, TopKLogits or SampledTargets, got "
                         f"{type(target).__name__}")
@@ -226,11 +226,11 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
         raise ValueError(f"{name}: " + " and ".join(
             f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
             + " must have the same shape (..., K)")
-    for field, (tensor, shape) in extra.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{name}.{field} must have shape {shape} (the leading dims of "
+    for field, tensor in per_row.items():
+        if tuple(tensor.shape) != leading:
+            raise ValueError(f"{name}.{field} must have shape {leading} (the leading dims of "
                              f"student_logits), got {tuple(tensor.shape)}")
-    for field, tensor in {**fields, **{k: v[0] for k, v in extra.items()}}.items():
+    for field, tensor in {**fields, **per_row}.items():
         if tensor.device != device:
             raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
                              f"got {tensor.device}")
