@@ -11,12 +11,9 @@
   linear + KD loss (:func:`fastkd.linear_kd_loss`), which makes the teacher logits a chunk of
   rows at a time.
 
-Shapes: ``values`` / ``indices`` / ``counts`` are ``(..., K)`` with the student's leading dims,
-``lse`` is ``(...)``. ``num_classes`` is the vocabulary size ``V`` the targets were made over
-(caches record it; 0: not recorded): the losses refuse a student with another ``V``, as they
-refuse dense teacher rows of another width. Both are ``NamedTuple`` s, so
-``torch.utils.data``'s default collate and ``torch.compile`` handle them. The loss over them is
-:func:`fastkd.kd_loss` (``fastkd/sparse_loss.py``).
+The sparse ones are ``NamedTuple`` s (fields and shapes in their docstrings), so
+``torch.utils.data``'s default collate and ``torch.compile`` handle them; :func:`fastkd.kd_loss`
+takes them as they are (``fastkd/sparse_loss.py``).
 """
 from typing import NamedTuple, Optional, Union
 
