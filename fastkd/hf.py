@@ -160,7 +160,8 @@ class DistillationLoss:
         normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         normalizer = torch.as_tensor(normalizer).to(hidden.device, torch.float32).clamp(min=1)
         zero = hidden.new_zeros((), dtype=torch.float32)
-        if self.soft_weight and not self.student.training and not self._has_teacher(inputs):
+        if self.soft_weight and not self.student.training and self.teacher is None and \
+                inputs.get("teacher_targets") is None:
             # evaluation on plain token data: the student's own next-token cross-entropy
             self.evaluated["cross_entropy"] += 1
             ce = self._loss_sum(hidden, None, kept_labels, 0.0, 1.0) / normalizer
@@ -175,9 +176,6 @@ class DistillationLoss:
             if self.hard_weight else zero
         kd, ce = kd_sum / normalizer, ce_sum / normalizer
         return kd + ce, {"kd_loss": kd.detach(), "ce_loss": ce.detach()}
-
-    def _has_teacher(self, inputs: dict) -> bool:
-        return self.teacher is not None or inputs.get("teacher_targets") is not None
 
     def _teacher_rows(self, inputs: dict, keep: torch.Tensor):
         """The teacher's targets at the kept positions: cached rows, or the online teacher's
@@ -259,17 +257,15 @@ class DistillationLoss:
         inputs = dict(stash, labels=labels)
         loss, parts = self.compute(inputs, num_items_in_batch,
                                    student_hidden=outputs.hidden_states[-1])
-        if self.student.training:
-            # the stock Trainer scales the returned loss after this call; the parts likewise
-            scale = 1 if self._trainer is None else \
-                token_average_scale(self._trainer, num_items_in_batch)
-            self.accumulate({key: value * scale for key, value in parts.items()})
+        if self.student.training:   # the stock Trainer scales the returned loss after this call
+            self.accumulate(parts, 1 if self._trainer is None else
+                            token_average_scale(self._trainer, num_items_in_batch))
         return loss
 
-    def accumulate(self, parts: dict) -> None:
-        """Add one micro-batch's parts (scaled as the Trainer scales its loss) to the sums."""
+    def accumulate(self, parts: dict, scale=1) -> None:
+        """Add one micro-batch's parts times ``scale`` (the Trainer's loss scale) to the sums."""
         for key, value in parts.items():
-            self.parts[key] = self.parts[key] + value
+            self.parts[key] = self.parts[key] + value * scale
 
     def reset_parts(self) -> None:
         self.parts = {key: 0.0 for key in self.parts}
@@ -390,7 +386,7 @@ class DistillationTrainer(transformers.Trainer):
         scale = token_average_scale(self, num_items_in_batch)
         loss = loss * scale if scale != 1 else loss
         if model.training:
-            self.distillation.accumulate({key: value * scale for key, value in parts.items()})
+            self.distillation.accumulate(parts, scale)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None,
