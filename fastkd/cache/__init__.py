@@ -9,8 +9,8 @@ The public names load on first use (PEP 562), so importing a light sub-module su
 :mod:`fastkd.cache.manifest` or :mod:`fastkd.cache.commands` (the ``fastkd`` command line's
 argument parsing) does not import torch.
 """
-__all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded", "TopKLogits",
-           "CacheError"]
+__all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded",
+           "TopKLogits", "CacheError"]
 
 from fastkd._lazy import lazy_exports  # noqa: E402
 

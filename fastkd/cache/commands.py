@@ -277,8 +277,8 @@ def _bytes_line(manifest: dict) -> str:
                        for name, (np_dtype, shape) in fmt.manifest_row_arrays(manifest).items())
     dense = f"; dense fp16 would be {2 * manifest['num_classes']:,}" \
         if manifest["layout"] in fmt.SPARSE_K_FIELD else ""
-    return (f"bytes/row  {sizes['teacher']:,.4g} teacher ({arrays}) + {sizes['labels']:.4g} labels; "
-            f"{sizes['files']:,.1f} in all files{dense}")
+    return (f"bytes/row  {sizes['teacher']:,.4g} teacher ({arrays}) + {sizes['labels']:.4g} "
+            f"labels; {sizes['files']:,.1f} in all files{dense}")
 
 
 def _rows_line(manifest: dict) -> str:

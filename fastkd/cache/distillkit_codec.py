@@ -325,14 +325,10 @@ def design_matrix(config: CompressionConfig, count: int) -> np.ndarray:
     dtype = config.term_dtype
     points = _linspace(count, dtype) if config.normalize_t else \
         round_to(np.arange(count, dtype=np.float64), dtype)
-    columns = []
-    for term in config.polynomial_terms:
-        if term == "sqrt":
-            columns.append(round_to(np.sqrt(points.astype(np.float64)), dtype))
-        elif term == "exp":
-            columns.append(round_to(np.exp(points.astype(np.float64)), dtype))
-        else:
-            columns.append(_powers(points, term, dtype))
+    special = {"sqrt": np.sqrt, "exp": np.exp}
+    columns = [round_to(special[term](points.astype(np.float64)), dtype)
+               if term in special else _powers(points, term, dtype)
+               for term in config.polynomial_terms]
     return np.stack(columns, axis=-1)
 
 
@@ -358,8 +354,7 @@ def _dequantize(codes: np.ndarray, scale: np.ndarray, bits: int, scale_dtype: st
 
 def decode_logprobs(raw: np.ndarray, config: CompressionConfig) -> np.ndarray:
     """``(P, logprob_bytes)`` uint8 -> ``(P, k)`` float32 log-probs (rank order)."""
-    positions, cursor = len(raw), 0
-    out_dtype = config.exact_dtype
+    positions, out_dtype = len(raw), config.exact_dtype
     exact_size = config.exact_k * FLOAT_BYTES[out_dtype]
     exact = floats_from_bytes(raw[:, :exact_size].reshape(positions, exact_size), out_dtype)
     exact = exact.reshape(positions, config.exact_k)
@@ -371,7 +366,6 @@ def decode_logprobs(raw: np.ndarray, config: CompressionConfig) -> np.ndarray:
             positions, len(config.polynomial_terms))
         cursor += size
     approx_count = config.k - config.exact_k
-    residual_dtype = out_dtype
     residual = np.zeros((positions, approx_count), _wide(out_dtype))
     filled = 0
     for residual_bin in config.residual_bins:
@@ -388,7 +382,7 @@ def decode_logprobs(raw: np.ndarray, config: CompressionConfig) -> np.ndarray:
             residual = residual.astype(np.float64)
         residual[:, filled:filled + residual_bin.num_elements] = part
         filled += residual_bin.num_elements
-    residual = round_to(residual, residual_dtype)  # `residual.to(out_dtype)`
+    residual = round_to(residual, out_dtype)  # `residual.to(out_dtype)`
     if coeffs is not None:
         curve = evaluate_curve(design_matrix(config, approx_count), coeffs, config.term_dtype)
         approx_dtype = _promote(config.term_dtype, out_dtype)

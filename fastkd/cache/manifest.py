@@ -187,9 +187,8 @@ def manifest_row_arrays(manifest: dict) -> Dict[str, tuple]:
 
 def entry_array_names(manifest: dict) -> List[str]:
     """The arrays of ``manifest``'s shards indexed by entry, not by row (ragged sampled only)."""
-    if not is_ragged(manifest):
-        return []
-    return [name for name in manifest_row_arrays(manifest) if name in ENTRY_ARRAYS]
+    arrays = manifest_row_arrays(manifest) if is_ragged(manifest) else {}
+    return [name for name in arrays if name in ENTRY_ARRAYS]
 
 
 def max_row_bytes(manifest: dict) -> int:
@@ -367,13 +366,9 @@ def is_int(value, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def is_positive(value) -> bool:
     """A positive finite int or float (not a bool)."""
-    return _is_number(value) and 0 < value < float("inf")
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < np.inf
 
 
 def _expect(condition: bool, where: str, message: str) -> None:
@@ -445,7 +440,8 @@ def validate_manifest(manifest: dict, where: str) -> None:
             isinstance(fingerprint.get("sha256"), str), where,
             "dataset fingerprint must be {length, sha256, ...}")
     size = manifest.get("shard_size_mb")
-    _expect(_is_number(size) and size > 0, where, "'shard_size_mb' must be positive")
+    _expect(isinstance(size, (int, float)) and not isinstance(size, bool) and size > 0, where,
+            "'shard_size_mb' must be positive")
     for key in ("batch_size", "world_size"):
         _expect(is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
     _expect(manifest.get("rows_per_sample") in (None, 1, "variable"), where,

@@ -248,7 +248,7 @@ class LogitCache:
         problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest))
         if problems:
             raise fmt.CacheError("cache verification failed: " + "; ".join(problems))
-        if self._ragged:   # row sizes, ids and weights of every shard (a hostile cache's sums match)
+        if self._ragged:  # row sizes, ids and weights of every shard (a hostile cache's sums match)
             for number in range(len(self.manifest["shards"])):
                 self._ragged_offsets(number)
 
@@ -310,10 +310,9 @@ class LogitCache:
                 files=tuple(os.path.join(self.path, files[name]["file"]) for name in names))
         return self._once(("entry offsets", number), check)
 
-    def _ragged_weight_dtype(self):
-        return np.float32 if self._weights == "weights" else np.int32
-
-    def _wrap_ragged(self, ids: np.ndarray, weights: np.ndarray) -> SampledTargets:
+    def _padded_target(self, pad, *args) -> SampledTargets:
+        """``pad(*args, weight dtype)`` (:mod:`fastkd.cache.ragged`) as a sampled target."""
+        ids, weights = pad(*args, np.float32 if self._weights == "weights" else np.int32)
         return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights),
                               self.num_classes, self.temperature)
 
@@ -329,8 +328,7 @@ class LogitCache:
             distinct, ids, weights = (np.concatenate(parts) for parts in zip(*pieces))
         else:
             distinct = ids = weights = np.zeros(0, np.int64)
-        return self._wrap_ragged(*ragged.pad_rows(distinct, ids, weights,
-                                                  self._ragged_weight_dtype()))
+        return self._padded_target(ragged.pad_rows, distinct, ids, weights)
 
     def _ragged_gather(self, indices: np.ndarray, shard_of: np.ndarray) -> SampledTargets:
         """Rows ``indices`` (one row per sample) of a ragged sampled cache, in that order."""
@@ -341,8 +339,7 @@ class LogitCache:
             local = indices[where] - self._sample_starts[number]
             parts.append((where, offsets[local], offsets[local + 1] - offsets[local],
                           maps["indices"], maps[self._weights]))
-        return self._wrap_ragged(*ragged.gather_rows(parts, len(indices),
-                                                     self._ragged_weight_dtype()))
+        return self._padded_target(ragged.gather_rows, parts, len(indices))
 
     def _spans(self, start: int, stop: int):
         """``(shard number, first row, stop row)`` in the shard of every shard holding rows
@@ -445,9 +442,9 @@ class LogitCache:
 
     def __repr__(self) -> str:
         m = self.manifest
-        layout = fmt.describe_layout(m)
         return (f"LogitCache({self.path!r}: {len(self)} samples, {self.num_rows} rows, "
-                f"V={m['num_classes']}, {m['dtype']}, {layout}, {len(m['shards'])} shards)")
+                f"V={m['num_classes']}, {m['dtype']}, {fmt.describe_layout(m)}, "
+                f"{len(m['shards'])} shards)")
 
 
 class CachedDataset(torch.utils.data.Dataset):
