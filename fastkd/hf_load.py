@@ -135,8 +135,7 @@ def _check_causal(path: str, model) -> None:
 
 
 def _bad_weights(path: str, pattern: str) -> str:
-    files = sorted(glob.glob(os.path.join(glob.escape(path), pattern)))
-    for name in files:
+    for name in sorted(glob.glob(os.path.join(glob.escape(path), pattern))):
         problem = _weight_file_problem(name)
         if problem:
             return f"--teacher hf:{path}: {name} {problem}"
