@@ -2,7 +2,7 @@
 
     python examples/cifar10_distill.py --data-root ~/data --method kd            # online teacher
     python examples/cifar10_distill.py --data-root ~/data --method kd --cached   # cache, then train
-    python examples/cifar10_distill.py --smoke --method feature --cached         # seconds, fake data
+    python examples/cifar10_distill.py --smoke --method feature --cached   # seconds, fake data
 
 Methods (``--method``):
   kd       Hinton soft targets + hard labels: ``kd_loss(s, t, y, temperature=T)``

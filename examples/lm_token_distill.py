@@ -202,7 +202,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--top-k", type=int, default=16, help="K of the top-k cache")
-    parser.add_argument("--sample", type=int, default=32, help="draws per token of the sampled cache")
+    parser.add_argument("--sample", type=int, default=32,
+                        help="draws per token of the sampled cache")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)

@@ -104,7 +104,8 @@ def accuracy(model: nn.Module, dataset, device: torch.device, batch_size: int = 
 
 
 def distillation_loss(temperature: float, hard_weight: float) -> Callable:
-    """``T^2 KL(p_t || p_s)`` on every row (fused ``kd_loss``) + ``hard_weight`` * CE on labelled rows."""
+    """``T^2 KL(p_t || p_s)`` on every row (fused ``kd_loss``) + ``hard_weight`` * CE on labelled
+    rows."""
     def loss_fn(student_logits, labels, teacher_logits):
         soft = fastkd.kd_loss(student_logits, teacher_logits, None, temperature=temperature,
                               soft_weight=1.0, hard_weight=0.0)
@@ -126,7 +127,8 @@ def textbook_kd_loss(student_logits, teacher_logits, labels, temperature=4.0, so
 
 def loss_throughput(loss_fn: Callable, rows: int, vocab: int, device: torch.device,
                     repeats: int = 3, dtype=torch.float32) -> float:
-    """Best-of-``repeats`` seconds for one forward + backward of ``loss_fn`` at ``(rows, vocab)``."""
+    """Seconds for one forward + backward of ``loss_fn`` at ``(rows, vocab)``, best of
+    ``repeats``."""
     generator = torch.Generator(device="cpu").manual_seed(0)
     student = torch.randn(rows, vocab, generator=generator).to(device, dtype).requires_grad_()
     teacher = torch.randn(rows, vocab, generator=generator).to(device, dtype)
@@ -308,8 +310,8 @@ def format_table(results: dict) -> str:
         f"  {'student, distilled from the logit cache':<42}{results['student_parameters']:>9,}  "
         f"{results['distilled_accuracy']:.1%}",
         "",
-        f"  teacher-logit cache: {results['cache_rows']} rows, {results['cache_bytes'] / 1024:.1f} KiB "
-        "on disk",
+        f"  teacher-logit cache: {results['cache_rows']} rows, "
+        f"{results['cache_bytes'] / 1024:.1f} KiB on disk",
         *throughput_lines(results["throughput"], results.get("loss_path", "")),
         "",
         f"  outputs in {results['out_dir']}; total {results['wall_seconds']:.1f} s",

@@ -35,7 +35,8 @@ def digits_dataset() -> torch.utils.data.TensorDataset:
 
 
 def digits_split(seed: int = DIGITS_SPLIT_SEED,
-                 held_out_fraction: float = DIGITS_HELD_OUT_FRACTION) -> Tuple[np.ndarray, np.ndarray]:
+                 held_out_fraction: float = DIGITS_HELD_OUT_FRACTION
+                 ) -> Tuple[np.ndarray, np.ndarray]:
     """Fixed, class-stratified ``(train_indices, held_out_indices)`` into :func:`digits_dataset`."""
     train_test_split = require("sklearn.model_selection", "demo",
                                "the digits data").train_test_split
@@ -71,7 +72,8 @@ class DigitsTeacherCNN(nn.Module):
         self.conv1 = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU())
         self.conv2 = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
         self.conv3 = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU())
-        self.fc1 = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 96), nn.ReLU(), nn.Dropout(0.2))
+        self.fc1 = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 96), nn.ReLU(),
+                                 nn.Dropout(0.2))
         self.fc2 = nn.Linear(96, num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,8 @@ def load_checkpoint(model: nn.Module, path, *, skip_mismatched: bool = True) -> 
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} does not hold a state dict (got {type(state).__name__})")
+        raise ValueError(f"checkpoint {path} does not hold a state dict (got "
+                         f"{type(state).__name__})")
     own = model.state_dict()
     loaded, skipped = {}, []
     for name, tensor in state.items():
