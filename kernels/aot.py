@@ -69,9 +69,8 @@ def compile_spec(spec: dict, capability: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    record = {"kernel": spec["kernel"].fn.__name__ if hasattr(spec["kernel"], "fn") else
-              spec["kernel"].__name__, "name": spec["name"], "arch": f"sm_{capability}",
-              "num_warps": spec["num_warps"]}
+    record = {"kernel": spec["kernel"].__name__, "name": spec["name"],
+              "arch": f"sm_{capability}", "num_warps": spec["num_warps"]}
     try:
         source = ASTSource(spec["kernel"], spec["signature"], constexprs=spec["constexprs"])
         compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),

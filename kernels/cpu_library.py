@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library_path", "CompiledFunction", "row_layout", "set_rows", "DTYPE_CODES",
-           "REDUCTIONS"]
+__all__ = ["library_path", "CompiledFunction", "set_rows", "DTYPE_CODES", "REDUCTIONS"]
 
 TURNED_OFF = ("0", "", "false", "no", "off")
 # the C kernels' codes of the float dtypes they read and write, and of the reductions
@@ -95,20 +94,14 @@ class CompiledFunction:
         return self._work_bytes
 
 
-def row_layout(tensor: torch.Tensor):
-    """(batch byte stride, row byte stride, rows per batch) of ``(N, V)`` or ``(B, S, V)`` rows."""
-    size = tensor.element_size()
-    if tensor.dim() == 2:
-        return 0, tensor.stride(0) * size, tensor.shape[0]
-    return tensor.stride(0) * size, tensor.stride(1) * size, tensor.shape[1]
-
-
 def set_rows(args, prefix: str, tensor: torch.Tensor):
-    """Point ``args.<prefix>`` (with ``<prefix>_strides`` and ``<prefix>_dtype``) at
-    ``tensor``'s rows; returns its rows per batch."""
-    batch_stride, row_stride, rows_per_batch = row_layout(tensor)
+    """Point ``args.<prefix>`` at the rows of an ``(N, V)`` or ``(B, S, V)`` ``tensor``, with
+    ``<prefix>_strides`` = (batch, row) byte strides (batch 0 for 2-D) and ``<prefix>_dtype``;
+    returns its rows per batch (N or S)."""
+    size = tensor.element_size()
     setattr(args, prefix, tensor.data_ptr())
     strides = getattr(args, prefix + "_strides")
-    strides[0], strides[1] = batch_stride, row_stride
+    strides[0] = tensor.stride(0) * size if tensor.dim() == 3 else 0
+    strides[1] = tensor.stride(-2) * size
     setattr(args, prefix + "_dtype", DTYPE_CODES[tensor.dtype])
-    return rows_per_batch
+    return tensor.shape[-2]
