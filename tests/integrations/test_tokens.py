@@ -1,9 +1,13 @@
 """Token data read from files (`jsonl:`): hostile or broken lines end in one sentence naming the
 file and line, through the API and the command line."""
 import pytest
+import torch
 
+import cache_helpers
+import fastkd
+from fastkd.cache import CachedDataset, LogitCache, write_cache
 from fastkd.cli import main as fastkd_main
-from fastkd.tokens import TokenDataset
+from fastkd.tokens import TokenDataset, collate_causal_lm
 
 
 def _write(path, data: bytes):
@@ -48,3 +52,29 @@ def test_row_errors_name_no_internal_keys(tmp_path):
     path = _write(tmp_path / "tokens.jsonl", b'{"title": "hello"}\n')
     with pytest.raises(ValueError, match=r"tokens\.jsonl:1: .* got \['title'\]$"):
         TokenDataset.from_jsonl(path)[0]
+
+
+@pytest.mark.parametrize("layout", [{"top_k": 4}, {"sample": 8}, {}])
+def test_pad_to_multiple_of_only_adds_ignored_positions(tmp_path, layout):
+    """collate_causal_lm(pad_to_multiple_of=m) rounds the length up to a multiple of m; the
+    added positions are padding (pad id, mask 0, ignored labels) and leave the loss unchanged."""
+    data = cache_helpers.TokenSequences(n=5)
+    write_cache(cache_helpers.tiny_lm(), data, tmp_path / "c", batch_size=5, progress=False,
+                **layout)
+    items = [CachedDataset(data, LogitCache(tmp_path / "c"))[i] for i in range(5)]
+    plain = collate_causal_lm(items, pad_token_id=7)
+    length = plain["input_ids"].shape[1]
+    student = torch.randn(5, length + 8, cache_helpers.TOKEN_VOCAB)
+    expected = fastkd.kd_loss(student[:, :length], plain["teacher_targets"],
+                              plain["shift_labels"])
+    for multiple in (4, 8):
+        padded = collate_causal_lm(items, pad_token_id=7, pad_to_multiple_of=multiple)
+        width = -(-length // multiple) * multiple
+        assert padded["input_ids"].shape == (5, width)
+        for key, fill in (("input_ids", 7), ("attention_mask", 0), ("labels", -100),
+                          ("shift_labels", -100)):
+            assert torch.equal(padded[key][:, :length], plain[key]), key
+            assert bool((padded[key][:, length:] == fill).all()), key
+        loss = fastkd.kd_loss(student[:, :width], padded["teacher_targets"],
+                              padded["shift_labels"])
+        torch.testing.assert_close(loss, expected)
