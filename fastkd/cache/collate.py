@@ -1,16 +1,17 @@
 """Batching cached items: :func:`collate_padded` pads variable-length items on the right, and
 sparse targets of different widths (ragged sampled rows) to the widest."""
 import math
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
 
 
-def pad_stack(tensors: List[torch.Tensor], value) -> torch.Tensor:
-    """Tensors ``(L_i, ...)`` -> one ``(B, max L_i, ...)`` tensor, right-padded with ``value``."""
-    length = max(tensor.shape[0] for tensor in tensors)
+def pad_stack(tensors: List[torch.Tensor], value, length: Optional[int] = None) -> torch.Tensor:
+    """Tensors ``(L_i, ...)`` -> one ``(B, L, ...)`` tensor, right-padded with ``value``;
+    ``L = length`` (at least every ``L_i``), by default the longest."""
+    length = max(tensor.shape[0] for tensor in tensors) if length is None else length
     out = tensors[0].new_full((len(tensors), length) + tuple(tensors[0].shape[1:]), value)
     for row, tensor in enumerate(tensors):
         out[row, :tensor.shape[0]] = tensor
@@ -40,14 +41,6 @@ def _like(template, tensors) -> Union[TopKLogits, SampledTargets]:
     return SampledTargets(*tensors, template.num_classes, template.temperature)
 
 
-def widen_sampled(target: SampledTargets, width: int) -> SampledTargets:
-    """``target`` with its entries padded on the right to ``width`` (id 0, weight 0: padding)."""
-    missing = width - target.indices.shape[-1]
-    if missing <= 0:
-        return target
-    return target.map_tensors(lambda part: torch.nn.functional.pad(part, (0, missing)))
-
-
 def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
     """Per-sample sparse targets ``(L_i, k)`` (or ``(k,)``) -> one target of ``(B, L, k)`` (or
     ``(B, k)``), rows past each sample's end filled by :func:`_sparse_filler`; sampled targets
@@ -63,8 +56,9 @@ def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
             return _like(targets[0], [torch.nn.utils.rnn.pad_sequence(
                 list(parts), batch_first=True) for parts in zip(
                 *(target.tensors() for target in targets))])
-        width = max(target.indices.shape[-1] for target in targets)
-        targets = [widen_sampled(target, width) for target in targets]
+        width = max(target.indices.shape[-1] for target in targets)  # id 0, weight 0: padding
+        targets = [target.map_tensors(lambda part: torch.nn.functional.pad(
+            part, (0, width - part.shape[-1]))) for target in targets]
     if targets[0].indices.dim() > 1:  # variable length: pad every sample to the longest
         length = max(target.indices.shape[0] for target in targets)
         targets = [_like(target, [torch.cat(parts) for parts in zip(

@@ -177,19 +177,16 @@ def open_array(directory: str, entry: dict):
     :func:`open_cache_file` and its header checked by :func:`read_array_header`; the caller
     reads or maps the data from that same descriptor and closes it."""
     path = os.path.join(directory, check_file_name(entry["file"], directory))
+    handle = None
     try:
         handle = open_cache_file(path)
-    except OSError as error:
-        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
-    try:
-        offset = read_array_header(handle, path, entry)
-    except OSError as error:
-        handle.close()
-        raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
-    except BaseException:
-        handle.close()
+        return handle, path, read_array_header(handle, path, entry)
+    except BaseException as error:
+        if handle is not None:
+            handle.close()
+        if isinstance(error, OSError):
+            raise CacheError(f"cannot read {path}: {error.strerror or error}") from None
         raise
-    return handle, path, offset
 
 
 def load_array(directory: str, entry: dict) -> np.ndarray:
