@@ -261,9 +261,7 @@ class LegacyConfig:
 
     @property
     def num_coeffs(self) -> int:
-        if self.exact_k == self.k:
-            return 0
-        return self.polynomial_degree + 1 + self.with_sqrt_term
+        return 0 if self.exact_k == self.k else self.polynomial_degree + 1 + self.with_sqrt_term
 
 
 def parse_config(data, where: str):
