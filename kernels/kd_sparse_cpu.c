@@ -50,9 +50,7 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
     int64_t *kept_ids = slice->kept_ids, *sorted_ids = slice->sorted_ids;
 
     /* --- the K entries: real ones, ids in range, the teacher label --- */
-    const void *ids = (const char *)call->ids
-                      + row * call->ids_stride * (call->ids_dtype == IDS_INT64   ? 8
-                                                  : call->ids_dtype == IDS_INT32 ? 4 : 2);
+    const void *ids = row_ids(call, row);
     int64_t num_active = 0, best = -1;
     double best_score = -INFINITY;
     for (int64_t k = 0; k < num_kept; k++) {
@@ -108,15 +106,8 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
     if (reads_row) {
         int64_t num_masked = 0, next = 0;
         if (stats && tail == TAIL_BUCKET) {   /* the real ids in increasing order */
-            for (int64_t k = 0; k < num_kept; k++) {
-                if (!active[k]) continue;
-                int64_t id = kept_ids[k], at = num_masked++;
-                while (at > 0 && sorted_ids[at - 1] > id) {
-                    sorted_ids[at] = sorted_ids[at - 1];
-                    at--;
-                }
-                sorted_ids[at] = id;
-            }
+            for (int64_t k = 0; k < num_kept; k++)
+                if (active[k]) insert_sorted(sorted_ids, num_masked++, kept_ids[k]);
         }
         const int64_t whole = num_classes / VEC * VEC;
         const vfloat vscale = splat(scale), log2e = splat(LOG2E);

@@ -60,6 +60,12 @@ INLINE int64_t load_id(const void *ids, int dtype, int64_t i) {
     }
 }
 
+/* the K ids of `row` */
+INLINE const void *row_ids(const SparseCall *call, int64_t row) {
+    const int id_bytes = call->ids_dtype == IDS_INT64 ? 8 : call->ids_dtype == IDS_INT32 ? 4 : 2;
+    return (const char *)call->ids + row * call->ids_stride * id_bytes;
+}
+
 INLINE float load_value(const void *values, int dtype, int64_t i) {
     if (dtype == DTYPE_FLOAT32) return ((const float *)values)[i];
     uint16_t bits = ((const uint16_t *)values)[i];
@@ -106,6 +112,17 @@ INLINE void store_vec(char *target, int dtype, int64_t i, vfloat g) {
         uint16_t *out = (uint16_t *)target + i;
         for (int lane = 0; lane < VEC; lane++) out[lane] = float_to_half(g[lane]);
     }
+}
+
+/* Inserts id into the increasing sorted[0 .. count); returns 1 when it was there already. */
+INLINE int insert_sorted(int64_t *sorted, int64_t count, int64_t id) {
+    int64_t at = count;
+    while (at > 0 && sorted[at - 1] > id) {
+        sorted[at] = sorted[at - 1];
+        at--;
+    }
+    sorted[at] = id;
+    return at > 0 && sorted[at - 1] == id;
 }
 
 /* ----------------------------------------------------------------------------- K-sized math */
@@ -213,9 +230,8 @@ static double bucket_terms(const SparseCall *call, int64_t n, const unsigned cha
 static int check_rows(const SparseCall *call, int64_t first, int64_t end, int64_t *sorted) {
     const int64_t num_kept = call->num_kept;
     const int sampled = call->counts != NULL;
-    const int id_bytes = call->ids_dtype == IDS_INT64 ? 8 : call->ids_dtype == IDS_INT32 ? 4 : 2;
     for (int64_t row = first; row < end; row++) {
-        const void *ids = (const char *)call->ids + row * call->ids_stride * id_bytes;
+        const void *ids = row_ids(call, row);
         int kept_row = call->label_mode != LABELS_TENSOR
                        || call->labels[row] != call->ignore_index;
         double mass = 0.0, total = 0.0;
@@ -243,14 +259,7 @@ static int check_rows(const SparseCall *call, int64_t first, int64_t end, int64_
                     mass += exp(lowered / call->mass_temperature - lse);
                 }
             }
-            if (!real) continue;
-            int64_t at = num_real++;   /* insertion into the sorted real ids */
-            while (at > 0 && sorted[at - 1] > id) {
-                sorted[at] = sorted[at - 1];
-                at--;
-            }
-            if (at > 0 && sorted[at - 1] == id) return 1;   /* an id twice */
-            sorted[at] = id;
+            if (real && insert_sorted(sorted, num_real++, id)) return 1;   /* an id twice */
         }
         if (kept_row && sampled && !(total > 0.0)) return 1;
         if (!(mass <= MASS_LIMIT)) return 1;
