@@ -123,14 +123,12 @@ def collate_groups(items):
         groups.setdefault(key, []).append((position, model_input, label))
     collated = []
     for members in groups.values():
-        positions = [position for position, _, _ in members]
-        inputs = [model_input for _, model_input, _ in members]
+        positions, inputs, labels = map(list, zip(*members))
         if isinstance(inputs[0], dict):
             stacked = {key: torch.stack([torch.as_tensor(x[key]) for x in inputs])
                        for key in inputs[0]}
         else:
             stacked = torch.stack([torch.as_tensor(x) for x in inputs])
-        labels = [label for _, _, label in members]
         if any(label is None for label in labels):
             labels = None
         collated.append((positions, stacked, labels))

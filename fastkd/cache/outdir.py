@@ -117,17 +117,13 @@ def make_directory(out_dir: str) -> None:
 
 def _listed_files(manifest: dict) -> Set[str]:
     """Plain file names a (possibly damaged) manifest lists, read defensively."""
-    names = set()
     shards = manifest.get("shards")
     entries = [manifest.get("offsets"), manifest.get("labels")]
     for shard in shards if isinstance(shards, list) else []:
         files = shard.get("files") if isinstance(shard, dict) else None
         entries += list(files.values()) if isinstance(files, dict) else []
-    for entry in entries:
-        name = entry.get("file") if isinstance(entry, dict) else None
-        if isinstance(name, str) and fmt.PLAIN_FILE_NAME.fullmatch(name):
-            names.add(name)
-    return names
+    names = [entry.get("file") for entry in entries if isinstance(entry, dict)]
+    return {name for name in names if isinstance(name, str) and fmt.PLAIN_FILE_NAME.fullmatch(name)}
 
 
 def owned_files(out_dir: str, names: Iterable[str]) -> Optional[Set[str]]:
