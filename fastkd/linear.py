@@ -1,11 +1,11 @@
-"""Fused linear + KD loss: the distillation loss from hidden states, never holding ``(N, V)`` logits.
+"""Fused linear + KD loss: the distillation loss from hidden states without ``(N, V)`` logits.
 
 Orchestration only: the loss math is the fused KD kernel family behind ``fastkd.dispatch.dispatch``
 (``fastkd.dispatch.DenseBackend`` / ``SparseBackend``), called on one chunk of rows at a
 time. Per chunk of ``C`` kept rows (rows whose label is ``ignore_index`` are dropped before the
 matmul, with ``index_select``)::
 
-    r      = h W^T (+ b)                       (C, V)  torch matmul (BLAS / cuBLAS, fp32 accumulation)
+    r      = h W^T (+ b)                       (C, V)  torch matmul, fp32 accumulation
     z      = cap * tanh(scale * r / cap)       or z = scale * r without a softcap
     row_loss, g = kernel(z, teacher chunk)     g = d loss / dz, written in place into z
     g_r    = scale * g * (1 - tanh^2)          (1 - (z / cap)^2: the softcap's derivative)

@@ -1,9 +1,8 @@
 """Launcher of the compiled CPU kernel of the sparse-teacher KD loss (``kernels/kd_sparse_cpu.c``).
 
-The C file is built at install time into ``fastkd/kernels/_kd_sparse_cpu*.so`` (``setup.py``;
-an optional extension: without a C compiler the install still succeeds and the ATen path of
-``fastkd/reference_sparse.py`` runs instead). Plain C loaded with ``ctypes``: one call takes one
-``SparseCall`` struct of data pointers, byte strides, dtype codes and options.
+Built at install time (an optional extension) and loaded as the dense CPU kernel is
+(``kernels/kd_loss_cpu.py``); where it was not built, the ATen path of
+``fastkd/reference_sparse.py`` runs. One call takes one ``SparseCall`` struct.
 
 ``fastkd.dispatch`` hands out :func:`kd_sparse_cpu` for CPU rows when :func:`available`.
 ``FASTKD_CPU_KERNEL=0`` turns it off, as it does the dense CPU kernel; :func:`unavailable_reason`
