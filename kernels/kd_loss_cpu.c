@@ -47,18 +47,31 @@
 enum { DIV_FORWARD_KL = 0, DIV_REVERSE_KL = 1, DIV_JSD = 2, DIV_MSE = 3 };
 
 /* ----------------------------------------------------------------------------- one call */
+/* The one argument of fastkd_kd_rows (KDArgs in kernels/kd_loss_cpu.py, field for field).
+ * Row r of a tensor is at base + (r / rows_per_batch) * strides[0] + (r % rows_per_batch) *
+ * strides[1] (byte strides; 2-D inputs pass rows_per_batch = N). */
 typedef struct {
-    const char *student, *teacher;
-    char *grad;                         /* NULL: no gradient */
-    int student_dtype, teacher_dtype, grad_dtype;
-    int64_t student_strides[2], teacher_strides[2], grad_strides[2];  /* (batch, row) in bytes */
+    const void *student, *teacher;
+    void *grad;                          /* NULL: no gradient */
+    const int64_t *labels;               /* (rows,) when label_mode is LABELS_TENSOR */
+    float *row_loss;                     /* (rows,) out */
+    float *total;                        /* NULL, or the reduced loss out */
+    int64_t student_strides[2], teacher_strides[2], grad_strides[2];
+    int64_t num_rows, rows_per_batch, num_classes, ignore_index;
+    int64_t label_counts[2];             /* out: kept rows, kept labels outside [0, V) */
+    int64_t work_bytes;                  /* out: bytes of the row buffers the call allocated */
+    double temperature, soft_weight, hard_weight, beta, grad_scale;
+    int32_t student_dtype, teacher_dtype, grad_dtype, label_mode, divergence, num_threads;
+    int32_t reduction, refuse_bad_labels;
+} KDArgs;
+
+/* What the row code reads: the call's tensors, and its options in the row code's types */
+typedef struct {
+    const KDArgs *args;                 /* pointers, byte strides, dtypes, labels, row_loss */
     int64_t rows_per_batch, num_classes, padded;
-    const int64_t *labels;
-    int label_mode, divergence, soft, hard;
+    int divergence, soft, hard;
     int hard_power;    /* exp(d) = exp(d / T)^hard_power for T = 2, 3, 4; else 0 */
-    int64_t ignore_index;
     float temperature, soft_weight, hard_weight, beta, grad_scale;
-    float *row_loss;
 } Call;
 
 typedef struct {
@@ -267,10 +280,11 @@ INLINE float row_terms(const Call *call, const Rows *rows, int64_t target, float
 ROW_TARGETS
 static void process_rows(Slice *slice) {
     const Call *call = slice->call;
+    const KDArgs *args = call->args;
     const int64_t num_classes = call->num_classes, padded = call->padded;
     const int soft = call->soft, hard = call->hard;
     const int kl_like = soft && call->divergence != DIV_MSE;
-    const int teacher_labels = hard && call->label_mode == LABELS_TEACHER;
+    const int teacher_labels = hard && args->label_mode == LABELS_TEACHER;
     const int reads_teacher = soft || teacher_labels;
     Rows rows;
     rows.student = slice->work;
@@ -286,9 +300,9 @@ static void process_rows(Slice *slice) {
     int64_t batch = slice->first_row / call->rows_per_batch;
     int64_t position = slice->first_row % call->rows_per_batch;
     for (int64_t row = slice->first_row; row < slice->end_row; row++) {
-        const char *student_in = row_at(call->student, call->student_strides, batch, position);
-        const char *teacher_in = row_at(call->teacher, call->teacher_strides, batch, position);
-        char *grad_out = row_at(call->grad, call->grad_strides, batch, position);
+        const char *student_in = row_at(args->student, args->student_strides, batch, position);
+        const char *teacher_in = row_at(args->teacher, args->teacher_strides, batch, position);
+        char *grad_out = row_at(args->grad, args->grad_strides, batch, position);
         if (++position == call->rows_per_batch) {
             position = 0;
             batch++;
@@ -296,9 +310,9 @@ static void process_rows(Slice *slice) {
         int64_t target = 0;
         float loss = 0.0f;   /* no term computed, or an ignored row: loss 0, gradient 0 */
         int computed = 0;
-        if (call->label_mode == LABELS_TENSOR) {
-            target = call->labels[row];
-            if (target == call->ignore_index) goto fill;   /* whatever the row holds */
+        if (args->label_mode == LABELS_TENSOR) {
+            target = args->labels[row];
+            if (target == args->ignore_index) goto fill;   /* whatever the row holds */
             if (target < 0 || target >= num_classes) {   /* never read out of bounds */
                 loss = NAN;
                 goto fill;
@@ -306,10 +320,10 @@ static void process_rows(Slice *slice) {
         }
         if (soft || hard) {
             int nan_s = 0, nan_t = 0;
-            load_row(student_in, call->student_dtype, num_classes, padded, rows.student);
+            load_row(student_in, args->student_dtype, num_classes, padded, rows.student);
             float max_s = row_max(rows.student, padded, &nan_s), max_t = 0.0f;
             if (reads_teacher) {
-                load_row(teacher_in, call->teacher_dtype, num_classes, padded, rows.teacher);
+                load_row(teacher_in, args->teacher_dtype, num_classes, padded, rows.teacher);
                 max_t = row_max(rows.teacher, padded, &nan_t);
             }
             if (teacher_labels) {   /* the first index of the teacher's maximum */
@@ -323,30 +337,12 @@ static void process_rows(Slice *slice) {
             computed = 1;
         }
     fill:
-        call->row_loss[row] = loss;
+        args->row_loss[row] = loss;
         if (!grad_out) continue;
-        if (computed) store_row(rows.grad_row, call->grad_dtype, num_classes, grad_out);
-        else fill_row(call->grad_dtype, num_classes, grad_out, loss);   /* 0, or NaN */
+        if (computed) store_row(rows.grad_row, args->grad_dtype, num_classes, grad_out);
+        else fill_row(args->grad_dtype, num_classes, grad_out, loss);   /* 0, or NaN */
     }
 }
-
-/* The one argument of fastkd_kd_rows (KDArgs in kernels/kd_loss_cpu.py, field for field).
- * Row r of a tensor is at base + (r / rows_per_batch) * strides[0] + (r % rows_per_batch) *
- * strides[1] (byte strides; 2-D inputs pass rows_per_batch = N). */
-typedef struct {
-    const void *student, *teacher;
-    void *grad;                          /* NULL: no gradient */
-    const int64_t *labels;               /* (rows,) when label_mode is LABELS_TENSOR */
-    float *row_loss;                     /* (rows,) out */
-    float *total;                        /* NULL, or the reduced loss out */
-    int64_t student_strides[2], teacher_strides[2], grad_strides[2];
-    int64_t num_rows, rows_per_batch, num_classes, ignore_index;
-    int64_t label_counts[2];             /* out: kept rows, kept labels outside [0, V) */
-    int64_t work_bytes;                  /* out: bytes of the row buffers the call allocated */
-    double temperature, soft_weight, hard_weight, beta, grad_scale;
-    int32_t student_dtype, teacher_dtype, grad_dtype, label_mode, divergence, num_threads;
-    int32_t reduction, refuse_bad_labels;
-} KDArgs;
 
 /* Row losses (N,) float32 into row_loss and, when grad is not NULL, the gradient rows.
  *
@@ -373,32 +369,20 @@ int fastkd_kd_rows(KDArgs *args) {
     if (num_rows <= 0) return 0;
     Call call;
     memset(&call, 0, sizeof call);
-    call.student = (const char *)args->student;
-    call.teacher = (const char *)args->teacher;
-    call.grad = (char *)args->grad;
-    call.student_dtype = args->student_dtype;
-    call.teacher_dtype = args->teacher_dtype;
-    call.grad_dtype = args->grad_dtype;
-    memcpy(call.student_strides, args->student_strides, sizeof call.student_strides);
-    memcpy(call.teacher_strides, args->teacher_strides, sizeof call.teacher_strides);
-    memcpy(call.grad_strides, args->grad_strides, sizeof call.grad_strides);
+    call.args = args;
     call.rows_per_batch = args->rows_per_batch > 0 ? args->rows_per_batch : num_rows;
     call.num_classes = num_classes;
     call.padded = (num_classes + VEC - 1) / VEC * VEC;
-    call.labels = labels;
-    call.label_mode = args->label_mode;
     call.divergence = args->divergence;
     call.soft = args->soft_weight > 0.0;
     call.hard = args->label_mode != LABELS_NONE && args->hard_weight > 0.0;
     const double temperature = args->temperature;
     call.hard_power = temperature == 2.0 ? 2 : temperature == 3.0 ? 3 : temperature == 4.0 ? 4 : 0;
-    call.ignore_index = args->ignore_index;
     call.temperature = (float)temperature;
     call.soft_weight = (float)args->soft_weight;
     call.hard_weight = (float)args->hard_weight;
     call.beta = (float)args->beta;
     call.grad_scale = (float)(args->grad_scale * mean_scale);
-    call.row_loss = args->row_loss;
 
     const int num_threads = thread_count(args->num_threads, num_rows);
     size_t slice_floats = (size_t)call.padded * 6;   /* a multiple of 48 floats: 64-byte aligned */
