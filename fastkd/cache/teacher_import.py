@@ -31,41 +31,38 @@ def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_s
     out_dir = os.fspath(out_dir)
     outdir.make_directory(out_dir)
     with outdir.DirectoryLock(out_dir):
-        return _write_locked(dataset, out_dir, config, overwrite, vocab_size, progress, batch)
+        finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
+        if finished is not None:
+            return finished
+        state = resume_state(out_dir, config, 0, 1, [0, len(dataset)])
+        resume_at = state["shards"][-1]["sample_stop"] if state["shards"] else 0
+        from tqdm.auto import tqdm
+        with tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
+                  desc="fastkd import", dynamic_ncols=True) as bar, \
+                shard_output(out_dir, state, fmt.MANIFEST_NAME) as cutter:
+            pending, count = [], 0
+            for _, sample in dataset.iter_rows(resume_at):
+                pending.append(sample)
+                count += len(sample["input_ids"])
+                if len(pending) >= batch[0] or count >= batch[1]:
+                    cutter.add(_batch(pending, vocab_size))
+                    bar.update(len(pending))
+                    pending, count = [], 0
+            if pending:
+                cutter.add(_batch(pending, vocab_size))
+                bar.update(len(pending))
+        return finalize(out_dir, 1, len(dataset))
 
 
-def _write_locked(dataset, out_dir: str, config: dict, overwrite: bool, vocab_size: int,
-                  progress: bool, batch: tuple) -> dict:
-    finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
-    if finished is not None:
-        return finished
-    state = resume_state(out_dir, config, 0, 1, [0, len(dataset)])
-    resume_at = state["shards"][-1]["sample_stop"] if state["shards"] else 0
-    index_dtype = fmt.index_dtype(vocab_size)
-    from tqdm.auto import tqdm
-    bar = tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
-               desc="fastkd import", dynamic_ncols=True)
-
-    def flush(cutter, samples):
-        import torch
-        arrays = {"values": np.concatenate([s["values"] for s in samples]),
-                  "indices": np.concatenate([s["indices"] for s in samples]).astype(index_dtype),
-                  "lse": np.concatenate([s["lse"] for s in samples])[:, None]}
-        cutter.add({"arrays": arrays,
-                    "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
-                    "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
-                    "clamped": np.zeros(len(arrays["values"]), np.int64),
-                    "variable": True, "num_classes": vocab_size})
-        bar.update(len(samples))
-
-    with bar, shard_output(out_dir, state, fmt.MANIFEST_NAME) as cutter:
-        pending, count = [], 0
-        for _, sample in dataset.iter_rows(resume_at):
-            pending.append(sample)
-            count += len(sample["input_ids"])
-            if len(pending) >= batch[0] or count >= batch[1]:
-                flush(cutter, pending)
-                pending, count = [], 0
-        if pending:
-            flush(cutter, pending)
-    return finalize(out_dir, 1, len(dataset))
+def _batch(samples, vocab_size: int) -> dict:
+    """Samples of :func:`write_rows`' ``dataset`` -> one batch of :meth:`ShardCutter.add`."""
+    import torch
+    arrays = {"values": np.concatenate([s["values"] for s in samples]),
+              "indices": np.concatenate([s["indices"] for s in samples]).astype(
+                  fmt.index_dtype(vocab_size)),
+              "lse": np.concatenate([s["lse"] for s in samples])[:, None]}
+    return {"arrays": arrays,
+            "lengths": np.array([len(s["input_ids"]) for s in samples], np.int64),
+            "labels": labels_to_storage(torch.cat([s["labels"] for s in samples])),
+            "clamped": np.zeros(len(arrays["values"]), np.int64),
+            "variable": True, "num_classes": vocab_size}
