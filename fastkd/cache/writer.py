@@ -227,8 +227,12 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     }
     _check_ranks_agree(dist, config, dataset)
     lock = outdir.DirectoryLock(out_dir)
+
+    def make_and_lock():
+        outdir.make_directory(out_dir)
+        lock.acquire()
     try:  # the run's lock, held by rank 0 until every rank is done
-        _agreed(dist, rank, lambda: (outdir.make_directory(out_dir), lock.acquire()))
+        _agreed(dist, rank, make_and_lock)
         return _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size,
                              device, num_workers, output_fn, progress)
     finally:
