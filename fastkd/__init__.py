@@ -9,7 +9,7 @@ import sys as _sys  # noqa: E402
 from importlib.machinery import ModuleSpec as _ModuleSpec  # noqa: E402
 from importlib.util import module_from_spec as _module_from_spec  # noqa: E402
 
-from fastkd._lazy import lazy_exports  # noqa: E402
+from fastkd.lazy import lazy_exports  # noqa: E402
 
 
 def _bind_checkout_kernels() -> None:

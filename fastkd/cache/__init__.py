@@ -12,7 +12,7 @@ argument parsing) does not import torch.
 __all__ = ["write_cache", "resolve_device", "LogitCache", "CachedDataset", "collate_padded",
            "TopKLogits", "CacheError"]
 
-from fastkd._lazy import lazy_exports  # noqa: E402
+from fastkd.lazy import lazy_exports  # noqa: E402
 
 # public name -> the sub-module that defines it
 _LAZY = {
