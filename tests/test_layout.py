@@ -84,8 +84,8 @@ def _private(name: str) -> bool:
 
 
 def test_no_private_names_across_modules():
-    """No library module imports another's underscore-private name, or reads one as an
-    attribute of a module it imported."""
+    """No library module imports another's underscore-private name or module, or reads a
+    private name as an attribute of a module it imported."""
     modules = _library_modules()
     offending = []
     for module, path in modules.items():
@@ -101,6 +101,8 @@ def test_no_private_names_across_modules():
                         aliases.add(alias.asname or alias.name)
                     elif node.module in modules and _private(alias.name):
                         offending.append(f"{module}: {node.module}.{alias.name}")
+        offending += [f"{module}: imports {imported}" for imported, _ in _imports(path)
+                      if imported.startswith("fastkd") and _private(imported.rsplit(".", 1)[-1])]
         offending += [f"{module}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
                       if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
                       and node.value.id in aliases and _private(node.attr)]
