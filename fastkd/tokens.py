@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from fastkd.cache.collate import pad_stack
+from fastkd.cache.collate import pad_stack, pad_targets, sparse_filler, target_like
 from fastkd.extras import require
 from fastkd.hf_text import IGNORE_INDEX, TEXT_FIELDS, TextTokenizer
 from fastkd.targets import SampledTargets, TopKLogits
@@ -278,8 +278,9 @@ def _pad(tensors: Sequence[torch.Tensor], length: int, value) -> torch.Tensor:
 
 
 def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number: int):
-    """One sample's cached rows -> one row per position (zero rows at the positions a cache of
-    :func:`learned_positions` leaves out; their labels are ignored)."""
+    """One sample's cached rows -> one row per position (at the positions a cache of
+    :func:`learned_positions` leaves out, whose labels are ignored: zero rows, or a sparse
+    target's valid filler)."""
     rows = (teacher if isinstance(teacher, torch.Tensor) else teacher.indices).shape[0]
     length = labels.shape[0]
     if rows == length:
@@ -290,33 +291,14 @@ def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number:
                          f"{int(keep.sum())} are learned (the cache was made from other token "
                          f"data)")
 
-    def place(part):
-        full = part.new_zeros((length,) + tuple(part.shape[1:]))
+    def place(part, full):
+        full = full.clone()
         full[keep] = part
         return full
-    return place(teacher) if isinstance(teacher, torch.Tensor) else teacher.map_tensors(place)
-
-
-def _pad_targets(targets, length: int):
-    """Teacher rows per sample -> one batch target padded with zero rows to ``length``."""
-    first = targets[0]
-    if isinstance(first, torch.Tensor):
-        return _pad(targets, length, 0)
-    if isinstance(first, TopKLogits):
-        return TopKLogits(*(_pad(list(parts), length, 0)
-                            for parts in zip(*(target.tensors() for target in targets))),
-                          first.temperature, first.num_classes)
-    if isinstance(first, SampledTargets):
-        # rows of ragged sampled caches differ in width: pad to the widest with weight 0
-        width = max(target.indices.shape[-1] for target in targets)
-        indices, counts = (_pad([torch.nn.functional.pad(part, (0, width - part.shape[-1]))
-                                 for part in parts], length, 0)
-                           for parts in zip(*(target.tensors() for target in targets)))
-        # a padding row gets one draw of id 0, so it is a valid (if unused) target
-        counts[..., 0].masked_fill_(counts.sum(-1) == 0, 1)
-        return SampledTargets(indices, counts, first.num_classes, first.temperature)
-    raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
-                    f"{type(first).__name__}")
+    if isinstance(teacher, torch.Tensor):
+        return place(teacher, teacher.new_zeros((length,) + tuple(teacher.shape[1:])))
+    return target_like(teacher, [place(part, fill) for part, fill in
+                                 zip(teacher.tensors(), sparse_filler(teacher, length).tensors())])
 
 
 def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX,
@@ -362,6 +344,6 @@ def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNOR
     if teachers is not None:
         teachers = [_rows_at_positions(teacher, label, ignore_index, number)
                     for number, (teacher, label) in enumerate(zip(teachers, labels))]
-        targets = _pad_targets(teachers, length)
+        targets = pad_targets(teachers, length)
         batch["teacher_targets"] = targets_to_dict(targets) if targets_as_dict else targets
     return batch

@@ -18,7 +18,7 @@ def pad_stack(tensors: List[torch.Tensor], value, length: Optional[int] = None) 
     return out
 
 
-def _sparse_filler(target, length: int):
+def sparse_filler(target, length: int):
     """``length`` rows that make a valid, harmless target of ``target``'s kind and width: ids
     ``0..k-1`` (distinct), and a uniform distribution over them (top-k values 0 with ``lse =
     log k`` at any temperature, so the tail mass is 0; sampled counts 1). Padded positions carry
@@ -34,17 +34,24 @@ def _sparse_filler(target, length: int):
                           target.temperature)
 
 
-def _like(template, tensors) -> Union[TopKLogits, SampledTargets]:
+def target_like(template, tensors) -> Union[TopKLogits, SampledTargets]:
     """A target of ``template``'s type (temperature and vocabulary size) holding ``tensors``."""
     if isinstance(template, TopKLogits):
         return TopKLogits(*tensors, template.temperature, template.num_classes)
     return SampledTargets(*tensors, template.num_classes, template.temperature)
 
 
-def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
-    """Per-sample sparse targets ``(L_i, k)`` (or ``(k,)``) -> one target of ``(B, L, k)`` (or
-    ``(B, k)``), rows past each sample's end filled by :func:`_sparse_filler`; sampled targets
-    of different widths are first padded to the widest with weight-0 entries."""
+def pad_targets(targets, length: Optional[int] = None):
+    """Per-sample teacher rows -> one batch target: dense rows ``(L_i, V)`` -> ``(B, L, V)``
+    padded with zeros; sparse targets ``(L_i, k)`` (or ``(k,)``) -> one target of ``(B, L, k)``
+    (or ``(B, k)``), rows past each sample's end filled by :func:`sparse_filler` (sampled
+    targets of different widths first padded to the widest with weight-0 entries). ``L =
+    length``, by default the longest."""
+    if isinstance(targets[0], torch.Tensor):
+        return pad_stack(list(targets), 0, length)
+    if not isinstance(targets[0], SPARSE_TARGETS):
+        raise TypeError(f"teacher targets must be tensors or fastkd target tuples, got "
+                        f"{type(targets[0]).__name__}")
     kinds = {type(target).__name__ for target in targets}
     temperatures = {float(torch.as_tensor(target.temperature).flatten()[0])
                     for target in targets}
@@ -53,18 +60,19 @@ def _pad_sparse(targets) -> Union[TopKLogits, SampledTargets]:
                          f"temperatures {sorted(temperatures)}")
     if isinstance(targets[0], SampledTargets):
         if targets[0].indices.dim() == 1:   # one row per item: one padding op per field
-            return _like(targets[0], [torch.nn.utils.rnn.pad_sequence(
+            return target_like(targets[0], [torch.nn.utils.rnn.pad_sequence(
                 list(parts), batch_first=True) for parts in zip(
                 *(target.tensors() for target in targets))])
         width = max(target.indices.shape[-1] for target in targets)  # id 0, weight 0: padding
         targets = [target.map_tensors(lambda part: torch.nn.functional.pad(
             part, (0, width - part.shape[-1]))) for target in targets]
     if targets[0].indices.dim() > 1:  # variable length: pad every sample to the longest
-        length = max(target.indices.shape[0] for target in targets)
-        targets = [_like(target, [torch.cat(parts) for parts in zip(
-            target.tensors(), _sparse_filler(target, length - len(target.indices)).tensors())])
+        if length is None:
+            length = max(target.indices.shape[0] for target in targets)
+        targets = [target_like(target, [torch.cat(parts) for parts in zip(
+            target.tensors(), sparse_filler(target, length - len(target.indices)).tensors())])
             for target in targets]
-    return _like(targets[0], [torch.stack(parts)
+    return target_like(targets[0], [torch.stack(parts)
                               for parts in zip(*(target.tensors() for target in targets))])
 
 
@@ -89,8 +97,4 @@ def collate_padded(batch, *, ignore_index: int = -100, pad_value: int = 0):
     labels = [torch.as_tensor(label).reshape(-1) for label in labels]
     labels = pad_stack(labels, ignore_index) if len(labels[0]) != 1 or any(
         len(label) != 1 for label in labels) else torch.cat(labels)
-    if isinstance(teachers[0], SPARSE_TARGETS):
-        teacher = _pad_sparse(teachers)
-    else:
-        teacher = pad_stack(list(teachers), 0)
-    return inputs, labels, teacher
+    return inputs, labels, pad_targets(teachers)

@@ -78,3 +78,5 @@ def test_pad_to_multiple_of_only_adds_ignored_positions(tmp_path, layout):
         loss = fastkd.kd_loss(student[:, :width], padded["teacher_targets"],
                               padded["shift_labels"])
         torch.testing.assert_close(loss, expected)
+        # the padded rows are valid targets too: a loss over every row (no labels) is finite
+        assert torch.isfinite(fastkd.kd_loss(student[:, :width], padded["teacher_targets"]))
