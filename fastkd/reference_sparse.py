@@ -112,12 +112,12 @@ def _log_softmax_kept(scaled, active):
     return shifted - shifted.exp().sum(1, keepdim=True).log()
 
 
-def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts):
+def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, options, grad_scale):
     """Row losses (C,) float32 of one chunk; fills ``grad`` (C, V) when it is not None."""
     rows, num_classes = student.shape
-    temp, inv_temp = opts["temperature"], 1.0 / opts["temperature"]
-    divergence, tail = opts["divergence"], opts["tail"]
-    soft = opts["soft"]
+    temp, inv_temp = options.temperature, options.inv_temperature
+    divergence, tail = options.divergence, options.tail
+    soft = options.soft_weight > 0
     stats = soft and tail != "renormalize"
     hard = targets is not None
     sampled = counts is not None
@@ -133,7 +133,7 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts)
     first_active = active.to(torch.uint8).argmax(1, keepdim=True)
     ids = torch.where(active | ~row_active, ids, ids.gather(1, first_active))
     # labels="teacher" in a row without real entries: no label, no hard term
-    hard_on = row_active.view(-1).float() if hard and opts["teacher_labels"] else None
+    hard_on = row_active.view(-1).float() if hard and options.teacher_labels else None
     z_kept = student.gather(1, ids).float().masked_fill(~active, _MINUS_INF)
     label_logit = student.gather(1, targets.unsqueeze(1)).float().view(-1) if hard else None
 
@@ -175,15 +175,15 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts)
         if has_rest and not sampled and ids.shape[1] >= num_classes:
             full = active.sum(1) == num_classes    # ids are unique among real entries
         div, kept_du, coef_rest = bucket_terms(log_q, log_p, active, log_q_rest, has_rest,
-                                               sampled, divergence, opts["beta"], tail, full)
-        row_loss += opts["soft_weight"] * temp * temp * div
+                                               sampled, divergence, options.beta, tail, full)
+        row_loss += options.soft_weight * temp * temp * div
     if hard:
         exp_ce = (student.float() - shift).exp()
         log_sum_ce = exp_ce.sum(1).log()
         hard_term = log_sum_ce - (label_logit - shift.view(-1))
         if hard_on is not None:
             hard_term = torch.where(hard_on > 0, hard_term, torch.zeros_like(hard_term))
-        row_loss += opts["hard_weight"] * hard_term
+        row_loss += options.hard_weight * hard_term
     if keep is not None:
         row_loss = torch.where(keep, row_loss, torch.zeros_like(row_loss))
     if grad is None:
@@ -192,8 +192,8 @@ def _process_chunk(student, ids, values, lse, counts, targets, keep, grad, opts)
     # Everything read: grad may alias the student chunk from here on. Every column outside the
     # kept ids: soft p_s(j) coef_rest + hard (softmax(z)_j - [j = y]); the kept columns are
     # written last with their own gradient (kept_du and the hard term at the ids).
-    soft_scale = opts["grad_scale"] * opts["soft_weight"] * temp
-    hard_scale = opts["grad_scale"] * opts["hard_weight"] * torch.ones(rows, 1, device=grad.device)
+    soft_scale = grad_scale * options.soft_weight * temp
+    hard_scale = grad_scale * options.hard_weight * torch.ones(rows, 1, device=grad.device)
     if hard_on is not None:
         hard_scale = hard_scale * hard_on.unsqueeze(1)   # 0 in rows without a teacher label
     full = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
@@ -227,10 +227,6 @@ def kd_sparse_torch(student_logits: torch.Tensor, indices: torch.Tensor,
     num_rows, num_classes = student_logits.shape
     device = student_logits.device
     row_loss = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    opts = dict(temperature=options.temperature, soft_weight=options.soft_weight,
-                hard_weight=options.hard_weight, divergence=options.divergence,
-                beta=options.beta, tail=options.tail, grad_scale=grad_scale,
-                soft=options.soft_weight > 0, teacher_labels=options.teacher_labels)
     has_hard = options.hard_weight > 0 and (labels is not None or options.teacher_labels)
     chunk_rows = max(1, CHUNK_ELEMENTS // max(num_classes, 1))
     for start in range(0, num_rows, chunk_rows):
@@ -253,5 +249,6 @@ def kd_sparse_torch(student_logits: torch.Tensor, indices: torch.Tensor,
         row_loss[part] = _process_chunk(
             student_logits[part], ids, values[part] if values is not None else None,
             lse[part] if lse is not None else None,
-            counts[part] if counts is not None else None, targets, keep, grad_chunk, opts)
+            counts[part] if counts is not None else None, targets, keep, grad_chunk, options,
+            grad_scale)
     return row_loss
