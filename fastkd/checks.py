@@ -13,6 +13,7 @@ import torch
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
            "check_number", "check_choice", "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
+           "check_tensor", "check_integer_ids",
            "TAILS", "check_temperature_value", "check_sparse_options",
            "check_target_classes",
            "check_sparse_values", "MASS_SLACK", "kept_mass_lower_bound", "TEACHER_EXTRA_COLUMNS",

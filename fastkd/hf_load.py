@@ -14,7 +14,7 @@ from fastkd.extras import require
 
 transformers = require("transformers", "hf", "fastkd.hf")
 
-__all__ = ["load_causal_lm", "MODEL_DTYPES"]
+__all__ = ["load_causal_lm", "MODEL_DTYPES", "transformers"]
 
 # --teacher-dtype choices -> torch dtype ("auto": the dtype saved in the checkpoint's config)
 MODEL_DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,

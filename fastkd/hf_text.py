@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 from fastkd.extras import require
 
-__all__ = ["TextTokenizer", "TEXT_FIELDS"]
+__all__ = ["TextTokenizer", "TEXT_FIELDS", "IGNORE_INDEX"]
 
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
 IGNORE_INDEX = -100

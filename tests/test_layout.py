@@ -127,3 +127,19 @@ def test_the_layout_in_the_design_notes_matches_the_tree():
     unnamed = [path for path in sorted(library)
                if path not in named and os.path.basename(path) not in named]
     assert not unnamed, unnamed
+
+
+def test_names_used_across_modules_are_public():
+    """A name one library module imports from another that declares ``__all__`` is in it."""
+    modules = _library_modules()
+    exported = {}
+    for module, path in modules.items():
+        for node in ast.parse(open(path, encoding="utf-8").read(), path).body:
+            if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == "__all__"
+                                                    for target in node.targets):
+                exported[module] = set(ast.literal_eval(node.value))
+    unlisted = [f"{module}: {imported}.{name}" for module, path in modules.items()
+                for imported, names in _imports(path) if imported in exported
+                for name in names if name not in exported[imported]
+                and f"{imported}.{name}" not in modules]
+    assert not unlisted, unlisted
