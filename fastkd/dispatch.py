@@ -30,8 +30,7 @@ __all__ = ["resolve_backend", "dispatch", "compiled_kernel", "triton_available",
 class DenseBackend(Protocol):
     def __call__(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                  labels: Optional[torch.Tensor], options, *, grad: Optional[torch.Tensor],
-                 grad_scale=1.0, labels_in_range: bool = False,
-                 all_rows_kept: bool = False) -> torch.Tensor:
+                 grad_scale=1.0) -> torch.Tensor:
         """Row losses ``(N,)`` float32 (all accumulation in float32).
 
         ``student_logits``, ``teacher_logits``: ``(N, V)`` floating tensors with last-dim
@@ -47,9 +46,7 @@ class DenseBackend(Protocol):
         ``grad``: None or a tensor of the student's shape and dtype, last-dim stride 1, possibly
         the student tensor itself (every student element is read before its gradient is
         written); it is filled with ``grad_scale * d row_loss / dz_s``. ``grad_scale``: a float
-        or a 0-d float32 tensor on the logits' device (no host sync needed).
-        ``labels_in_range``: the caller has checked every kept label; ``all_rows_kept``: and no
-        label is ``ignore_index`` (hints a backend may use to skip its own guards)."""
+        or a 0-d float32 tensor on the logits' device (no host sync needed)."""
 
 
 class SparseBackend(Protocol):

@@ -119,21 +119,13 @@ def dense_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=Fa
         return loss, (grad, None, None), None
     pending = None
     kept = num_rows
-    labels_in_range = all_rows_kept = False
     ignore_index, reduction = options.ignore_index, options.reduction
     if labels_1d is not None:
-        if not syncing and num_rows:
-            # host reads are free here; one min/max settles the common case (no ignored row)
-            lowest, highest = (value.item() for value in torch.aminmax(labels_1d))
-            if 0 <= lowest and highest < num_classes and not lowest <= ignore_index <= highest:
-                labels_in_range = all_rows_kept = True
-            else:
-                kept_value, bad_value = torch.stack(
-                    [value.long() for value in label_status(labels_1d, num_classes,
-                                                            ignore_index)]).tolist()
-                if options.validate_labels and bad_value:
-                    raise_bad_labels(labels_1d, num_classes, ignore_index)
-                kept, labels_in_range = kept_value, not bad_value
+        if not syncing:   # host reads are free here: one read of both counts
+            kept, bad_value = torch.stack([value.long() for value in label_status(
+                labels_1d, num_classes, ignore_index)]).tolist()
+            if options.validate_labels and bad_value:
+                raise_bad_labels(labels_1d, num_classes, ignore_index)
         elif options.validate_labels or reduction == "batchmean":
             kept_tensor, bad = label_status(labels_1d, num_classes, ignore_index)
             kept = kept_tensor
@@ -149,8 +141,7 @@ def dense_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=Fa
     else:
         grad_scale = 1.0 / kept if kept > 0 else 1.0
     row_loss = kd_forward(student_rows, teacher_rows, labels_1d, options, grad=grad,
-                          grad_scale=grad_scale, labels_in_range=labels_in_range,
-                          all_rows_kept=all_rows_kept)
+                          grad_scale=grad_scale)
     if reduction == "none":
         loss = row_loss
     else:

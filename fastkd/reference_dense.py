@@ -117,7 +117,7 @@ def _row_chunks(student, teacher, grad):
 @torch.no_grad()
 def kd_dense_torch(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    labels: Optional[torch.Tensor], options, *, grad: Optional[torch.Tensor],
-                   grad_scale=1.0, **_hints) -> torch.Tensor:
+                   grad_scale=1.0) -> torch.Tensor:
     """Row losses ``(N,)`` float32 of ``(N, V)`` / ``(B, S, V)`` logits; fills ``grad`` (None,
     or the student's shape and dtype, possibly its own storage) with ``grad_scale *
     d row_loss / dz_s``. Ignored rows get loss 0 and a zero gradient; a kept label outside

@@ -381,13 +381,10 @@ def launch_config(num_classes, *, divergence, soft_weight, hard_weight, temperat
 
 
 def kd_forward_triton(student_logits, teacher_logits, labels, options, *, grad, grad_scale=1.0,
-                      labels_in_range=False, all_rows_kept=False, block_v=None,
-                      block_rows=None):
+                      block_v=None, block_rows=None):
     """Row losses ``(N,)`` float32 of the fused KD loss; fills ``grad`` (if not None) with
-    ``grad_scale * d row_loss / d student_logits``. Follows ``fastkd.dispatch.DenseBackend``
-    (``labels_in_range`` and ``all_rows_kept`` are accepted and unused: the kernel's own guard
-    costs nothing); ``block_v`` / ``block_rows`` (powers of two) override
-    :func:`block_settings`, for tests.
+    ``grad_scale * d row_loss / d student_logits``. Follows ``fastkd.dispatch.DenseBackend``;
+    ``block_v`` / ``block_rows`` (powers of two) override :func:`block_settings`, for tests.
     """
     _check_matrix("student_logits", student_logits)
     _check_matrix("teacher_logits", teacher_logits)

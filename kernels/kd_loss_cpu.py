@@ -51,8 +51,8 @@ library_path, last_work_bytes = _KERNEL.library_path, _KERNEL.last_work_bytes
 
 def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor], options, *, grad: Optional[torch.Tensor],
-                grad_scale=1.0, reduction: str = "none", validate_labels: bool = False,
-                **_hints) -> Optional[torch.Tensor]:
+                grad_scale=1.0, reduction: str = "none",
+                validate_labels: bool = False) -> Optional[torch.Tensor]:
     """The dense KD loss of CPU ``(N, V)`` / ``(B, S, V)`` rows (last-dim stride 1, float32 /
     float16 / bfloat16, read in place) in one call.
 
@@ -62,9 +62,7 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     ``grad_scale * d loss / dz_s``. ``reduction="none"`` returns the row losses ``(N,)``
     float32 (the backend contract); ``"sum"`` / ``"batchmean"`` the 0-d reduced loss, with the
     gradient of that reduction. A kept label outside ``[0, V)`` makes its row NaN, or with
-    ``validate_labels`` returns None before anything is written (the caller words the error).
-    The ``labels_in_range`` / ``all_rows_kept`` hints are not needed: the kernel checks every
-    label itself."""
+    ``validate_labels`` returns None before anything is written (the caller words the error)."""
     num_classes = student_logits.shape[-1]
     num_rows = student_logits.numel() // num_classes
     row_loss = torch.empty(num_rows, dtype=torch.float32)
