@@ -54,3 +54,22 @@ def write_jsonl(path, rows):
         for row in rows:
             handle.write(json.dumps(row) + "\n")
     return path
+
+
+def assert_import_matches_cache(imported, cached, absolute: float) -> None:
+    """A top-k import of served log-probabilities against ``fastkd cache --top-k`` of the same
+    model over the same tokens: the same rows, labels, data fingerprint and ids, ``lse = 0``
+    (``TopKLogits.from_logprobs``), and log-probabilities equal within the served values'
+    rounding (2^-11 relative, fp16) plus ``absolute``."""
+    assert torch.equal(imported.offsets, cached.offsets)
+    assert torch.equal(imported.labels, cached.labels)
+    assert imported.manifest["dataset"]["fingerprint"]["sha256"] == \
+        cached.manifest["dataset"]["fingerprint"]["sha256"]
+    for index in range(len(cached)):
+        got, want = imported[index], cached[index]
+        assert torch.equal(got.indices.long(), want.indices.long())
+        assert torch.equal(got.lse, torch.zeros_like(got.lse))
+        got_lp = got.values.float()
+        want_lp = want.values.float() - want.lse[:, None]
+        bound = 2 ** -11 * (got_lp.abs() + want.values.float().abs()) + absolute
+        assert ((got_lp - want_lp).abs() <= bound).all(), f"sample {index}"

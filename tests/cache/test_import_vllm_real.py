@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 import fastkd  # noqa: E402
+import hf_helpers  # noqa: E402
 from fastkd.cache import LogitCache, importer  # noqa: E402
 from fastkd.cache.importer import import_served, vllm_style_response  # noqa: E402
 from fastkd.cli import main as fastkd_main  # noqa: E402
@@ -74,17 +75,7 @@ def test_the_import_agrees_with_fastkd_cache_of_the_same_model(imported, tmp_pat
                         "--out", str(tmp_path / "cached"), "--top-k", str(K), "--quiet"]) == 0
     cached = LogitCache(tmp_path / "cached")
     assert cached.num_classes == imported.num_classes == VOCAB
-    assert torch.equal(imported.offsets, cached.offsets)
-    assert torch.equal(imported.labels, cached.labels)
-    assert imported.manifest["dataset"]["fingerprint"]["sha256"] == \
-        cached.manifest["dataset"]["fingerprint"]["sha256"]
-    for index in range(len(cached)):
-        got, want = imported[index], cached[index]
-        assert torch.equal(got.indices.long(), want.indices.long())
-        got_lp = got.values.float()
-        want_lp = want.values.float() - want.lse[:, None]
-        bound = 2 ** -11 * (got_lp.abs() + want.values.float().abs()) + ABSOLUTE
-        assert ((got_lp - want_lp).abs() <= bound).all()
+    hf_helpers.assert_import_matches_cache(imported, cached, absolute=ABSOLUTE)
     fastkd.CachedDataset(TokenDataset.from_spec(f"jsonl:{TOKENS}"), imported)
 
 
