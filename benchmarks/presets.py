@@ -9,7 +9,7 @@ from typing import Tuple
 
 from benchmarks.providers import PROVIDERS, SPARSE_PROVIDERS, LossCase, providers_for
 
-# The CPU fallback target from the issue: 2048 x 32000 fp32, forward+backward.
+# The CPU target: 2048 x 32000 fp32, forward+backward.
 CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target")
 # Classic KD vocabularies (CIFAR-10/100, ImageNet) where per-call overhead dominates (issue 13):
 # fastkd >= 1.5x the eager composition and >= 1x torch.compile, forward+backward.

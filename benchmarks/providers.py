@@ -2,7 +2,7 @@
 
 Providers (each a factory returning ``loss_fn(student_logits, teacher_logits, labels) -> loss``):
 
-- ``fastkd``: ``fastkd.kd_loss`` with ``backend="auto"`` (Triton on CUDA, fallback on CPU).
+- ``fastkd``: ``fastkd.kd_loss`` with ``backend="auto"`` (Triton on CUDA, the compiled C kernel on CPU).
 - ``eager``: the textbook composition
   ``sw * T^2 * kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, "batchmean")
   + hw * cross_entropy(s, y)``.

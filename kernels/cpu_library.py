@@ -2,8 +2,8 @@
 extensions (``fastkd.kernels._kd_loss_cpu``, ``fastkd.kernels._kd_sparse_cpu``) and the
 launchers load with ``ctypes`` (no Python headers, no libtorch ABI).
 
-``FASTKD_CPU_KERNEL=0`` turns every compiled kernel off (e.g. for an A/B against the ATen
-path); :meth:`CompiledFunction.unavailable_reason` says why a kernel is not used.
+``FASTKD_CPU_KERNEL=0`` turns every compiled kernel off (e.g. for an A/B against the PyTorch
+reference); :meth:`CompiledFunction.unavailable_reason` says why a kernel is not used.
 """
 import ctypes
 import importlib.machinery
@@ -13,12 +13,21 @@ from typing import Optional
 
 import torch
 
-__all__ = ["library_path", "CompiledFunction", "set_rows", "DTYPE_CODES", "REDUCTIONS"]
+__all__ = ["library_path", "CompiledFunction", "set_rows", "thread_count", "DTYPE_CODES",
+           "REDUCTIONS", "THREADED_ELEMENTS"]
 
 TURNED_OFF = ("0", "", "false", "no", "off")
 # the C kernels' codes of the float dtypes they read and write, and of the reductions
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
+# Calls of at least this many student elements split their rows over torch's intra-op threads
+# (the kernels' OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
+THREADED_ELEMENTS = 128 * 1024
+
+
+def thread_count(elements: int) -> int:
+    """Threads a kernel call over ``elements`` student elements runs on."""
+    return torch.get_num_threads() if elements >= THREADED_ELEMENTS else 1
 
 
 def library_path(name: str) -> Optional[str]:

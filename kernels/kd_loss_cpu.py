@@ -16,15 +16,13 @@ from typing import Optional
 
 import torch
 
-from fastkd.kernels.cpu_library import DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows
+from fastkd.kernels.cpu_library import (DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows,
+                                        thread_count)
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_loss_cpu", "last_work_bytes",
            "DTYPE_CODES"]
 
 DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "mse": 3}
-# Calls of at least this many elements split their rows over torch's intra-op threads (the
-# kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
-THREADED_ELEMENTS = 128 * 1024
 
 
 class KDArgs(ctypes.Structure):
@@ -85,8 +83,7 @@ def kd_loss_cpu(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     args.hard_weight, args.beta = options.hard_weight, options.beta
     args.grad_scale = float(grad_scale)
     args.divergence = DIVERGENCE_CODES[options.divergence]
-    args.num_threads = torch.get_num_threads() if num_rows * num_classes >= THREADED_ELEMENTS \
-        else 1
+    args.num_threads = thread_count(num_rows * num_classes)
     args.reduction = REDUCTIONS[reduction]
     args.refuse_bad_labels = bool(validate_labels)
     status = _KERNEL(args)

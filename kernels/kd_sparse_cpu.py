@@ -1,7 +1,7 @@
 """Launcher of the compiled CPU kernel of the sparse-teacher KD loss (``kernels/kd_sparse_cpu.c``).
 
 Built at install time (an optional extension) and loaded as the dense CPU kernel is
-(``kernels/kd_loss_cpu.py``); where it was not built, the ATen path of
+(``kernels/kd_loss_cpu.py``); where it was not built, the PyTorch reference
 ``fastkd/reference_sparse.py`` runs. One call takes one ``SparseCall`` struct.
 
 ``fastkd.dispatch`` hands out :func:`kd_sparse_cpu` for CPU rows when :func:`available`.
@@ -12,7 +12,8 @@ import ctypes
 
 import torch
 
-from fastkd.kernels.cpu_library import DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows
+from fastkd.kernels.cpu_library import (DTYPE_CODES, REDUCTIONS, CompiledFunction, set_rows,
+                                        thread_count)
 
 __all__ = ["available", "unavailable_reason", "library_path", "kd_sparse_cpu",
            "kd_sparse_rows_cpu", "last_work_bytes", "REFUSED"]
@@ -24,9 +25,6 @@ _DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _TAIL_CODES = {"bucket": 0, "renormalize": 1, "ignore": 2}
 _LABELS_TENSOR, _LABELS_TEACHER = 1, 2   # 0: no labels
 REFUSED = "refused"   # kd_sparse_rows_cpu's status when a data check may fail
-# Calls of at least this many student elements split their rows over torch's intra-op threads
-# (the kernel's OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
-THREADED_ELEMENTS = 128 * 1024
 
 
 class SparseCall(ctypes.Structure):
@@ -118,8 +116,7 @@ def kd_sparse_rows_cpu(student_logits, indices, values, lse, counts, labels, opt
     call.grad_scale = float(grad_scale)
     call.divergence = _DIVERGENCE_CODES[options.divergence]
     call.tail = _TAIL_CODES[options.tail]
-    call.num_threads = (torch.get_num_threads()
-                        if num_rows * num_classes >= THREADED_ELEMENTS else 1)
+    call.num_threads = thread_count(num_rows * num_classes)
     call.reduction = REDUCTIONS[reduction]
     call.check_values = bool(check_values)
     if mass_temperature is not None and counts is None:

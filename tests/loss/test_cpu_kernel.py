@@ -16,7 +16,7 @@ import torch
 
 import fastkd
 import fastkd.dispatch as dispatch
-from fastkd.kernels import kd_loss_cpu
+from fastkd.kernels import cpu_library, kd_loss_cpu
 from fastkd.options import LossOptions
 from reference import reference_kd_loss, reference_row_losses
 
@@ -226,9 +226,9 @@ def test_both_weights_zero_is_zero_whatever_the_inputs():
 def test_threads_give_the_one_thread_result(monkeypatch):
     """Rows split over torch's threads give bit for bit the one-thread result."""
     student, teacher, labels = make_inputs(301, 257)
-    monkeypatch.setattr(kd_loss_cpu, "THREADED_ELEMENTS", 1 << 62)
+    monkeypatch.setattr(cpu_library, "THREADED_ELEMENTS", 1 << 62)
     one_rows, one_grad = kernel(student, teacher, labels)
-    monkeypatch.setattr(kd_loss_cpu, "THREADED_ELEMENTS", 1)
+    monkeypatch.setattr(cpu_library, "THREADED_ELEMENTS", 1)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -244,7 +244,7 @@ def test_turned_off_by_environment():
     ATen path's numbers."""
     script = textwrap.dedent("""
         import torch, fastkd
-        from fastkd.kernels import kd_loss_cpu
+        from fastkd.kernels import cpu_library, kd_loss_cpu
         assert not kd_loss_cpu.available()
         print(kd_loss_cpu.unavailable_reason())
         student = torch.randn(4, 10, requires_grad=True)
