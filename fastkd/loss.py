@@ -30,6 +30,7 @@ from fastkd.autograd import Family, PendingLabelCheck, register_family, run_loss
 from fastkd.checks import check_labels, check_logits, label_status, raise_bad_labels
 from fastkd.dispatch import dispatch
 from fastkd.options import LossOptions
+from fastkd.rows import row_views
 from fastkd.sparse_loss import sparse_kd_loss
 from fastkd.targets import SPARSE_TARGETS
 
@@ -49,45 +50,6 @@ def _check_tensors(student_logits, teacher_logits, labels):
             "student_logits and teacher_logits must be on the same device; got "
             f"{student_logits.device} and {teacher_logits.device}")
     check_labels(labels, student_logits.shape[:-1], student_logits.device)
-
-
-# ----------------------------------------------------------------------------- row views
-def _merged_leading_dims(shape, *strides):
-    """Merge adjacent leading dims that collapse into one strided dim in every tensor; returns
-    the merged sizes (dims of size 1 dropped)."""
-    sizes, inner_strides = [], []
-    for dim, size in enumerate(shape):
-        if size == 1:
-            continue
-        dim_strides = [stride[dim] for stride in strides]
-        if sizes and all(outer == size * inner for outer, inner in zip(inner_strides, dim_strides)):
-            sizes[-1] *= size
-        else:
-            sizes.append(size)
-        inner_strides = dim_strides
-    return sizes
-
-
-def _row_views(student_logits, teacher_logits):
-    """(student, teacher) as (N, V) or (B, S, V) views of the same memory (no copy) when the
-    last dim has stride 1 and the leading dims merge into at most two strided dims; otherwise
-    a copy (rare: e.g. a transposed last dim, or three separately sliced leading dims)."""
-    num_classes = student_logits.shape[-1]
-    if student_logits.stride(-1) != 1 and num_classes > 1:
-        student_logits = student_logits.contiguous()
-    if teacher_logits.stride(-1) != 1 and num_classes > 1:
-        teacher_logits = teacher_logits.contiguous()
-    leading = student_logits.shape[:-1]
-    if student_logits.dim() == 2:
-        return student_logits, teacher_logits
-    sizes = _merged_leading_dims(leading, student_logits.stride()[:-1],
-                                 teacher_logits.stride()[:-1])
-    if student_logits.numel() == 0 or len(sizes) <= 1:
-        return student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes)
-    if len(sizes) == 2:
-        return (student_logits.view(sizes[0], sizes[1], num_classes),
-                teacher_logits.view(sizes[0], sizes[1], num_classes))
-    return student_logits.reshape(-1, num_classes), teacher_logits.reshape(-1, num_classes)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -209,7 +171,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits,
         divergence=divergence, beta=beta, ignore_index=ignore_index, reduction=reduction,
         backend=backend, tail=tail, labels=labels, device=student_logits.device,
         validate_labels=validate_labels)
-    student_rows, teacher_rows = _row_views(student_logits, teacher_logits.detach())
+    student_rows, teacher_rows = row_views(student_logits, teacher_logits.detach())
     labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
     loss = run_loss("dense", (student_rows, teacher_rows, None, None, None, labels_1d), options,
                     requires_grad=student_logits.requires_grad, grad_inplace=grad_inplace,

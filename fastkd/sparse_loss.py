@@ -31,6 +31,7 @@ from fastkd.checks import (check_labels, check_logits, check_sparse_options,
                            check_sparse_values)
 from fastkd.dispatch import dispatch
 from fastkd.options import LossOptions
+from fastkd.rows import row_views
 from fastkd.targets import SampledTargets, check_sparse_target
 
 __all__ = ["sparse_kd_loss", "sparse_forward"]
@@ -83,26 +84,6 @@ def sparse_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=F
 register_family("sparse", Family(sparse_forward, LossOptions))
 
 
-def _student_rows(student_logits):
-    """The student as (N, V) rows, or as (B, S, V) when its leading dims do not merge into one
-    (e.g. a ``logits[:, :-1]`` view): a view either way (the CPU kernel reads it in place; the
-    other backends flatten it), a copy only for a last dim of stride != 1 or leading dims that
-    merge into neither."""
-    num_classes = student_logits.shape[-1]
-    if student_logits.stride(-1) != 1 and num_classes > 1:
-        student_logits = student_logits.contiguous()
-    if student_logits.dim() >= 2:
-        try:
-            return student_logits.view(-1, num_classes)
-        except RuntimeError:
-            pass
-        try:
-            return student_logits.view(-1, student_logits.shape[-2], num_classes)
-        except RuntimeError:
-            pass
-    return student_logits.reshape(-1, num_classes)
-
-
 def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_weight,
                    hard_weight, divergence, beta, ignore_index, reduction, backend,
                    grad_inplace):
@@ -124,7 +105,7 @@ def sparse_kd_loss(student_logits, teacher, labels, *, tail, temperature, soft_w
     parts = (rows(teacher.indices), None, None, rows(teacher.counts)) if sampled else \
         (rows(teacher.indices), rows(teacher.values), rows(teacher.lse, (-1,)), None)
     labels_1d = labels.reshape(-1) if isinstance(labels, torch.Tensor) else None
-    loss = run_loss("sparse", (_student_rows(student_logits),) + parts + (labels_1d,), options,
+    loss = run_loss("sparse", row_views(student_logits) + parts + (labels_1d,), options,
                     requires_grad=student_logits.requires_grad, grad_inplace=grad_inplace,
                     student_logits=student_logits,
                     part_names=tuple("teacher_logits." + name
