@@ -24,7 +24,13 @@ during the step above what was allocated before (CPU: torch's allocator peak plu
 ``kernel_work_bytes``, the row buffers fastkd's C kernel mallocs, which torch never sees; CUDA:
 ``max_memory_allocated``); ``peak_extra_buffers`` is that over one ``tokens x V`` float32 buffer.
 The step's time is recorded with the machine's load average: on a shared machine it is noisy.
-A variant that cannot run (Liger's Triton kernels on a CPU) records its error instead.
+A variant that cannot run records its error instead.
+
+On a CPU the ``*-liger`` variants run Liger-Kernel's Triton kernels in Triton's interpreter
+(``TRITON_INTERPRET=1``). The interpreter works on the tensors in place and keeps a kernel's
+block temporaries in numpy, so torch's allocator sees what ``max_memory_allocated`` sees on a
+GPU: the tensors Liger's launchers and the model allocate. The step time of those rows is the
+interpreter's and means nothing.
 """
 import argparse
 import datetime
@@ -66,6 +72,30 @@ def _tokenizer():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.byte_tokenizer()
+
+
+def _liger_in_triton_interpreter():
+    """Bridges two gaps of Triton's interpreter that Liger-Kernel's kernels hit: a ``float``
+    launch argument stays a Python float (compiled Triton passes an fp32 scalar, on which the
+    RMSNorm kernel calls ``.to``), and ``libdevice.rsqrt`` imported by name is not replaced by
+    the interpreter's version (it replaces the attribute of ``triton.language.math``, so the name
+    is pointed at that)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+    import liger_kernel.ops.rms_norm as liger_rms_norm
+    if getattr(interpreter, "_implicit_cvt", None) is None:
+        raise RuntimeError("this Triton's interpreter has no _implicit_cvt to extend")
+    convert = interpreter._implicit_cvt
+
+    def convert_float_too(arg):
+        if isinstance(arg, float):
+            handle = interpreter.TensorHandle(np.array([arg], dtype=np.float32), tl.float32)
+            return tl.tensor(handle, tl.float32)
+        return convert(arg)
+
+    interpreter._implicit_cvt = convert_float_too
+    liger_rms_norm.rsqrt = lambda x: tl.math.rsqrt(x)
 
 
 def _trainer(variant, student, teacher, device, output_dir):
@@ -112,6 +142,11 @@ def measure(variant, *, vocab, hidden, tokens, device):
     import tempfile
     import transformers
     transformers.logging.set_verbosity_error()
+    if variant.endswith("-liger") and device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("Liger-Kernel on a CPU needs TRITON_INTERPRET=1 before triton "
+                               "is imported (run_variant sets it)")
+        _liger_in_triton_interpreter()
     student, teacher = _models(vocab, hidden)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = _trainer(variant, student.to(device), teacher.to(device), device, output_dir)
@@ -161,6 +196,8 @@ def run_variant(variant, args):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                        os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
+    if variant.endswith("-liger") and args.device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=args.timeout)
     lines = result.stdout.strip().splitlines()
@@ -184,7 +221,10 @@ def _markdown(results, env, args):
              "held before, plus (CPU) the C kernel's row buffers; in float32 logits buffers of "
              "tokens x V "
              f"({args.tokens * args.vocab * 4 / 2**20:.0f} MiB). Load = 1-minute load "
-             "average when the variant ran (times are noisy on a shared machine).", "",
+             "average when the variant ran (times are noisy on a shared machine)." +
+             (" The `*-liger` rows ran Liger-Kernel's Triton kernels in Triton's interpreter: "
+              "their memory is what the allocator holds, as on a GPU; their step time is the "
+              "interpreter's." if args.device == "cpu" else ""), "",
              "| variant | peak extra (MiB) | in logits buffers | of which C kernel (KiB) | "
              "step (s) | load | loss |", "|---|---|---|---|---|---|---|"]
     for r in results:

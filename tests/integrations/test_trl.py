@@ -474,6 +474,19 @@ def test_memory_benchmark_smoke():
     assert fast["kernel_work_bytes"] < fast["peak_extra_bytes"] < trl_allocator
 
 
+def test_memory_benchmark_runs_liger_in_the_interpreter():
+    """Where liger-kernel is installed, the benchmark's TRL + Liger variant runs on a CPU (its
+    Triton kernels in the interpreter, in a subprocess) and gives TRL's loss on the same job."""
+    pytest.importorskip("liger_kernel")
+    import argparse
+    from benchmarks.trl_memory import run_variant
+    args = argparse.Namespace(vocab=512, hidden=32, tokens=64, device="cpu", timeout=300)
+    liger, default = run_variant("gkd-trl-liger", args), run_variant("gkd-trl", args)
+    assert "error" not in liger, liger
+    assert liger["loss"] == pytest.approx(default["loss"], rel=1e-5)
+    assert 0 < liger["peak_extra_bytes"]
+
+
 def test_missing_trl_is_one_sentence_and_core_never_imports_it():
     code = ("import sys\n"
             "import fastkd, fastkd.linear, fastkd.loss\n"
