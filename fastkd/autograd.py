@@ -23,7 +23,7 @@ import torch
 from fastkd.checks import check_inplace_target, raise_bad_labels
 
 __all__ = ["Family", "register_family", "run_loss", "PendingLabelCheck", "SYNCING_DEVICES",
-           "syncs", "scale_grad"]
+           "syncs", "scale_grads"]
 
 # Device types on which reading a value back to the host stalls the device queue (tests add
 # "cpu" here to run the deferred, sync-free code paths without a GPU).
@@ -78,30 +78,42 @@ class PendingLabelCheck:
             raise_bad_labels(self.labels, self.num_classes, self.ignore_index)
 
 
-def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool,
-               pending: Optional[PendingLabelCheck] = None,
-               in_place: bool = False) -> torch.Tensor:
-    """``grad * grad_output``. A scalar ``grad_output`` of exactly 1 hands ``grad`` over as is
-    (no pass, no allocation); that needs its value on the host, read together with a pending
-    label check in one transfer. ``in_place`` (the sync-free mode) scales without reading it."""
+def _host_value(grad_output: torch.Tensor,
+                pending: Optional[PendingLabelCheck]) -> float:
+    """A scalar ``grad_output``'s value on the host. A pending label check is read in the same
+    transfer (NaN stands for a bad label; a second read then tells which) and raised."""
+    if pending is None:
+        return grad_output.item()
+    value = torch.where(pending.bad, float("nan"),
+                        grad_output.detach().float().reshape(())).item()
+    if value != value:
+        pending.raise_if_bad(bool(pending.bad))
+    return value
+
+
+def scale_grads(grads, grad_output: torch.Tensor, per_row: bool,
+                pending: Optional[PendingLabelCheck] = None, in_place: bool = False) -> tuple:
+    """The saved gradients (None stays None) times ``grad_output``.
+
+    Per-row losses: the first gradient row by row (the others are never per-row; a family
+    whose other gradients depend on the rows' weights makes them in a second pass). A scalar
+    ``grad_output`` is read to the host once for all of them, and a value of exactly 1 hands
+    the gradients over as they are (no pass, no allocation). ``in_place`` (the sync-free
+    mode) scales them in place without reading it."""
     if per_row:
-        scale = grad_output.to(grad.dtype).reshape(grad.shape[:-1] + (1,))
         if pending is not None:
             pending.raise_if_bad(bool(pending.bad))
-        return grad.mul_(scale) if in_place else grad * scale
+        first = grads[0]
+        if first is not None:
+            scale = grad_output.to(first.dtype).reshape(first.shape[:-1] + (1,))
+            first = first.mul_(scale) if in_place else first * scale
+        return (first,) + tuple(grads[1:])
     if in_place and pending is None:
-        return grad.mul_(grad_output.to(grad.dtype))
-    if pending is not None:
-        # one read: grad_output, or NaN when a label was bad (a second read then tells which)
-        output_value = torch.where(pending.bad, float("nan"),
-                                   grad_output.detach().float().reshape(())).item()
-        if output_value != output_value:
-            pending.raise_if_bad(bool(pending.bad))
-    else:
-        output_value = grad_output.item()
-    if output_value == 1.0:
-        return grad
-    return grad * grad_output.to(grad.dtype)
+        return tuple(None if grad is None else grad.mul_(grad_output.to(grad.dtype))
+                     for grad in grads)
+    if _host_value(grad_output, pending) == 1.0:
+        return tuple(grads)
+    return tuple(None if grad is None else grad * grad_output.to(grad.dtype) for grad in grads)
 
 
 def _second_pass_needed(options) -> bool:
@@ -109,14 +121,11 @@ def _second_pass_needed(options) -> bool:
 
 
 def _scaled_grads(grads, grad_output, per_row, pending=None, in_place=False, second=None):
-    """Backward's gradients of the first three inputs: the saved ones scaled by ``grad_output``
-    (input 0 per row for per-row losses), or inputs 1 and 2 from ``second()``."""
-    first = grads[0] if grads[0] is None else scale_grad(grads[0], grad_output, per_row,
-                                                         pending, in_place)
+    """Backward's gradients of the first three inputs: the saved ones scaled by ``grad_output``,
+    or inputs 1 and 2 from ``second()``."""
     if second is not None:
-        return (first,) + tuple(second())
-    return (first,) + tuple(None if grad is None else scale_grad(grad, grad_output, False)
-                            for grad in grads[1:])
+        return scale_grads(grads[:1], grad_output, per_row, pending, in_place) + tuple(second())
+    return scale_grads(grads, grad_output, per_row, pending, in_place)
 
 
 class _GradInForward(torch.autograd.Function):

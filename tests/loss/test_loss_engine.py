@@ -310,6 +310,28 @@ def test_sync_free_backward_scales_by_grad_output(backend, cpu_counts_as_device)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
 
 
+def test_fused_linear_step_reads_grad_output_once(cpu_counts_as_device):
+    """A fused linear step whose hidden states, weight and bias all want gradients reads the
+    device once in backward (grad_output and the deferred label check together), not once per
+    gradient, and scales all three by grad_output."""
+    from fastkd import linear_kd_loss
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(6, 5, generator=generator).requires_grad_()
+    weight = torch.randn(16, 5, generator=generator).requires_grad_()
+    bias = torch.randn(16, generator=generator).requires_grad_()
+    teacher = torch.randn(6, 16, generator=generator)
+    labels = torch.randint(0, 16, (6,), generator=generator)
+    loss = linear_kd_loss(hidden, weight, teacher, labels, student_bias=bias, temperature=2.0)
+    with CountSyncs() as counter:
+        grads = torch.autograd.grad(loss * 2.5, (hidden, weight, bias))
+    assert counter.count == 1
+    inputs = [tensor.detach().double().requires_grad_() for tensor in (hidden, weight, bias)]
+    logits = inputs[0] @ inputs[1].T + inputs[2]
+    expected = reference_kd_loss(logits, teacher.double(), labels, temperature=2.0) * 2.5
+    for grad, want in zip(grads, torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(grad.double(), want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- first call
 FIRST_CALL_PROBE = textwrap.dedent("""
     import json, sys, time
