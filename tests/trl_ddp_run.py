@@ -88,15 +88,15 @@ def fsdp2_check():
     for layer in student.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(student, mesh=mesh)
-    trainer = types.SimpleNamespace(beta=0.5, chunk_budget_bytes=None, teacher_model=teacher,
-                                    accelerator=types.SimpleNamespace(unwrap_model=lambda m: m))
-    trainer._fused_loss = types.MethodType(fastkd.trl.GKDTrainer._fused_loss, trainer)
+    # the trainer's loss alone: no Trainer set-up (it would wrap the sharded student)
+    trainer = object.__new__(fastkd.trl.GKDTrainer)
+    trainer.beta, trainer.chunk_budget_bytes, trainer.teacher_model = 0.5, None, teacher
+    trainer.accelerator = types.SimpleNamespace(unwrap_model=lambda model: model)
     batch = T.gkd_collate(T.gkd_rows(4, seed=1 + dist.get_rank()))
     items = torch.tensor(20.0)
     losses = []
     for model in (student, reference):
-        loss = fastkd.trl.GKDTrainer.compute_loss(trainer, model, dict(batch),
-                                                  num_items_in_batch=items)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
         loss.backward()
         losses.append(float(loss))
     grad_diff = scale = 0.0
