@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import cache_helpers
-import fastkd
 from fastkd.cache import CachedDataset, LogitCache, collate_padded
 from fastkd.cache import manifest as fmt
 from fastkd.cli import main as fastkd_main

@@ -7,7 +7,6 @@ Each test starts from a valid cache built by the factory below (once per module)
 copy of it one way. Edits that keep the manifest's own checksum valid go through
 ``resign`` (the manifest checksum is not a signature: anyone can recompute it).
 """
-import json
 import os
 import pickle
 import shutil
