@@ -6,7 +6,6 @@ test_dense_grid.py runs the backend-wide grid through this kernel too (its ``bac
 fixture), beside the PyTorch reference with the kernel turned off and Triton.
 """
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -20,9 +19,8 @@ from fastkd.kernels import cpu_library, kd_loss_cpu
 from fastkd.options import LossOptions
 from reference import reference_kd_loss, reference_row_losses
 
-# A C compiler was there at install time wherever one is here (CI installs in this machine's
-# image); without one the kernel is legitimately absent and these tests are skipped.
-HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+# Without a C compiler at install time the kernel is legitimately absent and these tests are
+# skipped; tests/test_install.py checks that it is built wherever a compiler is.
 pytestmark = pytest.mark.skipif(
     not kd_loss_cpu.available(),
     reason=f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")
@@ -68,13 +66,6 @@ def make_inputs(rows, classes, dtype=torch.float32, seed=0, scale=3.0):
     labels = torch.randint(0, classes, (rows,), generator=generator)
     labels[1::4] = -100
     return student, teacher, labels
-
-
-def test_built_where_a_compiler_is():
-    """The kernel is not silently missing: where a C compiler exists the install built it."""
-    if not HAS_COMPILER:
-        pytest.skip("no C compiler on this machine")
-    assert kd_loss_cpu.available(), kd_loss_cpu.unavailable_reason()
 
 
 # ----------------------------------------------------------------------------- reference grid
