@@ -101,6 +101,7 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
     const int separate_ce = hard && stats && !shares;
     const float scale = stats ? (float)(LOG2E * inv_temp) : LOG2E;
     const int64_t num_chunks = (padded + CHUNK - 1) / CHUNK;
+    const int64_t student_bytes = call->student_dtype == DTYPE_FLOAT32 ? 4 : 2;
     float max_z = 0.0f;
     double sum_e = 0.0, sum_ce = 0.0;
     if (reads_row) {
@@ -145,7 +146,11 @@ INLINE float sparse_row(const SparseCall *call, const Slice *slice, int64_t row,
             const float shift = running == -INFINITY ? 0.0f : running;
             shifts[c] = running;   /* -inf: the chunk's values are all 0 */
             const vfloat vshift = splat(shift);
+            /* the next chunk's bytes are fetched while this one is exponentiated, so that the
+             * memory reads overlap the arithmetic (one prefetch per vector, within the row) */
             for (int64_t j = first; j < end; j += VEC) {
+                if (j + CHUNK < num_classes)
+                    __builtin_prefetch(student_in + (j + CHUNK) * student_bytes);
                 vfloat z = *(vfloat *)(buffer + j);
                 vfloat e = vexp2((z - vshift) * vscale);
                 *(vfloat *)(buffer + j) = e;
