@@ -153,6 +153,14 @@ class _GradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if ctx.scale_in_place:
+            if getattr(ctx, "scaled", False):
+                raise RuntimeError(
+                    "this fastkd loss was already backpropagated: with validate_labels=False on "
+                    "a GPU its backward scales the saved gradient in place, so it runs once "
+                    "(retain_graph=True cannot repeat it); compute the loss again, or keep "
+                    "validate_labels=True")
+            ctx.scaled = True
         saved = ctx.saved_tensors
         second = (lambda: ctx.family.second_pass(saved[3:], ctx.options, grad_output)) \
             if ctx.second else None

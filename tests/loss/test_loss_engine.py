@@ -310,6 +310,22 @@ def test_sync_free_backward_scales_by_grad_output(backend, cpu_counts_as_device)
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-7)
 
 
+def test_sync_free_backward_refuses_a_second_pass_clearly(cpu_counts_as_device):
+    """The sync-free backward scales the saved gradient in place: a second backward through
+    the same graph (retain_graph=True) is refused by name, never run on scaled values; with
+    validate_labels=True it repeats exactly."""
+    student, teacher, labels = _sync_inputs()
+    loss = kd_loss(student, teacher, labels, temperature=2.0, validate_labels=False)
+    (loss * 2.0).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated.*validate_labels=True"):
+        (loss * 2.0).backward()
+    student.grad = None
+    loss = kd_loss(student, teacher, labels, temperature=2.0)
+    first, = torch.autograd.grad(loss * 2.0, student, retain_graph=True)
+    second, = torch.autograd.grad(loss * 2.0, student)
+    assert torch.equal(first, second)
+
+
 def test_fused_linear_step_reads_grad_output_once(cpu_counts_as_device):
     """A fused linear step whose hidden states, weight and bias all want gradients reads the
     device once in backward (grad_output and the deferred label check together), not once per
