@@ -18,7 +18,8 @@ CPU_KERNEL = Extension(
     sources=["kernels/kd_loss_cpu.c"],
     depends=["kernels/kd_loss_cpu_math.h"],
     # -O3 for the vector loops; no -ffast-math (NaN, inf and -inf handling is part of the
-    # contract); the AVX2 + FMA copy of the row code is chosen at run time (target_clones)
+    # contract); the AVX-512, AVX2 + FMA or baseline copy of the row code is chosen at run
+    # time (target_clones; tests/cpu_isas.py builds and tests each copy on its own)
     extra_compile_args=["-O3", "-std=gnu11", "-Wno-psabi", "-fno-math-errno"],
     extra_link_args=[],
     optional=True,

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 __all__ = ["library_path", "CompiledFunction", "set_rows", "thread_count", "DTYPE_CODES",
-           "REDUCTIONS", "THREADED_ELEMENTS"]
+           "REDUCTIONS", "THREADED_ELEMENTS", "reload_all"]
 
 TURNED_OFF = ("0", "", "false", "no", "off")
 # the C kernels' codes of the float dtypes they read and write, and of the reductions
@@ -23,6 +23,7 @@ REDUCTIONS = {"none": 0, "sum": 1, "batchmean": 2}
 # Calls of at least this many student elements split their rows over torch's intra-op threads
 # (the kernels' OpenMP region runs on torch's own pool); smaller ones stay on the calling thread.
 THREADED_ELEMENTS = 128 * 1024
+COMPILED_FUNCTIONS = []   # every CompiledFunction made, for reload_all
 
 
 def thread_count(elements: int) -> int:
@@ -47,6 +48,13 @@ def library_path(name: str) -> Optional[str]:
     return None
 
 
+def reload_all() -> None:
+    """Look every compiled kernel up again on its next use (``library_path`` is read then: the
+    tests point it at libraries built for one instruction set each)."""
+    for kernel in COMPILED_FUNCTIONS:
+        kernel.reload()
+
+
 class CompiledFunction:
     """One C function ``int symbol(struct *)`` of a compiled kernel library, opened on first
     use; ``struct`` is its argument's ctypes Structure (with an ``int64 work_bytes`` field the
@@ -56,6 +64,11 @@ class CompiledFunction:
         self.library, self.symbol, self.what, self.struct = library, symbol, what, struct
         self._loaded = None   # (function or None, reason or None), once looked up
         self._work_bytes = 0
+        COMPILED_FUNCTIONS.append(self)
+
+    def reload(self) -> None:
+        """Look the library up again on the next use."""
+        self._loaded = None
 
     def _load(self):
         if os.environ.get("FASTKD_CPU_KERNEL", "1") in TURNED_OFF:

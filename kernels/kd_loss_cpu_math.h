@@ -15,13 +15,17 @@
 typedef float vfloat __attribute__((vector_size(VEC * 4)));
 typedef int32_t vint __attribute__((vector_size(VEC * 4)));
 
-/* x86-64: one copy of the row code for AVX2 + FMA machines (x86-64-v3), one for the baseline
+/* x86-64: one copy of the row code for AVX-512 machines (x86-64-v4: the same 8-lane code, with
+ * AVX-512VL's instructions and registers), one for AVX2 + FMA (x86-64-v3), one for the baseline
  * (SSE2); the loader picks at run time (GCC's target_clones, an ifunc). Elsewhere: the
- * compiler's default. */
+ * compiler's default. -DROW_TARGETS= builds one copy for the -march given (the tests build
+ * each that this machine runs). */
+#ifndef ROW_TARGETS
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define ROW_TARGETS __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define ROW_TARGETS __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ROW_TARGETS
+#endif
 #endif
 #define INLINE static inline __attribute__((always_inline))
 

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from cpu_isas import level_builds  # noqa: E402,F401  (the fixture, for every test module)
+
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -1,6 +1,7 @@
 """The dense loss against the float64 reference (tests/reference.py), value and gradient, on every
 backend present: the compiled CPU kernel (kernels/kd_loss_cpu.c, ``backend="torch"`` on CPU
-wherever it is built), the plain PyTorch reference with that kernel turned off
+wherever it is built; the installed library and each x86-64 level's copy of its row code built
+alone, tests/cpu_isas.py), the plain PyTorch reference with that kernel turned off
 (fastkd/reference_dense.py, ``backend="torch"`` on a GPU and on installs without a C compiler)
 and Triton (kernels/kd_loss.py, on CUDA or in Triton's CPU interpreter).
 
@@ -17,6 +18,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
+import cpu_isas
 import fastkd
 import fastkd.dispatch as dispatch
 import fastkd.reference_dense as reference_dense
@@ -45,7 +47,8 @@ DIVERGENCE_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("js
                     ("jsd", 0.5), ("jsd", 1.0), ("mse", 0.5)]
 REDUCTIONS = ("batchmean", "sum", "none")
 LABEL_KINDS = ("none", "tensor", "teacher")
-BACKENDS = ("cpu-kernel", "reference", "triton")
+BACKENDS = ("cpu-kernel", "reference", "triton") + tuple(f"cpu-kernel-{level}"
+                                                      for level in cpu_isas.LEVELS)
 
 
 class Backend(NamedTuple):
@@ -54,12 +57,16 @@ class Backend(NamedTuple):
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch, kernel_device):
-    """Every test here runs on each dense path: the compiled CPU kernel, the PyTorch reference
-    with the kernel turned off, and Triton (inputs on the kernel device)."""
+def backend(request, monkeypatch, kernel_device, level_builds):
+    """Every test here runs on each dense path: the compiled CPU kernel (as installed, and each
+    x86-64 level's row code alone), the PyTorch reference with the kernel turned off, and
+    Triton (inputs on the kernel device)."""
     if request.param == "triton":
         return Backend("triton", kernel_device)
-    if request.param == "cpu-kernel":
+    if request.param.startswith("cpu-kernel-"):
+        cpu_isas.use_level(request.param[len("cpu-kernel-"):], level_builds, monkeypatch,
+                           request)
+    if request.param.startswith("cpu-kernel"):
         if dispatch.compiled_kernel("dense") is None:
             from fastkd.kernels import kd_loss_cpu
             pytest.skip(f"CPU kernel unavailable: {kd_loss_cpu.unavailable_reason()}")

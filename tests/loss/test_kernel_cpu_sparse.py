@@ -15,6 +15,7 @@ import textwrap
 import pytest
 import torch
 
+import cpu_isas
 from fastkd import SampledTargets, TopKLogits, dispatch, kd_loss
 from fastkd.kernels import cpu_library
 from fastkd.options import LossOptions
@@ -30,8 +31,12 @@ COMBOS = [(divergence, beta, tail) for tail in ("bucket", "renormalize")
 COMBOS.append(("forward_kl", 0.5, "ignore"))
 
 
-@pytest.fixture(autouse=True)
-def kernel():
+@pytest.fixture(autouse=True, params=("installed",) + cpu_isas.LEVELS)
+def kernel(request, level_builds, monkeypatch):
+    """Each test runs on the installed kernel and on each x86-64 level's row code built alone
+    (tests/cpu_isas.py)."""
+    if request.param != "installed":
+        cpu_isas.use_level(request.param, level_builds, monkeypatch, request)
     if dispatch.compiled_kernel("sparse") is None:
         from fastkd.kernels import kd_sparse_cpu
         pytest.skip(f"sparse CPU kernel unavailable: {kd_sparse_cpu.unavailable_reason()}")
