@@ -12,7 +12,9 @@ compiles every kernel specialization and records registers, spills and shared me
 (``kernel_resources.json``), then runs the ``full`` preset with every provider and writes the
 results folder, whose goals table then has every GPU row filled, and last the fused linear + KD
 preset ``linear-gpu`` (``benchmarks/linear.py``: 8192 x 4096 x 128256 bf16 against Liger's
-chunked and Triton fused-linear losses) into the same folder.
+chunked and Triton fused-linear losses) into the same folder, and one TRL distillation step's
+peak memory (``benchmarks/trl_memory.py``: fastkd.trl against TRL and TRL + Liger) into its
+``trl/`` subfolder.
 
 Runs the pytest-benchmark suite in ``benchmarks/`` (a subprocess), keeps its raw JSON as
 ``pytest-benchmark.json``, and writes ``results.json``, ``results.md`` and the PNG plots.
@@ -139,7 +141,12 @@ def gpu_check(args: argparse.Namespace) -> int:
                              "--device", "cuda", "--out", str(out_dir)], cwd=REPO_ROOT, env=env,
                             capture_output=True, text=True)
     print(linear.stdout[-3000:], linear.stderr[-2000:], flush=True)
-    return max(code, tests.returncode != 0, aot.returncode != 0, linear.returncode != 0)
+    trl_memory = subprocess.run([sys.executable, "-m", "benchmarks.trl_memory", "--device",
+                                 "cuda", "--out", str(out_dir / "trl")], cwd=REPO_ROOT, env=env,
+                                capture_output=True, text=True)
+    print(trl_memory.stdout[-3000:], trl_memory.stderr[-2000:], flush=True)
+    return max(code, tests.returncode != 0, aot.returncode != 0, linear.returncode != 0,
+               trl_memory.returncode != 0)
 
 
 def build_parser(parser: argparse.ArgumentParser = None) -> argparse.ArgumentParser:
