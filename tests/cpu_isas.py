@@ -6,6 +6,7 @@ one it picks for this machine. The kernel tests also run each copy this machine 
 built here on its own (``-march=<level> -DROW_TARGETS=``) and loaded in place of the installed
 library through ``fastkd.kernels.cpu_library.library_path``.
 """
+import functools
 import importlib.machinery
 import os
 import platform
@@ -38,6 +39,7 @@ def _cpu_flags():
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def skip_reason(level):
     """Why ``level`` cannot be built and run here, or None."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
@@ -47,6 +49,10 @@ def skip_reason(level):
     flags = _cpu_flags()
     if flags is None or not FLAGS[level] <= flags:
         return f"this CPU does not run {level}"
+    accepted = subprocess.run(["gcc", f"-march={level}", "-E", "-x", "c", os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    if accepted.returncode != 0:   # GCC before 11 has no x86-64-vN names
+        return f"this gcc does not know -march={level}"
     return None
 
 
