@@ -1,5 +1,5 @@
-"""Shared inputs of the sparse-teacher tests (tests/test_sparse*.py): top-k targets with their
-exact lse, the ``backend`` fixture (every sparse path), and the check of kd_loss's loss and
+"""Shared inputs of the sparse-teacher tests (tests/loss/test_*sparse*.py): top-k targets with
+their exact lse, sampled counts with padding, the ``backend`` fixture (every sparse path), and the check of kd_loss's loss and
 gradient against the float64 reference (tests/reference_sparse.py).
 
 Tolerances per student dtype (loss rtol, gradient rtol), absolute parts scaled by the largest
@@ -47,6 +47,20 @@ def make_topk(shape, k, temperature=1.0, seed=0, scale=3.0, dtype=torch.float32)
     top = teacher.topk(k, -1)
     lse = torch.logsumexp(teacher.double() / temperature, -1).float()
     return student, TopKLogits(top.values, top.indices.to(torch.int32), lse, temperature), teacher
+
+
+def make_padded_counts(rows, num_classes, k, seed, max_count, counts_dtype=torch.int64):
+    """Student logits and sampled-target parts (ids, counts): k distinct ids per row, counts in
+    [1, max_count], and in row 1 three count-0 padding entries, one repeating a drawn id and one
+    repeating another padding entry."""
+    generator = torch.Generator().manual_seed(seed)
+    student = 2 * torch.randn(rows, num_classes, generator=generator)
+    ids = torch.stack([torch.randperm(num_classes, generator=generator)[:k] for _ in range(rows)])
+    counts = torch.randint(1, max_count + 1, (rows, k), generator=generator).to(counts_dtype)
+    counts[1, k - 3:] = 0
+    ids[1, k - 2] = ids[1, 0]
+    ids[1, k - 1] = ids[1, k - 3]
+    return student, ids, counts
 
 
 def run_loss(student, target, labels, backend, seed=2, **options):

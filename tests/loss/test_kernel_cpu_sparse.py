@@ -20,7 +20,7 @@ from fastkd import SampledTargets, TopKLogits, dispatch, kd_loss
 from fastkd.kernels import cpu_library
 from fastkd.options import LossOptions
 from loss_inputs import assert_close_scaled, make_labels
-from sparse_inputs import check, make_topk, reference, run_loss
+from sparse_inputs import check, make_padded_counts, make_topk, reference, run_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:divide by zero encountered:RuntimeWarning")
@@ -128,13 +128,8 @@ def test_dtypes(dtype, values_dtype, ids_dtype):
                                               ("forward_kl", "ignore")])
 def test_sampled_counts(divergence, tail, counts_dtype):
     """Counts with count-0 padding (repeating a drawn id and each other), teacher labels."""
-    generator = torch.Generator().manual_seed(33)
-    student = 2 * torch.randn(5, 61, generator=generator)
-    ids = torch.stack([torch.randperm(61, generator=generator)[:8] for _ in range(5)])
-    counts = torch.randint(1, 6, (5, 8), generator=generator).to(counts_dtype)
-    counts[1, 5:] = 0
-    ids[1, 6] = ids[1, 0]
-    ids[1, 7] = ids[1, 5]
+    student, ids, counts = make_padded_counts(5, 61, 8, seed=33, max_count=5,
+                                              counts_dtype=counts_dtype)
     target = SampledTargets(ids, counts)
     check(student, target, "teacher", "torch", tail=tail, divergence=divergence, beta=0.4)
     check(student, target, make_labels((5,), 61, ignored=[0]), "torch", tail=tail,

@@ -18,7 +18,8 @@ from fastkd.options import LossOptions
 from fastkd.reference_sparse import kd_sparse_torch
 from fastkd.kernels.kd_sparse import kd_sparse_forward_triton
 from loss_inputs import assert_close_scaled, make_labels
-from sparse_inputs import backend, check, make_topk, run_loss  # noqa: F401 (backend: fixture)
+from sparse_inputs import (backend, check, make_padded_counts, make_topk,  # noqa: F401
+                           run_loss)   # backend: the fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning",
@@ -225,12 +226,8 @@ def test_torch_compile_fullgraph_sparse():
                                               ("forward_kl", "ignore")])
 def test_sampled_targets_against_reference(divergence, tail, backend):
     """Counts with zero-count padding entries (which may repeat an id)."""
-    generator = torch.Generator().manual_seed(13)
-    student = 2 * torch.randn(4, 30, generator=generator)
-    indices = torch.stack([torch.randperm(30, generator=generator)[:6] for _ in range(4)])
-    counts = torch.randint(1, 5, (4, 6), generator=generator, dtype=torch.int32)
-    counts[1, 4:] = 0
-    indices[1, 5] = indices[1, 0]
+    student, indices, counts = make_padded_counts(4, 30, 6, seed=13, max_count=4,
+                                                  counts_dtype=torch.int32)
     target = SampledTargets(indices, counts, temperature=1.5)   # a target for T = 1.5
     check(student, target, "teacher", backend, tail=tail, divergence=divergence,
           temperature=1.5, beta=0.4)
