@@ -1,6 +1,7 @@
 """Shared inputs of the sparse-teacher tests (tests/loss/test_*sparse*.py): top-k targets with
-their exact lse, sampled counts with padding, the ``backend`` fixture (every sparse path), and the check of kd_loss's loss and
-gradient against the float64 reference (tests/reference_sparse.py).
+their exact lse, sampled counts with padding, the ``backend`` fixture (every sparse path), and
+the check of kd_loss's loss and gradient against the float64 reference
+(tests/reference_sparse.py).
 
 Tolerances per student dtype (loss rtol, gradient rtol), absolute parts scaled by the largest
 expected value as in loss/test_triton_kernel.py: fp32 1e-5 / 1e-5 (fp32 accumulation); fp16 and bf16
