@@ -30,6 +30,14 @@ class DigitsMLP(nn.Module):
         return self.net(images)
 
 
+def cache_digits(out, *options: str) -> int:
+    """``fastkd cache`` of :func:`digits_teacher` over the bundled digits into ``out`` on the
+    CPU, quietly, with ``options`` added; its exit status."""
+    from fastkd.cli import main
+    return main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset", "digits",
+                 "--out", str(out), *options, "--device", "cpu", "--quiet"])
+
+
 def digits_teacher() -> DigitsMLP:
     """An untrained, seeded teacher (the same weights every call)."""
     torch.manual_seed(0)

@@ -366,9 +366,8 @@ def test_the_topk_temperature_error_points_to_recaching():
 # ----------------------------------------------------------------------------- CLI, versions
 def test_cli_proposal_temperature(tmp_path, capsys):
     out = tmp_path / "c"
-    assert fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset",
-                        "digits", "--out", str(out), "--sample", "32", "--temperature", "2",
-                        "--proposal-temperature", "1", "--device", "cpu", "--quiet"]) == 0
+    assert cache_helpers.cache_digits(out, "--sample", "32", "--temperature", "2",
+                                      "--proposal-temperature", "1") == 0
     manifest = fmt.read_manifest(str(out))
     assert (manifest["format_version"], manifest["sample"], manifest["temperatures"],
             manifest["proposal_temperature"]) == (fmt.FORMAT_VERSION, 32, [2.0], 1.0)
@@ -376,9 +375,8 @@ def test_cli_proposal_temperature(tmp_path, capsys):
     assert fastkd_main(["info", str(out)]) == 0
     assert "32 draws, target for T=2, drawn at T=1 (importance weights)" in \
         capsys.readouterr().out
-    assert fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset",
-                        "digits", "--out", str(tmp_path / "t"), "--top-k", "3",
-                        "--proposal-temperature", "2", "--device", "cpu", "--quiet"]) == 1
+    assert cache_helpers.cache_digits(tmp_path / "t", "--top-k", "3",
+                                      "--proposal-temperature", "2") == 1
     err = capsys.readouterr().err
     assert "--proposal-temperature) applies to sampled caches only" in err
     assert "Traceback" not in err

@@ -328,18 +328,14 @@ def test_collate_batches_one_row_per_sample(tmp_path):
 
 def test_cli_sample_and_temperature(tmp_path, capsys):
     out = tmp_path / "c"
-    assert fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset",
-                        "digits", "--out", str(out), "--sample", "16", "--temperature", "3",
-                        "--seed", "5", "--device", "cpu", "--quiet"]) == 0
+    assert cache_helpers.cache_digits(out, "--sample", "16", "--temperature", "3",
+                                      "--seed", "5") == 0
     manifest = fmt.read_manifest(str(out))
     assert (manifest["sample"], manifest["temperatures"], manifest["seed"]) == (16, [3.0], 5)
-    assert fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset",
-                        "digits", "--out", str(tmp_path / "t"), "--top-k", "3", "--temperature",
-                        "1", "2", "--device", "cpu", "--quiet"]) == 0
+    assert cache_helpers.cache_digits(tmp_path / "t", "--top-k", "3", "--temperature",
+                                      "1", "2") == 0
     assert LogitCache(tmp_path / "t").temperatures == [1.0, 2.0]
-    assert fastkd_main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset",
-                        "digits", "--out", str(tmp_path / "d"), "--temperature", "2",
-                        "--device", "cpu", "--quiet"]) == 1
+    assert cache_helpers.cache_digits(tmp_path / "d", "--temperature", "2") == 1
     assert "temperature applies to top-k and sampled caches only" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         fastkd_main(["cache", "--teacher", "x:y", "--dataset", "digits", "--out", str(out),
