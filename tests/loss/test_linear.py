@@ -3,134 +3,18 @@
 Every case is checked against the float64 reference (float64 ``F.linear`` + transforms, then
 ``reference.reference_kd_loss``: the fused path has no math of its own) for the loss and the
 gradients of hidden states, weight and bias, and most against the unfused fastkd composition
-(``F.linear`` + ``kd_loss``) as well. Tolerances, relative (loss: to |ref|; gradients: to
-max |ref grad|): fp32 1e-5 (accumulation order only); bf16 autocast 3e-2 (the logits, their
-gradient and the hidden-state gradient are rounded to bf16's 8-bit mantissa).
-
-Triton runs through TRITON_INTERPRET=1 (tests/conftest.py) at small shapes.
+(``F.linear`` + ``kd_loss``) as well; tolerances in tests/linear_cases.py. The chunked pass
+itself (chunk sizes, dropped rows, compile, Triton, peak memory): tests/loss/test_linear_chunks.py.
 """
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
 from fastkd import TeacherHead, linear_kd_loss
+from linear_cases import (BF16_TOL, FP32_TOL, assert_close, fused, head_logits, make_case,
+                          reference, student_params, teacher_logits_of, teacher_of, unfused)
 from reference import reference_kd_loss
-from reference_sparse import reference_sparse_kd_loss
-
-FP32_TOL = 1e-5
-BF16_TOL = 3e-2
-
-
-# ----------------------------------------------------------------------------- helpers
-def make_case(rows=(23,), hidden=12, vocab=40, teacher_hidden=10, teacher_vocab=None, bias=True,
-              ignored=0.3, seed=0, dtype=torch.float32, device="cpu"):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=gen)).to(dtype).to(device)
-    teacher_vocab = teacher_vocab or vocab
-    case = {
-        "hidden": randn(*rows, hidden).requires_grad_(),
-        "weight": randn(vocab, hidden, scale=0.6).requires_grad_(),
-        "bias": randn(vocab, scale=0.5).requires_grad_() if bias else None,
-        "teacher_hidden": randn(*rows, teacher_hidden),
-        "teacher_weight": randn(teacher_vocab, teacher_hidden, scale=0.7),
-        "teacher_bias": randn(teacher_vocab, scale=0.5) if bias else None,
-        "teacher_logits": randn(*rows, teacher_vocab, scale=2.0),
-    }
-    labels = torch.randint(0, vocab, rows, generator=gen)
-    if ignored:
-        labels[torch.rand(rows, generator=gen) < ignored] = -100
-    case["labels"] = labels.to(device)
-    return case
-
-
-def head_logits(hidden, weight, bias, scale=1.0, softcap=None):
-    """Logits of an output layer with its transform (any dtype, differentiable)."""
-    logits = F.linear(hidden, weight, bias) * scale
-    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
-
-
-def student_params(case):
-    return [case["hidden"], case["weight"]] + ([case["bias"]] if case["bias"] is not None else [])
-
-
-def teacher_of(case, kind, scale=1.0, softcap=None, k=6, temperature=1.0):
-    """Dense logits, a TeacherHead, or sparse targets (top-k of the dense logits with the
-    row's tempered lse; K distinct ids with counts) with the case's leading dims."""
-    if kind in ("topk", "sampled"):
-        logits = case["teacher_logits"]
-        values, indices = logits.topk(k, dim=-1)
-        if kind == "topk":
-            return fastkd.TopKLogits(values, indices, (logits.float() / temperature).logsumexp(-1),
-                                     temperature)
-        gen = torch.Generator().manual_seed(k)
-        counts = torch.randint(0, 4, indices.shape, generator=gen)
-        counts[..., 0] += 1   # a positive sum in every row
-        return fastkd.SampledTargets(indices, counts, temperature=temperature)
-    if kind == "head":
-        return TeacherHead(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"],
-                           logit_scale=scale, softcap=softcap)
-    return case["teacher_logits"]
-
-
-def teacher_logits_of(teacher, double=False):
-    if isinstance(teacher, TeacherHead):
-        cast = (lambda t: t.double() if t is not None else None) if double else (lambda t: t)
-        return head_logits(cast(teacher.hidden), cast(teacher.weight), cast(teacher.bias),
-                           teacher.logit_scale, teacher.softcap)
-    return teacher.double() if double else teacher
-
-
-def reference(case, teacher, labels, *, scale=1.0, softcap=None, **options):
-    """float64 loss and gradients of (hidden, weight[, bias])."""
-    params = [p.detach().double().requires_grad_() for p in student_params(case)]
-    bias = params[2] if len(params) == 3 else None
-    student = head_logits(params[0], params[1], bias, scale, softcap)
-    if isinstance(teacher, (fastkd.TopKLogits, fastkd.SampledTargets)):
-        loss = reference_sparse_kd_loss(student, teacher, labels, **options)
-        return loss, torch.autograd.grad(loss, params)
-    options.pop("tail", None)
-    teacher_logits = teacher_logits_of(teacher, double=True)[..., :student.shape[-1]]
-    loss = reference_kd_loss(student, teacher_logits, labels, **options)
-    return loss, torch.autograd.grad(loss, params)
-
-
-def unfused(case, teacher, labels, *, scale=1.0, softcap=None, **options):
-    """fastkd.kd_loss on F.linear logits (the unfused composition) and its gradients."""
-    params = student_params(case)
-    bias = params[2] if len(params) == 3 else None
-    student = head_logits(params[0], params[1], bias, scale, softcap)
-    if not isinstance(teacher, (fastkd.TopKLogits, fastkd.SampledTargets)):
-        teacher = teacher_logits_of(teacher)[..., :student.shape[-1]].detach()
-    loss = fastkd.kd_loss(student, teacher, labels, **options)
-    return loss, torch.autograd.grad(loss, params)
-
-
-def fused(case, teacher, labels, **options):
-    loss = linear_kd_loss(case["hidden"], case["weight"], teacher, labels,
-                          student_bias=case["bias"], **options)
-    return loss, torch.autograd.grad(loss, student_params(case))
-
-
-def assert_close(got, want, tol, what=""):
-    loss, grads = got
-    ref_loss, ref_grads = want
-    assert loss.dtype == torch.float32
-    loss_err = (loss.double() - ref_loss.double()).abs().max().item()
-    assert loss_err <= tol * max(ref_loss.double().abs().max().item(), 1e-3), \
-        f"{what} loss {loss} vs {ref_loss}"
-    for name, grad, ref in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        scale = ref.double().abs().max().item()
-        err = (grad.double() - ref.double()).abs().max().item()
-        assert err <= tol * max(scale, 1e-6), f"{what} grad {name}: {err} vs scale {scale}"
 
 
 # ----------------------------------------------------------------------------- correctness
@@ -221,90 +105,6 @@ def test_logit_scale_and_softcap(student_transform, teacher_transform, bias):
     # and it is not the objective without the transforms (what Liger's fused path computes)
     plain = reference(case, teacher_of(case, "head"), case["labels"], **options)
     assert abs(got[0].item() - plain[0].item()) > 1e-3
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 4, 7, 23, 1000])
-def test_chunk_sizes_and_batch_seq_hidden(chunk_rows):
-    """(B, S, H) inputs, chunk sizes that do and do not divide the kept rows."""
-    case = make_case(rows=(3, 9), seed=2)
-    teacher = teacher_of(case, "head")
-    got = fused(case, teacher, case["labels"], chunk_rows=chunk_rows, temperature=3.0)
-    assert_close(got, reference(case, teacher, case["labels"], temperature=3.0), FP32_TOL)
-
-
-def test_chunk_rows_come_from_the_budget(monkeypatch):
-    """Without chunk_rows, the chunk is budget // bytes-per-row (one fp32 row of student logits
-    and one of a teacher head's logits here); chunk_rows overrides it."""
-    import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
-    seen = []
-    real = chunks.dispatch
-
-    def recording_dispatch(backend, family="dense", device=None):
-        kernel = real(backend, family, device)
-
-        def record(student, *args, **kwargs):
-            seen.append(student.shape[0])
-            return kernel(student, *args, **kwargs)
-        return record
-    monkeypatch.setattr(chunks, "dispatch", recording_dispatch)
-    case = make_case(rows=(50,), vocab=64, ignored=0)
-    teacher = teacher_of(case, "head")
-    per_row = 64 * 4 * 2
-    fused(case, teacher, case["labels"], chunk_budget_bytes=per_row * 8)
-    assert seen == [8] * 6 + [2]
-    seen.clear()
-    fused(case, teacher, case["labels"], chunk_budget_bytes=per_row * 8, chunk_rows=20)
-    assert seen == [20, 20, 10]
-    seen.clear()   # a softcap needs the gradient beside the logits: a third buffer per row
-    fused(case, teacher, case["labels"], chunk_budget_bytes=64 * 4 * 3 * 10, student_softcap=5.0)
-    assert seen == [10] * 5
-    seen.clear()   # a bf16 softcap: bf16 raw logits beside the float32 capped ones (gradient
-    half = make_case(rows=(50,), vocab=64, ignored=0, dtype=torch.bfloat16)   # over those)
-    fused(half, teacher_of(half, "logits"), half["labels"], chunk_budget_bytes=64 * 6 * 10,
-          student_softcap=5.0)
-    assert seen == [10] * 5
-    seen.clear()   # the default budget is per side: the head's chunk comes on top
-    monkeypatch.setattr(chunks, "DEFAULT_CHUNK_BUDGET_BYTES", 64 * 4 * 16)
-    fused(case, teacher, case["labels"])
-    assert seen == [16] * 3 + [2]
-    seen.clear()
-    fused(case, teacher_of(case, "logits"), case["labels"])
-    assert seen == [16] * 3 + [2]
-    seen.clear()   # and stops at DEFAULT_MAX_CHUNK_ROWS
-    monkeypatch.setattr(chunks, "DEFAULT_MAX_CHUNK_ROWS", 12)
-    fused(case, teacher, case["labels"])
-    assert seen == [12] * 4 + [2]
-
-
-def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
-    """Only kept rows reach the kernel; batchmean divides by their number; the hidden-state
-    gradient of an ignored row is exactly 0; 'none' gives 0 there."""
-    import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
-    seen = []
-    real = chunks.dispatch
-    monkeypatch.setattr(chunks, "dispatch", lambda backend, family="dense", device=None: (
-        lambda student, *a, **k: seen.append(student.shape[0])
-        or real(backend, family, device)(student, *a, **k)))
-    case = make_case(rows=(30,), ignored=0.5, seed=3)
-    kept = int((case["labels"] != -100).sum())
-    assert 5 < kept < 25
-    teacher = teacher_of(case, "logits")
-    got = fused(case, teacher, case["labels"], chunk_rows=4)
-    assert sum(seen) == kept
-    assert_close(got, reference(case, teacher, case["labels"]), FP32_TOL)
-    ignored = case["labels"] == -100
-    assert torch.equal(got[1][0][ignored], torch.zeros_like(got[1][0][ignored]))
-    with torch.no_grad():
-        rows = linear_kd_loss(case["hidden"], case["weight"], teacher, case["labels"],
-                              student_bias=case["bias"], reduction="none")
-    assert rows.shape == (30,) and bool((rows[ignored] == 0).all()) and bool((rows[~ignored] > 0).all())
-
-
-def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
-    case = make_case(rows=(6,), ignored=0)
-    labels = torch.full((6,), -100)
-    loss, grads = fused(case, teacher_of(case, "head"), labels)
-    assert loss.item() == 0.0 and all(bool((g == 0).all()) for g in grads)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -484,59 +284,6 @@ def test_low_precision_softcap_runs_in_float32(dtype, temperature, teacher_kind)
         assert err <= SOFTCAP_GRAD_TOL[dtype] * ref.abs().max().item(), (name, err)
 
 
-def test_torch_compile_fullgraph():
-    case = make_case(rows=(2, 5), seed=12)
-    teacher = teacher_of(case, "head", 1.0, 5.0)
-
-    def step(hidden, weight, bias, teacher_hidden, labels):
-        head = TeacherHead(teacher_hidden, case["teacher_weight"], softcap=5.0)
-        return linear_kd_loss(hidden, weight, head, labels, student_bias=bias,
-                              student_softcap=7.0, chunk_rows=3, temperature=2.0)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    args = (case["hidden"], case["weight"], case["bias"], teacher.hidden, case["labels"])
-    loss = compiled(*args)
-    grads = torch.autograd.grad(loss, student_params(case))
-    eager = step(*args)
-    torch.testing.assert_close(loss, eager)
-    for grad, want in zip(grads, torch.autograd.grad(eager, student_params(case))):
-        torch.testing.assert_close(grad, want)
-
-
-@pytest.mark.parametrize("teacher_kind,divergence", [("logits", "forward_kl"), ("head", "jsd"),
-                                                     ("topk", "forward_kl")])
-def test_triton_backend(kernel_device, teacher_kind, divergence):
-    case = make_case(rows=(2, 5), hidden=8, vocab=33, teacher_hidden=6, seed=13,
-                     device=kernel_device)
-    teacher = teacher_of(case, teacher_kind, 0.9, 6.0, temperature=2.0)
-    options = dict(divergence=divergence, temperature=2.0)
-    got = fused(case, teacher, case["labels"], chunk_rows=3, student_softcap=4.0,
-                backend="triton", **options)
-    want = reference(case, teacher, case["labels"], softcap=4.0, **options)
-    assert_close(got, want, FP32_TOL, "triton")
-
-
-def test_first_eager_call_imports_no_compiler_stack():
-    """Like kd_loss: the eager path goes through an autograd.Function; the custom op (which would
-    import torch._dynamo on its first call) is only used while torch.compile traces."""
-    probe = textwrap.dedent("""
-        import json, sys
-        import torch, fastkd
-        before = set(sys.modules)
-        hidden = torch.randn(6, 4, requires_grad=True)
-        weight = torch.randn(10, 4, requires_grad=True)
-        head = fastkd.TeacherHead(torch.randn(6, 4), torch.randn(10, 4))
-        fastkd.linear_kd_loss(hidden, weight, head, torch.arange(6), student_softcap=3.0).backward()
-        print(json.dumps(sorted(set(sys.modules) - before)))
-    """)
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                            timeout=300, env=env, check=True)
-    new = json.loads(result.stdout.strip().splitlines()[-1])
-    heavy = [name for name in new if name.startswith(("torch._dynamo", "torch._inductor",
-                                                      "sympy", "triton"))]
-    assert not heavy, heavy[:20]
-
-
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_is_named():
     case = make_case()
@@ -573,33 +320,3 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="chunk_rows"):
         fastkd.LinearKDLoss(chunk_rows=-1)
 
-
-# ----------------------------------------------------------------------------- peak memory
-def test_peak_memory_is_bounded_by_the_chunk_not_by_n():
-    """8192 x 8192 fp32 logits would be 256 MiB (and the unfused path holds several such
-    buffers). With a 16 MiB chunk budget the extra peak of one forward+backward (measured as
-    benchmarks/memory.py does: torch's allocator peak plus the CPU kernel's row buffers) stays
-    under budget + the gradients left behind (hidden and weight, 0.5 MiB each) + 24 MiB for the
-    loss's work memory (the C kernel's row buffers, or the PyTorch path's chunk temporaries)."""
-    from benchmarks.memory import cpu_step_peak
-    rows, hidden_size, vocab = 8192, 16, 8192
-    budget = 16 * 2**20
-    torch.manual_seed(0)
-    hidden = torch.randn(rows, hidden_size, requires_grad=True)
-    weight = (0.3 * torch.randn(vocab, hidden_size)).requires_grad_()
-    teacher = TeacherHead(torch.randn(rows, hidden_size), 0.3 * torch.randn(vocab, hidden_size))
-    labels = torch.randint(0, vocab, (rows,))
-
-    def step(rows=rows):
-        head = TeacherHead(teacher.hidden[:rows], teacher.weight)
-        linear_kd_loss(hidden[:rows], weight, head, labels[:rows], temperature=2.0,
-                       chunk_budget_bytes=budget).backward()
-
-    step(64)   # warm-up (lazy inits), at a few rows
-    hidden.grad = weight.grad = None
-    extra, _ = cpu_step_peak(step)
-    full_logits = rows * vocab * 4
-    gradients = (rows + vocab) * hidden_size * 4
-    bound = budget + gradients + 24 * 2**20
-    assert extra < bound, (extra, bound)
-    assert bound < full_logits / 4   # a sixth of one full logits buffer; unfused holds >= 2
