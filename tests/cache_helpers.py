@@ -30,12 +30,25 @@ class DigitsMLP(nn.Module):
         return self.net(images)
 
 
+def run_cli(*argv) -> int:
+    """``fastkd`` with ``argv`` (paths and numbers become strings) in this process; its exit
+    status."""
+    from fastkd.cli import main
+    return main([str(arg) for arg in argv])
+
+
 def cache_digits(out, *options: str) -> int:
     """``fastkd cache`` of :func:`digits_teacher` over the bundled digits into ``out`` on the
     CPU, quietly, with ``options`` added; its exit status."""
-    from fastkd.cli import main
-    return main(["cache", "--teacher", "cache_helpers:digits_teacher", "--dataset", "digits",
-                 "--out", str(out), *options, "--device", "cpu", "--quiet"])
+    return run_cli("cache", "--teacher", "cache_helpers:digits_teacher", "--dataset", "digits",
+                   "--out", out, *options, "--device", "cpu", "--quiet")
+
+
+def import_dataset(path, out, *options, source: str = "distillkit") -> int:
+    """``fastkd import --from <source>`` of the teacher dataset at ``path`` into ``out`` (float32
+    values), quietly, with ``options`` added; its exit status."""
+    return run_cli("import", path, "--from", source, "--out", out, "--dtype", "fp32",
+                   "--quiet", *options)
 
 
 def digits_teacher() -> DigitsMLP:

@@ -1,9 +1,9 @@
-"""``fastkd import --from distillkit|axolotl`` and ``fastkd export --to parquet``: the shipped
-samples (tests/fixtures/distillkit-sample, tests/fixtures/axolotl-sample, written by
-make_samples.py with fastkd's own encoder) import row by row equal to what they store, decoded
-here independently (direct float and bit-string reads of the stored bytes); bad input ends in
-one sentence naming file and row; an interrupted import resumes to the same bytes; the exported
-parquet reads back with pyarrow and ``datasets`` equal to the cache."""
+"""``fastkd import --from distillkit|axolotl``: the shipped samples
+(tests/fixtures/distillkit-sample, tests/fixtures/axolotl-sample, written by make_samples.py with
+fastkd's own encoder) import row by row equal to what they store, decoded here independently
+(direct float and bit-string reads of the stored bytes); bad input ends in one sentence naming
+file and row; an interrupted import resumes to the same bytes; imported rows train with
+``kd_loss``. ``fastkd export --to parquet``: tests/cache/test_export_parquet.py."""
 import importlib.util
 import math
 import os
@@ -16,13 +16,13 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 yaml = pytest.importorskip("yaml")
 
-from fastkd.cache import distillkit, export  # noqa: E402
+from fastkd.cache import distillkit  # noqa: E402
 from fastkd.cache import manifest as fmt  # noqa: E402
 from fastkd.cache.distillkit_codec import parse_config  # noqa: E402
 from distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
 from fastkd.cache.reader import LogitCache  # noqa: E402
-from fastkd.cli import main  # noqa: E402
-from paths import FIXTURES
+from cache_helpers import import_dataset  # noqa: E402
+from paths import FIXTURES  # noqa: E402
 
 SAMPLE = os.path.join(FIXTURES, "distillkit-sample")
 AXOLOTL = os.path.join(FIXTURES, "axolotl-sample")
@@ -30,15 +30,6 @@ _spec = importlib.util.spec_from_file_location("make_samples",
                                                os.path.join(SAMPLE, "make_samples.py"))
 samples = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(samples)
-
-
-def run(*argv) -> int:
-    return main([str(arg) for arg in argv])
-
-
-def import_(path, out, *extra, source="distillkit"):
-    return run("import", path, "--from", source, "--out", out, "--dtype", "fp32", "--quiet",
-               *extra)
 
 
 def stored_rows(directory):
@@ -60,7 +51,7 @@ def test_distillkit_sample_imports_what_it_stores(tmp_path):
     """Curve [1, t, t^2, sqrt t] + one 4-bit residual bin + delta encoding, decoded in float64
     from the raw bytes: the cache holds those values (float32), the ids, lse 0, and
     next-token labels of the tokens without DistillKit's appended pad."""
-    assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
+    assert import_dataset(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
     cache = LogitCache(tmp_path / "c")
     cache.verify()
     known = samples.distillkit_sequences()
@@ -98,7 +89,7 @@ def test_the_token_items_match_a_token_dataset_of_the_same_tokens(tmp_path):
     from fastkd.cache.reader import CachedDataset
     from fastkd.cache.specs import dataset_fingerprint
     from fastkd.tokens import TokenDataset
-    assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
+    assert import_dataset(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
     tokens = TokenDataset([{"input_ids": row["input_ids"][:-1]}
                            for row in stored_rows(os.path.join(SAMPLE, "distillkit"))])
     cache = LogitCache(tmp_path / "c")
@@ -111,7 +102,7 @@ def test_open_instruct_sample_is_lossless_and_has_no_pad(tmp_path):
     """bfloat16 exact top-8, no delta: the values are the known log-probs rounded to bfloat16
     (read here straight from the bytes), ids equal; open-instruct appends no pad, so the last
     input id (a real token) is the one left out."""
-    assert import_(os.path.join(SAMPLE, "open-instruct"), tmp_path / "c") == 0
+    assert import_dataset(os.path.join(SAMPLE, "open-instruct"), tmp_path / "c") == 0
     cache = LogitCache(tmp_path / "c")
     rows = stored_rows(os.path.join(SAMPLE, "open-instruct"))
     known = samples.teacher_rows(2, lengths=(6, 10, 4), k=8)
@@ -128,7 +119,7 @@ def test_legacy_layout_with_a_training_config(tmp_path):
     """packed_indices (LSB-first uint64 words), exact_values and coeffs of a curve in
     a = 1..k-exact_k with terms a^0, a^-1, a^-2, sqrt(a): read with the training config."""
     directory = os.path.join(SAMPLE, "legacy")
-    assert import_(directory, tmp_path / "c", "--compression-config",
+    assert import_dataset(directory, tmp_path / "c", "--compression-config",
                    os.path.join(directory, "distillkit-train.yaml")) == 0
     cache = LogitCache(tmp_path / "c")
     a = np.arange(1, 9, dtype=np.float64)
@@ -143,7 +134,7 @@ def test_legacy_layout_with_a_training_config(tmp_path):
                                        design @ np.array(row["coeffs"][j], np.float64)])
             np.testing.assert_allclose(target.values[j].numpy(), expected, rtol=0, atol=1e-5)
     # without the training config the directory has no compression_config.yaml
-    assert import_(directory, tmp_path / "d") == 1
+    assert import_dataset(directory, tmp_path / "d") == 1
 
 
 # ----------------------------------------------------------------------------- axolotl
@@ -156,7 +147,7 @@ def test_axolotl_sample_imports_what_it_stores(tmp_path, offset):
     from fastkd.cache.specs import dataset_fingerprint
     from fastkd.tokens import TokenDataset
     extra = () if offset == 1 else ("--row-offset", 0)
-    assert import_(AXOLOTL, tmp_path / "c", "--vocab-size", 4096, *extra,
+    assert import_dataset(AXOLOTL, tmp_path / "c", "--vocab-size", 4096, *extra,
                    source="axolotl") == 0
     cache = LogitCache(tmp_path / "c")
     cache.verify()
@@ -185,7 +176,7 @@ def test_axolotl_sample_imports_what_it_stores(tmp_path, offset):
 
 
 def test_axolotl_needs_the_vocabulary_size(tmp_path, capsys):
-    assert import_(AXOLOTL, tmp_path / "c", source="axolotl") == 1
+    assert import_dataset(AXOLOTL, tmp_path / "c", source="axolotl") == 1
     err = capsys.readouterr().err
     assert "--vocab-size" in err and "Traceback" not in err
 
@@ -224,14 +215,14 @@ def mass_rows(first_mass):
 
 def test_rows_over_one_keep_their_values_with_lse_log_mass(tmp_path, capsys):
     path = write_dataset(tmp_path / "d", mass_rows(1.005), LOSSLESS)
-    assert import_(tmp_path / "d", tmp_path / "c") == 0
+    assert import_dataset(tmp_path / "d", tmp_path / "c") == 0
     target = LogitCache(tmp_path / "c")[0]
     stored = target.values.double().numpy()
     assert stored.tolist() == mass_rows(1.005)[0][1].astype(np.float32).tolist()
     assert target.lse[0].item() == pytest.approx(math.log(np.exp(stored[0]).sum()), abs=1e-7)
     assert target.lse[0].item() > 0 and target.lse[1].item() == 0
     # --max-excess-mass 0: refused, naming file, row and position
-    assert import_(tmp_path / "d", tmp_path / "e", "--max-excess-mass", 0) == 1
+    assert import_dataset(tmp_path / "d", tmp_path / "e", "--max-excess-mass", 0) == 1
     err = capsys.readouterr().err
     assert f"{path}: row 0: position 0" in err and "--max-excess-mass" in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -239,7 +230,7 @@ def test_rows_over_one_keep_their_values_with_lse_log_mass(tmp_path, capsys):
 
 def test_a_row_far_over_one_is_refused(tmp_path, capsys):
     path = write_dataset(tmp_path / "d", mass_rows(1.5), LOSSLESS)
-    assert import_(tmp_path / "d", tmp_path / "c") == 1
+    assert import_dataset(tmp_path / "d", tmp_path / "c") == 1
     err = capsys.readouterr().err
     assert f"{path}: row 0: position 0's top-4 probabilities sum to 1.5" in err
 
@@ -301,7 +292,7 @@ def _id_outside(directory, good):
                                   "unknown-field", "null", "token", "short"])
 def test_bad_input_ends_in_one_sentence(tmp_path, capsys, kind):
     path, words = _bad(kind, str(tmp_path / "d"))
-    assert import_(tmp_path / "d", tmp_path / "c") == 1
+    assert import_dataset(tmp_path / "d", tmp_path / "c") == 1
     err = capsys.readouterr().err
     assert err.startswith("fastkd: error: ") and err.count("\n") == 1, err
     assert words in err and "Traceback" not in err, err
@@ -313,13 +304,13 @@ def test_missing_config_and_unreadable_files(tmp_path, capsys):
     directory = tmp_path / "d"
     directory.mkdir()
     shutil.copy(os.path.join(SAMPLE, "distillkit", "data_0.parquet"), directory)
-    assert import_(directory, tmp_path / "c") == 1
+    assert import_dataset(directory, tmp_path / "c") == 1
     assert "no compression_config.yaml beside the data; pass --compression-config" in \
         capsys.readouterr().err
     (tmp_path / "bad.parquet").write_text("not parquet")
-    assert import_(tmp_path / "bad.parquet", tmp_path / "c") == 1
+    assert import_dataset(tmp_path / "bad.parquet", tmp_path / "c") == 1
     assert "bad.parquet: not a readable parquet file" in capsys.readouterr().err
-    assert import_(tmp_path / "missing", tmp_path / "c") == 1
+    assert import_dataset(tmp_path / "missing", tmp_path / "c") == 1
     assert "missing" in capsys.readouterr().err
 
 
@@ -328,7 +319,7 @@ def test_an_interrupted_import_resumes_to_the_same_bytes(tmp_path, monkeypatch):
     source = os.path.join(SAMPLE, "distillkit")
     small = "0.001"  # about 10 rows per shard: several shards
     monkeypatch.setattr(distillkit, "IMPORT_BATCH", 1)
-    assert import_(source, tmp_path / "whole", "--shard-size-mb", small) == 0
+    assert import_dataset(source, tmp_path / "whole", "--shard-size-mb", small) == 0
     original = distillkit.TeacherRows.iter_rows
     started = []
 
@@ -340,22 +331,22 @@ def test_an_interrupted_import_resumes_to_the_same_bytes(tmp_path, monkeypatch):
             yield index, sample
 
     monkeypatch.setattr(distillkit.TeacherRows, "iter_rows", interrupted)
-    assert import_(source, tmp_path / "part", "--shard-size-mb", small) == 130
+    assert import_dataset(source, tmp_path / "part", "--shard-size-mb", small) == 130
     manifest = fmt.read_manifest(str(tmp_path / "part"))
     assert manifest["status"] == "incomplete" and manifest["shards"]
     done = manifest["shards"][-1]["sample_stop"]
     monkeypatch.setattr(distillkit.TeacherRows, "iter_rows",
                         lambda self, start=0: started.append(start) or original(self, start))
-    assert import_(source, tmp_path / "part", "--shard-size-mb", small) == 0
+    assert import_dataset(source, tmp_path / "part", "--shard-size-mb", small) == 0
     assert started == [0, done]  # the second run starts after the finished shards
     whole, part = (fmt.read_manifest(str(tmp_path / name)) for name in ("whole", "part"))
     assert len(whole["shards"]) > 2 and done > 0
     assert [f["sha256"] for f in fmt.manifest_files(whole)] == \
         [f["sha256"] for f in fmt.manifest_files(part)]
     # a finished import is not redone; other input is refused unless --overwrite
-    assert import_(source, tmp_path / "part", "--shard-size-mb", small) == 0
-    assert import_(os.path.join(SAMPLE, "open-instruct"), tmp_path / "part") == 1
-    assert import_(os.path.join(SAMPLE, "open-instruct"), tmp_path / "part",
+    assert import_dataset(source, tmp_path / "part", "--shard-size-mb", small) == 0
+    assert import_dataset(os.path.join(SAMPLE, "open-instruct"), tmp_path / "part") == 1
+    assert import_dataset(os.path.join(SAMPLE, "open-instruct"), tmp_path / "part",
                    "--overwrite") == 0
     assert len(LogitCache(tmp_path / "part")) == 3
 
@@ -365,135 +356,9 @@ def test_a_locked_directory_is_refused(tmp_path, capsys):
     out = tmp_path / "c"
     out.mkdir()
     with outdir.DirectoryLock(str(out)):
-        assert import_(os.path.join(SAMPLE, "distillkit"), out) == 1
+        assert import_dataset(os.path.join(SAMPLE, "distillkit"), out) == 1
     assert "writing to" in capsys.readouterr().err
     assert not os.path.exists(out / fmt.MANIFEST_NAME)
-
-
-# ----------------------------------------------------------------------------- export
-def check_export(cache, table):
-    """``table`` (one row per sample) holds exactly the cache's rows and labels."""
-    info = __import__("json").loads(table.schema.metadata[b"fastkd"])
-    assert info["layout"] == cache.layout and info["num_classes"] == cache.num_classes
-    records = table.to_pylist()
-    assert [record["sample"] for record in records] == list(range(len(cache)))
-    for index, record in enumerate(records):
-        target = cache[index]
-        if cache.layout == "topk":
-            rows = target if cache.variable else target.map_tensors(lambda part: part[None])
-            assert record["values"] == rows.values.float().numpy().tolist()
-            assert record["indices"] == rows.indices.numpy().tolist()
-            lse = np.stack([np.atleast_1d(LogitCache(cache.path, temperature=t)[index].lse
-                                          .float().numpy()) for t in cache.temperatures], -1)
-            assert record["lse"] == lse.reshape(len(record["values"]), -1).tolist()
-        elif cache.layout == "sampled":
-            rows = target if cache.variable else target.map_tensors(lambda part: part[None])
-            keep = rows.counts > 0   # weight-0 entries pad ragged rows; export drops them
-            assert record["indices"] == [row[mask].tolist() for row, mask in
-                                         zip(rows.indices, keep)]
-            assert record["counts"] == [row[mask].tolist() for row, mask in
-                                        zip(rows.counts, keep)]
-        else:
-            rows = target if cache.variable else target[None]
-            assert record["logits"] == rows.float().numpy().tolist()
-        labels = cache.sample_labels(index)
-        if cache.manifest["labels_per"] == "row":
-            assert record["labels"] == labels.tolist()
-        elif cache.manifest["labels_per"] == "sample":
-            assert record["label"] == int(labels)
-
-
-def test_export_reads_back_equal_to_the_cache(tmp_path, capsys):
-    datasets = pytest.importorskip("datasets")
-    assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
-    cache = LogitCache(tmp_path / "c")
-    assert run("export", "--to", "parquet", tmp_path / "c", "--out",
-               tmp_path / "x.parquet", "--quiet") == 0
-    check_export(cache, pq.read_table(tmp_path / "x.parquet"))
-    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "x.parquet"),
-                                   split="train", cache_dir=str(tmp_path / "hf"))
-    assert loaded[4]["values"] == cache[4].values.numpy().tolist()
-    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
-    # an existing file is kept unless --overwrite
-    assert run("export", "--to", "parquet", tmp_path / "c", "--out",
-               tmp_path / "x.parquet", "--quiet") == 1
-    assert "--overwrite" in capsys.readouterr().err
-
-
-def test_export_of_dense_sampled_and_two_temperature_caches(tmp_path):
-    import cache_helpers
-    from fastkd.cache.writer import write_cache
-    images, tokens = cache_helpers.IndexedImages(12), cache_helpers.TokenSequences(6)
-    for layout, teacher, data, options in (
-            ("dense", cache_helpers.digits_teacher(), images, {}),
-            ("sampled", cache_helpers.digits_teacher(), images, {"sample": 5}),
-            ("topk", cache_helpers.digits_teacher(), images,
-             {"top_k": 3, "temperature": [1.0, 2.0], "dtype": "bf16"}),
-            ("dense-tokens", cache_helpers.tiny_lm(), tokens, {}),
-            ("sampled-tokens", cache_helpers.tiny_lm(), tokens, {"sample": 3})):
-        out = tmp_path / layout
-        write_cache(teacher, data, out, progress=False, **options)
-        assert run("export", "--to", "parquet", out, "--out", tmp_path / f"{layout}.parquet",
-                   "--quiet") == 0
-        check_export(LogitCache(out), pq.read_table(tmp_path / f"{layout}.parquet"))
-
-
-def test_directory_export_resumes_and_refuses_foreign_parts(tmp_path, capsys):
-    assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
-    cache = LogitCache(tmp_path / "c")
-    out = tmp_path / "parts"
-    argv = ("export", "--to", "parquet", tmp_path / "c", "--out", out, "--samples-per-file",
-            "2", "--quiet")
-    assert run(*argv) == 0
-    names = sorted(os.listdir(out))
-    assert names == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    check_export(cache, pa.concat_tables([pq.read_table(out / name) for name in names]))
-    # a killed export: the last part missing, a temp file left; the rerun keeps the others
-    first = os.stat(out / names[0]).st_mtime_ns
-    os.remove(out / names[2])
-    (out / ".part-00002.parquet.tmp-1").write_bytes(b"partial")
-    assert run(*argv) == 0
-    assert sorted(os.listdir(out)) == names and os.stat(out / names[0]).st_mtime_ns == first
-    check_export(cache, pa.concat_tables([pq.read_table(out / name) for name in names]))
-    # parts of another cache's export are refused unless --overwrite
-    assert import_(os.path.join(SAMPLE, "open-instruct"), tmp_path / "o") == 0
-    other = ("export", "--to", "parquet", tmp_path / "o", "--out", out, "--samples-per-file",
-             "2", "--quiet")
-    assert run(*other) == 1
-    assert "not part of this cache's export" in capsys.readouterr().err
-    assert run(*other, "--overwrite") == 0
-    assert sorted(os.listdir(out)) == names[:2]
-
-
-def test_export_verifies_the_cache_first_and_is_atomic(tmp_path, capsys, monkeypatch):
-    assert import_(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
-    # a failure while writing leaves neither the file nor a temp file
-    original = export.ExportRows.table
-
-    def failing(self, pa_module, start, stop):
-        if start > 0:
-            raise OSError(28, "No space left on device")
-        return original(self, pa_module, start, stop)
-
-    monkeypatch.setattr(export, "CHUNK_ROWS", 10)
-    monkeypatch.setattr(export.ExportRows, "table", failing)
-    assert run("export", "--to", "parquet", tmp_path / "c", "--out", tmp_path / "x.parquet",
-               "--quiet") == 1
-    assert "No space left on device" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["c"]
-    monkeypatch.setattr(export.ExportRows, "table", original)
-    shard = next(entry for entry in fmt.manifest_files(LogitCache(tmp_path / "c").manifest)
-                 if "values" in entry["file"])
-    with open(tmp_path / "c" / shard["file"], "r+b") as handle:
-        handle.seek(-1, 2)
-        last = handle.read(1)
-        handle.seek(-1, 2)
-        handle.write(bytes([last[0] ^ 1]))
-    assert run("export", "--to", "parquet", tmp_path / "c", "--out", tmp_path / "x.parquet",
-               "--quiet") == 1
-    err = capsys.readouterr().err
-    assert "verification failed" in err and shard["file"] in err
-    assert not os.path.exists(tmp_path / "x.parquet")
 
 
 def test_imported_rows_train_with_kd_loss(tmp_path):
@@ -503,7 +368,7 @@ def test_imported_rows_train_with_kd_loss(tmp_path):
     import torch
     import fastkd
     write_dataset(tmp_path / "d", mass_rows(1.005), LOSSLESS)
-    assert import_(tmp_path / "d", tmp_path / "c") == 0
+    assert import_dataset(tmp_path / "d", tmp_path / "c") == 0
     target = LogitCache(tmp_path / "c")[0]
     student = torch.randn(2, 64, dtype=torch.float64).float()
     loss = fastkd.kd_loss(student, target, None, soft_weight=1.0, hard_weight=0.0,
