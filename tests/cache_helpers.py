@@ -44,6 +44,24 @@ def cache_digits(out, *options: str) -> int:
                    "--out", out, *options, "--device", "cpu", "--quiet")
 
 
+# 300 fp16 rows of V = 10 per shard: 6 shards for the 1797 digits
+SMALL_SHARDS_MB = 300 * 20 / 2 ** 20
+
+
+def cache_trained_digits(root):
+    """The digits cached by the CLI into ``root / "cache"`` from a trained teacher's checkpoint
+    (``root / "teacher.pt"``), in 6 small fp16 shards; ``(cache folder, teacher)``."""
+    teacher = trained_digits_teacher()
+    checkpoint = root / "teacher.pt"
+    torch.save(teacher.state_dict(), checkpoint)
+    out = root / "cache"
+    status = run_cli("cache", "--teacher", "cache_helpers:digits_teacher", "--teacher-checkpoint",
+                     checkpoint, "--dataset", "digits", "--out", out, "--batch-size", "256",
+                     "--device", "cpu", "--shard-size-mb", SMALL_SHARDS_MB, "--quiet")
+    assert status == 0
+    return out, teacher
+
+
 def import_dataset(path, out, *options, source: str = "distillkit") -> int:
     """``fastkd import --from <source>`` of the teacher dataset at ``path`` into ``out`` (float32
     values), quietly, with ``options`` added; its exit status."""
