@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 import numpy as np
 
 from fastkd.cache import distillkit_codec as codec
+from fastkd.cache.files import not_a_file
 from fastkd.cache.teacher_tables import FEATURE, cell_matrix, cell_vector, open_table
 
 SOURCES = ("distillkit", "axolotl")
@@ -39,7 +40,7 @@ def read_config(path: str):
     from fastkd.extras import require
     yaml = require("yaml", "hf", FEATURE)
     if not os.path.isfile(path):
-        raise TeacherDatasetError(f"{path}: no such file")
+        raise TeacherDatasetError(f"{path}: {not_a_file(path)}")
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)

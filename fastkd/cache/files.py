@@ -36,6 +36,13 @@ def check_file_name(name, where: str) -> str:
     return name
 
 
+def not_a_file(path: str) -> str:
+    """What ``path``, which is not a regular file, is instead, for an error message."""
+    if os.path.isdir(path):
+        return "a directory, not a file"
+    return "not a regular file" if os.path.exists(path) else "no such file"
+
+
 # ----------------------------------------------------------------------------- atomic writes
 class _HashingFile:
     """File wrapper that feeds every written byte to sha256 (checksums without a re-read)."""

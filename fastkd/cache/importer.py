@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fastkd.cache import manifest as fmt
+from fastkd.cache.files import not_a_file
 from fastkd.cache.vllm_responses import (ResponseError, choice_rows, load_line, read_choices,
                                          response_model)
 from fastkd.tokens import next_token_labels
@@ -45,7 +46,7 @@ class ServedResponses(torch.utils.data.Dataset):
         first = None
         for file_index, path in enumerate(self.paths):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path}: no such file")
+                raise FileNotFoundError(f"{path}: {not_a_file(path)}")
             digest.update(f"|{os.path.basename(path)}|".encode())
             with _open(path) as handle:
                 stat = os.fstat(handle.fileno())

@@ -8,6 +8,7 @@ import re
 from bisect import bisect_right
 from typing import Iterator, List, Sequence, Tuple
 
+from fastkd.cache.files import not_a_file
 from fastkd.extras import require
 
 FEATURE = "fastkd import --from distillkit/axolotl"
@@ -51,7 +52,7 @@ class ParquetTable:
         names = None
         for path in self.paths:
             if not os.path.isfile(path):
-                raise TableError(f"{path}: no such file")
+                raise TableError(f"{path}: {not_a_file(path)}")
             try:
                 handle = self.pq.ParquetFile(path)
             except Exception as error:  # pyarrow's ArrowInvalid and kin: not a parquet file

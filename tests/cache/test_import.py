@@ -254,7 +254,10 @@ def test_an_unreadable_file_ends_in_one_sentence(tmp_path, capsys, monkeypatch):
 def test_import_argument_errors(tmp_path, capsys):
     assert fastkd_main(["import", "--from", "vllm", str(tmp_path / "none.jsonl"), "--out",
                         str(tmp_path / "c"), "--vocab-size", "64", "--top-k", "4"]) == 1
-    assert "no such file" in capsys.readouterr().err
+    assert "none.jsonl: no such file" in capsys.readouterr().err
+    assert fastkd_main(["import", "--from", "vllm", os.devnull, "--out", str(tmp_path / "c"),
+                        "--vocab-size", "64", "--top-k", "4"]) == 1
+    assert f"{os.devnull}: not a regular file" in capsys.readouterr().err
     assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
                         "--vocab-size", "3", "--top-k", "4"]) == 1
     assert "exceeds vocab_size" in capsys.readouterr().err

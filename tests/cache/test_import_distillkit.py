@@ -311,7 +311,12 @@ def test_missing_config_and_unreadable_files(tmp_path, capsys):
     assert import_dataset(tmp_path / "bad.parquet", tmp_path / "c") == 1
     assert "bad.parquet: not a readable parquet file" in capsys.readouterr().err
     assert import_dataset(tmp_path / "missing", tmp_path / "c") == 1
-    assert "missing" in capsys.readouterr().err
+    assert "missing: no such file" in capsys.readouterr().err
+    assert import_dataset(os.devnull, tmp_path / "c") == 1   # exists, not a regular file
+    assert f"{os.devnull}: not a regular file" in capsys.readouterr().err
+    assert import_dataset(directory / "data_0.parquet", tmp_path / "c",
+                          "--compression-config", directory) == 1
+    assert f"{directory}: a directory, not a file" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- resume, lock
