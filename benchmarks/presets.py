@@ -11,7 +11,7 @@ from benchmarks.providers import PROVIDERS, SPARSE_PROVIDERS, LossCase, provider
 
 # The CPU target: 2048 x 32000 fp32, forward+backward.
 CPU_TARGET = LossCase(2048, 32000, "fp32", "fp32", "fwd+bwd", group="cpu-target")
-# Classic KD vocabularies (CIFAR-10/100, ImageNet) where per-call overhead dominates (issue 13):
+# Classic KD vocabularies (CIFAR-10/100, ImageNet) where per-call overhead dominates:
 # fastkd >= 1.5x the eager composition and >= 1x torch.compile, forward+backward.
 SMALL_V_TARGETS = tuple(LossCase(rows, vocab, "fp32", "fp32", "fwd+bwd", group="small-v")
                         for rows, vocab in ((256, 10), (256, 100), (256, 1000), (8192, 100)))
@@ -102,7 +102,7 @@ def _quick() -> Preset:
 
 
 def _sparse() -> Preset:
-    """The sparse-teacher benchmark of issue 9 (CPU): fwd+bwd at 2048 x 32000 and 1024 x 128256,
+    """The sparse-teacher benchmark (CPU): fwd+bwd at 2048 x 32000 and 1024 x 128256,
     fp32 and bf16, K = 32, fastkd vs densify / plain top-k eager / its torch.compile; extra
     peak memory for every (case, provider)."""
     cases = tuple(LossCase(rows, vocab, dtype, dtype, "fwd+bwd", group="sparse",

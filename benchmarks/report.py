@@ -82,7 +82,7 @@ def _kernel_detail(record) -> str:
 
 
 def sparse_goals(cases) -> list:
-    """Issue 9's goals for every sparse-teacher fwd+bwd case: fastkd >= 3x the densified path,
+    """The goals of every sparse-teacher fwd+bwd case: fastkd >= 3x the densified path,
     >= 2x the compiled plain top-k loss, extra peak memory <= 1.1 student-logits buffers."""
     goals = []
     for case_id, providers in sorted(cases.items()):

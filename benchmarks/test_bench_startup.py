@@ -1,4 +1,4 @@
-"""Start-up and host-sync benchmarks (issue 13): what the first ``kd_loss`` call costs in a
+"""Start-up and host-sync benchmarks: what the first ``kd_loss`` call costs in a
 fresh process beyond ``import torch`` (and whether it loads the compiler stack), how long
 ``fastkd --help`` and a sub-command's argument error (``fastkd cache`` without ``--out``) take
 and whether they import torch, and (CUDA only) how many host syncs one

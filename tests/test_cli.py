@@ -1,6 +1,6 @@
 """The ``fastkd`` command line's start-up cost: a sub-command's argument error and its ``--help``
-are answered without importing torch (issue 13 item 3), and the names users import from the
-modules that became lazy still work."""
+are answered without importing torch, and the names users import from the lazily loaded
+modules still work."""
 import json
 import subprocess
 import sys
