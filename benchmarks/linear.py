@@ -1,6 +1,6 @@
 """Fused linear + KD benchmark: the loss from hidden states, fwd+bwd, time and peak memory.
 
-    python -m benchmarks.linear --preset linear          # CPU, the issue's shapes (~10-12 min on
+    python -m benchmarks.linear --preset linear          # CPU, the goal shapes (~10-12 min on
                                                          # 2 idle cores; textbook needs an estimated ~17 GB)
     python -m benchmarks.linear --preset linear --vocab 32000 --teacher head   # one part
     python -m benchmarks.linear --preset smoke --out /tmp/x   # seconds (tests/test_benchmarks_linear.py)
@@ -114,7 +114,7 @@ def _bf16_matmul_is_native() -> bool:
 
 
 def _linear_preset() -> LinearPreset:
-    """The issue's CPU benchmark: N = 4096 tokens, H = 1024, V = 32000 and 128256, dense teacher
+    """The CPU benchmark: N = 4096 tokens, H = 1024, V = 32000 and 128256, dense teacher
     logits and a teacher head, fp32 (and bf16 where the CPU has bf16 matrix instructions)."""
     dtypes = ("fp32", "bf16") if _bf16_matmul_is_native() else ("fp32",)
     cases = tuple(LinearCase(4096, 1024, vocab, teacher, dtype) for dtype in dtypes
@@ -123,7 +123,7 @@ def _linear_preset() -> LinearPreset:
 
 
 def _gpu_preset() -> LinearPreset:
-    """The issue's GPU shape (run with --device cuda): 8192 x 4096 x 128256, bf16; the JSD case
+    """The GPU shape (run with --device cuda): 8192 x 4096 x 128256, bf16; the JSD case
     compares with Liger-Kernel's Triton fused-linear JSD (the only objective it has)."""
     return LinearPreset("linear-gpu", (LinearCase(8192, 4096, 128256, "logits", "bf16"),
                                        LinearCase(8192, 4096, 128256, "head", "bf16"),
@@ -337,7 +337,7 @@ def check_agreement(records: list) -> None:
 
 
 def evaluate_goals(records: list) -> list:
-    """The issue's goals at the largest V of each (teacher, dtype): fastkd's extra peak memory
+    """The goals at the largest V of each (teacher, dtype): fastkd's extra peak memory
     <= 10% of unfused's; time <= 1.05x unfused; at least as fast as Liger with less memory."""
     by_case = {}
     for record in records:

@@ -104,7 +104,8 @@ def sparse_goals(cases) -> list:
 
 
 def evaluate_goals(records, device: str) -> list:
-    """The issue's goals that these records can speak to, each met / missed by how much."""
+    """The goals (benchmarks/README.md) that these records can speak to, each met or missed by
+    how much."""
     goals = []
     cases = _by_case(records)
     goals += sparse_goals(cases)
