@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from fastkd.cache.collate import pad_stack, pad_targets, sparse_filler, target_like
+from fastkd.cache.files import not_a_file
 from fastkd.extras import require
 from fastkd.hf_text import IGNORE_INDEX, TEXT_FIELDS, TextTokenizer
 from fastkd.targets import SampledTargets, TopKLogits
@@ -134,7 +135,7 @@ class TokenDataset(torch.utils.data.Dataset):
         if kind == "hf-disk":
             dataset = cls.from_disk(path, split)
         elif not os.path.isfile(path):
-            raise FileNotFoundError(f"--dataset {spec}: no such file {os.path.abspath(path)}")
+            raise FileNotFoundError(f"--dataset {spec}: {os.path.abspath(path)}: {not_a_file(path)}")
         else:
             dataset = cls.from_jsonl(path) if kind == "jsonl" else cls.from_parquet(path)
         dataset.tokenizer, dataset.max_length = tokenizer, _max_length(max_length)

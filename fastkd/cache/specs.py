@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd.cache.files import not_a_file
 from fastkd.extras import require
 from fastkd.tokens import TOKEN_SOURCES, TokenDataset
 
@@ -65,7 +66,7 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
                             f"one, got {type(teacher).__name__}")
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
-            raise ValueError(f"--teacher-checkpoint {checkpoint}: no such file")
+            raise ValueError(f"--teacher-checkpoint {checkpoint}: {not_a_file(checkpoint)}")
         state = _load_state_dict(checkpoint)
         try:
             teacher.load_state_dict(state)

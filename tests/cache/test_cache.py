@@ -160,8 +160,10 @@ def test_torchvision_teacher_and_checkpoint(tmp_path):
     torch.save(cache_helpers.digits_teacher().state_dict(), checkpoint)
     with pytest.raises(ValueError, match="does not fit torchvision:resnet18"):
         resolve_teacher("torchvision:resnet18", str(checkpoint))
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="absent.pt: no such file"):
         resolve_teacher("cache_helpers:digits_teacher", str(tmp_path / "absent.pt"))
+    with pytest.raises(ValueError, match="a directory, not a file"):
+        resolve_teacher("cache_helpers:digits_teacher", str(tmp_path))
 
 
 def test_mismatched_rerun_refuses_unless_overwrite(tmp_path):

@@ -214,8 +214,10 @@ def test_bad_token_sources(tmp_path, capsys):
     (tmp_path / "x.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match=r"x.jsonl:1: not valid JSON"):
         TokenDataset.from_spec(f"jsonl:{tmp_path / 'x.jsonl'}")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="none.parquet: no such file"):
         TokenDataset.from_spec(f"parquet:{tmp_path / 'none.parquet'}")
+    with pytest.raises(FileNotFoundError, match="a directory, not a file"):
+        TokenDataset.from_spec(f"jsonl:{tmp_path}")
     with pytest.raises(FileNotFoundError, match="no such directory"):
         TokenDataset.from_spec(f"hf-disk:{tmp_path / 'none'}")
     (tmp_path / "x.parquet").write_text("not parquet")
