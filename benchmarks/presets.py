@@ -25,7 +25,7 @@ class CacheWorkload:
     write_images: int = 4096
     write_classes: int = 100
     write_batch: int = 128
-    write_rounds: int = 5
+    write_rounds: int = 7
     # read: a synthetic cache of read_rows x read_vocab fp16 logits, read back from the page cache
     read_rows: int = 4096
     read_vocab: int = 32000

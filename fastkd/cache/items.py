@@ -63,6 +63,8 @@ def split_item(item):
 
 
 def _shape_key(model_input):
+    if isinstance(model_input, torch.Tensor):
+        return tuple(model_input.shape)
     if isinstance(model_input, dict):
         return tuple((key, tuple(torch.as_tensor(value).shape))
                      for key, value in sorted(model_input.items()))
@@ -88,6 +90,8 @@ def _is_pil_image(value) -> bool:
 
 def _integer_labels(label) -> torch.Tensor:
     """A label as a flat int64 tensor; ValueError/TypeError for anything but integer values."""
+    if isinstance(label, torch.Tensor) and label.dtype == torch.int64:   # the common case
+        return label.reshape(-1)
     labels = torch.as_tensor(label).reshape(-1)
     if labels.is_floating_point():
         bad = ~torch.isfinite(labels) | (labels != labels.round())
@@ -105,7 +109,7 @@ def collate_groups(items):
     groups = {}
     for position, item in enumerate(items):
         model_input, label = split_item(item)
-        if _is_pil_image(model_input):
+        if not isinstance(model_input, torch.Tensor) and _is_pil_image(model_input):
             return BatchProblem(
                 "dataset item {sample} is a PIL image; give the dataset a transform that turns "
                 "images into tensors (e.g. torchvision.transforms.ToTensor())", position)

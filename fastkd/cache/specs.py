@@ -166,7 +166,7 @@ def teacher_fingerprint(teacher: nn.Module) -> str:
     for name, tensor in teacher.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())   # hashed in place
     return digest.hexdigest()
 
 

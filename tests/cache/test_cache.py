@@ -7,6 +7,7 @@ reductions); bf16 with rtol 2**-7; fp32 and exact-byte facts (top-k indices, lab
 exactly; the fp32 log-sum-exp against float32 ``torch.logsumexp`` with rtol 1e-6; top-k
 log-probabilities with atol 2e-3 (fp16 rounding of logits below 4 in magnitude).
 """
+import hashlib
 import os
 
 import numpy as np
@@ -164,6 +165,25 @@ def test_torchvision_teacher_and_checkpoint(tmp_path):
         resolve_teacher("cache_helpers:digits_teacher", str(tmp_path / "absent.pt"))
     with pytest.raises(ValueError, match="a directory, not a file"):
         resolve_teacher("cache_helpers:digits_teacher", str(tmp_path))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_fingerprint_is_sha256_of_the_state_dict_bytes(dtype):
+    """The fingerprint a manifest stores, rebuilt here with hashlib from its definition (class
+    name, then per tensor ``name|dtype|shape|`` and the raw bytes): a changed definition would
+    make every cache written before it refuse to resume."""
+    layer = nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(6.0).reshape(2, 3) / 7)
+        layer.bias.copy_(torch.tensor([-1.5, 0.25]))
+    layer = layer.to(dtype)
+    expected = hashlib.sha256(b"Linear")
+    for name in ("weight", "bias"):
+        tensor = getattr(layer, name).detach()
+        expected.update(f"{name}|{dtype}|{tuple(tensor.shape)}|".encode())
+        raw = tensor.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)
+        expected.update(raw.numpy().tobytes())
+    assert teacher_fingerprint(layer) == expected.hexdigest()
 
 
 def test_mismatched_rerun_refuses_unless_overwrite(tmp_path):
