@@ -1,7 +1,9 @@
 """Workloads for the teacher-logit cache benchmarks (fastkd.cache), CIFAR-shaped random data.
 
 - write: ``fastkd.cache.write_cache`` of a torchvision resnet18 teacher against the teacher's bare
-  forward pass over the same loader (the overhead of caching is the difference).
+  forward pass over the same loader. The teacher clocks its own forward calls
+  (:class:`ForwardClock`), so each pass splits into the teacher's time and the rest; the overhead
+  of caching is the difference of the rests.
 - read: a synthetic ``rows x vocab`` fp16 cache read back from the page cache by sequential
   slices and by random batch gathers, each pass delivering every row once as a batch in memory:
   slices by ``cache.rows(i, i + B, out=staging)`` into a preallocated staging buffer (as a
@@ -39,6 +41,25 @@ def resnet_teacher(num_classes: int, device: str) -> nn.Module:
     torchvision = require("torchvision", "bench", "the cache benchmarks")
     torch.manual_seed(0)
     return torchvision.models.resnet18(weights=None, num_classes=num_classes).to(device).eval()
+
+
+class ForwardClock(nn.Module):
+    """``teacher`` that adds the seconds of each of its forward calls (to the end of the device's
+    work) to ``seconds``. A pass's time minus ``seconds`` is what surrounds the teacher: loading,
+    collation and, in a cache write, the writer's own work. Taking the teacher's time out leaves
+    the writer's cost free of the teacher's run-to-run spread, which on a shared CPU is as large
+    as that cost."""
+
+    def __init__(self, teacher: nn.Module, device: str):
+        super().__init__()
+        self.teacher, self.device, self.seconds = teacher, device, 0.0
+
+    def forward(self, inputs):
+        start = time.perf_counter()
+        output = self.teacher(inputs)
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - start
+        return output
 
 
 class SmallStudentCNN(nn.Module):

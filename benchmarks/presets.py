@@ -20,8 +20,9 @@ SMALL_V_TARGETS = tuple(LossCase(rows, vocab, "fp32", "fp32", "fwd+bwd", group="
 @dataclass(frozen=True)
 class CacheWorkload:
     """Sizes of the cache workloads (they run on the benchmark device, ``--bench-device``)."""
-    # write: a torchvision resnet18 teacher on CIFAR-shaped random images; enough images that the
-    # writer's fixed costs (teacher fingerprint, fsync, manifest) are amortised as in real use
+    # write: a torchvision resnet18 teacher on CIFAR-shaped random images. A short run: the
+    # writer's fixed costs (the teacher fingerprint, a sha256 of all its weights; fsync; the
+    # manifest) are a visible part of it, as they are of any short run
     write_images: int = 4096
     write_classes: int = 100
     write_batch: int = 128

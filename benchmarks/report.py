@@ -248,7 +248,8 @@ def cache_table(records) -> str:
         if metric == "write":
             figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.3g} MB/s; teacher alone "
                        f"{_ms(r['teacher_forward_s'])} ms, with cache write {_ms(r['median_s'])} ms; "
-                       f"overhead, median of the rounds' pairs: {r['overhead_pct']:+.1f}%")
+                       f"the writer adds {_ms(r['added_s'])} ms besides the teacher's forward: "
+                       f"{r['overhead_pct']:+.1f}%")
         elif metric.startswith("bytes"):
             dense = next((d for d in records if d.get("metric") == "bytes_dense"), None)
             figures = (f"{r['bytes_per_token']:,.1f} B/token in all files (teacher "
