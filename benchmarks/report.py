@@ -246,10 +246,10 @@ def cache_table(records) -> str:
     for r in (r for r in records if r.get("kind") == "cache"):
         metric = r["metric"]
         if metric == "write":
-            figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.3g} MB/s; teacher alone "
-                       f"{_ms(r['teacher_forward_s'])} ms, with cache write {_ms(r['median_s'])} ms; "
-                       f"the writer adds {_ms(r['added_s'])} ms besides the teacher's forward: "
-                       f"{r['overhead_pct']:+.1f}%")
+            figures = (f"{_number(r['rows_per_s'])} rows/s, {r['mb_per_s']:.3g} MB/s; bare pass "
+                       f"(the teacher over the loader) {_ms(r['teacher_forward_s'])} ms, write pass "
+                       f"{_ms(r['median_s'])} ms; the writer adds {_ms(r['added_s'])} ms besides "
+                       f"the teacher's forward: {r['overhead_pct']:+.1f}%")
         elif metric.startswith("bytes"):
             dense = next((d for d in records if d.get("metric") == "bytes_dense"), None)
             figures = (f"{r['bytes_per_token']:,.1f} B/token in all files (teacher "
