@@ -102,10 +102,30 @@ def _integer_labels(label) -> torch.Tensor:
     return labels.long()
 
 
+def _collate_uniform(items):
+    """The common batch in one pass: ``(tensor, int64 tensor label, ...)`` items whose inputs
+    share one shape, as :func:`collate_groups` would collate them; None for any other batch."""
+    inputs, labels, shape = [], [], None
+    for item in items:
+        if type(item) not in (tuple, list) or len(item) < 2:
+            return None
+        model_input, label = item[0], item[1]
+        if type(model_input) is not torch.Tensor or type(label) is not torch.Tensor or \
+                label.dtype != torch.int64 or (shape is not None and model_input.shape != shape):
+            return None
+        shape = model_input.shape
+        inputs.append(model_input)
+        labels.append(label.reshape(-1))
+    return [(list(range(len(items))), torch.stack(inputs), labels)] if inputs else None
+
+
 def collate_groups(items):
     """Collate a batch into groups of equal input shape (variable-length items run unpadded,
     so every sample's teacher output is exact): ``[(positions, inputs, labels or None)]``, or a
     :class:`BatchProblem` naming the first unusable item."""
+    uniform = _collate_uniform(items)
+    if uniform is not None:
+        return uniform
     groups = {}
     for position, item in enumerate(items):
         model_input, label = split_item(item)
