@@ -135,7 +135,8 @@ class TokenDataset(torch.utils.data.Dataset):
         if kind == "hf-disk":
             dataset = cls.from_disk(path, split)
         elif not os.path.isfile(path):
-            raise FileNotFoundError(f"--dataset {spec}: {os.path.abspath(path)}: {not_a_file(path)}")
+            raise FileNotFoundError(f"--dataset {spec}: {os.path.abspath(path)}: "
+                                    f"{not_a_file(path)}")
         else:
             dataset = cls.from_jsonl(path) if kind == "jsonl" else cls.from_parquet(path)
         dataset.tokenizer, dataset.max_length = tokenizer, _max_length(max_length)
