@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     case = LossCase(**{key: fields[key] for key in LossCase.__dataclass_fields__})
     student, teacher, labels = make_inputs(case, "cpu")
     loss_fn = make_provider(args.provider, case, compile_backend=args.compile_backend)
-    step = make_step(loss_fn, student, teacher, labels, case.mode)
+    step = make_step(loss_fn, student, teacher, labels, case.mode, case.grad_inplace)
     step()  # warm-up: compilation, thread pools, lazy inits
     student.grad = None
     gc.collect()

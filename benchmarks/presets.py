@@ -104,10 +104,12 @@ def _quick() -> Preset:
 
 def _sparse() -> Preset:
     """The sparse-teacher benchmark (CPU): fwd+bwd at 2048 x 32000 and 1024 x 128256,
-    fp32 and bf16, K = 32, fastkd vs densify / plain top-k eager / its torch.compile; extra
-    peak memory for every (case, provider)."""
+    fp32 and bf16, K = 32, fastkd vs densify / plain top-k eager / its torch.compile, then
+    fastkd vs densify with both writing the gradient in place; extra peak memory for every
+    (case, provider)."""
     cases = tuple(LossCase(rows, vocab, dtype, dtype, "fwd+bwd", group="sparse",
-                           temperature=1.0, teacher_k=32)
+                           temperature=1.0, teacher_k=32, grad_inplace=grad_inplace)
+                  for grad_inplace in (False, True)
                   for rows, vocab in ((2048, 32000), (1024, 128256))
                   for dtype in ("fp32", "bf16"))
     return Preset("sparse", cases, budget_s=6.0, min_rounds=5, max_rounds=50,
@@ -142,9 +144,12 @@ def _smoke() -> Preset:
     memory_case = LossCase(256, 8192, "fp32", "fp32", "fwd+bwd")
     sparse_case = LossCase(256, 8192, "fp32", "fp32", "fwd+bwd", group="sparse",
                            temperature=1.0, teacher_k=8)
-    cases = (LossCase(64, 100, "bf16", "fp16", "fwd"), memory_case, sparse_case)
+    inplace_case = LossCase(64, 1000, "bf16", "bf16", "fwd+bwd", group="sparse",
+                            temperature=1.0, teacher_k=8, grad_inplace=True)
+    cases = (LossCase(64, 100, "bf16", "fp16", "fwd"), memory_case, sparse_case, inplace_case)
     return Preset("smoke", cases, budget_s=0.02, min_rounds=2, max_rounds=3,
-                  memory_case_ids=(memory_case.id, sparse_case.id), memory_providers=("eager",),
+                  memory_case_ids=(memory_case.id, sparse_case.id, inplace_case.id),
+                  memory_providers=("eager",),
                   sparse_memory_providers=("fastkd", "densify"),
                   compile_backend="aot_eager",
                   cache=CacheWorkload(write_images=64, write_classes=10, write_batch=32,

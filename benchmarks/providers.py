@@ -20,6 +20,15 @@ exact lse) compare, on the bucket loss (K kept classes + the rest mass, forward 
   ``gather`` at the teacher ids, the rest bucket from ``1 - sum``); ``topk-compile``:
   ``torch.compile`` of it.
 
+Cases with ``grad_inplace`` (sparse only) run ``fastkd`` and ``densify`` with
+``kd_loss(..., grad_inplace=True)``: the gradient goes into the student logits' storage, as in
+training where the logits come from the LM head and nothing else reads them. Both paths then
+skip the fresh gradient buffer, whose first-touch page faults dominate a CPU step otherwise.
+Their student is a copy of the case's (it holds gradients after the first call; the kernels'
+run time does not depend on the values), and its gradient is taken with
+``torch.autograd.grad``, as an LM head's backward would take it (``backward()`` into a leaf
+would copy it into ``student.grad``).
+
 Sparse cases run at T = 1: ``log_probs(V)`` gives log-probabilities at the target's temperature,
 which dense ``kd_loss`` would temper again at any other T.
 
@@ -45,6 +54,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("fastkd", "eager", "compile", "liger")
 SPARSE_PROVIDERS = ("fastkd", "densify", "topk-eager", "topk-compile")
+GRAD_INPLACE_PROVIDERS = ("fastkd", "densify")   # the providers with a grad_inplace option
 SOFT_WEIGHT = HARD_WEIGHT = 0.5
 
 # Correctness check against the float64 reference, per student dtype: |loss - ref| / |ref| and
@@ -66,6 +76,7 @@ class LossCase:
     group: str = "sweep"
     temperature: float = 2.0
     teacher_k: int = 0    # > 0: a sparse teacher, its top-k (TopKLogits) instead of V logits
+    grad_inplace: bool = False   # the gradient written into the student's storage
 
     def __post_init__(self):
         if self.rows < 1 or self.vocab < 1:
@@ -77,6 +88,8 @@ class LossCase:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if not 0 <= self.teacher_k <= self.vocab:
             raise ValueError(f"teacher_k must be in [0, vocab], got {self.teacher_k}")
+        if self.grad_inplace and (self.mode != "fwd+bwd" or not self.teacher_k):
+            raise ValueError("grad_inplace cases must be sparse-teacher fwd+bwd cases")
 
     @property
     def dtypes(self) -> str:
@@ -87,7 +100,8 @@ class LossCase:
     @property
     def id(self) -> str:
         sparse = f"-top{self.teacher_k}" if self.teacher_k else ""
-        return f"{self.group}-{self.rows}x{self.vocab}{sparse}-{self.dtypes}-{self.mode}"
+        inplace = "-grad-inplace" if self.grad_inplace else ""
+        return f"{self.group}-{self.rows}x{self.vocab}{sparse}-{self.dtypes}-{self.mode}{inplace}"
 
     @property
     def logits_bytes(self) -> int:
@@ -169,7 +183,10 @@ def liger_unavailable_reason(device: str) -> Optional[str]:
 
 
 def providers_for(case: LossCase, dense_providers=PROVIDERS, sparse_providers=SPARSE_PROVIDERS):
-    return sparse_providers if case.teacher_k else dense_providers
+    providers = sparse_providers if case.teacher_k else dense_providers
+    if case.grad_inplace:
+        return tuple(name for name in providers if name in GRAD_INPLACE_PROVIDERS)
+    return providers
 
 
 def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor") -> Callable:
@@ -182,7 +199,8 @@ def make_provider(name: str, case: LossCase, *, compile_backend: str = "inductor
 
         def fastkd_loss(student, teacher, labels):
             return fastkd.kd_loss(student, teacher, labels, temperature=temperature,
-                                  soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT, backend="auto")
+                                  soft_weight=SOFT_WEIGHT, hard_weight=HARD_WEIGHT, backend="auto",
+                                  grad_inplace=case.grad_inplace)
         return fastkd_loss
     if name == "eager":
         return lambda student, teacher, labels: textbook_composition(
@@ -221,7 +239,8 @@ def _make_sparse_baseline(name: str, case: LossCase, compile_backend: str) -> Ca
         def densify_loss(student, teacher, labels):
             return fastkd.kd_loss(student, teacher.log_probs(case.vocab), labels,
                                   temperature=temperature, soft_weight=SOFT_WEIGHT,
-                                  hard_weight=HARD_WEIGHT, backend="auto")
+                                  hard_weight=HARD_WEIGHT, backend="auto",
+                                  grad_inplace=case.grad_inplace)
         return densify_loss
     if name == "topk-eager":
         return lambda student, teacher, labels: plain_topk_kd_loss(student, teacher, labels,
@@ -235,10 +254,20 @@ def _make_sparse_baseline(name: str, case: LossCase, compile_backend: str) -> Ca
     raise ValueError(f"sparse-teacher provider must be one of {SPARSE_PROVIDERS}, got {name!r}")
 
 
-def make_step(loss_fn: Callable, student, teacher, labels, mode: str) -> Callable:
-    """One timed call: the loss (``fwd``, under no_grad) or loss + backward, then a device sync."""
+def make_step(loss_fn: Callable, student, teacher, labels, mode: str,
+              grad_inplace: bool = False) -> Callable:
+    """One timed call: the loss (``fwd``, under no_grad) or loss + backward, then a device sync.
+    With ``grad_inplace`` the gradient (the student's own storage) is taken with
+    ``torch.autograd.grad`` and kept as ``step.grad``; otherwise it lands in ``student.grad``."""
     device = student.device.type
-    if mode == "fwd":
+    if grad_inplace:
+        def step():
+            loss = loss_fn(student, teacher, labels)
+            (step.grad,) = torch.autograd.grad(loss, student)
+            synchronize(device)
+            return loss
+        step.grad = None
+    elif mode == "fwd":
         def step():
             with torch.no_grad():
                 loss = loss_fn(student, teacher, labels)

@@ -2,7 +2,8 @@
 
 Each test: check the provider's loss and gradient against the float64 reference (the warm-up
 call, which also compiles), time ``rounds`` calls with pytest-benchmark (each ends with a device
-sync; clearing ``student.grad`` is untimed), then record rows/s, GB/s, % of peak and, where the
+sync; clearing ``student.grad`` is untimed; ``grad_inplace`` cases time a copy of the student,
+see benchmarks/providers.py), then record rows/s, GB/s, % of peak and, where the
 preset asks, the peak extra memory in ``benchmark.extra_info``.
 """
 import pytest
@@ -17,15 +18,19 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
         pytest.skip(f"liger: {liger_unavailable_reason(device)}")
     student, teacher, labels, reference_of = case_data(loss_case)
     reference = reference_of(provider)
+    if loss_case.grad_inplace:   # the case's student is shared by its providers: keep it
+        student = student.detach().clone().requires_grad_(True)
     loss_fn = make_provider(provider, loss_case, compile_backend=preset.compile_backend)
-    step = make_step(loss_fn, student, teacher, labels, loss_case.mode)
+    step = make_step(loss_fn, student, teacher, labels, loss_case.mode, loss_case.grad_inplace)
 
     def clear_grad():
         student.grad = None
 
     clear_grad()  # inputs are shared by a case's providers
     loss = step()  # warm-up (compilation happens here) and the correctness check
-    check = check_against_reference(loss_case, loss, student.grad, reference)
+    grad = step.grad if loss_case.grad_inplace else student.grad
+    check = check_against_reference(loss_case, loss, grad, reference)
+    del grad
     clear_grad()
     seconds_per_call = time_once(step)
     clear_grad()

@@ -74,17 +74,31 @@ def test_smoke_preset_end_to_end(tmp_path):
     preset = get_preset("smoke")
     providers_here = {"fastkd", "eager", "compile"}  # liger needs CUDA
     sparse_providers = {"fastkd", "densify", "topk-eager", "topk-compile"}
+    inplace_providers = {"fastkd", "densify"}   # the ones with a grad_inplace option
     assert {(r["case"]["id"], r["provider"]) for r in loss} == {
         (case.id, provider) for case in preset.loss_cases
-        for provider in (sparse_providers if case.teacher_k else providers_here)}
+        for provider in (inplace_providers if case.grad_inplace else
+                         sparse_providers if case.teacher_k else providers_here)}
     assert all(r["check"]["ok"] and r["median_s"] > 0 and r["rounds"] >= 2 for r in loss)
-    measured = {(r["provider"], r["case"]["group"]): r for r in loss if "peak_extra_buffers" in r}
+    from fastkd.kernels import kd_loss_cpu, kd_sparse_cpu
+    inplace_case = next(case for case in preset.loss_cases if case.grad_inplace)
+    inplace = {r["provider"]: r for r in loss if r["case"]["id"] == inplace_case.id}
+    measured = {(r["provider"], r["case"]["group"]): r for r in loss
+                if "peak_extra_buffers" in r and r["case"]["id"] != inplace_case.id}
     assert set(measured) == {("eager", "sweep"), ("fastkd", "sparse"), ("densify", "sparse")}
+    # with the gradient in the student's storage the fused sparse loss holds no logits-sized
+    # buffer (only the C kernel's rows, or the PyTorch path's fp32 chunk); densify still holds
+    # its dense fp32 teacher: two bf16 buffers
+    from fastkd.reference_dense import CHUNK_ELEMENTS
+    inplace_chunk = 0.0 if kd_sparse_cpu.available() else min(
+        CHUNK_ELEMENTS // inplace_case.vocab, inplace_case.rows) * 4 * inplace_case.vocab \
+        / inplace_case.logits_bytes
+    assert inplace["fastkd"]["peak_extra_buffers"] < 0.5 + inplace_chunk, inplace["fastkd"]
+    assert inplace["densify"]["peak_extra_buffers"] >= 2.0, inplace["densify"]
     # CPU peaks are torch's allocator peak plus the C kernels' own row buffers
     # (benchmarks/memory.py), each measured in a fresh process, so a provider is charged only the
     # kernels it calls: none for the eager composition, the sparse kernel's for fastkd's sparse
     # loss and the dense one's for densify (a few rows of V floats, one thread here)
-    from fastkd.kernels import kd_loss_cpu, kd_sparse_cpu
     sparse_case = next(case for case in preset.loss_cases if case.teacher_k)
     work = {key: r["kernel_work_bytes"] for key, r in measured.items()}
     assert work["eager", "sweep"] == 0, work
@@ -103,7 +117,6 @@ def test_smoke_preset_end_to_end(tmp_path):
     # buffer (a whole buffer at this small size); densify holds the dense teacher and the gradient
     # (the dense CPU kernel adds only row buffers), so beyond the chunk buffer, which does not
     # grow with N, the sparse loss is the smaller
-    from fastkd.reference_dense import CHUNK_ELEMENTS
     chunk_buffers = min(CHUNK_ELEMENTS // sparse_case.vocab, sparse_case.rows) * 4 \
         * sparse_case.vocab / sparse_case.logits_bytes
     assert memory["fastkd", "sparse"] <= 1.25 + chunk_buffers, memory
@@ -136,6 +149,9 @@ def test_smoke_preset_end_to_end(tmp_path):
     markdown = written["markdown"].read_text()
     assert all(f"| {provider} |" in markdown for provider in providers_here | sparse_providers)
     assert goals["sparse top-8 256x8192 fp32: fastkd vs densify"]["status"] != "not measured"
+    assert goals["sparse top-8 64x1000 bf16, gradient in place: fastkd vs densify"]["status"] \
+        != "not measured"
+    assert "fwd+bwd, grad in place" in markdown
     assert "## Goals" in markdown and "## Cache" in markdown and "WRONG" not in markdown
 
 
