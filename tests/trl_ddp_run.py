@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.join(HERE, "integrations")]
-import test_trl as T  # noqa: E402  (the tiny models and trainer builders)
+sys.path.insert(0, HERE)
+import trl_helpers as T  # noqa: E402  (the tiny models and trainer builders)
 
 import fastkd.trl  # noqa: E402
 

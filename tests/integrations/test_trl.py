@@ -1,13 +1,12 @@
 """fastkd.trl: TRL's distillation trainers with fastkd's fused linear + KD loss give TRL's own
 loss and gradients on the same batches (tiny transformers models built from configs, CPU, no
-downloads).
+downloads; tests/trl_helpers.py). The served-teacher trainer: test_trl_server.py.
 
 Tolerances (float32 throughout): losses rtol 1e-5 / atol 1e-7; gradients atol 1e-4 times the
 largest gradient entry over all parameters (plus rtol 1e-4); the two paths sum the same terms in different orders
 and chunkings, nothing more.
 """
 import json
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,129 +16,19 @@ import torch
 
 pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
+pytest.importorskip("datasets")
 
 import fastkd.trl  # noqa: E402
 from fastkd.trl import logit_transforms  # noqa: E402
-from paths import ROOT
-
-EXAMPLE = os.path.join(ROOT, "examples", "trl_onpolicy.py")
+from paths import ROOT  # noqa: E402
+from trl_helpers import (EXAMPLE, PAIRS, V, assert_same_grads, causal_lm,  # noqa: E402
+                         completion_batch, distillation_trainer, gkd_collate, gkd_rows,
+                         gkd_trainer, loss_and_grads, model_pair, param_grads)
 
 pytestmark = pytest.mark.usefixtures("reproducible_cpu")
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("trl_onpolicy", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EX = _example()
-V = EX.VOCAB
-
-
-def _model(kind: str, seed: int, dim: int = 32, **extra):
-    """A 1-layer causal LM of ``kind`` with its output weights scaled up (logits of a few units,
-    so the distributions are far from uniform and a softcap bends them)."""
-    classes = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig, {}),
-               "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, {}),
-               "gemma2": (transformers.Gemma2ForCausalLM, transformers.Gemma2Config,
-                          {"head_dim": 16, "attn_implementation": "eager"}),
-               "cohere": (transformers.CohereForCausalLM, transformers.CohereConfig, {})}
-    model_class, config_class, defaults = classes[kind]
-    torch.manual_seed(seed)
-    config = config_class(vocab_size=V, hidden_size=dim, intermediate_size=2 * dim,
-                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                          max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                          eos_token_id=2, use_cache=False, **{**defaults, **extra})
-    model = model_class(config)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(25.0)
-    return model
-
-
-# (student, teacher): no transforms; a softcapped teacher with a scaled (Cohere) student; a
-# softcapped student with a softcapped teacher of another width
-PAIRS = {
-    "plain": (("llama", {}), ("qwen2", {"dim": 48})),
-    "softcap": (("cohere", {"logit_scale": 0.5}), ("gemma2", {"final_logit_softcapping": 6.0})),
-    "both-softcap": (("gemma2", {"final_logit_softcapping": 4.0}),
-                     ("gemma2", {"final_logit_softcapping": 7.0, "dim": 48})),
-}
-
-
-def model_pair(name):
-    (student_kind, student_extra), (teacher_kind, teacher_extra) = PAIRS[name]
-    return (_model(student_kind, 1, **student_extra),
-            _model(teacher_kind, 2, **teacher_extra).eval())
-
-
-def _grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()
-            if p.grad is not None}
-
-
-def _assert_same_grads(got, want):
-    assert got.keys() == want.keys()
-    scale = max(float(g.abs().max()) for g in want.values())
-    assert scale > 0
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-4 * scale,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
-def _loss_and_grads(model, compute):
-    model.zero_grad(set_to_none=True)
-    loss = compute()
-    loss.backward()
-    return loss.detach(), _grads(model)
-
-
-def _config_args(tmp_path, **overrides):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[],
-                save_strategy="no", use_cpu=True, bf16=False, seed=0, disable_tqdm=True,
-                dataloader_num_workers=0, learning_rate=0.5, optim="sgd",
-                lr_scheduler_type="constant", logging_steps=1)
-    base.update(overrides)
-    return base
-
-
 # ----------------------------------------------------------------------------- GKD
-def gkd_rows(count=8, width=14, seed=0):
-    """Right-padded rows with a prompt (label -100) and a completion of varying lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(count):
-        length = int(torch.randint(6, width + 1, (), generator=generator))
-        prompt = int(torch.randint(2, length - 2, (), generator=generator))
-        tokens = torch.randint(3, V, (length,), generator=generator).tolist()
-        pad = width - length
-        rows.append({"input_ids": tokens + [0] * pad, "attention_mask": [1] * length + [0] * pad,
-                     "labels": [-100] * prompt + tokens[prompt:] + [-100] * pad,
-                     "prompts": tokens[:prompt], "prompt_attention_mask": [1] * prompt})
-    return rows
-
-
-def gkd_collate(rows):
-    batch = {key: torch.tensor([row[key] for row in rows])
-             for key in ("input_ids", "attention_mask", "labels")}
-    width = max(len(row["prompts"]) for row in rows)   # left-padded prompts
-    batch["prompts"] = torch.tensor([[0] * (width - len(r["prompts"])) + r["prompts"]
-                                     for r in rows])
-    batch["prompt_attention_mask"] = (torch.arange(width) >= width - torch.tensor(
-        [len(r["prompts"]) for r in rows]).unsqueeze(1)).long()
-    return batch
-
-
-def gkd_trainer(cls, student, teacher, tmp_path, **config):
-    from trl.experimental.gkd import GKDConfig
-    args = GKDConfig(**_config_args(tmp_path, lmbda=0.0, **config))
-    return cls(model=student, teacher_model=teacher, args=args, data_collator=gkd_collate,
-               train_dataset=datasets.Dataset.from_list(gkd_rows()),
-               processing_class=EX.byte_tokenizer())
-
-
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_gkd_loss_and_grads_equal_trl(pair, tmp_path):
     student, teacher = model_pair(pair)
@@ -154,13 +43,13 @@ def test_gkd_loss_and_grads_equal_trl(pair, tmp_path):
         for temperature in (1.0, 2.5):   # GKD's loss is at T = 1 whatever temperature says
             trainer.beta, trainer.temperature = beta, temperature
             for items in (None, torch.tensor(count + 5)):
-                got = _loss_and_grads(model, lambda: trainer.compute_loss(
+                got = loss_and_grads(model, lambda: trainer.compute_loss(
                     model, dict(batch), num_items_in_batch=items))
-                want = _loss_and_grads(model, lambda: trl_class.compute_loss(
+                want = loss_and_grads(model, lambda: trl_class.compute_loss(
                     trainer, model, dict(batch), num_items_in_batch=items))
                 assert float(want[0]) > 1e-3   # a loss that can tell the paths apart
                 torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
-                _assert_same_grads(got[1], want[1])
+                assert_same_grads(got[1], want[1])
 
 
 def test_gkd_training_steps_equal_trl(tmp_path):
@@ -185,41 +74,14 @@ def test_gkd_training_steps_equal_trl(tmp_path):
     assert any(float((want_params[n] - initial[n]).abs().max()) > 1e-3 for n in want_params)
 
 
+
 # ----------------------------------------------------------------------------- Distillation
-def _completion_batch(rows=4, prompt=6, completion=7, seed=3):
-    """A micro-batch as TRL's DistillationTrainer makes it: left-padded prompts, right-padded
-    completions, num_items_in_batch over the (global) generation batch."""
-    generator = torch.Generator().manual_seed(seed)
-    prompt_ids = torch.randint(3, V, (rows, prompt), generator=generator)
-    prompt_mask = torch.ones_like(prompt_ids)
-    prompt_mask[1, :2] = 0
-    prompt_ids[1, :2] = 0
-    completion_ids = torch.randint(3, V, (rows, completion), generator=generator)
-    completion_mask = torch.ones_like(completion_ids)
-    completion_mask[0, 4:] = 0
-    completion_mask[2, 1:] = 0
-    completion_ids[completion_mask == 0] = 0
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-            "completion_ids": completion_ids, "completion_mask": completion_mask,
-            "num_items_in_batch": completion_mask.sum() + 3}
-
-
-def distillation_trainer(cls, student, teacher, tmp_path, **config):
-    from trl import DistillationConfig
-    args = DistillationConfig(**_config_args(tmp_path, max_completion_length=6, **config))
-    return cls(model=student, teacher_model=teacher, args=args,
-               train_dataset=datasets.Dataset.from_dict({"prompt": [
-                   "def f(x):", "a = [1,", "class A", "import o", "for i in", "x = {",
-                   "while ", "return "]}),
-               processing_class=EX.byte_tokenizer())
-
-
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_distillation_loss_and_grads_equal_trl(pair, tmp_path):
     student, teacher = model_pair(pair)
     trainer = distillation_trainer(fastkd.trl.DistillationTrainer, student, teacher, tmp_path)
     trl_class = fastkd.trl.TRLDistillationTrainer
-    batch = _completion_batch()
+    batch = completion_batch()
     model = trainer.model
     model.train()
     for beta in (0.0, 0.5, 1.0):
@@ -232,7 +94,7 @@ def test_distillation_loss_and_grads_equal_trl(pair, tmp_path):
                     model.zero_grad(set_to_none=True)
                     loss, entropy, count = method(model, batch, items)
                     loss.backward()
-                    outs[name] = (loss.detach(), entropy, count, _grads(model))
+                    outs[name] = (loss.detach(), entropy, count, param_grads(model))
                 (loss, entropy, count, grads), (want, want_entropy, want_count, want_grads) = \
                     outs["fastkd"], outs["trl"]
                 assert float(want) > 1e-3
@@ -240,7 +102,7 @@ def test_distillation_loss_and_grads_equal_trl(pair, tmp_path):
                 torch.testing.assert_close(entropy.float(), want_entropy.float(), rtol=1e-5,
                                            atol=1e-5)
                 assert int(count) == int(want_count)
-                _assert_same_grads(grads, want_grads)
+                assert_same_grads(grads, want_grads)
 
 
 def test_distillation_training_step_equals_trl(tmp_path):
@@ -262,105 +124,11 @@ def test_distillation_training_step_equals_trl(tmp_path):
     for name, want in want_params.items():
         torch.testing.assert_close(got_params[name], want, rtol=1e-5, atol=1e-6)
 
-
-# ----------------------------------------------------------------------------- Server
-class FakeTeacherServer:
-    """Stands in for trl's VLLMClient: scores sequences with a local teacher as vLLM's
-    /get_sequence_logprobs does (top-k log-probs at the request's temperature, sorted, and the
-    sampled token's log-prob)."""
-    teacher = None
-
-    def __init__(self, base_url=None, connection_timeout=0.0, **_):
-        self.base_url = base_url
-
-    @torch.no_grad()
-    def get_sequence_logprobs(self, sequences, prompt_lengths, top_logprobs, temperature):
-        out = {"logprobs": [], "logprob_token_ids": [], "actual_logprobs": []}
-        for sequence, prompt_length in zip(sequences, prompt_lengths):
-            ids = torch.tensor([sequence])
-            logits = self.teacher(input_ids=ids).logits[0].float()
-            log_probs = torch.log_softmax(logits / temperature, -1)[prompt_length - 1:-1]
-            top = log_probs.topk(top_logprobs, dim=-1)
-            actual = log_probs.gather(-1, ids[0, prompt_length:].unsqueeze(-1))
-            out["logprobs"].append(top.values.tolist())
-            out["logprob_token_ids"].append(top.indices.tolist())
-            out["actual_logprobs"].append(actual.tolist())
-        return out
-
-
-def _server_trainer(student, teacher, tmp_path, monkeypatch, **config):
-    import trl.generation.vllm_client as vllm_client
-    from trl.experimental.server_distillation import ServerDistillationConfig
-    FakeTeacherServer.teacher = teacher
-    monkeypatch.setattr(vllm_client, "VLLMClient", FakeTeacherServer)
-    args = ServerDistillationConfig(**_config_args(
-        tmp_path, max_completion_length=6, teacher_model_server_url="http://teacher.invalid",
-        **config))
-    return fastkd.trl.ServerDistillationTrainer(
-        model=student, args=args, processing_class=EX.byte_tokenizer(),
-        train_dataset=datasets.Dataset.from_dict({"prompt": ["x = 1", "def g():", "if a:",
-                                                            "print("]}))
-
-
-@pytest.mark.parametrize("beta,top_k,tail", [(0.0, 4, True), (0.0, 4, False), (0.0, 1, True),
-                                             (0.5, 1, True), (0.5, 1, False), (1.0, 1, True)])
-def test_server_loss_and_grads_equal_trl(beta, top_k, tail, tmp_path, monkeypatch):
-    student, teacher = model_pair("softcap")
-    trainer = _server_trainer(student, teacher, tmp_path, monkeypatch, beta=beta,
-                              loss_top_k=top_k, loss_add_tail=tail)
-    trl_class = fastkd.trl.TRLServerDistillationTrainer
-    batch = _completion_batch(seed=5)
-    # half the rows follow the teacher's greedy choice, so top-1 == sampled token there
-    with torch.no_grad():
-        greedy = teacher.generate(input_ids=batch["prompt_ids"][2:],
-                                  attention_mask=batch["prompt_mask"][2:], do_sample=False,
-                                  max_new_tokens=batch["completion_ids"].shape[1],
-                                  min_new_tokens=batch["completion_ids"].shape[1],
-                                  pad_token_id=0, eos_token_id=None)
-    batch["completion_ids"][2:] = greedy[:, batch["prompt_ids"].shape[1]:]
-    batch["completion_ids"][batch["completion_mask"] == 0] = 0
-    model = trainer.model
-    model.train()
-    trainer.current_gradient_accumulation_steps = 3   # what Trainer.train sets
-    for temperature in (1.0, 1.7):
-        trainer.temperature = temperature
-        got = _loss_and_grads(model, lambda: trainer.compute_loss(model, dict(batch)))
-        want = _loss_and_grads(model, lambda: trl_class.compute_loss(trainer, model,
-                                                                     dict(batch)))
-        if beta != 1.0 or tail:
-            assert float(want[0]) > 1e-3
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-7)
-        _assert_same_grads(got[1], want[1]) if float(want[0]) > 0 else None
-
-
-def test_server_training_step_equals_trl(tmp_path, monkeypatch):
-    """One optimizer step of on-policy training against the (fake) teacher server, gradient
-    accumulation 2 (TRL divides each micro-batch's mean by the accumulation steps): the same
-    logged loss and weights as TRL's trainer."""
-    results = []
-    for fastkd_loss in (True, False):
-        student, teacher = model_pair("softcap")
-        trainer = _server_trainer(student, teacher, tmp_path / str(fastkd_loss), monkeypatch,
-                                  beta=0.0, loss_top_k=3, gradient_accumulation_steps=2,
-                                  max_steps=1, temperature=1.3)
-        if not fastkd_loss:   # the same trainer object with TRL's own compute_loss
-            trainer.compute_loss = lambda *a, trainer=trainer, **k: \
-                fastkd.trl.TRLServerDistillationTrainer.compute_loss(trainer, *a, **k)
-        trainer.train()
-        log = [entry for entry in trainer.state.log_history if "loss" in entry]
-        results.append((log[0], {n: p.detach().clone() for n, p in student.named_parameters()}))
-    (got_log, got_params), (want_log, want_params) = results
-    assert want_log["loss"] > 1e-3
-    assert got_log["loss"] == pytest.approx(want_log["loss"], rel=1e-5)
-    for name, want in want_params.items():
-        torch.testing.assert_close(got_params[name], want, rtol=1e-5, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------- pieces
 def test_logit_transforms_follow_the_configs():
-    assert logit_transforms(_model("llama", 0)) == (1.0, None)
-    assert logit_transforms(_model("cohere", 0, logit_scale=0.25)) == (0.25, None)
-    assert logit_transforms(_model("gemma2", 0, final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert logit_transforms(causal_lm("llama", 0)) == (1.0, None)
+    assert logit_transforms(causal_lm("cohere", 0, logit_scale=0.25)) == (0.25, None)
+    assert logit_transforms(causal_lm("gemma2", 0, final_logit_softcapping=30.0)) == (1.0, 30.0)
     granite = transformers.GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
                                          num_hidden_layers=1, num_attention_heads=2,
                                          logits_scaling=8.0)
@@ -380,7 +148,7 @@ def test_logit_transforms_reproduce_the_models_forward(kind, extra):
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(25.0)
     else:
-        model = _model(kind, 0, **extra)
+        model = causal_lm(kind, 0, **extra)
     ids = torch.randint(3, V, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(input_ids=ids).logits
