@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from fastkd.cache import outdir
+
 EXPORT_FORMAT = "fastkd-parquet-export"
 EXPORT_VERSION = 1
 CHUNK_ROWS = 8192  # teacher rows read and written at a time (bounds memory)
@@ -194,7 +196,8 @@ def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PE
         elif name not in names:
             raise ExportError(f"{path} is not part of this cache's export (another cache or "
                               f"--samples-per-file); pass --overwrite to replace it")
-    with tqdm(total=total, unit="sample", disable=not progress, desc="fastkd export") as bar:
+    with tqdm(total=total, unit="sample", disable=not progress, desc="fastkd export",
+              delay=outdir.PROGRESS_DELAY_S) as bar:
         for (start, stop), name in zip(ranges, names):
             path = os.path.join(out, name)
             if os.path.exists(path) and not _part_matches(path, rows, start, stop):

@@ -13,6 +13,11 @@ try:
 except ImportError:  # pragma: no cover - not POSIX (Windows): runs are not locked there
     fcntl = None
 
+# The progress bars of the commands that write a cache or an export appear only after this many
+# seconds, so that a run failing at its first batch (an option checked against the teacher's
+# first output) prints its error alone
+PROGRESS_DELAY_S = 0.5
+
 # errno -> what it means for the cache directory, and what to do
 _SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

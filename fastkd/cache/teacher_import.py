@@ -38,7 +38,7 @@ def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_s
         resume_at = state["shards"][-1]["sample_stop"] if state["shards"] else 0
         from tqdm.auto import tqdm
         with tqdm(total=len(dataset), initial=resume_at, unit="sample", disable=not progress,
-                  desc="fastkd import", dynamic_ncols=True) as bar, \
+                  desc="fastkd import", dynamic_ncols=True, delay=outdir.PROGRESS_DELAY_S) as bar, \
                 shard_output(out_dir, state, fmt.MANIFEST_NAME) as cutter:
             pending, count = [], 0
             for _, sample in dataset.iter_rows(resume_at):

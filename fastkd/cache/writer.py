@@ -335,7 +335,8 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     unlearned = getattr(dataset, "ignore_index", -100) if state.get("rows") == "learned" else None
     batches = iter(loader)  # start (fork) loader workers before the writer thread exists
     bar = tqdm(total=rank_stop - rank_start, initial=resume_at - rank_start, unit="sample",
-               disable=not show_progress, desc="fastkd cache", dynamic_ncols=True)
+               disable=not show_progress, desc="fastkd cache", dynamic_ncols=True,
+               delay=outdir.PROGRESS_DELAY_S)
     rows_done, bytes_done = 0, 0
     with bar, shard_output(out_dir, state, progress_name) as cutter:
         sample = batch_start

@@ -271,6 +271,14 @@ def test_out_that_is_a_file(tmp_path, capsys):
     assert target.read_text() == "x"
 
 
+def test_an_option_refused_at_the_first_batch_prints_no_progress_bar(tmp_path, capsys):
+    """--top-k is checked against the teacher's first output; the error is the only output
+    even with the progress bar on (the bar shows only after a delay)."""
+    argv = cache_args(tmp_path / "c", "--top-k", "20")
+    argv.remove("--quiet")
+    fails_cleanly(capsys, argv, "top_k=20 exceeds the teacher's 10 classes")
+
+
 @pytest.mark.parametrize("size", ["nan", "inf", "-1", "0"])
 def test_shard_size_must_be_positive_and_finite(tmp_path, capsys, size):
     argv = cache_args(tmp_path / "c")
