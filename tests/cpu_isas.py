@@ -6,6 +6,7 @@ one it picks for this machine. The kernel tests also run each copy this machine 
 built here on its own (``-march=<level> -DROW_TARGETS=``) and loaded in place of the installed
 library through ``fastkd.kernels.cpu_library.library_path``.
 """
+import ast
 import functools
 import importlib.machinery
 import os
@@ -25,7 +26,21 @@ _V3_FLAGS = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}
 FLAGS = {"x86-64": set(), "x86-64-v3": _V3_FLAGS,
          "x86-64-v4": _V3_FLAGS | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}}
 LIBRARIES = {"_kd_loss_cpu": "kd_loss_cpu.c", "_kd_sparse_cpu": "kd_sparse_cpu.c"}
-FLAGS_OF_SETUP = ["-O3", "-std=gnu11", "-Wno-psabi", "-fno-math-errno"]
+
+
+def _setup_compile_flags():
+    """The dense kernel's ``extra_compile_args`` list in setup.py (which cannot be imported: it
+    runs ``setup()``), read from its source; the sparse kernel's are a copy of them."""
+    with open(os.path.join(ROOT, "setup.py")) as source:
+        tree = ast.parse(source.read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extra_compile_args" \
+                and isinstance(node.value, ast.List):
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no extra_compile_args list")
+
+
+FLAGS_OF_SETUP = _setup_compile_flags()
 
 
 def _cpu_flags():
