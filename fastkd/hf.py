@@ -284,7 +284,8 @@ class DistillationLoss:
 
     def attach_logging(self, trainer) -> None:
         """Log ``kd_loss`` and ``ce_loss`` with the stock Trainer: a callback placed before the
-        reporting integrations (``report_to``) adds them to each training log."""
+        reporting integrations (``report_to``) adds them to each training log and its entry in
+        ``trainer.state.log_history``."""
         self._trainer = trainer
         trainer.callback_handler.callbacks.insert(0, _PartsCallback(self))
 
@@ -326,7 +327,13 @@ class _PartsCallback(transformers.TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.update_logs and logs is not None and "loss" in logs:
-            logs.update(self.take(args, state))
+            parts = self.take(args, state)
+            logs.update(parts)
+            # Trainer.log appends a copy of these logs to log_history before the callbacks run:
+            # the parts go into that entry too (trainer_state.json, checkpoints)
+            entry = state.log_history[-1] if state.log_history else None
+            if entry is not None and entry.get("step") == state.global_step and "loss" in entry:
+                entry.update(parts)
 
 
 def trainer_collator(items, **kwargs) -> dict:

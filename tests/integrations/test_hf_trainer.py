@@ -290,6 +290,15 @@ def _resumable_run(root, output_dir, data, teacher, stock, resume=None):
                                       temperature=TEMPERATURE)
     trainer.add_callback(_ByStep(logged))
     trainer.train(resume_from_checkpoint=resume)
+    # what was logged is also in log_history (trainer_state.json), the parts included
+    history = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    for entry in history:
+        if entry["step"] in logged:
+            for key in ("loss", "kd_loss", "ce_loss"):
+                assert entry[key] == logged[entry["step"]][key], (entry, key)
+        else:   # restored from the checkpoint
+            assert entry["kd_loss"] > 0 and entry["ce_loss"] > 0, entry
     return logged
 
 
