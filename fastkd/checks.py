@@ -166,7 +166,9 @@ def check_target_classes(name: str, value, num_classes: int) -> None:
     except TypeError:
         value = None
     if value is None or value < 0:
-        raise TypeError(f"{name} must be an int >= 0 (0: not recorded), got {original!r}")
+        hint = (" (a float there is often a temperature given by position: pass "
+                "temperature=... by name)") if isinstance(original, float) else ""
+        raise TypeError(f"{name} must be an int >= 0 (0: not recorded), got {original!r}{hint}")
     if value and value != num_classes:
         raise ValueError(
             f"vocabulary mismatch: {name}={value} (the teacher's vocabulary the targets were "

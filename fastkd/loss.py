@@ -145,7 +145,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits,
             ``sum``, or ``none`` (per-row losses of shape ``(...)``, 0 for ignored rows).
         backend: ``auto`` (Triton on CUDA, PyTorch fallback elsewhere), ``triton``, ``torch``.
         grad_inplace: write the gradient into ``student_logits``' storage (saves one logits-sized
-            buffer). Only when nothing else needs those logits afterwards; not under
+            buffer). Only when the loss is their last reader: anything reading them after this
+            call reads the gradient (ops recorded before it raise in backward); not under
             ``torch.compile``; refused when the student's elements overlap (``expand``) or
             another input shares its memory.
         validate_labels: check that every kept label is in ``[0, V)`` (a ``ValueError`` names

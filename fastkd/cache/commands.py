@@ -39,7 +39,8 @@ def add_parser(subparsers) -> None:
                        help="state dict to load into the teacher (torch.load weights_only=True)")
     cache.add_argument("--data-root", metavar="DIR", help="root of a torchvision dataset")
     cache.add_argument("--data-split", default="train",
-                       help="split of a torchvision dataset (default: train)")
+                       help="split of a torchvision dataset or of an hf-disk: DatasetDict "
+                            "(default: train)")
     cache.add_argument("--tokenizer", metavar="DIR",
                        help="token data with text, prompt/completion or chat messages rows: "
                             "the local tokenizer directory (default: an hf: teacher's own)")

@@ -104,6 +104,11 @@ def test_targets_without_a_vocabulary_are_taken_at_any_size():
         fastkd.kd_loss(torch.randn(1, vocab), target)
     with pytest.raises(TypeError, match=r"num_classes must be an int >= 0"):
         fastkd.kd_loss(torch.randn(1, 5), target._replace(num_classes=-1))
+    # a temperature given by position lands in num_classes: the error says so
+    with pytest.raises(TypeError, match=r"got 2.0 \(a float there is often a temperature given "
+                                        r"by position: pass temperature=\.\.\. by name\)"):
+        fastkd.kd_loss(torch.randn(1, 5), fastkd.SampledTargets(target.indices, target.counts,
+                                                                2.0))
     with pytest.raises(ValueError, match="one vocabulary size for the whole batch"):
         fastkd.kd_loss(torch.randn(2, 5), fastkd.SampledTargets(
             torch.tensor([[0, 1], [0, 1]]), torch.ones(2, 2), torch.tensor([5, 6])))
