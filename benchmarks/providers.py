@@ -23,7 +23,7 @@ exact lse) compare, on the bucket loss (K kept classes + the rest mass, forward 
 Cases with ``grad_inplace`` (sparse only) run ``fastkd`` and ``densify`` with
 ``kd_loss(..., grad_inplace=True)``: the gradient goes into the student logits' storage, as in
 training where the logits come from the LM head and nothing else reads them. Both paths then
-skip the fresh gradient buffer, whose first-touch page faults dominate a CPU step otherwise.
+skip the fresh gradient buffer, whose first-touch page faults are a large part of a CPU step.
 Their student is a copy of the case's (it holds gradients after the first call; the kernels'
 run time does not depend on the values), and its gradient is taken with
 ``torch.autograd.grad``, as an LM head's backward would take it (``backward()`` into a leaf
