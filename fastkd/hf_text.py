@@ -18,6 +18,9 @@ __all__ = ["TextTokenizer", "TEXT_FIELDS", "IGNORE_INDEX"]
 
 TEXT_FIELDS = ("text", "prompt", "completion", "messages")
 IGNORE_INDEX = -100
+# files that hold a tokenizer's vocabulary (transformers' fast, sentencepiece and BPE formats)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 class TextTokenizer:
@@ -35,13 +38,22 @@ class TextTokenizer:
         if not os.path.isdir(path):
             raise ValueError(f"--tokenizer {path}: no such local directory (fastkd never "
                              f"downloads; pass the directory holding tokenizer.json)")
+        if not any(name in TOKENIZER_FILES or name.endswith(".tiktoken")
+                   for name in os.listdir(path)):
+            raise ValueError(f"tokenizer {path}: the directory holds no tokenizer files "
+                             f"({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR with the "
+                             f"teacher's tokenizer")
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            first = (str(error).strip() or type(error).__name__).partition("\n")[0]
-            raise ValueError(f"--tokenizer {path}: cannot load a tokenizer from it with local "
+            lines = (str(error).strip() or type(error).__name__).splitlines()
+            first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+            raise ValueError(f"tokenizer {path}: cannot load a tokenizer from it with local "
                              f"files only ({first})") from None
+        if getattr(tokenizer, "vocab_size", 1) == 0:   # built from a config, without its files
+            raise ValueError(f"tokenizer {path}: the tokenizer it loads has an empty vocabulary; "
+                             f"pass --tokenizer DIR with the teacher's tokenizer files")
         return cls(tokenizer, name=path)
 
     def __repr__(self) -> str:

@@ -125,6 +125,45 @@ def indexed_images() -> IndexedImages:
     return IndexedImages(100)
 
 
+class ReadOnce(IndexedImages):
+    """IndexedImages whose items raise KeyError when read a second time: the dataset fingerprint
+    reads a few of them, then the writer's loader reads them again (a dataset that breaks while
+    the cache is written)."""
+
+    def __init__(self, n: int = 100):
+        super().__init__(n)
+        self.seen = set()
+
+    def __getitem__(self, index):
+        if index in self.seen:
+            raise KeyError(f"item {index} read twice")
+        self.seen.add(index)
+        return super().__getitem__(index)
+
+
+class Unreadable(IndexedImages):
+    """IndexedImages whose every read fails (its files are gone)."""
+
+    def __getitem__(self, index):
+        raise OSError(5, "Input/output error")
+
+
+def read_once() -> ReadOnce:
+    return ReadOnce(100)
+
+
+def unreadable() -> Unreadable:
+    return Unreadable(100)
+
+
+def no_images() -> IndexedImages:
+    return IndexedImages(0)
+
+
+def raising_factory():
+    raise RuntimeError("cannot build it")
+
+
 class HugeLogits(nn.Module):
     """Logits beyond the fp16 range (|x| up to ~1e5) on every row. With ``fail_at``, raises
     once it sees the :class:`IndexedImages` item ``fail_at`` (a crash; not part of the weights)."""

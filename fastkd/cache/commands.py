@@ -160,25 +160,52 @@ def run_cache(args) -> int:
     return _resuming(_run_cache, args)
 
 
+def torchrun_environment() -> dict:
+    """``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` as torchrun sets them (1, 0, 0 without it);
+    a ValueError names a variable that is not an int in range."""
+    values = {}
+    for name, default, lowest in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0),
+                                  ("LOCAL_RANK", "0", 0)):
+        text = os.environ.get(name, default)
+        try:
+            values[name] = int(text)
+        except ValueError:
+            values[name] = None
+        if values[name] is None or values[name] < lowest:
+            raise ValueError(f"the environment variable {name}={text!r} is not an int >= "
+                             f"{lowest}; torchrun sets it (unset it to run one process)")
+    if values["WORLD_SIZE"] == 1:   # one process: a RANK left in the environment is moot
+        values["RANK"] = 0
+    elif values["RANK"] >= values["WORLD_SIZE"]:
+        raise ValueError(f"the environment variable RANK={values['RANK']} is not below "
+                         f"WORLD_SIZE={values['WORLD_SIZE']}; torchrun sets both")
+    return values
+
+
 def _run_cache(args) -> int:
     import torch
     from fastkd.cache.specs import resolve_dataset, resolve_teacher
-    from fastkd.cache.items import TeacherError, output_key_fn
+    from fastkd.cache.items import DatasetError, TeacherError, output_key_fn
     from fastkd.cache.writer import resolve_device, write_cache
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
+        ranks = torchrun_environment()
         device = resolve_device(args.device)
     except ValueError as error:
         return fail(str(error))
+    local_rank = ranks["LOCAL_RANK"]
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per torchrun process
-    distributed = world_size > 1
+    distributed = ranks["WORLD_SIZE"] > 1
     if distributed:
         import torch.distributed as dist
         if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as error:   # e.g. no MASTER_ADDR: not under torchrun
+            return fail(f"WORLD_SIZE={ranks['WORLD_SIZE']} asks for several processes, but "
+                        f"torch.distributed could not start ({str(error).splitlines()[0]}); "
+                        f"launch with torchrun, or unset WORLD_SIZE to run one process")
     try:
         teacher = resolve_teacher(args.teacher, args.teacher_checkpoint,
                                   teacher_dtype=args.teacher_dtype)
@@ -199,14 +226,14 @@ def _run_cache(args) -> int:
             overwrite=args.overwrite, clamp=args.clamp, progress=not args.quiet,
             teacher_spec=args.teacher, dataset_spec=args.dataset,
             output_fn=output_key_fn(args.output_key) if args.output_key else None)
-    except (ValueError, TypeError, TeacherError) as error:  # CacheError is a ValueError
+    except (ValueError, TypeError, TeacherError, DatasetError) as error:  # CacheError: a ValueError
         return fail(str(error))
     except OSError as error:
         return fail_os(error)
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
-    return _summarize(args, manifest) if int(os.environ.get("RANK", "0")) == 0 else 0
+    return _summarize(args, manifest) if ranks["RANK"] == 0 else 0
 
 
 def run_verify(args) -> int:

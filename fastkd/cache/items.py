@@ -12,6 +12,25 @@ class TeacherError(RuntimeError):
     """The teacher failed on a batch (usually: teacher and dataset do not fit together)."""
 
 
+class DatasetError(RuntimeError):
+    """The user's dataset raised while its items were read."""
+
+
+def error_line(error: Exception) -> str:
+    """``"TypeName: first line of the message"`` (at most 300 characters of it). An error that a
+    DataLoader worker re-raises carries the worker's traceback: its last line is the original
+    ``"TypeName: message"``."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in lines[1]:
+        return lines[-1].strip()[:300]
+    return type(error).__name__ + (f": {lines[0][:300]}" if lines else "")
+
+
+def dataset_failed(name, where: str, error: Exception) -> DatasetError:
+    """A :class:`DatasetError` saying which dataset raised what, reading ``where``."""
+    return DatasetError(f"dataset {name} raised {error_line(error)} reading {where}")
+
+
 def default_output_fn(output) -> torch.Tensor:
     """The teacher's logits: the tensor itself, ``output.logits`` / ``output["logits"]``, or the
     first tuple element."""
@@ -171,9 +190,8 @@ def call_teacher(teacher, inputs, device, names, first_sample, batch_len):
         shapes = ({key: tuple(value.shape) for key, value in inputs.items()}
                   if isinstance(inputs, dict) else tuple(inputs.shape))
         dtype = next(iter(inputs.values())).dtype if isinstance(inputs, dict) else inputs.dtype
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
         raise TeacherError(
             f"teacher {names[0]} failed on dataset {names[1]}, batch of samples "
             f"{first_sample}..{first_sample + batch_len - 1} (inputs {shapes} {dtype}): "
-            f"{type(error).__name__}: {reason}. Check that the teacher and the dataset belong "
+            f"{error_line(error)}. Check that the teacher and the dataset belong "
             f"together (input shape, dtype, keyword names)") from error

@@ -2,6 +2,7 @@
 one-sentence errors for the environment problems of writing. The lock is a ``flock`` on the
 directory itself, which the kernel drops however the process ends: no stale lock, no lock file.
 """
+import contextlib
 import errno
 import os
 from typing import Iterable, Optional, Set
@@ -101,6 +102,23 @@ def explain_os_error(error: OSError, out_dir: str) -> fmt.CacheError:
             f"directory you can write to")
     return fmt.CacheError(f"writing the cache in {out_dir} failed{what}: "
                           f"{error.strerror or error}")
+
+
+@contextlib.contextmanager
+def removed_on_failure_if_new(out_dir: str):
+    """The body makes ``out_dir`` (when missing) and writes into it; when the body fails and
+    ``out_dir`` did not exist before it and is still empty, the directory is removed again, so a
+    refused run leaves nothing behind (a run that wrote anything keeps it, to resume)."""
+    existed = os.path.lexists(out_dir)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            try:
+                os.rmdir(out_dir)   # only succeeds when the directory is empty
+            except OSError:
+                pass
+        raise
 
 
 def make_directory(out_dir: str) -> None:

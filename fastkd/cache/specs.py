@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fastkd.cache.files import not_a_file
+from fastkd.cache.items import dataset_failed, error_line
 from fastkd.extras import require
 from fastkd.tokens import TOKEN_SOURCES, TokenDataset
 
@@ -31,12 +32,23 @@ def _import_attr(spec: str, option: str):
     except ModuleNotFoundError as error:
         raise ValueError(f"{option} {spec!r}: cannot import module {module_name!r} "
                          f"({error})") from None
+    except Exception as error:   # the module itself raised (a syntax error, a failing import)
+        raise ValueError(f"{option} {spec!r}: importing module {module_name!r} raised "
+                         f"{error_line(error)}") from error
     for part in attr_path.split("."):
         if not hasattr(target, part):
             raise ValueError(f"{option} {spec!r}: module {module_name!r} has no attribute "
                              f"{attr_path!r}")
         target = getattr(target, part)
     return target
+
+
+def _call_factory(factory, spec: str, option: str):
+    """``factory()``; what it raises becomes a ValueError naming the option and the spec."""
+    try:
+        return factory()
+    except Exception as error:
+        raise ValueError(f"{option} {spec!r}: calling it raised {error_line(error)}") from error
 
 
 def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
@@ -60,7 +72,7 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
     else:
         target = _import_attr(spec, "--teacher")
         teacher = target if isinstance(target, nn.Module) else (
-            target() if callable(target) else target)
+            _call_factory(target, spec, "--teacher") if callable(target) else target)
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"--teacher {spec!r}: expected an nn.Module or a callable returning "
                             f"one, got {type(teacher).__name__}")
@@ -153,7 +165,8 @@ def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "tr
     else:
         target = _import_attr(spec, "--dataset")
         is_instance = hasattr(target, "__getitem__") and not inspect.isclass(target)
-        dataset = target if is_instance or not callable(target) else target()
+        dataset = target if is_instance or not callable(target) else \
+            _call_factory(target, spec, "--dataset")
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"--dataset {spec!r}: expected a map-style dataset (with __len__ and "
                         f"__getitem__) or a callable returning one, got {type(dataset).__name__}")
@@ -195,8 +208,10 @@ def _feed(digest, value) -> None:
         digest.update(type(value).__name__.encode())
 
 
-def dataset_fingerprint(dataset) -> dict:
-    """``{"length", "sha256"}``: the length plus sha256 of a fixed, seeded sample of items."""
+def dataset_fingerprint(dataset, name: Optional[str] = None) -> dict:
+    """``{"length", "sha256"}``: the length plus sha256 of a fixed, seeded sample of items. An
+    item that raises becomes a :class:`fastkd.cache.items.DatasetError` naming the dataset
+    (``name``, else its class) and the item."""
     length = len(dataset)
     count = min(FINGERPRINT_SAMPLES, length)
     indices = sorted(np.random.default_rng(FINGERPRINT_SEED).choice(length, count, replace=False)
@@ -204,7 +219,12 @@ def dataset_fingerprint(dataset) -> dict:
     digest = hashlib.sha256(str(length).encode())
     for index in indices:
         digest.update(f"#{index}".encode())
-        _feed(digest, dataset[index])
+        try:
+            item = dataset[index]
+        except Exception as error:
+            raise dataset_failed(name or type(dataset).__name__, f"sample {index}",
+                                 error) from error
+        _feed(digest, item)
     return {"length": length, "sha256": digest.hexdigest(), "sampled_indices": indices}
 
 

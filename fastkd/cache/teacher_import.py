@@ -29,7 +29,14 @@ def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_s
         "clamp": False, **fields,
     }
     out_dir = os.fspath(out_dir)
-    outdir.make_directory(out_dir)
+    with outdir.removed_on_failure_if_new(out_dir):
+        outdir.make_directory(out_dir)
+        return _write_rows_locked(out_dir, config, overwrite, dataset, progress, batch,
+                                  vocab_size)
+
+
+def _write_rows_locked(out_dir, config, overwrite, dataset, progress, batch, vocab_size):
+    """:func:`write_rows` once ``out_dir`` exists: the rows, under its lock."""
     with outdir.DirectoryLock(out_dir):
         finished = prepare_directory(out_dir, config, overwrite, 0, 1, None)
         if finished is not None:

@@ -17,7 +17,8 @@ from torch import nn
 from fastkd.cache import manifest as fmt
 from fastkd.cache import outdir
 from fastkd.cache.convert import RowConverter
-from fastkd.cache.items import BatchProblem, call_teacher, collate_groups, default_output_fn
+from fastkd.cache.items import (BatchProblem, call_teacher, collate_groups, dataset_failed,
+                                default_output_fn)
 from fastkd.cache.shards import finalize, labels_to_storage, shard_output
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint, teacher_fingerprint
 from fastkd.tokens import learned_positions
@@ -50,10 +51,18 @@ def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+# upper bounds: a batch index must fit torch's samplers; each worker is a process
+MAX_BATCH_SIZE = 2 ** 31 - 1
+MAX_NUM_WORKERS = 256
+
+
 def validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed):
-    for name, value in (("batch_size", batch_size), ("num_workers", num_workers)):
-        if not fmt.is_int(value, name == "batch_size"):
-            raise ValueError(f"{name} must be an int >= {int(name == 'batch_size')}, got {value!r}")
+    for name, option, value, lowest, highest in (
+            ("batch_size", "--batch-size", batch_size, 1, MAX_BATCH_SIZE),
+            ("num_workers", "--num-workers", num_workers, 0, MAX_NUM_WORKERS)):
+        if not (fmt.is_int(value, lowest) and value <= highest):
+            raise ValueError(f"{name} ({option}) must be an int in [{lowest}, {highest}], got "
+                             f"{value!r}")
     if dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got {dtype!r}")
     if not fmt.is_positive(shard_size_mb):
@@ -197,6 +206,9 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
     validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, sample, seed)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset_spec or type(dataset).__name__} has no samples: "
+                         f"nothing to cache")
     out_dir = os.fspath(out_dir)
     output_fn = output_fn or default_output_fn
     device = resolve_device(device)
@@ -215,7 +227,7 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         "teacher": {"spec": teacher_spec, "class": type(teacher).__name__,
                     "fingerprint": teacher_fingerprint(teacher)},
         "dataset": {"spec": dataset_spec, "class": type(dataset).__name__,
-                    "fingerprint": dataset_fingerprint(dataset)},
+                    "fingerprint": dataset_fingerprint(dataset, dataset_spec)},
         "format_version": fmt.FORMAT_VERSION, "dtype": dtype, "layout": layout, "top_k": top_k,
         "sample": sample, "temperatures": temperatures,
         "proposal_temperature": proposal_temperature,
@@ -232,9 +244,10 @@ def write_cache(teacher: nn.Module, dataset, out_dir, *, batch_size: int = 256,
         outdir.make_directory(out_dir)
         lock.acquire()
     try:  # the run's lock, held by rank 0 until every rank is done
-        _agreed(dist, rank, make_and_lock)
-        return _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank, world_size,
-                             device, num_workers, output_fn, progress)
+        with outdir.removed_on_failure_if_new(out_dir):
+            _agreed(dist, rank, make_and_lock)
+            return _write_locked(teacher, dataset, out_dir, config, overwrite, dist, rank,
+                                 world_size, device, num_workers, output_fn, progress)
     finally:
         lock.release()
 
@@ -341,7 +354,14 @@ def _run_teacher(teacher, dataset, out_dir, state, progress_name, device, num_wo
     with bar, shard_output(out_dir, state, progress_name) as cutter:
         sample = batch_start
         names = tuple(state[key]["spec"] or state[key]["class"] for key in ("teacher", "dataset"))
-        for groups in batches:
+        while True:
+            try:
+                groups = next(batches)
+            except StopIteration:
+                break
+            except Exception as error:   # raised by the dataset's __getitem__
+                stop = min(sample + batch_size, rank_stop)
+                raise dataset_failed(names[1], f"samples {sample}..{stop - 1}", error) from error
             if isinstance(groups, BatchProblem):
                 raise groups.error(sample)
             batch_len = sum(len(positions) for positions, _, _ in groups)

@@ -216,7 +216,7 @@ def test_bad_arguments(tmp_path):
     data = cache_helpers.indexed_images()
     teacher = cache_helpers.digits_teacher()
     for kwargs, message in [({"dtype": "fp8"}, "dtype must be one of"),
-                            ({"batch_size": 0}, "batch_size must be"),
+                            ({"batch_size": 0}, r"batch_size \(--batch-size\) must be"),
                             ({"shard_size_mb": 0}, "shard_size_mb"),
                             ({"top_k": 0}, "top_k must be"),
                             ({"top_k": 11}, "top_k=11 exceeds the teacher's 10 classes")]:

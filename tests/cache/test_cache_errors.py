@@ -181,6 +181,24 @@ def test_non_integer_labels_are_refused(tmp_path, num_workers):
 
 
 # ----------------------------------------------------------------------------- torchrun ranks
+@pytest.mark.parametrize("variables, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an int >= 1"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an int >= 0"),
+    ({"RANK": "x"}, "RANK='x' is not an int >= 0"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 asks for several processes, but torch.distributed "
+                          "could not start"),
+])
+def test_a_bad_torchrun_environment_is_one_sentence(tmp_path, capsys, monkeypatch, variables,
+                                                    message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    fails_cleanly(capsys, cache_args(tmp_path / "c"), message)
+    assert not (tmp_path / "c").exists()
+
+
 def test_torchrun_ranks_with_different_teachers_write_nothing(tmp_path):
     out = tmp_path / "c"
     result = subprocess.run(
@@ -269,6 +287,42 @@ def test_out_that_is_a_file(tmp_path, capsys):
     fails_cleanly(capsys, cache_args(target), "exists and is not a directory")
     fails_cleanly(capsys, cache_args(target / "sub"), "a part of this path is a file")
     assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("teacher, dataset, extra, message", [
+    (None, "cache_helpers:unreadable", (), "dataset cache_helpers:unreadable raised OSError: "
+     "[Errno 5] Input/output error reading sample "),
+    (None, "cache_helpers:read_once", (), ("dataset cache_helpers:read_once raised KeyError: "
+                                           "'item ", " read twice' reading samples ")),
+    (None, "cache_helpers:read_once", ("--num-workers", "1"), (
+        "dataset cache_helpers:read_once raised KeyError: 'item ", " read twice' reading "
+        "samples ")),
+    (None, "cache_helpers:raising_factory", (), "--dataset 'cache_helpers:raising_factory': "
+     "calling it raised RuntimeError: cannot build it"),
+    ("cache_helpers:raising_factory", None, (), "--teacher 'cache_helpers:raising_factory': "
+     "calling it raised RuntimeError: cannot build it"),
+    (None, "cache_helpers:no_images", (), "dataset cache_helpers:no_images has no samples"),
+    (None, None, ("--batch-size", str(10 ** 20)), "batch_size (--batch-size) must be an int in "
+     "[1, 2147483647], got 100000000000000000000"),
+    (None, None, ("--num-workers", "300"), "num_workers (--num-workers) must be an int in "
+     "[0, 256], got 300"),
+])
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_a_dataset_or_factory_that_raises_is_one_sentence(tmp_path, capsys, teacher, dataset,
+                                                          extra, message, out_exists):
+    """What the user's dataset or factory raises, and out-of-range sizes, end the run with one
+    sentence naming the spec (and the samples); a --out this run made is not left behind, one
+    that existed stays."""
+    out = tmp_path / "c"
+    if out_exists:
+        out.mkdir()
+    argv = cache_args(out, *extra, teacher=teacher or "cache_helpers:digits_teacher",
+                      dataset=dataset or "cache_helpers:indexed_images")
+    # (an --batch-size in extra comes after cache_args' own: argparse takes the last one)
+    fails_cleanly(capsys, argv, *((message,) if isinstance(message, str) else message))
+    assert out.exists() == out_exists
+    if out_exists:
+        assert list(out.iterdir()) == []
 
 
 def test_an_option_refused_at_the_first_batch_prints_no_progress_bar(tmp_path, capsys):

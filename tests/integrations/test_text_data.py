@@ -230,3 +230,20 @@ def test_a_tokenizer_directory_is_never_a_hub_id(tmp_path):
     (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="cannot load a tokenizer from it"):
         TextTokenizer.from_dir(broken)
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(tmp_path, capsys):
+    """A GPT-2 model saved without its tokenizer: transformers would build an empty-vocabulary
+    tokenizer from its config, turning every text row into EOS alone; fastkd refuses instead."""
+    from hf_helpers import tiny_gpt2
+    model_dir = tmp_path / "gpt2-no-tokenizer"
+    tiny_gpt2().save_pretrained(model_dir)
+    with pytest.raises(ValueError, match="the directory holds no tokenizer files"):
+        TextTokenizer.from_dir(model_dir)
+    data = tmp_path / "text.jsonl"
+    _write(data, _rows("text"))
+    status = fastkd_main(["cache", "--teacher", f"hf:{model_dir}", "--dataset", f"jsonl:{data}",
+                          "--out", str(tmp_path / "c"), "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 1 and "holds no tokenizer files" in err and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
