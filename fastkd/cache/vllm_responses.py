@@ -220,10 +220,15 @@ def choice_rows(choice: dict, *, top_k: int, vocab_size: int):
         parsed = _entry(prompt[j], where, PROMPT_KEY, vocab_size, PROMPT_HINT)
         here = _requested_k(parsed, token_ids[j])
         if fits is not None and not fits & here:
+            def ks(values):
+                return " or ".join(map(str, sorted(values)))
+            fitted = f"a request of K = {ks(here)}" if here else \
+                "no request (the prompt token ranks outside them)"
             raise ResponseError(
-                f"{where}: {len(parsed)} items do not fit the request that gave entry "
-                f"{fits_at} ({len(prompt[fits_at])} items): vLLM writes the top-K plus the "
-                f"prompt token (K or K + 1 items, the same K for every entry)")
+                f"{where}: its {len(parsed)} items and the prompt token's rank fit {fitted}, "
+                f"but the entries before it fit K = {ks(fits)} (from entry {fits_at} on): "
+                f"vLLM writes the top-K plus the prompt token (K or K + 1 items, "
+                f"the same K for every entry), so one of them is not what vLLM wrote")
         fits, fits_at = (here if fits is None else fits & here), (fits_at or j)
         rows.append(_top_k(parsed, where, top_k, "prompt_logprobs"))
     if fits is not None and max(fits) < top_k:

@@ -219,7 +219,10 @@ BAD_LINES = [
     (_broken(lambda r, c: _make_echo(c)), "echo=true"),
     (_broken(lambda r, c: c["prompt_logprobs"][2].update(
         {str(t): {"logprob": -50.0 - t, "rank": 60 + t} for t in _absent(
-            c["prompt_logprobs"][2], 3)})), r"K or K \+ 1 items"),
+            c["prompt_logprobs"][2], 3)})),
+     r"prompt_logprobs\[2\]: its 8 items and the prompt token's rank fit no request \(the "
+     r"prompt token ranks outside them\), but the entries before it fit K = 4 \(from entry 1 "
+     r"on\).*K or K \+ 1 items"),
     (_broken(lambda r, c: c.__setitem__("token_ids", [_absent_from(
         {key.split(":")[1]: 0 for key in c["logprobs"]["top_logprobs"][0]})])),
      "does not hold the generated token"),
