@@ -60,19 +60,79 @@ def run_suite(preset: str, json_path: Path, only: str = "all", keyword: str = No
     return subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
 
 
+EXPECTED_JSON = "a pytest-benchmark JSON written by benchmarks/run.py"
+# what the top level of a JSON file holds, in words, for the type json.loads gives
+_JSON_KINDS = {list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+class RenderError(Exception):
+    """Rendering cannot go on: ``--render``'s file is not a pytest-benchmark JSON of this suite
+    (then nothing has been written), or ``--out`` cannot be written. The message says which."""
+
+
+def _problem(error: Exception) -> str:
+    """What a report function tripped over in a JSON it read, in words."""
+    if isinstance(error, KeyError):
+        return f"missing key {error.args[0]!r}"
+    return f"a value of the wrong kind ({type(error).__name__}: {error})"
+
+
+def load_benchmark_json(path: Path) -> dict:
+    """The pytest-benchmark JSON at ``path``, checked to have everything the report reads: the
+    report runs once in memory here, so a file it cannot use is a RenderError before any output
+    is written, not a traceback halfway through writing the results."""
+    from fastkd.cache.files import not_a_file
+    from benchmarks.env import device_slug
+    from benchmarks.report import evaluate_goals, load_records, markdown
+    where = f"--render {path}"
+    if not Path(path).is_file():
+        raise RenderError(f"{where}: {not_a_file(str(path))}; expected {EXPECTED_JSON}")
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except OSError as error:
+        raise RenderError(f"{where}: cannot read it ({error.strerror or error}); expected "
+                          f"{EXPECTED_JSON}") from None
+    except ValueError as error:   # JSONDecodeError, UnicodeDecodeError
+        raise RenderError(f"{where}: not JSON ({error}); expected {EXPECTED_JSON}") from None
+    if not isinstance(data, dict):
+        raise RenderError(f"{where}: the JSON is {_JSON_KINDS[type(data)]}, not an object; "
+                          f"expected {EXPECTED_JSON}")
+    env = data.get("fastkd").get("environment") if isinstance(data.get("fastkd"), dict) else None
+    if env is None:
+        raise RenderError(f"{where}: no fastkd environment in the JSON (no benchmark ran, or "
+                          f"another program wrote it); expected {EXPECTED_JSON}")
+    if not isinstance(env, dict):
+        raise RenderError(f"{where}: fastkd.environment is not an object; expected "
+                          f"{EXPECTED_JSON}")
+    try:
+        records = load_records(data)
+        markdown(records, env, "?", evaluate_goals(records, env["bench_device"]))
+        device_slug(env)
+    except (LookupError, TypeError, AttributeError, ValueError, ArithmeticError) as error:
+        raise RenderError(f"{where}: not {EXPECTED_JSON}: {_problem(error)}") from None
+    return data
+
+
 def render(pytest_json_path: Path, out_dir: Path = None) -> dict:
+    """results.json, results.md and the plots from a pytest-benchmark JSON, and a copy of it,
+    under ``out_dir``; RenderError for a file the report cannot use."""
     from benchmarks.env import device_slug
     from benchmarks.report import write_results
-    data = json.loads(Path(pytest_json_path).read_text())
-    env = (data.get("fastkd") or {}).get("environment")
-    if env is None:
-        raise SystemExit(f"{pytest_json_path}: no benchmark ran (no fastkd environment in the JSON)")
+    data = load_benchmark_json(pytest_json_path)
+    env = data["fastkd"]["environment"]
     out_dir = Path(out_dir) if out_dir else RESULTS_ROOT / device_slug(env)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "pytest-benchmark.json"
-    if Path(pytest_json_path).resolve() != raw.resolve():
-        raw.write_text(json.dumps(data, indent=1))
-    written = write_results(data, out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        raw = out_dir / "pytest-benchmark.json"
+        if Path(pytest_json_path).resolve() != raw.resolve():
+            raw.write_text(json.dumps(data, indent=1))
+        written = write_results(data, out_dir)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        raise RenderError(f"--out {out_dir}: cannot write the results there{where}: "
+                          f"{error.strerror or error}; choose a directory you can write "
+                          f"to") from None
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return written
@@ -193,4 +253,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))
+    PARSER = build_parser()
+    try:
+        sys.exit(main(PARSER.parse_args()))
+    except RenderError as error:  # one line, prefixed as the parser's own errors are
+        PARSER.exit(1, f"{PARSER.prog}: error: {error}\n")

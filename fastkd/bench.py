@@ -25,7 +25,17 @@ def add_parser(subparsers) -> None:
         return
     run = _load_run_module()
     run.build_parser(parser)
-    parser.set_defaults(func=run.main)
+    parser.set_defaults(func=lambda args: _run(run, args))
+
+
+def _run(run, args) -> int:
+    """``benchmarks/run.py``'s main; a ``--render`` it cannot carry out (a file that is not its
+    pytest-benchmark JSON, an unwritable ``--out``) is one ``fastkd: error:`` line, exit 1."""
+    try:
+        return run.main(args)
+    except run.RenderError as error:
+        from fastkd.cache.commands import fail
+        return fail(str(error))
 
 
 def _no_checkout(args) -> int:

@@ -1,5 +1,6 @@
 """The work behind ``fastkd demo`` (the steps are :mod:`fastkd.demo_cli`'s docstring)."""
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -12,15 +13,29 @@ from tqdm.auto import tqdm
 
 import fastkd
 from fastkd import models
-from fastkd.cache import resolve_device
+from fastkd.cache import CacheError, resolve_device
+from fastkd.cache.files import write_atomic
+from fastkd.cache.outdir import make_directory
 
-__all__ = ["run_demo", "format_table", "fit", "accuracy", "textbook_kd_loss",
+__all__ = ["run_demo", "DemoError", "format_table", "fit", "accuracy", "textbook_kd_loss",
            "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask",
            "seeded_loader", "reproducible_cpu"]
 
 TEACHER_SPEC = "fastkd.models:DigitsTeacherCNN"
 DATASET_SPEC = "fastkd.models:digits_train_dataset"
+CHECKPOINT_NAME = "teacher.pt"     # the teacher's weights, in --out
+CACHE_DIR_NAME = "teacher-logits"  # the `fastkd cache` output, in --out
 IGNORE_INDEX = -100
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on: ``--out`` cannot be written (the message names the path and what
+    to do), or the ``fastkd cache`` step failed; that step has then printed its own one-line
+    error already (``reported``) and ``status`` is its exit status."""
+
+    def __init__(self, message: str, status: int = 1, reported: bool = False):
+        super().__init__(message)
+        self.status, self.reported = status, reported
 
 
 class LabelledSubset(torch.utils.data.Dataset):
@@ -168,19 +183,47 @@ def reproducible_cpu():
         torch.set_num_threads(previous_threads)
 
 
+def prepare_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` and check, before any training, that the demo can write its teacher
+    checkpoint there; a DemoError names what is in the way."""
+    try:
+        make_directory(out_dir)   # the checks and messages of `fastkd cache --out`
+    except CacheError as error:
+        raise DemoError(str(error)) from None
+    checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
+    if os.path.isdir(checkpoint):
+        raise DemoError(f"cannot save the teacher checkpoint {checkpoint}: it is a directory; "
+                        f"remove it or choose another --out")
+
+
+def save_checkpoint(state_dict: dict, checkpoint: str) -> None:
+    """``torch.save`` through a temp file renamed into place (:func:`write_atomic`): a failed
+    write (disk full) leaves no partial checkpoint; the OSError becomes a DemoError naming
+    the file."""
+    try:
+        write_atomic(checkpoint, lambda handle: torch.save(state_dict, handle))
+    except OSError as error:
+        space = error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        raise DemoError(f"cannot save the teacher checkpoint {checkpoint}: "
+                        f"{error.strerror or error}; "
+                        f"{'free some space or ' if space else ''}choose another --out") from None
+
+
 def cache_teacher_logits(teacher: nn.Module, out_dir: str, device: torch.device,
                          quiet: bool) -> str:
-    """Save the teacher's weights and run the real ``fastkd cache`` command on the train split."""
+    """Save the teacher's weights and run the real ``fastkd cache`` command on the train split.
+    When that command fails, it has printed why; the DemoError only stops the demo."""
     from fastkd.cli import main as fastkd_main
-    checkpoint = os.path.join(out_dir, "teacher.pt")
-    torch.save(teacher.state_dict(), checkpoint)
-    cache_dir = os.path.join(out_dir, "teacher-logits")
+    checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
+    save_checkpoint(teacher.state_dict(), checkpoint)
+    cache_dir = os.path.join(out_dir, CACHE_DIR_NAME)
     argv = ["cache", "--teacher", TEACHER_SPEC, "--teacher-checkpoint", checkpoint,
             "--dataset", DATASET_SPEC, "--out", cache_dir, "--device", device.type,
             "--dtype", "fp16", "--overwrite"] + (["--quiet"] if quiet else [])
     status = fastkd_main(argv)
     if status != 0:
-        raise RuntimeError(f"`fastkd {' '.join(argv)}` failed with exit code {status}")
+        raise DemoError(f"`fastkd {' '.join(argv)}` failed with exit code {status}",
+                        status=status, reported=True)
     return cache_dir
 
 
@@ -188,14 +231,21 @@ def run_demo(*, epochs: int = 20, device: str = "auto", out_dir: Optional[str] =
              label_fraction: float = 0.1, temperature: float = 4.0, hard_weight: float = 0.5,
              seed: int = 0, quick: bool = False, progress: bool = True,
              bench_shape=None) -> dict:
-    """Run the demo; returns the figures printed in the table (accuracies in [0, 1])."""
+    """Run the demo; returns the figures printed in the table (accuracies in [0, 1]). Raises
+    ValueError for a bad argument, DemoError where ``out_dir`` cannot take the outputs."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
     device = resolve_device(device)
-    out_dir = out_dir or tempfile.mkdtemp(prefix="fastkd-demo-")
-    os.makedirs(out_dir, exist_ok=True)
+    if out_dir:
+        prepare_out_dir(out_dir)
+    else:
+        try:
+            out_dir = tempfile.mkdtemp(prefix="fastkd-demo-")
+        except OSError as error:
+            raise DemoError(f"cannot create a temporary directory for the outputs "
+                            f"({error.strerror or error}); give --out") from None
     train_set, held_out = models.digits_train_dataset(), models.digits_held_out_dataset()
     positions = list(range(len(train_set)))
     if quick:  # seconds-long smoke mode: a quarter of the training images, tiny benchmark

@@ -42,14 +42,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``fastkd demo`` with the parsed options: :func:`fastkd.demo.run_demo`, then its table."""
-    from fastkd.demo import format_table, run_demo
+    """``fastkd demo`` with the parsed options: :func:`fastkd.demo.run_demo`, then its table.
+    A bad option is a usage error (exit 2); an ``--out`` that cannot take the outputs or another
+    environment problem is one ``fastkd: error:`` line (exit 1), as for ``fastkd cache``."""
+    from fastkd.cache.commands import fail, fail_os
+    from fastkd.demo import DemoError, format_table, run_demo
     try:
         results = run_demo(epochs=args.epochs, device=args.device, out_dir=args.out,
                            label_fraction=args.label_fraction, seed=args.seed, quick=args.quick,
                            progress=not args.quiet)
+    except DemoError as error:
+        # a failed `fastkd cache` step has printed its own line: the demo adds none
+        return error.status if error.reported else fail(str(error))
     except ValueError as error:
         print(f"fastkd demo: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        return fail_os(error)
     print("\n" + format_table(results))
     return 0

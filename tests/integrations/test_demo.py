@@ -1,4 +1,6 @@
 """`fastkd demo` through the real command line, in its shortened (--quick --epochs 1) mode."""
+import contextlib
+import errno
 import json
 import os
 import re
@@ -87,3 +89,127 @@ def test_demo_leaves_thread_and_determinism_settings_alone(tmp_path):
     assert torch.get_num_threads() == threads
     assert torch.are_deterministic_algorithms_enabled() == deterministic
     assert os.path.isdir(tmp_path / "teacher-logits")
+
+
+# ----------------------------------------------------------------------------- errors
+def fails_in_one_line(capsys, argv, *messages) -> str:
+    """The CLI exits 1 with one ``fastkd: error:`` line (no traceback) containing ``messages``."""
+    status = main(argv)
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "Traceback" not in err and err.startswith("fastkd: error: "), err
+    assert err.count("\n") == 1, err
+    for message in messages:
+        assert message in err, err
+    return err
+
+
+def demo_args(out):
+    return ["demo", "--quick", "--epochs", "1", "--quiet", "--device", "cpu", "--out", str(out)]
+
+
+# each maker gets (tmp_path, monkeypatch) and returns the --out to give the demo
+def _file(tmp_path, _):
+    (tmp_path / "file").write_text("x")
+    return tmp_path / "file"
+
+
+def _under_a_file(tmp_path, _):
+    return _file(tmp_path, _) / "sub"
+
+
+def _read_only(tmp_path, monkeypatch):
+    """A directory the process may not write to (os.access says so: tests may run as root)."""
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if str(path) == str(
+        tmp_path / "ro") else real_access(path, mode, **kw))
+    return tmp_path / "ro"
+
+
+def _under_read_only(tmp_path, monkeypatch):
+    """A new directory whose parent refuses it (EACCES from mkdir, as for a read-only parent)."""
+    (tmp_path / "ro").mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if os.path.dirname(os.fspath(path)) == str(tmp_path / "ro"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    return tmp_path / "ro" / "out"
+
+
+def _checkpoint_is_a_directory(tmp_path, _):
+    (tmp_path / "out" / "teacher.pt").mkdir(parents=True)
+    return tmp_path / "out"
+
+
+def _partial_save_then_disk_full(tmp_path, monkeypatch):
+    """torch.save writes part of the checkpoint, then the device is full."""
+    def save(obj, target, *args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            handle = target if hasattr(target, "write") else stack.enter_context(
+                open(target, "wb"))
+            handle.write(b"PK\x03\x04 part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", save)
+    (tmp_path / "out").mkdir()
+    return tmp_path / "out"
+
+
+def _disk_full_at_fsync(tmp_path, monkeypatch):
+    """The checkpoint's bytes are written, the device is full when they reach the disk."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "teacher.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    (tmp_path / "out").mkdir()
+    return tmp_path / "out"
+
+
+@pytest.mark.parametrize("make_out, messages", [
+    (_file, ["exists and is not a directory"]),
+    (_under_a_file, ["a part of this path is a file"]),
+    (_read_only, ["cannot write to --out"]),
+    (_under_read_only, ["cannot write to --out", "Permission denied"]),
+    (_checkpoint_is_a_directory, ["teacher checkpoint", "teacher.pt", "is a directory"]),
+    (_partial_save_then_disk_full, ["teacher checkpoint", "No space left on device"]),
+    (_disk_full_at_fsync, ["teacher checkpoint", "No space left on device"]),
+], ids=["out-is-a-file", "out-under-a-file", "out-read-only", "out-under-read-only",
+        "checkpoint-is-a-directory", "disk-full-while-saving", "disk-full-at-fsync"])
+def test_demo_out_that_cannot_be_written(tmp_path, capsys, monkeypatch, make_out, messages):
+    out = make_out(tmp_path, monkeypatch)
+    before = sorted(str(path) for path in tmp_path.rglob("*"))
+    fails_in_one_line(capsys, demo_args(out), str(out), *messages)
+    monkeypatch.undo()
+    # nothing half-written: no checkpoint (whole or partial), no temp file, no cache
+    assert sorted(str(path) for path in tmp_path.rglob("*")) == before
+    if (tmp_path / "file").exists():
+        assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("foreign, message", [
+    ("directory", "--overwrite refused"),
+    ("file", "exists and is not a directory"),
+])
+def test_demo_stops_with_the_cache_commands_own_error(tmp_path, capsys, foreign, message):
+    """A teacher-logits that is not a fastkd cache: `fastkd cache` refuses it in one line, and
+    the demo stops there with that line only."""
+    cache_dir = tmp_path / "teacher-logits"
+    if foreign == "directory":
+        cache_dir.mkdir()
+        (cache_dir / "notes.txt").write_text("mine")
+    else:
+        cache_dir.write_text("mine")
+    err = fails_in_one_line(capsys, demo_args(tmp_path), str(cache_dir), message)
+    assert "exit code" not in err
+    if foreign == "directory":
+        assert [path.name for path in cache_dir.iterdir()] == ["notes.txt"]
+        assert (cache_dir / "notes.txt").read_text() == "mine"
+    else:
+        assert cache_dir.read_text() == "mine"
+    assert not list(tmp_path.glob("*.tmp"))
