@@ -21,14 +21,22 @@ MODEL_DTYPES = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,
                 "bf16": torch.bfloat16}
 
 
-def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code: bool = False):
+def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code: bool = False,
+                   progress: bool = True):
     """``AutoModelForCausalLM.from_pretrained(path, local_files_only=True)`` in eval mode with
     the KV cache off. ``dtype``: a :data:`MODEL_DTYPES` key. The model must be causal (its saved
     architecture, and a probe: earlier logits do not change with a later token). Code named in
-    ``auto_map`` runs only with ``trust_remote_code=True``."""
+    ``auto_map`` runs only with ``trust_remote_code=True``. ``progress=False`` hides
+    transformers' loading bars."""
     path = os.fspath(path)
     if dtype not in MODEL_DTYPES:
         raise ValueError(f"--teacher-dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
+    if not path:
+        raise ValueError("--teacher hf: needs the directory of a model saved with "
+                         "save_pretrained (hf:DIR)")
+    if os.path.isfile(path):
+        raise ValueError(f"--teacher hf:{path}: a file; expected the directory of a model saved "
+                         f"with save_pretrained (config.json and weights)")
     if not os.path.isdir(path):
         raise ValueError(
             f"--teacher hf:{path}: no such local directory. fastkd never downloads models; if "
@@ -45,6 +53,9 @@ def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code:
     # transformers >= 4.56 calls it `dtype`; older releases `torch_dtype`
     dtype_key = "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
     kwargs[dtype_key] = MODEL_DTYPES[dtype]
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except pickle.UnpicklingError:
@@ -57,6 +68,9 @@ def load_causal_lm(path, *, dtype: str = "auto", device=None, trust_remote_code:
         if type(error).__name__ == "SafetensorError":  # safetensors' own Exception subclass
             raise ValueError(_bad_weights(path, "*.safetensors")) from None
         raise
+    finally:
+        if bars and not progress:
+            transformers.utils.logging.enable_progress_bar()
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     if device is not None:

@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--teacher-checkpoint", metavar="PATH",
                        help="state dict to load into the teacher (torch.load weights_only=True)")
     cache.add_argument("--data-root", metavar="DIR", help="root of a torchvision dataset")
-    cache.add_argument("--data-split", default="train",
+    cache.add_argument("--data-split",
                        help="split of a torchvision dataset or of an hf-disk: DatasetDict "
                             "(default: train)")
     cache.add_argument("--tokenizer", metavar="DIR",
@@ -207,8 +207,11 @@ def _run_cache(args) -> int:
                         f"torch.distributed could not start ({str(error).splitlines()[0]}); "
                         f"launch with torchrun, or unset WORLD_SIZE to run one process")
     try:
+        if args.teacher_dtype != "auto" and not args.teacher.startswith("hf:"):
+            raise ValueError(f"--teacher-dtype applies to hf: teachers, not to --teacher "
+                             f"{args.teacher}")
         teacher = resolve_teacher(args.teacher, args.teacher_checkpoint,
-                                  teacher_dtype=args.teacher_dtype)
+                                  teacher_dtype=args.teacher_dtype, progress=not args.quiet)
         # text rows are tokenized with --tokenizer, else with an hf: teacher's own tokenizer
         tokenizer = args.tokenizer or (args.teacher[len("hf:"):]
                                        if args.teacher.startswith("hf:") else None)

@@ -193,5 +193,26 @@ def call_teacher(teacher, inputs, device, names, first_sample, batch_len):
         raise TeacherError(
             f"teacher {names[0]} failed on dataset {names[1]}, batch of samples "
             f"{first_sample}..{first_sample + batch_len - 1} (inputs {shapes} {dtype}): "
-            f"{error_line(error)}. Check that the teacher and the dataset belong "
-            f"together (input shape, dtype, keyword names)") from error
+            f"{error_line(error)}. {_token_mismatch(teacher, inputs)}Check that the teacher "
+            f"and the dataset belong together (input shape, dtype, keyword names)") from error
+
+
+def _token_mismatch(teacher, inputs) -> str:
+    """For token inputs and a teacher with a ``transformers`` config: a sentence naming a token
+    id beyond the teacher's vocabulary or a row longer than its positions, the usual causes of
+    an embedding's bare "index out of range"; else ""."""
+    config = getattr(teacher, "config", None)
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if config is None or not isinstance(ids, torch.Tensor) or ids.numel() == 0:
+        return ""
+    vocab = getattr(config, "vocab_size", None)
+    positions = next((getattr(config, name) for name in ("max_position_embeddings",
+                                                         "n_positions")
+                      if isinstance(getattr(config, name, None), int)), None)
+    if isinstance(vocab, int) and int(ids.max()) >= vocab:
+        return (f"Token id {int(ids.max())} is beyond the teacher's vocabulary of {vocab}: the "
+                f"data was tokenized for another model. ")
+    if positions is not None and ids.shape[-1] > positions:
+        return (f"Rows of {ids.shape[-1]} tokens exceed the teacher's {positions} positions: "
+                f"pass --max-length {positions} (or less). ")
+    return ""

@@ -52,9 +52,10 @@ def _call_factory(factory, spec: str, option: str):
 
 
 def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
-                    teacher_dtype: str = "auto") -> nn.Module:
+                    teacher_dtype: str = "auto", progress: bool = True) -> nn.Module:
     """Build the teacher named by ``spec`` and load ``checkpoint`` (a state dict) into it.
-    ``teacher_dtype`` applies to ``hf:`` teachers (``auto``/``fp32``/``fp16``/``bf16``)."""
+    ``teacher_dtype`` applies to ``hf:`` teachers (``auto``/``fp32``/``fp16``/``bf16``), and
+    ``progress`` to their loading bars."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--teacher must be a non-empty SPEC string, got {spec!r}")
     if spec.startswith("hf:"):
@@ -62,7 +63,7 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
             from fastkd.hf import load_causal_lm
         except ImportError as error:
             raise ValueError(f"--teacher {spec}: {error}") from None
-        teacher = load_causal_lm(spec[len("hf:"):], dtype=teacher_dtype)
+        teacher = load_causal_lm(spec[len("hf:"):], dtype=teacher_dtype, progress=progress)
     elif spec.startswith("torchvision:"):
         torchvision = require("torchvision", "vision", f"--teacher {spec}")
         name = spec.split(":", 1)[1]
@@ -145,13 +146,22 @@ def _torchvision_dataset(name: str, data_root: Optional[str], split: str):
             f"there first") from None
 
 
-def resolve_dataset(spec: str, data_root: Optional[str] = None, split: str = "train", *,
+def resolve_dataset(spec: str, data_root: Optional[str] = None, split: Optional[str] = None, *,
                     tokenizer=None, max_length: Optional[int] = None, explicit=()):
-    """Build the map-style dataset named by ``spec``. ``tokenizer`` (a local directory) and
-    ``max_length`` apply to token data (:class:`fastkd.tokens.TokenDataset`); ``explicit``
-    names the options the user gave, which other datasets refuse."""
+    """Build the map-style dataset named by ``spec``. ``data_root`` applies to torchvision
+    datasets, ``split`` (default ``train``) to them and to ``hf-disk:`` data; ``tokenizer`` (a
+    local directory) and ``max_length`` to token data (:class:`fastkd.tokens.TokenDataset`);
+    ``explicit`` names the token options the user gave. A dataset refuses options that do not
+    apply to it, rather than ignoring them."""
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"--dataset must be a non-empty SPEC string, got {spec!r}")
+    kind = spec.partition(":")[0] if ":" in spec else spec
+    if data_root is not None and kind != "torchvision":
+        raise ValueError(f"--data-root applies to torchvision: datasets, not to --dataset {spec}")
+    if split is not None and kind not in ("torchvision", "hf-disk"):
+        raise ValueError(f"--data-split applies to torchvision: and hf-disk: datasets, not to "
+                         f"--dataset {spec}")
+    split = "train" if split is None else split
     if explicit and spec.partition(":")[0] not in TOKEN_SOURCES:
         raise ValueError(f"{' and '.join(explicit)} {'apply' if len(explicit) > 1 else 'applies'}"
                          f" to token data (jsonl:, parquet:, hf-disk:), not to --dataset {spec}")

@@ -325,6 +325,31 @@ def test_a_dataset_or_factory_that_raises_is_one_sentence(tmp_path, capsys, teac
         assert list(out.iterdir()) == []
 
 
+@pytest.mark.parametrize("extra, message", [
+    (("--teacher-dtype", "bf16"), "--teacher-dtype applies to hf: teachers, not to --teacher "
+                                  "cache_helpers:digits_teacher"),
+    (("--data-root", "/data"), "--data-root applies to torchvision: datasets, not to --dataset "
+                               "cache_helpers:indexed_images"),
+    (("--data-split", "test"), "--data-split applies to torchvision: and hf-disk: datasets, not "
+                               "to --dataset cache_helpers:indexed_images"),
+])
+def test_options_that_do_not_apply_are_refused_not_ignored(tmp_path, capsys, extra, message):
+    fails_cleanly(capsys, cache_args(tmp_path / "c", *extra), message)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("hf:", "--teacher hf: needs the directory of a model saved with save_pretrained"),
+    ("hf:{file}", "--teacher hf:{file}: a file; expected the directory of a model"),
+])
+def test_an_hf_teacher_that_is_not_a_directory(tmp_path, capsys, spec, message):
+    pytest.importorskip("transformers")
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"x")
+    fails_cleanly(capsys, cache_args(tmp_path / "c", teacher=spec.format(file=file)),
+                  message.format(file=file))
+
+
 def test_an_option_refused_at_the_first_batch_prints_no_progress_bar(tmp_path, capsys):
     """--top-k is checked against the teacher's first output; the error is the only output
     even with the progress bar on (the bar shows only after a delay)."""

@@ -191,6 +191,23 @@ def test_unknown_dir_and_hub_id_are_refused(token_file, tmp_path, capsys):
     assert status == 1 and "local files only" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("rows, message", [
+    ([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 500]}],
+     "Token id 500 is beyond the teacher's vocabulary of 48"),
+    ([{"input_ids": [1] * 69}], "Rows of 69 tokens exceed the teacher's 64 positions: pass "
+                                "--max-length 64"),
+])
+def test_data_that_does_not_fit_the_teacher_is_named(teacher_dir, tmp_path, capsys, rows,
+                                                     message):
+    """The embedding's bare "index out of range" comes with its likely cause."""
+    assert teacher_dir[1].config.vocab_size == 48 and teacher_dir[1].config.n_positions == 64
+    data = hf_helpers.write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run_cache(teacher_dir[0], f"jsonl:{data}", tmp_path / "c") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastkd: error: teacher hf:") and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("row, message", [
     ({"tokens": [1, 2]}, "expected a row with 'input_ids'"),
     ({"input_ids": [1, 2, 3], "attention_mask": [1, 1]}, "attention_mask has 2 entries"),
