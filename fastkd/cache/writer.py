@@ -31,6 +31,20 @@ IDENTITY_FIELDS = ("format_version", "teacher", "dataset", "dtype", "layout", "t
 IDENTITY_DEFAULTS = {"rows": "all", "proposal_temperature": None}
 
 
+def _differences(name: str, cached, asked) -> list:
+    """``"name: cache has X, asked Y"`` for a differing setting; for settings that are dicts
+    (teacher, dataset, their fingerprints) only their differing entries, long values cut."""
+    if isinstance(cached, dict) and isinstance(asked, dict):
+        return [line for key in sorted(set(cached) | set(asked))
+                if cached.get(key) != asked.get(key)
+                for line in _differences(f"{name}.{key}", cached.get(key), asked.get(key))]
+
+    def short(value):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return [f"{name}: cache has {short(cached)}, asked {short(asked)}"]
+
+
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,8 +159,8 @@ def prepare_directory(out_dir: str, config: dict, overwrite: bool, rank: int, wo
             return manifest.get(key, IDENTITY_DEFAULTS.get(key))
         differing = [key for key in IDENTITY_FIELDS if field(existing, key) != field(config, key)]
         if differing:
-            details = "; ".join(f"{key}: cache has {field(existing, key)!r}, asked "
-                                f"{field(config, key)!r}" for key in differing)
+            details = "; ".join(line for key in differing for line in
+                                _differences(key, field(existing, key), field(config, key)))
             hint = fingerprint_hint(dataset, config["dataset"]["fingerprint"]) \
                 if "dataset" in differing and dataset is not None else ""
             raise fmt.CacheError(f"{out_dir} holds a cache made with different settings "

@@ -350,6 +350,17 @@ def test_an_hf_teacher_that_is_not_a_directory(tmp_path, capsys, spec, message):
                   message.format(file=file))
 
 
+def test_a_cache_of_another_teacher_names_only_what_differs(tmp_path, capsys):
+    """Resuming into a cache of another teacher: the message lists the differing entries of the
+    teacher's settings (its spec and fingerprint, cut short), not whole dictionaries."""
+    assert fastkd_main(cache_args(tmp_path / "c")) == 0
+    err = fails_cleanly(capsys, cache_args(tmp_path / "c", teacher="cache_helpers:DigitsMLP"),
+                        "different settings (teacher.fingerprint: cache has '",
+                        "teacher.spec: cache has 'cache_helpers:digits_teacher', asked "
+                        "'cache_helpers:DigitsMLP'")
+    assert "dataset" not in err and err.count("cache has") == 2 and "..." in err, err
+
+
 def test_an_option_refused_at_the_first_batch_prints_no_progress_bar(tmp_path, capsys):
     """--top-k is checked against the teacher's first output; the error is the only output
     even with the progress bar on (the bar shows only after a delay)."""
