@@ -144,14 +144,16 @@ def import_served(paths: Sequence[str], out_dir, *, vocab_size: int, top_k: int,
     from fastkd.cache.writer import validate_settings
     if source != "vllm":
         raise ValueError(f"--from must be 'vllm', got {source!r}")
-    for name, value in (("vocab_size", vocab_size), ("top_k", top_k)):
+    for name, option, value in (("vocab_size", "--vocab-size", vocab_size),
+                                ("top_k", "--top-k", top_k)):
         if not fmt.is_int(value, 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            raise ValueError(f"{name} ({option}) must be an int >= 1, got {value!r}")
     if vocab_size > MAX_VOCAB:
         raise ValueError(f"vocab_size (--vocab-size) must be at most 2**31 (class ids are "
                          f"stored as int32), got {vocab_size}")
     if top_k > vocab_size:
-        raise ValueError(f"top_k={top_k} exceeds vocab_size={vocab_size}")
+        raise ValueError(f"top_k={top_k} (--top-k) exceeds vocab_size={vocab_size} "
+                         f"(--vocab-size)")
     validate_settings(IMPORT_BATCH, 0, dtype, shard_size_mb, top_k, None, 0)
     paths = [os.fspath(path) for path in paths]
     if not paths:

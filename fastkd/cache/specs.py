@@ -104,10 +104,8 @@ def _load_state_dict(checkpoint: str) -> dict:
                          f"torch.load can read; pass a file written by "
                          f"torch.save(model.state_dict(), path)") from None
     except Exception as error:  # RuntimeError, EOFError, KeyError, ... from a foreign file
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else \
-            type(error).__name__
         raise ValueError(f"--teacher-checkpoint {checkpoint} is not a PyTorch checkpoint "
-                         f"torch.load can read ({reason}); pass a file written by "
+                         f"torch.load can read ({error_line(error)}); pass a file written by "
                          f"torch.save(model.state_dict(), path)") from None
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor)
                                               for value in state.values()):
@@ -219,9 +217,10 @@ def _feed(digest, value) -> None:
 
 
 def dataset_fingerprint(dataset, name: Optional[str] = None) -> dict:
-    """``{"length", "sha256"}``: the length plus sha256 of a fixed, seeded sample of items. An
-    item that raises becomes a :class:`fastkd.cache.items.DatasetError` naming the dataset
-    (``name``, else its class) and the item."""
+    """``{"length", "sha256"}``: the length plus sha256 of a fixed, seeded sample of items.
+    With ``name`` (the user's dataset spec), an item that raises becomes a
+    :class:`fastkd.cache.items.DatasetError` naming the dataset and the item; fastkd's own
+    datasets raise their own errors."""
     length = len(dataset)
     count = min(FINGERPRINT_SAMPLES, length)
     indices = sorted(np.random.default_rng(FINGERPRINT_SEED).choice(length, count, replace=False)
@@ -232,8 +231,9 @@ def dataset_fingerprint(dataset, name: Optional[str] = None) -> dict:
         try:
             item = dataset[index]
         except Exception as error:
-            raise dataset_failed(name or type(dataset).__name__, f"sample {index}",
-                                 error) from error
+            if name is None:
+                raise
+            raise dataset_failed(name, f"sample {index}", error) from error
         _feed(digest, item)
     return {"length": length, "sha256": digest.hexdigest(), "sampled_indices": indices}
 

@@ -19,6 +19,7 @@ def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_s
     "indices", "lse"})`` in order; ``batch``: ``(samples, rows)``, the most handed to the shard
     cutter at a time (bounds memory, not the bytes). ``teacher`` (beside its ``spec``, the
     source and ``paths``) and ``fields`` are what the source adds to the manifest."""
+    _check_distinct(paths)
     config = {
         "teacher": dict({"spec": f"{source}:" + ",".join(os.path.basename(p) for p in paths)},
                         **teacher),
@@ -33,6 +34,18 @@ def write_rows(dataset, out_dir, *, source: str, paths, teacher: dict, dataset_s
         outdir.make_directory(out_dir)
         return _write_rows_locked(out_dir, config, overwrite, dataset, progress, batch,
                                   vocab_size)
+
+
+def _check_distinct(paths) -> None:
+    """Each input file once: the same file given twice (under any name) would import its rows
+    twice."""
+    seen = {}
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"{path} is given twice (also as {seen[key]}); give each input "
+                             f"file once")
+        seen[key] = path
 
 
 def _write_rows_locked(out_dir, config, overwrite, dataset, progress, batch, vocab_size):

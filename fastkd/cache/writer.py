@@ -78,20 +78,21 @@ def validate_settings(batch_size, num_workers, dtype, shard_size_mb, top_k, samp
             raise ValueError(f"{name} ({option}) must be an int in [{lowest}, {highest}], got "
                              f"{value!r}")
     if dtype not in fmt.STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(fmt.STORAGE_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"dtype (--dtype) must be one of {sorted(fmt.STORAGE_DTYPES)}, got "
+                         f"{dtype!r}")
     if not fmt.is_positive(shard_size_mb):
         raise ValueError(f"shard_size_mb (--shard-size-mb) must be a positive finite number of "
                          f"megabytes, got {shard_size_mb!r}")
     if top_k is not None and not fmt.is_int(top_k, 1):
-        raise ValueError(f"top_k must be None (dense) or an int >= 1, got {top_k!r}")
+        raise ValueError(f"top_k (--top-k) must be None (dense) or an int >= 1, got {top_k!r}")
     if sample is not None and not (fmt.is_int(sample, 1) and sample < 2 ** 31):
-        raise ValueError(f"sample must be None or an int in [1, 2**31) (draws per row), got "
-                         f"{sample!r}")
+        raise ValueError(f"sample (--sample) must be None or an int in [1, 2**31) (draws per "
+                         f"row), got {sample!r}")
     if top_k is not None and sample is not None:
         raise ValueError(f"top_k and sample are two layouts; give one (got top_k={top_k!r}, "
                          f"sample={sample!r})")
     if not fmt.is_int(seed):
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        raise ValueError(f"seed (--seed) must be an int >= 0, got {seed!r}")
 
 
 def _temperatures(temperature, layout: str) -> Optional[list]:

@@ -215,10 +215,10 @@ def test_mismatched_rerun_refuses_unless_overwrite(tmp_path):
 def test_bad_arguments(tmp_path):
     data = cache_helpers.indexed_images()
     teacher = cache_helpers.digits_teacher()
-    for kwargs, message in [({"dtype": "fp8"}, "dtype must be one of"),
+    for kwargs, message in [({"dtype": "fp8"}, r"dtype \(--dtype\) must be one of"),
                             ({"batch_size": 0}, r"batch_size \(--batch-size\) must be"),
                             ({"shard_size_mb": 0}, "shard_size_mb"),
-                            ({"top_k": 0}, "top_k must be"),
+                            ({"top_k": 0}, r"top_k \(--top-k\) must be"),
                             ({"top_k": 11}, "top_k=11 exceeds the teacher's 10 classes")]:
         with pytest.raises(ValueError, match=message):
             write_cache(teacher, data, tmp_path / "c", overwrite=True, progress=False, **kwargs)

@@ -149,9 +149,9 @@ def test_topk_stores_lse_at_each_temperature(tmp_path):
     ({"top_k": 3, "proposal_temperature": 2.0}, "applies to sampled caches only"),
     ({"sample": 3, "proposal_temperature": 0.0}, "must be a positive finite number"),
     ({"sample": 3, "proposal_temperature": float("nan")}, "must be a positive finite number"),
-    ({"sample": 0}, "sample must be None or an int"),
+    ({"sample": 0}, r"sample \(--sample\) must be None or an int"),
     ({"sample": 4, "top_k": 4}, "two layouts; give one"),
-    ({"sample": 4, "seed": -1}, "seed must be an int >= 0"),
+    ({"sample": 4, "seed": -1}, r"seed \(--seed\) must be an int >= 0"),
     ({"sample": 4, "layout": "topk"}, "sampled exactly when sample is set"),
 ])
 def test_bad_sparse_arguments(tmp_path, kwargs, message):

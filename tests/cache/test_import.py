@@ -266,7 +266,14 @@ def test_import_argument_errors(tmp_path, capsys):
     assert "exceeds vocab_size" in capsys.readouterr().err
     assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
                         "--vocab-size", "64", "--top-k", "0"]) == 1
-    assert "top_k must be an int >= 1" in capsys.readouterr().err
+    assert "top_k (--top-k) must be an int >= 1" in capsys.readouterr().err
+    # the same file twice, under two names: its rows would be imported twice
+    again = os.path.join(os.path.dirname(SAMPLE), ".", os.path.basename(SAMPLE))
+    assert fastkd_main(["import", "--from", "vllm", SAMPLE, again, "--out",
+                        str(tmp_path / "c"), "--vocab-size", "64", "--top-k", "4"]) == 1
+    assert f"{again} is given twice (also as {SAMPLE}); give each input file once" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     # ids past int32 (the stored class ids) cannot be asked for
     assert fastkd_main(["import", "--from", "vllm", SAMPLE, "--out", str(tmp_path / "c"),
                         "--vocab-size", str(2 ** 65), "--top-k", "4"]) == 1
