@@ -120,6 +120,17 @@ def _temp_name(path: str) -> str:
 
 
 def _write_file(rows: ExportRows, path: str, start: int, stop: int) -> None:
+    """Samples ``[start, stop)`` as the parquet file ``path``, written under a temp name and
+    renamed into place; a write that fails (no space, no permission) is an ExportError naming
+    ``path``."""
+    try:
+        _write_parquet(rows, path, start, stop)
+    except OSError as error:   # pyarrow's IO errors are OSErrors naming the temp file
+        detail = str(error).rpartition("Detail: ")[2] or str(error)
+        raise ExportError(f"writing {path} failed: {detail.strip()}") from None
+
+
+def _write_parquet(rows: ExportRows, path: str, start: int, stop: int) -> None:
     pa, pq = _modules()
     temp = _temp_name(path)
     writer = None
@@ -171,14 +182,24 @@ def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PE
         raise CacheError(f"{cache_dir}: no such cache directory")
     rows = ExportRows(cache_dir)
     total = len(rows.cache)
-    if out.endswith(".parquet"):
-        if os.path.exists(out) and not overwrite:
-            raise ExportError(f"--out {out} exists; pass --overwrite to replace it")
+    if out.lower().endswith(".parquet"):
         if os.path.isdir(out):
             raise ExportError(f"--out {out} is a directory; name a .parquet file")
+        if os.path.exists(out) and not overwrite:
+            raise ExportError(f"--out {out} exists; pass --overwrite to replace it")
+        parent = os.path.dirname(out) or "."
+        if not os.path.isdir(parent):
+            raise ExportError(f"--out {out}: its directory {parent} does not exist")
         _write_file(rows, out, 0, total)
         return [out]
-    os.makedirs(out, exist_ok=True)
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise ExportError(f"--out {out} is a file; name a .parquet file, or a directory for "
+                          f"the parts")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot create the directory "
+                          f"({error.strerror or error})") from None
     ranges = [(start, min(start + samples_per_file, total))
               for start in range(0, max(total, 1), samples_per_file)]
     names = [f"part-{number:05d}.parquet" for number in range(len(ranges))]
@@ -191,6 +212,9 @@ def export_parquet(cache_dir, out, *, samples_per_file: int = DEFAULT_SAMPLES_PE
     written = []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
+        if os.path.isdir(path) or os.path.islink(path):
+            raise ExportError(f"{path} is a {'link' if os.path.islink(path) else 'directory'}, "
+                              f"not part of an export; choose an empty directory")
         if name.startswith(".part-") or overwrite:  # a killed export's temp file, --overwrite
             os.remove(path)
         elif name not in names:

@@ -143,3 +143,41 @@ def test_export_verifies_the_cache_first_and_is_atomic(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "verification failed" in err and shard["file"] in err
     assert not os.path.exists(tmp_path / "x.parquet")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("a file", "--out {out} is a file; name a .parquet file, or a directory for the parts"),
+    ("no parent", "--out {out}: its directory {parent} does not exist"),
+    ("upper-case suffix", "--out {out} exists; pass --overwrite to replace it"),
+    ("a directory part", "{out}/part-00000.parquet is a directory, not part of an export"),
+    ("no space", "writing {out} failed: [Errno 28] No space left on device"),
+])
+def test_an_out_that_cannot_take_the_export_is_one_sentence(tmp_path, capsys, monkeypatch,
+                                                             case, message):
+    assert import_dataset(os.path.join(SAMPLE, "distillkit"), tmp_path / "c") == 0
+    out, extra = tmp_path / "out", ()
+    if case == "a file":
+        out.write_text("mine")
+    elif case == "no parent":
+        out = tmp_path / "missing" / "x.parquet"
+    elif case == "upper-case suffix":   # a .PARQUET name is a file too, not a directory
+        out = tmp_path / "X.PARQUET"
+        out.write_text("mine")
+    elif case == "a directory part":
+        (out / "part-00000.parquet").mkdir(parents=True)
+        extra = ("--overwrite",)
+    else:
+        out = tmp_path / "x.parquet"
+
+        def full(*args, **kwargs):
+            raise OSError("Failed to open local file '.x.parquet.tmp-1'. Detail: [Errno 28] "
+                          "No space left on device")
+        monkeypatch.setattr(pq, "ParquetWriter", full)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert run_cli("export", "--to", "parquet", tmp_path / "c", "--out", out, "--quiet",
+                   *extra) == 1
+    err = capsys.readouterr().err
+    expected = message.format(out=out, parent=out.parent)
+    assert err == f"fastkd: error: {expected}\n" or (err.startswith(f"fastkd: error: {expected}")
+                                                   and err.count("\n") == 1), err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
