@@ -123,6 +123,8 @@ def removed_on_failure_if_new(out_dir: str):
 
 def make_directory(out_dir: str) -> None:
     """Create ``out_dir`` (and parents) and check that it is a writable directory."""
+    if not out_dir:
+        raise fmt.CacheError("--out is empty; give a directory path for the cache")
     if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise fmt.CacheError(f"--out {out_dir} exists and is not a directory; give a directory "
                              f"path for the cache")

@@ -84,8 +84,12 @@ def resolve_teacher(spec: str, checkpoint: Optional[str] = None, *,
         try:
             teacher.load_state_dict(state)
         except RuntimeError as error:
+            # torch lists every missing / unexpected key and shape on lines of their own
+            lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            shown = "; ".join(line[:200] for line in lines[:3]) or error_line(error)
+            more = f" (and {len(lines) - 3} more)" if len(lines) > 3 else ""
             raise ValueError(f"--teacher-checkpoint {checkpoint} does not fit {spec}: "
-                             f"{error}") from None
+                             f"{shown}{more}") from None
     return teacher
 
 

@@ -408,9 +408,11 @@ def _run_batch(teacher, groups, batch_len, first_sample, keep_from, device, outp
                                              batch_len))
             if not isinstance(output, torch.Tensor) or output.dim() not in (2, 3) or \
                     not output.is_floating_point():
+                got = (f"a {output.dtype} tensor of shape {tuple(output.shape)}"
+                       if isinstance(output, torch.Tensor) else type(output).__name__)
                 raise ValueError(f"teacher output must be a floating (B, V) or (B, L, V) tensor, "
-                                 f"got {getattr(output, 'shape', type(output).__name__)}; pass "
-                                 f"output_fn or wrap the teacher (fastkd.features.TeacherFeatures)")
+                                 f"got {got}; pass output_fn (--output-key) or wrap the teacher "
+                                 f"(fastkd.features.TeacherFeatures)")
             outputs.append((positions, output.float(), labels))
         variable = outputs[0][1].dim() == 3
         select = unlearned is not None and variable

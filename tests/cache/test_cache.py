@@ -159,8 +159,11 @@ def test_torchvision_teacher_and_checkpoint(tmp_path):
     assert isinstance(teacher, nn.Module)
     checkpoint = tmp_path / "wrong.pt"
     torch.save(cache_helpers.digits_teacher().state_dict(), checkpoint)
-    with pytest.raises(ValueError, match="does not fit torchvision:resnet18"):
+    with pytest.raises(ValueError, match="does not fit torchvision:resnet18") as caught:
         resolve_teacher("torchvision:resnet18", str(checkpoint))
+    # one line, the first missing and unexpected keys, not all of resnet18's
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 700, caught.value
+    assert 'Missing key(s) in state_dict: "conv1.weight"' in str(caught.value)
     with pytest.raises(ValueError, match="absent.pt: no such file"):
         resolve_teacher("cache_helpers:digits_teacher", str(tmp_path / "absent.pt"))
     with pytest.raises(ValueError, match="a directory, not a file"):
@@ -210,6 +213,19 @@ def test_mismatched_rerun_refuses_unless_overwrite(tmp_path):
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="not part of a fastkd cache"):
         write_cache(cache_helpers.digits_teacher(), data, foreign, progress=False)
+
+
+class IntegerOutput(nn.Module):
+    def forward(self, images):
+        return images.flatten(1).long()
+
+
+def test_a_teacher_output_that_is_not_floating_names_its_dtype(tmp_path):
+    with pytest.raises(ValueError, match=r"floating \(B, V\) or \(B, L, V\) tensor, got a "
+                                         r"torch.int64 tensor of shape \(16, 64\)"):
+        write_cache(IntegerOutput(), cache_helpers.indexed_images(), tmp_path / "c",
+                    batch_size=16, progress=False)
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_arguments(tmp_path):

@@ -281,6 +281,10 @@ def test_read_only_or_unwritable_out(tmp_path, capsys, monkeypatch):
     assert no_temp_files(out)
 
 
+def test_an_empty_out_is_refused(tmp_path, capsys):
+    fails_cleanly(capsys, cache_args(""), "--out is empty; give a directory path for the cache")
+
+
 def test_out_that_is_a_file(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("x")
