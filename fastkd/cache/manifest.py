@@ -371,6 +371,11 @@ def is_positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < np.inf
 
 
+def _shown(manifest: dict, key: str) -> str:
+    """A field's value for an error message: its JSON text, or ``missing``."""
+    return json.dumps(manifest[key]) if key in manifest else "missing"
+
+
 def _expect(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise CacheError(f"{where}: {message}")
@@ -408,7 +413,7 @@ def validate_manifest(manifest: dict, where: str) -> None:
     edited or hostile manifest fails here with a sentence instead of deep inside them."""
     _expect(manifest.get("status") in ("complete", "incomplete"), where,
             f"status {manifest.get('status')!r}; expected 'complete' or 'incomplete'")
-    _expect(manifest.get("dtype") in STORAGE_DTYPES, where,
+    _expect(isinstance(manifest.get("dtype"), str) and manifest["dtype"] in STORAGE_DTYPES, where,
             f"dtype {manifest.get('dtype')!r}; expected one of {sorted(STORAGE_DTYPES)}")
     _expect(manifest.get("layout") in LAYOUTS, where,
             f"layout {manifest.get('layout')!r}; expected one of {list(LAYOUTS)}")
@@ -423,16 +428,30 @@ def validate_manifest(manifest: dict, where: str) -> None:
         isinstance(temperatures, list) and temperatures and all(map(is_positive, temperatures))),
         where, f"temperatures {temperatures!r}; expected null or a list of positive numbers")
     proposal = manifest.get("proposal_temperature")
+    if manifest["layout"] == "sampled":   # the reader returns targets for that one temperature
+        _expect(temperatures is not None and len(temperatures) == 1, where,
+                f"temperatures {temperatures!r}; a sampled cache needs one target temperature "
+                f"(the one its rows are a target for)")
+        _expect(is_int(manifest.get("seed")), where, f"seed {_shown(manifest, 'seed')}; a "
+                f"sampled cache records the integer >= 0 that seeded its draws")
     if is_ragged(manifest):
-        _expect(is_positive(proposal) and temperatures is not None and len(temperatures) == 1,
-                where, f"a sampled cache needs one target temperature and a positive proposal_"
-                f"temperature; found temperatures {temperatures!r}, proposal_temperature "
-                f"{proposal!r}")
+        _expect(is_positive(proposal), where, f"a sampled cache needs a positive proposal_"
+                f"temperature; found proposal_temperature {proposal!r}")
     else:
         _expect(proposal is None, where, f"proposal_temperature {proposal!r} applies to sampled "
                 f"caches of format version 3 only")
+    # descriptive fields: `fastkd info` prints them ("unknown" when absent or null)
+    for key in ("created", "fastkd_version"):
+        _expect(manifest.get(key) is None or isinstance(manifest[key], str), where,
+                f"'{key}' {manifest.get(key)!r}; expected a string")
+    _expect(manifest.get("clamped_values") is None or is_int(manifest["clamped_values"]), where,
+            f"'clamped_values' {manifest.get('clamped_values')!r}; expected an integer >= 0")
     for key in ("teacher", "dataset"):
         _expect(isinstance(manifest.get(key), dict), where, f"'{key}' must be an object")
+        for name in ("spec", "class"):
+            value = manifest[key].get(name)
+            _expect(value is None or isinstance(value, str), where,
+                    f"{key} {name} {value!r}; expected a string or null")
     _expect(isinstance(manifest["teacher"].get("fingerprint"), str), where,
             "teacher fingerprint must be a string")
     fingerprint = manifest["dataset"].get("fingerprint")
@@ -444,13 +463,16 @@ def validate_manifest(manifest: dict, where: str) -> None:
             "'shard_size_mb' must be positive")
     for key in ("batch_size", "world_size"):
         _expect(is_int(manifest.get(key), 1), where, f"'{key}' must be an integer >= 1")
-    _expect(manifest.get("rows_per_sample") in (None, 1, "variable"), where,
-            f"rows_per_sample {manifest.get('rows_per_sample')!r}; expected 1 or 'variable'")
-    _expect(manifest.get("labels_per") in (None, "sample", "row"), where,
-            f"labels_per {manifest.get('labels_per')!r}; expected null, 'sample' or 'row'")
+    # present in every manifest (null until the first shard): the code reads them as
+    # manifest[key], so a missing one is refused here rather than raising KeyError there
+    for key, allowed in (("rows_per_sample", (None, 1, "variable")),
+                         ("labels_per", (None, "sample", "row"))):
+        _expect(key in manifest and not isinstance(manifest[key], bool) and
+                manifest[key] in allowed, where, f"{key} {_shown(manifest, key)}; expected "
+                f"one of {', '.join(map(json.dumps, allowed))}")
     for key in ("num_classes", "rows_per_shard"):
-        _expect(manifest.get(key) is None or is_int(manifest[key], 1), where,
-                f"'{key}' must be null or an integer >= 1")
+        _expect(key in manifest and (manifest[key] is None or is_int(manifest[key], 1)), where,
+                f"'{key}' must be null or an integer >= 1 (found {_shown(manifest, key)})")
     shards = manifest.get("shards")
     _expect(isinstance(shards, list), where, "'shards' must be a list")
     complete = manifest["status"] == "complete"

@@ -59,8 +59,10 @@ class LogitCache:
     ``temperature`` picks which stored log-sum-exp a top-k cache returns (default: the first in
     ``.temperatures``); one the cache does not hold is an error. Opening checks the manifest's
     own checksum and structure and every file's size, so a truncated, missing or edited file
-    fails here with its name; ``verify()`` adds checksums (and the first read of a ragged
-    sampled shard checks its row sizes, ids and weights). Format versions 1, 2 and 3 read.
+    fails here with its name; the first map of a file checks its ``.npy`` header, the first
+    read of the offsets checks them and the first read of a ragged sampled shard checks its
+    row sizes, ids and weights. ``verify()`` adds checksums and runs those read checks on every
+    file. Format versions 1, 2 and 3 read.
     """
 
     def __init__(self, path, *, temperature: Optional[float] = None):
@@ -241,16 +243,26 @@ class LogitCache:
         return None if offsets is None else torch.from_numpy(offsets.copy())
 
     def verify(self) -> None:
-        """Check every file's sha256 against the manifest (and the rows of a ragged sampled
-        cache, :func:`fastkd.cache.ragged.check_shard`); raises CacheError naming the files (or
-        saying that the cache changed on disk since it was opened)."""
+        """Check every file's sha256 against the manifest, then, on every file, what reads
+        check when they first map it: the ``.npy`` header (dtype, shape, C order and size as the
+        manifest says), the row offsets (:meth:`_check_offsets`) and the rows of a ragged
+        sampled cache (:func:`fastkd.cache.ragged.check_shard`). Raises CacheError naming the
+        file (or saying that the cache changed on disk since it was opened). A cache that
+        passes also reads; checksums alone would pass a hostile one (anyone can recompute
+        them)."""
         self._check_unchanged()
         problems = fmt.check_checksums(self.path, fmt.manifest_files(self.manifest))
         if problems:
             raise fmt.CacheError("cache verification failed: " + "; ".join(problems))
-        if self._ragged:  # row sizes, ids and weights of every shard (a hostile cache's sums match)
-            for number in range(len(self.manifest["shards"])):
+        # the reads' own checks on every file: mapping one checks its .npy header, and the map
+        # is dropped at once (a ragged shard's maps and checked offsets stay, for later reads)
+        for number, shard in enumerate(self.manifest["shards"]):
+            for entry in shard["files"].values():   # labels and lengths included
+                self._map(entry)
+            if self._ragged:   # row sizes, ids and weights (a hostile cache's sums match)
                 self._ragged_offsets(number)
+        for key in ("offsets", "labels"):   # row offsets; version 1's labels.npy
+            self._extra(key)
 
     # ------------------------------------------------------------------------- rows
     def _new_rows(self, count: int, out: Optional[torch.Tensor]) -> Optional[dict]:

@@ -163,5 +163,7 @@ def test_torchrun_rank_failing_before_the_fingerprint_exchange_stops_the_job(tmp
         text=True, timeout=120)
     assert result.returncode != 0
     assert time.monotonic() - started < 90  # torch.distributed's own timeout is 30 minutes
-    assert "fastkd: error: No such file or directory (rank1-only-checkpoint.pt)" in result.stderr
+    assert ("fastkd: error: --teacher 'cache_helpers:rank_one_cannot_load_teacher': calling it "
+            "raised FileNotFoundError: [Errno 2] No such file or directory: "
+            "'rank1-only-checkpoint.pt'") in result.stderr, result.stderr
     assert not out.exists() or not (out / "manifest.json").exists()
