@@ -341,12 +341,15 @@ def run_info(args) -> int:
 
 
 def _import_teacher_dataset(args) -> int:
-    from fastkd.cache.distillkit import import_teacher_dataset
+    from fastkd.cache.distillkit import DEFAULT_MAX_EXCESS_MASS, import_teacher_dataset
+    defaults = {"split": None, "row_offset": 1, "max_excess_mass": DEFAULT_MAX_EXCESS_MASS}
+    given = {key: getattr(args, key) if getattr(args, key) is not None else default
+             for key, default in defaults.items()}
     try:
         manifest = import_teacher_dataset(
             args.files, args.out, source=args.source, vocab_size=args.vocab_size,
-            top_k=args.top_k, compression_config=args.compression_config, split=args.split,
-            row_offset=args.row_offset, max_excess_mass=args.max_excess_mass, dtype=args.dtype,
+            top_k=args.top_k, compression_config=args.compression_config, **given,
+            dtype=args.dtype,
             shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
     except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
         return fail(str(error))
@@ -358,6 +361,14 @@ def _import_teacher_dataset(args) -> int:
 def run_import(args) -> int:
     """``fastkd import``: :func:`fastkd.cache.importer.import_served` with the parsed options, or
     a teacher dataset of another tool (:mod:`fastkd.cache.distillkit`)."""
+    from fastkd.cache.distillkit import SOURCE_OPTIONS
+    ignored = [option for key, (option, sources) in SOURCE_OPTIONS.items()
+               if getattr(args, key) is not None and args.source not in sources]
+    if ignored:  # a usage error, answered before torch is imported
+        print(f"fastkd import: error: {' and '.join(ignored)} "
+              f"{'do' if len(ignored) > 1 else 'does'} not apply to --from {args.source}",
+              file=sys.stderr)
+        return 2
     if args.source != "vllm":
         return _resuming(_import_teacher_dataset, args)
     missing = [flag for flag, value in (("--vocab-size", args.vocab_size),

@@ -285,7 +285,7 @@ def _positive_int(name: str, value) -> None:
 
 def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] = None,
                 top_k: Optional[int] = None, compression_config: Optional[str] = None,
-                split: str = "train", row_offset: int = 1):
+                split: Optional[str] = None, row_offset: int = 1):
     """-> ``(table, reader)`` for ``paths`` read as ``source``."""
     if source not in SOURCES:
         raise TeacherDatasetError(f"--from must be one of {', '.join(SOURCES)}, got {source!r}")
@@ -315,7 +315,7 @@ def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] 
 
 def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
                            vocab_size: Optional[int] = None, top_k: Optional[int] = None,
-                           compression_config: Optional[str] = None, split: str = "train",
+                           compression_config: Optional[str] = None, split: Optional[str] = None,
                            row_offset: int = 1,
                            max_excess_mass: float = DEFAULT_MAX_EXCESS_MASS,
                            dtype: str = "fp16", shard_size_mb: float = 256,
@@ -351,20 +351,26 @@ def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,
         batch=(IMPORT_BATCH, IMPORT_ROWS), overwrite=overwrite, progress=progress, rows="all")
 
 
+# the options of add_arguments and the sources they apply to (None when not given)
+SOURCE_OPTIONS = {"compression_config": ("--compression-config", ("distillkit",)),
+                  "split": ("--split", ("distillkit", "axolotl")),
+                  "row_offset": ("--row-offset", ("axolotl",)),
+                  "max_excess_mass": ("--max-excess-mass", ("distillkit", "axolotl"))}
+
+
 def add_arguments(parser) -> None:
     """The ``fastkd import`` options of ``--from distillkit`` / ``--from axolotl``."""
     group = parser.add_argument_group("--from distillkit / axolotl (teacher datasets)")
     group.add_argument("--compression-config", metavar="FILE",
                        help="distillkit: the compression YAML (default: compression_config.yaml "
                             "beside the data), or a DistillKit training config")
-    group.add_argument("--split", default="train",
+    group.add_argument("--split",
                        help="a save_to_disk DatasetDict's split to import (default: train)")
-    group.add_argument("--row-offset", type=int, default=1, choices=(0, 1),
+    group.add_argument("--row-offset", type=int, choices=(0, 1),
                        help="axolotl: fastkd row p is target row p + OFFSET (default 1: "
                             "axolotl's writers store row p as the distribution over token p; "
                             "0 pairs them as axolotl's Liger-kernel trainer does)")
-    group.add_argument("--max-excess-mass", type=float, default=DEFAULT_MAX_EXCESS_MASS,
-                       metavar="TOL",
+    group.add_argument("--max-excess-mass", type=float, metavar="TOL",
                        help="a row whose kept probabilities sum to 1 < m <= 1 + TOL keeps its "
                             "values with lse = log m; above 1 + TOL it is refused (default "
                             f"{DEFAULT_MAX_EXCESS_MASS})")

@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 from bisect import bisect_right
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 from fastkd.cache.files import not_a_file
 from fastkd.extras import require
@@ -128,9 +128,9 @@ class ParquetTable:
 
 class SavedTable:
     """A ``datasets`` directory written by ``save_to_disk`` (``split`` picks one split of a
-    DatasetDict)."""
+    DatasetDict, default ``train``; a single dataset refuses one)."""
 
-    def __init__(self, path: str, split: str = "train"):
+    def __init__(self, path: str, split: Optional[str] = None):
         datasets = require("datasets", "hf", FEATURE)
         self.path = os.fspath(path)
         try:
@@ -138,7 +138,11 @@ class SavedTable:
         except Exception as error:  # FileNotFoundError and datasets' own errors
             raise TableError(f"{self.path}: not a dataset saved with save_to_disk ({error})") \
                 from None
+        if not isinstance(dataset, datasets.DatasetDict) and split is not None:
+            raise TableError(f"{self.path}: one dataset, not a DatasetDict of splits; --split "
+                             f"does not apply")
         if isinstance(dataset, datasets.DatasetDict):
+            split = "train" if split is None else split
             if split not in dataset:
                 raise TableError(f"{self.path}: no split {split!r} (it holds "
                                  f"{', '.join(sorted(dataset))}); pass --split")
@@ -173,9 +177,10 @@ class SavedTable:
             raise TableError(f"{self.path}: changed while it was imported; import again")
 
 
-def open_table(paths: Sequence[str], split: str = "train"):
+def open_table(paths: Sequence[str], split: Optional[str] = None):
     """Parquet files, a directory of them (natural order; searched recursively when it holds
-    none itself) or a ``save_to_disk`` directory -> a table."""
+    none itself) or a ``save_to_disk`` directory -> a table. ``split`` applies to a saved
+    DatasetDict only."""
     paths = [os.fspath(path) for path in paths]
     if not paths:
         raise TableError("give a dataset directory or parquet file(s)")
@@ -191,12 +196,19 @@ def open_table(paths: Sequence[str], split: str = "train"):
         if not found:
             raise TableError(f"{directory}: no .parquet files and no save_to_disk dataset "
                              f"(state.json) in it")
-        return ParquetTable(found)
+        return ParquetTable(_no_split(found, split))
     for path in paths:
         if os.path.isdir(path):
             raise TableError(f"{path}: a directory among several inputs; give one directory or "
                              f"parquet files")
-    return ParquetTable(paths)
+    return ParquetTable(_no_split(paths, split))
+
+
+def _no_split(paths, split):
+    if split is not None:
+        raise TableError(f"{paths[0]}: parquet files have no splits; --split applies to a "
+                         f"save_to_disk DatasetDict")
+    return paths
 
 
 def cell_matrix(cell, where: str, name: str):

@@ -21,7 +21,7 @@ from fastkd.cache import manifest as fmt  # noqa: E402
 from fastkd.cache.distillkit_codec import parse_config  # noqa: E402
 from distillkit_encode import encode_indices, encode_logprobs  # noqa: E402
 from fastkd.cache.reader import LogitCache  # noqa: E402
-from cache_helpers import import_dataset  # noqa: E402
+from cache_helpers import import_dataset, run_cli  # noqa: E402
 from paths import FIXTURES  # noqa: E402
 
 SAMPLE = os.path.join(FIXTURES, "distillkit-sample")
@@ -179,6 +179,28 @@ def test_axolotl_needs_the_vocabulary_size(tmp_path, capsys):
     assert import_dataset(AXOLOTL, tmp_path / "c", source="axolotl") == 1
     err = capsys.readouterr().err
     assert "--vocab-size" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("source, path, options, message, status", [
+    ("vllm", "x.jsonl", ("--vocab-size", "64", "--top-k", "4", "--split", "test",
+                         "--max-excess-mass", "0.1"),
+     "--split and --max-excess-mass do not apply to --from vllm", 2),
+    ("distillkit", os.path.join(SAMPLE, "distillkit"), ("--row-offset", "0"),
+     "--row-offset does not apply to --from distillkit", 2),
+    ("axolotl", AXOLOTL, ("--vocab-size", "64", "--compression-config", "c.yaml"),
+     "--compression-config does not apply to --from axolotl", 2),
+    ("axolotl", AXOLOTL, ("--vocab-size", "64", "--split", "test"),
+     "one dataset, not a DatasetDict of splits; --split does not apply", 1),
+    ("distillkit", os.path.join(SAMPLE, "distillkit"), ("--split", "test"),
+     "parquet files have no splits; --split applies to a save_to_disk DatasetDict", 1),
+])
+def test_options_of_other_sources_are_refused_not_ignored(tmp_path, capsys, source, path,
+                                                         options, message, status):
+    assert run_cli("import", path, "--from", source, "--out", tmp_path / "c", "--quiet",
+                   *options) == status
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
 
 
 # ----------------------------------------------------------------------------- mass policy
