@@ -220,3 +220,36 @@ def test_valid_caches_verify_and_print(copy_of, capsys, kind):
     assert status == 0 and out.startswith(f"ok: {directory}: ") and err == ""
     status, out, err = cli(capsys, "info", directory)
     assert status == 0 and "unknown" not in out and err == ""
+
+
+# ----------------------------------------------------------------------------- values
+def _set(position, value):
+    def change(array):
+        array = array.copy()
+        array[position] = value
+        return array
+    return change
+
+
+@pytest.mark.parametrize("kind, array, change, message", [
+    ("topk", "indices", _set((2, 1), 10), r"rows \d+\.\.\d+: teacher indices must be class ids "
+                                          r"in \[0, 10\); found 10"),
+    ("topk", "indices", lambda a: np.repeat(a[:, :1], 3, axis=1), "found an id twice"),
+    ("topk", "values", _set((2, 0), np.nan), "teacher values contain NaN"),
+    ("topk", "lse", _set((2, 0), -30.0), r"sum to .* more than 1"),
+    ("dense", "logits", _set((3, 4), np.inf), "teacher rows contain NaN or \\+inf"),
+    ("tokens", "labels", _set(1, 10 ** 6), r"rows 0\.\.\d+: labels must be in \[0, 40\)"),
+], ids=["topk-id-range", "topk-duplicate-ids", "topk-nan-values", "topk-mass", "dense-inf",
+        "tokens-label-range"])
+def test_verify_refuses_values_the_losses_refuse(copy_of, capsys, kind, array, change, message):
+    """Re-signed rows that read but that a loss would refuse at training time: verify says so
+    first, naming the rows (the losses' own checks, fastkd.checks.check_sparse_values)."""
+    directory, manifest = copy_of(kind)
+    entry = manifest["shards"][0]["files"][array]
+    _rewrite(directory, entry, change(np.load(directory / entry["file"])))
+    resign(directory, manifest)
+    _read_everything(directory)   # reads take the rows as they are
+    with pytest.raises(CacheError, match=message):
+        LogitCache(directory).verify()
+    status, out, err = cli(capsys, "verify", directory)
+    assert status == 1 and out == "" and len(err.splitlines()) == 1 and re.search(message, err)
