@@ -267,7 +267,7 @@ class LogitCache:
             self._extra(key)
         self._check_values()
 
-    def _check_values(self, block: int = 1 << 16) -> None:
+    def _check_values(self, block_elements: int = 1 << 22) -> None:
         """The losses' own data checks on every row, so that a cache that verifies also trains:
         top-k rows through :func:`fastkd.checks.check_sparse_values` at each cached temperature
         (ids in ``[0, V)``, no NaN, no id twice, kept mass at most 1), dense and feature rows
@@ -280,6 +280,9 @@ class LogitCache:
         per_row = self.manifest["labels_per"] == "row"
         views = [LogitCache(self.path, temperature=t) for t in self.temperatures] \
             if self.layout == "topk" else [self]
+        width = self.manifest.get(fmt.SPARSE_K_FIELD.get(self.layout, ""), None) or \
+            num_classes or 1   # row elements: K for sparse rows, V (or features) for dense
+        block = max(1, block_elements // width)
         for start in range(0, self.num_rows if not self._ragged else 0, block):
             stop = min(start + block, self.num_rows)
             row_labels = labels[start:stop] if per_row and labels is not None else None
