@@ -20,9 +20,8 @@ from fastkd.cache.collate import collate_padded  # noqa: F401  (re-exported)
 from fastkd.cache.items import split_item
 from fastkd.cache.maps import map_array
 from fastkd.cache.specs import dataset_fingerprint, fingerprint_hint
+from fastkd.cache.values import check_row_values
 from fastkd.targets import SPARSE_TARGETS, SampledTargets, TopKLogits
-
-IGNORE_INDEX = -100   # the label of rows outside the loss (fastkd's and HF's convention)
 
 # the torch dtype of each cache dtype (what dense and feature reads return)
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -265,51 +264,10 @@ class LogitCache:
                 self._ragged_offsets(number)
         for key in ("offsets", "labels"):   # row offsets; version 1's labels.npy
             self._extra(key)
-        self._check_values()
-
-    def _check_values(self, block_elements: int = 1 << 22) -> None:
-        """The losses' own data checks on every row, so that a cache that verifies also trains:
-        top-k rows through :func:`fastkd.checks.check_sparse_values` at each cached temperature
-        (ids in ``[0, V)``, no NaN, no id twice, kept mass at most 1), dense and feature rows
-        without NaN or +inf, per-row (next-token) labels in ``[0, V)`` or -100; a sample's
-        dataset label may be of another label space. (Ragged sampled rows are checked by
-        :func:`fastkd.cache.ragged.check_shard` above.)"""
-        from fastkd.checks import check_sparse_values, label_status, raise_bad_labels
-        num_classes = self.num_classes
-        labels = self.labels if num_classes else None
-        per_row = self.manifest["labels_per"] == "row"
+        # the losses' data checks on every row, each top-k temperature through its own reader
         views = [LogitCache(self.path, temperature=t) for t in self.temperatures] \
             if self.layout == "topk" else [self]
-        width = self.manifest.get(fmt.SPARSE_K_FIELD.get(self.layout, ""), None) or \
-            num_classes or 1   # row elements: K for sparse rows, V (or features) for dense
-        block = max(1, block_elements // width)
-        for start in range(0, self.num_rows if not self._ragged else 0, block):
-            stop = min(start + block, self.num_rows)
-            row_labels = labels[start:stop] if per_row and labels is not None else None
-            try:
-                for view in views:
-                    rows = view.rows(start, stop)
-                    if isinstance(rows, TopKLogits):
-                        check_sparse_values(rows.indices, num_classes, values=rows.values,
-                                            lse=rows.lse, labels=row_labels,
-                                            temperature=rows.temperature)
-                    elif isinstance(rows, SampledTargets):
-                        check_sparse_values(rows.indices, num_classes, counts=rows.counts,
-                                            labels=row_labels)
-                    elif bool(torch.isnan(rows).any() | (rows == float("inf")).any()):
-                        raise ValueError("teacher rows contain NaN or +inf")
-            except ValueError as error:
-                raise self._damaged(f"rows {start}..{stop - 1}", error) from None
-        if labels is not None and per_row:   # next-token labels are classes of the teacher's
-            if bool(label_status(labels, num_classes, IGNORE_INDEX)[1]):
-                try:
-                    raise_bad_labels(labels, num_classes, IGNORE_INDEX)
-                except ValueError as error:
-                    raise self._damaged("labels", error) from None
-
-    def _damaged(self, where: str, error: Exception) -> fmt.CacheError:
-        return fmt.CacheError(f"{self.path}: {where}: {error}; the cache is damaged or was not "
-                              f"written by fastkd")
+        check_row_values(self, views)
 
     # ------------------------------------------------------------------------- rows
     def _new_rows(self, count: int, out: Optional[torch.Tensor]) -> Optional[dict]:
