@@ -26,7 +26,8 @@ from typing import Optional
 import torch
 
 from benchmarks.env import REPO_ROOT
-from benchmarks.providers import LossCase, make_inputs, make_provider, make_step
+from benchmarks.providers import (LossCase, make_inputs, make_provider, make_step,
+                                  student_for_grad_inplace)
 from fastkd.kernels import kd_loss_cpu, kd_sparse_cpu
 
 
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
     fields = json.loads(args.case)
     case = LossCase(**{key: fields[key] for key in LossCase.__dataclass_fields__})
     student, teacher, labels = make_inputs(case, "cpu")
+    if case.grad_inplace:
+        student = student_for_grad_inplace(student)
     loss_fn = make_provider(args.provider, case, compile_backend=args.compile_backend)
     step = make_step(loss_fn, student, teacher, labels, case.mode, case.grad_inplace)
     step()  # warm-up: compilation, thread pools, lazy inits

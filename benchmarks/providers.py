@@ -24,8 +24,9 @@ Cases with ``grad_inplace`` (sparse only) run ``fastkd`` and ``densify`` with
 ``kd_loss(..., grad_inplace=True)``: the gradient goes into the student logits' storage, as in
 training where the logits come from the LM head and nothing else reads them. Both paths then
 skip the fresh gradient buffer, whose first-touch page faults are a large part of a CPU step.
-Their student is a copy of the case's (it holds gradients after the first call; the kernels'
-run time does not depend on the values), and its gradient is taken with
+Their student is a copy of the case's computed from a leaf (``student_for_grad_inplace``; it
+holds gradients after the first call, and the kernels' run time does not depend on the
+values), and its gradient is taken with
 ``torch.autograd.grad``, as an LM head's backward would take it (``backward()`` into a leaf
 would copy it into ``student.grad``).
 
@@ -252,6 +253,12 @@ def _make_sparse_baseline(name: str, case: LossCase, compile_backend: str) -> Ca
             return plain_topk_kd_loss(student, teacher, labels, temperature)
         return torch.compile(plain, dynamic=False, backend=compile_backend)
     raise ValueError(f"sparse-teacher provider must be one of {SPARSE_PROVIDERS}, got {name!r}")
+
+
+def student_for_grad_inplace(student: torch.Tensor) -> torch.Tensor:
+    """A copy of ``student`` computed from a leaf (``grad_inplace`` refuses leaves, whose values
+    torch keeps): the logits an LM head would hand the loss."""
+    return student.detach().clone().requires_grad_(True).clone()
 
 
 def make_step(loss_fn: Callable, student, teacher, labels, mode: str,

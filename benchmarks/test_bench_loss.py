@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks.memory import cpu_peak_extra, cuda_peak_extra, memory_metrics
 from benchmarks.providers import (check_against_reference, liger_unavailable_reason, make_provider,
-                                  make_step, rounds_for, throughput_metrics, time_once)
+                                  make_step, rounds_for, student_for_grad_inplace,
+                                  throughput_metrics, time_once)
 
 
 def test_loss(benchmark, loss_case, provider, preset, device, environment, case_data):
@@ -19,7 +20,7 @@ def test_loss(benchmark, loss_case, provider, preset, device, environment, case_
     student, teacher, labels, reference_of = case_data(loss_case)
     reference = reference_of(provider)
     if loss_case.grad_inplace:   # the case's student is shared by its providers: keep it
-        student = student.detach().clone().requires_grad_(True)
+        student = student_for_grad_inplace(student)
     loss_fn = make_provider(provider, loss_case, compile_backend=preset.compile_backend)
     step = make_step(loss_fn, student, teacher, labels, loss_case.mode, loss_case.grad_inplace)
 

@@ -128,6 +128,12 @@ def _scaled_grads(grads, grad_output, per_row, pending=None, in_place=False, sec
     return scale_grads(grads, grad_output, per_row, pending, in_place)
 
 
+NOT_TWICE_DIFFERENTIABLE = (
+    "fastkd losses are differentiable once: their gradient is made in the forward pass, so "
+    "create_graph=True (double backward, gradient penalties) and forward-mode AD are not "
+    "supported; use the textbook composition (fastkd.reference_dense) where you need them")
+
+
 class _GradInForward(torch.autograd.Function):
     """Eager wiring: the gradients made in forward are saved and scaled in backward. With
     ``grad_inplace`` the first input's gradient is written into its own storage."""
@@ -152,7 +158,13 @@ class _GradInForward(torch.autograd.Function):
         return loss
 
     @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
+
+    @staticmethod
     def backward(ctx, grad_output):
+        if torch.is_grad_enabled():   # create_graph=True: the saved gradient has no graph
+            raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
         if ctx.scale_in_place:
             if getattr(ctx, "scaled", False):
                 raise RuntimeError(
@@ -248,6 +260,15 @@ def _op_backward(ctx, grad_output, *_grads_of_grads):
 _loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+def _has_tangents(tensors) -> bool:
+    """Whether an input carries a forward-mode AD tangent (inside ``forward_ad.dual_level``)."""
+    from torch.autograd import forward_ad
+    if getattr(forward_ad, "_current_level", -1) < 0:   # no dual level is open
+        return False
+    return any(tensor is not None and forward_ad.unpack_dual(tensor).tangent is not None
+               for tensor in tensors)
+
+
 def run_loss(family: str, tensors, options, *, requires_grad: bool, grad_inplace: bool = False,
              student_logits=None, part_names=()) -> torch.Tensor:
     """The loss of one call: no-grad, eager autograd or the custom op under ``torch.compile``.
@@ -256,6 +277,8 @@ def run_loss(family: str, tensors, options, *, requires_grad: bool, grad_inplace
     must be a view of ``student_logits`` (checked) that no other input (named by
     ``part_names``, from the second on) overlaps."""
     tensors = tuple(tensors) + (None,) * (NUM_INPUTS - len(tensors))
+    if _has_tangents(tensors):
+        raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
     needs_grad = torch.is_grad_enabled() and requires_grad
     if torch.compiler.is_compiling():
         if grad_inplace and needs_grad:
@@ -265,6 +288,12 @@ def run_loss(family: str, tensors, options, *, requires_grad: bool, grad_inplace
         return FAMILIES[family].forward(tensors, options, False)[0]
     if grad_inplace:
         student_rows = tensors[0]
+        if student_logits.is_leaf:
+            raise ValueError(
+                "grad_inplace=True would overwrite a leaf tensor that requires grad (a "
+                "parameter, or an input made with requires_grad=True), as torch refuses in-place "
+                "ops on leaves; pass logits computed from it (a layer's output) or use "
+                "grad_inplace=False")
         if (student_rows.data_ptr() != student_logits.data_ptr()
                 or student_rows.stride(-1) != 1):
             raise ValueError("grad_inplace=True needs student_logits whose rows are a view "

@@ -19,6 +19,7 @@ and takes ``reduction=`` too.
 """
 import importlib
 import os
+import sys
 from typing import Optional, Protocol
 
 import torch
@@ -128,10 +129,24 @@ def compiled_kernel(family: str):
     return _load(family, "cpu")
 
 
-def dispatch(backend: str, family: str = "dense", device=None):
+def has_memory(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has real memory a compiled kernel can read: not a fake tensor (torch's
+    FakeTensorMode, used to trace shapes), a meta tensor or a functorch-wrapped one (vmap,
+    jvp). Those go through the PyTorch path, which handles them as torch ops do."""
+    if tensor.device.type == "meta":
+        return False
+    fake = sys.modules.get("torch._subclasses.fake_tensor")   # loaded by any FakeTensorMode
+    if fake is not None and isinstance(tensor, fake.FakeTensor):
+        return False
+    return not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+
+
+def dispatch(backend: str, family: str = "dense", device=None, student=None):
     """The implementation of kernel family ``family`` (``"dense"`` or ``"sparse"``) for a
-    resolved ``backend`` (``"triton"`` or ``"torch"``) and the student's ``device``."""
-    if backend == "torch" and device is not None and torch.device(device).type == "cpu":
+    resolved ``backend`` (``"triton"`` or ``"torch"``) and the student's ``device``; the
+    compiled CPU kernel only for a ``student`` tensor with memory (:func:`has_memory`)."""
+    if backend == "torch" and device is not None and torch.device(device).type == "cpu" \
+            and (student is None or has_memory(student)):
         compiled = compiled_kernel(family)
         if compiled is not None:
             return compiled

@@ -70,7 +70,7 @@ def dense_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=Fa
     if needs_grad:
         grad = grad_buffer if grad_buffer is not None else torch.empty(
             student_rows.shape, dtype=student_rows.dtype, device=device)
-    kd_forward = dispatch(options.backend, "dense", device)
+    kd_forward = dispatch(options.backend, "dense", device, student_rows)
     syncing = syncs(device)
     if getattr(kd_forward, "reduces", False) and num_rows and not syncing:
         # the compiled CPU kernel checks the labels, counts the kept rows and reduces too

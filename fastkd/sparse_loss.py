@@ -45,7 +45,7 @@ def sparse_forward(tensors, options, needs_grad, grad_buffer=None, defer_check=F
     a row that may fail a check, :func:`check_sparse_values` runs and names the problem."""
     student_rows, indices, values, lse, counts, labels_1d = tensors[:6]
     num_classes = student_rows.shape[-1]
-    implementation = dispatch(options.backend, "sparse", student_rows.device)
+    implementation = dispatch(options.backend, "sparse", student_rows.device, student_rows)
     if student_rows.stride(-1) != 1:
         student_rows = student_rows.contiguous()
     grad = None

@@ -183,6 +183,56 @@ def test_grad_inplace_refuses_teacher_sharing_student_memory(backend, kernel_dev
     _assert_matches_reference(student.detach(), teacher, None, backend, device)
 
 
+def test_grad_inplace_refuses_a_leaf():
+    """A parameter (or an input made with requires_grad=True) keeps its values: torch refuses
+    in-place ops on such leaves, and so does grad_inplace, instead of leaving the gradient in
+    the parameter."""
+    parameter = torch.nn.Parameter(torch.randn(2, 5))
+    before = parameter.detach().clone()
+    with pytest.raises(ValueError, match="grad_inplace=True would overwrite a leaf tensor"):
+        kd_loss(parameter, torch.randn(2, 5), grad_inplace=True)
+    assert torch.equal(parameter.detach(), before)
+
+
+# ----------------------------------------------------------------------------- differentiable once
+def test_double_backward_and_forward_ad_raise_instead_of_a_silent_zero():
+    """The gradient is made in the forward pass, so it has no graph: create_graph=True (a
+    gradient penalty) and forward-mode AD raise rather than treat the second derivative as 0."""
+    student = torch.randn(4, 7, requires_grad=True)
+    teacher = torch.randn(4, 7)
+    with pytest.raises(RuntimeError, match="fastkd losses are differentiable once"):
+        torch.autograd.grad(kd_loss(student, teacher), student, create_graph=True)
+    (grad,) = torch.autograd.grad(kd_loss(student, teacher), student)   # once is fine
+    assert grad.shape == student.shape
+    import torch.autograd.forward_ad as forward_ad
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(torch.randn(4, 7), torch.randn(4, 7))
+        with pytest.raises(RuntimeError, match="forward-mode AD are not supported"):
+            kd_loss(dual, teacher)
+
+
+def test_fake_tensors_never_reach_the_compiled_kernel():
+    """Under FakeTensorMode (shape tracing) the loss takes the PyTorch path: fake shapes out,
+    never a fake data pointer handed to the C kernel (which would crash the process)."""
+    code = textwrap.dedent("""
+        import torch, fastkd
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            student, teacher = torch.randn(4, 7), torch.randn(4, 7)
+            print("dense", tuple(fastkd.kd_loss(student, teacher, reduction="none").shape))
+            target = fastkd.TopKLogits(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.int32),
+                                       torch.zeros(4), 1.0)
+            try:
+                fastkd.kd_loss(student, target)
+            except Exception as error:   # a data-dependent check, as for torch's own ops
+                print("sparse", type(error).__name__)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dense (4,)" in result.stdout
+
+
 # ----------------------------------------------------------------------------- NaN, overflow, T
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_teacher_row_with_teacher_labels_and_no_soft_term(backend, kernel_device):
