@@ -41,10 +41,26 @@ def _int_list(value, what: str) -> List[int]:
     return list(value)
 
 
+def _integer_ids(value, what: str) -> torch.Tensor:
+    """``value`` as an integer tensor, or a TypeError naming ``what``: float, complex and bool
+    ids are refused, not truncated to ints. An empty list is taken as no ids."""
+    tensor = torch.as_tensor(value)
+    if tensor.numel() == 0 and not isinstance(value, torch.Tensor):
+        return tensor.long()
+    if tensor.dtype.is_floating_point or tensor.dtype.is_complex or tensor.dtype == torch.bool:
+        raise TypeError(f"{what} must be integers, got {tensor.dtype} ({str(value)[:60]})")
+    return tensor
+
+
 def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """HF (unshifted) labels ``(..., L)`` -> next-token labels: ``out[..., j] = labels[..., j+1]``,
-    ``out[..., -1] = ignore_index``. Position ``j``'s logits are then scored against ``out[j]``."""
-    out = torch.full_like(labels, ignore_index)
+    """HF (unshifted) labels ``(..., L)`` of any integer dtype -> int64 next-token labels:
+    ``out[..., j] = labels[..., j+1]``, ``out[..., -1] = ignore_index``. Position ``j``'s logits
+    are then scored against ``out[j]``. The result is int64 whatever the input's dtype, so
+    ``ignore_index`` (negative) is held exactly, also for unsigned token ids."""
+    labels = _integer_ids(labels, "labels")
+    if labels.dim() == 0:
+        raise ValueError("labels must have a sequence dimension (..., L), got a 0-dim tensor")
+    out = torch.full(labels.shape, ignore_index, dtype=torch.long, device=labels.device)
     out[..., :-1] = labels[..., 1:]
     return out
 
@@ -58,8 +74,13 @@ def _max_length(value: Optional[int]) -> Optional[int]:
 
 def learned_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """``(L,)`` bool: the positions of one sequence a token cache keeps rows for: those with a
-    next-token label, and the last (ignored only because the sequence ends there)."""
-    keep = torch.as_tensor(labels).reshape(-1) != ignore_index
+    next-token label, and the last (ignored only because the sequence ends there). ``labels``
+    is one sequence ``(L,)``: in a padded batch the last column is not each sequence's end, so
+    other shapes are refused."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be one sequence (L,), got shape {tuple(labels.shape)}")
+    keep = labels != ignore_index
     keep[-1:] = True
     return keep
 
@@ -303,6 +324,15 @@ def _rows_at_positions(teacher, labels: torch.Tensor, ignore_index: int, number:
                                  zip(teacher.tensors(), sparse_filler(teacher, length).tensors())])
 
 
+def _sequence(value, what: str) -> torch.Tensor:
+    """One sequence of integer ids as an int64 ``(L,)`` tensor (``(1, L)`` accepted), or an
+    error naming ``what``."""
+    tensor = _integer_ids(value, what)
+    if tensor.dim() > 1 and tensor.shape[:-1].numel() != 1:
+        raise ValueError(f"{what} must be one sequence (L,), got shape {tuple(tensor.shape)}")
+    return tensor.reshape(-1).long()
+
+
 def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNORE_INDEX,
                       pad_to_multiple_of: Optional[int] = None,
                       targets_as_dict: bool = False) -> dict:
@@ -315,24 +345,41 @@ def collate_causal_lm(items, *, pad_token_id: int = 0, ignore_index: int = IGNOR
     """
     if not items:
         raise ValueError("collate_causal_lm: empty batch")
+    if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or not
+                                           isinstance(pad_to_multiple_of, int) or
+                                           pad_to_multiple_of < 1):
+        raise ValueError(f"pad_to_multiple_of must be a positive int or None, got "
+                         f"{pad_to_multiple_of!r}")
     teachers = None
+    for number, item in enumerate(items):
+        if isinstance(item, dict) != isinstance(items[0], dict):
+            raise TypeError(f"item {number}: {type(item).__name__} but item 0 is a "
+                            f"{type(items[0]).__name__}; a batch holds TokenDataset items "
+                            f"(dicts) or CachedDataset items ((inputs, labels, teacher) "
+                            f"tuples), not both")
+        if not isinstance(item, dict) and (not isinstance(item, (tuple, list)) or
+                                           len(item) != 3):
+            raise ValueError(f"item {number}: expected a dict with 'input_ids' or an (inputs, "
+                             f"labels, teacher) tuple, got {type(item).__name__}")
     if isinstance(items[0], dict):
-        inputs = [item["input_ids"] for item in items]
-        labels = [item.get("labels") for item in items]
+        model_inputs, labels = items, [item.get("labels") for item in items]
     else:
         model_inputs, labels, teachers = zip(*items)
-        inputs = [item["input_ids"] if isinstance(item, dict) else item
-                  for item in model_inputs]
-    inputs = [torch.as_tensor(ids, dtype=torch.long).reshape(-1) for ids in inputs]
+    inputs = []
+    for number, item in enumerate(model_inputs):
+        if isinstance(item, dict) and "input_ids" not in item:
+            raise ValueError(f"item {number}: no 'input_ids' (keys: {sorted(item)})")
+        inputs.append(_sequence(item["input_ids"] if isinstance(item, dict) else item,
+                                f"item {number}: input_ids"))
     lengths = [len(ids) for ids in inputs]
     labels = [next_token_labels(ids, ignore_index) if label is None else
-              torch.as_tensor(label, dtype=torch.long).reshape(-1)
-              for ids, label in zip(inputs, labels)]
+              _sequence(label, f"item {number}: labels")
+              for number, (ids, label) in enumerate(zip(inputs, labels))]
     for number, (ids, label) in enumerate(zip(inputs, labels)):
         if label.shape != ids.shape:
             raise ValueError(f"item {number}: {len(label)} labels for {len(ids)} tokens")
     length = max(lengths)
-    if pad_to_multiple_of:
+    if pad_to_multiple_of is not None:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     shift_labels = _pad(labels, length, ignore_index)
     batch = {
