@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from fastkd.checks import check_inplace_target, raise_bad_labels
+from fastkd.checks import check_flag, check_inplace_target, raise_bad_labels
 
 __all__ = ["Family", "register_family", "run_loss", "PendingLabelCheck", "SYNCING_DEVICES",
            "syncs", "scale_grads"]
@@ -277,6 +277,7 @@ def run_loss(family: str, tensors, options, *, requires_grad: bool, grad_inplace
     must be a view of ``student_logits`` (checked) that no other input (named by
     ``part_names``, from the second on) overlaps."""
     tensors = tuple(tensors) + (None,) * (NUM_INPUTS - len(tensors))
+    check_flag("grad_inplace", grad_inplace)
     if _has_tangents(tensors):
         raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
     needs_grad = torch.is_grad_enabled() and requires_grad

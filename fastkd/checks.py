@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
-           "check_number", "check_choice", "check_logits", "check_options", "check_labels",
+           "MIN_TEMPERATURE", "check_number", "check_choice", "check_flag", "check_logits",
+           "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
            "check_tensor", "check_integer_ids",
            "TAILS", "check_temperature_value", "check_sparse_options",
@@ -29,6 +30,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # T = 100, 4e-4 at T = 300, 0.5-8e-3 at T = 1e3 and 30-50% at T = 1e4. Above 100 the result
 # would be quietly inaccurate, so it is refused instead.
 MAX_TEMPERATURE = 100.0
+MIN_TEMPERATURE = 1e-3
 
 
 def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False,
@@ -68,6 +70,11 @@ def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignor
                   reduction, backend) -> None:
     """The scalar options shared by kd_loss, KDLoss and the fused-linear loss."""
     check_number("temperature", temperature, positive=True)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:g}, got {temperature}: below that z / T "
+            "overflows float32 for ordinary logits (T -> 0 is the argmax; use labels='teacher' "
+            "for hard teacher labels)")
     if temperature > MAX_TEMPERATURE:
         raise ValueError(
             f"temperature must be <= {MAX_TEMPERATURE:g}, got {temperature}: the float32 "
@@ -79,8 +86,20 @@ def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignor
     check_number("beta", beta, low=0.0, high=1.0)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("backend", backend, BACKENDS)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    try:
+        index = operator.index(ignore_index) if not isinstance(ignore_index, bool) else None
+    except TypeError:
+        index = None
+    if index is None:
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= index < 2 ** 63:   # compared with int64 labels
+        raise ValueError(f"ignore_index must fit int64, got {ignore_index}")
+
+
+def check_flag(name: str, value) -> None:
+    """A True/False option: anything else (a string, None, 2) is refused, not read as truthy."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_labels(labels, leading_shape, device) -> None:
@@ -96,6 +115,9 @@ def check_labels(labels, leading_shape, device) -> None:
         raise TypeError(f"labels must be a tensor, None or 'teacher'; got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.dtype == torch.uint64:   # compared in int64: values >= 2**63 would wrap
+        raise TypeError("labels must be an integer tensor that int64 holds, got torch.uint64; "
+                        "pass labels.long()")
     if labels.shape != tuple(leading_shape):
         raise ValueError(
             f"labels must have shape {tuple(leading_shape)} (the leading dims of "

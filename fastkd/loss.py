@@ -137,7 +137,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits,
         labels: ``(...)`` integer class ids of any integer dtype (``ignore_index`` rows are
             excluded from both terms), ``"teacher"`` (the teacher's argmax as hard label), or
             ``None`` (no hard term).
-        temperature: ``0 < T <= 100``, applied to both logits in the soft term only.
+        temperature: ``0.001 <= T <= 100``, applied to both logits in the soft term only.
         divergence: ``forward_kl`` = KL(p_t||p_s), ``reverse_kl`` = KL(p_s||p_t), ``jsd``
             (generalized JSD with ``beta``; 0 / 1 are exactly forward / reverse KL), ``mse``
             (mean over V of squared raw-logit differences; no temperature, no T^2).

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from fastkd.checks import TAILS, check_choice, check_options
+from fastkd.checks import TAILS, check_choice, check_flag, check_options
 from fastkd.dispatch import resolve_backend
 
 __all__ = ["LossOptions", "LABELS_NONE", "LABELS_TENSOR", "LABELS_TEACHER", "label_mode_of",
@@ -70,6 +70,7 @@ class LossOptions:
         check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
                       reduction, backend)
         check_choice("tail", tail, TAILS)
+        check_flag("validate_labels", validate_labels)
         beta = float(beta)
         if divergence == "jsd" and beta in (0.0, 1.0):
             divergence = "forward_kl" if beta == 0.0 else "reverse_kl"

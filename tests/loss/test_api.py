@@ -45,6 +45,31 @@ def test_bad_options_raise(kwargs, error, words):
         KDLoss(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(ignore_index=2 ** 64 + 3), ValueError, r"ignore_index must fit int64"),
+    (dict(temperature=1e-4), ValueError, r"temperature must be >= 0.001"),
+    (dict(validate_labels="no"), TypeError, r"validate_labels must be True or False, got 'no'"),
+    (dict(validate_labels=None), TypeError, r"validate_labels must be True or False"),
+    (dict(grad_inplace=2), TypeError, r"grad_inplace must be True or False, got 2"),
+])
+def test_options_that_would_wrap_or_read_as_truthy_are_refused(kwargs, error, words):
+    """An ignore_index past int64 would wrap onto a real class, a tiny temperature overflows
+    z / T, and a flag given as a string or None would silently mean True or False."""
+    student, teacher, labels = _inputs()
+    with pytest.raises(error, match=words):
+        kd_loss(student * 1, teacher, labels, **kwargs)
+
+
+def test_integer_like_options_and_uint64_labels():
+    import numpy as np
+    student, teacher, labels = _inputs()
+    expected = kd_loss(student, teacher, labels, ignore_index=-100)
+    torch.testing.assert_close(kd_loss(student, teacher, labels, ignore_index=np.int64(-100)),
+                               expected)
+    with pytest.raises(TypeError, match="torch.uint64; pass labels.long"):
+        kd_loss(student, teacher, labels.to(torch.uint64))
+
+
 def test_shape_mismatch_names_both_shapes():
     student, _, labels = _inputs()
     with pytest.raises(ValueError, match=r"same shape.*\(4, 11\) and \(4, 12\)"):
