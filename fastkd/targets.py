@@ -15,13 +15,14 @@ The sparse ones are ``NamedTuple`` s (fields and shapes in their docstrings), so
 ``torch.utils.data``'s default collate and ``torch.compile`` handle them; :func:`fastkd.kd_loss`
 takes them as they are (``fastkd/sparse_loss.py``).
 """
+import operator
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from fastkd.checks import (FLOAT_DTYPES, check_integer_ids, check_linear_head,
-                           check_logit_transform, check_target_classes, check_temperature_value,
-                           check_tensor)
+                           check_logit_transform, check_sparse_values, check_target_classes,
+                           check_temperature_value, check_tensor)
 
 __all__ = ["TopKLogits", "SampledTargets", "SPARSE_TARGETS", "TeacherHead",
            "check_sparse_target"]
@@ -33,7 +34,8 @@ class TopKLogits(NamedTuple):
     Fields:
         values: ``(..., K)`` raw teacher logits at the kept ids (any float dtype); a ``-inf``
             entry is padding (a row with fewer than K entries): its class joins the tail.
-        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique within a row.
+        indices: ``(..., K)`` integer class ids in ``[0, V)``, unique among a row's real
+            entries (padding entries may repeat a real id or each other).
         lse: ``(...)`` ``logsumexp(z_t / temperature)`` of the *full* teacher row.
         temperature: the temperature ``lse`` belongs to (a float; a tensor of identical values,
             as ``DataLoader``'s default collate makes of it, is accepted too). The loss needs
@@ -78,23 +80,41 @@ class TopKLogits(NamedTuple):
 
     def log_probs(self, num_classes: int) -> torch.Tensor:
         """The explicit, slow densifier: a ``(..., V)`` float32 tensor of teacher
-        log-probabilities at ``self.temperature``. ``values / T - lse`` at the kept ids and the
-        rest mass ``1 - sum_k exp(values_k / T - lse)`` spread evenly over the other ``V - K``
-        classes (a floor of 1e-12 when it rounds to 0).
+        log-probabilities at ``self.temperature``, ``V = num_classes``. A row's real entries
+        (finite values) get ``values / T - lse`` at their ids; the rest mass
+        ``1 - sum_k exp(values_k / T - lse)`` over those entries is spread evenly over every
+        other class (a floor of 1e-12 when it rounds to 0 or below). ``-inf`` padding entries
+        join the rest whatever their ids (they may repeat a real id or each other); a row
+        without real entries is uniform, and a row whose real ids cover all V classes has no
+        rest.
+
+        The target is checked first as :func:`fastkd.kd_loss` checks it (``num_classes`` an int
+        equal to a recorded ``self.num_classes``, ids in ``[0, V)``, real ids unique, no NaN, kept
+        mass at most 1 beyond rounding): ``ValueError`` / ``TypeError`` otherwise.
 
         This builds a full ``(N, V)`` tensor and changes the target (the rest mass is spread
         evenly); :func:`fastkd.kd_loss` takes the ``TopKLogits`` itself without either.
         """
-        temperature = check_temperature_value("TopKLogits.temperature", self.temperature)
+        num_classes, temperature = _check_densify(self, "TopKLogits.log_probs", num_classes)
+        real = self.values != float("-inf")
+        # padding entries become -inf: exp gives them no mass, and the amax scatter keeps a real
+        # entry's value at a class that padding entries repeat
         kept = self.values.float() / temperature - self.lse.float().unsqueeze(-1)
-        k = kept.shape[-1]
-        if num_classes < k:
-            raise ValueError(f"num_classes={num_classes} is smaller than top-k={k}")
-        out = kept.new_empty(kept.shape[:-1] + (num_classes,))
-        if num_classes > k:
-            tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
-            out.copy_((tail / (num_classes - k)).log().expand_as(out))
-        return out.scatter_(-1, self.indices.long(), kept)
+        kept = torch.where(real, kept, float("-inf"))
+        ids = self.indices.long()
+        kept_dense = kept.new_full(kept.shape[:-1] + (num_classes,), float("-inf"))
+        kept_dense.scatter_reduce_(-1, ids, kept, "amax")
+        in_kept = torch.zeros(kept_dense.shape, dtype=torch.int32, device=kept.device)
+        in_kept = in_kept.scatter_add_(-1, ids, real.to(torch.int32)) > 0
+        tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
+        if bool(real.all()):
+            # no padding: every row has the same V - K other classes. Dividing by a Python
+            # number gives the same bits as the densifier has always given on full rows on every
+            # device (CUDA divides by a scalar through its reciprocal, by a tensor exactly)
+            others = max(num_classes - kept.shape[-1], 1)
+        else:
+            others = (num_classes - real.sum(-1, keepdim=True)).clamp_min(1)   # real ids unique
+        return torch.where(in_kept, kept_dense, (tail / others).log())
 
 
 class SampledTargets(NamedTuple):
@@ -134,13 +154,99 @@ class SampledTargets(NamedTuple):
                               self.temperature)
 
     def probs(self, num_classes: int) -> torch.Tensor:
-        """The explicit, slow densifier: ``(..., V)`` float32 target probabilities."""
+        """The explicit, slow densifier: ``(..., V)`` float32 target probabilities,
+        ``counts / counts.sum(-1)`` at the ids and 0 elsewhere (count-0 padding entries add
+        nothing, whatever their ids).
+
+        The target is checked first as :func:`fastkd.kd_loss` checks it (``num_classes`` an int
+        equal to a recorded ``self.num_classes``, ids in ``[0, V)``, counts finite and >= 0 with
+        a positive sum in every row, ids of positive counts unique): ``ValueError`` /
+        ``TypeError`` otherwise.
+        """
+        num_classes, _ = _check_densify(self, "SampledTargets.probs", num_classes)
         counts = self.counts.float()
         out = counts.new_zeros(counts.shape[:-1] + (num_classes,))
         return out.scatter_add_(-1, self.indices.long(), counts / counts.sum(-1, keepdim=True))
 
 
 SPARSE_TARGETS = (TopKLogits, SampledTargets)
+
+
+def _check_densify(target, method: str, num_classes):
+    """The checks of ``target.{log_probs,probs}(num_classes)``: ``num_classes`` an int >= 1 that
+    a recorded ``target.num_classes`` (not 0) equals, the fields' types, shapes and device, and
+    the loss's data checks (:func:`fastkd.checks.check_sparse_values`; two host syncs). Errors
+    name ``method``. Returns ``(num_classes, temperature)``."""
+    kind = type(target).__name__
+    try:
+        if isinstance(num_classes, bool):
+            raise TypeError
+        num_classes = operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"{method}: num_classes must be an int (the vocabulary size V), got "
+                        f"{type(num_classes).__name__} {num_classes!r}") from None
+    if num_classes < 1:
+        raise ValueError(f"{method}: num_classes must be >= 1, got {num_classes}")
+    if isinstance(target, TopKLogits):
+        check_tensor(f"{kind}.values", target.values)
+        if not target.values.dtype.is_floating_point:
+            raise TypeError(f"{kind}.values must be a floating tensor, got "
+                            f"{target.values.dtype}")
+        check_integer_ids(f"{kind}.indices", target.indices)
+        check_tensor(f"{kind}.lse", target.lse)
+        if not target.lse.dtype.is_floating_point:
+            raise TypeError(f"{kind}.lse must be a floating tensor, got {target.lse.dtype}")
+        fields = {"values": target.values, "indices": target.indices}
+        real = target.values != float("-inf")
+        entries = "top-k={} (the real, not -inf, entries of a row, each a different class)"
+    else:
+        check_integer_ids(f"{kind}.indices", target.indices)
+        check_tensor(f"{kind}.counts", target.counts)
+        if target.counts.dtype.is_complex or target.counts.dtype == torch.bool:
+            raise TypeError(f"{kind}.counts must be an integer or float tensor, got "
+                            f"{target.counts.dtype}")
+        fields = {"indices": target.indices, "counts": target.counts}
+        real = target.counts > 0
+        entries = "the {} ids with positive counts in a row (each a different class)"
+    shapes = {tuple(tensor.shape) for tensor in fields.values()}
+    first = next(iter(fields.values()))
+    if len(shapes) != 1 or first.dim() < 1 or first.shape[-1] < 1:
+        raise ValueError(f"{kind}: " + " and ".join(
+            f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
+            + " must have the same shape (..., K) with K >= 1")
+    leading = tuple(first.shape[:-1])
+    if isinstance(target, TopKLogits):
+        if tuple(target.lse.shape) != leading:
+            raise ValueError(f"{kind}.lse must have shape {leading} (the leading dims of "
+                             f"values), got {tuple(target.lse.shape)}")
+        fields["lse"] = target.lse
+    for field, tensor in fields.items():
+        if tensor.device != first.device:
+            raise ValueError(f"{kind}.{field} must be on the device of the other fields, "
+                             f"{first.device}, got {tensor.device}")
+    # more real entries in a row than classes: named before the id checks, which would report
+    # an id out of range or an id twice
+    most = int(real.sum(-1).max()) if real.numel() else 0
+    if most > num_classes:
+        raise ValueError(f"{method}: num_classes={num_classes} is smaller than "
+                         + entries.format(most))
+    try:
+        check_target_classes(f"{kind}.num_classes", target.num_classes, num_classes)
+    except ValueError as error:
+        raise ValueError(f"{method}(num_classes={num_classes}): {error}") from None
+    temperature = check_temperature_value(f"{kind}.temperature", target.temperature)
+    width = first.shape[-1]
+    try:
+        if isinstance(target, TopKLogits):
+            check_sparse_values(target.indices.reshape(-1, width), num_classes,
+                                values=target.values.reshape(-1, width),
+                                lse=target.lse.reshape(-1), temperature=temperature)
+        else:
+            check_sparse_values(target.indices.reshape(-1, width), num_classes,
+                                counts=target.counts.reshape(-1, width))
+    except ValueError as error:
+        raise ValueError(f"{method}(num_classes={num_classes}): {error}") from None
+    return num_classes, temperature
 
 
 class TeacherHead:
