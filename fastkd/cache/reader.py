@@ -284,6 +284,11 @@ class LogitCache:
             if found != f"cpu {dtype} {shape}":
                 raise ValueError(f"out must be a CPU tensor of dtype {dtype} and shape {shape} "
                                  f"(the rows read); got {found}")
+            if any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride())):
+                # an expanded out: its rows share memory and would all hold the last one
+                raise ValueError(f"out's elements overlap (strides {out.stride()}, e.g. from "
+                                 f"expand()); pass torch.empty({shape[0]}, {shape[1]}, "
+                                 f"dtype={dtype})")
             array = out.detach().view(torch.int16 if dtype == torch.bfloat16 else dtype).numpy()
             return {fmt.DENSE_ARRAY[self.layout]: array.view(fmt.STORAGE_DTYPES[
                 self.manifest["dtype"]])}

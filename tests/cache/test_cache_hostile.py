@@ -315,6 +315,18 @@ def test_out_that_does_not_fit_is_refused_naming_it(valid_caches, out):
             read()
 
 
+@pytest.mark.parametrize("out", [
+    torch.zeros(1, 10, dtype=torch.float16).expand(8, 10),
+    torch.zeros(8, 1, dtype=torch.float16).expand(8, 10),
+], ids=["rows-expanded", "columns-expanded"])
+def test_an_out_whose_elements_overlap_is_refused(valid_caches, out):
+    """An expanded out would hold only the last row written (its rows share memory)."""
+    cache = LogitCache(valid_caches["dense"])
+    for read in (lambda: cache.rows(0, 8, out=out), lambda: cache.gather(range(8), out=out)):
+        with pytest.raises(ValueError, match=r"out's elements overlap"):
+            read()
+
+
 def test_out_is_refused_for_sparse_caches(tmp_path):
     torch.manual_seed(0)
     write_cache(torch.nn.Linear(8, 12), torch.utils.data.TensorDataset(torch.randn(6, 8)),
