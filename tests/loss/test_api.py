@@ -213,6 +213,19 @@ def test_torch_compile_fullgraph_module():
         torch.testing.assert_close(got, want)
 
 
+def test_torch_compile_with_a_temperature_per_module_under_specialize_float():
+    """The documented setting for several temperatures under torch.compile: with
+    specialize_float each KDLoss of its own T traces its own graph and matches eager."""
+    student, teacher, labels = _inputs(rows=6)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(specialize_float=True):
+        for temperature in (2.0, 3.0):
+            criterion = KDLoss(temperature=temperature)
+            compiled = torch.compile(criterion, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(compiled(student, teacher, labels),
+                                       criterion(student, teacher, labels))
+
+
 def test_torch_compile_inductor_reduction_none():
     torch.manual_seed(1)
     student, teacher, labels = _inputs(rows=5)
