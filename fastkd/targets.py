@@ -187,43 +187,17 @@ def _check_densify(target, method: str, num_classes):
                         f"{type(num_classes).__name__} {num_classes!r}") from None
     if num_classes < 1:
         raise ValueError(f"{method}: num_classes must be >= 1, got {num_classes}")
+    first_name = "values" if isinstance(target, TopKLogits) else "indices"
+    first = getattr(target, first_name)
+    check_tensor(f"{kind}.{first_name}", first)
+    _check_target_fields(kind, target, tuple(first.shape[:-1]), first.device,
+                         f"{kind}.{first_name}", any_float_values=True)
     if isinstance(target, TopKLogits):
-        check_tensor(f"{kind}.values", target.values)
-        if not target.values.dtype.is_floating_point:
-            raise TypeError(f"{kind}.values must be a floating tensor, got "
-                            f"{target.values.dtype}")
-        check_integer_ids(f"{kind}.indices", target.indices)
-        check_tensor(f"{kind}.lse", target.lse)
-        if not target.lse.dtype.is_floating_point:
-            raise TypeError(f"{kind}.lse must be a floating tensor, got {target.lse.dtype}")
-        fields = {"values": target.values, "indices": target.indices}
         real = target.values != float("-inf")
         entries = "top-k={} (the real, not -inf, entries of a row, each a different class)"
     else:
-        check_integer_ids(f"{kind}.indices", target.indices)
-        check_tensor(f"{kind}.counts", target.counts)
-        if target.counts.dtype.is_complex or target.counts.dtype == torch.bool:
-            raise TypeError(f"{kind}.counts must be an integer or float tensor, got "
-                            f"{target.counts.dtype}")
-        fields = {"indices": target.indices, "counts": target.counts}
         real = target.counts > 0
         entries = "the {} ids with positive counts in a row (each a different class)"
-    shapes = {tuple(tensor.shape) for tensor in fields.values()}
-    first = next(iter(fields.values()))
-    if len(shapes) != 1 or first.dim() < 1 or first.shape[-1] < 1:
-        raise ValueError(f"{kind}: " + " and ".join(
-            f"{field} {tuple(tensor.shape)}" for field, tensor in fields.items())
-            + " must have the same shape (..., K) with K >= 1")
-    leading = tuple(first.shape[:-1])
-    if isinstance(target, TopKLogits):
-        if tuple(target.lse.shape) != leading:
-            raise ValueError(f"{kind}.lse must have shape {leading} (the leading dims of "
-                             f"values), got {tuple(target.lse.shape)}")
-        fields["lse"] = target.lse
-    for field, tensor in fields.items():
-        if tensor.device != first.device:
-            raise ValueError(f"{kind}.{field} must be on the device of the other fields, "
-                             f"{first.device}, got {tensor.device}")
     # more real entries in a row than classes: named before the id checks, which would report
     # an id out of range or an id twice
     most = int(real.sum(-1).max()) if real.numel() else 0
@@ -295,13 +269,27 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
     the student's V (``num_classes`` when given, else ``student_logits.shape[-1]``). Returns the
     target's temperature as a float (what it is for). No host sync (unless a field is
     a GPU tensor of collated numbers): the values are checked by :func:`check_sparse_values`."""
-    leading = tuple(student_logits.shape[:-1])
-    device = student_logits.device
+    _check_target_fields(name, target, tuple(student_logits.shape[:-1]), student_logits.device,
+                         "student_logits")
+    check_target_classes(f"{name}.num_classes", target.num_classes,
+                         student_logits.shape[-1] if num_classes is None else num_classes)
+    return check_temperature_value(f"{name}.temperature", target.temperature)
+
+
+def _check_target_fields(name: str, target, leading: tuple, device, of: str, *,
+                         any_float_values: bool = False) -> None:
+    """The field checks of a ``TopKLogits`` / ``SampledTargets`` named ``name``: field types,
+    shapes ``(..., K)`` with the leading dims ``leading`` (those of ``of``) and K >= 1, lse of
+    shape ``leading``, every field on ``device``. Top-k values are float32, float16 or bfloat16
+    (any floating dtype with ``any_float_values``)."""
     if isinstance(target, TopKLogits):
         check_tensor(f"{name}.values", target.values)
-        if target.values.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}.values must be float32, float16 or bfloat16, got "
-                            f"{target.values.dtype}")
+        if not (target.values.dtype.is_floating_point if any_float_values
+                else target.values.dtype in FLOAT_DTYPES):
+            raise TypeError(f"{name}.values must be "
+                            + ("a floating tensor" if any_float_values
+                               else "float32, float16 or bfloat16")
+                            + f", got {target.values.dtype}")
         check_integer_ids(f"{name}.indices", target.indices)
         check_tensor(f"{name}.lse", target.lse)
         if not target.lse.dtype.is_floating_point:
@@ -323,7 +311,7 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
         if tensor.dim() < 1 or tuple(tensor.shape[:-1]) != leading or tensor.shape[-1] < 1:
             raise ValueError(
                 f"{name}.{field} must have shape (..., K) with the leading dims {leading} of "
-                f"student_logits and K >= 1, got {tuple(tensor.shape)}")
+                f"{of} and K >= 1, got {tuple(tensor.shape)}")
     shapes = {tuple(tensor.shape) for tensor in fields.values()}
     if len(shapes) != 1:
         raise ValueError(f"{name}: " + " and ".join(
@@ -332,11 +320,9 @@ def check_sparse_target(name: str, target, student_logits: torch.Tensor,
     for field, tensor in per_row.items():
         if tuple(tensor.shape) != leading:
             raise ValueError(f"{name}.{field} must have shape {leading} (the leading dims of "
-                             f"student_logits), got {tuple(tensor.shape)}")
+                             f"{of}), got {tuple(tensor.shape)}")
     for field, tensor in {**fields, **per_row}.items():
         if tensor.device != device:
-            raise ValueError(f"{name}.{field} must be on student_logits' device {device}, "
-                             f"got {tensor.device}")
-    check_target_classes(f"{name}.num_classes", target.num_classes,
-                         student_logits.shape[-1] if num_classes is None else num_classes)
-    return check_temperature_value(f"{name}.temperature", target.temperature)
+            owner = of + ("'" if of.endswith("s") else "'s")
+            raise ValueError(f"{name}.{field} must be on {owner} device {device}, got "
+                             f"{tensor.device}")
