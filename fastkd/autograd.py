@@ -158,10 +158,6 @@ class _GradInForward(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
-
-    @staticmethod
     def backward(ctx, grad_output):
         if torch.is_grad_enabled():   # create_graph=True: the saved gradient has no graph
             raise RuntimeError(NOT_TWICE_DIFFERENTIABLE)
