@@ -144,7 +144,8 @@ def has_memory(tensor: torch.Tensor) -> bool:
 def dispatch(backend: str, family: str = "dense", device=None, student=None):
     """The implementation of kernel family ``family`` (``"dense"`` or ``"sparse"``) for a
     resolved ``backend`` (``"triton"`` or ``"torch"``) and the student's ``device``; the
-    compiled CPU kernel only for a ``student`` tensor with memory (:func:`has_memory`)."""
+    compiled CPU kernel only for a ``student`` tensor (its logits or hidden states) with
+    memory (:func:`has_memory`). Every loss passes its student; None means real memory."""
     if backend == "torch" and device is not None and torch.device(device).type == "cpu" \
             and (student is None or has_memory(student)):
         compiled = compiled_kernel(family)

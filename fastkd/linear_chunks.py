@@ -237,7 +237,8 @@ def fused_forward(hidden, weight, bias, teacher_parts, labels, opts: LinearOptio
     chunk_rows = max(1, min(chunk_rows, num_kept))
 
     row_loss = torch.zeros(num_kept, dtype=torch.float32, device=device)
-    kd_forward = dispatch(options.backend, "sparse" if sparse else "dense", device)
+    kd_forward = dispatch(options.backend, "sparse" if sparse else "dense", device,
+                          student.hidden)
     def chunk_buffer(dtype, wanted=True):
         return torch.empty((chunk_rows, num_classes), dtype=dtype, device=device) \
             if wanted and num_kept else None

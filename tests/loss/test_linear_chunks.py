@@ -33,8 +33,8 @@ def test_chunk_rows_come_from_the_budget(monkeypatch):
     seen = []
     real = chunks.dispatch
 
-    def recording_dispatch(backend, family="dense", device=None):
-        kernel = real(backend, family, device)
+    def recording_dispatch(backend, family="dense", device=None, student=None):
+        kernel = real(backend, family, device, student)
 
         def record(student, *args, **kwargs):
             seen.append(student.shape[0])

@@ -220,6 +220,9 @@ def test_fake_tensors_never_reach_the_compiled_kernel():
         with FakeTensorMode():
             student, teacher = torch.randn(4, 7), torch.randn(4, 7)
             print("dense", tuple(fastkd.kd_loss(student, teacher, reduction="none").shape))
+            hidden, weight = torch.randn(4, 8), torch.randn(7, 8)
+            print("linear", tuple(fastkd.linear_kd_loss(hidden, weight, teacher,
+                                                        reduction="none").shape))
             target = fastkd.TopKLogits(torch.randn(4, 3), torch.zeros(4, 3, dtype=torch.int32),
                                        torch.zeros(4), 1.0)
             try:
@@ -230,7 +233,8 @@ def test_fake_tensors_never_reach_the_compiled_kernel():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "dense (4,)" in result.stdout
+    assert "dense (4,)" in result.stdout and "linear (4,)" in result.stdout
+    assert "data pointer of FakeTensor" not in result.stderr, result.stderr
 
 
 # ----------------------------------------------------------------------------- NaN, overflow, T
