@@ -76,9 +76,9 @@ def test_ignored_rows_are_dropped_before_the_matmul(monkeypatch):
     import fastkd.linear_chunks as chunks   # the chunked pass calls the kernel family
     seen = []
     real = chunks.dispatch
-    monkeypatch.setattr(chunks, "dispatch", lambda backend, family="dense", device=None: (
-        lambda student, *a, **k: seen.append(student.shape[0])
-        or real(backend, family, device)(student, *a, **k)))
+    monkeypatch.setattr(chunks, "dispatch", lambda backend, family="dense", device=None, _=None: (
+        lambda rows, *a, **k: seen.append(rows.shape[0]) or real(backend, family, device)(
+            rows, *a, **k)))
     case = make_case(rows=(30,), ignored=0.5, seed=3)
     kept = int((case["labels"] != -100).sum())
     assert 5 < kept < 25
