@@ -341,16 +341,16 @@ def run_info(args) -> int:
 
 
 def _import_teacher_dataset(args) -> int:
-    from fastkd.cache.distillkit import DEFAULT_MAX_EXCESS_MASS, import_teacher_dataset
-    defaults = {"split": None, "row_offset": 1, "max_excess_mass": DEFAULT_MAX_EXCESS_MASS}
-    given = {key: getattr(args, key) if getattr(args, key) is not None else default
-             for key, default in defaults.items()}
+    from fastkd.cache.distillkit import import_teacher_dataset
+    # options not given keep import_teacher_dataset's own defaults
+    given = {key: getattr(args, key) for key in ("split", "row_offset", "max_excess_mass")
+             if getattr(args, key) is not None}
     try:
         manifest = import_teacher_dataset(
             args.files, args.out, source=args.source, vocab_size=args.vocab_size,
-            top_k=args.top_k, compression_config=args.compression_config, **given,
-            dtype=args.dtype,
-            shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet)
+            top_k=args.top_k, compression_config=args.compression_config, dtype=args.dtype,
+            shard_size_mb=args.shard_size_mb, overwrite=args.overwrite, progress=not args.quiet,
+            **given)
     except ValueError as error:  # TeacherDatasetError, TableError, FormatError, CacheError
         return fail(str(error))
     except OSError as error:
