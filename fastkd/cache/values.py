@@ -7,8 +7,7 @@ import torch
 from fastkd.cache import manifest as fmt
 from fastkd.checks import check_sparse_values, label_status, raise_bad_labels
 from fastkd.targets import SampledTargets, TopKLogits
-
-IGNORE_INDEX = -100   # the label of rows outside the loss (fastkd's and HF's convention)
+from fastkd.tokens import IGNORE_INDEX
 BLOCK_ELEMENTS = 1 << 22   # row elements read and checked at a time (bounds memory)
 
 
