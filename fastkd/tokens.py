@@ -21,7 +21,7 @@ from fastkd.hf_text import IGNORE_INDEX, TEXT_FIELDS, TextTokenizer
 from fastkd.targets import SampledTargets, TopKLogits
 
 __all__ = ["TokenDataset", "next_token_labels", "collate_causal_lm", "targets_to_dict",
-           "targets_from_dict", "TOKEN_SOURCES", "learned_positions"]
+           "targets_from_dict", "TOKEN_SOURCES", "learned_positions", "IGNORE_INDEX"]
 
 ROW_FIELDS = ("input_ids",) + TEXT_FIELDS
 INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
