@@ -209,7 +209,7 @@ def test_ddp_two_ranks_equal_trl_and_sharded_head():
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          os.path.join(ROOT, "tests", "trl_ddp_run.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.stdout[-1000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
     figures = json.loads(line[len("RESULT "):])
     for trainer in ("gkd", "distillation"):
