@@ -266,7 +266,7 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
     ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). With
     ``temperature`` (top-k targets whose lse the loss uses), the kept probabilities
     ``exp(values / T - lse)`` of a row sum to at most 1 beyond the values' rounding
-    (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Rows whose label is ``ignore_index``
+    (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Values must not be +inf either. Rows whose label is ``ignore_index``
     skip every check but the id range; entries with count 0 or value -inf are padding and may
     repeat an id.
 
@@ -288,8 +288,8 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
         if keep is not None:
             unique_ids = torch.where(keep.unsqueeze(-1), ids, padding_ids)
         if values is not None:
-            flags["values"] = torch.isnan(values if keep is None
-                                          else torch.where(keep.unsqueeze(-1), values, 0)).any()
+            kept_values = values if keep is None else torch.where(keep.unsqueeze(-1), values, 0)
+            flags["values"] = (torch.isnan(kept_values) | torch.isposinf(kept_values)).any()
             # a -inf value is padding (joins the tail) and may repeat an id
             unique_ids = torch.where(values == float("-inf"), padding_ids, unique_ids)
         if lse is not None:
@@ -315,7 +315,8 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
         bad = ids[(ids < 0) | (ids >= num_classes)].flatten()[0].item()
         raise ValueError(f"teacher indices must be class ids in [0, {num_classes}); found {bad}")
     if results.get("values"):
-        raise ValueError("teacher values contain NaN")
+        raise ValueError("teacher values contain NaN or +inf (a logit or log-probability is "
+                         "finite, or -inf for a padding entry)")
     if results.get("lse"):
         raise ValueError("teacher lse contains NaN")
     if results.get("mass"):

@@ -224,9 +224,9 @@ static double bucket_terms(const SparseCall *call, int64_t n, const unsigned cha
 /* The data checks of fastkd.checks.check_sparse_values on rows [first, end), without its
  * messages: 1 when a row may fail one of them (the caller then runs that check, which names
  * the problem; the mass test errs towards flagging), else 0. Every row: ids in [0, V). Rows
- * not ignored: no NaN value or lse, counts finite and >= 0 with a positive sum, real ids
- * unique, and (mass_temperature > 0) sum_k exp(lowered v_k / T - lse) within the limit, each
- * value first lowered by one rounding step of its dtype. */
+ * not ignored: no NaN or +inf value, no NaN lse, counts finite and >= 0 with a positive sum,
+ * real ids unique, and (mass_temperature > 0) sum_k exp(lowered v_k / T - lse) within the
+ * limit, each value first lowered by one rounding step of its dtype. */
 static int check_rows(const SparseCall *call, int64_t first, int64_t end, int64_t *sorted) {
     const int64_t num_kept = call->num_kept;
     const int sampled = call->counts != NULL;
@@ -251,11 +251,10 @@ static int check_rows(const SparseCall *call, int64_t first, int64_t end, int64_
             } else {
                 double value = load_value(call->values, call->values_dtype,
                                           row * call->values_stride + k);
-                if (value != value) return 1;
+                if (value != value || value == INFINITY) return 1;
                 real = value != -INFINITY;
                 if (real && call->mass_temperature > 0.0) {
-                    double lowered = value == INFINITY ? value
-                                                       : value - fabs(value) * call->values_unit;
+                    double lowered = value - fabs(value) * call->values_unit;
                     mass += exp(lowered / call->mass_temperature - lse);
                 }
             }

@@ -236,11 +236,12 @@ def _set(position, value):
                                           r"in \[0, 10\); found 10"),
     ("topk", "indices", lambda a: np.repeat(a[:, :1], 3, axis=1), "found an id twice"),
     ("topk", "values", _set((2, 0), np.nan), "teacher values contain NaN"),
+    ("topk", "values", _set((2, 1), np.inf), r"teacher values contain NaN or \+inf"),
     ("topk", "lse", _set((2, 0), -30.0), r"sum to .* more than 1"),
     ("dense", "logits", _set((3, 4), np.inf), "teacher rows contain NaN or \\+inf"),
     ("tokens", "labels", _set(1, 10 ** 6), r"rows 0\.\.\d+: labels must be in \[0, 40\)"),
-], ids=["topk-id-range", "topk-duplicate-ids", "topk-nan-values", "topk-mass", "dense-inf",
-        "tokens-label-range"])
+], ids=["topk-id-range", "topk-duplicate-ids", "topk-nan-values", "topk-inf-values",
+        "topk-mass", "dense-inf", "tokens-label-range"])
 def test_verify_refuses_values_the_losses_refuse(copy_of, capsys, kind, array, change, message):
     """Re-signed rows that read but that a loss would refuse at training time: verify says so
     first, naming the rows (the losses' own checks, fastkd.checks.check_sparse_values)."""

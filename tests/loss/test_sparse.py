@@ -283,11 +283,17 @@ def bad_input_cases():
     duplicate[2, 1] = duplicate[2, 0]
     nan_values = target.values.clone()
     nan_values[0, 1] = float("nan")
+    inf_values = target.values.clone()
+    inf_values[1, 0] = float("inf")
     cases = [
         (target._replace(indices=ids), {}, ValueError, r"\[0, 20\); found 20"),
         (target._replace(indices=negative), {}, ValueError, "found -1"),
         (target._replace(indices=duplicate), {}, ValueError, "unique"),
         (target._replace(values=nan_values), {}, ValueError, "values contain NaN"),
+        # +inf is refused with every tail (renormalize, which skips the mass check, gave NaN)
+        (target._replace(values=inf_values), {}, ValueError, r"NaN or \+inf"),
+        (target._replace(values=inf_values), {"tail": "renormalize"}, ValueError,
+         r"NaN or \+inf"),
         (target._replace(values=target.values[:, :3]), {}, ValueError, "same shape"),
         (target._replace(lse=target.lse[:2]), {}, ValueError, "lse must have shape"),
         (target._replace(indices=target.indices.float()), {}, TypeError, "integer"),
