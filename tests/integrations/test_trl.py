@@ -198,6 +198,20 @@ def test_adapter_on_the_head_is_refused():
                                     beta=0.5, temperature=1.0, t_squared=True)
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), 1e-4, 1e3])
+def test_a_temperature_outside_the_losses_range_is_refused(temperature):
+    """The trainers' loss and entropy helpers refuse what the losses refuse (0 divided by zero;
+    a negative temperature gave an entropy)."""
+    student, teacher = model_pair("plain")
+    hidden, keep = torch.randn(2, 3, 32), torch.ones(2, 3, dtype=torch.bool)
+    head = fastkd.trl.teacher_head(teacher, torch.randn(2, 3, 48))
+    with pytest.raises(ValueError, match="temperature must be"):
+        fastkd.trl.fused_divergence(hidden, student, head, keep, beta=0.5,
+                                    temperature=temperature, t_squared=False)
+    with pytest.raises(ValueError, match="temperature must be"):
+        fastkd.trl.student_entropy_sum(hidden, student, keep, temperature)
+
+
 def test_ddp_two_ranks_equal_trl_and_sharded_head():
     """Under torchrun with 2 ranks (gloo, CPU) and DDP, one training step (gradient accumulation
     2) of fastkd's GKD and Distillation trainers leaves the weights TRL's leaves, identical on
