@@ -67,6 +67,9 @@ class LogitCache:
     """
 
     def __init__(self, path, *, temperature: Optional[float] = None):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"LogitCache path must be a str or os.PathLike, got "
+                            f"{type(path).__name__}")
         self.path = os.fspath(path)
         self.manifest, self._manifest_identity = fmt.read_manifest_and_identity(self.path)
         where = self._manifest_path = os.path.join(self.path, fmt.MANIFEST_NAME)
@@ -378,6 +381,9 @@ class LogitCache:
     def rows(self, start: int, stop: int, *, out: Optional[torch.Tensor] = None):
         """Teacher rows ``[start, stop)`` in row order, tensors of their own (dense and feature
         rows written into ``out`` and ``out`` returned, when given; see :meth:`_new_rows`)."""
+        for name, bound in (("start", start), ("stop", stop)):
+            if isinstance(bound, bool) or not isinstance(bound, (int, np.integer)):
+                raise TypeError(f"rows() {name} must be an int, got {type(bound).__name__}")
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
         result = self._new_rows(stop - start, out)

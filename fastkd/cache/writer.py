@@ -48,7 +48,11 @@ def _differences(name: str, cached, asked) -> list:
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):   # torch's message lists every device type it knows
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, "
+                         f"got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' but no CUDA device is available (use 'cpu' or 'auto')")
     return device

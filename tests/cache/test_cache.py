@@ -96,6 +96,17 @@ def test_indexing_slicing_gather(digits_cache):
         cache["3"]
     with pytest.raises(TypeError, match="indices"):
         cache.gather([0.5])
+    with pytest.raises(TypeError, match="rows\\(\\) start must be an int, got float"):
+        cache.rows(1.0, 2)
+    assert torch.equal(cache.rows(np.int64(1), 3), everything[1:3])
+    with pytest.raises(TypeError, match="LogitCache path must be a str or os.PathLike, got int"):
+        LogitCache(5)
+
+
+@pytest.mark.parametrize("device", ["gpu", 3.5, "cuda:x"])
+def test_write_cache_names_a_device_it_cannot_read(tmp_path, device):
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda'"):
+        write_cache(torch.nn.Linear(64, 10), digits_dataset(), tmp_path / "c", device=device)
 
 
 @pytest.mark.parametrize("context", ["fork", "spawn"])
