@@ -283,6 +283,16 @@ def resume_state(out_dir: str, config: dict, rank: int, world_size: int,
         if problems:
             raise fmt.CacheError(f"cannot resume {out_dir}: {'; '.join(problems)}; pass "
                                  f"--overwrite to start again")
+        # the file names and sample ranges of this rank's shards follow from these fields
+        shards_here = all(shard["rank"] == rank and sample_range[0] <= shard["sample_start"]
+                          and shard["sample_stop"] <= sample_range[1]
+                          for shard in state["shards"])
+        if state.get("rank") != rank or state["sample_range"] != sample_range or not shards_here:
+            raise fmt.CacheError(
+                f"cannot resume {out_dir}: {name} is not rank {rank}'s progress over samples "
+                f"[{sample_range[0]}, {sample_range[1]}) (it records rank "
+                f"{state.get('rank')!r}, samples {state['sample_range']}); pass --overwrite to "
+                f"start again")
     else:
         state = dict(config, format=fmt.FORMAT_NAME,
                      fastkd_version=__version__, created=now_utc(), status="incomplete",

@@ -97,6 +97,25 @@ def test_failure_midway_leaves_a_resumable_incomplete_cache(tmp_path):
         LogitCache(out)
 
 
+@pytest.mark.parametrize("field, value", [("rank", 1), ("rank", "0"),
+                                          ("sample_range", [0, 50]), ("shard_rank", 1)])
+def test_resume_refuses_another_ranks_progress(tmp_path, field, value):
+    """A progress manifest whose rank, sample range or shards are not this rank's (edited, or
+    another run's) is refused on resume: shard names and ranges follow from those fields."""
+    data, out = cache_helpers.indexed_images(), tmp_path / "c"
+    options = dict(batch_size=8, shard_size_mb=16 * 20 / 2 ** 20, progress=False)
+    with pytest.raises(ValueError, match="sample 37"):
+        write_cache(cache_helpers.nan_teacher(), data, out, **options)
+    partial = fmt.read_manifest(str(out))
+    if field == "shard_rank":
+        partial["shards"][-1]["rank"] = value
+    else:
+        partial[field] = value
+    fmt.write_manifest(str(out), partial)
+    with pytest.raises(CacheError, match=r"not rank 0's progress over samples \[0, 100\)"):
+        write_cache(cache_helpers.nan_teacher(), data, out, **options)
+
+
 def test_torchrun_two_ranks_reads_like_one_process(tmp_path):
     single, ranked = tmp_path / "single", tmp_path / "ranked"
     # 1797 // 2 = 898 = 2 * 449: with batches of 449 both runs feed the teacher the same batches
