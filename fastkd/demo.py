@@ -15,7 +15,7 @@ import fastkd
 from fastkd import models
 from fastkd.cache import CacheError, resolve_device
 from fastkd.cache.files import write_atomic
-from fastkd.cache.outdir import make_directory
+from fastkd.cache.outdir import make_directory, owned_files
 
 __all__ = ["run_demo", "DemoError", "format_table", "fit", "accuracy", "textbook_kd_loss",
            "loss_throughput", "loss_path", "throughput_lines", "LabelledSubset", "label_mask",
@@ -194,6 +194,20 @@ def prepare_out_dir(out_dir: str) -> None:
     if os.path.isdir(checkpoint):
         raise DemoError(f"cannot save the teacher checkpoint {checkpoint}: it is a directory; "
                         f"remove it or choose another --out")
+    # the demo replaces the cache in its own folder (`fastkd cache --overwrite`), which
+    # refuses a folder of other files: say so now, not after training the teacher
+    cache_dir = os.path.join(out_dir, CACHE_DIR_NAME)
+    if os.path.lexists(cache_dir) and not os.path.isdir(cache_dir):
+        raise DemoError(f"{cache_dir} is in the way of the demo's teacher cache: it is not a "
+                        f"directory; remove it or choose another --out")
+    try:
+        foreign = os.path.isdir(cache_dir) and owned_files(cache_dir,
+                                                           os.listdir(cache_dir)) is None
+    except (CacheError, OSError):
+        foreign = True   # an unreadable manifest: `fastkd cache` could not replace it either
+    if foreign:
+        raise DemoError(f"{cache_dir} holds files that are not a fastkd cache, and the demo "
+                        f"writes its teacher cache there; move them or choose another --out")
 
 
 def save_checkpoint(state_dict: dict, checkpoint: str) -> None:

@@ -193,23 +193,24 @@ def test_demo_out_that_cannot_be_written(tmp_path, capsys, monkeypatch, make_out
 
 
 @pytest.mark.parametrize("foreign, message", [
-    ("directory", "--overwrite refused"),
-    ("file", "exists and is not a directory"),
+    ("directory", "holds files that are not a fastkd cache"),
+    ("bad-manifest", "holds files that are not a fastkd cache"),
+    ("file", "is in the way of the demo's teacher cache: it is not a directory"),
 ])
-def test_demo_stops_with_the_cache_commands_own_error(tmp_path, capsys, foreign, message):
-    """A teacher-logits that is not a fastkd cache: `fastkd cache` refuses it in one line, and
-    the demo stops there with that line only."""
+def test_demo_refuses_a_foreign_cache_folder_before_training(tmp_path, capsys, foreign, message):
+    """A teacher-logits that `fastkd cache --overwrite` would refuse (other files, an unreadable
+    manifest, a file) stops the demo in one line before it trains, and stays as it was."""
     cache_dir = tmp_path / "teacher-logits"
-    if foreign == "directory":
-        cache_dir.mkdir()
-        (cache_dir / "notes.txt").write_text("mine")
-    else:
+    if foreign == "file":
         cache_dir.write_text("mine")
-    err = fails_in_one_line(capsys, demo_args(tmp_path), str(cache_dir), message)
-    assert "exit code" not in err
-    if foreign == "directory":
-        assert [path.name for path in cache_dir.iterdir()] == ["notes.txt"]
-        assert (cache_dir / "notes.txt").read_text() == "mine"
     else:
+        cache_dir.mkdir()
+        name = "notes.txt" if foreign == "directory" else "manifest.json"
+        (cache_dir / name).write_text("mine")
+    err = fails_in_one_line(capsys, demo_args(tmp_path), str(cache_dir), message)
+    assert "teacher:" not in err and not (tmp_path / "teacher.pt").exists()   # nothing trained
+    if foreign == "file":
         assert cache_dir.read_text() == "mine"
+    else:
+        assert [path.read_text() for path in cache_dir.iterdir()] == ["mine"]
     assert not list(tmp_path.glob("*.tmp"))
