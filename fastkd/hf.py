@@ -186,6 +186,13 @@ class DistillationLoss:
                 raise ValueError("no teacher: pass teacher= (online) or batches with "
                                  "'teacher_targets' (fastkd.tokens.collate_causal_lm over a "
                                  "fastkd.CachedDataset)")
+            rows = targets.indices if isinstance(targets, SPARSE_TARGETS) else targets
+            if tuple(rows.shape[:-1]) != tuple(keep.shape):
+                raise ValueError(
+                    f"batch['teacher_targets'] holds rows for positions "
+                    f"{tuple(rows.shape[:-1])} but input_ids is {tuple(keep.shape)}: the "
+                    f"teacher rows must come with the same samples, padded the same way "
+                    f"(fastkd.tokens.collate_causal_lm over a fastkd.CachedDataset)")
             if not isinstance(targets, SPARSE_TARGETS):
                 self._check_vocab(targets.shape[-1], "the cached teacher")
                 return targets[keep.to(targets.device)]

@@ -160,6 +160,12 @@ def test_vocabulary_mismatch_is_refused(setup):
     narrow = hf_helpers.tiny_gpt2(seed=2, vocab=hf_helpers.VOCAB - 8)
     with pytest.raises(ValueError, match="the cached teacher has 48 classes"):
         DistillationLoss(narrow, hook=False).compute(batch)
+    # teacher rows of other samples or padding than the batch's tokens: named, not an IndexError
+    other = collate_causal_lm([CachedDataset(data, caches["fp16"])[i] for i in range(3)])
+    for targets in (other["teacher_targets"], other["teacher_targets"][:2, :-1]):
+        with pytest.raises(ValueError, match=r"teacher_targets'\] holds rows for positions "
+                                             r"\(\d+, \d+\) but input_ids is"):
+            DistillationLoss(student(), hook=False).compute(dict(batch, teacher_targets=targets))
 
 
 def test_missing_teacher_and_labels_are_clear_errors(setup):
