@@ -13,6 +13,7 @@ from torch import nn
 
 import fastkd
 # transformers through hf_load, whose import names the extra to install when it is missing
+from fastkd.checks import check_label_values
 from fastkd.hf_load import MODEL_DTYPES, load_causal_lm, transformers
 from fastkd.targets import SPARSE_TARGETS
 from fastkd.tokens import collate_causal_lm, next_token_labels, targets_from_dict
@@ -226,6 +227,7 @@ class DistillationLoss:
                 "forward (docs/llm-distillation.md, 'More than one GPU')")
         transforms = output_transforms(self.student)
         if teacher is None:  # cross-entropy only
+            check_label_values(labels, head.weight.shape[0], self.ignore_index)   # named
             # without gradients (evaluation) a chunk of rows at a time: full logits never held
             rows = len(hidden) if torch.is_grad_enabled() else max(
                 1, self.chunk_rows or EVAL_CHUNK_BYTES // (4 * head.weight.shape[0]))

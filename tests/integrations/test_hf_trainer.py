@@ -179,6 +179,12 @@ def test_missing_teacher_and_labels_are_clear_errors(setup):
         DistillationLoss(student(), "gpt2")
     with pytest.raises(ValueError, match="tail must be one of"):
         DistillationLoss(student(), tail="drop", hook=False)
+    # evaluation's own cross-entropy names a label outside the vocabulary
+    shift_labels = batch["shift_labels"].clone()
+    shift_labels[0, 1] = 100
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 48\) .* found 100"):
+        DistillationLoss(student().eval(), hook=False).compute(
+            dict(batch, shift_labels=shift_labels))
 
 
 def test_online_teacher_without_hf_methods_is_checked_by_its_logits(setup):
