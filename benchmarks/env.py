@@ -165,10 +165,23 @@ def capture_environment(measure_cpu_bandwidth: bool = True) -> dict:
         "liger_kernel": _liger_version(),
         "git": git_commit(),
         "gpu": gpu_info(),
+        "cpu_huge_pages": cpu_huge_pages(),
     }
     if measure_cpu_bandwidth:
         env["cpu_copy_bandwidth"] = measure_copy_bandwidth()
     return env
+
+
+def cpu_huge_pages() -> dict:
+    """Whether large CPU tensors can live on 2 MiB pages: the kernel's transparent huge page
+    mode and PyTorch's ``THP_MEM_ALLOC_ENABLE`` (1: its CPU allocator asks for huge pages).
+    Faulting in a fresh gradient's 4 KiB pages is a large part of a CPU loss step."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            mode = handle.read().strip()
+    except OSError:
+        mode = None
+    return {"kernel_thp": mode, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
 def _liger_version():

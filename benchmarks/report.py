@@ -322,6 +322,10 @@ def environment_lines(env: dict) -> str:
              f"fastkd {env['fastkd']}, liger-kernel {env['liger_kernel']}"]
     if gpu:
         lines.append("- GPU: " + ", ".join(f"{key} {value}" for key, value in gpu.items()))
+    pages = env.get("cpu_huge_pages")
+    if pages and env["bench_device"] == "cpu":
+        lines.append(f"- CPU huge pages: kernel transparent_hugepage {pages['kernel_thp']}, "
+                     f"THP_MEM_ALLOC_ENABLE={pages['THP_MEM_ALLOC_ENABLE'] or 'unset'}")
     bandwidth = env.get("cpu_copy_bandwidth")
     if bandwidth:
         lines.append(f"- CPU copy bandwidth: {bandwidth['peak_bandwidth_gbps']:.1f} GB/s peak, "
