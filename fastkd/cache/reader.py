@@ -53,7 +53,8 @@ class LogitCache:
       ``(n, k)``); for variable-length caches a list of per-sample results.
     - ``cache.rows(start, stop, out=...)`` / ``cache.gather(indices, out=...)``: dense and
       feature rows written into ``out``, a CPU tensor of the cache's dtype (e.g. pinned memory).
-    - ``.labels`` (int64 tensor or None), ``.offsets`` (variable-length), ``.manifest``,
+    - ``.labels`` (int64 tensor or None; ``.row_labels(start, stop)`` reads per-row labels a
+      range at a time), ``.offsets`` (variable-length), ``.manifest``,
       ``.temperatures`` (what a top-k cache stores lse for / a sampled cache drew at),
       ``.bytes_per_row``, ``.verify()``.
 
@@ -206,6 +207,20 @@ class LogitCache:
             [self._shard_labels(number) for number in range(len(self.manifest["shards"]))]
         ).astype(np.int64))
         return torch.from_numpy(labels.copy())
+
+    def row_labels(self, start: int, stop: int) -> Optional[torch.Tensor]:
+        """The per-row (next-token) labels of rows ``[start, stop)`` as int64, or None when the
+        cache has none; reads only the shards that hold those rows."""
+        if self.manifest["labels_per"] != "row":
+            return None
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {self.num_rows})")
+        if self.version == 1:
+            part = self._extra("labels")[start:stop]
+        else:
+            part = np.concatenate([self._shard_labels(number)[lo:hi] for number, lo, hi
+                                   in self._spans(start, stop)] or [np.zeros(0, np.int64)])
+        return torch.from_numpy(part.astype(np.int64))
 
     def sample_labels(self, index: int) -> Optional[torch.Tensor]:
         """Sample ``index``'s label (0-d) or per-row labels ``(L_i,)`` as int64, or None."""

@@ -20,14 +20,14 @@ def check_row_values(cache, views) -> None:
     dataset label may belong to another label space and is not checked. Ragged sampled rows
     are left to :func:`fastkd.cache.ragged.check_shard`. Raises CacheError naming the rows."""
     manifest, num_classes = cache.manifest, cache.num_classes
-    labels = cache.labels if num_classes else None
-    per_row = manifest["labels_per"] == "row"
+    # next-token labels are classes of the teacher's (read a block at a time, like the rows)
+    per_row = manifest["labels_per"] == "row" and bool(num_classes)
     width = manifest.get(fmt.SPARSE_K_FIELD.get(manifest["layout"], ""), None) or \
         num_classes or 1   # row elements: K for sparse rows, V (or features) for dense
     block = max(1, BLOCK_ELEMENTS // width)
     for start in range(0, 0 if fmt.is_ragged(manifest) else cache.num_rows, block):
         stop = min(start + block, cache.num_rows)
-        row_labels = labels[start:stop] if per_row and labels is not None else None
+        row_labels = cache.row_labels(start, stop) if per_row else None
         try:
             for view in views:
                 rows = view.rows(start, stop)
@@ -42,12 +42,14 @@ def check_row_values(cache, views) -> None:
                     raise ValueError("teacher rows contain NaN or +inf")
         except ValueError as error:
             raise _damaged(cache, f"rows {start}..{stop - 1}", error) from None
-    if labels is not None and per_row:   # next-token labels are classes of the teacher's
+    for start in range(0, cache.num_rows if per_row else 0, BLOCK_ELEMENTS):
+        stop = min(start + BLOCK_ELEMENTS, cache.num_rows)
+        labels = cache.row_labels(start, stop)
         if bool(label_status(labels, num_classes, IGNORE_INDEX)[1]):
             try:
                 raise_bad_labels(labels, num_classes, IGNORE_INDEX)
             except ValueError as error:
-                raise _damaged(cache, "labels", error) from None
+                raise _damaged(cache, f"rows {start}..{stop - 1}", error) from None
 
 
 def _damaged(cache, where: str, error: Exception) -> fmt.CacheError:

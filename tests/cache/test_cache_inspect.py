@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cache_helpers
+import fastkd.cache.values
 from fastkd.cache import CacheError, LogitCache, write_cache
 from fastkd.cache import manifest as fmt
 from fastkd.cli import main as fastkd_main
@@ -254,3 +256,22 @@ def test_verify_refuses_values_the_losses_refuse(copy_of, capsys, kind, array, c
         LogitCache(directory).verify()
     status, out, err = cli(capsys, "verify", directory)
     assert status == 1 and out == "" and len(err.splitlines()) == 1 and re.search(message, err)
+
+
+def test_verify_reads_per_row_labels_a_block_at_a_time(caches, monkeypatch, tmp_path):
+    """row_labels(start, stop) is labels[start:stop] across shard boundaries, and verify checks
+    next-token labels through it, a block at a time, never joining every row's labels."""
+    write_cache(cache_helpers.tiny_lm(), cache_helpers.TokenSequences(12), tmp_path / "t",
+                batch_size=4, shard_size_mb=500 / 2 ** 20, top_k=4, progress=False)
+    cache = LogitCache(tmp_path / "t")
+    labels, num_rows = cache.labels, cache.num_rows
+    assert len(cache.manifest["shards"]) > 2
+    for start, stop in ((0, num_rows), (3, num_rows - 2), (5, 5), (num_rows, num_rows)):
+        assert torch.equal(cache.row_labels(start, stop), labels[start:stop])
+    with pytest.raises(IndexError, match="outside"):
+        cache.row_labels(0, num_rows + 1)
+    assert LogitCache(caches["topk"]).row_labels(0, 1) is None   # per-sample labels
+    monkeypatch.setattr(fastkd.cache.values, "BLOCK_ELEMENTS", 7)   # blocks straddle shards
+    monkeypatch.setattr(LogitCache, "labels",
+                        property(lambda self: pytest.fail("verify joined every row's labels")))
+    LogitCache(tmp_path / "t").verify()
