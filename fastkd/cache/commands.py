@@ -128,7 +128,9 @@ def _teacher_hash_name(manifest: dict) -> str:
 
 
 def fail(message: str) -> int:
-    """One ``fastkd: error:`` line on stderr; the exit status 1."""
+    """One ``fastkd: error:`` line on stderr (a message that quotes a library's several lines,
+    e.g. a YAML parser's, is joined into one); the exit status 1."""
+    message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
     print(f"fastkd: error: {message}", file=sys.stderr)
     return 1
 

@@ -36,6 +36,22 @@ def _describe(value) -> str:
     return repr(value)[:40]
 
 
+class DuplicateKey(Exception):
+    """A JSON object with a key twice (``args[0]``: the key)."""
+
+
+def _unique_keys(pairs) -> dict:
+    """``json.loads``' object hook: the object, or DuplicateKey for a key given twice."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return result
+
+
 def load_line(raw: bytes, where: str) -> dict:
     """One raw JSONL line -> the response object."""
     try:
@@ -44,7 +60,11 @@ def load_line(raw: bytes, where: str) -> dict:
         raise ResponseError(f"{where}: not UTF-8 text (byte 0x{raw[error.start]:02x} at byte "
                             f"{error.start + 1} of the line); vLLM writes UTF-8 JSON") from None
     try:
-        response = json.loads(text)
+        response = json.loads(text, object_pairs_hook=_unique_keys)
+    except DuplicateKey as error:
+        raise ResponseError(f"{where}: key {_describe(error.args[0])} appears twice in one "
+                            f"object; JSON readers keep one of the two values, so the line is "
+                            f"ambiguous (vLLM writes each key once)") from None
     except RecursionError:
         raise ResponseError(f"{where}: JSON nested too deeply to read; a completions response "
                             f"is a few levels deep") from None
@@ -85,7 +105,11 @@ def _logprob(value, where: str) -> Tuple[float, Optional[int]]:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ResponseError(f"{where}: expected a number or {{\"logprob\": number, ...}}, got "
                             f"{_describe(value)}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:   # an integer beyond float's range
+        raise ResponseError(f"{where}: log-prob {_describe(value)}... is beyond a float's "
+                            f"range") from None
     if np.isnan(value) or value > LOGPROB_SLACK:
         raise ResponseError(f"{where}: log-prob {value} is not a log-probability (must be <= 0)")
     return (-np.inf if value == VLLM_NEG_INF else value), rank
@@ -164,8 +188,8 @@ def read_choices(response: dict, where: str, *, top_k: int, vocab_size: int) -> 
             raise ResponseError(f"{at}: 'prompt_token_ids' must be a non-empty list of ints")
         for token in token_ids:
             if not 0 <= token < vocab_size:
-                raise ResponseError(f"{at}: prompt token id {token} outside [0, {vocab_size}) "
-                                    f"(--vocab-size {vocab_size})")
+                raise ResponseError(f"{at}: prompt token id {_describe(token)} outside "
+                                    f"[0, {vocab_size}) (--vocab-size {vocab_size})")
         prompt = choice.get("prompt_logprobs", response.get("prompt_logprobs"))
         if prompt is None:
             raise ResponseError(f"{at}: missing 'prompt_logprobs' (request with "
@@ -230,6 +254,17 @@ def choice_rows(choice: dict, *, top_k: int, vocab_size: int):
                 f"vLLM writes the top-K plus the prompt token (K or K + 1 items, "
                 f"the same K for every entry), so one of them is not what vLLM wrote")
         fits, fits_at = (here if fits is None else fits & here), (fits_at or j)
+        value, rank = parsed[token_ids[j]]
+        if rank is None and len(parsed) - 1 < top_k and len(parsed) > 1 and all(
+                value <= other for key, (other, _) in parsed.items() if key != token_ids[j]):
+            # without vLLM's rank the least likely item may be the prompt token from far
+            # outside the top-K: only len - 1 items are then known to be the top
+            raise ResponseError(
+                f"{where}: the prompt token {token_ids[j]} is the least likely of the "
+                f"{len(parsed)} items and the entry gives no 'rank', so they may be the "
+                f"top-{len(parsed) - 1} plus the prompt token, fewer than --top-k {top_k}: "
+                f"import vLLM's {{\"logprob\", \"rank\"}} objects, or use --top-k "
+                f"{len(parsed) - 1}")
         rows.append(_top_k(parsed, where, top_k, "prompt_logprobs"))
     if fits is not None and max(fits) < top_k:
         raise ResponseError(f"{at}: prompt_logprobs holds the top-{max(fits)} plus the prompt "
@@ -240,8 +275,9 @@ def choice_rows(choice: dict, *, top_k: int, vocab_size: int):
     token = choice["generated_token"]
     if token is not None:
         if token not in parsed:
-            raise ResponseError(f"{where}: does not hold the generated token {token}; vLLM "
-                                f"always lists it, so these log-probs are not of this choice")
+            raise ResponseError(f"{where}: does not hold the generated token "
+                                f"{_describe(token)}; vLLM always lists it, so these log-probs "
+                                f"are not of this choice")
         if len(parsed) == top_k > 1 and all(parsed[token][0] < value for key, (value, _)
                                              in parsed.items() if key != token):
             raise ResponseError(

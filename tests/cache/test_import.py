@@ -173,6 +173,14 @@ def _make_echo(choice: dict) -> None:
         logprobs["tokens"]
 
 
+def _rankless_top3_and_prompt_token(choice: dict) -> dict:
+    """Entry 1 as bare numbers: its top 3 and the prompt token as the least likely item, which
+    without ranks may be a top-3 plus a prompt token from far outside the top-4."""
+    entry, token = choice["prompt_logprobs"][1], str(choice["prompt_token_ids"][1])
+    others = sorted((key for key in entry if key != token), key=lambda k: -entry[k]["logprob"])
+    return {**{key: entry[key]["logprob"] for key in others[:3]}, token: -30.0}
+
+
 def _broken(edit):
     response = copy.deepcopy(_sample_line())
     edit(response, response["choices"][0])
@@ -226,6 +234,10 @@ BAD_LINES = [
     (_broken(lambda r, c: c.__setitem__("token_ids", [_absent_from(
         {key.split(":")[1]: 0 for key in c["logprobs"]["top_logprobs"][0]})])),
      "does not hold the generated token"),
+    (_broken(lambda r, c: c["prompt_logprobs"].__setitem__(
+        1, _rankless_top3_and_prompt_token(c))),
+     r"prompt_logprobs\[1\]: the prompt token \d+ is the least likely of the 4 items and the "
+     r"entry gives no 'rank'.*fewer than --top-k 4"),
     (_broken(lambda r, c: c.__setitem__("token_ids", [int(min(
         c["logprobs"]["top_logprobs"][0], key=c["logprobs"]["top_logprobs"][0].get)
         .split(":")[1])])), "least likely of exactly --top-k 4"),
@@ -289,6 +301,11 @@ def _raw_lines():
     huge_key["choices"][0]["prompt_logprobs"][1][str(2 ** 64)] = {"logprob": -20.0, "rank": 9}
     long_key = copy.deepcopy(response)
     long_key["choices"][0]["logprobs"]["top_logprobs"][0]["token_id:" + "9" * 5000] = -20.0
+    huge_logprob = copy.deepcopy(response)
+    huge_logprob["choices"][0]["prompt_logprobs"][1]["3"] = {"logprob": -10 ** 400, "rank": 9}
+    twice = copy.deepcopy(response)   # a key written twice in one object
+    entry = twice["choices"][0]["prompt_logprobs"][2]
+    entry["DUPLICATE"] = {"logprob": -0.01, "rank": 1}
     return [
         (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
         (good.replace(b'"text_completion"', b'"text_\xffcompletion"'), "not UTF-8 text"),
@@ -298,10 +315,13 @@ def _raw_lines():
         # an integer literal too long for Python to convert
         (good.replace(b'"prompt_token_ids": [', b'"prompt_token_ids": [' + b"7" * 5000 + b", "),
          "not valid JSON"),
+        (json.dumps(huge_logprob).encode(), r"log-prob -10{30}.* is beyond a float's range"),
+        (json.dumps(twice).encode().replace(b'"DUPLICATE"', json.dumps(next(iter(
+            entry))).encode()), r"key '\d+' appears twice in one object"),
     ]
 
 
-@pytest.mark.parametrize("number", range(6))
+@pytest.mark.parametrize("number", range(8))
 def test_unreadable_lines_end_in_one_sentence_naming_file_and_line(tmp_path, capsys, number):
     raw, message = _raw_lines()[number]
     path = tmp_path / "responses.jsonl"
