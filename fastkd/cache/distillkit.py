@@ -52,7 +52,7 @@ def read_config(path: str):
 class DistillKitRows:
     """Decodes one DistillKit/open-instruct row (current or legacy layout)."""
 
-    def __init__(self, config, columns: set, vocab_size: Optional[int]):
+    def __init__(self, config, columns: set, vocab_size: Optional[int], data: str = "data"):
         self.config = config
         layouts = {True: ("packed_indices", "exact_values", "coeffs"),
                    False: ("compressed_logprobs", "bytepacked_indices")}
@@ -62,8 +62,8 @@ class DistillKitRows:
             layout = f"{'legacy' if config.legacy else 'current'} ({', '.join(needed)})"
             hint = ("; the data holds the other layout, so the config does not belong to it"
                     if all(name in columns for name in other) else "")
-            raise TeacherDatasetError(f"the compression config is for the {layout} layout but "
-                                      f"the data lacks {', '.join(missing)}{hint}")
+            raise TeacherDatasetError(f"{data}: the compression config is for the {layout} "
+                                      f"layout but the data lacks {', '.join(missing)}{hint}")
         self.columns = ["input_ids", *needed]
         self.top_k = config.k
         self.vocab_size = vocab_size or config.vocab_size
@@ -81,7 +81,11 @@ class DistillKitRows:
         else:
             widths = {"compressed_logprobs": config.logprob_bytes,
                       "bytepacked_indices": config.index_bytes}
-        arrays = {name: cell_matrix(cells[name], where, name) for name in widths}
+        arrays = {name: cell_matrix(cells[name], where, name, COLUMN_KINDS[name])
+                  for name in widths}
+        for name in ("compressed_logprobs", "bytepacked_indices", "packed_indices"):
+            if name in arrays:   # bytes (or packed 64-bit words): no value may wrap
+                _in_range(arrays[name], where, name, 0, 255 if name != "packed_indices" else None)
         for name, array in arrays.items():
             if len(array) != len(input_ids) - 1:
                 raise TeacherDatasetError(
@@ -104,11 +108,32 @@ class DistillKitRows:
         return input_ids[:-1], None, values, ids, None
 
 
+# the numpy dtype kinds each column may hold ("iu" integers, "iuf" numbers, "iub" masks)
+COLUMN_KINDS = {"compressed_logprobs": "iu", "bytepacked_indices": "iu", "packed_indices": "iu",
+                "exact_values": "iuf", "coeffs": "iuf", "target_token_ids": "iu",
+                "target_logprobs": "iuf", "target_mask": "iub", "attention_mask": "iub",
+                "labels": "iu"}
+
+
+def _in_range(array: np.ndarray, where: str, name: str, low: int, high: Optional[int],
+              allowed: Optional[int] = None) -> None:
+    """Every value of an integer ``array`` in ``[low, high]`` (no upper bound when ``high`` is
+    None) or equal to ``allowed``."""
+    bad = array < low
+    if high is not None:
+        bad |= array > high
+    if allowed is not None:
+        bad &= array != allowed
+    if bad.any():
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        extra = f" or {allowed}" if allowed is not None else ""
+        raise TeacherDatasetError(f"{where}: {name} holds {array[bad].flat[0]}, outside "
+                                  f"{span}{extra}")
+
+
 def token_ids(cell, where: str, vocab_size: int) -> np.ndarray:
     """An ``input_ids`` cell -> int64 ids, each in ``[0, vocab_size)``."""
-    ids = cell_vector(cell, where, "input_ids")
-    if ids.dtype.kind not in "iu":
-        raise TeacherDatasetError(f"{where}: input_ids must be integers, got {ids.dtype}")
+    ids = cell_vector(cell, where, "input_ids", "iu")
     outside = (ids < 0) | (ids >= vocab_size)
     if outside.any():
         raise TeacherDatasetError(f"{where}: input_ids holds token id {ids[outside][0]} "
@@ -120,10 +145,10 @@ class AxolotlRows:
     """Reads one row of axolotl's KD column layout."""
 
     def __init__(self, columns: set, vocab_size: Optional[int], top_k: Optional[int],
-                 row_offset: int):
+                 row_offset: int, data: str = "data"):
         missing = [name for name in AXOLOTL_COLUMNS if name not in columns]
         if missing:
-            raise TeacherDatasetError(f"the data lacks axolotl's KD column(s) "
+            raise TeacherDatasetError(f"{data}: the data lacks axolotl's KD column(s) "
                                       f"{', '.join(missing)}")
         if vocab_size is None:
             raise TeacherDatasetError("--from axolotl needs --vocab-size V (axolotl datasets do "
@@ -138,9 +163,9 @@ class AxolotlRows:
     def decode(self, cells: dict, where: str):
         input_ids = token_ids(cells["input_ids"], where, self.vocab_size)
         length = len(input_ids)
-        ids = cell_matrix(cells["target_token_ids"], where, "target_token_ids")
-        values = cell_matrix(cells["target_logprobs"], where, "target_logprobs")
-        mask = cell_matrix(cells["target_mask"], where, "target_mask")
+        ids, values, mask = (cell_matrix(cells[name], where, name, COLUMN_KINDS[name]) for name
+                             in ("target_token_ids", "target_logprobs", "target_mask"))
+        _in_range(mask, where, "target_mask", 0, 1)
         for name, array in (("target_token_ids", ids), ("target_logprobs", values),
                             ("target_mask", mask)):
             if len(array) != length:
@@ -155,8 +180,12 @@ class AxolotlRows:
         elif ids.shape[1] != self.top_k:
             raise TeacherDatasetError(f"{where}: {ids.shape[1]} log-probs per position, other "
                                       f"rows (or --top-k) have {self.top_k}; a cache holds one K")
-        attended = np.flatnonzero(self._vector(cells, "attention_mask", where, length, 1))
+        attention = self._vector(cells, "attention_mask", where, length, 1)
+        _in_range(attention, where, "attention_mask", 0, 1)
+        attended = np.flatnonzero(attention)
         labels = self._vector(cells, "labels", where, length, None)
+        if labels is not None:   # the hf labels: classes of the teacher's, or ignored
+            _in_range(labels, where, "labels", 0, self.vocab_size - 1, allowed=IGNORE_INDEX)
         labels = input_ids if labels is None else labels
         if not len(attended) or attended[-1] - attended[0] + 1 != len(attended):
             raise TeacherDatasetError(f"{where}: attention_mask must be one contiguous run of 1s "
@@ -180,7 +209,7 @@ class AxolotlRows:
     def _vector(cells, name, where, length, default):
         if name not in cells:
             return None if default is None else np.full(length, default, np.int64)
-        vector = cell_vector(cells[name], where, name).astype(np.int64)
+        vector = cell_vector(cells[name], where, name, COLUMN_KINDS[name]).astype(np.int64)
         if len(vector) != length:
             raise TeacherDatasetError(f"{where}: {name} has {len(vector)} entries, input_ids "
                                       f"{length}")
@@ -292,8 +321,9 @@ def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] 
     _positive_int("--vocab-size", vocab_size)
     _positive_int("--top-k", top_k)
     table = open_table(paths, split)
+    data = os.fspath(paths[0]) + (" ..." if len(paths) > 1 else "")   # named in messages
     if source == "axolotl":
-        return table, AxolotlRows(table.columns, vocab_size, top_k, row_offset)
+        return table, AxolotlRows(table.columns, vocab_size, top_k, row_offset, data)
     if compression_config is None:
         first = os.fspath(paths[0]) if paths else "."
         directory = first if os.path.isdir(first) else os.path.dirname(first) or "."
@@ -310,7 +340,7 @@ def open_source(paths: Sequence[str], source: str, *, vocab_size: Optional[int] 
     if vocab_size is not None and vocab_size < config.vocab_size:
         raise TeacherDatasetError(f"--vocab-size {vocab_size} is below the compression config's "
                                   f"vocabulary ({config.vocab_size}, {compression_config})")
-    return table, DistillKitRows(config, table.columns, vocab_size)
+    return table, DistillKitRows(config, table.columns, vocab_size, data)
 
 
 def import_teacher_dataset(paths: Sequence[str], out_dir, *, source: str,

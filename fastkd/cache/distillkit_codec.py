@@ -34,6 +34,7 @@ import numpy as np
 FLOAT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 SPECIAL_TERMS = ("sqrt", "exp")
 MAX_BITS = 62  # id and residual widths fastkd decodes (int64 arithmetic)
+MAX_POLYNOMIAL_TERMS = 32  # a curve's terms (DistillKit's use a handful; decoding time grows)
 CONFIG_FIELDS = ("d", "k", "exact_k", "exact_dtype", "polynomial_terms", "term_dtype",
                  "residual_bins", "delta_encoding", "error_diffusion", "normalize_t")
 LEGACY_FIELDS = ("k", "exact_k", "polynomial_degree", "vocab_size", "invert_polynomial",
@@ -164,6 +165,9 @@ class CompressionConfig:
         if exact_k > k:
             raise FormatError(f"{where}: exact_k {exact_k} exceeds k {k}")
         terms = data.get("polynomial_terms") or []
+        if isinstance(terms, list) and len(terms) > MAX_POLYNOMIAL_TERMS:
+            raise FormatError(f"{where}: {len(terms)} polynomial_terms, more than the "
+                              f"{MAX_POLYNOMIAL_TERMS} fastkd reads (a curve has a handful)")
         if not isinstance(terms, list) or any(
                 isinstance(t, bool) or not (isinstance(t, int) or t in SPECIAL_TERMS)
                 for t in terms):
@@ -333,10 +337,11 @@ def design_matrix(config: CompressionConfig, count: int) -> np.ndarray:
 def evaluate_curve(design: np.ndarray, coeffs: np.ndarray, dtype: str) -> np.ndarray:
     """``sum_j design[t, j] * coeffs[p, j]`` in ``dtype``: each product rounded, summed in
     order (float32 running sum for the 16-bit dtypes, rounded once at the end)."""
-    products = round_to(design[None, :, :] * coeffs[:, None, :], dtype)
-    total = products[..., 0].copy()
-    for column in range(1, products.shape[-1]):
-        total = total + products[..., column]
+    def product(column):   # one term at a time: memory stays (positions, count)
+        return round_to(design[None, :, column] * coeffs[:, None, column], dtype)
+    total = product(0)
+    for column in range(1, design.shape[-1]):
+        total = total + product(column)
         if dtype in ("float32", "float64"):
             total = round_to(total, dtype)
     return round_to(total, dtype)

@@ -211,15 +211,33 @@ def _no_split(paths, split):
     return paths
 
 
-def cell_matrix(cell, where: str, name: str):
-    """A list-of-lists cell (pyarrow scalar) -> ``(rows, width)`` numpy array; every inner
-    list must have the same length."""
-    import numpy as np
+KIND_WORDS = {"iu": "integers", "iuf": "numbers", "iub": "integers (0 or 1)"}
+
+
+def _list_values(cell, where: str, name: str, what: str):
+    """The values of a list cell (a pyarrow ListScalar), or a TableError naming the column."""
     if not cell.is_valid:
         raise TableError(f"{where}: {name} is null")
-    inner = cell.values
-    if inner is None or not hasattr(inner, "flatten"):
-        raise TableError(f"{where}: {name} must be a list of lists")
+    values = getattr(cell, "values", None)
+    if values is None or not hasattr(values, "null_count"):
+        raise TableError(f"{where}: {name} must be {what}, got a {cell.type} value")
+    return values
+
+
+def _of_kind(array, where: str, name: str, kinds: str):
+    """``array`` if its numpy dtype kind is one of ``kinds`` ("iu", "iuf", "iub")."""
+    if array.dtype.kind not in kinds:
+        raise TableError(f"{where}: {name} must hold {KIND_WORDS[kinds]}, got {array.dtype}")
+    return array
+
+
+def cell_matrix(cell, where: str, name: str, kinds: str):
+    """A list-of-lists cell (pyarrow scalar) -> ``(rows, width)`` numpy array of a dtype kind in
+    ``kinds``; every inner list must have the same length."""
+    import numpy as np
+    inner = _list_values(cell, where, name, "a list of lists")
+    if not hasattr(inner, "flatten") or not hasattr(inner, "value_lengths"):
+        raise TableError(f"{where}: {name} must be a list of lists, got {cell.type}")
     if inner.null_count:
         raise TableError(f"{where}: {name} holds a null entry")
     lengths = inner.value_lengths().to_numpy(zero_copy_only=False)
@@ -231,14 +249,13 @@ def cell_matrix(cell, where: str, name: str):
         bad = int(np.flatnonzero(lengths != width)[0])
         raise TableError(f"{where}: {name}[{bad}] has {int(lengths[bad])} entries, "
                          f"{name}[0] has {width}; every position must have the same number")
-    return flat.to_numpy(zero_copy_only=False).reshape(len(lengths), width)
+    matrix = flat.to_numpy(zero_copy_only=False).reshape(len(lengths), width)
+    return _of_kind(matrix, where, name, kinds)
 
 
-def cell_vector(cell, where: str, name: str):
-    """A list cell -> 1-D numpy array."""
-    if not cell.is_valid:
-        raise TableError(f"{where}: {name} is null")
-    values = cell.values
-    if values is None or values.null_count:
+def cell_vector(cell, where: str, name: str, kinds: str):
+    """A list cell -> 1-D numpy array of a dtype kind in ``kinds``."""
+    values = _list_values(cell, where, name, "a list")
+    if values.null_count:
         raise TableError(f"{where}: {name} must be a list without nulls")
-    return values.to_numpy(zero_copy_only=False)
+    return _of_kind(values.to_numpy(zero_copy_only=False), where, name, kinds)
