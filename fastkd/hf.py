@@ -161,9 +161,10 @@ class DistillationLoss:
         normalizer = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         normalizer = torch.as_tensor(normalizer).to(hidden.device, torch.float32).clamp(min=1)
         zero = hidden.new_zeros((), dtype=torch.float32)
-        if self.soft_weight and not self.student.training and self.teacher is None and \
+        if not self.student.training and self.teacher is None and \
                 inputs.get("teacher_targets") is None:
-            # evaluation on plain token data: the student's own next-token cross-entropy
+            # evaluation on plain token data: the student's own next-token cross-entropy,
+            # unweighted (also for soft_weight=0 training, so eval_perplexity is exp of it)
             self.evaluated["cross_entropy"] += 1
             ce = self._loss_sum(hidden, None, kept_labels, 0.0, 1.0) / normalizer
             return ce, {"kd_loss": zero, "ce_loss": ce.detach()}

@@ -336,6 +336,24 @@ def test_resuming_from_a_checkpoint_logs_what_an_uninterrupted_run_logs(setup, s
         assert resumed[step]["kd_loss"] > 0
 
 
+def test_evaluate_after_label_only_training_reports_the_unweighted_cross_entropy(setup,
+                                                                                  tmp_path):
+    """A trainer of soft_weight=0 (plain next-token training, hard_weight 0.5) evaluates the
+    student's own cross-entropy, not half of it, and reports eval_perplexity = exp of it."""
+    _, data, _, _ = setup
+    model = student()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=3, report_to=[], use_cpu=True,
+        remove_unused_columns=False, disable_tqdm=True)
+    metrics = DistillationTrainer(model=model, args=args, eval_dataset=data,
+                                  data_collator=collate_causal_lm, soft_weight=0.0,
+                                  hard_weight=0.5).evaluate()
+    plain = transformers.Trainer(model=model, args=args, eval_dataset=data,
+                                 data_collator=collate_causal_lm).evaluate()
+    assert metrics["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+
+
 @pytest.mark.parametrize("stock", [False, True])
 def test_evaluate_on_plain_tokens_reports_the_students_cross_entropy(setup, stock, tmp_path):
     """No cache and no teacher: eval_loss is the student's own next-token cross-entropy, the
