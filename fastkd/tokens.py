@@ -109,6 +109,8 @@ def prepare_tokens(row: dict, where: str, ignore_index: int = IGNORE_INDEX, *,
         raise ValueError(f"{where}: attention_mask must hold only 0 and 1")
     if any(i < 0 for i in input_ids):
         raise ValueError(f"{where}: input_ids must be >= 0, got {min(input_ids)}")
+    if not length:
+        raise ValueError(f"{where}: input_ids is empty (a row needs at least one token)")
     attended = [position for position, m in enumerate(mask) if m]
     if not attended:
         raise ValueError(f"{where}: no attended tokens (attention_mask is all 0)")

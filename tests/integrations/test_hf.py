@@ -214,6 +214,7 @@ def test_data_that_does_not_fit_the_teacher_is_named(teacher_dir, tmp_path, caps
     ({"input_ids": [1, 2, 3], "labels": [1, 2]}, "labels has 2 entries"),
     ({"input_ids": [1, 2, 3], "attention_mask": [1, 0, 1]}, "holes"),
     ({"input_ids": [1, 2, 3], "attention_mask": [0, 0, 0]}, "no attended tokens"),
+    ({"input_ids": []}, "input_ids is empty"),
     ({"input_ids": [1, "a"]}, "flat list of ints"),
     ({"input_ids": [1, -5]}, "must be >= 0"),
 ])
