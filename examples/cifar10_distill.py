@@ -13,17 +13,19 @@ Methods (``--method``):
 Teacher: torchvision resnet18 (10 classes), from ``--teacher-checkpoint`` or trained here first
 for ``--teacher-epochs``. Student: ``fastkd.models.CifarStudentCNN`` or a torchvision resnet18
 warm-started from a local checkpoint (``--student resnet18 --student-checkpoint PATH``; heads
-with another number of classes are skipped). ``--data-root`` must hold torchvision's
-``cifar-10-batches-py`` folder: nothing is ever downloaded. ``--smoke`` uses
-``torchvision.datasets.FakeData`` of the right shape instead. With ``--cached`` the teacher runs
-once over the training set (``fastkd.cache.write_cache``) and training reads fp16 logits (and,
-for ``feature``, the hinted layer's features) from disk; no augmentation then, since cached
-logits belong to fixed images.
+with another number of classes are skipped). A teacher checkpoint must cover the whole teacher.
+``--data-root`` must hold torchvision's ``cifar-10-batches-py`` folder: nothing is ever
+downloaded. ``--smoke`` uses ``torchvision.datasets.FakeData`` of the right shape instead, with
+small sizes for the options not given. Images are only normalized, never augmented, so online
+and cached training see the same fixed images. With ``--cached`` the teacher runs once over the
+training set (``fastkd.cache.write_cache``) and training reads fp16 logits (and, for
+``feature``, the hinted layer's features) from disk.
 """
 import argparse
 import os
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,10 @@ from fastkd.models import CifarStudentCNN, load_checkpoint
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 # (student layer, teacher layer) with the same 4x4 spatial size on 32x32 inputs
 FEATURE_PAIRS = {"cnn": {"block3": "layer2"}, "resnet18": {"layer2": "layer2"}}
+# the defaults of the options that --smoke shrinks, for a full run and for --smoke
+FULL_RUN = {"epochs": 10, "teacher_epochs": 10, "batch_size": 128}
+SMOKE_RUN = {"epochs": 1, "teacher_epochs": 1, "batch_size": 32}
+DEFAULT_TEMPERATURE = 4.0
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -94,7 +100,8 @@ def build_student(args):
     student = torchvision.models.resnet18(num_classes=10)
     if args.student_checkpoint:  # transfer-learning warm start
         report = load_checkpoint(student, args.student_checkpoint)
-        print(f"warm start: {len(report['loaded'])} tensors loaded, skipped {report['skipped']}")
+        print(f"warm start: {len(report['loaded'])} tensors loaded, skipped {report['skipped']}, "
+              f"left at their initialization {report['missing']}")
     return student
 
 
@@ -180,33 +187,125 @@ def train(model, train_set, caches, args, device, *, epochs, desc, loss_fn, extr
     return seen / max(elapsed, 1e-9)
 
 
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an int of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def few(names, count=3):
+    """The first ``count`` of ``names``, comma-separated, for a one-line message."""
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+def read_checkpoint(path, *, strict):
+    """``load_checkpoint``'s report for ``path`` loaded into a fresh 10-class resnet18 (with
+    ``skip_mismatched=not strict``). A file that is not a readable state dict raises
+    ``argparse.ArgumentTypeError``, which argparse reports in one line naming the option."""
+    model = torchvision.models.resnet18(num_classes=10)
+    try:
+        with warnings.catch_warnings():  # torch.load's notes on foreign pickles: the error says it
+            warnings.simplefilter("ignore")
+            return load_checkpoint(model, path, skip_mismatched=not strict)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {error.strerror}") from None
+    except ValueError as error:  # not a state dict, a tensor of another shape, nothing shared
+        raise argparse.ArgumentTypeError(str(error)) from None
+    except Exception:  # torch.load on another kind of file: UnpicklingError, KeyError, EOFError
+        raise argparse.ArgumentTypeError(f"{path} is not a PyTorch checkpoint") from None
+
+
+def teacher_checkpoint(path):
+    """argparse type of ``--teacher-checkpoint``: a state dict of exactly the teacher's tensors
+    (a 10-class resnet18), so that no teacher weight is left at its random initialization."""
+    report = read_checkpoint(path, strict=True)
+    problems = []
+    if report["missing"]:
+        problems.append(f"lacks {len(report['missing'])} of the teacher's tensors "
+                        f"({few(report['missing'])})")
+    if report["skipped"]:
+        problems.append(f"holds tensors the teacher does not have ({few(report['skipped'])})")
+    if problems:
+        raise argparse.ArgumentTypeError(f"{path} {' and '.join(problems)}; it must hold a whole "
+                                         f"10-class torchvision resnet18")
+    return path
+
+
+def student_checkpoint(path):
+    """argparse type of ``--student-checkpoint``: a state dict sharing tensors with resnet18
+    (the others are skipped at the warm start)."""
+    read_checkpoint(path, strict=False)
+    return path
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", help="folder holding cifar-10-batches-py (no download)")
     parser.add_argument("--smoke", action="store_true",
-                        help="seconds-long run on FakeData (3x32x32), 1 epoch each")
+                        help="seconds-long run on FakeData (3x32x32); smaller defaults for "
+                             "--epochs, --teacher-epochs and --batch-size")
     parser.add_argument("--method", choices=("kd", "pseudo", "mse", "feature"), default="kd")
     parser.add_argument("--cached", action="store_true",
                         help="cache teacher logits first, train the student from the cache")
     parser.add_argument("--cache-dir", help="where --cached writes (default: a temporary dir)")
-    parser.add_argument("--teacher-checkpoint", help="resnet18 state dict for the teacher")
-    parser.add_argument("--teacher-epochs", type=int, default=10,
-                        help="epochs to train the teacher when no checkpoint is given")
+    parser.add_argument("--teacher-checkpoint", type=teacher_checkpoint,
+                        help="state dict of a whole 10-class resnet18 for the teacher")
+    parser.add_argument("--teacher-epochs", type=non_negative_int,
+                        help="epochs to train the teacher when no checkpoint is given "
+                             "(default 10; --smoke 1)")
     parser.add_argument("--student", choices=("cnn", "resnet18"), default="cnn")
-    parser.add_argument("--student-checkpoint",
+    parser.add_argument("--student-checkpoint", type=student_checkpoint,
                         help="warm-start state dict for --student resnet18 (transfer learning)")
-    parser.add_argument("--epochs", type=int, default=10, help="student epochs")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--temperature", type=float, default=4.0)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--epochs", type=non_negative_int,
+                        help="student epochs (default 10; --smoke 1)")
+    parser.add_argument("--batch-size", type=positive_int, help="default 128; --smoke 32")
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--temperature", type=positive_float,
+                        help=f"softening of --method kd and feature (default "
+                             f"{DEFAULT_TEMPERATURE:g}); pseudo and mse do not use one")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="DataLoader workers")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.epochs, args.teacher_epochs, args.batch_size = 1, 1, 32
+    for name, value in (SMOKE_RUN if args.smoke else FULL_RUN).items():
+        if getattr(args, name) is None:  # options given explicitly win over --smoke
+            setattr(args, name, value)
+    if args.method in ("pseudo", "mse"):
+        if args.temperature is not None:
+            parser.error(f"--temperature is unused by --method {args.method} (kd and feature "
+                         f"use it)")
+    elif args.temperature is None:
+        args.temperature = DEFAULT_TEMPERATURE
+    if args.student_checkpoint and args.student != "resnet18":
+        parser.error("--student-checkpoint needs --student resnet18 (the cnn student starts "
+                     "from scratch)")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        parser.error(f"--cache-dir {args.cache_dir} is not a directory")
+    if args.cache_dir and not args.cached:
+        parser.error("--cache-dir applies to --cached runs only (online runs cache nothing)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use cpu or auto)")
     return args
 
 

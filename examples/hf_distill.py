@@ -33,6 +33,14 @@ from fastkd.tokens import TokenDataset, collate_causal_lm
 
 VOCAB = 256  # bytes
 SOURCES = ("sample", "dense", "topk")
+HELD_OUT_MIN = 2  # held-out sequences, at least
+# the defaults of the options that --smoke shrinks, for a full run and for --smoke
+FULL_RUN = {"chars": 200_000, "seq_len": 64, "teacher_dim": 128, "teacher_layers": 3,
+            "student_dim": 48, "teacher_steps": 600, "student_steps": 300, "batch_size": 32,
+            "top_k": 16, "sample": 32}
+SMOKE_RUN = {"chars": 3_000, "seq_len": 32, "teacher_dim": 32, "teacher_layers": 1,
+             "student_dim": 16, "teacher_steps": 3, "student_steps": 2, "batch_size": 8,
+             "top_k": 4, "sample": 4}
 
 
 def corpus_text(max_chars: int) -> str:
@@ -89,6 +97,20 @@ def train(model, dataset, args, output_dir, *, steps, lr, teacher=None, soft_wei
     return trainer
 
 
+def save_model(model, directory, *, quiet):
+    """``model.save_pretrained(directory)``, without transformers' "Writing model shards" bar
+    when ``quiet``; the bar switch is global to transformers, so it is restored afterwards."""
+    from transformers.utils import logging
+    bar_was_on = logging.is_progress_bar_enabled()
+    if quiet:
+        logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory)
+    finally:
+        if bar_was_on:
+            logging.enable_progress_bar()
+
+
 @torch.no_grad()
 def perplexity(model, dataset, batch_size=32):
     """exp(mean next-token cross-entropy) over the held-out tokens."""
@@ -113,31 +135,71 @@ def cache_bytes_per_token(path) -> float:
     return total / cache.num_rows
 
 
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def multiple_of_4(text):
+    """argparse type of the model widths: a positive multiple of 4 (the teacher's 4 attention
+    heads; the student's 2 heads, each of an even size for rotary embeddings)."""
+    value = int(text)
+    if value < 4 or value % 4:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 4, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds-long run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run: --quiet, and smaller defaults for the options "
+                             "marked --smoke")
     parser.add_argument("--work-dir", help="where models, tokens and caches go (default: temp)")
-    parser.add_argument("--chars", type=int, default=200_000, help="corpus size in characters")
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--teacher-dim", type=int, default=128)
-    parser.add_argument("--teacher-layers", type=int, default=3)
-    parser.add_argument("--student-dim", type=int, default=48)
-    parser.add_argument("--teacher-steps", type=int, default=600)
-    parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--chars", type=positive_int,
+                        help="corpus size in characters (default 200000; --smoke 3000)")
+    parser.add_argument("--seq-len", type=int,
+                        help="bytes per sequence, at least 2 (default 64; --smoke 32)")
+    parser.add_argument("--teacher-dim", type=multiple_of_4,
+                        help="GPT-2 teacher width, a multiple of 4 for its 4 attention heads "
+                             "(default 128; --smoke 32)")
+    parser.add_argument("--teacher-layers", type=positive_int, help="default 3; --smoke 1")
+    parser.add_argument("--student-dim", type=multiple_of_4,
+                        help="Llama student width, a multiple of 4 for its 2 attention heads "
+                             "of an even size (default 48; --smoke 16)")
+    parser.add_argument("--teacher-steps", type=positive_int, help="default 600; --smoke 3")
+    parser.add_argument("--student-steps", type=positive_int, help="default 300; --smoke 2")
+    parser.add_argument("--batch-size", type=positive_int, help="default 32; --smoke 8")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=["sample"],
                         help="teacher caches to distil from (default: sample)")
-    parser.add_argument("--top-k", type=int, default=16)
-    parser.add_argument("--sample", type=int, default=32, help="draws per token")
+    parser.add_argument("--top-k", type=positive_int,
+                        help=f"K of the top-k cache, at most {VOCAB} (default 16; --smoke 4)")
+    parser.add_argument("--sample", type=positive_int,
+                        help="draws per token (default 32; --smoke 4)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.chars, args.seq_len, args.teacher_dim, args.teacher_layers = 3_000, 32, 32, 1
-        args.student_dim, args.teacher_steps, args.student_steps = 16, 3, 2
-        args.batch_size, args.top_k, args.sample, args.quiet = 8, 4, 4, True
+    for name, value in (SMOKE_RUN if args.smoke else FULL_RUN).items():
+        if getattr(args, name) is None:  # options given explicitly win over --smoke
+            setattr(args, name, value)
+    args.quiet = args.quiet or args.smoke
+    if args.seq_len < 2:
+        parser.error(f"--seq-len must be at least 2 (a token and the next one), got "
+                     f"{args.seq_len}")
+    sequences = len(token_rows(corpus_text(args.chars), args.seq_len))
+    if sequences < HELD_OUT_MIN + 1:
+        parser.error(f"--seq-len {args.seq_len} is too long for --chars {args.chars}: "
+                     f"{sequences} sequences, {HELD_OUT_MIN + 1} needed ({HELD_OUT_MIN} held out)")
+    if args.top_k > VOCAB:
+        parser.error(f"--top-k {args.top_k} is larger than the vocabulary ({VOCAB} bytes)")
+    if args.work_dir and os.path.exists(args.work_dir) and not os.path.isdir(args.work_dir):
+        parser.error(f"--work-dir {args.work_dir} is not a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use cpu)")
     return args
 
 
@@ -146,7 +208,7 @@ def main(argv=None) -> dict:
     work = args.work_dir or tempfile.mkdtemp(prefix="fastkd-hf-")
     os.makedirs(work, exist_ok=True)
     rows = token_rows(corpus_text(args.chars), args.seq_len)
-    held_out_count = max(2, len(rows) // 10)
+    held_out_count = max(HELD_OUT_MIN, len(rows) // 10)
     train_rows, held_out_rows = rows[:-held_out_count], rows[-held_out_count:]
     tokens_path = os.path.join(work, "train.jsonl")
     with open(tokens_path, "w") as handle:
@@ -159,7 +221,7 @@ def main(argv=None) -> dict:
     train(teacher, train_set, args, os.path.join(work, "teacher-run"),
           steps=args.teacher_steps, lr=3e-3, soft_weight=0.0, hard_weight=1.0)
     teacher_dir = os.path.join(work, "teacher")
-    teacher.save_pretrained(teacher_dir)
+    save_model(teacher, teacher_dir, quiet=args.quiet)
 
     layouts = {"sample": (f"sampled {args.sample}", ["--sample", str(args.sample)]),
                "dense": ("dense fp16", []),

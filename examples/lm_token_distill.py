@@ -51,6 +51,11 @@ from fastkd.models import TinyCausalLM
 IGNORE_INDEX = -100
 SOURCES = ("online", "dense", "topk", "sample")
 DEFAULT_SOURCES = ("online", "sample")   # the exact teacher beside the recommended cache
+# the defaults of the options that --smoke shrinks, for a full run and for --smoke
+FULL_RUN = {"sequences": 3000, "min_len": 32, "max_len": 128, "vocab": 256, "epochs": 2,
+            "teacher_epochs": 4, "batch_size": 32, "eval_every": 50}
+SMOKE_RUN = {"sequences": 32, "min_len": 8, "max_len": 16, "vocab": 32, "epochs": 1,
+             "teacher_epochs": 1, "batch_size": 16, "eval_every": 1}
 
 
 class TokenSequences(torch.utils.data.Dataset):
@@ -183,39 +188,75 @@ def evaluate(model, dataset, device, batch_size=64):
     return total_loss / count, correct / count
 
 
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    """argparse type: an int of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds-long run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds-long run: smaller defaults for the options marked --smoke")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(DEFAULT_SOURCES),
                         help="teacher sources to distil from, side by side (default: online "
                              "sample)")
     parser.add_argument("--cache-dir", help="where the caches go (default: a temporary dir)")
     parser.add_argument("--data", choices=("pydoc", "markov"), default="pydoc")
-    parser.add_argument("--vocab", type=int, default=256, help="--data markov only")
-    parser.add_argument("--sequences", type=int, default=3000)
-    parser.add_argument("--min-len", type=int, default=32)
-    parser.add_argument("--max-len", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--teacher-epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--top-k", type=int, default=16, help="K of the top-k cache")
-    parser.add_argument("--sample", type=int, default=32,
+    parser.add_argument("--vocab", type=positive_int,
+                        help="--data markov only (default 256; --smoke 32)")
+    parser.add_argument("--sequences", type=positive_int, help="default 3000; --smoke 32")
+    parser.add_argument("--min-len", type=int, help="default 32; --smoke 8")
+    parser.add_argument("--max-len", type=int, help="default 128; --smoke 16")
+    parser.add_argument("--epochs", type=non_negative_int, help="default 2; --smoke 1")
+    parser.add_argument("--teacher-epochs", type=non_negative_int, help="default 4; --smoke 1")
+    parser.add_argument("--batch-size", type=positive_int, help="default 32; --smoke 16")
+    parser.add_argument("--lr", type=positive_float, default=3e-3)
+    parser.add_argument("--temperature", type=positive_float, default=2.0)
+    parser.add_argument("--top-k", type=positive_int, default=16,
+                        help="K of the top-k cache, at most the vocabulary size")
+    parser.add_argument("--sample", type=positive_int, default=32,
                         help="draws per token of the sampled cache")
-    parser.add_argument("--eval-every", type=int, default=50, help="steps between evaluations")
+    parser.add_argument("--eval-every", type=positive_int,
+                        help="steps between evaluations (default 50; --smoke 1)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.sequences, args.min_len, args.max_len, args.vocab = 32, 8, 16, 32
-        args.epochs, args.teacher_epochs, args.batch_size, args.eval_every = 1, 1, 16, 1
+    if args.data == "pydoc" and args.vocab is not None:
+        parser.error("--vocab is for --data markov only (pydoc text is bytes, V = 256)")
+    for name, value in (SMOKE_RUN if args.smoke else FULL_RUN).items():
+        if getattr(args, name) is None:  # options given explicitly win over --smoke
+            setattr(args, name, value)
     if not 2 <= args.min_len <= args.max_len:
         parser.error("need 2 <= --min-len <= --max-len")
     if args.data == "pydoc":
         args.vocab = 256  # bytes
+    if "topk" in args.sources and args.top_k > args.vocab:
+        parser.error(f"--top-k {args.top_k} is larger than the vocabulary ({args.vocab} tokens)")
+    if args.cache_dir and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        parser.error(f"--cache-dir {args.cache_dir} is not a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available (use cpu or auto)")
     return args
 
 

@@ -36,19 +36,40 @@ def prompts(count: int = 4, seed: int = 0):
             for length in torch.randint(3, 9, (count,), generator=generator)]
 
 
+def top_k(text):
+    """argparse type of ``--top-k``: an int in ``[1, VOCAB]``."""
+    value = int(text)
+    if not 1 <= value <= VOCAB:
+        raise argparse.ArgumentTypeError(f"must be in [1, {VOCAB}] (the vocabulary), got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data",
                                                       "vllm_prompt_logprobs.jsonl"))
-    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--top-k", type=top_k, default=4, help=f"1 to {VOCAB}")
     args = parser.parse_args(argv)
+    directory = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(directory):
+        parser.error(f"--out {args.out}: no directory {directory}")
+    if os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a directory")
     model = tiny_model()
-    with open(args.out, "w") as handle:
-        for number, token_ids in enumerate(prompts()):
-            response = vllm_style_response(model, token_ids, args.top_k, model_name="tiny-gpt2",
-                                           request_id=f"cmpl-sample-{number}")
-            handle.write(json.dumps(response) + "\n")
+    # written beside --out, then renamed over it: a failed run leaves --out as it was
+    partial = os.path.join(directory, f".{os.path.basename(args.out)}.{os.getpid()}.partial")
+    try:
+        with open(partial, "x") as handle:
+            for number, token_ids in enumerate(prompts()):
+                response = vllm_style_response(model, token_ids, args.top_k,
+                                               model_name="tiny-gpt2",
+                                               request_id=f"cmpl-sample-{number}")
+                handle.write(json.dumps(response) + "\n")
+        os.replace(partial, args.out)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
     print(f"wrote {args.out}")
 
 

@@ -12,16 +12,22 @@
    + KD loss): the student generates completions of the prompts (real sampling), the teacher
    scores them, the loss is the generalized JSD (``--beta``; 1 = reverse KL) on those tokens.
 4. Printed: the student's mean per-token reverse KL to the teacher on its own samples of
-   held-out prompts, before and after.
+   held-out prompts (each sample's tokens up to and including its first ``</s>``), before and
+   after.
 """
 import argparse
 import math
 import tempfile
+import warnings
 
 import torch
 
 VOCAB = 259   # <pad>, <s>, </s>, then the 256 bytes
 PAD, BOS, EOS = 0, 1, 2
+# the defaults of the options that --smoke shrinks, for a full run and for --smoke
+FULL_RUN = {"lines": 400, "steps": 40, "teacher_steps": 150, "completion_len": 24,
+            "batch_size": 8}
+SMOKE_RUN = {"lines": 64, "steps": 2, "teacher_steps": 3, "completion_len": 8, "batch_size": 4}
 
 
 def byte_tokenizer(padding_side: str = "left"):
@@ -46,6 +52,12 @@ def corpus_paragraphs(max_lines: int) -> list:
     lines = [line.strip() for key in sorted(topics) for line in topics[key].splitlines()]
     lines = [line for line in lines if line.isascii() and len(line) > 20][:max_lines]
     return lines
+
+
+def split_lines(lines) -> tuple:
+    """``(held_out, train)``: the first 8 of every 10th line are held out; the lines between
+    the 10ths train."""
+    return lines[::10][:8], [line for i, line in enumerate(lines) if i % 10]
 
 
 def build_models(args):
@@ -82,6 +94,28 @@ def pretrain_teacher(teacher, tokenizer, lines, args):
     return loss.item()
 
 
+def up_to_first_eos(completion_ids):
+    """``(B, C)`` bool: True at each completion token up to and including the row's first EOS;
+    what follows it is the padding that ``generate()`` appends to finished samples."""
+    is_eos = completion_ids == EOS
+    return is_eos.cumsum(1) - is_eos.long() == 0   # no EOS before this token
+
+
+@torch.no_grad()
+def mean_reverse_kl(student, teacher, prompt_mask, sequences) -> float:
+    """Mean per-token KL(student || teacher) over the completion tokens of ``sequences`` (the
+    ``(B, P)`` left-padded prompts with mask ``prompt_mask``, then the completions), each row
+    up to and including its first EOS."""
+    prompt_len = prompt_mask.shape[1]
+    keep = up_to_first_eos(sequences[:, prompt_len:])
+    mask = torch.cat([prompt_mask, keep.long()], dim=1)
+    s = torch.log_softmax(student(input_ids=sequences, attention_mask=mask).logits.float(), -1)
+    t = torch.log_softmax(teacher(input_ids=sequences, attention_mask=mask).logits.float(), -1)
+    # the logits at position i predict token i + 1: completion token j is scored at P - 1 + j
+    kl = (s.exp() * (s - t)).sum(-1)[:, prompt_len - 1:-1]
+    return float(kl[keep].mean())
+
+
 @torch.no_grad()
 def reverse_kl_on_own_samples(student, teacher, tokenizer, prompts, args) -> float:
     """Mean per-token KL(student || teacher) on completions the student samples (seeded)."""
@@ -90,36 +124,79 @@ def reverse_kl_on_own_samples(student, teacher, tokenizer, prompts, args) -> flo
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     out = student.generate(**encoded, max_new_tokens=args.completion_len, do_sample=True,
                            top_k=0, top_p=1.0, pad_token_id=PAD, eos_token_id=EOS)
-    mask = torch.cat([encoded["attention_mask"],
-                      torch.ones_like(out[:, encoded["input_ids"].shape[1]:])], dim=1)
-    s = torch.log_softmax(student(input_ids=out, attention_mask=mask).logits.float(), -1)
-    t = torch.log_softmax(teacher(input_ids=out, attention_mask=mask).logits.float(), -1)
-    start = encoded["input_ids"].shape[1] - 1
-    kl = (s.exp() * (s - t)).sum(-1)[:, start:-1]
+    kl = mean_reverse_kl(student, teacher, encoded["attention_mask"], out)
     student.train()
-    return float(kl.mean())
+    return kl
+
+
+def positive_int(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite float above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def unit_interval(text):
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few seconds: smaller defaults for the options marked --smoke")
+    parser.add_argument("--lines", type=positive_int,
+                        help="lines of text; every 10th is held out, the others give at least "
+                             "--batch-size prompts (default 400; --smoke 64)")
+    parser.add_argument("--steps", type=positive_int,
+                        help="distillation steps (default 40; --smoke 2)")
+    parser.add_argument("--teacher-steps", type=positive_int,
+                        help="teacher pretraining steps (default 150; --smoke 3)")
+    parser.add_argument("--beta", type=unit_interval, default=1.0,
+                        help="in [0, 1]: 0 forward KL, 1 reverse KL")
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument("--seq-len", type=positive_int, default=64)
+    parser.add_argument("--prompt-len", type=positive_int, default=24)
+    parser.add_argument("--completion-len", type=positive_int, help="default 24; --smoke 8")
+    parser.add_argument("--batch-size", type=positive_int, help="default 8; --smoke 4")
+    parser.add_argument("--teacher-dim", type=positive_int, default=64,
+                        help="Llama teacher width, a multiple of 8 (4 attention heads of an "
+                             "even size)")
+    parser.add_argument("--student-dim", type=positive_int, default=32,
+                        help="Qwen2 student width, a multiple of 4 (2 attention heads of an "
+                             "even size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or training logs")
+    args = parser.parse_args(argv)
+    for name, value in (SMOKE_RUN if args.smoke else FULL_RUN).items():
+        if getattr(args, name) is None:  # options given explicitly win over --smoke
+            setattr(args, name, value)
+    train_prompts = len(split_lines(corpus_paragraphs(args.lines))[1])
+    if train_prompts < args.batch_size:  # TRL would then run no training step at all
+        parser.error(f"--lines {args.lines} gives {train_prompts} training prompts, fewer than "
+                     f"--batch-size {args.batch_size}")
+    # rotary position embeddings need attention heads of an even size
+    if args.teacher_dim % 8:
+        parser.error(f"--teacher-dim must be a multiple of 8 (4 heads), got {args.teacher_dim}")
+    if args.student_dim % 4:
+        parser.error(f"--student-dim must be a multiple of 4 (2 heads), got {args.student_dim}")
+    return args
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a few seconds: tiny everything")
-    parser.add_argument("--lines", type=int, default=400)
-    parser.add_argument("--steps", type=int, default=40, help="distillation steps")
-    parser.add_argument("--teacher-steps", type=int, default=150)
-    parser.add_argument("--beta", type=float, default=1.0, help="0 forward KL, 1 reverse KL")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--prompt-len", type=int, default=24)
-    parser.add_argument("--completion-len", type=int, default=24)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--teacher-dim", type=int, default=64)
-    parser.add_argument("--student-dim", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.lines, args.steps, args.teacher_steps = 64, 2, 3
-        args.completion_len, args.batch_size = 8, 4
+    args = parse_args(argv)
 
     import datasets
     import transformers
@@ -130,15 +207,16 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
     tokenizer = byte_tokenizer()
     lines = corpus_paragraphs(args.lines)
-    held_out = lines[::10][:8]
-    train_lines = [line for i, line in enumerate(lines) if i % 10]
+    held_out, train_lines = split_lines(lines)
     teacher, student = build_models(args)
     teacher_loss = pretrain_teacher(teacher, tokenizer, train_lines, args)
     prompts = [line[:args.prompt_len] for line in train_lines]
     held_prompts = [line[:args.prompt_len] for line in held_out]
     before = reverse_kl_on_own_samples(student, teacher, tokenizer, held_prompts, args)
 
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, warnings.catch_warnings():
+        if args.quiet:  # TRL's use of renamed transformers APIs: nothing to act on here
+            warnings.simplefilter("ignore", FutureWarning)
         config = DistillationConfig(
             output_dir=output_dir, per_device_train_batch_size=args.batch_size,
             max_steps=args.steps, learning_rate=3e-3, lr_scheduler_type="constant",
@@ -150,6 +228,8 @@ def main(argv=None):
             model=student, teacher_model=teacher, args=config,
             train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
             processing_class=tokenizer)
+        if args.quiet:  # with tqdm disabled, this callback prints every log dict
+            trainer.remove_callback(transformers.PrinterCallback)
         trainer.train()
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 

@@ -38,8 +38,8 @@ def lm():
 @pytest.mark.parametrize("cached", [False, True], ids=["online", "cached"])
 @pytest.mark.parametrize("method", ["kd", "pseudo", "mse", "feature"])
 def test_cifar_example_smoke(cifar, method, cached, tmp_path, capsys):
-    argv = ["--smoke", "--quiet", "--device", "cpu", "--method", method,
-            "--cache-dir", str(tmp_path)] + (["--cached"] if cached else [])
+    argv = ["--smoke", "--quiet", "--device", "cpu", "--method", method] + (
+        ["--cached", "--cache-dir", str(tmp_path)] if cached else [])
     results = cifar.main(argv)
     assert results["method"] == method and results["cached"] == cached
     assert 0.0 <= results["student_accuracy"] <= 1.0
