@@ -1,7 +1,6 @@
 """benchmarks/sparse_quality.py runs end to end in its --quick mode and reports every condition
 and metric (the values depend on the run; the full run's live in
 benchmarks/results/sparse-quality/). Its BPE and ECE pieces are exact."""
-import importlib.util
 import json
 import math
 import os
@@ -9,17 +8,14 @@ import os
 import pytest
 import torch
 
+from paths import load_script
+
 pytest.importorskip("transformers")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "sparse_quality", os.path.join(ROOT, "benchmarks", "sparse_quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(os.path.join("benchmarks", "sparse_quality.py"))
 
 
 def test_quick_run_reports_every_condition_and_metric(bench, tmp_path, capsys):

@@ -1,23 +1,19 @@
 """Tiny causal LMs (built from transformers configs, no downloads) and builders of TRL's
 distillation trainers on them, for tests/integrations/test_trl*.py and tests/trl_ddp_run.py:
 fastkd.trl's trainers against TRL's own on the same models and batches."""
-import importlib.util
 import os
 
 import datasets
 import torch
 import transformers
 
-from paths import ROOT
+from paths import ROOT, load_script
 
 EXAMPLE = os.path.join(ROOT, "examples", "trl_onpolicy.py")
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("trl_onpolicy", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE)
 
 
 EX = load_example()

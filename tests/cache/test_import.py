@@ -6,7 +6,6 @@ cache raw logits plus an fp32 lse), so each log-prob differs by at most the two 
 ``|d| <= 2**-11 * (|a| + |b|) + 1e-5``.
 """
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from fastkd.cache import LogitCache, importer, manifest as fmt  # noqa: E402
 from fastkd.cache.importer import ServedResponses, vllm_style_response  # noqa: E402
 from fastkd.cli import main as fastkd_main  # noqa: E402
 from fastkd.tokens import TokenDataset  # noqa: E402
-from paths import ROOT
+from paths import ROOT, load_script
 
 TOP_K = 5
 REPO = ROOT
@@ -124,10 +123,7 @@ def test_shipped_sample_imports(tmp_path, capsys):
 
 
 def test_the_sample_script_writes_the_shipped_sample(tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "make_vllm_sample", os.path.join(REPO, "examples", "make_vllm_sample.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(os.path.join("examples", "make_vllm_sample.py"))
     out = tmp_path / "sample.jsonl"
     module.main(["--out", str(out)])
     written = [json.loads(line) for line in out.read_text().splitlines()]

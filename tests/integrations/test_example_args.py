@@ -3,7 +3,6 @@ time (exit status 2, one line naming the option, no traceback), options given ex
 over --smoke, a teacher checkpoint must cover the whole teacher, make_vllm_sample.py leaves no
 file behind when it fails, and trl_onpolicy.py's printed KL counts each sample only up to its
 first EOS. Nothing here trains a model."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -12,44 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from paths import ROOT
+from paths import EXAMPLES, ROOT
 
-EXAMPLES = os.path.join(ROOT, "examples")
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-
-
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def cifar():
-    return _load_example("cifar10_distill")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return _load_example("lm_token_distill")
-
-
-@pytest.fixture(scope="module")
-def hf():
-    pytest.importorskip("transformers")
-    return _load_example("hf_distill")
-
-
-@pytest.fixture(scope="module")
-def trl_example():
-    return _load_example("trl_onpolicy")
-
-
-@pytest.fixture(scope="module")
-def vllm_sample():
-    pytest.importorskip("transformers")
-    return _load_example("make_vllm_sample")
 
 
 def assert_refused(parse, argv, option, capsys):

@@ -1,6 +1,5 @@
 """The examples in examples/ run in their seconds-long smoke mode (fake / synthetic data of the
 right shapes, nothing downloaded), and the token-level pieces they rely on are exact."""
-import importlib.util
 import math
 import os
 
@@ -12,27 +11,9 @@ from fastkd.models import TinyCausalLM
 from reference import reference_kd_loss
 from paths import ROOT
 
-EXAMPLES = os.path.join(ROOT, "examples")
-
-
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 pytestmark = pytest.mark.usefixtures("reproducible_cpu")
-
-
-@pytest.fixture(scope="module")
-def cifar():
-    return _load_example("cifar10_distill")
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return _load_example("lm_token_distill")
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["online", "cached"])
@@ -194,7 +175,7 @@ def test_lm_cache_rows_per_token_and_padded_collate(lm, tmp_path):
 def test_methods_doc_snippets_run(tmp_path, monkeypatch):
     """Every ```python block of docs/methods.md, top to bottom in one namespace."""
     import re
-    doc = os.path.join(os.path.dirname(EXAMPLES), "docs", "methods.md")
+    doc = os.path.join(ROOT, "docs", "methods.md")
     with open(doc) as handle:
         blocks = re.findall(r"```python\n(.*?)```", handle.read(), flags=re.S)
     assert len(blocks) >= 8

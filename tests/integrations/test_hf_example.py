@@ -1,11 +1,10 @@
 """examples/hf_distill.py in its seconds-long smoke mode: every stage runs (teacher pretraining,
 three `fastkd cache` layouts of an hf: teacher, four student runs) and reports sane numbers."""
-import importlib.util
 import math
 import os
 
 import pytest
-from paths import ROOT
+from paths import ROOT, load_script
 
 pytest.importorskip("transformers")
 
@@ -14,9 +13,7 @@ EXAMPLE = os.path.join(ROOT, "examples",
 
 
 def test_hf_distill_smoke(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("hf_distill", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(EXAMPLE)
     results = module.main(["--smoke", "--work-dir", str(tmp_path),
                            "--sources", "sample", "dense", "topk"])
     out = capsys.readouterr().out
