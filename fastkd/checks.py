@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 __all__ = ["DIVERGENCES", "REDUCTIONS", "BACKENDS", "FLOAT_DTYPES", "MAX_TEMPERATURE",
-           "MIN_TEMPERATURE", "check_number", "check_choice", "check_flag", "check_logits",
-           "check_options", "check_labels",
+           "MIN_TEMPERATURE", "check_temperature", "check_number", "check_choice", "check_flag",
+           "check_logits", "check_options", "check_labels",
            "check_label_values", "label_status", "raise_bad_labels", "check_inplace_target",
            "check_tensor", "check_integer_ids",
            "TAILS", "check_temperature_value", "check_sparse_options",
@@ -66,10 +66,9 @@ def check_logits(name: str, tensor) -> None:
         raise ValueError(f"{name} must have shape (..., V) with V >= 1, got {tuple(tensor.shape)}")
 
 
-def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
-                  reduction, backend) -> None:
-    """The scalar options shared by kd_loss, KDLoss and the fused-linear loss."""
-    check_number("temperature", temperature, positive=True)
+def check_temperature(temperature) -> float:
+    """A loss temperature: a real number in ``[MIN_TEMPERATURE, MAX_TEMPERATURE]``; as a float."""
+    temperature = check_number("temperature", temperature, positive=True)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(
             f"temperature must be >= {MIN_TEMPERATURE:g}, got {temperature}: below that z / T "
@@ -80,6 +79,13 @@ def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignor
             f"temperature must be <= {MAX_TEMPERATURE:g}, got {temperature}: the float32 "
             "accumulation loses accuracy above that (T^2 * divergence is a small difference of "
             "large terms); T in [1, 20] is the usual distillation range")
+    return temperature
+
+
+def check_options(temperature, soft_weight, hard_weight, divergence, beta, ignore_index,
+                  reduction, backend) -> None:
+    """The scalar options shared by kd_loss, KDLoss and the fused-linear loss."""
+    check_temperature(temperature)
     check_number("soft_weight", soft_weight, nonnegative=True)
     check_number("hard_weight", hard_weight, nonnegative=True)
     check_choice("divergence", divergence, DIVERGENCES)
@@ -266,9 +272,9 @@ def check_sparse_values(indices: torch.Tensor, num_classes: int, *, values=None,
     ``check_duplicates``) no id twice in a row (one sort of the ``(N, K)`` ids). With
     ``temperature`` (top-k targets whose lse the loss uses), the kept probabilities
     ``exp(values / T - lse)`` of a row sum to at most 1 beyond the values' rounding
-    (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Values must not be +inf either. Rows whose label is ``ignore_index``
-    skip every check but the id range; entries with count 0 or value -inf are padding and may
-    repeat an id.
+    (:func:`kept_mass_lower_bound` <= 1 + ``MASS_SLACK``). Values must not be +inf either.
+    Rows whose label is ``ignore_index`` skip every check but the id range; entries with count
+    0 or value -inf are padding and may repeat an id.
 
     Returns ``(labels as int64 or None, number of kept rows)``.
     """

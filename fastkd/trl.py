@@ -28,7 +28,7 @@ from packaging.version import Version  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 import fastkd  # noqa: E402
-from fastkd.checks import MAX_TEMPERATURE, MIN_TEMPERATURE, check_number  # noqa: E402
+from fastkd.checks import check_temperature  # noqa: E402
 from fastkd.hf import logit_transforms  # noqa: E402
 from fastkd.linear import DEFAULT_CHUNK_BUDGET_BYTES  # noqa: E402
 
@@ -102,19 +102,13 @@ def redirect(wrapper, module, method, *args, **kwargs):
         module.forward = original
 
 
-def _checked_temperature(temperature) -> float:
-    """The trainer's temperature as a float in the losses' range (a clear error, not a division
-    by zero or a silently wrong metric)."""
-    return check_number("temperature", temperature, low=MIN_TEMPERATURE, high=MAX_TEMPERATURE)
-
-
 def fused_divergence(student_hidden, student, teacher, keep, *, beta: float,
                      temperature: float, t_squared: bool, tail: str = "bucket",
                      chunk_budget_bytes: Optional[int] = None):
     """Sum over the rows ``keep`` of the generalized JSD (TRL's ``beta``) at ``temperature``
     between the student (``student_hidden`` through ``student``'s output layer) and ``teacher``
     (a :class:`fastkd.TeacherHead` or sparse target), times ``T^2`` when ``t_squared``."""
-    temperature = _checked_temperature(temperature)
+    temperature = check_temperature(temperature)   # the losses' range
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
     if isinstance(teacher, fastkd.TeacherHead) and teacher.weight.device != weight.device:
         raise ValueError(f"the student's lm_head is on {weight.device} but the teacher's on "
@@ -147,7 +141,7 @@ def student_entropy_sum(student_hidden, student, keep, temperature: float,
                         chunk_budget_bytes: Optional[int] = None):
     """Sum over the rows ``keep`` of the entropy (nats) of ``softmax(logits / temperature)``
     (TRL's logged metric), a chunk of rows (three float32 buffers within the budget) at a time."""
-    temperature = _checked_temperature(temperature)
+    temperature = check_temperature(temperature)   # the losses' range
     weight, bias, scale, softcap = _head(student, student_hidden.dtype)
     rows = student_hidden[keep]
     budget = chunk_budget_bytes or DEFAULT_CHUNK_BUDGET_BYTES
