@@ -97,26 +97,26 @@ class TopKLogits(NamedTuple):
         """
         num_classes, temperature = _check_densify(self, "TopKLogits.log_probs", num_classes)
         real = self.values != float("-inf")
+        padded = not bool(real.all())
         kept = self.values.float() / temperature - self.lse.float().unsqueeze(-1)
+        if padded:   # padding entries become -inf: exp gives them no mass
+            kept = torch.where(real, kept, float("-inf"))
+        tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
         ids = self.indices.long()
-        if bool(real.all()):
-            # no padding: every row has the same V - K other classes, filled first, then the
-            # kept entries scattered over them (one (N, V) write). Dividing by a Python number
-            # gives the same bits on every device (CUDA divides by a scalar through its
-            # reciprocal, by a tensor exactly)
-            tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
+        if not padded:
+            # every row has the same V - K other classes, filled first, then the kept entries
+            # scattered over them (one (N, V) write). Dividing by a Python number gives the
+            # same bits on every device (CUDA divides by a scalar through its reciprocal, by a
+            # tensor exactly)
             others = max(num_classes - kept.shape[-1], 1)
             dense = kept.new_empty(kept.shape[:-1] + (num_classes,))
             dense.copy_((tail / others).log().expand_as(dense))
             return dense.scatter_(-1, ids, kept)
-        # padding entries become -inf: exp gives them no mass, and the amax scatter keeps a real
-        # entry's value at a class that padding entries repeat
-        kept = torch.where(real, kept, float("-inf"))
+        # the amax scatter keeps a real entry's value at a class that padding entries repeat
         kept_dense = kept.new_full(kept.shape[:-1] + (num_classes,), float("-inf"))
         kept_dense.scatter_reduce_(-1, ids, kept, "amax")
         in_kept = torch.zeros(kept_dense.shape, dtype=torch.int32, device=kept.device)
         in_kept = in_kept.scatter_add_(-1, ids, real.to(torch.int32)) > 0
-        tail = (1 - kept.exp().sum(-1, keepdim=True)).clamp_min(1e-12)
         others = (num_classes - real.sum(-1, keepdim=True)).clamp_min(1)   # real ids unique
         return torch.where(in_kept, kept_dense, (tail / others).log())
 
