@@ -8,6 +8,7 @@ from fastkd.cache import manifest as fmt
 from fastkd.checks import check_sparse_values, label_status, raise_bad_labels
 from fastkd.targets import SampledTargets, TopKLogits
 from fastkd.tokens import IGNORE_INDEX
+
 BLOCK_ELEMENTS = 1 << 22   # row elements read and checked at a time (bounds memory)
 
 
@@ -42,7 +43,11 @@ def check_row_values(cache, views) -> None:
                     raise ValueError("teacher rows contain NaN or +inf")
         except ValueError as error:
             raise _damaged(cache, f"rows {start}..{stop - 1}", error) from None
-    for start in range(0, cache.num_rows if per_row else 0, BLOCK_ELEMENTS):
+    # non-ragged sparse rows were checked with their labels above; the labels of dense,
+    # feature and ragged sampled caches are checked here
+    labels_checked = manifest["layout"] in fmt.SPARSE_K_FIELD and not fmt.is_ragged(manifest)
+    for start in range(0, cache.num_rows if per_row and not labels_checked else 0,
+                       BLOCK_ELEMENTS):
         stop = min(start + BLOCK_ELEMENTS, cache.num_rows)
         labels = cache.row_labels(start, stop)
         if bool(label_status(labels, num_classes, IGNORE_INDEX)[1]):
