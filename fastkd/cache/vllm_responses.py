@@ -139,6 +139,12 @@ def _top_k(parsed: dict, where: str, top_k: int, what: str):
     return values, ids
 
 
+def _least_likely(parsed: dict, token: int) -> bool:
+    """Whether no other item of a parsed entry is less likely than ``token``."""
+    value = parsed[token][0]
+    return all(value <= other for key, (other, _) in parsed.items() if key != token)
+
+
 def _requested_k(parsed: dict, token: int) -> set:
     """The request's K values an entry of the top-K plus ``token`` fits: its size when the token
     ranks within it, size - 1 when the token may be the extra item (no other is less likely)."""
@@ -147,7 +153,7 @@ def _requested_k(parsed: dict, token: int) -> set:
     if rank is None:  # no rank written: its rank among the items
         rank = 1 + sum(other > value for other, _ in parsed.values())
     fits = {size} if rank <= size else set()
-    if all(value <= other for key, (other, _) in parsed.items() if key != token):
+    if _least_likely(parsed, token):
         fits.add(size - 1)
     return fits
 
@@ -254,9 +260,8 @@ def choice_rows(choice: dict, *, top_k: int, vocab_size: int):
                 f"vLLM writes the top-K plus the prompt token (K or K + 1 items, "
                 f"the same K for every entry), so one of them is not what vLLM wrote")
         fits, fits_at = (here if fits is None else fits & here), (fits_at or j)
-        value, rank = parsed[token_ids[j]]
-        if rank is None and len(parsed) - 1 < top_k and len(parsed) > 1 and all(
-                value <= other for key, (other, _) in parsed.items() if key != token_ids[j]):
+        if parsed[token_ids[j]][1] is None and 1 < len(parsed) <= top_k and \
+                _least_likely(parsed, token_ids[j]):
             # without vLLM's rank the least likely item may be the prompt token from far
             # outside the top-K: only len - 1 items are then known to be the top
             raise ResponseError(
